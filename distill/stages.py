@@ -1,0 +1,84 @@
+"""Stage bookkeeping: output layout, fingerprints, skip-if-up-to-date.
+
+A stage's fingerprint hashes the recipe sections it reads plus the fingerprints of the
+stages it reads from, so a change upstream reruns everything downstream and nothing else.
+A stage records ``<out>/<stage>/_stage.json`` when it completes; ``distill run`` skips a
+stage whose record matches its current fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from distill.recipe import Recipe
+
+STAGES = ["teachers", "generate", "filter", "train", "eval"]
+
+# Recipe sections each stage reads (top-level keys) and the stages it reads from.
+SECTIONS: dict[str, list[str]] = {
+    "teachers": ["seed", "tokenizer", "domains", "teachers"],
+    "generate": ["seed", "domains", "teachers", "generate"],
+    "filter": ["domains", "filter"],
+    "train": ["seed", "domains", "student", "train"],
+    "eval": ["seed", "domains", "eval"],
+}
+UPSTREAM: dict[str, list[str]] = {
+    "teachers": [],
+    "generate": ["teachers"],
+    "filter": ["generate"],
+    "train": ["teachers", "filter"],
+    "eval": ["teachers", "train"],
+}
+# Where each stage writes, relative to the recipe's output dir.
+DIRS = {"teachers": "teachers", "generate": "raw", "filter": "clean", "train": "student", "eval": "eval"}
+RECORD = "_stage.json"
+
+
+def stage_dir(recipe: Recipe, stage: str) -> Path:
+    return recipe.out / DIRS[stage]
+
+
+def record_of(recipe: Recipe, stage: str) -> dict[str, Any] | None:
+    path = stage_dir(recipe, stage) / RECORD
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def fingerprint(recipe: Recipe, stage: str) -> str:
+    data = recipe.model_dump(mode="json")
+    parts = {s: data[s] for s in SECTIONS[stage]}
+    for up in UPSTREAM[stage]:
+        rec = record_of(recipe, up)
+        parts[f"<{up}>"] = rec["fingerprint"] if rec else None
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def up_to_date(recipe: Recipe, stage: str) -> bool:
+    rec = record_of(recipe, stage)
+    return rec is not None and rec.get("fingerprint") == fingerprint(recipe, stage)
+
+
+def mark_done(recipe: Recipe, stage: str, **info: Any) -> dict[str, Any]:
+    """Record a completed stage (written last, atomically)."""
+    d = stage_dir(recipe, stage)
+    d.mkdir(parents=True, exist_ok=True)
+    rec = {"stage": stage, "fingerprint": fingerprint(recipe, stage), "finished_at": time.time(), **info}
+    tmp = d / (RECORD + ".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    os.replace(tmp, d / RECORD)
+    return rec
+
+
+def invalidate(recipe: Recipe, stage: str) -> None:
+    """Forget a stage's completion (it starts writing anew)."""
+    (stage_dir(recipe, stage) / RECORD).unlink(missing_ok=True)
