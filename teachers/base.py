@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from distill.messages import Verdict
+from distill.messages import Trace, Verdict
 
 __all__ = ["Task", "Verdict", "Domain", "ToolEnv", "REGISTRY", "get_domain", "split_of"]
 
@@ -69,8 +69,14 @@ class Domain(Protocol):
         """A fresh tool environment for agent rollouts; None for domains without tools."""
         ...
 
+    def from_record(self, record: dict[str, Any], index: int = 0) -> Task:
+        """One task from a real record in the field's usual format (GSM8K, MATH,
+        HumanEval, MBPP, ...); a record that fits no known format raises UserError
+        naming the missing fields."""
+        ...
+
     def load_records(self, path: str, split: str = "eval") -> Iterator[Task]:
-        """Tasks from real records (JSONL/Parquet) in the field's usual formats."""
+        """Tasks from real records (JSONL/Parquet, read through ``datasets``)."""
         ...
 
 
@@ -100,3 +106,19 @@ def split_of(identity: str, eval_fraction: float = 0.2) -> str:
 def task_id(domain: str, identity: str) -> str:
     """A stable task id from a task's identity (its canonical content)."""
     return f"{domain}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+
+
+def task_from_trace(trace: Trace) -> Task:
+    """Rebuild the task of a shard row for verification. Verifiers depend only on
+    ``reference`` and ``tools`` (and the prompt), which every trace row carries."""
+    first_answer = next(
+        (i for i, m in enumerate(trace.messages) if m.get("role") == "assistant"),
+        len(trace.messages),
+    )
+    return Task(
+        id=trace.task_id,
+        domain=trace.domain,
+        messages=trace.messages[:first_answer],
+        reference=trace.reference,
+        tools=trace.tools,
+    )
