@@ -39,6 +39,223 @@ def load(recipe: Path, overrides: list[str] | None):
 # Stage and tool commands are added below, one block per command.
 
 
+# --- end to end: teachers, eval, run -------------------------------------------------
+
+
+@app.command()
+def teachers(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Train the tokenizer and bootstrap teachers; check hf/openai teachers answer.
+
+    Writes <out>/tokenizer/ and <out>/teachers/<domain>/ (HF model dirs, oracle shards)."""
+    from distill.bootstrap import run
+
+    run(load(recipe, set_))
+
+
+@app.command("eval")
+def eval_(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML file (optional with --model/--base-url).")] = None,
+    set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option(help="One-off: evaluate this HF model directory.")] = None,
+    base_url: Annotated[str | None, typer.Option(help="One-off: evaluate an OpenAI-compatible endpoint.")] = None,
+    model_name: Annotated[str | None, typer.Option(help="Model name sent to --base-url.")] = None,
+    domains: Annotated[str, typer.Option(help="One-off: comma-separated domains.")] = "math,code,logic,agents",
+    tasks: Annotated[int, typer.Option(help="One-off: eval tasks per domain.")] = 100,
+    out: Annotated[Path | None, typer.Option(help="One-off: report directory (default data/eval/<model>).")] = None,
+) -> None:
+    """Evaluate teachers and student on held-out tasks; print the recovery table.
+
+    Writes <out>/eval/report.md, report.json, report.png. With --model DIR (or
+    --base-url URL --model-name NAME) evaluates one model on any domains."""
+    from distill import evaluate
+
+    if model or base_url:
+        r = load(recipe, set_) if recipe else None
+        evaluate.one_off(model=model, base_url=base_url, model_name=model_name, n_tasks=tasks,
+                         domains=[d.strip() for d in domains.split(",") if d.strip()], out_dir=out, recipe=r)
+    elif recipe is None:
+        raise UserError("eval: give a RECIPE, or --model DIR / --base-url URL for a one-off")
+    else:
+        evaluate.run(load(recipe, set_))
+
+
+@app.command("run")
+def run_all(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Rerun every stage, even those up to date.")] = False,
+) -> None:
+    """Run every stage in order, skipping those that are up to date.
+
+    A stage reruns when its recipe sections or an upstream stage changed; each rerun
+    says why. Writes everything under the recipe's output dir."""
+    from distill.pipeline import run
+
+    run(load(recipe, set_), force=force)
+
+
+# --- verify: judge completions of real records -----------------------------------------
+
+
+@app.command()
+def verify(
+    domain: Annotated[str, typer.Argument(help="Domain: math, code, logic or agents.")],
+    input_: Annotated[Path, typer.Argument(metavar="INPUT.jsonl", help="Records in the domain's real-data format plus a 'completion' (or 'messages') field.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Write verdicts here (JSONL) instead of stdout.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Verifier processes (default: every core).")] = None,
+) -> None:
+    """Verify model completions of real records with the domain's verifier.
+
+    Reads INPUT.jsonl; writes one verdict per line ({id, passed, score, reason}) to --out
+    or stdout, then prints `N passed, M failed`."""
+    from distill.verify import run
+
+    run(domain, input_, out=out, workers=workers)
+
+
+# --- foundation: recipe show|validate|set|reference, shards inspect|export ----------
+
+
+@recipe_app.command("show")
+def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Print the resolved recipe as YAML with field descriptions as comments.
+
+    Precedence: defaults < YAML < --set. Reads RECIPE; writes nothing."""
+    from distill.recipe_doc import show_yaml
+
+    typer.echo(show_yaml(load(recipe, set_), source=str(recipe)), nl=False)
+
+
+@recipe_app.command("validate")
+def recipe_validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Check RECIPE (with --set overrides): prints 'ok' or one error line (exit 2)."""
+    r = load(recipe, set_)
+    typer.echo(f"ok: {recipe} (name {r.name}, domains {', '.join(r.active_domains()) or 'none'})")
+
+
+@recipe_app.command("set")
+def recipe_set(
+    recipe: RecipeArg,
+    assignments: Annotated[list[str], typer.Argument(help="key.path=value (value parsed as YAML).")],
+) -> None:
+    """Edit keys of RECIPE in place, keeping its comments and key order.
+
+    The result is validated first: an invalid edit exits 2 and leaves the file untouched."""
+    from distill.recipe_edit import set_keys
+
+    set_keys(recipe, assignments)
+    typer.echo(f"updated {recipe}: {', '.join(assignments)}")
+
+
+@recipe_app.command("reference")
+def recipe_reference(
+    write: Annotated[Path | None, typer.Option(help="Update the generated block of this README in place.")] = None,
+) -> None:
+    """Print the recipe reference generated from the schema (Markdown tables).
+
+    With --write README.md, update the README's generated block in place."""
+    from distill.recipe_doc import reference_markdown, sync_readme
+
+    if write is None:
+        typer.echo(reference_markdown(), nl=False)
+        return
+    try:
+        same = sync_readme(write, write=True)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    typer.echo(f"{write}: {'already up to date' if same else 'recipe reference updated'}")
+
+
+@shards_app.command("inspect")
+def shards_inspect(
+    path: Annotated[Path, typer.Argument(help="A shard directory, or a stage directory of per-domain shard directories.")],
+    rows: Annotated[int, typer.Option(help="Rendered rows per directory.")] = 2,
+    verify: Annotated[bool, typer.Option(help="Check every shard's sha256 against the manifest.")] = False,
+) -> None:
+    """Rows per domain, pass/fail verdict counts, schema and a few rendered rows.
+
+    Reads PATH (manifest-listed shards only); writes nothing."""
+    from distill.shards_view import print_inspect
+
+    print_inspect(path, rows=rows, verify=verify)
+
+
+@shards_app.command("export")
+def shards_export(
+    path: Annotated[Path, typer.Argument(help="A shard directory, or a stage directory of per-domain shard directories.")],
+    out: Annotated[Path, typer.Option("--out", help="Output file.")],
+    format_: Annotated[str, typer.Option("--format", help="jsonl or parquet.")] = "jsonl",
+) -> None:
+    """Write every committed row under PATH to one JSONL or Parquet file (--out)."""
+    from distill.shards_view import export
+
+    n = export(path, format_, out)
+    typer.echo(f"wrote {n} rows to {out}")
+
+
+# --- generation: generate, serve ------------------------------------------------------
+
+
+@app.command()
+def generate(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Have every domain's teacher answer its training tasks (k samples each).
+
+    Reads <out>/teachers/<domain>/ (bootstrap) or the hf/openai teacher; writes raw
+    trace shards to <out>/raw/<domain>/. Resumes after a crash without duplicating rows;
+    under `accelerate launch` each process takes a slice of the tasks."""
+    from distill.generate import run
+
+    run(load(recipe, set_))
+
+
+@app.command()
+def serve(
+    model_dir: Annotated[Path, typer.Argument(help="HF model directory (a teacher or the student).")],
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    batch_size: Annotated[int, typer.Option(help="Requests decoded together.")] = 64,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
+) -> None:
+    """Serve MODEL_DIR as an OpenAI-compatible endpoint.
+
+    /v1/models and /v1/chat/completions (n, temperature, top_p, max_tokens, seed, stop,
+    logprobs, top_logprobs, tools), with reasoning_content and tool_calls in the reply.
+    Reads MODEL_DIR; writes nothing."""
+    from distill.serve import serve as run_server
+
+    run_server(model_dir, host=host, port=port, batch_size=batch_size, device=device)
+
+
+# --- filter: raw -> clean shards -----------------------------------------------------
+
+
+@app.command("filter")
+def filter_(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Verify, drop malformed and failed, dedup, decontaminate and select traces.
+
+    Reads <out>/raw/<domain>/ shards and every enabled domain's eval tasks; writes
+    <out>/clean/<domain>/ shards and <out>/clean/filter_report.json and .md, and prints
+    the funnel. A domain completed with the same inputs is kept, anything else redone."""
+    from distill.filter import run
+
+    run(load(recipe, set_))
+
+
+# --- train: clean shards -> student -------------------------------------------------
+
+
+@app.command()
+def train(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Distill every enabled domain's clean traces into the student (Accelerate).
+
+    Reads <out>/clean/<domain>/ shards and the run tokenizer (or student.path); writes the
+    HF model dir <out>/student/ with train_report.json, checkpoints/ (resumed when
+    present) and cache/. Several processes: `accelerate launch -m distill train RECIPE`."""
+    from distill.train import run
+
+    run(load(recipe, set_))
+
+
 def main() -> None:
     try:
         app()

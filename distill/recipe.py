@@ -8,25 +8,40 @@ type and the value given (``train.lr: expected a number, got 'fast'``).
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from distill.errors import UserError
+from distill.recipe_errors import format_error as _format_error
+from teachers.base import REGISTRY
 
 
 class RecipeError(UserError):
     """A recipe that cannot be loaded; the message is one line meant for the user."""
 
 
+# Domain names come from the registry, so adding a domain touches no schema code.
+DomainName = Literal[tuple(REGISTRY)]  # type: ignore[valid-type]
+_NUMBERS = (int, float, int | None, float | None)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v: Any, info: Any) -> Any:
+        # pydantic reads `lr: true` as 1.0; in a recipe that is always a mistake
+        if isinstance(v, bool) and cls.model_fields[info.field_name].annotation in _NUMBERS:
+            raise PydanticCustomError("float_type", "expected a number")
+        return v
 
 
 # --------------------------------------------------------------------------- models
@@ -38,10 +53,18 @@ class ModelArch(Section):
     hidden_size: int = Field(64, ge=8, description="Width of the residual stream.")
     num_layers: int = Field(4, ge=1, description="Number of transformer blocks.")
     num_heads: int = Field(4, ge=1, description="Attention heads.")
-    num_kv_heads: int | None = Field(None, ge=1, description="Key/value heads (GQA); null = num_heads.")
-    intermediate_size: int | None = Field(None, ge=8, description="MLP width; null = 4 * hidden_size.")
-    max_position_embeddings: int = Field(1024, ge=16, description="Longest sequence the model accepts.")
-    tie_word_embeddings: bool = Field(True, description="Share input and output embeddings (saves parameters at tiny sizes).")
+    num_kv_heads: int | None = Field(
+        None, ge=1, description="Key/value heads (GQA); null = num_heads."
+    )
+    intermediate_size: int | None = Field(
+        None, ge=8, description="MLP width; null = 4 * hidden_size."
+    )
+    max_position_embeddings: int = Field(
+        1024, ge=16, description="Longest sequence the model accepts."
+    )
+    tie_word_embeddings: bool = Field(
+        True, description="Share input and output embeddings (saves parameters at tiny sizes)."
+    )
 
 
 class LoraConfig(Section):
@@ -53,13 +76,22 @@ class LoraConfig(Section):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="Module names that receive adapters.",
     )
-    merge: bool = Field(True, description="Merge adapters into the base weights when saving the final model.")
+    merge: bool = Field(
+        True, description="Merge adapters into the base weights when saving the final model."
+    )
 
 
 class KDConfig(Section):
-    enabled: bool = Field(False, description="Add a KL term against the teacher's top-k logprobs stored in the shards.")
-    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KL term: (1-alpha)*CE + alpha*KL.")
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature applied to student logits for the KL term.")
+    enabled: bool = Field(
+        False,
+        description="Add a KL term against the teacher's top-k logprobs stored in the shards.",
+    )
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="Weight of the KL term: (1-alpha)*CE + alpha*KL."
+    )
+    temperature: float = Field(
+        1.0, gt=0, description="Softmax temperature applied to student logits for the KL term."
+    )
 
 
 class TrainConfig(Section):
@@ -69,24 +101,56 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
-    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; null = derive from epochs.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the mixed data when max_steps is null.")
-    max_time_s: float | None = Field(None, gt=0, description="Stop after this many seconds of training (checkpoint saved).")
-    batch_tokens: int = Field(8192, ge=16, description="Tokens per optimizer step (global, all ranks and micro-batches).")
-    micro_batch_tokens: int = Field(2048, ge=16, description="Tokens per micro-batch on one device; accumulation fills batch_tokens.")
-    max_seq_len: int = Field(512, ge=16, description="Longest packed row; longer traces are dropped and counted.")
-    packing: bool = Field(True, description="Pack several traces per row with block-diagonal attention.")
-    mixture: Literal["rows", "tokens"] = Field("tokens", description="Domain sampling weights apply to rows or to token budget.")
-    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null = off.")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warmup."
+    )
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="Final learning rate as a fraction of lr."
+    )
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps; null = derive from epochs."
+    )
+    epochs: float = Field(
+        1.0, gt=0, description="Passes over the mixed data when max_steps is null."
+    )
+    max_time_s: float | None = Field(
+        None, gt=0, description="Stop after this many seconds of training (checkpoint saved)."
+    )
+    batch_tokens: int = Field(
+        8192, ge=16, description="Tokens per optimizer step (global, all ranks and micro-batches)."
+    )
+    micro_batch_tokens: int = Field(
+        2048,
+        ge=16,
+        description="Tokens per micro-batch on one device; accumulation fills batch_tokens.",
+    )
+    max_seq_len: int = Field(
+        512, ge=16, description="Longest packed row; longer traces are dropped and counted."
+    )
+    packing: bool = Field(
+        True, description="Pack several traces per row with block-diagonal attention."
+    )
+    mixture: Literal["rows", "tokens"] = Field(
+        "tokens", description="Domain sampling weights apply to rows or to token budget."
+    )
+    grad_clip: float | None = Field(
+        1.0, gt=0, description="Clip the global gradient norm; null = off."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 on GPU, fp32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
     compile: bool = Field(False, description="torch.compile the model.")
-    save_every: int = Field(0, ge=0, description="Checkpoint every N optimizer steps; 0 = only at the end.")
+    save_every: int = Field(
+        0, ge=0, description="Checkpoint every N optimizer steps; 0 = only at the end."
+    )
     keep_last: int = Field(2, ge=1, description="Checkpoints kept.")
     log_every: int = Field(10, ge=1, description="Log losses every N steps.")
-    trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Accelerate trackers.")
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Accelerate trackers."
+    )
     kd: KDConfig = Field(default_factory=KDConfig, description="Logit distillation.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")
 
@@ -95,42 +159,77 @@ class TrainConfig(Section):
 
 
 class TokenizerConfig(Section):
-    kind: Literal["train", "pretrained"] = Field("train", description="train = a byte-level BPE trained on the oracle corpora; pretrained = load from path.")
+    kind: Literal["train", "pretrained"] = Field(
+        "train",
+        description="train = a byte-level BPE trained on the oracle corpora; pretrained = load from path.",
+    )
     path: str | None = Field(None, description="Tokenizer directory for kind=pretrained.")
     vocab_size: int = Field(1024, ge=300, description="Vocabulary size for a trained tokenizer.")
-    corpus_tasks: int = Field(2000, ge=10, description="Oracle traces per domain used to train the tokenizer.")
+    corpus_tasks: int = Field(
+        2000, ge=10, description="Oracle traces per domain used to train the tokenizer."
+    )
 
 
 class TaskSource(Section):
-    kind: Literal["generated", "file"] = Field("generated", description="generated = the domain's task generator; file = real records.")
-    path: str | None = Field(None, description="JSONL or Parquet of real records (GSM8K, MATH, HumanEval, MBPP, ...) for kind=file.")
-    eval_path: str | None = Field(None, description="Held-out real records for evaluation; null = hash split of path.")
+    kind: Literal["generated", "file"] = Field(
+        "generated", description="generated = the domain's task generator; file = real records."
+    )
+    path: str | None = Field(
+        None,
+        description="JSONL or Parquet of real records (GSM8K, MATH, HumanEval, MBPP, ...) for kind=file.",
+    )
+    eval_path: str | None = Field(
+        None, description="Held-out real records for evaluation; null = hash split of path."
+    )
 
 
 class DomainConfig(Section):
     enabled: bool = Field(True, description="Include this domain in every stage.")
-    sampling_weight: float = Field(1.0, ge=0, description="Share of the student's training mixture.")
-    loss_weight: float = Field(1.0, ge=0, description="Per-token loss weight w_d in the student's objective.")
+    sampling_weight: float = Field(
+        1.0, ge=0, description="Share of the student's training mixture."
+    )
+    loss_weight: float = Field(
+        1.0, ge=0, description="Per-token loss weight w_d in the student's objective."
+    )
     difficulty: int = Field(1, ge=1, le=5, description="Task generator difficulty (1 = easiest).")
     source: TaskSource = Field(default_factory=TaskSource, description="Where tasks come from.")
-    train_tasks: int = Field(1000, ge=1, description="Training tasks given to the teacher in generate.")
+    train_tasks: int = Field(
+        1000, ge=1, description="Training tasks given to the teacher in generate."
+    )
     eval_tasks: int = Field(200, ge=1, description="Held-out tasks used by eval.")
-    temperature: float | None = Field(None, ge=0, description="Sampling temperature; null = generate.temperature.")
-    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling; null = generate.top_p.")
-    max_new_tokens: int | None = Field(None, ge=1, description="Per assistant turn; null = generate.max_new_tokens.")
+    temperature: float | None = Field(
+        None, ge=0, description="Sampling temperature; null = generate.temperature."
+    )
+    top_p: float | None = Field(
+        None, gt=0, le=1, description="Nucleus sampling; null = generate.top_p."
+    )
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Per assistant turn; null = generate.max_new_tokens."
+    )
 
 
 class TeacherConfig(Section):
-    kind: Literal["bootstrap", "hf", "openai"] = Field("bootstrap", description="bootstrap = tiny model trained on oracle traces; hf = a local transformers directory; openai = an OpenAI-compatible endpoint.")
+    kind: Literal["bootstrap", "hf", "openai"] = Field(
+        "bootstrap",
+        description="bootstrap = tiny model trained on oracle traces; hf = a local transformers directory; openai = an OpenAI-compatible endpoint.",
+    )
     path: str | None = Field(None, description="Model directory for kind=hf.")
-    base_url: str | None = Field(None, description="Endpoint for kind=openai, e.g. http://127.0.0.1:8000/v1.")
+    base_url: str | None = Field(
+        None, description="Endpoint for kind=openai, e.g. http://127.0.0.1:8000/v1."
+    )
     model: str | None = Field(None, description="Model name sent to the endpoint (kind=openai).")
-    api_key_env: str | None = Field(None, description="Environment variable holding the API key (never stored).")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the API key (never stored)."
+    )
     max_concurrency: int = Field(16, ge=1, description="Requests in flight (kind=openai).")
     request_timeout_s: float = Field(600.0, gt=0, description="Per-request timeout (kind=openai).")
     arch: ModelArch = Field(default_factory=ModelArch, description="Model shape (kind=bootstrap).")
-    oracle_tasks: int = Field(3000, ge=1, description="Oracle traces the bootstrap teacher trains on.")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="Training of the bootstrap teacher.")
+    oracle_tasks: int = Field(
+        3000, ge=1, description="Oracle traces the bootstrap teacher trains on."
+    )
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="Training of the bootstrap teacher."
+    )
 
     @model_validator(mode="after")
     def _needs(self) -> TeacherConfig:
@@ -147,7 +246,12 @@ class GenerateConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Default nucleus sampling.")
     max_new_tokens: int = Field(256, ge=1, description="Default tokens per assistant turn.")
     batch_size: int = Field(64, ge=1, description="Sequences decoded together (hf backend).")
-    topk_logprobs: int = Field(0, ge=0, le=20, description="Store the teacher's top-k logprobs per token (logit KD); 0 = off.")
+    topk_logprobs: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="Store the teacher's top-k logprobs per token (logit KD); 0 = off.",
+    )
     max_turns: int = Field(8, ge=1, description="Assistant turns per agent episode.")
     max_episode_tokens: int = Field(2048, ge=16, description="Token budget per agent episode.")
     shard_rows: int = Field(2000, ge=1, description="Rows per shard.")
@@ -159,48 +263,102 @@ class FilterConfig(Section):
     require_reasoning: bool = Field(True, description="Drop traces with empty reasoning.")
     dedup_exact: bool = Field(True, description="Drop exact duplicates (normalised text hash).")
     dedup_near: bool = Field(True, description="Drop near duplicates (MinHash LSH).")
-    near_threshold: float = Field(0.9, gt=0, le=1, description="Jaccard similarity above which traces are near duplicates.")
+    near_threshold: float = Field(
+        0.9, gt=0, le=1, description="Jaccard similarity above which traces are near duplicates."
+    )
     shingle_size: int = Field(5, ge=1, description="Word n-gram size of MinHash shingles.")
     num_perm: int = Field(128, ge=16, description="MinHash permutations.")
-    decontaminate: bool = Field(True, description="Drop traces sharing an n-gram with any eval task.")
-    decontam_ngram: int = Field(13, ge=3, description="n-gram size (words) for long texts.")
-    decontam_short_ngram: int = Field(8, ge=2, description="n-gram size for texts shorter than 2*decontam_ngram words.")
-    max_per_task: int | None = Field(2, ge=1, description="Correct traces kept per task; null = all.")
-    prefer: Literal["shortest", "diverse"] = Field("shortest", description="Which traces a task keeps.")
-    pass_rate_min: float = Field(0.0, ge=0, le=1, description="Keep tasks whose teacher pass rate >= this.")
-    pass_rate_max: float = Field(1.0, ge=0, le=1, description="Keep tasks whose teacher pass rate <= this.")
+    decontaminate: bool = Field(
+        True, description="Drop traces whose prompt or answer overlaps an eval task (token n-grams)."
+    )
+    decontam_ngram: int = Field(13, ge=3, description="n-gram size (tokens) for long texts.")
+    decontam_short_ngram: int = Field(
+        8, ge=2, description="n-gram size for texts shorter than 2*decontam_ngram words."
+    )
+    decontam_boilerplate: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="n-grams found in more than this fraction of one domain's eval tasks (and in 3 or more) are template text and never flag a trace.",
+    )
+    decontam_overlap: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Share of an eval text's n-grams a training prompt or answer must contain to be contaminated; 0 = any shared n-gram.",
+    )
+    max_per_task: int | None = Field(
+        2, ge=1, description="Correct traces kept per task; null = all."
+    )
+    prefer: Literal["shortest", "diverse"] = Field(
+        "shortest", description="Which traces a task keeps."
+    )
+    pass_rate_min: float = Field(
+        0.0, ge=0, le=1, description="Keep tasks whose teacher pass rate >= this."
+    )
+    pass_rate_max: float = Field(
+        1.0, ge=0, le=1, description="Keep tasks whose teacher pass rate <= this."
+    )
     max_per_domain: int | None = Field(None, ge=1, description="Cap on kept traces per domain.")
 
 
 class StudentConfig(Section):
-    kind: Literal["scratch", "hf"] = Field("scratch", description="scratch = build from arch with the run's tokenizer; hf = start from a model directory.")
+    kind: Literal["scratch", "hf"] = Field(
+        "scratch",
+        description="scratch = build from arch with the run's tokenizer; hf = start from a model directory.",
+    )
     path: str | None = Field(None, description="Model directory for kind=hf.")
     arch: ModelArch = Field(default_factory=ModelArch, description="Model shape (kind=scratch).")
 
 
 class EvalConfig(Section):
     pass_k: int = Field(4, ge=1, description="Samples per task for pass@k.")
-    temperature: float = Field(0.8, ge=0, description="Sampling temperature for pass@k (pass@1 is greedy).")
-    teachers_on_all_domains: bool = Field(False, description="Also evaluate every teacher on every domain.")
+    temperature: float = Field(
+        0.8, ge=0, description="Sampling temperature for pass@k (pass@1 is greedy)."
+    )
+    teachers_on_all_domains: bool = Field(
+        False, description="Also evaluate every teacher on every domain."
+    )
     batch_size: int = Field(64, ge=1, description="Sequences decoded together.")
+    target_teacher_acc: float | None = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Target the report checks: every teacher's greedy pass@1 on its own domain (far above chance); null = none.",
+    )
+    target_recovery: float | None = Field(
+        0.9,
+        ge=0,
+        description="Target the report checks: student pass@1 / teacher pass@1 on each teacher's domain; null = none.",
+    )
 
 
 class Recipe(Section):
     """A whole pipeline run."""
 
-    name: str = Field(..., min_length=1, description="Run name; outputs go to data/<name>/ by default.")
+    name: str = Field(
+        ..., min_length=1, description="Run name; outputs go to data/<name>/ by default."
+    )
     seed: int = Field(0, description="Seed for tasks, sampling, data order and initialisation.")
-    output_dir: str | None = Field(None, description="Where every stage writes; null = data/<name>.")
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The shared tokenizer.")
-    domains: dict[Literal["math", "code", "logic", "agents"], DomainConfig] = Field(
+    output_dir: str | None = Field(
+        None, description="Where every stage writes; null = data/<name>."
+    )
+    tokenizer: TokenizerConfig = Field(
+        default_factory=TokenizerConfig, description="The shared tokenizer."
+    )
+    domains: dict[DomainName, DomainConfig] = Field(
         default_factory=dict, description="Domains by name, with mixture and loss weights."
     )
-    teachers: dict[Literal["math", "code", "logic", "agents"], TeacherConfig] = Field(
+    teachers: dict[DomainName, TeacherConfig] = Field(
         default_factory=dict, description="One teacher per domain."
     )
-    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Teacher sampling.")
+    generate: GenerateConfig = Field(
+        default_factory=GenerateConfig, description="Teacher sampling."
+    )
     filter: FilterConfig = Field(default_factory=FilterConfig, description="What clean data keeps.")
-    student: StudentConfig = Field(default_factory=StudentConfig, description="The general student.")
+    student: StudentConfig = Field(
+        default_factory=StudentConfig, description="The general student."
+    )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Student training.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
 
@@ -288,69 +446,6 @@ def apply_override(data: dict[str, Any], text: str) -> None:
     node[keys[-1]] = value
 
 
-_TYPE_WORDS = {
-    "float_parsing": "a number",
-    "float_type": "a number",
-    "int_parsing": "an integer",
-    "int_type": "an integer",
-    "int_from_float": "an integer",
-    "bool_parsing": "true or false",
-    "bool_type": "true or false",
-    "string_type": "a string",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "list_type": "a list",
-    "tuple_type": "a list",
-}
-
-
 def format_error(e: ValidationError, data: Any) -> str:
-    """One line for the first error: key path, what was expected, what was given."""
-    err = e.errors()[0]
-    loc = [str(p) for p in err["loc"]]
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        parent_model = _model_at(Recipe, loc[:-1])
-        valid = list(parent_model.model_fields) if parent_model else []
-        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
-        return f"{'.'.join(loc)}: unknown key{hint}"
-    path = ".".join(loc) or "recipe"
-    given = err.get("input")
-    if kind in _TYPE_WORDS:
-        return f"{path}: expected {_TYPE_WORDS[kind]}, got {given!r}"
-    if kind == "literal_error":
-        exp = err.get("ctx", {}).get("expected", "")
-        if loc and loc[-1] in ("domains", "teachers") or (len(loc) >= 2 and loc[-2] in ("domains", "teachers")):
-            pass
-        return f"{path}: expected one of {exp}, got {given!r}"
-    if kind == "missing":
-        return f"{path}: required key is missing"
-    if kind == "value_error":
-        msg = err["msg"].removeprefix("Value error, ")
-        return f"{path + '.' if loc else ''}{msg}"
-    return f"{path}: {err['msg']}, got {given!r}"
-
-
-def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
-    """The pydantic model class found by walking ``loc`` from ``model``."""
-    import typing
-
-    cur: Any = model
-    for part in loc:
-        if isinstance(cur, type) and issubclass(cur, BaseModel):
-            field = cur.model_fields.get(part)
-            if field is None:
-                return None
-            cur = field.annotation
-        else:  # dict[...] values: skip the key
-            args = typing.get_args(cur)
-            cur = args[-1] if args else None
-        while typing.get_origin(cur) is typing.Union or type(cur).__name__ == "UnionType":
-            cur = next(a for a in typing.get_args(cur) if a is not type(None))
-    if isinstance(cur, type) and issubclass(cur, BaseModel):
-        return cur
-    args = typing.get_args(cur)
-    if args and isinstance(args[-1], type) and issubclass(args[-1], BaseModel):
-        return args[-1]
-    return None
+    """One line for the first error of a recipe: key path, expected type, value given."""
+    return _format_error(e, data, Recipe)

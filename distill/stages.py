@@ -35,15 +35,23 @@ UPSTREAM: dict[str, list[str]] = {
     "eval": ["teachers", "train"],
 }
 # Where each stage writes, relative to the recipe's output dir.
-DIRS = {"teachers": "teachers", "generate": "raw", "filter": "clean", "train": "student", "eval": "eval"}
+DIRS = {
+    "teachers": "teachers",
+    "generate": "raw",
+    "filter": "clean",
+    "train": "student",
+    "eval": "eval",
+}
 RECORD = "_stage.json"
 
 
 def stage_dir(recipe: Recipe, stage: str) -> Path:
+    """Where ``stage`` writes: ``<output_dir>/<DIRS[stage]>``."""
     return recipe.out / DIRS[stage]
 
 
 def record_of(recipe: Recipe, stage: str) -> dict[str, Any] | None:
+    """The completion record of ``stage``; None if it never completed (or it is corrupt)."""
     path = stage_dir(recipe, stage) / RECORD
     if not path.exists():
         return None
@@ -53,17 +61,37 @@ def record_of(recipe: Recipe, stage: str) -> dict[str, Any] | None:
         return None
 
 
+def input_manifests(recipe: Recipe, stage: str) -> dict[str, list[str]]:
+    """Shard checksums of every manifest under the stages ``stage`` reads from."""
+    out: dict[str, list[str]] = {}
+    for up in UPSTREAM[stage]:
+        root = stage_dir(recipe, up)
+        for m in sorted(root.glob("*/_manifest.json")) + sorted(root.glob("_manifest.json")):
+            try:
+                shards = json.loads(m.read_text()).get("shards", [])
+                out[str(m.relative_to(recipe.out))] = [s.get("sha256") for s in shards]
+            except (OSError, json.JSONDecodeError, AttributeError):
+                out[str(m.relative_to(recipe.out))] = ["<unreadable>"]
+    return out
+
+
 def fingerprint(recipe: Recipe, stage: str) -> str:
+    """Hash of the recipe sections ``stage`` reads, the fingerprints of the stages it
+    reads from, and the checksums of their shards (data changed by hand counts too)."""
     data = recipe.model_dump(mode="json")
-    parts = {s: data[s] for s in SECTIONS[stage]}
+    parts: dict[str, Any] = {s: data[s] for s in SECTIONS[stage]}
     for up in UPSTREAM[stage]:
         rec = record_of(recipe, up)
         parts[f"<{up}>"] = rec["fingerprint"] if rec else None
+    manifests = input_manifests(recipe, stage)
+    if manifests:  # absent key keeps fingerprints of manifest-less inputs unchanged
+        parts["<manifests>"] = manifests
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def up_to_date(recipe: Recipe, stage: str) -> bool:
+    """True when ``stage`` completed with exactly the inputs it would read now."""
     rec = record_of(recipe, stage)
     return rec is not None and rec.get("fingerprint") == fingerprint(recipe, stage)
 
@@ -72,7 +100,12 @@ def mark_done(recipe: Recipe, stage: str, **info: Any) -> dict[str, Any]:
     """Record a completed stage (written last, atomically)."""
     d = stage_dir(recipe, stage)
     d.mkdir(parents=True, exist_ok=True)
-    rec = {"stage": stage, "fingerprint": fingerprint(recipe, stage), "finished_at": time.time(), **info}
+    rec = {
+        "stage": stage,
+        "fingerprint": fingerprint(recipe, stage),
+        "finished_at": time.time(),
+        **info,
+    }
     tmp = d / (RECORD + ".tmp")
     tmp.write_text(json.dumps(rec, indent=1))
     os.replace(tmp, d / RECORD)

@@ -1,0 +1,233 @@
+"""Generation throughput: our `hf` backend against plain transformers `generate` on
+padded batches (and, on GPU, `generate` with a static cache and `generate_batch`), side
+by side on one random-init model; then the `openai` backend through `distill serve`
+against the same backend called in-process (client + HTTP overhead).
+
+    python bench/generate.py                      # GPU: Qwen2-shaped ~0.5B, bf16
+    python bench/generate.py --preset tiny        # CPU: a demo-sized ~1M-param teacher
+
+Prints one JSON line per measurement and writes them all to --out. Tokens/s counts
+generated tokens; the roofline is (weight bytes + KV-cache bytes read per decode step) /
+HBM bandwidth measured here with a device-to-device copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distill.backends import Sampling, mix_seed  # noqa: E402
+from distill.backends.hf import HFBackend, _Row  # noqa: E402
+from distill.chat import train_tokenizer  # noqa: E402
+
+PRESETS = {
+    # the issue's teacher: Qwen2-shaped ~0.5B
+    "qwen05b": dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                    num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=4096),
+    # the demo's bootstrap teacher shape (recipes/demo.yaml)
+    "tiny": dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=4, intermediate_size=320, max_position_embeddings=512),
+}  # fmt: skip
+RESULTS: list[dict] = []
+
+
+def emit(out: Path, **rec) -> None:
+    RESULTS.append(rec)
+    print(json.dumps(rec), flush=True)
+    out.write_text(json.dumps(RESULTS, indent=1))
+
+
+def build(preset: str, device: str, workdir: Path) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    words = ["alpha", "beta", "gamma", "delta", "sum", "of", "the", "tool", "call", "answer"]
+    tok = train_tokenizer([" ".join(random.choices(words, k=50)) for _ in range(200)], 300, workdir)
+    cfg = Qwen2Config(**PRESETS[preset], tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, bos_token_id=None)  # fmt: skip
+    model = Qwen2ForCausalLM(cfg)
+    model.save_pretrained(workdir)
+    return workdir
+
+
+def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    # lengths vary +-25% around `length`, as real prompts do (padding matters)
+    return [torch.randint(20, vocab, (int(length * (0.75 + 0.5 * i / max(1, n - 1))),), generator=g).tolist() for i in range(n)]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_ours(backend: HFBackend, ps: list[list[int]], new: int, batch: int, device: str) -> tuple[float, int]:
+    backend.batch_size = batch
+    s = Sampling(temperature=0.8, top_p=1.0, max_new_tokens=new)
+    rows = [_Row(i, 0, p, mix_seed(0, i), new) for i, p in enumerate(ps)]
+    order = sorted(rows, key=lambda r: -len(r.prompt))
+    sync(device)
+    t = time.perf_counter()
+    for i in range(0, len(order), batch):
+        backend.decode(order[i : i + batch], s)
+    sync(device)
+    return time.perf_counter() - t, sum(len(r.tokens) for r in rows)
+
+
+def run_plain(model, ps, new: int, batch: int, pad: int, eos: list[int], device: str, **kw) -> tuple[float, int]:
+    sync(device)
+    t, count = time.perf_counter(), 0
+    for i in range(0, len(ps), batch):
+        chunk = ps[i : i + batch]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=True,
+                             temperature=0.8, top_p=1.0, top_k=0, pad_token_id=pad, eos_token_id=eos, **kw)  # fmt: skip
+        gen = out[:, width:]
+        count += int(((gen != pad) & ~torch.isin(gen, torch.tensor(eos, device=gen.device))).sum()) + int(torch.isin(gen, torch.tensor(eos, device=gen.device)).any(-1).sum())
+    sync(device)
+    return time.perf_counter() - t, count
+
+
+def run_cb(model, ps, new: int, pad: int, eos: list[int], device: str) -> tuple[float, int]:
+    from transformers import GenerationConfig
+
+    gc = GenerationConfig(max_new_tokens=new, do_sample=True, temperature=0.8, top_p=1.0, top_k=0,
+                          eos_token_id=eos, pad_token_id=pad)  # fmt: skip
+    sync(device)
+    t = time.perf_counter()
+    res = model.generate_batch(inputs=ps, generation_config=gc)
+    sync(device)
+    return time.perf_counter() - t, sum(len(r.generated_tokens) for r in res.values())
+
+
+def hbm_bandwidth(device: str) -> float | None:
+    """Bytes/s of a large device-to-device copy (read + write counted)."""
+    if not device.startswith("cuda"):
+        return None
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    sync(device)
+    return 2 * 20 * x.numel() / (time.perf_counter() - t)
+
+
+def roofline(model, batch: int, prompt_len: int, new: int, bw: float | None) -> float | None:
+    """Decode tokens/s if every step only read the weights and the mean KV cache at HBM speed."""
+    if bw is None:
+        return None
+    c = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    head = c.hidden_size // c.num_attention_heads
+    kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head * next(model.parameters()).element_size()
+    kv = batch * kv_per_token * (prompt_len + new / 2)
+    return batch * bw / (weights + kv)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=PRESETS, default="qwen05b" if torch.cuda.is_available() else "tiny")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=200)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--batches", default="64,256")
+    ap.add_argument("--skip", default="", help="comma list of: plain,static,cb,serve")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip remaining baselines after this")
+    ap.add_argument("--out", default=os.environ.get("BENCH_OUT", "bench_generate.json"))
+    a = ap.parse_args()
+    out, start, skip = Path(a.out), time.time(), set(a.skip.split(","))
+    d = build(a.preset, a.device, Path(tempfile.mkdtemp(prefix="bench-gen-")))
+    backend = HFBackend(d, batch_size=64, device=a.device)
+    model, pad, eos = backend.model, backend.pad_id, backend.eos_ids
+    ps = prompts(a.prompts, a.prompt_len, model.config.vocab_size)
+    bw = hbm_bandwidth(a.device)
+    base = dict(preset=a.preset, device=torch.cuda.get_device_name() if a.device.startswith("cuda") else f"{os.cpu_count()}-core CPU",
+                params=sum(p.numel() for p in model.parameters()), prompts=a.prompts, prompt_len=a.prompt_len, new=a.new)  # fmt: skip
+    emit(out, what="setup", hbm_bytes_per_s=bw, torch=torch.__version__, **base)
+    for batch in [int(b) for b in a.batches.split(",")]:
+        run_ours(backend, ps[:batch], 8, batch, a.device)  # warm-up: compile and capture graphs
+        secs, toks = run_ours(backend, ps, a.new, batch, a.device)
+        roof = roofline(model, batch, a.prompt_len, a.new, bw)
+        emit(out, what="ours", batch=batch, seconds=secs, tokens=toks, tok_s=toks / secs,
+             roofline_tok_s=roof, roofline_frac=(toks / secs / roof) if roof else None)  # fmt: skip
+        if "plain" not in skip and time.time() - start < a.budget_s:
+            n = min(len(ps), batch)  # one batch: plain generate is slow
+            secs, toks = run_plain(model, ps[:n], a.new, batch, pad, eos, a.device)
+            emit(out, what="plain_generate", batch=batch, seconds=secs, tokens=toks, tok_s=toks / secs)
+    big = int(a.batches.split(",")[-1])
+    if a.device.startswith("cuda") and "static" not in skip and time.time() - start < a.budget_s:
+        try:
+            run_plain(model, ps[:big], 8, big, pad, eos, a.device, cache_implementation="static")
+            secs, toks = run_plain(model, ps[:big], a.new, big, pad, eos, a.device, cache_implementation="static")
+            emit(out, what="generate_static_cache", batch=big, seconds=secs, tokens=toks, tok_s=toks / secs)
+        except Exception as e:  # a baseline that fails is reported, not fatal
+            emit(out, what="generate_static_cache", error=f"{type(e).__name__}: {str(e)[:300]}")
+    if "cb" not in skip and time.time() - start < a.budget_s:
+        try:
+            secs, toks = run_cb(model, ps[:big], a.new, pad, eos, a.device)
+            emit(out, what="generate_batch", batch=big, seconds=secs, tokens=toks, tok_s=toks / secs)
+        except Exception as e:
+            emit(out, what="generate_batch", error=f"{type(e).__name__}: {str(e)[:300]}")
+    if "serve" not in skip and time.time() - start < a.budget_s:
+        bench_serve(out, d, backend, a, big)
+
+
+def bench_serve(out: Path, model_dir: Path, backend: HFBackend, a, batch: int) -> None:
+    """Same requests: the backend in-process vs the openai backend through `distill serve`."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from distill.backends.openai import OpenAIBackend
+    from distill.serve import create_app
+
+    convs = [[{"role": "user", "content": " ".join(["alpha beta gamma delta"] * (a.prompt_len // 4))}]] * batch
+    s = Sampling(temperature=0.8, max_new_tokens=a.new)
+    seeds = list(range(batch))
+    backend.batch_size = batch
+    backend.complete(convs[:4], [None] * 4, Sampling(max_new_tokens=8), seeds=seeds[:4])
+    t = time.perf_counter()
+    direct = backend.complete(convs, [None] * batch, s, seeds=seeds)
+    direct_s = time.perf_counter() - t
+    toks = sum(c.completion_tokens for (c,) in direct)
+    app = create_app(model_dir, batch_size=batch, device=a.device)
+    app.state.backend.static = backend.static  # share the captured graphs: same engine
+    app.state.backend.model = backend.model
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    client = OpenAIBackend(f"http://127.0.0.1:{port}/v1", model_dir.name, max_concurrency=batch)
+    client.complete(convs[:4], [None] * 4, Sampling(max_new_tokens=8), seeds=seeds[:4])
+    t = time.perf_counter()
+    remote = client.complete(convs, [None] * batch, s, seeds=seeds)
+    remote_s = time.perf_counter() - t
+    server.should_exit = True
+    rtoks = sum(c.completion_tokens for (c,) in remote)
+    emit(out, what="serve_overhead", batch=batch, direct_tok_s=toks / direct_s, served_tok_s=rtoks / remote_s,
+         overhead=1 - (rtoks / remote_s) / (toks / direct_s))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

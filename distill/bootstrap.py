@@ -1,0 +1,277 @@
+"""The teachers stage: the shared tokenizer, bootstrap specialists trained on their
+domain's oracle traces, and a one-request check of reference (hf / openai) teachers.
+
+Writes ``<out>/tokenizer/`` (when the recipe trains one) and, per bootstrap teacher,
+``<out>/teachers/<domain>/`` (an HF model directory) with its oracle shards in
+``oracle/``. A teacher already trained with the same fingerprint is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from distill.errors import UserError
+from distill.messages import Lineage, Trace, Verdict
+from distill.recipe import Recipe, TeacherConfig
+from distill.stages import mark_done
+from teachers.base import get_domain
+
+console = Console(stderr=True)
+TOKENIZER_RECORD = "_tokenizer.json"
+TEACHER_RECORD = "_teacher.json"
+
+
+def _hash(data: Any) -> str:
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def render_text(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+    """A conversation as the model sees it (our chat template, tool schemas included), so
+    the tokenizer learns merges for exactly that text."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from distill.chat import CHAT_TEMPLATE
+
+    rendered, _ = render_jinja_template([messages], tools=tools, chat_template=CHAT_TEMPLATE)
+    return rendered[0]
+
+
+def tokenizer_dir(recipe: Recipe) -> Path:
+    """The run's tokenizer: trained under ``<out>/tokenizer`` or the pretrained path."""
+    if recipe.tokenizer.kind == "pretrained":
+        if not recipe.tokenizer.path:
+            raise UserError("tokenizer.path: required for tokenizer.kind=pretrained")
+        return Path(recipe.tokenizer.path)
+    return recipe.out / "tokenizer"
+
+
+def _corpus_fingerprint(recipe: Recipe) -> str:
+    domains = {d: recipe.domains[d].difficulty for d in recipe.active_domains()}
+    versions = {d: get_domain(d).verifier_version for d in domains}
+    return _hash(
+        {
+            "seed": recipe.seed,
+            "tokenizer": recipe.tokenizer.model_dump(),
+            "domains": domains,
+            "v": versions,
+        }
+    )
+
+
+def build_tokenizer(recipe: Recipe, force: bool = False) -> Path:
+    """Train the shared BPE on oracle conversations of every enabled domain (skipped when
+    the tokenizer on disk was trained from the same inputs)."""
+    from distill.chat import train_tokenizer
+
+    out = tokenizer_dir(recipe)
+    if recipe.tokenizer.kind == "pretrained":
+        if not (out / "tokenizer_config.json").exists() and not (out / "tokenizer.json").exists():
+            raise UserError(f"tokenizer.path: {out} is not a tokenizer directory")
+        return out
+    fp = _corpus_fingerprint(recipe)
+    rec = _read_json(out / TOKENIZER_RECORD)
+    if rec and rec.get("fingerprint") == fp and not force:
+        console.print(f"tokenizer: up to date in {out}")
+        return out
+    t0 = time.time()
+    texts = []
+    for d in recipe.active_domains():
+        dom = get_domain(d)
+        n = recipe.tokenizer.corpus_tasks
+        for task in dom.tasks("train", n, recipe.seed, recipe.domains[d].difficulty):
+            texts.append(render_text(dom.oracle(task), task.tools))
+    tok = train_tokenizer(texts, recipe.tokenizer.vocab_size, out)
+    _write_json(out / TOKENIZER_RECORD, {"fingerprint": fp, "texts": len(texts), "vocab": len(tok)})
+    console.print(
+        f"tokenizer: {len(tok)} tokens from {len(texts)} oracle conversations in {time.time() - t0:.0f} s → {out}"
+    )
+    return out
+
+
+def oracle_trace(domain: Any, task: Any, fingerprint: str) -> Trace:
+    """The oracle's conversation of ``task`` as a shard row (verdict: correct by
+    construction, so the trainer can treat it like clean data)."""
+    return Trace(
+        id=f"{task.id}-oracle",
+        task_id=task.id,
+        domain=domain.name,
+        messages=domain.oracle(task),
+        split="train",
+        teacher="oracle",
+        tools=task.tools,
+        reference=task.reference,
+        finish_reason="stop",
+        verdict=Verdict.ok("oracle"),
+        lineage=Lineage(
+            teacher_model="oracle",
+            verifier=domain.verifier_name,
+            verifier_version=domain.verifier_version,
+            recipe_fingerprint=fingerprint,
+        ),
+    )
+
+
+def write_oracle_shards(recipe: Recipe, d: str, out: Path, fingerprint: str) -> int:
+    """Oracle traces of ``teachers[d].oracle_tasks`` train tasks into ``out`` (resumable:
+    rows already committed are not written again)."""
+    from distill.shards import ShardWriter
+
+    dom = get_domain(d)
+    n = recipe.teachers[d].oracle_tasks
+    writer = ShardWriter(out, max_rows=recipe.generate.shard_rows, fingerprint=fingerprint)
+    done = writer.committed_ids()
+    with writer:
+        for task in dom.tasks("train", n, recipe.seed, recipe.domains[d].difficulty):
+            if f"{task.id}-oracle" not in done:
+                writer.write([oracle_trace(dom, task, fingerprint)])
+    return writer.committed_rows
+
+
+def teacher_fingerprint(recipe: Recipe, d: str, tok_fp: str) -> str:
+    t = recipe.teachers[d]
+    return _hash(
+        {
+            "seed": recipe.seed,
+            "teacher": t.model_dump(mode="json"),
+            "difficulty": recipe.domains[d].difficulty,
+            "verifier": get_domain(d).verifier_version,
+            "tokenizer": tok_fp,
+        }
+    )
+
+
+def train_bootstrap(recipe: Recipe, d: str, tok_dir: Path, force: bool = False) -> dict[str, Any]:
+    """Oracle shards then single-domain training; skipped when already done."""
+    from distill.train import train
+
+    t = recipe.teachers[d]
+    out = recipe.out / "teachers" / d
+    tok_rec = _read_json(tok_dir / TOKENIZER_RECORD) or {}
+    fp = teacher_fingerprint(recipe, d, tok_rec.get("fingerprint", str(tok_dir)))
+    rec = _read_json(out / TEACHER_RECORD)
+    if rec and rec.get("fingerprint") == fp and (out / "config.json").exists() and not force:
+        console.print(f"teacher {d}: up to date in {out}")
+        return rec
+    (out / TEACHER_RECORD).unlink(missing_ok=True)
+    rows = write_oracle_shards(recipe, d, out / "oracle", fp)
+    console.print(f"teacher {d}: training on {rows} oracle traces → {out}")
+    t0 = time.time()
+    report = train(
+        init=t.arch,
+        tokenizer_dir=tok_dir,
+        shards={d: out / "oracle"},
+        out_dir=out,
+        cfg=t.train,
+        seed=recipe.seed,
+        desc=f"teacher {d}",
+    )
+    if not report.get("finished", True):
+        raise UserError(
+            f"teachers.{d}.train: stopped at step {report.get('steps')} (max_time_s) before "
+            f"max_steps; rerun `distill teachers` to resume from the checkpoint"
+        )
+    rec = {
+        "fingerprint": fp,
+        "domain": d,
+        "oracle_rows": rows,
+        "train_s": time.time() - t0,
+        "train": report,
+    }
+    _write_json(out / TEACHER_RECORD, rec)
+    return rec
+
+
+def check_hf(d: str, path: str) -> dict[str, Any]:
+    """Load config, tokenizer and weights of an HF directory and run one tiny forward."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        ids = tok("ping", return_tensors="pt", add_special_tokens=False)["input_ids"][:, :8]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+    except Exception as e:  # any loading failure is the user's path or files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"teachers.{d}.path: cannot load an HF causal LM from {path}: {first}"
+        ) from None
+    if not torch.isfinite(logits).all():
+        raise UserError(f"teachers.{d}.path: {path} produced non-finite logits")
+    params = sum(p.numel() for p in model.parameters())
+    console.print(f"teacher {d}: hf model {path} loads ({params:,} parameters)")
+    return {"kind": "hf", "path": path, "params": params}
+
+
+def check_openai(d: str, t: TeacherConfig) -> dict[str, Any]:
+    """One real request to ``<base_url>/models``: the endpoint answers and serves the
+    model the recipe names."""
+    import httpx
+
+    url = t.base_url.rstrip("/") + "/models"
+    headers = {}
+    if t.api_key_env:
+        key = os.environ.get(t.api_key_env)
+        if not key:
+            raise UserError(
+                f"teachers.{d}.api_key_env: environment variable {t.api_key_env} is not set"
+            )
+        headers["Authorization"] = f"Bearer {key}"
+    try:
+        r = httpx.get(url, headers=headers, timeout=min(t.request_timeout_s, 30.0))
+        r.raise_for_status()
+        served = [m.get("id") for m in r.json().get("data", [])]
+    except (httpx.HTTPError, ValueError, AttributeError) as e:
+        raise UserError(f"teachers.{d}.base_url: endpoint {url} does not answer: {e}") from None
+    if served and t.model not in served:
+        raise UserError(
+            f"teachers.{d}.model: {t.model!r} is not served by {t.base_url} (serves {', '.join(map(str, served))})"
+        )
+    console.print(f"teacher {d}: endpoint {t.base_url} serves {t.model}")
+    return {"kind": "openai", "base_url": t.base_url, "model": t.model}
+
+
+def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
+    """The teachers stage (``distill teachers``); ``force`` retrains what is up to date."""
+    bootstrap = [d for d in recipe.active_domains() if recipe.teachers[d].kind == "bootstrap"]
+    info: dict[str, Any] = {}
+    tok = (
+        build_tokenizer(recipe, force) if (bootstrap or recipe.tokenizer.kind == "train") else None
+    )
+    for d in recipe.active_domains():
+        t = recipe.teachers[d]
+        if t.kind == "bootstrap":
+            rec = train_bootstrap(recipe, d, tok, force)
+            info[d] = {
+                "kind": "bootstrap",
+                "path": str(recipe.out / "teachers" / d),
+                "train_s": rec.get("train_s"),
+            }
+        elif t.kind == "hf":
+            info[d] = check_hf(d, t.path)
+        else:
+            info[d] = check_openai(d, t)
+    mark_done(recipe, "teachers", teachers=info)
+    return info

@@ -1,0 +1,307 @@
+"""Training data: tokenize once, mix domains, pack rows, resume at a position.
+
+1. :func:`tokenize_domain` renders every trace of a clean shard directory (read
+   memory-mapped) into examples and caches flat numpy arrays under the output dir, keyed
+   by the shards' sha256s, the tokenizer, ``max_seq_len`` and the render version.
+2. :func:`mixture_order` draws each epoch's examples by domain sampling weights, by rows
+   or by token budget, upsampling a domain whose weight asks for more than it has.
+3. :func:`pack_rows` places several examples per row up to ``max_seq_len``.
+4. :class:`RowStream` yields the rows of one optimizer step; its position (epoch, row) is
+   saved in checkpoints, and the order is a pure function of the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distill.errors import UserError
+from distill.models import tokenizer_fingerprint
+from distill.render import RENDER_VERSION, render_trace
+from distill.shards import read_manifest, read_table
+
+
+@dataclass
+class DomainData:
+    """Every example of one domain as flat arrays (memory-mapped from the cache)."""
+
+    name: str
+    ids: np.ndarray  # int32, all examples concatenated
+    mask: np.ndarray  # uint8, 1 = loss token
+    offsets: np.ndarray  # int64, n + 1
+    kd_ids: np.ndarray | None = None  # int32 [loss tokens, K], -1 = no entry
+    kd_lp: np.ndarray | None = None  # float32 [loss tokens, K]
+    kd_offsets: np.ndarray | None = None  # int64, n + 1: first loss token of each example
+    dropped: int = 0  # examples longer than max_seq_len
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+def cache_key(shard_dir: Path, tokenizer, max_seq_len: int, kd: bool) -> str:
+    manifest = read_manifest(shard_dir)
+    blob = json.dumps(
+        {
+            "shards": [s["sha256"] for s in manifest["shards"]],
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "max_seq_len": max_seq_len,
+            "render": RENDER_VERSION,
+            "kd": kd,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def tokenize_domain(
+    domain: str, shard_dir: str | Path, tokenizer, max_seq_len: int, cache_root: str | Path, kd: bool = False
+) -> DomainData:
+    """The domain's examples, from the cache when the shards and tokenizer are unchanged."""
+    shard_dir = Path(shard_dir)
+    key = cache_key(shard_dir, tokenizer, max_seq_len, kd)
+    path = Path(cache_root) / f"{domain}-{key}"
+    if not (path / "meta.json").exists():
+        arrays, meta = _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd)
+        _save_cache(path, arrays, meta)
+    return _load_cache(domain, path)
+
+
+def _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd):
+    from rich.progress import Progress
+
+    table = read_table(shard_dir)
+    ids, masks, lens, kd_rows, kd_counts = [], [], [], [], []
+    dropped = 0
+    cols = ["id", "messages", "tools"] + (["topk"] if kd else [])
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"tokenize {domain}", total=table.num_rows)
+        for batch in table.select(cols).to_batches(max_chunksize=256):
+            for row in batch.to_pylist():
+                exs = render_trace(tokenizer, row["messages"], json.loads(row["tools"]) if row["tools"] else None)
+                topk = _topk_for(row, exs, len(tokenizer)) if kd else None
+                start = 0
+                for ex in exs:
+                    n_loss = sum(ex.loss_mask)
+                    if len(ex.input_ids) > max_seq_len:
+                        dropped += 1
+                    else:
+                        ids.append(ex.input_ids)
+                        masks.append(ex.loss_mask)
+                        lens.append(len(ex.input_ids))
+                        if kd:
+                            kd_rows.extend(topk[start : start + n_loss])
+                            kd_counts.append(n_loss)
+                    start += n_loss
+            bar.advance(task, batch.num_rows)
+    if not lens:
+        raise UserError(f"{shard_dir}: no trace of domain {domain} renders to at most max_seq_len={max_seq_len} tokens")
+    arrays = {
+        "ids": np.fromiter((t for x in ids for t in x), np.int32),
+        "mask": np.fromiter((t for x in masks for t in x), np.uint8),
+        "offsets": np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+    }
+    if kd:
+        arrays.update(_kd_arrays(kd_rows, kd_counts))
+    return arrays, {"dropped": dropped, "examples": len(lens)}
+
+
+def _topk_for(row, examples, vocab: int) -> list[dict]:
+    """The trace's top-k entries, checked against its assistant loss tokens."""
+    topk = row.get("topk")
+    n_loss = sum(sum(ex.loss_mask) for ex in examples)
+    if topk is None:
+        raise UserError(f"trace {row['id']}: train.kd is on but the trace has no teacher top-k logprobs")
+    if len(topk) != n_loss:
+        raise UserError(
+            f"trace {row['id']}: {len(topk)} teacher top-k entries but {n_loss} assistant tokens "
+            "after rendering (teacher and student tokenizations differ)"
+        )
+    for e in topk:
+        if e["ids"] and max(e["ids"]) >= vocab:
+            raise UserError(
+                f"trace {row['id']}: teacher top-k id {max(e['ids'])} is outside the student vocabulary ({vocab})"
+            )
+    return topk
+
+
+def _kd_arrays(rows: list[dict], counts: list[int]) -> dict[str, np.ndarray]:
+    k = max((len(r["ids"]) for r in rows), default=1) or 1
+    kd_ids = np.full((len(rows), k), -1, np.int32)
+    kd_lp = np.full((len(rows), k), -np.inf, np.float32)
+    for i, r in enumerate(rows):
+        kd_ids[i, : len(r["ids"])] = r["ids"]
+        kd_lp[i, : len(r["logprobs"])] = r["logprobs"]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return {"kd_ids": kd_ids, "kd_lp": kd_lp, "kd_offsets": offsets}
+
+
+def _save_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    # write beside, rename when complete: a killed run never leaves a half cache
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, arr in arrays.items():
+        np.save(tmp / f"{name}.npy", arr)
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def _load_cache(domain: str, path: Path) -> DomainData:
+    meta = json.loads((path / "meta.json").read_text())
+
+    def load(name):
+        f = path / f"{name}.npy"
+        return np.load(f, mmap_mode="r") if f.exists() else None
+
+    return DomainData(
+        domain, load("ids"), load("mask"), load("offsets"),
+        load("kd_ids"), load("kd_lp"), load("kd_offsets"), meta["dropped"],
+    )
+
+
+def mixture_order(
+    lengths: dict[str, np.ndarray], weights: dict[str, float], mode: str, seed: int, epoch: int
+) -> list[tuple[str, int]]:
+    """One epoch's examples as (domain, index), shuffled.
+
+    The epoch holds as many rows (mode "rows") or tokens (mode "tokens") as all domains
+    together; each domain gets its weight's share, cycling through fresh permutations of
+    its examples when the share exceeds what it has (upsampling).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    live = {d: w for d, w in weights.items() if w > 0 and d in lengths}
+    if not live:
+        raise UserError("train: every domain has sampling weight 0")
+    total_w = sum(live.values())
+    size = {d: (len(lengths[d]) if mode == "rows" else int(lengths[d].sum())) for d in live}
+    budget_all = sum(size.values())
+    order: list[tuple[str, int]] = []
+    for d in sorted(live):
+        budget = budget_all * live[d] / total_w
+        order += [(d, i) for i in _take(lengths[d], budget, mode, rng)]
+    perm = rng.permutation(len(order))
+    return [order[i] for i in perm]
+
+
+def _take(lengths: np.ndarray, budget: float, mode: str, rng: np.random.Generator) -> list[int]:
+    out: list[int] = []
+    used = 0.0
+    while used < budget:
+        for i in rng.permutation(len(lengths)):
+            if used >= budget:
+                break
+            out.append(int(i))
+            used += 1 if mode == "rows" else int(lengths[i])
+    return out
+
+
+def pack_rows(lengths: list[int], max_len: int, pack: bool = True, window: int = 64) -> list[list[int]]:
+    """Rows of example positions. First fit over the ``window`` most recent open rows:
+    dense packing while staying close to the shuffled order."""
+    if not pack:
+        return [[i] for i in range(len(lengths))]
+    rows: list[list[int]] = []
+    room: list[int] = []
+    first_open = 0
+    for i, n in enumerate(lengths):
+        for r in range(first_open, len(rows)):
+            if room[r] >= n:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(max_len - n)
+            first_open = max(first_open, len(rows) - window)
+    return rows
+
+
+class RowStream:
+    """Packed rows across epochs in a seed-determined order; resumable at (epoch, row)."""
+
+    def __init__(self, domains: dict[str, DomainData], weights: dict[str, float], mode: str,
+                 max_len: int, pack: bool, seed: int):
+        self.domains, self.weights, self.mode = domains, weights, mode
+        self.max_len, self.pack, self.seed = max_len, pack, seed
+        self.lengths = {d: np.asarray(dd.lengths) for d, dd in domains.items()}
+        self.epoch, self.row = 0, 0
+        self._cache: tuple[int, list[list[tuple[str, int]]]] | None = None
+
+    def epoch_rows(self, epoch: int) -> list[list[tuple[str, int]]]:
+        if self._cache is None or self._cache[0] != epoch:
+            order = mixture_order(self.lengths, self.weights, self.mode, self.seed, epoch)
+            lens = [int(self.lengths[d][i]) for d, i in order]
+            rows = [[order[i] for i in r] for r in pack_rows(lens, self.max_len, self.pack)]
+            self._cache = (epoch, rows)
+        return self._cache[1]
+
+    def take(self, n: int) -> list[list[tuple[str, int]]]:
+        out: list[list[tuple[str, int]]] = []
+        while len(out) < n:
+            rows = self.epoch_rows(self.epoch)
+            got = rows[self.row : self.row + n - len(out)]
+            out += got
+            self.row += len(got)
+            if self.row >= len(rows):
+                self.epoch, self.row = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "row": self.row}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.row = int(state["epoch"]), int(state["row"])
+
+
+def collate(rows: list[list[tuple[str, int]]], domains: dict[str, DomainData], domain_index: dict[str, int],
+            loss_weights: dict[str, float], pad_id: int, kd: bool = False) -> dict[str, np.ndarray]:
+    """A micro-batch: ids and restarting positions per row (padding is its own segment,
+    so no real token attends to it), plus flat loss positions, targets, weights, domains."""
+    width = max(sum(int(domains[d].offsets[i + 1] - domains[d].offsets[i]) for d, i in r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, np.int64)
+    pos = np.zeros((len(rows), width), np.int64)
+    loss_pos, targets, weights, dom, kd_ids, kd_lp = [], [], [], [], [], []
+    for b, row in enumerate(rows):
+        at = 0
+        for d, i in row:
+            dd = domains[d]
+            s, e = int(dd.offsets[i]), int(dd.offsets[i + 1])
+            n = e - s
+            ids[b, at : at + n] = dd.ids[s:e]
+            pos[b, at : at + n] = np.arange(n)
+            js = np.flatnonzero(dd.mask[s:e])
+            # token j is predicted by the logits at j - 1 of the same example
+            loss_pos.append(b * width + at + js - 1)
+            targets.append(dd.ids[s:e][js])
+            weights.append(np.full(len(js), loss_weights.get(d, 1.0), np.float32))
+            dom.append(np.full(len(js), domain_index[d], np.int64))
+            if kd:
+                ks, ke = int(dd.kd_offsets[i]), int(dd.kd_offsets[i + 1])
+                kd_ids.append(dd.kd_ids[ks:ke])
+                kd_lp.append(dd.kd_lp[ks:ke])
+            at += n
+        pos[b, at:] = np.arange(width - at)
+    out = {
+        "input_ids": ids,
+        "position_ids": pos,
+        "loss_pos": np.concatenate(loss_pos).astype(np.int64),
+        "targets": np.concatenate(targets).astype(np.int64),
+        "weights": np.concatenate(weights),
+        "domain": np.concatenate(dom),
+    }
+    if kd:
+        out["kd_ids"] = np.concatenate(kd_ids)
+        out["kd_lp"] = np.concatenate(kd_lp)
+    return out

@@ -1,0 +1,277 @@
+"""The eval stage: held-out tasks of every domain, each teacher on its own domain (or on
+all), the student on all; greedy pass@1, sampled pass@k and tokens per correct answer;
+the recovery report in ``<out>/eval/`` (report.md, report.json, report.png).
+
+:func:`evaluate_model` also serves the one-off ``distill eval --model DIR`` on any HF
+model directory or OpenAI-compatible endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from distill import report as rep
+from distill.errors import UserError
+from distill.recipe import DomainConfig, EvalConfig, GenerateConfig, Recipe, TeacherConfig
+from distill.stages import mark_done
+from teachers.base import Task, get_domain
+
+console = Console(stderr=True)
+
+
+@dataclass
+class ModelSpec:
+    """A model to evaluate: an HF directory (``path``) or an endpoint (``teacher``)."""
+
+    name: str
+    path: Path | None = None
+    teacher: TeacherConfig | None = None
+    kind: str = "hf"
+
+    def describe(self) -> dict[str, Any]:
+        if self.path is not None:
+            return {"kind": self.kind, "path": str(self.path), "params": count_params(self.path)}
+        t = self.teacher
+        return {"kind": t.kind, "base_url": t.base_url, "model": t.model, "path": t.path}
+
+
+def count_params(path: str | Path) -> int | None:
+    """Parameters of an HF directory, from the safetensors headers (no weights loaded)."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    total, seen = 0, set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                if key not in seen:
+                    seen.add(key)
+                    n = 1
+                    for dim in st.get_slice(key).get_shape():
+                        n *= dim
+                    total += n
+    return total
+
+
+def eval_tasks(domain: str, cfg: DomainConfig, seed: int, n: int | None = None) -> list[Task]:
+    """The held-out tasks of ``domain``: its generator's eval split, or real records
+    (``source.eval_path``, else the eval half of the hash split of ``source.path``)."""
+    n = n or cfg.eval_tasks
+    dom = get_domain(domain)
+    if cfg.source.kind == "file":
+        path = cfg.source.eval_path or cfg.source.path
+        if not path:
+            raise UserError(f"domains.{domain}.source.path: required for source.kind=file")
+        split = "all" if cfg.source.eval_path else "eval"
+        tasks = list(islice(dom.load_records(path, split=split), n))
+    else:
+        tasks = list(dom.tasks("eval", n, seed, cfg.difficulty))
+    if not tasks:
+        raise UserError(f"domains.{domain}: no eval tasks")
+    return tasks
+
+
+def _verify(domain: str, tasks: list[Task], traces: list) -> list[bool]:
+    """Verdict of every trace against its task (the domain's own verifier)."""
+    from distill.verify import verify_many
+
+    by_id = {t.id: t for t in tasks}
+    items = [(by_id[tr.task_id], tr.messages) for tr in traces]
+    return [v.passed for v in verify_many(domain, items)]
+
+
+def score_domain(
+    backend,
+    spec: ModelSpec,
+    domain: str,
+    cfg: DomainConfig,
+    tasks: list[Task],
+    gen: GenerateConfig,
+    ev: EvalConfig,
+    seed: int,
+) -> rep.Score:
+    """Greedy and sampled rollouts of one model on one domain's eval tasks."""
+    from distill.backends import Sampling
+    from distill.rollout import rollout
+
+    dom = get_domain(domain)
+    max_new = cfg.max_new_tokens or gen.max_new_tokens
+    common = dict(
+        max_turns=gen.max_turns,
+        max_episode_tokens=gen.max_episode_tokens,
+        teacher=spec.name,
+        split="eval",
+    )
+    greedy = rollout(
+        backend,
+        dom,
+        tasks,
+        n=1,
+        sampling=Sampling(temperature=0.0, max_new_tokens=max_new, seed=seed),
+        **common,
+    )
+    g_pass = _verify(domain, tasks, greedy)
+    samples: dict[str, list[bool]] = {t.id: [] for t in tasks}
+    if ev.pass_k > 1:
+        top_p = cfg.top_p or gen.top_p
+        s = Sampling(temperature=ev.temperature, top_p=top_p, max_new_tokens=max_new, seed=seed + 1)
+        sampled = rollout(backend, dom, tasks, n=ev.pass_k, sampling=s, **common)
+        for tr, ok in zip(sampled, _verify(domain, tasks, sampled), strict=True):
+            samples[tr.task_id].append(ok)
+    outcomes = [
+        rep.Outcome(tr.task_id, ok, int(tr.completion_tokens or 0), samples.get(tr.task_id, []))
+        for tr, ok in zip(greedy, g_pass, strict=True)
+    ]
+    return rep.score(spec.name, domain, outcomes, ev.pass_k)
+
+
+def evaluate_model(
+    spec: ModelSpec,
+    domains: dict[str, DomainConfig],
+    *,
+    gen: GenerateConfig,
+    ev: EvalConfig,
+    seed: int = 0,
+    tasks: dict[str, list[Task]] | None = None,
+) -> list[rep.Score]:
+    """Scores of one model on each of ``domains`` (one backend for all of them)."""
+    from distill.backends import make_backend
+
+    tasks = tasks or {}
+    backend = make_backend(spec.teacher, path=spec.path, batch_size=ev.batch_size)
+    scores = []
+    try:
+        for d, cfg in domains.items():
+            t0 = time.time()
+            ts = tasks.get(d) or eval_tasks(d, cfg, seed)
+            s = score_domain(backend, spec, d, cfg, ts, gen, ev, seed)
+            console.print(
+                f"eval {spec.name} on {d}: pass@1 {s.pass1:.1%}"
+                + (f", pass@{s.k} {s.passk:.1%}" if s.passk is not None else "")
+                + f" ({s.tasks} tasks, {time.time() - t0:.0f} s)"
+            )
+            scores.append(s)
+    finally:
+        backend.close()
+    return scores
+
+
+def models_of(recipe: Recipe) -> list[tuple[ModelSpec, list[str]]]:
+    """Every teacher with the domains it is evaluated on, then the student on all."""
+    active = recipe.active_domains()
+    out = []
+    for d in active:
+        t = recipe.teachers[d]
+        on = active if recipe.eval.teachers_on_all_domains else [d]
+        name = rep.teacher_name(d)
+        if t.kind == "bootstrap":
+            spec = ModelSpec(name, path=recipe.out / "teachers" / d, kind="bootstrap")
+        elif t.kind == "hf":
+            spec = ModelSpec(name, path=Path(t.path), teacher=t, kind="hf")
+        else:
+            spec = ModelSpec(name, teacher=t, kind="openai")
+        out.append((spec, on))
+    out.append((ModelSpec(rep.STUDENT, path=recipe.out / "student", kind="student"), active))
+    return out
+
+
+def run(recipe: Recipe) -> dict[str, Any]:
+    """The eval stage (``distill eval RECIPE``): writes and prints the recovery report."""
+    t0 = time.time()
+    active = recipe.active_domains()
+    tasks = {d: eval_tasks(d, recipe.domains[d], recipe.seed) for d in active}
+    scores, models = [], {}
+    for spec, on in models_of(recipe):
+        if spec.path is not None and not (spec.path / "config.json").exists():
+            stage = "train" if spec.name == rep.STUDENT else "teachers"
+            raise UserError(f"{spec.path}: no model (run `distill {stage}` first)")
+        models[spec.name] = spec.describe()
+        doms = {d: recipe.domains[d] for d in on}
+        scores += evaluate_model(
+            spec, doms, gen=recipe.generate, ev=recipe.eval, seed=recipe.seed, tasks=tasks
+        )
+    report = rep.build(
+        scores,
+        name=recipe.name,
+        models=models,
+        target_teacher_acc=recipe.eval.target_teacher_acc,
+        target_recovery=recipe.eval.target_recovery,
+        extra={
+            "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "eval_s": time.time() - t0,
+        },
+    )
+    out = recipe.out / "eval"
+    paths = rep.write(report, out)
+    rep.print_table(report)
+    console.print(f"report: {paths['md']} (chart {paths['png']})")
+    mark_done(recipe, "eval", report=str(paths["json"]))
+    return report
+
+
+def one_off(
+    *,
+    model: str | None = None,
+    base_url: str | None = None,
+    model_name: str | None = None,
+    domains: list[str],
+    n_tasks: int,
+    out_dir: str | Path | None = None,
+    recipe: Recipe | None = None,
+) -> dict[str, Any]:
+    """``distill eval --model DIR`` (or ``--base-url URL --model-name NAME``): one model,
+    any domains, report written to ``out_dir``."""
+    if bool(model) == bool(base_url):
+        raise UserError("eval: give either --model DIR or --base-url URL --model-name NAME")
+    if model:
+        if not (Path(model) / "config.json").exists():
+            raise UserError(f"--model {model}: not an HF model directory (no config.json)")
+        spec = ModelSpec(Path(model).name or "model", path=Path(model), kind="hf")
+    else:
+        if not model_name:
+            raise UserError("eval: --base-url needs --model-name")
+        t = TeacherConfig(kind="openai", base_url=base_url, model=model_name)
+        spec = ModelSpec(model_name, teacher=t, kind="openai")
+    unknown = [d for d in domains if d not in _known()]
+    if unknown:
+        raise UserError(f"--domains: unknown domain {unknown[0]!r}; known: {', '.join(_known())}")
+    base = recipe.domains if recipe else {}
+    doms = {
+        d: (base.get(d) or DomainConfig()).model_copy(update={"eval_tasks": n_tasks})
+        for d in domains
+    }
+    gen = recipe.generate if recipe else GenerateConfig()
+    ev = recipe.eval if recipe else EvalConfig()
+    seed = recipe.seed if recipe else 0
+    scores = evaluate_model(spec, doms, gen=gen, ev=ev, seed=seed)
+    report = rep.build(
+        scores,
+        name=spec.name,
+        models={spec.name: spec.describe()},
+        extra={"created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+    )
+    out = Path(out_dir) if out_dir else Path("data") / "eval" / re.sub(r"[^\w.-]+", "_", spec.name)
+    paths = rep.write(report, out)
+    rep.print_table(report)
+    console.print(f"report: {paths['md']}")
+    return report
+
+
+def _known() -> list[str]:
+    from teachers.base import REGISTRY
+
+    return list(REGISTRY)
+
+
+def load_report(out: str | Path) -> dict[str, Any]:
+    return json.loads((Path(out) / "report.json").read_text())

@@ -1,0 +1,215 @@
+"""The filter stage: raw shards -> clean shards that hold only traces worth learning from.
+
+Per domain, in order (each step configurable in ``recipe.filter`` and counted):
+verify (the domain's verifier, worker pool) -> drop malformed -> drop failed -> exact
+dedup -> near dedup (MinHash LSH) -> decontaminate (n-grams of every enabled domain's eval
+tasks) -> select (pass-rate window, ``max_per_task``, ``max_per_domain``). Writes
+``clean/<domain>/`` shards, ``clean/filter_report.{json,md}``, prints the funnel.
+
+Resumable per domain: a domain whose clean shards and funnel were completed with the same
+stage fingerprint is kept as is; any other leftover of a previous run is replaced whole,
+so a rerun on the same inputs writes the same shards.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from distill.decontam import DECONTAM_VERSION, NgramIndex, eval_texts
+from distill.dedup import DEDUP_VERSION
+from distill.errors import UserError
+from distill.filter_report import Funnel, summary, to_table, write_report
+from distill.filter_steps import (
+    FILTER_VERSION,
+    decontaminate,
+    dedup_exact,
+    dedup_near,
+    drop_failed,
+    drop_malformed,
+    pass_rates,
+    select,
+    trace_tokens,
+)
+from distill.messages import Trace
+from distill.recipe import FilterConfig, Recipe
+from distill.shards import ShardWriter, iter_traces, read_manifest
+from distill.stages import fingerprint, mark_done, stage_dir
+from teachers.base import REGISTRY, get_domain, task_from_trace
+
+DONE = "_filter.json"  # per domain, written after its manifest: the domain is complete
+DROPPED = "_dropped.jsonl"  # per domain: every dropped row's id, step and reason
+
+
+def settings(cfg: FilterConfig) -> dict[str, Any]:
+    """Filter settings and rule versions, as recorded in the report and in row lineage."""
+    versions = {"filter": FILTER_VERSION, "dedup": DEDUP_VERSION, "decontam": DECONTAM_VERSION}
+    return {"versions": versions, **cfg.model_dump(mode="json")}
+
+
+def build_index(recipe: Recipe) -> NgramIndex:
+    """n-gram index of the eval tasks (prompts and references) of every enabled domain."""
+    from distill.evaluate import eval_tasks
+
+    texts = []
+    for d in recipe.active_domains():
+        texts += eval_texts(eval_tasks(d, recipe.domains[d], recipe.seed), d)
+    cfg = recipe.filter
+    if cfg.decontam_short_ngram > cfg.decontam_ngram:
+        raise UserError(
+            f"filter.decontam_short_ngram ({cfg.decontam_short_ngram}) must not exceed "
+            f"filter.decontam_ngram ({cfg.decontam_ngram})"
+        )
+    return NgramIndex(
+        texts,
+        cfg.decontam_ngram,
+        cfg.decontam_short_ngram,
+        cfg.decontam_boilerplate,
+        cfg.decontam_overlap,
+    )
+
+
+def verify(domain: str, traces: list[Trace], workers: int | None, progress: bool) -> None:
+    """Store the domain verifier's verdict on every trace, and its name in the lineage."""
+    from distill.verify import verify_many
+
+    dom = get_domain(domain)
+    items = [(task_from_trace(t), t.messages) for t in traces]
+    for t, v in zip(traces, verify_many(domain, items, workers, progress), strict=True):
+        t.verdict = v
+        t.lineage.verifier = dom.verifier_name
+        t.lineage.verifier_version = str(dom.verifier_version)
+
+
+def _with_settings(trace: Trace, recorded: dict[str, Any]) -> Trace:
+    try:
+        extra = json.loads(trace.lineage.extra) if trace.lineage.extra else {}
+    except json.JSONDecodeError:
+        extra = {"previous": trace.lineage.extra}
+    if not isinstance(extra, dict):
+        extra = {"previous": extra}
+    trace.lineage.extra = json.dumps({**extra, "filter": recorded}, sort_keys=True)
+    return trace
+
+
+def filter_traces(
+    domain: str, traces: list[Trace], cfg: FilterConfig, index: NgramIndex | None
+) -> tuple[list[Trace], Funnel, list[dict[str, str]]]:
+    """Every step after verification (verdicts already on the traces), counted; returns
+    the kept traces, the funnel and one ``{id, task_id, step, reason}`` per dropped row."""
+    funnel = Funnel(domain, len(traces))
+    passed = sum(bool(t.verdict and t.verdict.passed) for t in traces)
+    funnel.add("verify", len(traces), {}, passed=passed, failed=len(traces) - passed)
+    rates = pass_rates(traces)
+    steps = [
+        ("malformed", True, lambda ts: drop_malformed(ts, cfg.require_reasoning)),
+        ("failed", True, lambda ts: drop_failed(ts, cfg.keep_failed)),
+        ("dedup_exact", cfg.dedup_exact, dedup_exact),
+        (
+            "dedup_near",
+            cfg.dedup_near,
+            lambda ts: dedup_near(ts, cfg.near_threshold, cfg.num_perm, cfg.shingle_size),
+        ),
+        ("decontaminate", cfg.decontaminate, lambda ts: decontaminate(ts, index)),
+        (
+            "select",
+            True,
+            lambda ts: select(
+                ts,
+                rates,
+                max_per_task=cfg.max_per_task,
+                prefer=cfg.prefer,
+                pass_rate_min=cfg.pass_rate_min,
+                pass_rate_max=cfg.pass_rate_max,
+                max_per_domain=cfg.max_per_domain,
+                num_perm=cfg.num_perm,
+                shingle_size=cfg.shingle_size,
+            ),
+        ),
+    ]
+    alive, log = traces, []
+    for name, enabled, step in steps:
+        if not enabled:
+            funnel.add(name, len(alive), {}, skipped=True)
+            continue
+        alive, dropped = step(alive)
+        funnel.add(name, len(alive), dropped)
+        for reason, ts in sorted(dropped.items()):
+            log += [{"id": t.id, "task_id": t.task_id, "step": name, "reason": reason} for t in ts]
+    return alive, funnel, log
+
+
+def _complete(dst: Path, fp: str) -> dict[str, Any] | None:
+    """The summary of a domain a previous run completed with fingerprint ``fp``."""
+    try:
+        done = json.loads((dst / DONE).read_text())
+        manifest = read_manifest(dst)
+    except (OSError, json.JSONDecodeError, UserError):
+        return None
+    if done.get("fingerprint") == fp and manifest.get("fingerprint") == fp:
+        return done["summary"]
+    return None
+
+
+def filter_domain(
+    recipe: Recipe, domain: str, index: NgramIndex | None, progress: bool = True
+) -> dict[str, Any]:
+    """Filter one domain's raw shards into ``clean/<domain>/``; its report entry."""
+    cfg, fp = recipe.filter, fingerprint(recipe, "filter")
+    dst = stage_dir(recipe, "filter") / domain
+    cached = _complete(dst, fp)
+    if cached is not None:
+        return cached
+    src = recipe.out / "raw" / domain
+    if not (src / "_manifest.json").exists():
+        raise UserError(f"{src}: no raw shards for domain {domain} (run `distill generate` first)")
+    traces = list(iter_traces(src))
+    for t in traces:
+        if t.domain != domain:
+            raise UserError(f"{src}: row {t.id} belongs to domain {t.domain!r}, not {domain!r}")
+    verify(domain, traces, cfg.workers, progress)
+    kept, funnel, dropped = filter_traces(domain, traces, cfg, index)
+    dom = get_domain(domain)
+    entry = summary(
+        funnel,
+        [trace_tokens(t) for t in kept],
+        passed=funnel.steps[0]["passed"],
+        tasks=len({t.task_id for t in traces}),
+        tasks_kept=len({t.task_id for t in kept}),
+        verifier=dom.verifier_name,
+        verifier_version=str(dom.verifier_version),
+    )
+    shutil.rmtree(dst, ignore_errors=True)  # a partial earlier run is replaced whole
+    recorded = settings(cfg)
+    with ShardWriter(dst, max_rows=recipe.generate.shard_rows, fingerprint=fp) as w:
+        w.write(_with_settings(t, recorded) for t in kept)
+    (dst / DROPPED).write_text("".join(json.dumps(d) + "\n" for d in dropped))
+    (dst / DONE).write_text(json.dumps({"fingerprint": fp, "summary": entry}, indent=1))
+    return entry
+
+
+def run(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
+    """Run the filter stage for every enabled domain; returns the report."""
+    from rich.console import Console
+
+    from distill.progress import log_recipe
+
+    log_recipe(recipe, "filter")
+    out = stage_dir(recipe, "filter")
+    domains = recipe.active_domains()
+    fp = fingerprint(recipe, "filter")
+    todo = [d for d in domains if _complete(out / d, fp) is None]
+    index = build_index(recipe) if recipe.filter.decontaminate and todo else None
+    report = {"fingerprint": fp, "settings": settings(recipe.filter), "domains": {}}
+    for d in domains:
+        report["domains"][d] = filter_domain(recipe, d, index, progress)
+    for stale in out.iterdir():  # clean data of domains no longer enabled must not be trained on
+        if stale.is_dir() and stale.name in REGISTRY and stale.name not in domains:
+            shutil.rmtree(stale)
+    write_report(out, report)
+    Console(stderr=True).print(to_table(report))
+    rows = {d: e["kept"] for d, e in report["domains"].items()}
+    mark_done(recipe, "filter", rows=rows, report="filter_report.json")
+    return report

@@ -1,0 +1,204 @@
+"""``distill generate``: every enabled domain's teacher answers that domain's training
+tasks; traces land as raw shards in ``<out>/raw/<domain>/``.
+
+Resumable: rows are written task by task in a fixed order, each sample seeded by
+(recipe seed, task id, sample index), so a rerun after a crash regenerates exactly the
+missing rows and skips the committed ones. Under ``accelerate launch`` each process takes
+a disjoint slice of the tasks and writes its own shards (``part-r<rank>``); rank 0 writes
+the manifest once every process is done.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from distill.backends import Backend, Sampling, make_backend
+from distill.errors import UserError
+from distill.progress import console, log_recipe
+from distill.recipe import DomainConfig, Recipe
+from distill.rollout import rollout_pairs
+from distill.shards import MANIFEST, ShardWriter, finalize, read_shard
+from distill.stages import fingerprint, mark_done, stage_dir
+from teachers.base import Task, get_domain
+
+FLUSH_EVERY_S = 30.0  # commit a (smaller) shard at least this often: a crash loses less
+
+
+def run(recipe: Recipe) -> dict[str, Any]:
+    """Generate raw traces for every enabled domain; returns rows per domain."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
+    if state.is_main_process:
+        log_recipe(recipe, "generate")
+    fp = fingerprint(recipe, "generate")
+    out = stage_dir(recipe, "generate")
+    device = str(state.device)
+    stats = {}
+    with _progress(disable=not state.is_main_process) as bar:
+        for d in recipe.active_domains():
+            stats[d] = generate_domain(
+                recipe, d, rank=rank, world=world, fp=fp, device=device, bar=bar
+            )
+    state.wait_for_everyone()  # every rank's shards are committed before the manifest
+    rows: dict[str, int] = {}
+    if state.is_main_process:
+        for d in recipe.active_domains():
+            _drop_stale_journals(out / d, fp)
+            rows[d] = finalize(out / d, fp)["rows"]
+        mark_done(recipe, "generate", rows=rows)
+        console.print(f"generate: {sum(rows.values())} rows in {out} ({json.dumps(rows)})")
+    state.wait_for_everyone()
+    return {"rows": rows, "stats": stats}
+
+
+def train_tasks(domain: str, cfg: DomainConfig, seed: int) -> list[Task]:
+    """The training tasks of a domain: its generator's train split or real records."""
+    dom = get_domain(domain)
+    if cfg.source.kind == "file":
+        if not cfg.source.path:
+            raise UserError(f"domains.{domain}.source.path: required for source.kind=file")
+        tasks = list(islice(dom.load_records(cfg.source.path, split="train"), cfg.train_tasks))
+    else:
+        tasks = list(dom.tasks("train", cfg.train_tasks, seed, cfg.difficulty))
+    if not tasks:
+        raise UserError(f"domains.{domain}: no training tasks")
+    return tasks
+
+
+def sampling_for(recipe: Recipe, domain: str) -> Sampling:
+    """Sampling of a domain: its own overrides, else the generate section's defaults."""
+    cfg, gen = recipe.domains[domain], recipe.generate
+    return Sampling(
+        temperature=gen.temperature if cfg.temperature is None else cfg.temperature,
+        top_p=cfg.top_p or gen.top_p,
+        max_new_tokens=cfg.max_new_tokens or gen.max_new_tokens,
+        seed=recipe.seed,
+        topk_logprobs=gen.topk_logprobs,
+    )
+
+
+def teacher_backend(recipe: Recipe, domain: str, device: str | None = None) -> Backend:
+    """The backend of a domain's teacher; bootstrap teachers must have been trained."""
+    t = recipe.teachers[domain]
+    path = None
+    if t.kind == "bootstrap":
+        path = recipe.out / "teachers" / domain
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"{path}: no bootstrap teacher for {domain}; run `distill teachers` first"
+            )
+    return make_backend(t, path=path, batch_size=recipe.generate.batch_size, device=device)
+
+
+def generate_domain(
+    recipe: Recipe,
+    domain: str,
+    *,
+    rank: int,
+    world: int,
+    fp: str,
+    device: str | None,
+    bar: Progress,
+) -> dict[str, Any]:
+    """This rank's slice of one domain, resumed from what is already committed."""
+    gen, teacher = recipe.generate, recipe.teachers[domain]
+    directory = stage_dir(recipe, "generate") / domain
+    tasks = train_tasks(domain, recipe.domains[domain], recipe.seed)[rank::world]
+    writer = ShardWriter(directory, max_rows=gen.shard_rows, fingerprint=fp, prefix=f"part-r{rank}")
+    done = writer.committed_ids() | _committed_elsewhere(directory, writer.prefix, fp)
+    k = gen.samples_per_task
+    todo = [(t, j) for t in tasks for j in range(k) if f"{t.id}-s{j}" not in done]
+    task_bar = bar.add_task(
+        domain, total=len(tasks), completed=len(tasks) - len({t.id for t, _ in todo}), toks=""
+    )
+    stats = {"rows": 0, "tokens": 0, "seconds": 0.0}
+    if todo:
+        backend = teacher_backend(recipe, domain, device)
+        chunk = 4 * max(gen.batch_size, teacher.max_concurrency if teacher.kind == "openai" else 1)
+        try:
+            _roll_chunks(recipe, domain, backend, todo, chunk, writer, fp, bar, task_bar, stats)
+        finally:
+            backend.close()
+    writer.close(finalize_manifest=False)
+    bar.update(task_bar, completed=len(tasks))
+    return stats
+
+
+def _roll_chunks(recipe, domain, backend, todo, chunk, writer, fp, bar, task_bar, stats) -> None:
+    """Roll out ``todo`` chunk by chunk (whole tasks per chunk), writing rows in order."""
+    gen, sampling = recipe.generate, sampling_for(recipe, domain)
+    start, last_flush = time.time(), time.time()
+    i = 0
+    while i < len(todo):
+        end = min(i + chunk, len(todo))
+        while end < len(todo) and todo[end][0].id == todo[end - 1][0].id:
+            end += 1  # keep a task's samples together: the task counts as done at once
+        traces = rollout_pairs(
+            backend, get_domain(domain), todo[i:end], sampling=sampling,
+            max_turns=gen.max_turns, max_episode_tokens=gen.max_episode_tokens,
+            teacher=f"{recipe.teachers[domain].kind}:{domain}", split="train",
+        )  # fmt: skip
+        for tr in traces:
+            tr.lineage.recipe_fingerprint = fp
+        writer.write(traces)
+        if time.time() - last_flush > FLUSH_EVERY_S:
+            writer.flush()
+            last_flush = time.time()
+        stats["rows"] += len(traces)
+        stats["tokens"] += sum(tr.completion_tokens or 0 for tr in traces)
+        stats["seconds"] = time.time() - start
+        tasks_done = len({t.id for t, _ in todo[i:end]})
+        bar.update(
+            task_bar,
+            advance=tasks_done,
+            toks=f"{stats['tokens'] / max(stats['seconds'], 1e-9):,.0f} tok/s",
+        )
+        i = end
+
+
+def _committed_elsewhere(directory: Path, prefix: str, fp: str) -> set[str]:
+    """Row ids committed by other writers of this configuration (an earlier run with
+    another number of processes): never written twice."""
+    ids: set[str] = set()
+    for j in directory.glob("_journal-*.json"):
+        if j.name == f"_journal-{prefix}.json":
+            continue
+        journal = json.loads(j.read_text())
+        if journal.get("fingerprint") != fp:
+            continue
+        for s in journal["shards"]:
+            if (directory / s["file"]).exists():
+                ids.update(read_shard(directory / s["file"]).column("id").to_pylist())
+    return ids
+
+
+def _drop_stale_journals(directory: Path, fp: str) -> None:
+    """Remove journals (and their shards) of another configuration before the manifest."""
+    for j in directory.glob("_journal-*.json"):
+        journal = json.loads(j.read_text())
+        if journal.get("fingerprint") != fp:
+            for s in journal["shards"]:
+                (directory / s["file"]).unlink(missing_ok=True)
+            j.unlink()
+    (directory / MANIFEST).unlink(missing_ok=True)
+
+
+def _progress(disable: bool = False) -> Progress:
+    return Progress(
+        TextColumn("[bold]generate {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tasks"),
+        TextColumn("{task.fields[toks]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=disable,
+    )

@@ -1,0 +1,124 @@
+"""Build and load the models and tokenizers the trainer works on.
+
+A model built from scratch is a Llama-style causal LM (transformers), sized by the
+recipe's :class:`~distill.recipe.ModelArch` and by the tokenizer's vocabulary. Anything
+else is an HF model directory, loaded with its own tokenizer and chat template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill.errors import UserError
+from distill.recipe import ModelArch
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of an HF directory; it must be fast and carry a chat template."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: tokenizer directory not found")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+    if not getattr(tok, "chat_template", None):
+        raise UserError(f"{p}: tokenizer has no chat template (set tokenizer.chat_template)")
+    if not getattr(tok, "is_fast", False):
+        raise UserError(f"{p}: a fast tokenizer is needed (loss masks use token offsets)")
+    return tok
+
+
+def end_token_id(tokenizer) -> int:
+    """The id that ends an assistant turn: eos of the tokenizer."""
+    if tokenizer.eos_token_id is None:
+        raise UserError("tokenizer has no eos token: cannot stop generation or mask turns")
+    return int(tokenizer.eos_token_id)
+
+
+def pad_token_id(tokenizer) -> int:
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_token_id(tokenizer))
+
+
+def build_model(arch: ModelArch, tokenizer, seed: int = 0, attn_implementation: str = "sdpa"):
+    """A Llama-style causal LM from scratch; vocabulary and special ids from ``tokenizer``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads = arch.num_heads
+    if arch.hidden_size % heads:
+        raise UserError(f"arch.hidden_size {arch.hidden_size} is not a multiple of num_heads {heads}")
+    kv = arch.num_kv_heads or heads
+    if heads % kv:
+        raise UserError(f"arch.num_heads {heads} is not a multiple of num_kv_heads {kv}")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size or 4 * arch.hidden_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=arch.max_position_embeddings,
+        tie_word_embeddings=arch.tie_word_embeddings,
+        pad_token_id=pad_token_id(tokenizer),
+        eos_token_id=end_token_id(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        attn_implementation=attn_implementation,
+    )
+    # the seed alone fixes the initial weights, whatever ran before in this process
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    set_generation_config(model, tokenizer)
+    return model
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+    """An HF causal LM directory; a clear error when it is missing or not a causal LM."""
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path)
+    if not (p / "config.json").exists():
+        raise UserError(f"{p}: not an HF model directory (no config.json)")
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
+
+
+def set_generation_config(model, tokenizer) -> None:
+    """Generation stops at the end-of-turn token and pads with the tokenizer's pad."""
+    gc = model.generation_config
+    gc.eos_token_id = end_token_id(tokenizer)
+    gc.pad_token_id = pad_token_id(tokenizer)
+    gc.bos_token_id = tokenizer.bos_token_id
+    model.config.eos_token_id = gc.eos_token_id
+    model.config.pad_token_id = gc.pad_token_id
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the vocabulary, special tokens and chat template (what rendering depends on)."""
+    blob = json.dumps(
+        {
+            "vocab": sorted(tokenizer.get_vocab().items()),
+            "template": tokenizer.chat_template,
+            "eos": tokenizer.eos_token,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def describe_vocab(tokenizer, where: str | Path | None = None) -> str:
+    """Short name of a vocabulary for error messages."""
+    name = str(where) if where else getattr(tokenizer, "name_or_path", "?")
+    return f"{name} (vocab {len(tokenizer)}, {tokenizer_fingerprint(tokenizer)})"

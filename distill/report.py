@@ -1,0 +1,324 @@
+"""The evaluation report: scores per domain and model, the student's recovery of each
+specialist, tokens per correct answer, the recipe's targets; as Markdown, JSON, a PNG
+chart and a rich table.
+
+Everything scored here is a pure function of per-task outcomes (:func:`pass_at_k`,
+:func:`score`, :func:`recovery`, :func:`check_targets`), so the numbers in the report can
+be recomputed from ``report.json`` alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPORT_VERSION = "1"
+STUDENT = "student"
+
+
+@dataclass
+class Outcome:
+    """What one model did on one eval task."""
+
+    task_id: str
+    greedy_passed: bool
+    greedy_tokens: int
+    samples_passed: list[bool] = field(default_factory=list)
+
+
+@dataclass
+class Score:
+    """One (model, domain) cell of the report."""
+
+    model: str
+    domain: str
+    tasks: int
+    pass1: float  # greedy (temperature 0) accuracy
+    passk: float | None  # unbiased pass@k from the sampled runs
+    k: int
+    sampled_pass1: float | None  # mean pass rate of the samples
+    tokens_per_correct: float | None  # mean completion tokens of correct greedy answers
+    mean_tokens: float  # mean completion tokens of all greedy answers
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k estimator (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def score(model: str, domain: str, outcomes: Sequence[Outcome], k: int) -> Score:
+    """Aggregate per-task outcomes into one report cell."""
+    n_tasks = len(outcomes)
+    if n_tasks == 0:
+        return Score(model, domain, 0, 0.0, None, k, None, None, 0.0)
+    correct = [o for o in outcomes if o.greedy_passed]
+    sampled = [o for o in outcomes if o.samples_passed]
+    passk = sampled_p1 = None
+    if sampled:
+        n = len(sampled[0].samples_passed)
+        kk = min(k, n)
+        passk = _mean([pass_at_k(n, sum(o.samples_passed), kk) for o in sampled])
+        sampled_p1 = _mean([sum(o.samples_passed) / len(o.samples_passed) for o in sampled])
+        k = kk
+    return Score(
+        model=model,
+        domain=domain,
+        tasks=n_tasks,
+        pass1=len(correct) / n_tasks,
+        passk=passk,
+        k=k,
+        sampled_pass1=sampled_p1,
+        tokens_per_correct=_mean([o.greedy_tokens for o in correct]) if correct else None,
+        mean_tokens=_mean([o.greedy_tokens for o in outcomes]),
+    )
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def recovery(student_acc: float, teacher_acc: float) -> float | None:
+    """Share of the specialist's accuracy the student recovered; None when the teacher
+    solved nothing (the ratio means nothing then)."""
+    return student_acc / teacher_acc if teacher_acc > 0 else None
+
+
+def teacher_name(domain: str) -> str:
+    return f"teacher:{domain}"
+
+
+def build(
+    scores: Sequence[Score],
+    *,
+    name: str,
+    models: dict[str, dict[str, Any]],
+    target_teacher_acc: float | None = None,
+    target_recovery: float | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The report as a JSON-able dict: every cell, recovery per domain, targets."""
+    cell = {(s.model, s.domain): s for s in scores}
+    domains = list(dict.fromkeys(s.domain for s in scores))
+    rec = {}
+    for d in domains:
+        t, s = cell.get((teacher_name(d), d)), cell.get((STUDENT, d))
+        if t and s:
+            rec[d] = {
+                "teacher": t.pass1,
+                "student": s.pass1,
+                "ratio": recovery(s.pass1, t.pass1),
+                "teacher_tokens_per_correct": t.tokens_per_correct,
+                "student_tokens_per_correct": s.tokens_per_correct,
+            }
+    report = {
+        "version": REPORT_VERSION,
+        "name": name,
+        "models": models,
+        "domains": domains,
+        "scores": [asdict(s) for s in scores],
+        "recovery": rec,
+        "targets": check_targets(scores, rec, target_teacher_acc, target_recovery),
+    }
+    report.update(extra or {})
+    return report
+
+
+def check_targets(
+    scores: Sequence[Score],
+    rec: dict[str, dict[str, Any]],
+    target_teacher_acc: float | None,
+    target_recovery: float | None,
+) -> list[dict[str, Any]]:
+    """Each target with the measured value, met or missed, and the gap when missed."""
+    out = []
+    if target_teacher_acc is not None:
+        for s in scores:
+            if s.model == teacher_name(s.domain):
+                out.append(_target(f"{s.model} pass@1 on {s.domain}", s.pass1, target_teacher_acc))
+    if target_recovery is not None:
+        for d, r in rec.items():
+            value = r["ratio"] if r["ratio"] is not None else 0.0
+            out.append(_target(f"student recovery of teacher:{d} on {d}", value, target_recovery))
+    return out
+
+
+def _target(what: str, value: float, goal: float) -> dict[str, Any]:
+    return {
+        "target": what,
+        "goal": goal,
+        "value": value,
+        "met": value >= goal,
+        "gap": max(0.0, goal - value),
+    }
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1f}"
+
+
+def model_names(report: dict[str, Any]) -> list[str]:
+    return list(dict.fromkeys(s["model"] for s in report["scores"]))
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """report.md: accuracy matrix, recovery, tokens per correct answer, targets."""
+    cell = {(s["model"], s["domain"]): s for s in report["scores"]}
+    models = model_names(report)
+    lines = [f"# Evaluation report: {report['name']}", ""]
+    if report.get("created"):
+        lines += [
+            f"Created {report['created']}"
+            + (f" in {report['eval_s']:.0f} s" if report.get("eval_s") else "")
+            + ".",
+            "",
+        ]
+    lines += ["## Greedy pass@1 (domain × model)", ""]
+    lines += ["| domain | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+    for d in report["domains"]:
+        row = [_pct(cell[(m, d)]["pass1"]) if (m, d) in cell else "—" for m in models]
+        lines.append(f"| {d} | " + " | ".join(row) + " |")
+    k = next((s["k"] for s in report["scores"] if s["passk"] is not None), None)
+    if k is not None:
+        lines += ["", f"## Sampled pass@{k} (domain × model)", ""]
+        lines += ["| domain | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+        for d in report["domains"]:
+            row = [_pct(cell[(m, d)]["passk"]) if (m, d) in cell else "—" for m in models]
+            lines.append(f"| {d} | " + " | ".join(row) + " |")
+    if report["recovery"]:
+        lines += ["", "## Recovery: student vs each specialist on its domain", ""]
+        lines += [
+            "| domain | teacher pass@1 | student pass@1 | recovery | teacher tokens/correct | student tokens/correct |",
+            "|---|---|---|---|---|---|",
+        ]
+        for d, r in report["recovery"].items():
+            lines.append(
+                f"| {d} | {_pct(r['teacher'])} | {_pct(r['student'])} | {_pct(r['ratio'])} | "
+                f"{_num(r['teacher_tokens_per_correct'])} | {_num(r['student_tokens_per_correct'])} |"
+            )
+        lines += [
+            "",
+            "Recovery = student pass@1 / teacher pass@1. Tokens/correct = mean completion "
+            "tokens of the correct greedy answers (lower is cheaper).",
+        ]
+    lines += ["", "## Tokens per correct answer (domain × model)", ""]
+    lines += ["| domain | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+    for d in report["domains"]:
+        row = [_num(cell[(m, d)]["tokens_per_correct"]) if (m, d) in cell else "—" for m in models]
+        lines.append(f"| {d} | " + " | ".join(row) + " |")
+    lines += _targets_markdown(report["targets"])
+    counts = {s["domain"]: s["tasks"] for s in report["scores"]}
+    lines += [
+        "",
+        "Eval tasks per domain: " + ", ".join(f"{d} {n}" for d, n in counts.items()) + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _targets_markdown(targets: list[dict[str, Any]]) -> list[str]:
+    if not targets:
+        return []
+    met = sum(t["met"] for t in targets)
+    lines = ["", f"## Targets: {met} of {len(targets)} met", ""]
+    lines += ["| target | goal | measured | status |", "|---|---|---|---|"]
+    for t in targets:
+        status = "met" if t["met"] else f"**MISSED** by {100 * t['gap']:.1f} points"
+        lines.append(f"| {t['target']} | >= {_pct(t['goal'])} | {_pct(t['value'])} | {status} |")
+    return lines
+
+
+def write(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write report.md, report.json and report.png into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "report.png"}
+    paths["json"].write_text(json.dumps(report, indent=1))
+    paths["md"].write_text(to_markdown(report))
+    chart(report, paths["png"])
+    return paths
+
+
+def chart(report: dict[str, Any], path: str | Path) -> None:
+    """Grouped bars teacher vs student pass@1 per domain, recovery annotated above the
+    student's bar, and tokens per correct answer alongside."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in tests
+    import matplotlib.pyplot as plt
+
+    cell = {(s["model"], s["domain"]): s for s in report["scores"]}
+    domains = report["domains"]
+    x = list(range(len(domains)))
+    w = 0.38
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=90)
+    series = [
+        ("teacher", "#4C72B0", lambda d: cell.get((teacher_name(d), d))),
+        ("student", "#DD8452", lambda d: cell.get((STUDENT, d))),
+    ]
+    for i, (label, color, get) in enumerate(series):
+        xs = [xi + (i - 0.5) * w for xi in x]
+        acc = [100 * get(d)["pass1"] if get(d) else 0 for d in domains]
+        tok = [(get(d) or {}).get("tokens_per_correct") or 0 for d in domains]
+        ax1.bar(xs, acc, w, label=label, color=color)
+        ax2.bar(xs, tok, w, label=label, color=color)
+    for xi, d in zip(x, domains, strict=True):
+        r = report["recovery"].get(d)
+        if r and r["ratio"] is not None:
+            top = 100 * max(r["teacher"], r["student"])
+            ax1.annotate(f"{100 * r['ratio']:.0f}%", (xi, top + 2), ha="center", fontsize=9)
+    ax1.set(title="Greedy pass@1 (recovery above)", ylabel="accuracy %", ylim=(0, 112))
+    ax2.set(title="Tokens per correct answer", ylabel="completion tokens")
+    for ax in (ax1, ax2):
+        ax.set_xticks(x, domains)
+        ax.legend(fontsize=8, loc="lower right" if ax is ax1 else "best")
+    fig.suptitle(f"{report['name']}: student vs specialists", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def print_table(report: dict[str, Any], console=None) -> None:
+    """The accuracy matrix and the targets as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    cell = {(s["model"], s["domain"]): s for s in report["scores"]}
+    models = model_names(report)
+    table = Table(title=f"{report['name']}: greedy pass@1 (pass@k) · tokens/correct")
+    table.add_column("domain")
+    for m in models:
+        table.add_column(m, justify="right")
+    if report["recovery"]:
+        table.add_column("recovery", justify="right")
+    for d in report["domains"]:
+        row = []
+        for m in models:
+            s = cell.get((m, d))
+            row.append(
+                "—"
+                if s is None
+                else f"{_pct(s['pass1'])} ({_pct(s['passk'])}) · {_num(s['tokens_per_correct'])}"
+            )
+        if report["recovery"]:
+            r = report["recovery"].get(d)
+            row.append(_pct(r["ratio"]) if r else "—")
+        table.add_row(d, *row)
+    console.print(table)
+    for t in report["targets"]:
+        mark = "[green]met[/]" if t["met"] else f"[red]MISSED by {100 * t['gap']:.1f} points[/]"
+        console.print(f"  target {t['target']} >= {_pct(t['goal'])}: {_pct(t['value'])} {mark}")

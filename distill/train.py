@@ -1,0 +1,323 @@
+"""The trainer: one Accelerate loop for bootstrap teachers and the student.
+
+``train()`` is self-contained (one domain or many; from scratch or from an HF directory)
+and ``run(recipe)`` is the ``distill train`` stage. Under ``accelerate launch`` every rank
+takes its share of each step's rows; the loss is normalised by the global weight sum
+(see distill/loss.py), so any split of the batch gives the same update.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill import checkpoint
+from distill.data import DomainData, RowStream, collate, tokenize_domain
+from distill.errors import UserError
+from distill.loss import Objective
+from distill.models import (
+    build_model,
+    load_model,
+    load_tokenizer,
+    pad_token_id,
+    set_generation_config,
+)
+from distill.recipe import ModelArch, Recipe, TrainConfig
+from distill.trainutil import (
+    StepStats,
+    flops_per_token,
+    make_accelerator,
+    make_optimizer,
+    peak_memory_bytes,
+    progress,
+    save_model,
+    set_cpu_threads,
+)
+
+# config fields that do not change the trained weights: a resume may change them
+_RUN_ONLY = {"max_time_s", "save_every", "keep_last", "log_every", "trackers"}
+
+
+def train(
+    *,
+    init: str | Path | ModelArch,
+    tokenizer_dir: str | Path,
+    shards: dict[str, Path],
+    out_dir: str | Path,
+    cfg: TrainConfig,
+    seed: int = 0,
+    sampling_weights: dict[str, float] | None = None,
+    loss_weights: dict[str, float] | None = None,
+    desc: str = "train",
+    stop_after_steps: int | None = None,
+) -> dict:
+    """Train from ``init`` (an arch for a scratch model or an HF directory) on the clean
+    shards of each domain; write an HF model directory and ``train_report.json`` to
+    ``out_dir``. Resumes from the newest matching checkpoint in ``out_dir/checkpoints``.
+    ``stop_after_steps`` checkpoints and returns early (a planned preemption)."""
+    out = Path(out_dir)
+    acc = make_accelerator(cfg, out)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    sw = {d: (sampling_weights or {}).get(d, 1.0) for d in shards}
+    lw = {d: (loss_weights or {}).get(d, 1.0) for d in shards}
+    with acc.main_process_first():  # rank 0 tokenizes, the others read its cache
+        domains = {d: tokenize_domain(d, p, tokenizer, cfg.max_seq_len, out / "cache", cfg.kd.enabled)
+                   for d, p in sorted(shards.items())}
+    fp = _fingerprint(init, tokenizer_dir, shards, cfg, seed, sw, lw)
+    model = _init_model(init, tokenizer, seed, cfg, acc.device)
+    set_cpu_threads(acc, sum(p.numel() for p in model.parameters()))
+    objective = Objective(model, cfg.kd.alpha if cfg.kd.enabled else 0.0, cfg.kd.temperature)
+    stream = RowStream(domains, sw, cfg.mixture, cfg.max_seq_len, cfg.packing, seed)
+    plan = _plan(cfg, acc.num_processes, stream)
+    opt, sched = make_optimizer(objective, cfg, plan["max_steps"])
+    if cfg.compile:
+        objective = torch.compile(objective)
+    objective, opt, sched = acc.prepare(objective, opt, sched)
+    start = _resume(acc, out / "checkpoints", fp, stream)
+    loop = _Loop(acc, objective, opt, sched, stream, domains, lw, cfg, plan, pad_token_id(tokenizer))
+    if acc.is_main_process and cfg.trackers:
+        acc.init_trackers(desc.replace("/", "-"), config={"seed": seed, **cfg.model_dump(mode="json")})
+    stats = loop.run(start, desc, out / "checkpoints", fp, stop_after_steps)
+    report = _report(acc, model, tokenizer, domains, stats, plan, cfg, out)
+    if stats.finished:
+        save_model(acc, objective, tokenizer, cfg, out)
+        if acc.is_main_process:
+            (out / "train_report.json").write_text(json.dumps(report, indent=1))
+    acc.end_training()
+    return report
+
+
+def _fingerprint(init, tokenizer_dir, shards, cfg: TrainConfig, seed, sw, lw) -> str:
+    init_s = init.model_dump(mode="json") if isinstance(init, ModelArch) else str(Path(init).resolve())
+    blob = json.dumps(
+        {"init": init_s, "tok": str(Path(tokenizer_dir).resolve()), "shards": {d: str(p) for d, p in shards.items()},
+         "cfg": cfg.model_dump(mode="json", exclude=_RUN_ONLY), "seed": seed, "sw": sw, "lw": lw},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _init_model(init, tokenizer, seed: int, cfg: TrainConfig, device: torch.device):
+    attn = _attn_implementation(device)
+    if isinstance(init, ModelArch):
+        model = build_model(init, tokenizer, seed, attn_implementation=attn)
+    else:
+        model = load_model(init, attn_implementation=attn)
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            raise UserError(f"{init}: model vocabulary is smaller than its tokenizer's ({len(tokenizer)})")
+        set_generation_config(model, tokenizer)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lc = cfg.lora
+        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                 target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+    model.train()
+    return model
+
+
+def _attn_implementation(device: torch.device) -> str:
+    """Packed rows need attention that respects position_ids restarts: flash-attention
+    varlen when installed on GPU, else SDPA with the block-diagonal mask transformers
+    derives from position_ids (exact on CPU and GPU)."""
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return os.environ.get("DISTILL_ATTN", "sdpa")
+
+
+def _plan(cfg: TrainConfig, world: int, stream: RowStream) -> dict[str, int]:
+    rows_micro = max(1, cfg.micro_batch_tokens // cfg.max_seq_len)
+    rows_step = max(1, cfg.batch_tokens // cfg.max_seq_len)
+    rows_step = math.ceil(rows_step / world) * world  # every rank gets the same number of rows
+    per_rank = rows_step // world
+    epoch_rows = len(stream.epoch_rows(0))
+    max_steps = cfg.max_steps or max(1, math.ceil(epoch_rows * cfg.epochs / rows_step))
+    return {"rows_micro": rows_micro, "rows_step": rows_step, "per_rank": per_rank,
+            "accum": math.ceil(per_rank / rows_micro), "max_steps": max_steps, "epoch_rows": epoch_rows}
+
+
+def _resume(acc, ckpt_dir: Path, fp: str, stream: RowStream) -> int:
+    if acc.is_main_process:
+        checkpoint.drop_incomplete(ckpt_dir)
+    acc.wait_for_everyone()
+    found = checkpoint.latest(ckpt_dir, fp)
+    if found is None:
+        return 0
+    path, state = found
+    acc.load_state(str(path))
+    stream.load_state_dict(state["data"])
+    acc.print(f"resumed from {path} (step {state['step']})")
+    return int(state["step"])
+
+
+class _Loop:
+    """The optimizer-step loop (a class only to keep its many collaborators together)."""
+
+    def __init__(self, acc, objective, opt, sched, stream, domains, lw, cfg, plan, pad_id):
+        self.acc, self.objective, self.opt, self.sched = acc, objective, opt, sched
+        self.stream, self.domains, self.lw, self.cfg, self.plan = stream, domains, lw, cfg, plan
+        self.names = sorted(domains)
+        self.index = {d: i for i, d in enumerate(self.names)}
+        self.pad_id = pad_id
+
+    def batches(self) -> tuple[list[dict[str, torch.Tensor]], int, float]:
+        """This rank's micro-batches of the next step, its real tokens and Σ attention
+        work (Σ len² per trace, for the FLOP count)."""
+        acc, plan = self.acc, self.plan
+        rows = self.stream.take(plan["rows_step"])[acc.process_index :: acc.num_processes]
+        out, tokens, sq = [], 0, 0.0
+        for s in range(0, len(rows), plan["rows_micro"]):
+            mb = rows[s : s + plan["rows_micro"]]
+            arrs = collate(mb, self.domains, self.index, self.lw, self.pad_id, self.cfg.kd.enabled)
+            out.append({k: torch.from_numpy(np.ascontiguousarray(v)).to(acc.device) for k, v in arrs.items()})
+            lens = [int(self.domains[d].offsets[i + 1] - self.domains[d].offsets[i]) for r in mb for d, i in r]
+            tokens += sum(lens)
+            sq += float(sum(n * n for n in lens))
+        return out, tokens, sq
+
+    def step(self) -> torch.Tensor:
+        """One optimizer step; returns this rank's [loss, tokens, loss tokens, Σlen², per-domain ...]."""
+        acc = self.acc
+        batches, tokens, sq = self.batches()
+        local_w = sum(b["weights"].sum() for b in batches).reshape(1).float()
+        # DDP averages gradients over ranks: scale the global sum down by the world size
+        norm = (acc.reduce(local_w, "sum") / acc.num_processes).clamp(min=1e-8).reshape(())
+        loss = torch.zeros((), device=acc.device)
+        dom = torch.zeros(2 * len(self.names), device=acc.device)
+        for j, b in enumerate(batches):
+            sync = j == len(batches) - 1
+            with (nullcontext() if sync else acc.no_sync(self.objective)), acc.autocast():
+                total, dl, dt = self.objective(n_domains=len(self.names), norm=norm, **b)
+            acc.backward(total)
+            loss += total.detach()
+            dom += torch.cat([dl, dt])
+        if self.cfg.grad_clip:
+            acc.clip_grad_norm_(self.objective.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        n_loss = sum(len(b["targets"]) for b in batches)
+        head = torch.tensor([0.0, tokens, n_loss, sq], device=acc.device)
+        head[0] = loss / acc.num_processes
+        return torch.cat([head, dom])
+
+    def run(self, start: int, desc: str, ckpt_dir: Path, fp: str, stop_after: int | None) -> StepStats:
+        acc, cfg = self.acc, self.cfg
+        stats = StepStats(self.names, start)
+        t0 = time.perf_counter()
+        with progress(acc, desc, self.plan["max_steps"], start) as bar:
+            for step in range(start + 1, self.plan["max_steps"] + 1):
+                timed_out = cfg.max_time_s is not None and time.perf_counter() - t0 > cfg.max_time_s
+                row = self.step()
+                row = acc.reduce(torch.cat([row, torch.tensor([float(timed_out)], device=acc.device)]), "sum")
+                stop = row[-1].item() > 0 or step == stop_after
+                stats.add(step, row[:-1].cpu(), time.perf_counter() - t0)
+                bar(step, stats)
+                if step % cfg.log_every == 0 and cfg.trackers:
+                    acc.log(stats.log_row(), step=step)
+                last = step == self.plan["max_steps"]
+                if (cfg.save_every and step % cfg.save_every == 0) or stop or (last and cfg.save_every):
+                    state = {"step": step, "data": self.stream.state_dict(), "fingerprint": fp}
+                    checkpoint.save(acc, ckpt_dir, step, state, cfg.keep_last)
+                if stop:
+                    return stats
+        stats.finished = True
+        return stats
+
+
+def _report(acc, model, tokenizer, domains: dict[str, DomainData], stats: StepStats, plan, cfg, out: Path) -> dict:
+    n_params = sum(p.numel() for p in model.parameters())
+    f_tok, f_attn = flops_per_token(model)
+    flops = f_tok * stats.tokens + f_attn * stats.sq_sum + stats.head_flops(model)
+    peak = (_peak_flops(acc.device) or 0.0) * acc.num_processes
+    return {
+        "steps": stats.last_step,
+        "finished": stats.finished,
+        "losses": stats.losses,
+        "final_loss": stats.losses[-1] if stats.losses else None,
+        "domains": stats.domain_report(),
+        "examples": {d: len(dd) for d, dd in domains.items()},
+        "dropped_too_long": {d: dd.dropped for d, dd in domains.items()},
+        "tokens": stats.tokens,
+        "loss_tokens": stats.loss_tokens,
+        "seconds": stats.seconds,
+        "tokens_per_s": stats.tokens / stats.seconds if stats.seconds else None,
+        "mfu": flops / stats.seconds / peak if stats.seconds and peak else None,
+        "peak_memory_bytes": peak_memory_bytes(acc.device),
+        "params": n_params,
+        "world_size": acc.num_processes,
+        "plan": plan,
+        "out_dir": str(out),
+    }
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of known accelerators (MFU denominator); None on CPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("4090", 165e12)):
+        if key in name:
+            return peak
+    return None
+
+
+def run(recipe: Recipe) -> dict:
+    """The ``distill train`` stage: the student on every enabled domain's clean shards."""
+    from distill.stages import mark_done
+
+    out = recipe.out
+    st = recipe.student
+    if st.kind == "scratch":
+        tok_dir = Path(recipe.tokenizer.path) if recipe.tokenizer.kind == "pretrained" else out / "tokenizer"
+        init: str | Path | ModelArch = st.arch
+    else:
+        tok_dir = init = Path(st.path)
+    domains = recipe.active_domains()
+    if not domains:
+        raise UserError(f"{recipe.name}: no enabled domain to train on")
+    shards = {d: out / "clean" / d for d in domains}
+    if recipe.train.kd.enabled:
+        _check_kd_tokenizers(recipe, tok_dir)
+    report = train(
+        init=init, tokenizer_dir=tok_dir, shards=shards, out_dir=out / "student", cfg=recipe.train,
+        seed=recipe.seed, desc="student",
+        sampling_weights={d: recipe.domains[d].sampling_weight for d in domains},
+        loss_weights={d: recipe.domains[d].loss_weight for d in domains},
+    )
+    if report["finished"]:
+        mark_done(recipe, "train", steps=report["steps"], final_loss=report["final_loss"])
+    return report
+
+
+def _check_kd_tokenizers(recipe: Recipe, student_tok: Path) -> None:
+    """Logit KD compares token distributions: every teacher must share the student's vocabulary."""
+    from distill.models import describe_vocab, tokenizer_fingerprint
+
+    student = load_tokenizer(student_tok)
+    for d in recipe.active_domains():
+        t = recipe.teachers[d]
+        path = Path(t.path) if t.kind == "hf" else recipe.out / "teachers" / d if t.kind == "bootstrap" else None
+        if path is None or not (path / "tokenizer_config.json").exists():
+            continue  # an endpoint's tokenizer is unknown here; ids are range-checked per trace
+        teacher = load_tokenizer(path)
+        if tokenizer_fingerprint(teacher) != tokenizer_fingerprint(student):
+            raise UserError(
+                f"train.kd: teacher '{d}' tokenizer {describe_vocab(teacher, path)} differs from the "
+                f"student's {describe_vocab(student, student_tok)}; logit KD needs one shared tokenizer"
+            )

@@ -1,0 +1,183 @@
+"""Pieces of the trainer that are not the loop: accelerator and optimizer setup, step
+statistics and FLOP counts, the progress bar, saving the final HF model directory."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from distill.models import set_generation_config
+from distill.recipe import TrainConfig
+
+
+def make_accelerator(cfg: TrainConfig, out: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    cuda = torch.cuda.is_available()
+    mp = "bf16" if cfg.precision == "bf16" or (cfg.precision == "auto" and cuda) else "no"
+    trackers = [t for t in cfg.trackers if t != "wandb" or _installed("wandb")]
+    acc = Accelerator(
+        mixed_precision=mp,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    return acc
+
+
+def set_cpu_threads(acc, n_params: int) -> None:
+    """Intra-op threads on CPU unless OMP_NUM_THREADS says otherwise. The local ranks
+    share the cores; a model under 20M parameters gets one thread: its matmuls are too
+    small to gain from threads, and spinning threads collapse on a busy machine (20x
+    slower measured on a loaded 2-core box)."""
+    if acc.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+    cores = max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(1 if n_params < 20_000_000 else cores)
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def make_optimizer(module: torch.nn.Module, cfg: TrainConfig, max_steps: int):
+    """AdamW (no decay on vectors) with linear warmup then cosine/linear/constant decay."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, max_steps))
+    return opt, sched
+
+
+def lr_factor(cfg: TrainConfig, max_steps: int) -> Callable[[int], float]:
+    warm, floor = cfg.warmup_steps, cfg.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        t = min(1.0, (step - warm) / max(1, max_steps - warm))
+        decay = 0.5 * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else 1 - t
+        return floor + (1 - floor) * decay
+
+    return f
+
+
+class StepStats:
+    """Losses and counts of the steps run so far, summed over ranks."""
+
+    def __init__(self, names: list[str], start: int):
+        self.names, self.last_step, self.finished = names, start, False
+        self.losses: list[float] = []
+        n = len(names)
+        self.dom_loss, self.dom_tok = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        self.win_loss, self.win_tok = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        self.tokens = self.loss_tokens = 0
+        self.sq_sum, self.seconds = 0.0, 0.0
+
+    def add(self, step: int, row: torch.Tensor, elapsed: float) -> None:
+        n = len(self.names)
+        row = row.double()
+        self.losses.append(float(row[0]))
+        self.tokens += int(row[1])
+        self.loss_tokens += int(row[2])
+        self.sq_sum += float(row[3])
+        dl, dt = row[4 : 4 + n], row[4 + n : 4 + 2 * n]
+        self.dom_loss += dl
+        self.dom_tok += dt
+        self.win_loss, self.win_tok = dl, dt
+        self.last_step, self.seconds = step, elapsed
+
+    def log_row(self) -> dict[str, float]:
+        row = {"loss": self.losses[-1], "tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
+        for i, d in enumerate(self.names):
+            if self.win_tok[i] > 0:
+                row[f"loss/{d}"] = float(self.win_loss[i] / self.win_tok[i])
+            row[f"tokens/{d}"] = float(self.dom_tok[i])
+        return row
+
+    def domain_report(self) -> dict[str, dict[str, float | None]]:
+        return {
+            d: {
+                "mean_loss": float(self.dom_loss[i] / self.dom_tok[i]) if self.dom_tok[i] else None,
+                "last_step_loss": float(self.win_loss[i] / self.win_tok[i]) if self.win_tok[i] else None,
+                "loss_tokens": int(self.dom_tok[i]),
+            }
+            for i, d in enumerate(self.names)
+        }
+
+    def head_flops(self, model) -> float:
+        """LM-head FLOPs: the logits are computed at loss tokens only."""
+        head = model.get_output_embeddings()
+        return 6.0 * head.weight.numel() * self.loss_tokens
+
+
+def flops_per_token(model) -> tuple[float, float]:
+    """Training FLOPs (forward + backward) per token of the transformer body, and per
+    unit of Σ len² for causal attention (QK^T and AV, half the square)."""
+    cfg = model.config
+    emb = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    body = sum(p.numel() for p in model.parameters() if id(p) not in emb)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attn = 6.0 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim
+    return 6.0 * body, attn
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+@contextlib.contextmanager
+def progress(acc, desc: str, total: int, start: int) -> Iterator[Callable]:
+    """A rich bar on the main process (steps, loss, tokens/s); a no-op elsewhere."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not acc.is_main_process:
+        yield lambda step, stats: None
+        return
+    cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+    with Progress(*cols, transient=False) as bar:
+        task = bar.add_task(desc, total=total, completed=start, info="")
+
+        def update(step: int, stats: StepStats) -> None:
+            info = f"loss {stats.losses[-1]:.4f}  {stats.tokens / max(stats.seconds, 1e-9):,.0f} tok/s"
+            bar.update(task, completed=step, info=info)
+
+        yield update
+
+
+def save_model(acc, objective, tokenizer, cfg: TrainConfig, out: Path) -> None:
+    """The final HF model directory: config, safetensors, tokenizer + chat template,
+    generation config (eos = end of turn). LoRA adapters are merged when asked, and kept
+    in ``out/adapter`` when not."""
+    acc.wait_for_everyone()
+    model = acc.unwrap_model(objective).model
+    if cfg.lora.enabled:
+        if acc.is_main_process and not cfg.lora.merge:
+            model.save_pretrained(out / "adapter")
+        model = model.merge_and_unload()
+        state = model.state_dict()
+    else:
+        full = acc.get_state_dict(objective)  # gathers FSDP shards; keys start with "model."
+        state = {k.removeprefix("model."): v for k, v in full.items()}
+    if acc.is_main_process:
+        set_generation_config(model, tokenizer)
+        model.save_pretrained(out, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    acc.wait_for_everyone()

@@ -1,0 +1,154 @@
+"""End to end: a micro recipe through every stage on CPU (tiny real models, real Arrow
+shards, the real CLI), then the skip and rerun rules of ``distill run``."""
+
+import json
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+from typer.testing import CliRunner
+
+from distill.cli import app
+from distill.shards import shard_files
+
+pytestmark = pytest.mark.integration
+DOMAINS = ["math", "code", "logic", "agents"]
+
+
+def micro_recipe(out: Path, *, teacher_steps=4, oracle=24, student_steps=3, train_tasks=4,
+                 eval_tasks=3, hidden=32) -> dict:
+    arch = {"hidden_size": hidden, "num_layers": 1, "num_heads": 2, "intermediate_size": 2 * hidden,
+            "max_position_embeddings": 512}
+    train = {"max_steps": teacher_steps, "warmup_steps": 0, "batch_tokens": 2048,
+             "micro_batch_tokens": 2048, "max_seq_len": 512, "log_every": 1}
+    teacher = {"kind": "bootstrap", "oracle_tasks": oracle, "arch": arch, "train": train}
+    return {
+        "name": "micro",
+        "output_dir": str(out),
+        "tokenizer": {"kind": "train", "vocab_size": 320, "corpus_tasks": 20},
+        "domains": {d: {"train_tasks": train_tasks, "eval_tasks": eval_tasks, "max_new_tokens": 24}
+                    for d in DOMAINS},
+        "teachers": {d: teacher for d in DOMAINS},
+        "generate": {"samples_per_task": 1, "max_turns": 2, "max_episode_tokens": 96},
+        # untrained micro teachers are rarely right: keep failed traces so every domain
+        # has clean rows to train on (a pipeline test, not a quality test)
+        "filter": {"keep_failed": True, "require_reasoning": False, "dedup_near": False,
+                   "decontaminate": False, "workers": 1},
+        "student": {"kind": "scratch", "arch": arch},
+        "train": {**train, "max_steps": student_steps},
+        "eval": {"pass_k": 2, "batch_size": 16},
+    }
+
+
+def write_recipe(path: Path, data: dict) -> Path:
+    yaml = YAML()
+    with open(path, "w") as f:
+        yaml.dump(data, f)
+    return path
+
+
+def cli(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def run_stages(path: Path) -> dict[str, dict]:
+    from distill.pipeline import run
+    from distill.recipe import load_recipe
+
+    return {s["stage"]: s for s in run(load_recipe(path))}
+
+
+def dataset_of(directory: Path):
+    import datasets
+
+    files = [str(p) for p in shard_files(directory)]
+    return datasets.load_dataset("arrow", data_files=files, split="train")
+
+
+def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "micro.yaml", micro_recipe(out))
+    first = run_stages(recipe)
+    assert [s["status"] for s in first.values()] == ["ran"] * 5
+
+    for d in DOMAINS:
+        assert (out / "teachers" / d / "config.json").exists()
+        for stage in ("raw", "clean"):
+            ds = dataset_of(out / stage / d)
+            assert len(ds) > 0 and set(ds["domain"]) == {d}, (stage, d)
+            assert all(m[0]["role"] in ("system", "user") for m in ds["messages"])
+        clean = dataset_of(out / "clean" / d)
+        assert all(v is not None for v in clean["verdict"])  # the filter judged every row
+
+    tok = AutoTokenizer.from_pretrained(out / "student")
+    model = AutoModelForCausalLM.from_pretrained(out / "student")
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=False)
+    gen = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] > ids.shape[1]
+
+    report = json.loads((out / "eval" / "report.json").read_text())
+    models = {s["model"] for s in report["scores"]}
+    assert models == {f"teacher:{d}" for d in DOMAINS} | {"student"}
+    cells = {(s["model"], s["domain"]) for s in report["scores"]}
+    for d in DOMAINS:
+        assert (f"teacher:{d}", d) in cells and ("student", d) in cells
+        assert 0.0 <= report["scores"][0]["pass1"] <= 1.0
+    assert set(report["recovery"]) == set(DOMAINS)
+    md = (out / "eval" / "report.md").read_text()
+    assert all(f"| {d} |" in md for d in DOMAINS) and "Targets:" in md
+    assert (out / "eval" / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+    # a second run skips every stage
+    teacher_w = out / "teachers" / "math" / "model.safetensors"
+    stamps = {p: p.stat().st_mtime_ns for p in [teacher_w, *shard_files(out / "clean" / "math")]}
+    second = run_stages(recipe)
+    assert [s["status"] for s in second.values()] == ["skipped"] * 5
+
+    # a changed train section (through `distill recipe set`) reruns only train and eval
+    cli("recipe", "set", str(recipe), "train.lr=0.001")
+    third = run_stages(recipe)
+    assert {s: v["status"] for s, v in third.items()} == {
+        "teachers": "skipped", "generate": "skipped", "filter": "skipped", "train": "ran", "eval": "ran",
+    }
+    assert "train changed" in third["train"]["why"] and "upstream train reran" in third["eval"]["why"]
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_eval_one_off_on_any_model_directory(tmp_path):
+    """`distill eval --model DIR` on a directory we did not train (no recipe)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.chat import train_tokenizer
+
+    d = tmp_path / "any-model"
+    tok = train_tokenizer(["Evaluate: T and F. Answer: F"] * 10, 300, d)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    cli("eval", "--model", str(d), "--domains", "logic,math", "--tasks", "3", "--out", str(tmp_path / "rep"))
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert {(s["model"], s["domain"], s["tasks"]) for s in report["scores"]} == {
+        ("any-model", "logic", 3), ("any-model", "math", 3)}
+    assert report["recovery"] == {} and report["targets"] == []
+    result = CliRunner().invoke(app, ["eval", "--model", str(d), "--domains", "poetry"])
+    assert result.exit_code != 0 and "unknown domain 'poetry'" in str(result.exception)
+
+
+@pytest.mark.slow
+def test_fuller_micro_pipeline_learns(tmp_path):
+    """More steps and tasks: teachers learn their domains, so clean data is verified."""
+    out = tmp_path / "run"
+    data = micro_recipe(out, teacher_steps=150, oracle=400, student_steps=200, train_tasks=40,
+                        eval_tasks=20, hidden=64)
+    data["filter"] = {"workers": 1}
+    recipe = write_recipe(tmp_path / "fuller.yaml", data)
+    run_stages(recipe)
+    report = json.loads((out / "eval" / "report.json").read_text())
+    best = max(s["pass1"] for s in report["scores"] if s["model"].startswith("teacher:"))
+    assert best > 0.2

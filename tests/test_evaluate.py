@@ -1,0 +1,107 @@
+"""The report's scoring (pure functions) and its rendering: Markdown, JSON, PNG, table."""
+
+import json
+import math
+
+import pytest
+
+from distill import report as rep
+
+
+def test_pass_at_k_matches_the_combinatorial_definition():
+    # 1 - C(n-c, k)/C(n, k) by brute force over all k-subsets of n samples with c correct
+    from itertools import combinations
+
+    for n, c, k in [(5, 0, 1), (5, 1, 1), (5, 2, 3), (4, 4, 2), (6, 3, 6), (10, 2, 4)]:
+        samples = [1] * c + [0] * (n - c)
+        subsets = list(combinations(samples, k))
+        brute = sum(any(s) for s in subsets) / len(subsets)
+        assert rep.pass_at_k(n, c, k) == pytest.approx(brute)
+    assert rep.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        rep.pass_at_k(3, 4, 1)
+
+
+def test_score_aggregates_greedy_sampled_and_tokens():
+    outcomes = [
+        rep.Outcome("a", True, 10, [True, False, False, False]),
+        rep.Outcome("b", True, 30, [False, False, False, False]),
+        rep.Outcome("c", False, 99, [True, True, True, True]),
+        rep.Outcome("d", False, 50, [False, False, False, False]),
+    ]
+    s = rep.score("student", "math", outcomes, k=4)
+    assert s.pass1 == 0.5
+    assert s.tokens_per_correct == 20  # only correct greedy answers count
+    assert s.mean_tokens == pytest.approx((10 + 30 + 99 + 50) / 4)
+    assert s.passk == pytest.approx(0.5)  # a and c have at least one correct sample
+    assert s.sampled_pass1 == pytest.approx((0.25 + 0 + 1 + 0) / 4)
+    none = rep.score("student", "math", [rep.Outcome("a", False, 5)], k=4)
+    assert none.tokens_per_correct is None and none.passk is None
+
+
+def _scores():
+    def cell(model, domain, acc, tok):
+        n = 10
+        c = round(acc * n)
+        outs = [rep.Outcome(f"{domain}{i}", i < c, tok, [i < c, False]) for i in range(n)]
+        return rep.score(model, domain, outs, k=2)
+
+    return [
+        cell("teacher:math", "math", 0.8, 40),
+        cell("teacher:logic", "logic", 0.5, 20),
+        cell("student", "math", 0.7, 44),
+        cell("student", "logic", 0.5, 18),
+    ]
+
+
+def test_recovery_and_targets_say_met_or_missed_and_by_how_much():
+    r = rep.build(_scores(), name="t", models={}, target_teacher_acc=0.6, target_recovery=0.9)
+    assert r["recovery"]["math"]["ratio"] == pytest.approx(0.7 / 0.8)
+    assert r["recovery"]["logic"]["ratio"] == pytest.approx(1.0)
+    t = {x["target"]: x for x in r["targets"]}
+    assert t["teacher:math pass@1 on math"]["met"]
+    assert not t["teacher:logic pass@1 on logic"]["met"]
+    assert t["teacher:logic pass@1 on logic"]["gap"] == pytest.approx(0.1)
+    miss = t["student recovery of teacher:math on math"]
+    assert not miss["met"] and miss["gap"] == pytest.approx(0.9 - 0.875)
+    assert t["student recovery of teacher:logic on logic"]["met"]
+    assert rep.recovery(0.3, 0.0) is None
+
+
+def test_write_produces_markdown_json_and_a_small_png(tmp_path):
+    r = rep.build(
+        _scores(),
+        name="demo",
+        models={"student": {"kind": "student"}},
+        target_teacher_acc=0.6,
+        target_recovery=0.9,
+    )
+    paths = rep.write(r, tmp_path)
+    md = paths["md"].read_text()
+    for needle in (
+        "| math |",
+        "| logic |",
+        "teacher:math",
+        "student",
+        "87.5%",
+        "**MISSED** by 2.5 points",
+        "Targets: 2 of 4 met",
+    ):
+        assert needle in md, needle
+    assert json.loads(paths["json"].read_text())["recovery"]["math"]["student"] == pytest.approx(
+        0.7
+    )
+    png = paths["png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(png) < 200_000
+
+
+def test_print_table_shows_every_domain_and_model():
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    r = rep.build(_scores(), name="demo", models={}, target_recovery=0.9)
+    rep.print_table(r, console)
+    text = console.export_text()
+    for needle in ("math", "logic", "teacher:math", "student", "MISSED", "87.5%"):
+        assert needle in text
+    assert not math.isnan(r["recovery"]["math"]["ratio"])

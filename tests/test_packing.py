@@ -1,0 +1,100 @@
+"""Packing, mixture and the tokenize-once cache."""
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from trainkit import domain_data, make_tokenizer, math_trace, tensors, tiny_model, tool_trace, write_shards
+
+from distill.data import collate, mixture_order, pack_rows, tokenize_domain
+from distill.errors import UserError
+from distill.loss import Objective, token_ce
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def per_trace_loss_sum(model, dd, idx):
+    total = 0.0
+    for i in idx:
+        s, e = dd.offsets[i], dd.offsets[i + 1]
+        ids = torch.tensor(dd.ids[s:e], dtype=torch.long)[None]
+        mask = torch.tensor(dd.mask[s:e][1:], dtype=torch.bool)
+        total += token_ce(model(ids).logits[0, :-1][mask], ids[0, 1:][mask]).sum().item()
+    return total
+
+
+def test_packed_loss_equals_sum_of_per_trace_losses(tok):
+    rng = random.Random(0)
+    dd = domain_data(tok, "math", [math_trace(i, rng) for i in range(5)] + [tool_trace()])
+    model = tiny_model(tok).eval()
+    rows = [[("math", 0), ("math", 1), ("math", 5)], [("math", 2), ("math", 3), ("math", 4), ("math", 6)]]
+    batch = tensors(collate(rows, {"math": dd}, {"math": 0}, {}, tok.pad_token_id))
+    assert batch["position_ids"][0, 0] == 0 and (batch["position_ids"] == 0).sum() >= 7  # restarts
+    with torch.no_grad():
+        packed, _, _ = Objective(model)(n_domains=1, norm=torch.tensor(1.0), **batch)
+        want = per_trace_loss_sum(model, dd, range(7))
+        assert abs(packed.item() - want) < 1e-5 * max(1.0, want)
+        # the same rows with one causal sequence per row (attention crossing traces) differ
+        flat = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]))
+        leaky, _, _ = Objective(model)(n_domains=1, norm=torch.tensor(1.0), **flat)
+    assert abs(leaky.item() - want) > 1e-3
+
+
+def test_pack_rows_fits_every_example_once():
+    lengths = [int(x) for x in np.random.default_rng(0).integers(5, 120, size=300)]
+    rows = pack_rows(lengths, 128)
+    assert sorted(i for r in rows for i in r) == list(range(300))
+    assert all(sum(lengths[i] for i in r) <= 128 for r in rows)
+    assert sum(lengths) / (128 * len(rows)) > 0.9  # dense
+    assert pack_rows(lengths, 128, pack=False) == [[i] for i in range(300)]
+
+
+def test_mixture_by_rows_upsamples_and_is_deterministic():
+    lengths = {"a": np.full(10, 50), "b": np.full(100, 50)}
+    order = mixture_order(lengths, {"a": 1.0, "b": 1.0}, "rows", seed=0, epoch=0)
+    count = Counter(d for d, _ in order)
+    assert count == {"a": 55, "b": 55}
+    per_example = Counter(i for d, i in order if d == "a")
+    assert min(per_example.values()) >= 5  # every example of the small domain repeated
+    assert order == mixture_order(lengths, {"a": 1.0, "b": 1.0}, "rows", seed=0, epoch=0)
+    assert order != mixture_order(lengths, {"a": 1.0, "b": 1.0}, "rows", seed=1, epoch=0)
+    assert order != mixture_order(lengths, {"a": 1.0, "b": 1.0}, "rows", seed=0, epoch=1)
+
+
+def test_mixture_by_tokens_splits_the_token_budget():
+    lengths = {"long": np.full(50, 400), "short": np.full(200, 20)}
+    order = mixture_order(lengths, {"long": 1.0, "short": 3.0}, "tokens", seed=0, epoch=0)
+    tokens = Counter()
+    for d, i in order:
+        tokens[d] += int(lengths[d][i])
+    share = tokens["short"] / (tokens["short"] + tokens["long"])
+    assert abs(share - 0.75) < 0.01
+    rows = Counter(d for d, _ in order)
+    assert rows["short"] > 10 * rows["long"]
+
+
+def test_tokenize_cache_is_reused_and_keyed(tok, tmp_path):
+    rng = random.Random(0)
+    traces = [math_trace(i, rng) for i in range(20)] + [tool_trace()]
+    shards = write_shards(tmp_path / "clean", "math", traces)
+    cache = tmp_path / "cache"
+    a = tokenize_domain("math", shards, tok, 512, cache)
+    assert len(a) == 22 and a.dropped == 0  # the tool trace gives two examples
+    made = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    b = tokenize_domain("math", shards, tok, 512, cache)
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == made
+    assert np.array_equal(a.ids, b.ids)
+    short = tokenize_domain("math", shards, tok, 40, cache)
+    assert len(list(cache.iterdir())) == 2 and short.dropped > 0
+    assert len(short) + short.dropped == 22
+
+
+def test_kd_topk_count_mismatch_is_a_clear_error(tok, tmp_path):
+    shards = write_shards(tmp_path / "clean", "math", [tool_trace()], topk=[[{"ids": [1], "logprobs": [-0.1]}] * 3])
+    with pytest.raises(UserError, match=r"trace math-0: 3 teacher top-k entries but \d+ assistant tokens"):
+        tokenize_domain("math", shards, tok, 512, tmp_path / "cache", kd=True)

@@ -1,0 +1,190 @@
+"""Recipes: every file in recipes/ loads; errors are one line naming key, type, value."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from distill.recipe import Recipe, RecipeError, load_recipe
+from distill.recipe_edit import set_keys
+from teachers.base import REGISTRY
+
+ROOT = Path(__file__).parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+BASE = "name: t\ndomains: {math: {}}\nteachers: {math: {kind: bootstrap}}\n"
+
+
+def test_there_are_recipes():
+    assert ROOT / "recipes" / "demo.yaml" in RECIPES
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads(path):
+    r = load_recipe(path)
+    assert r.name and r.active_domains()
+    assert all(d in r.teachers for d in r.active_domains())
+
+
+def recipe_file(tmp_path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(BASE + text)
+    return p
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train: {lr: fast}", "train.lr: expected a number, got 'fast'"),
+        ("trian: {}", "trian: unknown key; did you mean 'train'?"),
+        ("train: {lr: true}", "train.lr: expected a number, got True"),
+        ("train: {lr: -1}", "train.lr: expected a value > 0.0, got -1"),
+        ("train: {max_steps: 1.5}", "train.max_steps: expected an integer, got 1.5"),
+        ("train: {betas: [0.9]}", "train.betas: expected a list of 2 numbers, got [0.9]"),
+        ("train: {kd: {alpah: 1}}", "train.kd.alpah: unknown key; did you mean 'alpha'?"),
+        (
+            "train: {schedule: cosin}",
+            "train.schedule: expected one of cosine, linear, constant, got 'cosin'; did you mean 'cosine'?",
+        ),
+        ("generate: 5", "generate: expected a mapping, got 5"),
+        ("filter: {near_threshold: 2}", "filter.near_threshold: expected a value <= 1.0, got 2"),
+    ],
+)
+def test_errors_are_one_clear_line(tmp_path, text, message):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(recipe_file(tmp_path, text))
+    assert str(e.value) == f"{tmp_path / 'r.yaml'}: {message}"
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_domain_suggests_the_closest(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: t\ndomains: {mathh: {}}\nteachers: {math: {}}\n")
+    with pytest.raises(
+        RecipeError, match=r"domains\.mathh: unknown domain; did you mean 'math'\?$"
+    ):
+        load_recipe(p)
+    p.write_text("name: t\ndomains: {math: {}}\nteachers: {math: {}, cod: {}}\n")
+    with pytest.raises(RecipeError, match=r"teachers\.cod: unknown domain; did you mean 'code'\?$"):
+        load_recipe(p)
+
+
+def test_domain_names_come_from_the_registry():
+    r = Recipe.model_validate(
+        {"name": "x", "domains": {d: {} for d in REGISTRY}, "teachers": {d: {} for d in REGISTRY}}
+    )
+    assert r.active_domains() == list(REGISTRY)
+
+
+def test_cross_field_rules(tmp_path):
+    with pytest.raises(RecipeError, match=r"teachers\.math\.path: required for kind=hf"):
+        load_recipe(recipe_file(tmp_path, ""), ["teachers.math.kind=hf"])
+    with pytest.raises(RecipeError, match="teachers: no teacher for domain code"):
+        load_recipe(recipe_file(tmp_path, ""), ["domains.code={}"])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: t\ntrain: [\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml: line \d+ invalid YAML"):
+        load_recipe(p)
+    p.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="expected a mapping at the top level"):
+        load_recipe(p)
+    p.write_text("seed: 1\n")
+    with pytest.raises(RecipeError, match="name: required key is missing"):
+        load_recipe(p)
+
+
+def test_overrides_are_coerced_like_yaml_and_win(tmp_path):
+    p = recipe_file(tmp_path, "train: {lr: 0.1}\n")
+    r = load_recipe(
+        p,
+        [
+            "train.lr=3e-4",
+            "train.trackers=[tensorboard]",
+            "domains.math.source.kind=file",
+            "train.max_steps=null",
+            "seed=7",
+        ],
+    )
+    assert r.train.lr == 3e-4 and r.train.trackers == ["tensorboard"] and r.seed == 7
+    assert r.domains["math"].source.kind == "file" and r.train.max_steps is None
+    assert load_recipe(p).train.lr == 0.1  # the file itself is untouched
+    with pytest.raises(RecipeError, match="expected key.path=value"):
+        load_recipe(p, ["train.lr"])
+    with pytest.raises(RecipeError, match="lr is not a section"):
+        load_recipe(p, ["train.lr.x=1"])
+    with pytest.raises(RecipeError, match="train.lr: expected a number, got 'fast'"):
+        load_recipe(p, ["train.lr=fast"])
+
+
+def test_fingerprint_tracks_sections(tmp_path):
+    p = recipe_file(tmp_path, "")
+    a, b = load_recipe(p), load_recipe(p, ["train.lr=0.1"])
+    assert a.fingerprint("filter") == b.fingerprint("filter")
+    assert a.fingerprint("train") != b.fingerprint("train") and a.fingerprint() != b.fingerprint()
+
+
+def test_set_changes_one_value_and_keeps_comments(tmp_path):
+    p = tmp_path / "demo.yaml"
+    shutil.copy(ROOT / "recipes" / "demo.yaml", p)
+    before = p.read_text().splitlines()
+    set_keys(p, ["train.lr=0.0003"])
+    after = p.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+    assert len(changed) == 1 and "lr:" in changed[0][1] and "0.0003" in changed[0][1]
+    assert load_recipe(p).train.lr == 0.0003
+    comments = [line for line in before if line.lstrip().startswith("#") or " #" in line]
+    assert comments and all(c in after for c in comments if "lr:" not in c)
+
+
+def test_set_adds_missing_sections_and_refuses_invalid(tmp_path):
+    p = recipe_file(tmp_path, "# keep me\ntrain:\n  lr: 0.1  # peak\n")
+    set_keys(p, ["train.kd.enabled=true", "generate.samples_per_task=2"])
+    text = p.read_text()
+    assert "# keep me" in text and "# peak" in text
+    r = load_recipe(p)
+    assert r.train.kd.enabled and r.generate.samples_per_task == 2
+    with pytest.raises(RecipeError, match="train.lr: expected a number"):
+        set_keys(p, ["train.lr=fast"])
+    assert p.read_text() == text  # untouched
+
+
+EDGE = """\
+# header comment
+name: 'edge'   # quoted
+domains: {math: {loss_weight: 2.0}}
+teachers:
+  math: &t
+    kind: bootstrap
+    arch: &a   # anchored
+      hidden_size: 32
+
+  # comment that belongs to code
+  code: *t
+student:
+  arch: *a
+"""
+
+
+def test_set_edits_text_in_place_and_refuses_aliases(tmp_path):
+    p = tmp_path / "edge.yaml"
+    p.write_text(EDGE.replace("math: {loss_weight: 2.0}", "math: {loss_weight: 2.0}, code: {}"))
+    before = p.read_text()
+    set_keys(p, ["name=renamed", "domains.math.loss_weight=0.5", "teachers.math.arch.num_layers=2"])
+    after = p.read_text()
+    assert (
+        "name: renamed  # quoted" in after
+    )  # comment column kept and "{math: {loss_weight: 0.5}, code: {}}" in after
+    assert "      num_layers: 2\n\n  # comment that belongs to code\n" in after
+    assert "&a   # anchored" in after and "code: *t" in after and "arch: *a" in after
+    assert len(after.splitlines()) == len(before.splitlines()) + 1
+    r = load_recipe(p)
+    assert r.teachers["code"].arch.num_layers == 2 and r.student.arch.num_layers == 2
+    with pytest.raises(RecipeError, match="student.arch is a YAML alias"):
+        set_keys(p, ["student.arch.num_layers=3"])
+    assert p.read_text() == after

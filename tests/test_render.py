@@ -1,0 +1,102 @@
+"""Loss masks from chat templates: exactly the assistant tokens carry loss, one example
+per user turn with older reasoning dropped, for our template and a ChatML/Qwen one."""
+
+import json
+
+import pytest
+from trainkit import make_tokenizer, tool_trace
+
+from distill.chat import END
+from distill.render import TemplateError, render_trace
+
+QWEN_STYLE = (
+    "{%- if tools %}{{ '<|im_start|>system\\n# Tools\\n' + (tools | tojson) + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{%- if m.reasoning_content %}{{ '<think>\\n' + m.reasoning_content + '\\n</think>\\n\\n' }}{%- endif %}"
+    "{{ m.content or '' }}"
+    "{%- for tc in m.tool_calls or [] %}"
+    "{{ '\\n<tool_call>\\n{\"name\": \"' + tc.function.name + '\", \"arguments\": ' + (tc.function.arguments | tojson) + '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'tool' %}"
+    "{{ '<|im_start|>user\\n<tool_response>\\n' + m.content + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def qwen_tok(tmp_path_factory):
+    t = make_tokenizer(tmp_path_factory.mktemp("qtok"))
+    t.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    t.eos_token = "<|im_end|>"
+    t.chat_template = QWEN_STYLE
+    return t
+
+
+def loss_text(tok, ex):
+    return tok.decode([i for i, m in zip(ex.input_ids, ex.loss_mask) if m])
+
+
+def test_our_template_masks_assistant_tokens_per_user_turn(tok):
+    first, second = render_trace(tok, tool_trace())
+    call = '<tool_call>{"name": "calc", "arguments": {"expr": "12*7"}}</tool_call>'
+    assert loss_text(tok, first) == (
+        f"<think>I should call the calculator.</think>{call}{END}<think>The tool said 84.</think>12 * 7 = 84.{END}"
+    )
+    assert loss_text(tok, second) == f"<think>84 + 1 = 85.</think>85{END}"
+    ctx = tok.decode(second.input_ids)
+    # thinking retention: the first turn's reasoning is gone, its tool call and result stay
+    assert "I should call" not in ctx and "The tool said" not in ctx
+    assert call in ctx and "<|tool|>84<|end|>" in ctx
+    # the full render is the tokenizer's own render of that conversation
+    assert second.input_ids == tok.apply_chat_template(tool_trace(), tokenize=True, return_dict=False)
+
+
+def test_system_user_and_tool_tokens_carry_no_loss(tok):
+    first, _ = render_trace(tok, tool_trace())
+    masked_out = tok.decode([i for i, m in zip(first.input_ids, first.loss_mask) if not m])
+    assert masked_out == "<|system|>You are a calculator agent.<|end|><|user|>What is 12 * 7?<|end|><|assistant|><|tool|>84<|end|><|assistant|>"
+
+
+def test_qwen_style_template(qwen_tok):
+    tools = [{"type": "function", "function": {"name": "calc", "parameters": {"type": "object"}}}]
+    first, second = render_trace(qwen_tok, tool_trace(), tools=tools)
+    call = '\n<tool_call>\n{"name": "calc", "arguments": {"expr": "12*7"}}\n</tool_call>'
+    assert loss_text(qwen_tok, first) == (
+        f"<think>\nI should call the calculator.\n</think>\n\n{call}<|im_end|>\n"
+        "<think>\nThe tool said 84.\n</think>\n\n12 * 7 = 84.<|im_end|>\n"
+    )
+    assert loss_text(qwen_tok, second) == "<think>\n84 + 1 = 85.\n</think>\n\n85<|im_end|>\n"
+    ctx = qwen_tok.decode(second.input_ids)
+    assert "I should call" not in ctx and "<tool_response>\n84\n</tool_response>" in ctx
+    assert ctx.startswith("<|im_start|>system\n# Tools\n") and json.dumps(tools)[:20] in ctx
+
+
+def test_template_that_is_not_prefix_stable_fails_loudly(qwen_tok, tok):
+    bad = tok.chat_template.replace("<|end|>\"", "<|end|>\"").replace(
+        "{%- for m in messages -%}{%- if m['role'] == 'assistant' -%}",
+        "{%- for m in messages -%}{%- if loop.last -%}<|system|>{%- endif -%}{%- if m['role'] == 'assistant' -%}",
+    )
+    assert bad != tok.chat_template
+    old = tok.chat_template
+    tok.chat_template = bad
+    try:
+        with pytest.raises(TemplateError, match="not prefix-stable"):
+            render_trace(tok, tool_trace())
+    finally:
+        tok.chat_template = old
+
+
+def test_assistant_turn_without_user_answer_gives_no_example(tok):
+    assert render_trace(tok, [{"role": "user", "content": "hi"}]) == []

@@ -1,0 +1,105 @@
+"""The trainer end to end on tiny real models: output directory, exact resume,
+interrupted checkpoints, KD, LoRA, and the `distill train` stage."""
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trainkit import ARCH, make_tokenizer, math_trace, small_cfg, tool_trace, write_shards
+
+from distill.errors import UserError
+from distill.render import render_trace
+from distill.train import train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    tok = make_tokenizer(root / "tok")
+    rng = random.Random(0)
+    shards = {
+        "math": write_shards(root / "clean" / "math", "math", [math_trace(i, rng) for i in range(40)]),
+        "agents": write_shards(root / "clean" / "agents", "agents", [tool_trace()] * 6),
+    }
+    return root, tok, shards
+
+
+def run_train(data, out, **kw):
+    root, _, shards = data
+    args = dict(init=ARCH, tokenizer_dir=root / "tok", shards=shards, out_dir=out, cfg=small_cfg(), seed=0,
+                loss_weights={"math": 1.0, "agents": 2.0})
+    args.update(kw)
+    return train(**args)
+
+
+def test_train_writes_a_loadable_hf_model(data, tmp_path):
+    _, tok, _ = data
+    report = run_train(data, tmp_path / "out", cfg=small_cfg(max_steps=8))
+    assert report["finished"] and report["steps"] == 8
+    assert report["losses"][-1] < report["losses"][0] - 0.3
+    assert set(report["domains"]) == {"math", "agents"} and report["domains"]["agents"]["loss_tokens"] > 0
+    assert report["tokens_per_s"] > 0 and report["peak_memory_bytes"] > 0
+    saved = json.loads((tmp_path / "out" / "train_report.json").read_text())
+    assert saved["losses"] == report["losses"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert model.generation_config.eos_token_id == end and model.generation_config.pad_token_id == tok.pad_token_id
+    student_tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = student_tok.apply_chat_template(tool_trace(), tokenize=False)
+    assert "I should call" not in text and "<think>84 + 1 = 85.</think>" in text and "<|tool|>84<|end|>" in text
+    out = model.generate(torch.tensor([student_tok.apply_chat_template(tool_trace()[:2], add_generation_prompt=True,
+                                                                        return_dict=False)]), max_new_tokens=3)
+    assert out.shape[1] > 0
+
+
+def test_resume_reproduces_the_uninterrupted_losses(data, tmp_path):
+    full = run_train(data, tmp_path / "a")
+    first = run_train(data, tmp_path / "b", stop_after_steps=3)
+    assert not first["finished"] and first["losses"] == pytest.approx(full["losses"][:3], abs=1e-6)
+    ckpts = tmp_path / "b" / "checkpoints"
+    assert [p.name for p in ckpts.iterdir()] == ["step-000003"]
+    # a later checkpoint whose writing was killed: never renamed, so never trusted
+    (ckpts / "step-000005.tmp").mkdir()
+    (ckpts / "step-000005.tmp" / "model.safetensors").write_bytes(b"trunc")
+    rest = run_train(data, tmp_path / "b")
+    assert rest["finished"]
+    torch.testing.assert_close(torch.tensor(rest["losses"]), torch.tensor(full["losses"][3:]), rtol=0, atol=1e-6)
+    assert not (ckpts / "step-000005.tmp").exists()
+
+
+def test_kd_and_its_errors(data, tmp_path):
+    root, tok, _ = data
+    traces = [tool_trace()] * 4
+    topk = []
+    for t in traces:
+        n = sum(sum(ex.loss_mask) for ex in render_trace(tok, t))
+        topk.append([{"ids": [5, 7, 9], "logprobs": [-0.5, -1.5, -2.5]}] * n)
+    kd_shards = {"agents": write_shards(tmp_path / "kd", "agents", traces, topk=topk)}
+    cfg = small_cfg(max_steps=3)
+    cfg.kd.enabled = True
+    report = run_train(data, tmp_path / "out", shards=kd_shards, cfg=cfg)
+    assert report["finished"] and all(x == x for x in report["losses"])
+    plain = run_train(data, tmp_path / "plain", shards=kd_shards, cfg=small_cfg(max_steps=3))
+    assert abs(plain["losses"][0] - report["losses"][0]) > 1e-3  # the KL term is in the loss
+    bad = {"agents": write_shards(tmp_path / "bad", "agents", traces[:1], topk=[[{"ids": [10**6], "logprobs": [-1.0]}] * len(topk[0])])}
+    with pytest.raises(UserError, match="outside the student vocabulary"):
+        run_train(data, tmp_path / "bad_out", shards=bad, cfg=cfg)
+
+
+def test_lora_trains_adapters_and_merges(data, tmp_path):
+    _, tok, _ = data
+    cfg = small_cfg(max_steps=2)
+    cfg.lora.enabled = True
+    cfg.lora.merge = False
+    run_train(data, tmp_path / "out", cfg=cfg)
+    from distill.models import build_model
+
+    base = build_model(ARCH, tok, 0).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(merged[q], base[q])  # adapters merged in
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(merged[up], base[up])  # not a target module: frozen
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()

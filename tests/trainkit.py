@@ -1,0 +1,104 @@
+"""Tiny real artifacts for the trainer tests: hand-written traces, a tokenizer trained
+on them, shards written with distill.shards, a 2-layer Llama config."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from distill.chat import train_tokenizer
+from distill.messages import Trace
+from distill.recipe import ModelArch, TrainConfig
+from distill.shards import ShardWriter
+
+ARCH = ModelArch(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=512)
+
+
+def tool_trace() -> list[dict]:
+    """Two user turns; the first uses a tool over two assistant messages."""
+    return [
+        {"role": "system", "content": "You are a calculator agent."},
+        {"role": "user", "content": "What is 12 * 7?"},
+        {
+            "role": "assistant",
+            "reasoning_content": "I should call the calculator.",
+            "content": "",
+            "tool_calls": [{"id": "c1", "name": "calc", "arguments": json.dumps({"expr": "12*7"})}],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "84"},
+        {"role": "assistant", "reasoning_content": "The tool said 84.", "content": "12 * 7 = 84."},
+        {"role": "user", "content": "And plus 1?"},
+        {"role": "assistant", "reasoning_content": "84 + 1 = 85.", "content": "85"},
+    ]
+
+
+def math_trace(i: int, rng: random.Random) -> list[dict]:
+    a, b = rng.randint(1, 99), rng.randint(1, 99)
+    steps = " ".join(f"step {k}: carry {a + k}." for k in range(rng.randint(0, 6)))
+    return [
+        {"role": "user", "content": f"Problem {i}: what is {a} + {b}?"},
+        {"role": "assistant", "reasoning_content": f"Add {a} and {b}. {steps}", "content": f"{a + b}"},
+    ]
+
+
+def corpus(n: int = 40, seed: int = 0) -> list[list[dict]]:
+    rng = random.Random(seed)
+    return [math_trace(i, rng) for i in range(n)] + [tool_trace()]
+
+
+def make_tokenizer(out_dir: Path, vocab_size: int = 400):
+    texts = []
+    for msgs in corpus():
+        texts += [str(m.get("content") or "") + " " + str(m.get("reasoning_content") or "") for m in msgs]
+    texts.append(json.dumps({"name": "calc", "arguments": {"expr": "12*7"}}))
+    return train_tokenizer(texts, vocab_size, out_dir)
+
+
+def write_shards(directory: Path, domain: str, traces: list[list[dict]], topk=None) -> Path:
+    with ShardWriter(directory, max_rows=16) as w:
+        w.write(
+            Trace(id=f"{domain}-{i}", task_id=f"{domain}-{i}", domain=domain, messages=m,
+                  topk=None if topk is None else topk[i])
+            for i, m in enumerate(traces)
+        )
+    return directory
+
+
+def small_cfg(**kw) -> TrainConfig:
+    base = dict(lr=3e-3, warmup_steps=2, max_steps=6, batch_tokens=512, micro_batch_tokens=256,
+                max_seq_len=128, log_every=1, precision="fp32")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def domain_data(tok, name: str, traces: list[list[dict]]):
+    """DomainData built in memory from rendered traces (no cache)."""
+    import numpy as np
+
+    from distill.data import DomainData
+    from distill.render import render_trace
+
+    exs = [ex for t in traces for ex in render_trace(tok, t)]
+    lens = [len(e.input_ids) for e in exs]
+    return DomainData(
+        name,
+        np.concatenate([e.input_ids for e in exs]).astype(np.int32),
+        np.concatenate([e.loss_mask for e in exs]).astype(np.uint8),
+        np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+    )
+
+
+def tiny_model(tok, seed: int = 0):
+    import torch
+
+    from distill.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model(ARCH, tok, seed).float()
+
+
+def tensors(batch: dict):
+    import torch
+
+    return {k: torch.from_numpy(v) for k, v in batch.items()}
