@@ -184,6 +184,7 @@ def main() -> None:
     )
     bench_near(traces, near)
     bench_steps(traces, evals)
+    print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,12 @@ def build(preset: str, device: str, workdir: Path) -> Path:
 def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     # lengths vary +-25% around `length`, as real prompts do (padding matters)
-    return [torch.randint(20, vocab, (int(length * (0.75 + 0.5 * i / max(1, n - 1))),), generator=g).tolist() for i in range(n)]
+    return [
+        torch.randint(
+            20, vocab, (int(length * (0.75 + 0.5 * i / max(1, n - 1))),), generator=g
+        ).tolist()
+        for i in range(n)
+    ]
 
 
 def sync(device: str) -> None:
@@ -71,7 +76,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_ours(backend: HFBackend, ps: list[list[int]], new: int, batch: int, device: str) -> tuple[float, int]:
+def run_ours(
+    backend: HFBackend, ps: list[list[int]], new: int, batch: int, device: str
+) -> tuple[float, int]:
     backend.batch_size = batch
     s = Sampling(temperature=0.8, top_p=1.0, max_new_tokens=new)
     rows = [_Row(i, 0, p, mix_seed(0, i), new) for i, p in enumerate(ps)]
@@ -84,7 +91,9 @@ def run_ours(backend: HFBackend, ps: list[list[int]], new: int, batch: int, devi
     return time.perf_counter() - t, sum(len(r.tokens) for r in rows)
 
 
-def run_plain(model, ps, new: int, batch: int, pad: int, eos: list[int], device: str, **kw) -> tuple[float, int]:
+def run_plain(
+    model, ps, new: int, batch: int, pad: int, eos: list[int], device: str, **kw
+) -> tuple[float, int]:
     sync(device)
     t, count = time.perf_counter(), 0
     for i in range(0, len(ps), batch):
@@ -94,8 +103,7 @@ def run_plain(model, ps, new: int, batch: int, pad: int, eos: list[int], device:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=True,
                              temperature=0.8, top_p=1.0, top_k=0, pad_token_id=pad, eos_token_id=eos, **kw)  # fmt: skip
-        gen = out[:, width:]
-        count += int(((gen != pad) & ~torch.isin(gen, torch.tensor(eos, device=gen.device))).sum()) + int(torch.isin(gen, torch.tensor(eos, device=gen.device)).any(-1).sum())
+        count += int((out[:, width:] != pad).sum())  # pads only follow a finished row's eos
     sync(device)
     return time.perf_counter() - t, count
 
@@ -105,6 +113,9 @@ def run_cb(model, ps, new: int, pad: int, eos: list[int], device: str) -> tuple[
 
     gc = GenerationConfig(max_new_tokens=new, do_sample=True, temperature=0.8, top_p=1.0, top_k=0,
                           eos_token_id=eos, pad_token_id=pad)  # fmt: skip
+    model.generate_batch(
+        inputs=ps[:8], generation_config=GenerationConfig(**{**gc.to_dict(), "max_new_tokens": 4})
+    )
     sync(device)
     t = time.perf_counter()
     res = model.generate_batch(inputs=ps, generation_config=gc)
@@ -135,21 +146,37 @@ def roofline(model, batch: int, prompt_len: int, new: int, bw: float | None) -> 
     c = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     head = c.hidden_size // c.num_attention_heads
-    kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head * next(model.parameters()).element_size()
+    kv_per_token = (
+        2
+        * c.num_hidden_layers
+        * c.num_key_value_heads
+        * head
+        * next(model.parameters()).element_size()
+    )
     kv = batch * kv_per_token * (prompt_len + new / 2)
     return batch * bw / (weights + kv)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", choices=PRESETS, default="qwen05b" if torch.cuda.is_available() else "tiny")
+    ap.add_argument(
+        "--preset", choices=PRESETS, default="qwen05b" if torch.cuda.is_available() else "tiny"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=200)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--batches", default="64,256")
     ap.add_argument("--skip", default="", help="comma list of: plain,static,cb,serve")
-    ap.add_argument("--budget-s", type=float, default=1e9, help="skip remaining baselines after this")
+    ap.add_argument(
+        "--budget-s", type=float, default=1e9, help="skip remaining baselines after this"
+    )
+    ap.add_argument(
+        "--box-s", type=float, default=0, help="time box per baseline generate call (0 = none)"
+    )
+    ap.add_argument(
+        "--eager-too", action="store_true", help="also time our dynamic-cache path on GPU"
+    )
     ap.add_argument("--out", default=os.environ.get("BENCH_OUT", "bench_generate.json"))
     a = ap.parse_args()
     out, start, skip = Path(a.out), time.time(), set(a.skip.split(","))
@@ -161,32 +188,88 @@ def main() -> None:
     base = dict(preset=a.preset, device=torch.cuda.get_device_name() if a.device.startswith("cuda") else f"{os.cpu_count()}-core CPU",
                 params=sum(p.numel() for p in model.parameters()), prompts=a.prompts, prompt_len=a.prompt_len, new=a.new)  # fmt: skip
     emit(out, what="setup", hbm_bytes_per_s=bw, torch=torch.__version__, **base)
-    for batch in [int(b) for b in a.batches.split(",")]:
-        run_ours(backend, ps[:batch], 8, batch, a.device)  # warm-up: compile and capture graphs
-        secs, toks = run_ours(backend, ps, a.new, batch, a.device)
-        roof = roofline(model, batch, a.prompt_len, a.new, bw)
-        emit(out, what="ours", batch=batch, seconds=secs, tokens=toks, tok_s=toks / secs,
-             roofline_tok_s=roof, roofline_frac=(toks / secs / roof) if roof else None)  # fmt: skip
+    # baselines are time-boxed (generate's max_time): their tokens/s covers the first
+    # steps of each batch, where the KV cache is shortest (in their favour)
+    box = dict(max_time=a.box_s) if a.box_s else {}
+    batches = [int(b) for b in a.batches.split(",")]
+    for batch in batches:
+        measure_ours(out, backend, ps, a, batch, bw)
         if "plain" not in skip and time.time() - start < a.budget_s:
-            n = min(len(ps), batch)  # one batch: plain generate is slow
-            secs, toks = run_plain(model, ps[:n], a.new, batch, pad, eos, a.device)
-            emit(out, what="plain_generate", batch=batch, seconds=secs, tokens=toks, tok_s=toks / secs)
-    big = int(a.batches.split(",")[-1])
+            n = min(len(ps), batch)
+            secs, toks = run_plain(model, ps[:n], a.new, batch, pad, eos, a.device, **box)
+            emit(
+                out,
+                what="plain_generate",
+                batch=batch,
+                seconds=secs,
+                tokens=toks,
+                tok_s=toks / secs,
+            )
+    big = max(batches)
     if a.device.startswith("cuda") and "static" not in skip and time.time() - start < a.budget_s:
         try:
             run_plain(model, ps[:big], 8, big, pad, eos, a.device, cache_implementation="static")
-            secs, toks = run_plain(model, ps[:big], a.new, big, pad, eos, a.device, cache_implementation="static")
-            emit(out, what="generate_static_cache", batch=big, seconds=secs, tokens=toks, tok_s=toks / secs)
+            secs, toks = run_plain(
+                model,
+                ps[:big],
+                a.new,
+                big,
+                pad,
+                eos,
+                a.device,
+                cache_implementation="static",
+                **box,
+            )
+            emit(
+                out,
+                what="generate_static_cache",
+                batch=big,
+                seconds=secs,
+                tokens=toks,
+                tok_s=toks / secs,
+            )
         except Exception as e:  # a baseline that fails is reported, not fatal
             emit(out, what="generate_static_cache", error=f"{type(e).__name__}: {str(e)[:300]}")
     if "cb" not in skip and time.time() - start < a.budget_s:
         try:
             secs, toks = run_cb(model, ps[:big], a.new, pad, eos, a.device)
-            emit(out, what="generate_batch", batch=big, seconds=secs, tokens=toks, tok_s=toks / secs)
+            emit(
+                out, what="generate_batch", batch=big, seconds=secs, tokens=toks, tok_s=toks / secs
+            )
         except Exception as e:
             emit(out, what="generate_batch", error=f"{type(e).__name__}: {str(e)[:300]}")
     if "serve" not in skip and time.time() - start < a.budget_s:
-        bench_serve(out, d, backend, a, big)
+        try:
+            bench_serve(out, d, backend, a, big)
+        except Exception as e:
+            emit(out, what="serve_overhead", error=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def measure_ours(out: Path, backend: HFBackend, ps, a, batch: int, bw) -> None:
+    """Our backend as configured for the device; if its compiled path fails, say so and
+    measure the eager paths instead."""
+    roof = roofline(backend.model, batch, a.prompt_len, a.new, bw)
+    variants = [("ours", None)]
+    if a.device.startswith("cuda") and a.eager_too:
+        variants.append(("ours_dynamic_cache", False))
+    for name, static in variants:
+        saved = backend.static
+        if static is False:
+            backend.static = None
+        try:
+            run_ours(backend, ps[:batch], 8, batch, a.device)  # warm-up: compile, capture graphs
+            secs, toks = run_ours(backend, ps, a.new, batch, a.device)
+            emit(out, what=name, batch=batch, seconds=secs, tokens=toks, tok_s=toks / secs,
+                 roofline_tok_s=roof, roofline_frac=(toks / secs / roof) if roof else None)  # fmt: skip
+        except Exception as e:
+            emit(out, what=name, batch=batch, error=f"{type(e).__name__}: {str(e)[:400]}")
+            backend.static = None  # fall back to the dynamic-cache path
+            if static is None:
+                variants.append(("ours_dynamic_cache", False))
+            continue
+        finally:
+            if static is False:
+                backend.static = saved
 
 
 def bench_serve(out: Path, model_dir: Path, backend: HFBackend, a, batch: int) -> None:
@@ -199,7 +282,9 @@ def bench_serve(out: Path, model_dir: Path, backend: HFBackend, a, batch: int) -
     from distill.backends.openai import OpenAIBackend
     from distill.serve import create_app
 
-    convs = [[{"role": "user", "content": " ".join(["alpha beta gamma delta"] * (a.prompt_len // 4))}]] * batch
+    convs = [
+        [{"role": "user", "content": " ".join(["alpha beta gamma delta"] * (a.prompt_len // 4))}]
+    ] * batch
     s = Sampling(temperature=0.8, max_new_tokens=a.new)
     seeds = list(range(batch))
     backend.batch_size = batch

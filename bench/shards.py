@@ -296,6 +296,8 @@ def measure(op: str, store: str, path: Path, n: int, repeat: int = 1) -> dict:
     """The fastest of ``repeat`` fresh-process runs (other load only ever adds time)."""
     runs = []
     for _ in range(repeat):
+        if op == "write":  # every run writes from scratch (the shard writer would resume)
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         out = subprocess.run(
             [sys.executable, __file__, "--child", op, store, str(path), str(n)],
             check=True,

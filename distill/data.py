@@ -266,10 +266,12 @@ class RowStream:
 
 
 def collate(rows: list[list[tuple[str, int]]], domains: dict[str, DomainData], domain_index: dict[str, int],
-            loss_weights: dict[str, float], pad_id: int, kd: bool = False) -> dict[str, np.ndarray]:
+            loss_weights: dict[str, float], pad_id: int, kd: bool = False,
+            width: int | None = None) -> dict[str, np.ndarray]:
     """A micro-batch: ids and restarting positions per row (padding is its own segment,
     so no real token attends to it), plus flat loss positions, targets, weights, domains."""
-    width = max(sum(int(domains[d].offsets[i + 1] - domains[d].offsets[i]) for d, i in r) for r in rows)
+    longest = max(sum(int(domains[d].offsets[i + 1] - domains[d].offsets[i]) for d, i in r) for r in rows)
+    width = max(width or 0, longest)
     ids = np.full((len(rows), width), pad_id, np.int64)
     pos = np.zeros((len(rows), width), np.int64)
     loss_pos, targets, weights, dom, kd_ids, kd_lp = [], [], [], [], [], []

@@ -16,9 +16,10 @@ distinct tasks routinely share an n-gram of template words and one slot value ("
 discounted by 10%, and then a 20% tax is added to the discounted price"); requiring most
 of the eval text catches a copied or embedded eval task and leaves template siblings.
 
-Same words, other task: a prompt match counts only when the training trace's reference
-equals the eval task's (or one is unknown). Agent tasks ask the same question ("What is
-mike's balance?") over different hidden account states: those are different tasks.
+Same words, other task: a prompt match with an eval task of the trace's own domain counts
+only when the trace's reference equals the eval task's (or one is unknown). Agent tasks
+ask the same question ("What is mike's balance?") over different hidden account states:
+those are different tasks.
 
 Boilerplate rule: an n-gram found in more than ``boilerplate`` (a fraction) of one
 domain's eval tasks, and in at least 3 of them, is template text, not a task's content:
@@ -128,20 +129,22 @@ class NgramIndex:
         return grams[order], text[order]
 
     def contaminated(
-        self, texts: list[str], references: list[str | None] | None = None
+        self,
+        texts: list[str],
+        references: list[str | None] | None = None,
+        domains: list[str] | None = None,
     ) -> np.ndarray:
         """For each text, the index in :attr:`evals` of the eval text it overlaps most (at
         least ``overlap`` of its n-grams); -1 when clean. With ``references`` (canonical
-        JSON per text) the texts are prompts: an eval task with another reference is
-        another task and does not count."""
+        JSON per text) the texts are prompts: an eval task of the same domain (``domains``,
+        per text) with another reference is another task and does not count."""
         refs = references or [None] * len(texts)
 
         def same_task(i: int, e: int) -> bool:
-            return (
-                references is None
-                or None in (refs[i], self.evals[e].reference)
-                or (refs[i] == self.evals[e].reference)
-            )
+            ev = self.evals[e]
+            if references is None or (domains is not None and domains[i] != ev.domain):
+                return True
+            return None in (refs[i], ev.reference) or refs[i] == ev.reference
 
         hit = np.full(len(texts), -1, np.int64)
         best = np.zeros(len(texts))
@@ -153,7 +156,7 @@ class NgramIndex:
         words = [words_text(t) for t in texts]
         lengths = np.array([len(w.split()) for w in words], dtype=np.int64)
         if references is None:  # answers: as short as a bare number, they match by chance
-            lengths[[_n_words(t) < self.short_n for t in texts]] = 0
+            lengths[np.array([_n_words(t) < self.short_n for t in texts], dtype=bool)] = 0
         for s, (table, owner_text) in self.grams.items():
             has = np.flatnonzero(lengths >= s)
             if not len(has) or not len(table):

@@ -131,7 +131,8 @@ def decontaminate(traces: list[Trace], index: NgramIndex) -> tuple[list[Trace], 
     :mod:`distill.decontam`); the reason names which text matched and the eval task's
     domain (``prompt:math``)."""
     refs = [canonical(t.reference) for t in traces]
-    by_prompt = index.contaminated([prompt_text(t) for t in traces], refs)
+    domains = [t.domain for t in traces]
+    by_prompt = index.contaminated([prompt_text(t) for t in traces], refs, domains)
     by_answer = index.contaminated([final_answer(t) for t in traces])
 
     def reason(i: int) -> str | None:

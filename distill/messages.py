@@ -17,9 +17,7 @@ import pyarrow as pa
 SCHEMA_VERSION = 1
 ROLES = ("system", "user", "assistant", "tool")
 
-TOOL_CALL_TYPE = pa.struct(
-    [("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())]
-)
+TOOL_CALL_TYPE = pa.struct([("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())])
 MESSAGE_TYPE = pa.struct(
     [
         ("role", pa.string()),
@@ -29,9 +27,7 @@ MESSAGE_TYPE = pa.struct(
         ("tool_call_id", pa.string()),
     ]
 )
-VERDICT_TYPE = pa.struct(
-    [("passed", pa.bool_()), ("score", pa.float32()), ("reason", pa.string())]
-)
+VERDICT_TYPE = pa.struct([("passed", pa.bool_()), ("score", pa.float32()), ("reason", pa.string())])
 # Teacher top-k distribution of one generated token (for logit KD); the tail mass
 # 1 - sum(exp(logprobs)) is implied.
 TOPK_TYPE = pa.struct([("ids", pa.list_(pa.int32())), ("logprobs", pa.list_(pa.float32()))])

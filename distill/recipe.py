@@ -269,7 +269,8 @@ class FilterConfig(Section):
     shingle_size: int = Field(5, ge=1, description="Word n-gram size of MinHash shingles.")
     num_perm: int = Field(128, ge=16, description="MinHash permutations.")
     decontaminate: bool = Field(
-        True, description="Drop traces whose prompt or answer overlaps an eval task (token n-grams)."
+        True,
+        description="Drop traces whose prompt or answer overlaps an eval task (token n-grams).",
     )
     decontam_ngram: int = Field(13, ge=3, description="n-gram size (tokens) for long texts.")
     decontam_short_ngram: int = Field(

@@ -49,7 +49,9 @@ def _emit_model(model: BaseModel, indent: int, lines: list[str]) -> None:
         if isinstance(value, BaseModel):
             lines.append(f"{pad}{name}:")
             _emit_model(value, indent + 2, lines)
-        elif isinstance(value, dict) and value and isinstance(next(iter(value.values())), BaseModel):
+        elif (
+            isinstance(value, dict) and value and isinstance(next(iter(value.values())), BaseModel)
+        ):
             lines.append(f"{pad}{name}:")
             for key, sub in value.items():
                 lines.append(f"{pad}  {key}:")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -58,14 +59,32 @@ def _write_json_atomic(path: Path, data: Any, sync: bool = True) -> None:
     os.replace(tmp, path)
 
 
-def _write_ipc(table: pa.Table, path: Path) -> int:
-    """Write ``table`` as one Arrow IPC stream file, synced to disk; its size in bytes."""
+class _HashingFile:
+    """A binary file that hashes what goes through it (no second read for the sha256)."""
+
+    def __init__(self, f: Any):
+        self.f, self.sha, self.closed = f, hashlib.sha256(), False
+
+    def write(self, data: Any) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        self.closed = True  # the stream writer closes its sink; the real file stays open
+
+
+def _write_ipc(table: pa.Table, path: Path) -> tuple[int, str]:
+    """Write ``table`` as one Arrow IPC stream file, synced to disk: (bytes, sha256)."""
     with open(path, "wb") as f:
-        with pa.ipc.new_stream(f, table.schema) as w:
+        sink = _HashingFile(f)
+        with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), table.schema) as w:
             w.write_table(table)
         f.flush()
         os.fsync(f.fileno())
-        return f.tell()
+        return f.tell(), sink.sha.hexdigest()
 
 
 class ShardWriter:
@@ -126,14 +145,15 @@ class ShardWriter:
                     if (self.dir / x["file"]).exists()
                     and (self.dir / x["file"]).stat().st_size == x["bytes"]
                 ]
-        for tmp in self.dir.glob(f"{self.prefix}-*.arrow.tmp"):
-            tmp.unlink()
-        self.journal_path.with_name(self.journal_path.name + ".tmp").unlink(missing_ok=True)
-        # a shard renamed but not yet journaled (killed between the two) is rewritten later
+        # only this writer's files: another writer's prefix may start with ours
+        mine = re.compile(rf"{re.escape(self.prefix)}-\d{{5,}}\.arrow(\.tmp)?")
         journaled = {s["file"] for s in shards}
-        for f in self.dir.glob(f"{self.prefix}-*.arrow"):
-            if f.name not in journaled:
+        for f in self.dir.iterdir():
+            # a leftover .tmp is a shard cut short; a shard renamed but not journaled
+            # (killed between the two) is written again by the caller
+            if mine.fullmatch(f.name) and f.name not in journaled:
                 f.unlink()
+        self.journal_path.with_name(self.journal_path.name + ".tmp").unlink(missing_ok=True)
         (self.dir / MANIFEST).unlink(missing_ok=True)  # the output is incomplete again
         return shards
 
@@ -196,13 +216,13 @@ class ShardWriter:
         )
         name = self._next_name()
         final, tmp = self.dir / name, self.dir / (name + ".tmp")
-        size = _write_ipc(table.slice(0, n), tmp)
+        size, digest = _write_ipc(table.slice(0, n), tmp)
         while size > self.max_bytes and n > 1:
             # shrink in proportion to the overshoot; at least one row less each time
             n = max(1, min(n - 1, int(n * self.max_bytes / size * 0.98)))
-            size = _write_ipc(table.slice(0, n), tmp)
+            size, digest = _write_ipc(table.slice(0, n), tmp)
         os.replace(tmp, final)
-        self.shards.append({"file": name, "rows": n, "bytes": size, "sha256": _sha256(final)})
+        self.shards.append({"file": name, "rows": n, "bytes": size, "sha256": digest})
         # the journal entry is the commit point: a shard not in it is deleted on resume.
         # No fsync: a journal lost to a power cut only makes the next run redo its shards
         # (a shard missing from the journal is deleted); the shard itself was synced.

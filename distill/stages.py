@@ -97,9 +97,13 @@ def up_to_date(recipe: Recipe, stage: str) -> bool:
 
 
 def mark_done(recipe: Recipe, stage: str, **info: Any) -> dict[str, Any]:
-    """Record a completed stage (written last, atomically)."""
+    """Record a completed stage (written last, atomically), next to the resolved recipe
+    it ran with (``_recipe.yaml``)."""
+    from distill.recipe_doc import show_yaml
+
     d = stage_dir(recipe, stage)
     d.mkdir(parents=True, exist_ok=True)
+    (d / "_recipe.yaml").write_text(show_yaml(recipe))
     rec = {
         "stage": stage,
         "fingerprint": fingerprint(recipe, stage),

@@ -80,7 +80,9 @@ def train(
     opt, sched = make_optimizer(objective, cfg, plan["max_steps"])
     if cfg.compile:
         objective = torch.compile(objective)
-    objective, opt, sched = acc.prepare(objective, opt, sched)
+    # the scheduler stays unprepared: accelerate would step it once per rank per step
+    objective, opt = acc.prepare(objective, opt)
+    acc.register_for_checkpointing(sched)
     start = _resume(acc, out / "checkpoints", fp, stream)
     loop = _Loop(acc, objective, opt, sched, stream, domains, lw, cfg, plan, pad_token_id(tokenizer))
     if acc.is_main_process and cfg.trackers:
@@ -183,7 +185,9 @@ class _Loop:
         out, tokens, sq = [], 0, 0.0
         for s in range(0, len(rows), plan["rows_micro"]):
             mb = rows[s : s + plan["rows_micro"]]
-            arrs = collate(mb, self.domains, self.index, self.lw, self.pad_id, self.cfg.kd.enabled)
+            # static row width on GPU: compiled kernels (flex attention, torch.compile) never recompile
+            width = self.cfg.max_seq_len if acc.device.type == "cuda" else None
+            arrs = collate(mb, self.domains, self.index, self.lw, self.pad_id, self.cfg.kd.enabled, width)
             out.append({k: torch.from_numpy(np.ascontiguousarray(v)).to(acc.device) for k, v in arrs.items()})
             lens = [int(self.domains[d].offsets[i + 1] - self.domains[d].offsets[i]) for r in mb for d, i in r]
             tokens += sum(lens)
@@ -256,6 +260,7 @@ def _report(acc, model, tokenizer, domains: dict[str, DomainData], stats: StepSt
         "tokens": stats.tokens,
         "loss_tokens": stats.loss_tokens,
         "seconds": stats.seconds,
+        "step_elapsed_s": stats.elapsed,
         "tokens_per_s": stats.tokens / stats.seconds if stats.seconds else None,
         "mfu": flops / stats.seconds / peak if stats.seconds and peak else None,
         "peak_memory_bytes": peak_memory_bytes(acc.device),

@@ -24,6 +24,7 @@ def make_accelerator(cfg: TrainConfig, out: Path):
     mp = "bf16" if cfg.precision == "bf16" or (cfg.precision == "auto" and cuda) else "no"
     trackers = [t for t in cfg.trackers if t != "wandb" or _installed("wandb")]
     acc = Accelerator(
+        cpu=not cuda,  # without it, torchrun-launched ranks on a GPU-less host stay unconnected
         mixed_precision=mp,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
@@ -82,6 +83,7 @@ class StepStats:
     def __init__(self, names: list[str], start: int):
         self.names, self.last_step, self.finished = names, start, False
         self.losses: list[float] = []
+        self.elapsed: list[float] = []  # seconds since the loop started, per step
         n = len(names)
         self.dom_loss, self.dom_tok = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
         self.win_loss, self.win_tok = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
@@ -92,6 +94,7 @@ class StepStats:
         n = len(self.names)
         row = row.double()
         self.losses.append(float(row[0]))
+        self.elapsed.append(elapsed)
         self.tokens += int(row[1])
         self.loss_tokens += int(row[2])
         self.sq_sum += float(row[3])

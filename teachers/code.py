@@ -55,7 +55,7 @@ def program_for(reference: dict[str, Any], content: str | None) -> Program | str
     elif prefix is not None:
         code = prefix + "\n" + code  # a full function; the prompt keeps its imports
     try:
-        ast.parse(code)
+        compile(code, "<answer>", "exec", dont_inherit=True)  # compiles, never runs
     except SyntaxError as e:
         return f"syntax error at line {e.lineno}: {e.msg}"
     except (ValueError, RecursionError, MemoryError):

@@ -10,6 +10,7 @@ passes by construction.
 
 from __future__ import annotations
 
+import itertools
 import random
 import string
 from collections.abc import Callable
@@ -63,7 +64,7 @@ def mapping(rng: random.Random) -> dict[str, int]:
 
 
 def add_k(rng: random.Random) -> Spec:
-    k = rng.randint(1, 99)
+    k = rng.randint(1, 999)
     return Spec("add_k", "xs", f"returns each element of xs plus {k}",
                 f"Loop over xs; add {k} to each; return the list.",
                 (f"return [x + {k} for x in xs]",), ints)  # fmt: skip
@@ -77,7 +78,7 @@ def times_k(rng: random.Random) -> Spec:
 
 
 def keep_big(rng: random.Random) -> Spec:
-    k = rng.randint(-5, 15)
+    k = rng.randint(-20, 50)
     return Spec("keep_big", "xs", f"returns the elements of xs greater than {k}",
                 f"Loop over xs; keep x if x > {k}; return the list.",
                 (f"return [x for x in xs if x > {k}]",), ints,
@@ -85,7 +86,7 @@ def keep_big(rng: random.Random) -> Spec:
 
 
 def keep_small(rng: random.Random) -> Spec:
-    k = rng.randint(-5, 15)
+    k = rng.randint(-20, 50)
     return Spec("keep_small", "xs", f"returns the elements of xs less than {k}",
                 f"Loop over xs; keep x if x < {k}; return the list.",
                 (f"return [x for x in xs if x < {k}]",), ints,
@@ -93,22 +94,22 @@ def keep_small(rng: random.Random) -> Spec:
 
 
 def count_k(rng: random.Random) -> Spec:
-    k = rng.randint(0, 9)
+    k = rng.randint(0, 20)
     return Spec("count_k", "xs", f"returns how many elements of xs equal {k}",
                 f"Count the elements equal to {k} with xs.count.",
-                (f"return xs.count({k})",), lambda r: ints(r, 0, 9, 8),
+                (f"return xs.count({k})",), lambda r: ints(r, 0, 20, 8),
                 edges=([k, k + 1, k - 1, k],))  # fmt: skip
 
 
 def affine(rng: random.Random) -> Spec:
-    a, b = rng.randint(2, 20), rng.randint(1, 99)
+    a, b = rng.randint(2, 30), rng.randint(1, 199)
     return Spec("affine", "n", f"returns n times {a} plus {b}",
                 f"Multiply n by {a}; add {b}; return it.",
                 (f"return n * {a} + {b}",), lambda r: r.randint(-50, 50))  # fmt: skip
 
 
 def is_multiple(rng: random.Random) -> Spec:
-    k = rng.randint(2, 30)
+    k = rng.randint(2, 60)
     return Spec("is_multiple", "n", f"returns True if n is divisible by {k}, else False",
                 f"Check n % {k} == 0; return it.",
                 (f"return n % {k} == 0",), lambda r: r.randint(0, 200),
@@ -147,7 +148,7 @@ def swap_c(rng: random.Random) -> Spec:
 
 
 def get_or(rng: random.Random) -> Spec:
-    key, k = rng.choice(WORDS), rng.randint(0, 99)
+    key, k = rng.choice(WORDS), rng.randint(0, 199)
     return Spec("get_or", "d", f"returns d['{key}'], or {k} if the key is missing",
                 f"Look up '{key}' in d with d.get; default {k}.",
                 (f"return d.get('{key}', {k})",), mapping,
@@ -249,7 +250,7 @@ def max_gap(rng: random.Random) -> Spec:
                 f"If len(xs) < 2 return {k}; else the max of xs[i+1] - xs[i].",
                 ("if len(xs) < 2:", f"    return {k}",
                  "return max(xs[i + 1] - xs[i] for i in range(len(xs) - 1))"), ints,
-                edges=([], [3], [1, 5, 2]))  # fmt: skip
+                edges=([], [3], [4, 9], [1, 5, 2]))  # fmt: skip
 
 
 LEVELS: dict[int, list[Callable[[random.Random], Spec]]] = {
@@ -272,14 +273,26 @@ def spec_for(rng: random.Random, difficulty: int) -> Spec:
     return rng.choice(pool)(rng)
 
 
+_TESTS: dict[str, list[str]] = {}
+
+
 def hidden_tests(spec: Spec, identity: str) -> list[str]:
     """``assert name(input) == expected`` lines; inputs are seeded by the task itself
-    (the same task always has the same tests), expected values come from the solution."""
+    (the same task always has the same tests), expected values come from the solution.
+    Cached by identity: the generator meets the same task again and again."""
+    if identity not in _TESTS:
+        if len(_TESTS) > 200_000:
+            _TESTS.clear()
+        _TESTS[identity] = _make_tests(spec, identity)
+    return list(_TESTS[identity])
+
+
+def _make_tests(spec: Spec, identity: str) -> list[str]:
     ns: dict[str, Any] = {}
     exec(spec.solution, ns)  # our own template code, never model output
     fn, rng = ns[spec.name], random.Random(f"code-tests:{identity}")
     seen, tests = set(), []
-    candidates = [*spec.edges, *(spec.inputs(rng) for _ in range(50))]
+    candidates = itertools.chain(spec.edges, (spec.inputs(rng) for _ in range(50)))
     for value in candidates:
         if repr(value) in seen:
             continue

@@ -55,9 +55,24 @@ def extract_answer(content: str | None) -> str | None:
         return None
     found = final_answer(content)
     if found is not None:
-        return found
+        return _drop_units(found)
     numbers = _NUMBER.findall(content)
     return numbers[-1].rstrip(",") if numbers else None
+
+
+# "18 dollars", "$18", "5 cm.": a number followed by words of two letters or more
+_UNITS = re.compile(
+    r"\\?\$?\s*(-?\d[\d,]*(?:\.\d+)?)\s+([a-zA-Z]{2,}(?:\s+[a-zA-Z]+)*)\.?|\\?\$\s*(-?\d[\d,]*(?:\.\d+)?)"
+)
+_MATH_WORDS = {"pi", "sqrt", "inf", "infinity", "and", "or"}
+
+
+def _drop_units(answer: str) -> str:
+    """The number of an answer written with a currency sign or units; else unchanged."""
+    m = _UNITS.fullmatch(answer.strip())
+    if not m or (m.group(2) and set(m.group(2).lower().split()) & _MATH_WORDS):
+        return answer
+    return m.group(1) or m.group(3)
 
 
 def _strip(s: str) -> str:

@@ -1,17 +1,19 @@
-"""Run untrusted Python against trusted tests, one fresh sandbox per run, many at once.
+"""Run untrusted Python against trusted tests, each run in fresh processes, many at once.
 
-Every run starts ``teachers/sandbox_harness.py`` in a new process with an empty
-environment. As root (the usual CI and container case) it runs inside new network,
-mount and pid namespaces (``unshare``): no network at all (not even loopback), a
-private size-capped tmpfs over every world-writable directory (the working directory
-lives there and vanishes with the run), a fresh ``/proc``, and every process the code
-starts dies with the run. The untrusted code runs as its own unprivileged uid with
-limits on CPU time, address space, processes, file size (its captured output is a
-file too) and open files. The tests run in a second process as another uid and call
-the code's functions through a pipe; see the harness docstring for why a pass cannot
-be faked. Without root, user namespaces give the same namespaces without the uid
-separation, and where those are missing only the resource limits remain: no network
-isolation (:func:`isolation` says which).
+Runs go to slot servers (``teachers/sandbox_harness.py``, one per concurrent run,
+started once with an empty environment). As root (the usual CI and container case) a
+slot server lives in its own network, mount, ipc and pid namespaces (``unshare``): no
+network at all (the loopback is down), a private size-capped tmpfs over every
+world-writable directory (the run's working directory lives there and is wiped after
+the run), a fresh ``/proc``, and every process a run starts is killed before the next
+run. For each run it forks a worker that runs the untrusted code as its own
+unprivileged uid, with limits on CPU time, address space, processes, file size (its
+captured output is a file too) and open files, and a judge, as another uid, that runs
+the tests and calls the code's functions through a pipe; the harness docstring says
+why a pass cannot be faked. Without root, user namespaces give the same namespaces
+without the uid separation, and where those are missing only the resource limits
+remain: no network isolation (:func:`isolation` says which; README "Sandbox and
+security").
 """
 
 from __future__ import annotations
@@ -154,7 +156,12 @@ class _Slot:
                 break
             except (BrokenPipeError, OSError):
                 self.stop()
+        else:
+            return RunResult("error", 0, total, "the sandbox server does not start")
         line = self._read_line(time.monotonic() + limits.timeout_s + GRACE_S)
+        if line == b"":
+            self.stop()
+            return RunResult("error", 0, total, "the sandbox server died during the run")
         if line is None:
             # the server times the run out itself; silence past the grace means it is
             # stuck, so it goes, with its namespaces and everything in them
@@ -170,6 +177,7 @@ class _Slot:
             return RunResult("error", 0, total, "sandbox gave no verdict")
 
     def _read_line(self, deadline: float) -> bytes | None:
+        """The next verdict line; None past the deadline, b"" if the server died."""
         fd = self.proc.stdout.fileno()
         while b"\n" not in self.buf:
             left = deadline - time.monotonic()
@@ -177,7 +185,7 @@ class _Slot:
                 return None
             chunk = os.read(fd, 1 << 16)
             if not chunk:
-                return None
+                return b""
             self.buf += chunk
         line, _, self.buf = self.buf.partition(b"\n")
         return line
@@ -286,10 +294,11 @@ def run_batch(
     limits: Limits | None = None,
     progress: bool = False,
 ) -> list[RunResult]:
-    """Run many programs, ``workers`` sandboxes at a time (default: one per core);
+    """Run many programs, ``workers`` sandboxes at a time (default: two per core);
     results in input order. Threads only wait: the work is in the sandbox processes,
     and a hostile program costs its own slot at most ``limits.timeout_s``."""
-    workers = workers or os.cpu_count() or 1
+    # two runs per core by default: a run is mostly hand-offs between its processes
+    workers = workers or 2 * (os.cpu_count() or 1)
     results: list[RunResult | None] = [None] * len(programs)
     with ThreadPoolExecutor(max_workers=min(workers, SLOTS)) as pool:
         futures = {pool.submit(run, p, limits): i for i, p in enumerate(programs)}

@@ -89,3 +89,18 @@ def test_finish_reasons_stop_strings_and_context_limit(backend):
 def test_bad_model_dir_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not a model directory"):
         make_backend(path=tmp_path)
+
+
+def test_static_cache_path_gives_the_same_rows(backend):
+    """The GPU path (static cache, fixed shapes, on-device sampling) run eagerly on CPU
+    must produce exactly what the dynamic-cache path produces."""
+    from distill.backends.hf import HFBackend
+
+    static = HFBackend(backend.name, batch_size=4, static=True)
+    s = Sampling(temperature=1.0, top_p=0.9, max_new_tokens=16, seed=3, topk_logprobs=2)
+    convs, tools = CONVS * 2, [TOOLS, None, None] * 2
+    a = backend.complete(convs, tools, s, n=2)
+    b = static.complete(convs, tools, s, n=2)
+    assert [[c.text for c in r] for r in a] == [[c.text for c in r] for r in b]
+    assert [[c.finish_reason for c in r] for r in a] == [[c.finish_reason for c in r] for r in b]
+    assert [[len(c.topk) for c in r] for r in a] == [[len(c.topk) for c in r] for r in b]

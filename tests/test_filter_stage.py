@@ -23,8 +23,8 @@ def _recipe(tmp_path, **filter_cfg):
         {
             "name": "t",
             "output_dir": str(tmp_path / "out"),
-            "domains": {"math": {"difficulty": 1, "eval_tasks": 20}},
-            "teachers": {"math": {"kind": "bootstrap"}},
+            "domains": {"math": {"eval_tasks": 20}, "logic": {"eval_tasks": 20}},
+            "teachers": {"math": {"kind": "bootstrap"}, "logic": {"kind": "bootstrap"}},
             "filter": {"workers": 1, "max_per_task": 2, **filter_cfg},
         }
     )
@@ -59,7 +59,7 @@ def _trace(id_, task, extra="", content=None, reasoning=None, **kw) -> Trace:
     )
 
 
-def _planted(tasks, eval_task):
+def _planted(tasks, eval_task, logic_eval=None):
     """Raw rows: one clean trace per task plus planted rows; {planted id: (step, reason)}."""
     t = tasks
     rows = [_trace(f"ok{i}", task) for i, task in enumerate(t)]
@@ -81,6 +81,10 @@ def _planted(tasks, eval_task):
     bad_tool = _trace("badtool", t[7], reasoning="call it")
     bad_tool.messages[-1]["tool_calls"] = [{"id": "c1", "name": "calc", "arguments": "{oops"}]
     rows.append(bad_tool)
+    if logic_eval is not None:  # a logic eval question inside a (correct) math trace
+        cross = _trace("crossleak", t[8], extra=_filler(4, 12))
+        cross.messages[0] = {"role": "user", "content": logic_eval.messages[-1]["content"]}
+        rows.append(cross)
     exact = rows[[r.id for r in rows].index("exactdup")]
     exact.messages[-1]["reasoning_content"] = "  " + exact.messages[-1]["reasoning_content"].upper()
     planted = {
@@ -94,19 +98,37 @@ def _planted(tasks, eval_task):
         "more2": ("select", "max_per_task"),
         "leak": ("decontaminate", "prompt:math"),
     }
+    if logic_eval is not None:
+        planted["crossleak"] = ("decontaminate", "prompt:logic")
     return rows, planted
 
 
 def _write_raw(recipe, rows):
     with ShardWriter(recipe.out / "raw" / "math", max_rows=7) as w:
         w.write(rows)
+    logic = get_domain("logic")
+    with ShardWriter(recipe.out / "raw" / "logic") as w:
+        for i, task in enumerate(logic.tasks("train", 3, 0, 1)):
+            w.write(
+                [
+                    Trace(
+                        id=f"l{i}",
+                        task_id=task.id,
+                        domain="logic",
+                        messages=logic.oracle(task),
+                        reference=task.reference,
+                        finish_reason="stop",
+                    )
+                ]
+            )
 
 
 def test_planted_rows_dropped_for_the_right_reason(tmp_path):
     recipe = _recipe(tmp_path)
     tasks = list(MATH.tasks("train", 12, 0, 1))
     eval_task = next(iter(MATH.tasks("eval", 20, recipe.seed, 1)))
-    rows, planted = _planted(tasks, eval_task)
+    logic_eval = next(iter(get_domain("logic").tasks("eval", 20, recipe.seed, 1)))
+    rows, planted = _planted(tasks, eval_task, logic_eval)
     _write_raw(recipe, rows)
 
     report = run(recipe, progress=False)
@@ -135,7 +157,8 @@ def test_planted_rows_dropped_for_the_right_reason(tmp_path):
     assert on_disk["domains"]["math"]["steps"] == d["steps"]
     assert "| malformed |" in (recipe.out / "clean" / "filter_report.md").read_text()
     assert json.loads((recipe.out / "clean" / "_stage.json").read_text())["rows"] == {
-        "math": len(kept)
+        "math": len(kept),
+        "logic": 3,
     }
 
 

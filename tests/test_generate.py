@@ -119,3 +119,27 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, model_dir):
     assert got.keys() == expected.keys() and len(got) == 40
     # per-sample seeds: the regenerated rows are the rows an uninterrupted run writes
     assert all(got[i]["messages"] == expected[i]["messages"] for i in got)
+
+
+def test_ranks_take_disjoint_slices_and_the_manifest_covers_all(tmp_path, model_dir):
+    """What `accelerate launch` does with two processes, one after the other here."""
+    from distill.generate import _progress, generate_domain
+    from distill.shards import finalize
+    from distill.stages import fingerprint
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "o", model_dir, domains=["math"], tasks=5))
+    fp = fingerprint(recipe, "generate")
+    with _progress(disable=True) as bar:
+        for rank in (0, 1):
+            generate_domain(recipe, "math", rank=rank, world=2, fp=fp, device="cpu", bar=bar)
+    d = tmp_path / "o" / "raw" / "math"
+    assert sorted(p.name for p in d.glob("_journal-*")) == ["_journal-part-r0.json", "_journal-part-r1.json"]
+    finalize(d, fp)
+    ids = [t.id for t in iter_traces(d)]
+    assert len(ids) == len(set(ids)) == 10
+    single = load_recipe(write_recipe(tmp_path / "s.yaml", tmp_path / "s", model_dir, domains=["math"], tasks=5))
+    run(single)
+    assert sorted(ids) == sorted(t.id for t in iter_traces(tmp_path / "s" / "raw" / "math"))
+    # a rerun with one process finds every row committed by the two and adds none
+    run(load_recipe(tmp_path / "r.yaml"))
+    assert sorted(t.id for t in iter_traces(d)) == sorted(ids)

@@ -72,6 +72,11 @@ def test_verdict_reasons():
         ("3+4=7\n#### 1,000", "1,000"),
         ("we get 3 apples and then 12 apples", "12"),
         ("nothing here", None),
+        ("Answer: 18 dollars", "18"),
+        ("#### $1,000", "1,000"),
+        ("Answer: 5 cm.", "5"),
+        ("Answer: 12 or 14", "12 or 14"),  # a hedge stays a hedge, and fails
+        ("Answer: 3 x", "3 x"),
     ],
 )
 def test_extract_answer(content, expected):

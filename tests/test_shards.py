@@ -66,11 +66,11 @@ def test_roundtrip_and_manifest(tmp_path):
 
 
 def test_byte_bound_is_on_the_encoded_file(tmp_path):
-    m = write(tmp_path, 60, max_rows=1000, max_bytes=6000)
+    m = write(tmp_path, 30, max_rows=1000, max_bytes=6000)
     sizes = [(tmp_path / s["file"]).stat().st_size for s in m["shards"]]
-    assert len(sizes) > 5 and max(sizes) <= 6000
-    assert m["rows"] == 60 and read_table(tmp_path).column("id").to_pylist() == [
-        f"t{i}" for i in range(60)
+    assert len(sizes) > 3 and max(sizes) <= 6000
+    assert m["rows"] == 30 and read_table(tmp_path).column("id").to_pylist() == [
+        f"t{i}" for i in range(30)
     ]
 
 
@@ -114,13 +114,16 @@ def test_changed_fingerprint_discards_committed_rows(tmp_path):
 
 
 def test_writers_with_prefixes_merge_in_finalize(tmp_path):
-    for rank in range(2):
-        w = ShardWriter(tmp_path, max_rows=4, prefix=f"rank{rank}")
+    for rank in range(2):  # "part" and "part-1": one prefix starts with the other
+        w = ShardWriter(tmp_path, max_rows=4, prefix="part" if rank == 0 else "part-1")
         w.write(make_trace(i) for i in range(rank * 10, rank * 10 + 6))
         w.close(finalize_manifest=False)
+    ShardWriter(tmp_path, prefix="part")  # reopening one writer leaves the other's files
     m = finalize(tmp_path, "fp")
     assert m["rows"] == 12 and len(m["shards"]) == 4
-    assert take(tmp_path, [0, 11]).column("id").to_pylist() == ["t0", "t15"]
+    ids = read_table(tmp_path).column("id").to_pylist()
+    assert sorted(ids) == sorted(f"t{i}" for i in [*range(6), *range(10, 16)])
+    assert take(tmp_path, [0, 11]).column("id").to_pylist() == [ids[0], ids[11]]
 
 
 def test_truncated_shard_names_the_file(tmp_path):

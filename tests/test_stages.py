@@ -83,3 +83,10 @@ def test_log_recipe_writes_the_resolved_recipe(tmp_path, capsys):
 def test_track_yields_everything(capsys):
     assert list(track(range(5), "count", unit="rows")) == [0, 1, 2, 3, 4]
     assert "count" in capsys.readouterr().err
+
+
+def test_mark_done_keeps_the_resolved_recipe(tmp_path):
+    r = recipe(tmp_path, "eval.pass_k=3")
+    mark_done(r, "eval")
+    saved = YAML(typ="safe").load((stage_dir(r, "eval") / "_recipe.yaml").read_text())
+    assert validate(saved).eval.pass_k == 3

@@ -89,7 +89,11 @@ class HFBackend:
 
             # on GPU a step costs the same for 1 row or 256: keep shapes fixed and graph it
             self.static = StaticDecoder(
-                self.model, pad_id=self.pad_id, eos_ids=self.eos_ids, compile=self.device.type == "cuda"
+                self.model,
+                pad_id=self.pad_id,
+                eos_ids=self.eos_ids,
+                compile=self.device.type == "cuda",
+                cache_kw=self._cache_kw,
             )
 
     def _eos_ids(self) -> list[int]:

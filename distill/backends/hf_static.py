@@ -22,12 +22,23 @@ def _bucket(n: int, size: int) -> int:
 class StaticDecoder:
     """Decodes batches of rows (``hf._Row``) in place with a reusable static cache."""
 
-    def __init__(self, model, *, pad_id: int, eos_ids: list[int], compile: bool = True):
+    def __init__(
+        self,
+        model,
+        *,
+        pad_id: int,
+        eos_ids: list[int],
+        compile: bool = True,
+        cache_kw: str = "cache",
+    ):
         self.model = model
+        self.cache_kw = cache_kw  # "past_key_values" before transformers 5.2x
         self.pad_id = pad_id
         self.eos = torch.tensor(eos_ids, device=model.device)
         self.step_fn = (
-            torch.compile(model.forward, mode="reduce-overhead", dynamic=False) if compile else model.forward
+            torch.compile(model.forward, mode="reduce-overhead", dynamic=False)
+            if compile
+            else model.forward
         )
         self.caches: dict[tuple[int, int], object] = {}
 
@@ -58,7 +69,13 @@ class StaticDecoder:
         seeds = torch.tensor([r.seed for r in rows] + [0] * (batch - len(rows)), device=dev)
         limits = torch.tensor([r.limit for r in rows] + [1] * (batch - len(rows)), device=dev)
         cache = self._cache(batch, total)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            logits_to_keep=1,
+            **{self.cache_kw: cache},
+        )
         logits = out.logits[:, -1].float()
         tokens = torch.full((batch, steps), self.pad_id, dtype=torch.long, device=dev)
         k = sampling.topk_logprobs
@@ -75,11 +92,13 @@ class StaticDecoder:
                 top_v[:, step], top_i[:, step] = lp.topk(k, dim=-1)
                 chosen[:, step] = lp.gather(-1, nxt[:, None])[:, 0]
             finished |= torch.isin(nxt, self.eos) | (step + 1 >= limits)
-            if step + 1 == steps or (step % CHECK_EVERY == CHECK_EVERY - 1 and bool(finished.all())):
+            if step + 1 == steps or (
+                step % CHECK_EVERY == CHECK_EVERY - 1 and bool(finished.all())
+            ):
                 break
             out = self.step_fn(
                 input_ids=nxt[:, None].clone(), attention_mask=mask, position_ids=next_pos.clone(),
-                cache=cache, logits_to_keep=1,
+                logits_to_keep=1, **{self.cache_kw: cache},
             )  # fmt: skip
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
@@ -94,6 +113,11 @@ class StaticDecoder:
             r.ended = end is not None
             if k:
                 r.topk = [
-                    {"ids": top_i[b, t].tolist(), "logprobs": top_v[b, t].tolist(), "token": seq[t], "logprob": float(chosen[b, t])}
+                    {
+                        "ids": top_i[b, t].tolist(),
+                        "logprobs": top_v[b, t].tolist(),
+                        "token": seq[t],
+                        "logprob": float(chosen[b, t]),
+                    }
                     for t in range(len(r.tokens))
                 ]
