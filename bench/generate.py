@@ -208,7 +208,18 @@ def main() -> None:
     big = max(batches)
     if a.device.startswith("cuda") and "static" not in skip and time.time() - start < a.budget_s:
         try:
-            run_plain(model, ps[:big], 8, big, pad, eos, a.device, cache_implementation="static")
+            # warm-up at the full length: the compiled graphs depend on the cache length
+            run_plain(
+                model,
+                ps[:big],
+                a.new,
+                big,
+                pad,
+                eos,
+                a.device,
+                cache_implementation="static",
+                **box,
+            )
             secs, toks = run_plain(
                 model,
                 ps[:big],
@@ -257,7 +268,9 @@ def measure_ours(out: Path, backend: HFBackend, ps, a, batch: int, bw) -> None:
         if static is False:
             backend.static = None
         try:
-            run_ours(backend, ps[:batch], 8, batch, a.device)  # warm-up: compile, capture graphs
+            # warm-up on the longest prompts with the full length: the static cache length
+            # (prompt + new tokens, bucketed) is what the captured graphs depend on
+            run_ours(backend, ps[-batch:], a.new, batch, a.device)
             secs, toks = run_ours(backend, ps, a.new, batch, a.device)
             emit(out, what=name, batch=batch, seconds=secs, tokens=toks, tok_s=toks / secs,
                  roofline_tok_s=roof, roofline_frac=(toks / secs / roof) if roof else None)  # fmt: skip

@@ -21,7 +21,11 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE).exists()]
+    found = [
+        p
+        for p in ckpt_dir.glob("step-*")
+        if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE).exists()
+    ]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 

@@ -64,7 +64,12 @@ def cache_key(shard_dir: Path, tokenizer, max_seq_len: int, kd: bool) -> str:
 
 
 def tokenize_domain(
-    domain: str, shard_dir: str | Path, tokenizer, max_seq_len: int, cache_root: str | Path, kd: bool = False
+    domain: str,
+    shard_dir: str | Path,
+    tokenizer,
+    max_seq_len: int,
+    cache_root: str | Path,
+    kd: bool = False,
 ) -> DomainData:
     """The domain's examples, from the cache when the shards and tokenizer are unchanged."""
     shard_dir = Path(shard_dir)
@@ -87,7 +92,9 @@ def _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd):
         task = bar.add_task(f"tokenize {domain}", total=table.num_rows)
         for batch in table.select(cols).to_batches(max_chunksize=256):
             for row in batch.to_pylist():
-                exs = render_trace(tokenizer, row["messages"], json.loads(row["tools"]) if row["tools"] else None)
+                exs = render_trace(
+                    tokenizer, row["messages"], json.loads(row["tools"]) if row["tools"] else None
+                )
                 topk = _topk_for(row, exs, len(tokenizer)) if kd else None
                 start = 0
                 for ex in exs:
@@ -104,7 +111,9 @@ def _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd):
                     start += n_loss
             bar.advance(task, batch.num_rows)
     if not lens:
-        raise UserError(f"{shard_dir}: no trace of domain {domain} renders to at most max_seq_len={max_seq_len} tokens")
+        raise UserError(
+            f"{shard_dir}: no trace of domain {domain} renders to at most max_seq_len={max_seq_len} tokens"
+        )
     arrays = {
         "ids": np.fromiter((t for x in ids for t in x), np.int32),
         "mask": np.fromiter((t for x in masks for t in x), np.uint8),
@@ -120,7 +129,9 @@ def _topk_for(row, examples, vocab: int) -> list[dict]:
     topk = row.get("topk")
     n_loss = sum(sum(ex.loss_mask) for ex in examples)
     if topk is None:
-        raise UserError(f"trace {row['id']}: train.kd is on but the trace has no teacher top-k logprobs")
+        raise UserError(
+            f"trace {row['id']}: train.kd is on but the trace has no teacher top-k logprobs"
+        )
     if len(topk) != n_loss:
         raise UserError(
             f"trace {row['id']}: {len(topk)} teacher top-k entries but {n_loss} assistant tokens "
@@ -166,8 +177,14 @@ def _load_cache(domain: str, path: Path) -> DomainData:
         return np.load(f, mmap_mode="r") if f.exists() else None
 
     return DomainData(
-        domain, load("ids"), load("mask"), load("offsets"),
-        load("kd_ids"), load("kd_lp"), load("kd_offsets"), meta["dropped"],
+        domain,
+        load("ids"),
+        load("mask"),
+        load("offsets"),
+        load("kd_ids"),
+        load("kd_lp"),
+        load("kd_offsets"),
+        meta["dropped"],
     )
 
 
@@ -207,7 +224,9 @@ def _take(lengths: np.ndarray, budget: float, mode: str, rng: np.random.Generato
     return out
 
 
-def pack_rows(lengths: list[int], max_len: int, pack: bool = True, window: int = 64) -> list[list[int]]:
+def pack_rows(
+    lengths: list[int], max_len: int, pack: bool = True, window: int = 64
+) -> list[list[int]]:
     """Rows of example positions. First fit over the ``window`` most recent open rows:
     dense packing while staying close to the shuffled order."""
     if not pack:
@@ -231,8 +250,15 @@ def pack_rows(lengths: list[int], max_len: int, pack: bool = True, window: int =
 class RowStream:
     """Packed rows across epochs in a seed-determined order; resumable at (epoch, row)."""
 
-    def __init__(self, domains: dict[str, DomainData], weights: dict[str, float], mode: str,
-                 max_len: int, pack: bool, seed: int):
+    def __init__(
+        self,
+        domains: dict[str, DomainData],
+        weights: dict[str, float],
+        mode: str,
+        max_len: int,
+        pack: bool,
+        seed: int,
+    ):
         self.domains, self.weights, self.mode = domains, weights, mode
         self.max_len, self.pack, self.seed = max_len, pack, seed
         self.lengths = {d: np.asarray(dd.lengths) for d, dd in domains.items()}
@@ -265,12 +291,20 @@ class RowStream:
         self.epoch, self.row = int(state["epoch"]), int(state["row"])
 
 
-def collate(rows: list[list[tuple[str, int]]], domains: dict[str, DomainData], domain_index: dict[str, int],
-            loss_weights: dict[str, float], pad_id: int, kd: bool = False,
-            width: int | None = None) -> dict[str, np.ndarray]:
+def collate(
+    rows: list[list[tuple[str, int]]],
+    domains: dict[str, DomainData],
+    domain_index: dict[str, int],
+    loss_weights: dict[str, float],
+    pad_id: int,
+    kd: bool = False,
+    width: int | None = None,
+) -> dict[str, np.ndarray]:
     """A micro-batch: ids and restarting positions per row (padding is its own segment,
     so no real token attends to it), plus flat loss positions, targets, weights, domains."""
-    longest = max(sum(int(domains[d].offsets[i + 1] - domains[d].offsets[i]) for d, i in r) for r in rows)
+    longest = max(
+        sum(int(domains[d].offsets[i + 1] - domains[d].offsets[i]) for d, i in r) for r in rows
+    )
     width = max(width or 0, longest)
     ids = np.full((len(rows), width), pad_id, np.int64)
     pos = np.zeros((len(rows), width), np.int64)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -95,16 +97,21 @@ def _with_settings(trace: Trace, recorded: dict[str, Any]) -> Trace:
 
 
 def filter_traces(
-    domain: str, traces: list[Trace], cfg: FilterConfig, index: NgramIndex | None
+    domain: str,
+    traces: list[Trace],
+    cfg: FilterConfig,
+    index: NgramIndex | None,
+    on_step: Callable[[str], None] = lambda name: None,
 ) -> tuple[list[Trace], Funnel, list[dict[str, str]]]:
     """Every step after verification (verdicts already on the traces), counted; returns
-    the kept traces, the funnel and one ``{id, task_id, step, reason}`` per dropped row."""
+    the kept traces, the funnel and one ``{id, task_id, step, reason}`` per dropped row.
+    ``on_step(name)`` is called as each step starts (progress display)."""
     funnel = Funnel(domain, len(traces))
     passed = sum(bool(t.verdict and t.verdict.passed) for t in traces)
     funnel.add("verify", len(traces), {}, passed=passed, failed=len(traces) - passed)
     rates = pass_rates(traces)
     steps = [
-        ("malformed", True, lambda ts: drop_malformed(ts, cfg.require_reasoning)),
+        ("malformed", cfg.drop_malformed, lambda ts: drop_malformed(ts, cfg.require_reasoning)),
         ("failed", True, lambda ts: drop_failed(ts, cfg.keep_failed)),
         ("dedup_exact", cfg.dedup_exact, dedup_exact),
         (
@@ -131,6 +138,7 @@ def filter_traces(
     ]
     alive, log = traces, []
     for name, enabled, step in steps:
+        on_step(name)
         if not enabled:
             funnel.add(name, len(alive), {}, skipped=True)
             continue
@@ -139,6 +147,28 @@ def filter_traces(
         for reason, ts in sorted(dropped.items()):
             log += [{"id": t.id, "task_id": t.task_id, "step": name, "reason": reason} for t in ts]
     return alive, funnel, log
+
+
+@contextmanager
+def _steps_bar(domain: str, enabled: bool) -> Iterator[Callable[[str], None]]:
+    """A rich progress bar over the filter steps of one domain (or nothing)."""
+    if not enabled:
+        yield lambda name: None
+        return
+    from distill.progress import progress
+
+    with progress(transient=True) as bar:
+        task = bar.add_task(f"filter {domain}", total=6, unit="step")
+
+        started: list[str] = []
+
+        def on_step(name: str) -> None:
+            if started:  # the previous step is done
+                bar.advance(task)
+            started.append(name)
+            bar.update(task, description=f"filter {domain}: {name}")
+
+        yield on_step
 
 
 def _complete(dst: Path, fp: str) -> dict[str, Any] | None:
@@ -170,7 +200,8 @@ def filter_domain(
         if t.domain != domain:
             raise UserError(f"{src}: row {t.id} belongs to domain {t.domain!r}, not {domain!r}")
     verify(domain, traces, cfg.workers, progress)
-    kept, funnel, dropped = filter_traces(domain, traces, cfg, index)
+    with _steps_bar(domain, progress) as on_step:
+        kept, funnel, dropped = filter_traces(domain, traces, cfg, index, on_step)
     dom = get_domain(domain)
     entry = summary(
         funnel,

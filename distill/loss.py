@@ -24,7 +24,10 @@ def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def topk_kl(
-    logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, temperature: float = 1.0
+    logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Per-token KL(teacher || student) over the teacher's top-k plus one tail bucket.
 
@@ -71,17 +74,37 @@ class Objective(nn.Module):
         self.kd_alpha = kd_alpha
         self.kd_temperature = kd_temperature
 
-    def forward(self, input_ids, position_ids, loss_pos, targets, weights, domain, n_domains: int,
-                norm, kd_ids=None, kd_lp=None):
+    def forward(
+        self,
+        input_ids,
+        position_ids,
+        loss_pos,
+        targets,
+        weights,
+        domain,
+        n_domains: int,
+        norm,
+        kd_ids=None,
+        kd_lp=None,
+    ):
         body = self.model.get_decoder()
-        hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = body(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])[loss_pos]
         head = self.model.get_output_embeddings()
         losses, ces = [], []
         for s in range(0, hidden.shape[0], LOGIT_CHUNK):
             sl = slice(s, s + LOGIT_CHUNK)
-            args = (head, hidden[sl], targets[sl], None if kd_ids is None else kd_ids[sl],
-                    None if kd_lp is None else kd_lp[sl], self.kd_alpha, self.kd_temperature)
+            args = (
+                head,
+                hidden[sl],
+                targets[sl],
+                None if kd_ids is None else kd_ids[sl],
+                None if kd_lp is None else kd_lp[sl],
+                self.kd_alpha,
+                self.kd_temperature,
+            )
             if self.training and hidden.shape[0] > LOGIT_CHUNK:
                 loss, ce = checkpoint(_chunk_losses, *args, use_reentrant=False)
             else:
@@ -92,5 +115,7 @@ class Objective(nn.Module):
         ce = torch.cat(ces).detach()
         total = (tok_loss * weights).sum() / norm
         dom_loss = torch.zeros(n_domains, device=ce.device).index_add_(0, domain, ce)
-        dom_tokens = torch.zeros(n_domains, device=ce.device).index_add_(0, domain, torch.ones_like(ce))
+        dom_tokens = torch.zeros(n_domains, device=ce.device).index_add_(
+            0, domain, torch.ones_like(ce)
+        )
         return total, dom_loss, dom_tokens

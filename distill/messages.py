@@ -14,6 +14,13 @@ from typing import Any
 
 import pyarrow as pa
 
+from distill.errors import UserError
+
+
+class MessageError(UserError, ValueError):
+    """A chat message that does not fit the trace format (a ValueError for old callers)."""
+
+
 SCHEMA_VERSION = 1
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -157,7 +164,7 @@ def normalize_message(m: dict[str, Any]) -> dict[str, Any]:
     """A message with every schema field present (missing ones null), flat tool calls."""
     role = m.get("role")
     if role not in ROLES:
-        raise ValueError(f"message role must be one of {ROLES}, got {role!r}")
+        raise MessageError(f"message role must be one of {', '.join(ROLES)}, got {role!r}")
     calls = m.get("tool_calls")
     return {
         "role": role,

@@ -44,7 +44,9 @@ def end_token_id(tokenizer) -> int:
 
 
 def pad_token_id(tokenizer) -> int:
-    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_token_id(tokenizer))
+    return int(
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_token_id(tokenizer)
+    )
 
 
 def build_model(arch: ModelArch, tokenizer, seed: int = 0, attn_implementation: str = "sdpa"):
@@ -53,7 +55,9 @@ def build_model(arch: ModelArch, tokenizer, seed: int = 0, attn_implementation: 
 
     heads = arch.num_heads
     if arch.hidden_size % heads:
-        raise UserError(f"arch.hidden_size {arch.hidden_size} is not a multiple of num_heads {heads}")
+        raise UserError(
+            f"arch.hidden_size {arch.hidden_size} is not a multiple of num_heads {heads}"
+        )
     kv = arch.num_kv_heads or heads
     if heads % kv:
         raise UserError(f"arch.num_heads {heads} is not a multiple of num_kv_heads {kv}")
@@ -79,7 +83,9 @@ def build_model(arch: ModelArch, tokenizer, seed: int = 0, attn_implementation: 
     return model
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+def load_model(
+    path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
+):
     """An HF causal LM directory; a clear error when it is missing or not a causal LM."""
     from transformers import AutoModelForCausalLM
 

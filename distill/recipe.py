@@ -260,6 +260,9 @@ class GenerateConfig(Section):
 class FilterConfig(Section):
     workers: int | None = Field(None, ge=1, description="Verifier processes; null = every core.")
     keep_failed: bool = Field(False, description="Keep failed traces, flagged, for analysis.")
+    drop_malformed: bool = Field(
+        True, description="Drop truncated traces, traces without a final answer, with unparsable tool calls or (require_reasoning) empty reasoning."
+    )
     require_reasoning: bool = Field(True, description="Drop traces with empty reasoning.")
     dedup_exact: bool = Field(True, description="Drop exact duplicates (normalised text hash).")
     dedup_near: bool = Field(True, description="Drop near duplicates (MinHash LSH).")

@@ -47,7 +47,11 @@ def template_messages(tokenizer, messages: list[dict[str, Any]]) -> list[dict[st
         m = compact_message(normalize_message(m))
         if "tool_calls" in m and not ours:
             m["tool_calls"] = [
-                {"id": c.get("id"), "type": "function", "function": {"name": c["name"], "arguments": _args(c)}}
+                {
+                    "id": c.get("id"),
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": _args(c)},
+                }
                 for c in m["tool_calls"]
             ]
         out.append(m)
@@ -68,8 +72,12 @@ def render_text(tokenizer, messages, tools=None, add_generation_prompt: bool = F
         return tokenizer.apply_chat_template(
             messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
         )
-    except Exception as e:  # jinja raises anything (TemplateError, TypeError, its own raise_exception)
-        raise TemplateError(f"chat template failed on a {len(messages)}-message prefix: {e}") from None
+    except (
+        Exception
+    ) as e:  # jinja raises anything (TemplateError, TypeError, its own raise_exception)
+        raise TemplateError(
+            f"chat template failed on a {len(messages)}-message prefix: {e}"
+        ) from None
 
 
 def assistant_spans(tokenizer, messages, tools=None) -> tuple[str, list[tuple[int, int]]]:
@@ -93,7 +101,9 @@ def assistant_spans(tokenizer, messages, tools=None) -> tuple[str, list[tuple[in
                 )
         a, b = len(before), len(upto)
         if a < end_prev or b <= a:
-            raise TemplateError(f"chat template renders assistant message {k} in no span of its own")
+            raise TemplateError(
+                f"chat template renders assistant message {k} in no span of its own"
+            )
         spans.append((a, b))
         end_prev = b
     return full, spans
@@ -121,7 +131,9 @@ def _mask_tokens(tokenizer, text: str, spans: list[tuple[int, int]]) -> Rendered
     return RenderedExample(list(ids), mask)
 
 
-def render_trace(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[RenderedExample]:
+def render_trace(
+    tokenizer, messages: list[dict], tools: list[dict] | None = None
+) -> list[RenderedExample]:
     """One example per user turn that has an assistant answer (see module doc)."""
     msgs = template_messages(tokenizer, messages)
     users = [i for i, m in enumerate(msgs) if m["role"] == "user"] or [0]

@@ -69,8 +69,10 @@ def train(
     sw = {d: (sampling_weights or {}).get(d, 1.0) for d in shards}
     lw = {d: (loss_weights or {}).get(d, 1.0) for d in shards}
     with acc.main_process_first():  # rank 0 tokenizes, the others read its cache
-        domains = {d: tokenize_domain(d, p, tokenizer, cfg.max_seq_len, out / "cache", cfg.kd.enabled)
-                   for d, p in sorted(shards.items())}
+        domains = {
+            d: tokenize_domain(d, p, tokenizer, cfg.max_seq_len, out / "cache", cfg.kd.enabled)
+            for d, p in sorted(shards.items())
+        }
     fp = _fingerprint(init, tokenizer_dir, shards, cfg, seed, sw, lw)
     model = _init_model(init, tokenizer, seed, cfg, acc.device)
     set_cpu_threads(acc, sum(p.numel() for p in model.parameters()))
@@ -84,9 +86,13 @@ def train(
     objective, opt = acc.prepare(objective, opt)
     acc.register_for_checkpointing(sched)
     start = _resume(acc, out / "checkpoints", fp, stream)
-    loop = _Loop(acc, objective, opt, sched, stream, domains, lw, cfg, plan, pad_token_id(tokenizer))
+    loop = _Loop(
+        acc, objective, opt, sched, stream, domains, lw, cfg, plan, pad_token_id(tokenizer)
+    )
     if acc.is_main_process and cfg.trackers:
-        acc.init_trackers(desc.replace("/", "-"), config={"seed": seed, **cfg.model_dump(mode="json")})
+        acc.init_trackers(
+            desc.replace("/", "-"), config={"seed": seed, **cfg.model_dump(mode="json")}
+        )
     stats = loop.run(start, desc, out / "checkpoints", fp, stop_after_steps)
     report = _report(acc, model, tokenizer, domains, stats, plan, cfg, out)
     if stats.finished:
@@ -98,10 +104,19 @@ def train(
 
 
 def _fingerprint(init, tokenizer_dir, shards, cfg: TrainConfig, seed, sw, lw) -> str:
-    init_s = init.model_dump(mode="json") if isinstance(init, ModelArch) else str(Path(init).resolve())
+    init_s = (
+        init.model_dump(mode="json") if isinstance(init, ModelArch) else str(Path(init).resolve())
+    )
     blob = json.dumps(
-        {"init": init_s, "tok": str(Path(tokenizer_dir).resolve()), "shards": {d: str(p) for d, p in shards.items()},
-         "cfg": cfg.model_dump(mode="json", exclude=_RUN_ONLY), "seed": seed, "sw": sw, "lw": lw},
+        {
+            "init": init_s,
+            "tok": str(Path(tokenizer_dir).resolve()),
+            "shards": {d: str(p) for d, p in shards.items()},
+            "cfg": cfg.model_dump(mode="json", exclude=_RUN_ONLY),
+            "seed": seed,
+            "sw": sw,
+            "lw": lw,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -114,7 +129,9 @@ def _init_model(init, tokenizer, seed: int, cfg: TrainConfig, device: torch.devi
     else:
         model = load_model(init, attn_implementation=attn)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
-            raise UserError(f"{init}: model vocabulary is smaller than its tokenizer's ({len(tokenizer)})")
+            raise UserError(
+                f"{init}: model vocabulary is smaller than its tokenizer's ({len(tokenizer)})"
+            )
         set_generation_config(model, tokenizer)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -122,8 +139,16 @@ def _init_model(init, tokenizer, seed: int, cfg: TrainConfig, device: torch.devi
         from peft import LoraConfig, get_peft_model
 
         lc = cfg.lora
-        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                 target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lc.r,
+                lora_alpha=lc.alpha,
+                lora_dropout=lc.dropout,
+                target_modules=lc.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
     model.train()
     return model
 
@@ -131,15 +156,16 @@ def _init_model(init, tokenizer, seed: int, cfg: TrainConfig, device: torch.devi
 def _attn_implementation(device: torch.device) -> str:
     """Packed rows need attention that respects position_ids restarts: flash-attention
     varlen when installed on GPU, else SDPA with the block-diagonal mask transformers
-    derives from position_ids (exact on CPU and GPU)."""
+    derives from position_ids (exact on CPU and GPU). DISTILL_ATTN overrides (e.g.
+    flex_attention)."""
+    if os.environ.get("DISTILL_ATTN"):
+        return os.environ["DISTILL_ATTN"]
     if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
+        import importlib.util
 
+        if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
-        except ImportError:
-            pass
-    return os.environ.get("DISTILL_ATTN", "sdpa")
+    return "sdpa"
 
 
 def _plan(cfg: TrainConfig, world: int, stream: RowStream) -> dict[str, int]:
@@ -149,8 +175,14 @@ def _plan(cfg: TrainConfig, world: int, stream: RowStream) -> dict[str, int]:
     per_rank = rows_step // world
     epoch_rows = len(stream.epoch_rows(0))
     max_steps = cfg.max_steps or max(1, math.ceil(epoch_rows * cfg.epochs / rows_step))
-    return {"rows_micro": rows_micro, "rows_step": rows_step, "per_rank": per_rank,
-            "accum": math.ceil(per_rank / rows_micro), "max_steps": max_steps, "epoch_rows": epoch_rows}
+    return {
+        "rows_micro": rows_micro,
+        "rows_step": rows_step,
+        "per_rank": per_rank,
+        "accum": math.ceil(per_rank / rows_micro),
+        "max_steps": max_steps,
+        "epoch_rows": epoch_rows,
+    }
 
 
 def _resume(acc, ckpt_dir: Path, fp: str, stream: RowStream) -> int:
@@ -187,9 +219,20 @@ class _Loop:
             mb = rows[s : s + plan["rows_micro"]]
             # static row width on GPU: compiled kernels (flex attention, torch.compile) never recompile
             width = self.cfg.max_seq_len if acc.device.type == "cuda" else None
-            arrs = collate(mb, self.domains, self.index, self.lw, self.pad_id, self.cfg.kd.enabled, width)
-            out.append({k: torch.from_numpy(np.ascontiguousarray(v)).to(acc.device) for k, v in arrs.items()})
-            lens = [int(self.domains[d].offsets[i + 1] - self.domains[d].offsets[i]) for r in mb for d, i in r]
+            arrs = collate(
+                mb, self.domains, self.index, self.lw, self.pad_id, self.cfg.kd.enabled, width
+            )
+            out.append(
+                {
+                    k: torch.from_numpy(np.ascontiguousarray(v)).to(acc.device)
+                    for k, v in arrs.items()
+                }
+            )
+            lens = [
+                int(self.domains[d].offsets[i + 1] - self.domains[d].offsets[i])
+                for r in mb
+                for d, i in r
+            ]
             tokens += sum(lens)
             sq += float(sum(n * n for n in lens))
         return out, tokens, sq
@@ -205,7 +248,7 @@ class _Loop:
         dom = torch.zeros(2 * len(self.names), device=acc.device)
         for j, b in enumerate(batches):
             sync = j == len(batches) - 1
-            with (nullcontext() if sync else acc.no_sync(self.objective)), acc.autocast():
+            with nullcontext() if sync else acc.no_sync(self.objective), acc.autocast():
                 total, dl, dt = self.objective(n_domains=len(self.names), norm=norm, **b)
             acc.backward(total)
             loss += total.detach()
@@ -220,7 +263,9 @@ class _Loop:
         head[0] = loss / acc.num_processes
         return torch.cat([head, dom])
 
-    def run(self, start: int, desc: str, ckpt_dir: Path, fp: str, stop_after: int | None) -> StepStats:
+    def run(
+        self, start: int, desc: str, ckpt_dir: Path, fp: str, stop_after: int | None
+    ) -> StepStats:
         acc, cfg = self.acc, self.cfg
         stats = StepStats(self.names, start)
         t0 = time.perf_counter()
@@ -228,23 +273,33 @@ class _Loop:
             for step in range(start + 1, self.plan["max_steps"] + 1):
                 timed_out = cfg.max_time_s is not None and time.perf_counter() - t0 > cfg.max_time_s
                 row = self.step()
-                row = acc.reduce(torch.cat([row, torch.tensor([float(timed_out)], device=acc.device)]), "sum")
+                row = acc.reduce(
+                    torch.cat([row, torch.tensor([float(timed_out)], device=acc.device)]), "sum"
+                )
                 stop = row[-1].item() > 0 or step == stop_after
                 stats.add(step, row[:-1].cpu(), time.perf_counter() - t0)
                 bar(step, stats)
                 if step % cfg.log_every == 0 and cfg.trackers:
                     acc.log(stats.log_row(), step=step)
                 last = step == self.plan["max_steps"]
-                if (cfg.save_every and step % cfg.save_every == 0) or stop or (last and cfg.save_every):
+                if (
+                    (cfg.save_every and step % cfg.save_every == 0)
+                    or stop
+                    or (last and cfg.save_every)
+                ):
                     state = {"step": step, "data": self.stream.state_dict(), "fingerprint": fp}
                     checkpoint.save(acc, ckpt_dir, step, state, cfg.keep_last)
                 if stop:
+                    # out of time: a finished (shorter) run; stop_after: a preemption
+                    stats.finished = step != stop_after
                     return stats
         stats.finished = True
         return stats
 
 
-def _report(acc, model, tokenizer, domains: dict[str, DomainData], stats: StepStats, plan, cfg, out: Path) -> dict:
+def _report(
+    acc, model, tokenizer, domains: dict[str, DomainData], stats: StepStats, plan, cfg, out: Path
+) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     f_tok, f_attn = flops_per_token(model)
     flops = f_tok * stats.tokens + f_attn * stats.sq_sum + stats.head_flops(model)
@@ -259,6 +314,7 @@ def _report(acc, model, tokenizer, domains: dict[str, DomainData], stats: StepSt
         "dropped_too_long": {d: dd.dropped for d, dd in domains.items()},
         "tokens": stats.tokens,
         "loss_tokens": stats.loss_tokens,
+        "attention_sq_sum": stats.sq_sum,
         "seconds": stats.seconds,
         "step_elapsed_s": stats.elapsed,
         "tokens_per_s": stats.tokens / stats.seconds if stats.seconds else None,
@@ -276,7 +332,13 @@ def _peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("4090", 165e12)):
+    for key, peak in (
+        ("H200", 989e12),
+        ("H100", 989e12),
+        ("A100", 312e12),
+        ("L40S", 362e12),
+        ("4090", 165e12),
+    ):
         if key in name:
             return peak
     return None
@@ -289,7 +351,11 @@ def run(recipe: Recipe) -> dict:
     out = recipe.out
     st = recipe.student
     if st.kind == "scratch":
-        tok_dir = Path(recipe.tokenizer.path) if recipe.tokenizer.kind == "pretrained" else out / "tokenizer"
+        tok_dir = (
+            Path(recipe.tokenizer.path)
+            if recipe.tokenizer.kind == "pretrained"
+            else out / "tokenizer"
+        )
         init: str | Path | ModelArch = st.arch
     else:
         tok_dir = init = Path(st.path)
@@ -300,8 +366,13 @@ def run(recipe: Recipe) -> dict:
     if recipe.train.kd.enabled:
         _check_kd_tokenizers(recipe, tok_dir)
     report = train(
-        init=init, tokenizer_dir=tok_dir, shards=shards, out_dir=out / "student", cfg=recipe.train,
-        seed=recipe.seed, desc="student",
+        init=init,
+        tokenizer_dir=tok_dir,
+        shards=shards,
+        out_dir=out / "student",
+        cfg=recipe.train,
+        seed=recipe.seed,
+        desc="student",
         sampling_weights={d: recipe.domains[d].sampling_weight for d in domains},
         loss_weights={d: recipe.domains[d].loss_weight for d in domains},
     )
@@ -317,7 +388,13 @@ def _check_kd_tokenizers(recipe: Recipe, student_tok: Path) -> None:
     student = load_tokenizer(student_tok)
     for d in recipe.active_domains():
         t = recipe.teachers[d]
-        path = Path(t.path) if t.kind == "hf" else recipe.out / "teachers" / d if t.kind == "bootstrap" else None
+        path = (
+            Path(t.path)
+            if t.kind == "hf"
+            else recipe.out / "teachers" / d
+            if t.kind == "bootstrap"
+            else None
+        )
         if path is None or not (path / "tokenizer_config.json").exists():
             continue  # an endpoint's tokenizer is unknown here; ids are range-checked per trace
         teacher = load_tokenizer(path)

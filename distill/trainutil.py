@@ -85,8 +85,14 @@ class StepStats:
         self.losses: list[float] = []
         self.elapsed: list[float] = []  # seconds since the loop started, per step
         n = len(names)
-        self.dom_loss, self.dom_tok = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-        self.win_loss, self.win_tok = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        self.dom_loss, self.dom_tok = (
+            torch.zeros(n, dtype=torch.float64),
+            torch.zeros(n, dtype=torch.float64),
+        )
+        self.win_loss, self.win_tok = (
+            torch.zeros(n, dtype=torch.float64),
+            torch.zeros(n, dtype=torch.float64),
+        )
         self.tokens = self.loss_tokens = 0
         self.sq_sum, self.seconds = 0.0, 0.0
 
@@ -116,7 +122,9 @@ class StepStats:
         return {
             d: {
                 "mean_loss": float(self.dom_loss[i] / self.dom_tok[i]) if self.dom_tok[i] else None,
-                "last_step_loss": float(self.win_loss[i] / self.win_tok[i]) if self.win_tok[i] else None,
+                "last_step_loss": float(self.win_loss[i] / self.win_tok[i])
+                if self.win_tok[i]
+                else None,
                 "loss_tokens": int(self.dom_tok[i]),
             }
             for i, d in enumerate(self.names)
@@ -153,13 +161,20 @@ def progress(acc, desc: str, total: int, start: int) -> Iterator[Callable]:
     if not acc.is_main_process:
         yield lambda step, stats: None
         return
-    cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+    cols = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*cols, transient=False) as bar:
         task = bar.add_task(desc, total=total, completed=start, info="")
 
         def update(step: int, stats: StepStats) -> None:
-            info = f"loss {stats.losses[-1]:.4f}  {stats.tokens / max(stats.seconds, 1e-9):,.0f} tok/s"
+            info = (
+                f"loss {stats.losses[-1]:.4f}  {stats.tokens / max(stats.seconds, 1e-9):,.0f} tok/s"
+            )
             bar.update(task, completed=step, info=info)
 
         yield update

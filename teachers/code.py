@@ -30,27 +30,43 @@ LIMITS = Limits(timeout_s=3.0, cpu_s=3.0)
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
-def extract_code(content: str | None) -> str | None:
-    """The last fenced ```python (or untagged) block; None when there is none. An
-    unclosed last fence (a truncated answer) still counts, up to the end."""
+def code_blocks(content: str | None) -> list[str]:
+    """The fenced ```python (or untagged) blocks, in order. An unclosed last fence (a
+    truncated answer) still counts, up to the end."""
     if not content:
-        return None
-    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(content)]
-    for lang, body in reversed(blocks):
-        if lang in ("python", "py", "python3", ""):
-            return body
-    return None
+        return []
+    found = _FENCE.findall(content)
+    return [body for lang, body in found if lang.lower() in ("python", "py", "python3", "")]
+
+
+def extract_code(content: str | None, entry_point: str | None = None) -> str | None:
+    """The last code block that defines ``entry_point`` (a usage example may follow
+    the solution), else the last code block; None when there is none."""
+    blocks = code_blocks(content)
+    if entry_point:
+        defining = [b for b in blocks if _defines(b, entry_point)]
+        blocks = defining or blocks
+    return blocks[-1] if blocks else None
+
+
+def _defines(code: str, name: str) -> bool:
+    return re.search(rf"^\s*def\s+{re.escape(name)}\s*\(", code, re.M) is not None
 
 
 def program_for(reference: dict[str, Any], content: str | None) -> Program | str:
     """The sandbox program for an answer, or why there is none (no code, syntax)."""
-    entry, prefix = reference["entry_point"], reference.get("prefix")
-    code = extract_code(content)
+    tests = reference.get("tests") if isinstance(reference, dict) else None
+    if not isinstance(tests, list) or not all(isinstance(t, str) for t in tests):
+        return "malformed reference: 'tests' must be a list of strings"
+    entry, prefix = reference.get("entry_point"), reference.get("prefix")
+    if not isinstance(entry, str) or not entry.isidentifier():
+        return "malformed reference: 'entry_point' must be a function name"
+    code = extract_code(content, entry)
     if code is None and prefix is not None and content and content.strip():
         code = content  # a HumanEval completion written without a fence
     if code is None:
         return "no ```python code block in the answer"
-    if prefix is not None and not re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.M):
+    if prefix is not None and not _defines(code, entry):
         code = prefix + code  # the completion continues the prompt
     elif prefix is not None:
         code = prefix + "\n" + code  # a full function; the prompt keeps its imports
@@ -62,7 +78,7 @@ def program_for(reference: dict[str, Any], content: str | None) -> Program | str
         return "the code cannot be parsed"
     return Program(
         code=code,
-        tests=reference["tests"],
+        tests=tests,
         setup=reference.get("setup") or "",
         prelude=reference.get("prelude") or "",
         entry_point=entry,

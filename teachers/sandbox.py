@@ -119,9 +119,13 @@ class _Slot:
         self.base: str | None = None
 
     def start(self) -> None:
-        worker_uid, judge_uid = _uids(self.index) if self.mode == "root" else (None, None)
+        # as root the code never runs as root, namespaces or not
+        worker_uid, judge_uid = _uids(self.index) if os.geteuid() == 0 else (None, None)
+        if self.mode == "userns":
+            worker_uid = judge_uid = None  # only root is mapped in the user namespace
         if self.mode == "limits":
             self.base = tempfile.mkdtemp(prefix="distill-sandbox-")
+            os.chmod(self.base, 0o711)  # the run's uid enters its own working directory
         cfg = {
             "worker_uid": worker_uid,
             "judge_uid": judge_uid,

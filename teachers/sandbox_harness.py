@@ -22,6 +22,7 @@ the judge's JSON; on stdout one verdict line (JSON).
 """
 
 import ctypes
+import fcntl
 import importlib.util
 import json
 import os
@@ -65,7 +66,7 @@ def mount_scratch(size_mb):
     libc = ctypes.CDLL(None, use_errno=True)
     for path in SCRATCH:
         if os.path.isdir(path):
-            opts = f"size={size_mb}m,mode=1777".encode()
+            opts = f"size={size_mb}m,nr_inodes=10000,mode=1777".encode()
             if libc.mount(b"tmpfs", path.encode(), b"tmpfs", 0, opts) != 0 and path == "/tmp":
                 raise OSError(ctypes.get_errno(), "mount tmpfs on /tmp failed")
 
@@ -100,8 +101,12 @@ def worker(job, cfg, rfd, wfd, out_fd):
     if not cfg["pidns"]:
         os.setsid()  # a process group to kill afterwards
     null = os.open("/dev/null", os.O_RDONLY)
-    for src, dst in ((null, 0), (out_fd, 1), (out_fd, 2), (rfd, 3), (wfd, 4)):
+    # move the sources out of the way first: a source may sit on a target number
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in (null, out_fd, out_fd, rfd, wfd)]
+    for dst, src in enumerate(high):
         os.dup2(src, dst)
+    # everything else this server held (its stdin with the tests, the verdict pipe,
+    # the judge's pipe ends) is closed before any untrusted code runs
     os.closerange(5, 1 << 16)
     lim = job["limits"]
     cpu = max(1, int(lim["cpu_s"] + 0.999))

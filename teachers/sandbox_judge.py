@@ -166,7 +166,7 @@ class Proxy:
         if type(reply) is dict and "ok" in reply:
             try:
                 return decode(reply["ok"])
-            except (ValueError, TypeError, RecursionError):
+            except Exception:  # whatever the code sent, it is not a plain value
                 raise Stop("failed", f"{self.name} returned malformed data") from None
         if type(reply) is dict and type(reply.get("exc")) is list and len(reply["exc"]) == 2:
             name, msg = (str(x)[:300] for x in reply["exc"])

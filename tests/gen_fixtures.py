@@ -70,12 +70,22 @@ class AddEnv:
             return f"error: bad arguments ({e})"
 
 
-def tiny_model_dir(out: Path, *, taught: bool = False, hidden: int = 32, steps: int = 80) -> Path:
-    """Save a tokenizer and a 2-layer Llama under ``out``; ``taught`` memorises SCRIPT."""
+def tiny_model_dir(
+    out: Path,
+    *,
+    taught: bool = False,
+    hidden: int = 32,
+    steps: int = 80,
+    script: list[dict] | None = None,
+    tools: list[dict] | None = None,
+    corpus: list[str] | None = None,
+) -> Path:
+    """Save a tokenizer and a 2-layer Llama under ``out``; ``taught`` memorises ``script``
+    (default SCRIPT, with ``tools``, default TOOLS)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    tok = train_tokenizer(CORPUS * 20, 400, out)
+    tok = train_tokenizer((corpus or CORPUS) * 20, 400, out)
     end = tok.convert_tokens_to_ids("<|end|>")
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
@@ -85,25 +95,25 @@ def tiny_model_dir(out: Path, *, taught: bool = False, hidden: int = 32, steps: 
     )  # fmt: skip
     model = LlamaForCausalLM(cfg)
     if taught:
-        _teach(model, tok, steps)
+        _teach(model, tok, steps, script or SCRIPT, TOOLS if tools is None else tools)
     model.generation_config.eos_token_id = end
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
     return out
 
 
-def _teach(model, tok, steps: int) -> None:
+def _teach(model, tok, steps: int, script: list[dict], tools: list[dict]) -> None:
     """Overfit the full rendered SCRIPT (both user turns' views) so greedy decoding
     replays it; the rendering for generation drops old reasoning, so train on each
     prefix the rollout will actually see."""
     texts = []
-    for k in range(1, len(SCRIPT) + 1):
-        if SCRIPT[k - 1]["role"] == "assistant":
+    for k in range(1, len(script) + 1):
+        if script[k - 1]["role"] == "assistant":
             from distill.messages import drop_old_reasoning
 
             texts.append(
                 tok.apply_chat_template(
-                    to_openai(drop_old_reasoning(SCRIPT[:k])), tools=TOOLS, tokenize=False
+                    to_openai(drop_old_reasoning(script[:k])), tools=tools, tokenize=False
                 )
             )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

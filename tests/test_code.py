@@ -171,6 +171,9 @@ def test_extract_code():
     assert extract_code("```python\ntruncated = 1") == "truncated = 1"
     assert extract_code("```json\n{}\n```") is None
     assert extract_code(None) is None
+    answer = "```python\ndef f(x):\n    return x\n```\nUsage:\n```python\nprint(f(1))\n```"
+    assert extract_code(answer, "f") == "def f(x):\n    return x\n"
+    assert extract_code(answer) == "print(f(1))\n"
 
 
 def test_humaneval_record_completions():
@@ -240,3 +243,15 @@ def test_oracle_passes_for_thousands_of_tasks():
     tasks = [t for d in (1, 2, 3, 4) for t in DOMAIN.tasks("train", 750, seed=99, difficulty=d)]
     verdicts = verify_batch(tasks, [DOMAIN.oracle(t) for t in tasks])
     assert [v.reason for v in verdicts if not v.passed] == []
+
+
+def test_malformed_reference_fails_cleanly():
+    (task,) = DOMAIN.tasks("train", 1, seed=2)
+    answer = DOMAIN.oracle(task)
+    bad = [
+        {**task.reference, "tests": "assert True"},
+        {**task.reference, "entry_point": "1x"},
+        None,
+    ]
+    for reference in bad:
+        assert program_for(reference, answer[-1]["content"]).startswith("malformed reference")

@@ -29,10 +29,10 @@ def micro_recipe(out: Path, *, teacher_steps=4, oracle=24, student_steps=3, trai
         "domains": {d: {"train_tasks": train_tasks, "eval_tasks": eval_tasks, "max_new_tokens": 24}
                     for d in DOMAINS},
         "teachers": {d: teacher for d in DOMAINS},
-        "generate": {"samples_per_task": 1, "max_turns": 2, "max_episode_tokens": 96},
-        # untrained micro teachers are rarely right: keep failed traces so every domain
-        # has clean rows to train on (a pipeline test, not a quality test)
-        "filter": {"keep_failed": True, "require_reasoning": False, "dedup_near": False,
+        "generate": {"samples_per_task": 1, "temperature": 0.0, "max_turns": 4, "max_episode_tokens": 400},
+        # untrained micro teachers are rarely right or well formed: keep their traces so
+        # every domain has clean rows to train on (a pipeline test, not a quality test)
+        "filter": {"keep_failed": True, "drop_malformed": False, "dedup_near": False,
                    "decontaminate": False, "workers": 1},
         "student": {"kind": "scratch", "arch": arch},
         "train": {**train, "max_steps": student_steps},

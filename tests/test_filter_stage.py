@@ -226,3 +226,27 @@ def test_cli_filter(tmp_path, capsys):
     )
     assert code == 0 and "filter funnel" in err
     assert len(list(iter_traces(recipe.out / "clean" / "math"))) == 3
+
+
+def test_steps_switched_off_are_skipped_and_counted():
+    from distill.filter import filter_traces
+    from distill.recipe import FilterConfig
+
+    rows, _ = _planted(
+        list(MATH.tasks("train", 12, 0, 1)), next(iter(MATH.tasks("eval", 20, 0, 1)))
+    )
+    for r in rows:
+        r.verdict = Verdict.ok() if r.id != "wrong" else Verdict.fail("wrong answer")
+    cfg = FilterConfig(
+        drop_malformed=False,
+        keep_failed=True,
+        dedup_exact=False,
+        dedup_near=False,
+        decontaminate=False,
+        max_per_task=None,
+    )
+    kept, funnel, dropped = filter_traces("math", rows, cfg, None)
+    assert len(kept) == len(rows) and dropped == []
+    skipped = [s["step"] for s in funnel.steps if s.get("skipped")]
+    assert skipped == ["malformed", "dedup_exact", "dedup_near", "decontaminate"]
+    assert all(s["in"] == s["out"] == len(rows) for s in funnel.steps)

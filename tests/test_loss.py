@@ -15,9 +15,9 @@ from distill.loss import Objective, token_ce, topk_kl
 def dense_reference(logits, ids, lps, temperature):
     """KL over explicit (k + 1)-bucket distributions, one token at a time."""
     out = []
-    for z, row_ids, row_lp in zip(logits, ids, lps):
+    for z, row_ids, row_lp in zip(logits, ids, lps, strict=True):
         q = torch.softmax(z.double() / temperature, -1)
-        keep = [(int(i), float(lp)) for i, lp in zip(row_ids, row_lp) if i >= 0]
+        keep = [(int(i), float(lp)) for i, lp in zip(row_ids, row_lp, strict=True) if i >= 0]
         p = torch.tensor([np.exp(lp) for _, lp in keep], dtype=torch.float64)
         qk = torch.stack([q[i] for i, _ in keep])
         p_tail, q_tail = 1 - p.sum(), 1 - qk.sum()
@@ -68,7 +68,10 @@ def grads(model, tok, domains, rows, split, weights):
     index = {"agents": 0, "math": 1}
     obj = Objective(model)
     model.zero_grad()
-    mbs = [collate(rows[i : i + split], domains, index, weights, tok.pad_token_id) for i in range(0, 8, split)]
+    mbs = [
+        collate(rows[i : i + split], domains, index, weights, tok.pad_token_id)
+        for i in range(0, 8, split)
+    ]
     norm = torch.tensor(float(sum(b["weights"].sum() for b in mbs)))
     total = 0.0
     for b in mbs:

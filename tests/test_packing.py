@@ -6,7 +6,15 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from trainkit import domain_data, make_tokenizer, math_trace, tensors, tiny_model, tool_trace, write_shards
+from trainkit import (
+    domain_data,
+    make_tokenizer,
+    math_trace,
+    tensors,
+    tiny_model,
+    tool_trace,
+    write_shards,
+)
 
 from distill.data import collate, mixture_order, pack_rows, tokenize_domain
 from distill.errors import UserError
@@ -32,7 +40,10 @@ def test_packed_loss_equals_sum_of_per_trace_losses(tok):
     rng = random.Random(0)
     dd = domain_data(tok, "math", [math_trace(i, rng) for i in range(5)] + [tool_trace()])
     model = tiny_model(tok).eval()
-    rows = [[("math", 0), ("math", 1), ("math", 5)], [("math", 2), ("math", 3), ("math", 4), ("math", 6)]]
+    rows = [
+        [("math", 0), ("math", 1), ("math", 5)],
+        [("math", 2), ("math", 3), ("math", 4), ("math", 6)],
+    ]
     batch = tensors(collate(rows, {"math": dd}, {"math": 0}, {}, tok.pad_token_id))
     assert batch["position_ids"][0, 0] == 0 and (batch["position_ids"] == 0).sum() >= 7  # restarts
     with torch.no_grad():
@@ -40,7 +51,10 @@ def test_packed_loss_equals_sum_of_per_trace_losses(tok):
         want = per_trace_loss_sum(model, dd, range(7))
         assert abs(packed.item() - want) < 1e-5 * max(1.0, want)
         # the same rows with one causal sequence per row (attention crossing traces) differ
-        flat = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]))
+        flat = dict(
+            batch,
+            position_ids=torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]),
+        )
         leaky, _, _ = Objective(model)(n_domains=1, norm=torch.tensor(1.0), **flat)
     assert abs(leaky.item() - want) > 1e-3
 
@@ -95,6 +109,10 @@ def test_tokenize_cache_is_reused_and_keyed(tok, tmp_path):
 
 
 def test_kd_topk_count_mismatch_is_a_clear_error(tok, tmp_path):
-    shards = write_shards(tmp_path / "clean", "math", [tool_trace()], topk=[[{"ids": [1], "logprobs": [-0.1]}] * 3])
-    with pytest.raises(UserError, match=r"trace math-0: 3 teacher top-k entries but \d+ assistant tokens"):
+    shards = write_shards(
+        tmp_path / "clean", "math", [tool_trace()], topk=[[{"ids": [1], "logprobs": [-0.1]}] * 3]
+    )
+    with pytest.raises(
+        UserError, match=r"trace math-0: 3 teacher top-k entries but \d+ assistant tokens"
+    ):
         tokenize_domain("math", shards, tok, 512, tmp_path / "cache", kd=True)

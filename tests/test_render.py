@@ -45,7 +45,7 @@ def qwen_tok(tmp_path_factory):
 
 
 def loss_text(tok, ex):
-    return tok.decode([i for i, m in zip(ex.input_ids, ex.loss_mask) if m])
+    return tok.decode([i for i, m in zip(ex.input_ids, ex.loss_mask, strict=True) if m])
 
 
 def test_our_template_masks_assistant_tokens_per_user_turn(tok):
@@ -60,13 +60,20 @@ def test_our_template_masks_assistant_tokens_per_user_turn(tok):
     assert "I should call" not in ctx and "The tool said" not in ctx
     assert call in ctx and "<|tool|>84<|end|>" in ctx
     # the full render is the tokenizer's own render of that conversation
-    assert second.input_ids == tok.apply_chat_template(tool_trace(), tokenize=True, return_dict=False)
+    assert second.input_ids == tok.apply_chat_template(
+        tool_trace(), tokenize=True, return_dict=False
+    )
 
 
 def test_system_user_and_tool_tokens_carry_no_loss(tok):
     first, _ = render_trace(tok, tool_trace())
-    masked_out = tok.decode([i for i, m in zip(first.input_ids, first.loss_mask) if not m])
-    assert masked_out == "<|system|>You are a calculator agent.<|end|><|user|>What is 12 * 7?<|end|><|assistant|><|tool|>84<|end|><|assistant|>"
+    masked_out = tok.decode(
+        [i for i, m in zip(first.input_ids, first.loss_mask, strict=True) if not m]
+    )
+    assert (
+        masked_out
+        == "<|system|>You are a calculator agent.<|end|><|user|>What is 12 * 7?<|end|><|assistant|><|tool|>84<|end|><|assistant|>"
+    )
 
 
 def test_qwen_style_template(qwen_tok):
@@ -84,7 +91,7 @@ def test_qwen_style_template(qwen_tok):
 
 
 def test_template_that_is_not_prefix_stable_fails_loudly(qwen_tok, tok):
-    bad = tok.chat_template.replace("<|end|>\"", "<|end|>\"").replace(
+    bad = tok.chat_template.replace('<|end|>"', '<|end|>"').replace(
         "{%- for m in messages -%}{%- if m['role'] == 'assistant' -%}",
         "{%- for m in messages -%}{%- if loop.last -%}<|system|>{%- endif -%}{%- if m['role'] == 'assistant' -%}",
     )

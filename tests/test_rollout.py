@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gen_fixtures import AddDomain, add_task, taught_model_dir
+from gen_fixtures import AddDomain, add_task, taught_model_dir, tiny_model_dir
 
 from distill.backends import Sampling, make_backend
 from distill.messages import TRACE_SCHEMA
@@ -84,3 +84,22 @@ def test_unparsable_tool_call_becomes_tool_error(tmp_path):
         AddDomain().environment(add_task()), {"name": "mul", "arguments": "{}"}
     )
     assert isinstance(Path(tmp_path), Path)
+
+
+def test_agents_domain_task_rolls_out_in_its_environment_and_verifies(tmp_path):
+    """A model taught one agents oracle trace replays it: the calls run in the bank
+    environment (results computed there, not copied from the oracle) and the verifier,
+    which replays the calls against a fresh bank, passes the trace."""
+    from teachers.base import get_domain
+
+    dom = get_domain("agents")
+    task = next(iter(dom.tasks("train", 1, 0)))
+    oracle = dom.oracle(task)
+    corpus = [m.get("content") or m.get("reasoning_content") or "" for m in oracle]
+    d = tiny_model_dir(tmp_path, taught=True, script=oracle, tools=task.tools, corpus=corpus, hidden=48, steps=100)
+    backend = make_backend(path=d)
+    (tr,) = rollout(backend, dom, [task], n=1, sampling=Sampling(temperature=0, max_new_tokens=64))
+    calls = [c for m in tr.messages if m["role"] == "assistant" for c in m.get("tool_calls") or []]
+    assert [c["name"] for c in calls] == [c["name"] for m in oracle for c in m.get("tool_calls") or []]
+    assert [m["content"] for m in tr.messages if m["role"] == "tool"] == [m["content"] for m in oracle if m["role"] == "tool"]
+    assert dom.verify(task, tr.messages).passed, dom.verify(task, tr.messages).reason

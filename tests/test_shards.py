@@ -216,3 +216,14 @@ def test_take_reads_rows_across_shards_in_the_order_asked(tmp_path):
         take(tmp_path, [1, 23])
     with pytest.raises(IndexError):
         take(tmp_path, [-1])
+
+
+def test_a_bad_message_role_is_a_user_error(tmp_path):
+    from distill.errors import UserError
+
+    bad = make_trace(0)
+    bad.messages = [{"role": "bot", "content": "hi"}]
+    with pytest.raises(
+        UserError, match="message role must be one of system, user, assistant, tool, got 'bot'"
+    ):
+        ShardWriter(tmp_path).write([bad])

@@ -6,8 +6,8 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trainkit import ARCH, make_tokenizer, math_trace, small_cfg, tool_trace, write_shards
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.errors import UserError
 from distill.render import render_trace
@@ -20,7 +20,9 @@ def data(tmp_path_factory):
     tok = make_tokenizer(root / "tok")
     rng = random.Random(0)
     shards = {
-        "math": write_shards(root / "clean" / "math", "math", [math_trace(i, rng) for i in range(40)]),
+        "math": write_shards(
+            root / "clean" / "math", "math", [math_trace(i, rng) for i in range(40)]
+        ),
         "agents": write_shards(root / "clean" / "agents", "agents", [tool_trace()] * 6),
     }
     return root, tok, shards
@@ -28,8 +30,15 @@ def data(tmp_path_factory):
 
 def run_train(data, out, **kw):
     root, _, shards = data
-    args = dict(init=ARCH, tokenizer_dir=root / "tok", shards=shards, out_dir=out, cfg=small_cfg(), seed=0,
-                loss_weights={"math": 1.0, "agents": 2.0})
+    args = dict(
+        init=ARCH,
+        tokenizer_dir=root / "tok",
+        shards=shards,
+        out_dir=out,
+        cfg=small_cfg(),
+        seed=0,
+        loss_weights={"math": 1.0, "agents": 2.0},
+    )
     args.update(kw)
     return train(**args)
 
@@ -39,18 +48,36 @@ def test_train_writes_a_loadable_hf_model(data, tmp_path):
     report = run_train(data, tmp_path / "out", cfg=small_cfg(max_steps=8))
     assert report["finished"] and report["steps"] == 8
     assert report["losses"][-1] < report["losses"][0] - 0.3
-    assert set(report["domains"]) == {"math", "agents"} and report["domains"]["agents"]["loss_tokens"] > 0
+    assert (
+        set(report["domains"]) == {"math", "agents"}
+        and report["domains"]["agents"]["loss_tokens"] > 0
+    )
     assert report["tokens_per_s"] > 0 and report["peak_memory_bytes"] > 0
     saved = json.loads((tmp_path / "out" / "train_report.json").read_text())
     assert saved["losses"] == report["losses"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     end = tok.convert_tokens_to_ids("<|end|>")
-    assert model.generation_config.eos_token_id == end and model.generation_config.pad_token_id == tok.pad_token_id
+    assert (
+        model.generation_config.eos_token_id == end
+        and model.generation_config.pad_token_id == tok.pad_token_id
+    )
     student_tok = AutoTokenizer.from_pretrained(tmp_path / "out")
     text = student_tok.apply_chat_template(tool_trace(), tokenize=False)
-    assert "I should call" not in text and "<think>84 + 1 = 85.</think>" in text and "<|tool|>84<|end|>" in text
-    out = model.generate(torch.tensor([student_tok.apply_chat_template(tool_trace()[:2], add_generation_prompt=True,
-                                                                        return_dict=False)]), max_new_tokens=3)
+    assert (
+        "I should call" not in text
+        and "<think>84 + 1 = 85.</think>" in text
+        and "<|tool|>84<|end|>" in text
+    )
+    out = model.generate(
+        torch.tensor(
+            [
+                student_tok.apply_chat_template(
+                    tool_trace()[:2], add_generation_prompt=True, return_dict=False
+                )
+            ]
+        ),
+        max_new_tokens=3,
+    )
     assert out.shape[1] > 0
 
 
@@ -65,7 +92,9 @@ def test_resume_reproduces_the_uninterrupted_losses(data, tmp_path):
     (ckpts / "step-000005.tmp" / "model.safetensors").write_bytes(b"trunc")
     rest = run_train(data, tmp_path / "b")
     assert rest["finished"]
-    torch.testing.assert_close(torch.tensor(rest["losses"]), torch.tensor(full["losses"][3:]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(rest["losses"]), torch.tensor(full["losses"][3:]), rtol=0, atol=1e-6
+    )
     assert not (ckpts / "step-000005.tmp").exists()
 
 
@@ -83,7 +112,14 @@ def test_kd_and_its_errors(data, tmp_path):
     assert report["finished"] and all(x == x for x in report["losses"])
     plain = run_train(data, tmp_path / "plain", shards=kd_shards, cfg=small_cfg(max_steps=3))
     assert abs(plain["losses"][0] - report["losses"][0]) > 1e-3  # the KL term is in the loss
-    bad = {"agents": write_shards(tmp_path / "bad", "agents", traces[:1], topk=[[{"ids": [10**6], "logprobs": [-1.0]}] * len(topk[0])])}
+    bad = {
+        "agents": write_shards(
+            tmp_path / "bad",
+            "agents",
+            traces[:1],
+            topk=[[{"ids": [10**6], "logprobs": [-1.0]}] * len(topk[0])],
+        )
+    }
     with pytest.raises(UserError, match="outside the student vocabulary"):
         run_train(data, tmp_path / "bad_out", shards=bad, cfg=cfg)
 

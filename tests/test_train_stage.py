@@ -10,8 +10,8 @@ import textwrap
 from pathlib import Path
 
 import torch
-from typer.testing import CliRunner
 from trainkit import ARCH, make_tokenizer, math_trace, small_cfg, tool_trace, write_shards
+from typer.testing import CliRunner
 
 from distill.chat import train_tokenizer
 from distill.cli import app
@@ -54,20 +54,44 @@ def test_two_cpu_processes_equal_one(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # accelerate 1.15 runs `--cpu` multi-process only through mpirun; its torchrun path
     # (--multi_gpu) on a host without GPUs gives 2 gloo CPU processes (MULTI_CPU)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(script)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--multi_gpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     world, ddp = json.loads((tmp_path / "ddp-0.json").read_text())
     assert world == 2 and json.loads((tmp_path / "ddp-1.json").read_text()) == [2, ddp]
-    single = train(init=ARCH, tokenizer_dir=tmp_path / "tok", out_dir=tmp_path / "one", cfg=small_cfg(max_steps=4),
-                   seed=0, shards={"math": tmp_path / "clean" / "math", "agents": tmp_path / "clean" / "agents"},
-                   loss_weights={"math": 1.0, "agents": 2.0})
+    single = train(
+        init=ARCH,
+        tokenizer_dir=tmp_path / "tok",
+        out_dir=tmp_path / "one",
+        cfg=small_cfg(max_steps=4),
+        seed=0,
+        shards={"math": tmp_path / "clean" / "math", "agents": tmp_path / "clean" / "agents"},
+        loss_weights={"math": 1.0, "agents": 2.0},
+    )
     assert len(ddp) == 4
-    torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(ddp), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-6
+    )
     a = json.loads((tmp_path / "ddp" / "config.json").read_text())
-    assert a["vocab_size"] == json.loads((tmp_path / "one" / "config.json").read_text())["vocab_size"]
+    assert (
+        a["vocab_size"] == json.loads((tmp_path / "one" / "config.json").read_text())["vocab_size"]
+    )
 
 
 RECIPE = """
@@ -106,8 +130,14 @@ def test_kd_with_a_teacher_of_another_vocabulary_is_refused(tmp_path):
     teacher = tmp_path / "teacher"
     train_tokenizer(["completely different corpus text"] * 5, 300, teacher)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(RECIPE.format(out=out).replace("math: {kind: bootstrap}", f"math: {{kind: hf, path: {teacher}}}"))
+    recipe.write_text(
+        RECIPE.format(out=out).replace(
+            "math: {kind: bootstrap}", f"math: {{kind: hf, path: {teacher}}}"
+        )
+    )
     res = CliRunner().invoke(app, ["train", str(recipe), "--set", "train.kd.enabled=true"])
     assert res.exit_code != 0
     msg = str(res.exception)
-    assert "teacher 'math' tokenizer" in msg and str(teacher) in msg and str(out / "tokenizer") in msg
+    assert (
+        "teacher 'math' tokenizer" in msg and str(teacher) in msg and str(out / "tokenizer") in msg
+    )

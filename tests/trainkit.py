@@ -12,7 +12,9 @@ from distill.messages import Trace
 from distill.recipe import ModelArch, TrainConfig
 from distill.shards import ShardWriter
 
-ARCH = ModelArch(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=512)
+ARCH = ModelArch(
+    hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=512
+)
 
 
 def tool_trace() -> list[dict]:
@@ -38,7 +40,11 @@ def math_trace(i: int, rng: random.Random) -> list[dict]:
     steps = " ".join(f"step {k}: carry {a + k}." for k in range(rng.randint(0, 6)))
     return [
         {"role": "user", "content": f"Problem {i}: what is {a} + {b}?"},
-        {"role": "assistant", "reasoning_content": f"Add {a} and {b}. {steps}", "content": f"{a + b}"},
+        {
+            "role": "assistant",
+            "reasoning_content": f"Add {a} and {b}. {steps}",
+            "content": f"{a + b}",
+        },
     ]
 
 
@@ -50,7 +56,9 @@ def corpus(n: int = 40, seed: int = 0) -> list[list[dict]]:
 def make_tokenizer(out_dir: Path, vocab_size: int = 400):
     texts = []
     for msgs in corpus():
-        texts += [str(m.get("content") or "") + " " + str(m.get("reasoning_content") or "") for m in msgs]
+        texts += [
+            str(m.get("content") or "") + " " + str(m.get("reasoning_content") or "") for m in msgs
+        ]
     texts.append(json.dumps({"name": "calc", "arguments": {"expr": "12*7"}}))
     return train_tokenizer(texts, vocab_size, out_dir)
 
@@ -58,16 +66,29 @@ def make_tokenizer(out_dir: Path, vocab_size: int = 400):
 def write_shards(directory: Path, domain: str, traces: list[list[dict]], topk=None) -> Path:
     with ShardWriter(directory, max_rows=16) as w:
         w.write(
-            Trace(id=f"{domain}-{i}", task_id=f"{domain}-{i}", domain=domain, messages=m,
-                  topk=None if topk is None else topk[i])
+            Trace(
+                id=f"{domain}-{i}",
+                task_id=f"{domain}-{i}",
+                domain=domain,
+                messages=m,
+                topk=None if topk is None else topk[i],
+            )
             for i, m in enumerate(traces)
         )
     return directory
 
 
 def small_cfg(**kw) -> TrainConfig:
-    base = dict(lr=3e-3, warmup_steps=2, max_steps=6, batch_tokens=512, micro_batch_tokens=256,
-                max_seq_len=128, log_every=1, precision="fp32")
+    base = dict(
+        lr=3e-3,
+        warmup_steps=2,
+        max_steps=6,
+        batch_tokens=512,
+        micro_batch_tokens=256,
+        max_seq_len=128,
+        log_every=1,
+        precision="fp32",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
