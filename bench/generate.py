@@ -163,23 +163,29 @@ def main() -> None:
         "--preset", choices=PRESETS, default="qwen05b" if torch.cuda.is_available() else "tiny"
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--prompts", type=int, default=256)
-    ap.add_argument("--prompt-len", type=int, default=200)
-    ap.add_argument("--new", type=int, default=256)
-    ap.add_argument("--batches", default="64,256")
-    ap.add_argument("--skip", default="", help="comma list of: plain,static,cb,serve")
+    # the GPU setting by default; a CPU run (`make bench`) is kept to minutes
+    ap.add_argument("--prompts", type=int, default=256 if torch.cuda.is_available() else 128)
+    ap.add_argument("--prompt-len", type=int, default=200 if torch.cuda.is_available() else 100)
+    ap.add_argument("--new", type=int, default=256 if torch.cuda.is_available() else 64)
+    ap.add_argument("--batches", default="64,256" if torch.cuda.is_available() else "64,128")
+    ap.add_argument(
+        "--skip",
+        default="" if torch.cuda.is_available() else "cb",
+        help="comma list of: plain,static,cb,serve",
+    )
     ap.add_argument(
         "--budget-s", type=float, default=1e9, help="skip remaining baselines after this"
     )
     ap.add_argument(
-        "--box-s", type=float, default=0, help="time box per baseline generate call (0 = none)"
+        "--box-s", type=float, default=20, help="time box per baseline generate call (0 = none)"
     )
     ap.add_argument(
         "--eager-too", action="store_true", help="also time our dynamic-cache path on GPU"
     )
-    ap.add_argument("--out", default=os.environ.get("BENCH_OUT", "bench_generate.json"))
+    ap.add_argument("--out", default=os.environ.get("BENCH_OUT", "bench/results/generate.json"))
     a = ap.parse_args()
     out, start, skip = Path(a.out), time.time(), set(a.skip.split(","))
+    out.parent.mkdir(parents=True, exist_ok=True)
     d = build(a.preset, a.device, Path(tempfile.mkdtemp(prefix="bench-gen-")))
     backend = HFBackend(d, batch_size=64, device=a.device)
     model, pad, eos = backend.model, backend.pad_id, backend.eos_ids

@@ -1,6 +1,6 @@
 """Shard store vs jsonlines vs plain Parquet: write, full read, random access, memory.
 
-    python bench/shards.py                 # 200k rows (a few KB each), sizes N/4 and N
+    python bench/shards.py                 # 200k rows (~2.9 KB each as JSON), sizes N/4 and N
     python bench/shards.py --rows 20000    # quicker
 
 Every measurement runs in a fresh subprocess (the fastest of ``--repeat`` runs counts,
@@ -56,7 +56,7 @@ def _text(rng: random.Random, n_words: int) -> str:
 
 
 def row_pool(size: int = 1000) -> list[dict]:
-    """Distinct realistic trace rows (multi-turn, tool call, ~3-4 KB of text each)."""
+    """Distinct realistic trace rows (multi-turn, a tool call; ~2.9 KB as a JSON line)."""
     rng = random.Random(0)
     pool = []
     for i in range(size):

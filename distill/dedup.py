@@ -5,12 +5,13 @@ it is kept). The earliest text of a group is kept, so results follow input order
 the same on every run.
 
 Near duplicates: word shingles -> MinHash signatures (``num_perm`` affine permutations
-of 32-bit shingle hashes, vectorised over all shingles of a chunk of texts) -> LSH banding with the
-``(bands, rows)`` that minimise weighted false positives + false negatives around
-``threshold`` (``datasketch``'s rule, with misses weighted higher) -> every bucket member is compared with the bucket's first
-text on the signatures, and pairs whose estimated Jaccard similarity reaches
-``threshold`` are merged (union-find). Verifying candidates removes the bucket collisions
-of dissimilar texts that plain LSH would report.
+of 32-bit shingle hashes, vectorised over all shingles of a chunk of texts) -> LSH
+banding with the ``(bands, rows)`` that minimise weighted false positives + false
+negatives around ``threshold`` (``datasketch``'s rule, with misses weighted higher) ->
+every bucket member is compared with the bucket's first text on the signatures, and
+pairs whose estimated Jaccard similarity reaches ``threshold`` are merged (union-find).
+Verifying candidates removes the bucket collisions of dissimilar texts that plain LSH
+would report.
 """
 
 from __future__ import annotations

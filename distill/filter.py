@@ -113,11 +113,13 @@ def filter_traces(
     steps = [
         ("malformed", cfg.drop_malformed, lambda ts: drop_malformed(ts, cfg.require_reasoning)),
         ("failed", True, lambda ts: drop_failed(ts, cfg.keep_failed)),
-        ("dedup_exact", cfg.dedup_exact, dedup_exact),
+        ("dedup_exact", cfg.dedup_exact, lambda ts: dedup_exact(ts, cfg.dedup_with_prompt)),
         (
             "dedup_near",
             cfg.dedup_near,
-            lambda ts: dedup_near(ts, cfg.near_threshold, cfg.num_perm, cfg.shingle_size),
+            lambda ts: dedup_near(
+                ts, cfg.near_threshold, cfg.num_perm, cfg.shingle_size, cfg.dedup_with_prompt
+            ),
         ),
         ("decontaminate", cfg.decontaminate, lambda ts: decontaminate(ts, index)),
         (
@@ -240,7 +242,11 @@ def run(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         if stale.is_dir() and stale.name in REGISTRY and stale.name not in domains:
             shutil.rmtree(stale)
     write_report(out, report)
-    Console(stderr=True).print(to_table(report))
+    console = Console(stderr=True)
+    console.print(to_table(report))
+    for d, e in report["domains"].items():
+        if e["raw"] and not e["kept"]:
+            console.print(f"[yellow]warning:[/] clean/{d} is empty: every raw trace was dropped")
     rows = {d: e["kept"] for d, e in report["domains"].items()}
     mark_done(recipe, "filter", rows=rows, report="filter_report.json")
     return report

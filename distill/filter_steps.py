@@ -106,10 +106,18 @@ def _restore_order(kept: list[Trace], original: list[Trace]) -> list[Trace]:
     return [t for t in original if id(t) in keep]
 
 
-def dedup_exact(traces: list[Trace]) -> tuple[list[Trace], Dropped]:
-    """Drop traces whose normalised assistant output repeats an earlier one."""
+def dedup_text(trace: Trace, with_prompt: bool = True) -> str:
+    """What deduplication compares: the assistant output, after the user turns when
+    ``with_prompt`` (distinct tasks whose answers happen to coincide are not duplicates)."""
+    if not with_prompt:
+        return assistant_text(trace)
+    return prompt_text(trace) + "\n" + assistant_text(trace)
+
+
+def dedup_exact(traces: list[Trace], with_prompt: bool = True) -> tuple[list[Trace], Dropped]:
+    """Drop traces whose normalised text (:func:`dedup_text`) repeats an earlier one."""
     order = _passed_first(traces)
-    rep = exact_duplicates([assistant_text(t) for t in order])
+    rep = exact_duplicates([dedup_text(t, with_prompt) for t in order])
     kept, dropped = _split(
         order, (None if r == i else "exact_duplicate" for i, r in enumerate(rep))
     )
@@ -117,11 +125,17 @@ def dedup_exact(traces: list[Trace]) -> tuple[list[Trace], Dropped]:
 
 
 def dedup_near(
-    traces: list[Trace], threshold: float, num_perm: int, shingle_size: int
+    traces: list[Trace],
+    threshold: float,
+    num_perm: int,
+    shingle_size: int,
+    with_prompt: bool = True,
 ) -> tuple[list[Trace], Dropped]:
-    """Drop traces whose assistant output is a near duplicate (MinHash LSH) of an earlier one."""
+    """Drop traces whose text (:func:`dedup_text`) is a near duplicate (MinHash LSH) of an
+    earlier one."""
     order = _passed_first(traces)
-    rep = near_duplicates([assistant_text(t) for t in order], threshold, num_perm, shingle_size)
+    texts = [dedup_text(t, with_prompt) for t in order]
+    rep = near_duplicates(texts, threshold, num_perm, shingle_size)
     kept, dropped = _split(order, (None if r == i else "near_duplicate" for i, r in enumerate(rep)))
     return _restore_order(kept, traces), dropped
 

@@ -32,9 +32,11 @@ FLUSH_EVERY_S = 30.0  # commit a (smaller) shard at least this often: a crash lo
 
 def run(recipe: Recipe) -> dict[str, Any]:
     """Generate raw traces for every enabled domain; returns rows per domain."""
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    # without cpu=True, torchrun-launched ranks on a host without GPUs stay unconnected
+    state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
     if state.is_main_process:
         log_recipe(recipe, "generate")

@@ -266,6 +266,9 @@ class FilterConfig(Section):
     require_reasoning: bool = Field(True, description="Drop traces with empty reasoning.")
     dedup_exact: bool = Field(True, description="Drop exact duplicates (normalised text hash).")
     dedup_near: bool = Field(True, description="Drop near duplicates (MinHash LSH).")
+    dedup_with_prompt: bool = Field(
+        True, description="Dedup compares the user turns plus the assistant output; false = the assistant output alone (distinct tasks with the same answer then collapse)."
+    )
     near_threshold: float = Field(
         0.9, gt=0, le=1, description="Jaccard similarity above which traces are near duplicates."
     )

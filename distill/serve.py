@@ -24,7 +24,6 @@ from distill.backends import Completion, Sampling
 from distill.errors import UserError
 from distill.messages import from_openai, to_openai
 
-
 GATHER_S = 0.005  # a batch closes once no request arrived for this long
 
 

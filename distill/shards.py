@@ -76,6 +76,14 @@ class _HashingFile:
         self.closed = True  # the stream writer closes its sink; the real file stays open
 
 
+def _ipc_size(table: pa.Table) -> int:
+    """The exact size of ``table`` as an IPC stream file, without writing it."""
+    sink = pa.MockOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.size()
+
+
 def _write_ipc(table: pa.Table, path: Path) -> tuple[int, str]:
     """Write ``table`` as one Arrow IPC stream file, synced to disk: (bytes, sha256)."""
     with open(path, "wb") as f:
@@ -216,11 +224,12 @@ class ShardWriter:
         )
         name = self._next_name()
         final, tmp = self.dir / name, self.dir / (name + ".tmp")
-        size, digest = _write_ipc(table.slice(0, n), tmp)
+        size = _ipc_size(table.slice(0, n))
         while size > self.max_bytes and n > 1:
             # shrink in proportion to the overshoot; at least one row less each time
             n = max(1, min(n - 1, int(n * self.max_bytes / size * 0.98)))
-            size, digest = _write_ipc(table.slice(0, n), tmp)
+            size = _ipc_size(table.slice(0, n))
+        size, digest = _write_ipc(table.slice(0, n), tmp)
         os.replace(tmp, final)
         self.shards.append({"file": name, "rows": n, "bytes": size, "sha256": digest})
         # the journal entry is the commit point: a shard not in it is deleted on resume.

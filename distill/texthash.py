@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 # Odd multipliers that make a window hash depend on word order (fixed: results are stable).
 _WINDOW_MULT = np.random.default_rng(0x5EED).integers(1, 2**63, size=64, dtype=np.uint64) * 2 + 1
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from distill import checkpoint
-from distill.data import DomainData, RowStream, collate, tokenize_domain
+from distill.data import RowStream, cache_key, collate, tokenize_domain
 from distill.errors import UserError
 from distill.loss import Objective
 from distill.models import (
@@ -33,10 +33,9 @@ from distill.models import (
 from distill.recipe import ModelArch, Recipe, TrainConfig
 from distill.trainutil import (
     StepStats,
-    flops_per_token,
+    build_report,
     make_accelerator,
     make_optimizer,
-    peak_memory_bytes,
     progress,
     save_model,
     set_cpu_threads,
@@ -73,7 +72,7 @@ def train(
             d: tokenize_domain(d, p, tokenizer, cfg.max_seq_len, out / "cache", cfg.kd.enabled)
             for d, p in sorted(shards.items())
         }
-    fp = _fingerprint(init, tokenizer_dir, shards, cfg, seed, sw, lw)
+    fp = _fingerprint(init, tokenizer_dir, tokenizer, shards, cfg, seed, sw, lw)
     model = _init_model(init, tokenizer, seed, cfg, acc.device)
     set_cpu_threads(acc, sum(p.numel() for p in model.parameters()))
     objective = Objective(model, cfg.kd.alpha if cfg.kd.enabled else 0.0, cfg.kd.temperature)
@@ -89,12 +88,20 @@ def train(
     loop = _Loop(
         acc, objective, opt, sched, stream, domains, lw, cfg, plan, pad_token_id(tokenizer)
     )
-    if acc.is_main_process and cfg.trackers:
-        acc.init_trackers(
-            desc.replace("/", "-"), config={"seed": seed, **cfg.model_dump(mode="json")}
-        )
+    if cfg.trackers:
+        flat = {"seed": seed, "init": str(init if not isinstance(init, ModelArch) else "scratch")}
+        for k, v in cfg.model_dump(mode="json").items():  # tensorboard takes scalars only
+            items = v.items() if isinstance(v, dict) else [("", v)]
+            flat.update(
+                {
+                    f"{k}.{a}".rstrip("."): x
+                    for a, x in items
+                    if isinstance(x, int | float | str | bool)
+                }
+            )
+        acc.init_trackers(desc.replace("/", "-"), config=flat)
     stats = loop.run(start, desc, out / "checkpoints", fp, stop_after_steps)
-    report = _report(acc, model, tokenizer, domains, stats, plan, cfg, out)
+    report = build_report(acc, model, domains, stats, plan, out)
     if stats.finished:
         save_model(acc, objective, tokenizer, cfg, out)
         if acc.is_main_process:
@@ -103,7 +110,7 @@ def train(
     return report
 
 
-def _fingerprint(init, tokenizer_dir, shards, cfg: TrainConfig, seed, sw, lw) -> str:
+def _fingerprint(init, tokenizer_dir, tok, shards, cfg: TrainConfig, seed, sw, lw) -> str:
     init_s = (
         init.model_dump(mode="json") if isinstance(init, ModelArch) else str(Path(init).resolve())
     )
@@ -111,7 +118,11 @@ def _fingerprint(init, tokenizer_dir, shards, cfg: TrainConfig, seed, sw, lw) ->
         {
             "init": init_s,
             "tok": str(Path(tokenizer_dir).resolve()),
-            "shards": {d: str(p) for d, p in shards.items()},
+            # the shards' checksums, through the tokenize cache key: new data, new run
+            "shards": {
+                d: cache_key(Path(p), tok, cfg.max_seq_len, cfg.kd.enabled)
+                for d, p in shards.items()
+            },
             "cfg": cfg.model_dump(mode="json", exclude=_RUN_ONLY),
             "seed": seed,
             "sw": sw,
@@ -295,53 +306,6 @@ class _Loop:
                     return stats
         stats.finished = True
         return stats
-
-
-def _report(
-    acc, model, tokenizer, domains: dict[str, DomainData], stats: StepStats, plan, cfg, out: Path
-) -> dict:
-    n_params = sum(p.numel() for p in model.parameters())
-    f_tok, f_attn = flops_per_token(model)
-    flops = f_tok * stats.tokens + f_attn * stats.sq_sum + stats.head_flops(model)
-    peak = (_peak_flops(acc.device) or 0.0) * acc.num_processes
-    return {
-        "steps": stats.last_step,
-        "finished": stats.finished,
-        "losses": stats.losses,
-        "final_loss": stats.losses[-1] if stats.losses else None,
-        "domains": stats.domain_report(),
-        "examples": {d: len(dd) for d, dd in domains.items()},
-        "dropped_too_long": {d: dd.dropped for d, dd in domains.items()},
-        "tokens": stats.tokens,
-        "loss_tokens": stats.loss_tokens,
-        "attention_sq_sum": stats.sq_sum,
-        "seconds": stats.seconds,
-        "step_elapsed_s": stats.elapsed,
-        "tokens_per_s": stats.tokens / stats.seconds if stats.seconds else None,
-        "mfu": flops / stats.seconds / peak if stats.seconds and peak else None,
-        "peak_memory_bytes": peak_memory_bytes(acc.device),
-        "params": n_params,
-        "world_size": acc.num_processes,
-        "plan": plan,
-        "out_dir": str(out),
-    }
-
-
-def _peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of known accelerators (MFU denominator); None on CPU."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in (
-        ("H200", 989e12),
-        ("H100", 989e12),
-        ("A100", 312e12),
-        ("L40S", 362e12),
-        ("4090", 165e12),
-    ):
-        if key in name:
-            return peak
-    return None
 
 
 def run(recipe: Recipe) -> dict:

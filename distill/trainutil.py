@@ -153,6 +153,52 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def build_report(acc, model, domains: dict, stats: StepStats, plan: dict, out: Path) -> dict:
+    """The content of train_report.json."""
+    n_params = sum(p.numel() for p in model.parameters())
+    f_tok, f_attn = flops_per_token(model)
+    flops = f_tok * stats.tokens + f_attn * stats.sq_sum + stats.head_flops(model)
+    peak = (peak_flops(acc.device) or 0.0) * acc.num_processes
+    return {
+        "steps": stats.last_step,
+        "finished": stats.finished,
+        "losses": stats.losses,
+        "final_loss": stats.losses[-1] if stats.losses else None,
+        "domains": stats.domain_report(),
+        "examples": {d: len(dd) for d, dd in domains.items()},
+        "dropped_too_long": {d: dd.dropped for d, dd in domains.items()},
+        "tokens": stats.tokens,
+        "loss_tokens": stats.loss_tokens,
+        "attention_sq_sum": stats.sq_sum,
+        "seconds": stats.seconds,
+        "step_elapsed_s": stats.elapsed,
+        "tokens_per_s": stats.tokens / stats.seconds if stats.seconds else None,
+        "mfu": flops / stats.seconds / peak if stats.seconds and peak else None,
+        "peak_memory_bytes": peak_memory_bytes(acc.device),
+        "params": n_params,
+        "world_size": acc.num_processes,
+        "plan": plan,
+        "out_dir": str(out),
+    }
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of known accelerators (MFU denominator); None on CPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in (
+        ("H200", 989e12),
+        ("H100", 989e12),
+        ("A100", 312e12),
+        ("L40S", 362e12),
+        ("4090", 165e12),
+    ):
+        if key in name:
+            return peak
+    return None
+
+
 @contextlib.contextmanager
 def progress(acc, desc: str, total: int, start: int) -> Iterator[Callable]:
     """A rich bar on the main process (steps, loss, tokens/s); a no-op elsewhere."""

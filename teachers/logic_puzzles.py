@@ -27,43 +27,45 @@ def tf(v: bool) -> str:
 
 
 def _bool_tree(rng: random.Random, ops: int) -> Any:
-    """A random formula: a leaf is (value, negated); a node is (op, left, right)."""
+    """A random formula: ("val", v), ("not", ("val", v)) or (op, left, right)."""
     if ops == 0:
-        return ("leaf", rng.random() < 0.5, rng.random() < 0.3)
+        leaf = ("val", rng.random() < 0.5)
+        return ("not", leaf) if rng.random() < 0.3 else leaf
     left = rng.randint(0, ops - 1)
     return (rng.choice(("and", "or")), _bool_tree(rng, left), _bool_tree(rng, ops - 1 - left))
 
 
 def _render(node: Any, top: bool = True) -> str:
-    if node[0] == "leaf":
-        return ("not " if node[2] else "") + tf(node[1])
+    if node[0] == "val":
+        return tf(node[1])
+    if node[0] == "not":
+        return "not " + _render(node[1], False)
     text = f"{_render(node[1], False)} {node[0]} {_render(node[2], False)}"
     return text if top else f"({text})"
 
 
-def _evaluate(node: Any, steps: list[str]) -> bool:
-    """Evaluate innermost first, one line per operation."""
-    if node[0] == "leaf":
-        if node[2]:
-            steps.append(f"not {tf(node[1])} = {tf(not node[1])}")
-        return node[1] != node[2]
-    a, b = _evaluate(node[1], steps), _evaluate(node[2], steps)
-    v = (a and b) if node[0] == "and" else (a or b)
-    steps.append(f"{tf(a)} {node[0]} {tf(b)} = {tf(v)}")
-    return v
+def _reduce(node: Any) -> Any:
+    """The formula with its leftmost innermost operation replaced by its value."""
+    if node[0] == "not":
+        child = node[1]
+        return ("val", not child[1]) if child[0] == "val" else ("not", _reduce(child))
+    op, left, right = node
+    if left[0] == "val" and right[0] == "val":
+        return ("val", (left[1] and right[1]) if op == "and" else (left[1] or right[1]))
+    return (op, _reduce(left), right) if left[0] != "val" else (op, left, _reduce(right))
 
 
 def boolean(rng: random.Random, ops: int) -> Candidate:
+    """Evaluate a formula by rewriting it, one operation per line, until one value is
+    left: each line is the previous one with a single local change (easy to learn)."""
     tree = _bool_tree(rng, ops)
     formula, steps = _render(tree), []
-    value = tf(_evaluate(tree, steps))
-    prompt = f"Evaluate: {formula}"
-    return (
-        f"bool:{formula}",
-        prompt,
-        {"kind": "bool", "value": value},
-        {"kind": "bool", "steps": steps, "answer": value},
-    )
+    while tree[0] != "val":
+        tree = _reduce(tree)
+        steps.append(_render(tree))
+    value = tf(tree[1])
+    meta = {"kind": "bool", "steps": steps, "answer": value}
+    return f"bool:{formula}", f"Evaluate: {formula}", {"kind": "bool", "value": value}, meta
 
 
 # --------------------------------------------------------------------------- order
@@ -94,7 +96,9 @@ def ordering(rng: random.Random, n: int, extra: int) -> Candidate:
     ]
     shown = sorted(people)
     prompt = f"Order {', '.join(shown)} from first to last. " + " ".join(clauses)
-    order, steps = topo_order(shown, pairs)
+    # first every constraint as "X < Y" (one phrasing instead of two), then the order
+    order, kahn = topo_order(shown, pairs)
+    steps = [f"{a} < {b}" for a, b in pairs] + (kahn if n > 3 else []) + [" < ".join(order)]
     answer = ", ".join(order)
     reference = {"kind": "order", "items": shown, "before": pairs}
     return f"order:{prompt}", prompt, reference, {"kind": "order", "steps": steps, "answer": answer}

@@ -1,7 +1,7 @@
 """Math task generators by difficulty, each with the oracle's step-by-step reasoning.
 
-Difficulty 1 is column-wise addition written in a fixed format a ~1M-parameter model
-learns; 2 two-step word problems; 3 fractions; 4 linear equations; 5 systems of two
+Difficulty 1 is column-wise addition written in a fixed-width format a ~1M-parameter
+model learns; 2 two-step word problems; 3 fractions; 4 linear equations; 5 systems of two
 equations, polynomial expansion and percentage word problems.
 """
 
@@ -30,19 +30,19 @@ def _candidate(identity: str, prompt: str, answer: str, steps: list[str], kind: 
 
 
 def addition(rng: random.Random) -> Candidate:
-    """Column-wise addition, least significant column first, one carry per line."""
+    """Column-wise addition. The reasoning first restates both numbers padded to three
+    digits, then one fixed-width line per column, least significant first:
+    ``x+y+carry=SS`` with a two-digit sum whose first digit is the next carry. Every
+    digit a step needs sits at a fixed offset, which is what a ~1M-parameter model
+    learns reliably."""
     a, b = rng.randint(10, 999), rng.randint(10, 999)
-    da, db = str(a)[::-1], str(b)[::-1]
-    steps, carry = [], 0
-    for i in range(max(len(da), len(db))):
-        x = int(da[i]) if i < len(da) else 0
-        y = int(db[i]) if i < len(db) else 0
+    pa, pb = f"{a:03d}", f"{b:03d}"
+    steps, carry = [f"{pa} + {pb}"], 0
+    for i in (2, 1, 0):
+        x, y = int(pa[i]), int(pb[i])
         s = x + y + carry
-        steps.append(f"{x}+{y}+{carry}={s}, write {s % 10}, carry {s // 10}")
+        steps.append(f"{x}+{y}+{carry}={s:02d}")
         carry = s // 10
-    if carry:
-        steps.append(f"write {carry}")
-    steps.append(f"{a} + {b} = {a + b}")
     return _candidate(f"add:{a}+{b}", f"What is {a} + {b}?", str(a + b), steps, "addition")
 
 

@@ -117,11 +117,13 @@ def _teach(model, tok, steps: int, script: list[dict], tools: list[dict]) -> Non
                 )
             )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    batch = [torch.tensor(tok(t)["input_ids"]) for t in texts]
-    for _ in range(steps):
-        for ids in batch:
-            loss = model(input_ids=ids[None], labels=ids[None]).loss
-            loss.backward()
+    seqs = [tok(t)["input_ids"] for t in texts]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    labels = ids.masked_fill(mask == 0, -100)
+    for _ in range(steps):  # one padded batch of every prefix per step
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad()
     model.eval()

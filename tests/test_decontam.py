@@ -82,3 +82,14 @@ def test_generated_train_tasks_are_not_flagged_eval_tasks_are():
         assert (hits >= 0).mean() <= 0.01, name
         again = idx.contaminated(prompts(ev), [canonical(t.reference) for t in ev])
         assert (again >= 0).all(), name
+
+
+def test_answer_reproducing_an_eval_reference_is_found():
+    code = get_domain("code")
+    ev = list(code.tasks("eval", 20, 0, 2))
+    idx = NgramIndex(eval_texts(ev, "code"))
+    solution = code.oracle(ev[0])[-1]["content"]
+    leaked = solution + "\n" + "\n".join(ev[0].reference["tests"])  # the eval tests, verbatim
+    hits = idx.contaminated([solution, leaked])
+    assert hits[0] == -1
+    assert idx.evals[hits[1]].task_id == ev[0].id and idx.evals[hits[1]].kind == "reference"

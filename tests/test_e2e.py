@@ -131,7 +131,11 @@ def test_eval_one_off_on_any_model_directory(tmp_path):
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(d)
-    cli("eval", "--model", str(d), "--domains", "logic,math", "--tasks", "3", "--out", str(tmp_path / "rep"))
+    # a recipe is optional; here it only bounds decoding so the untrained model stops soon
+    settings = write_recipe(tmp_path / "s.yaml", {"name": "s", "generate": {"max_new_tokens": 12},
+                                                  "eval": {"pass_k": 2}})
+    cli("eval", str(settings), "--model", str(d), "--domains", "logic,math", "--tasks", "3",
+        "--out", str(tmp_path / "rep"))
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert {(s["model"], s["domain"], s["tasks"]) for s in report["scores"]} == {
         ("any-model", "logic", 3), ("any-model", "math", 3)}
@@ -152,3 +156,74 @@ def test_fuller_micro_pipeline_learns(tmp_path):
     report = json.loads((out / "eval" / "report.json").read_text())
     best = max(s["pass1"] for s in report["scores"] if s["model"].startswith("teacher:"))
     assert best > 0.2
+
+
+def _tiny_model(d: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.chat import train_tokenizer
+
+    tok = train_tokenizer(["What is 12 + 30? \\boxed{42}", "def f(x):\n    return x"] * 10, 300, d)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+def _serve(model_dir: Path, port: int):
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "distill", "serve", str(model_dir), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("distill serve did not come up")
+
+
+def test_hf_teachers_recipe_with_a_model_dir_and_distill_serve(tmp_path):
+    """recipes/hf-teachers.yaml as shipped, pointed at tiny real models: one loaded from
+    a directory, one behind `distill serve` on loopback."""
+    import socket
+
+    from distill.errors import UserError
+
+    math_dir = _tiny_model(tmp_path / "math-teacher")
+    code_dir = _tiny_model(tmp_path / "code-teacher")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _serve(code_dir, port)
+    try:
+        sets = [f"output_dir={tmp_path / 'run'}", f"teachers.math.path={math_dir}",
+                f"teachers.code.base_url=http://127.0.0.1:{port}/v1", "teachers.code.model=code-teacher",
+                "tokenizer.corpus_tasks=20", "tokenizer.vocab_size=320", "domains.math.train_tasks=2",
+                "domains.code.train_tasks=2", "generate.samples_per_task=1", "generate.max_new_tokens=8"]
+        args = [a for s in sets for a in ("--set", s)]
+        cli("teachers", "recipes/hf-teachers.yaml", *args)
+        record = json.loads((tmp_path / "run" / "teachers" / "_stage.json").read_text())
+        assert record["teachers"]["math"]["kind"] == "hf" and record["teachers"]["math"]["params"] > 0
+        assert record["teachers"]["code"] == {"kind": "openai", "base_url": f"http://127.0.0.1:{port}/v1",
+                                              "model": "code-teacher"}
+        cli("generate", "recipes/hf-teachers.yaml", *args)
+        for d, teacher in (("math", str(math_dir)), ("code", "code-teacher")):
+            ds = dataset_of(tmp_path / "run" / "raw" / d)
+            assert len(ds) == 2 and {lin["teacher_model"] for lin in ds["lineage"]} == {teacher}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    down = CliRunner().invoke(app, ["teachers", "recipes/hf-teachers.yaml", *args])
+    assert isinstance(down.exception, UserError) and "does not answer" in str(down.exception)
+    broken = [a if "teachers.math.path" not in a else f"teachers.math.path={tmp_path}" for a in args]
+    bad = CliRunner().invoke(app, ["teachers", "recipes/hf-teachers.yaml", *broken])
+    assert isinstance(bad.exception, UserError) and "teachers.math.path" in str(bad.exception)

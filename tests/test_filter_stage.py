@@ -250,3 +250,37 @@ def test_steps_switched_off_are_skipped_and_counted():
     skipped = [s["step"] for s in funnel.steps if s.get("skipped")]
     assert skipped == ["malformed", "dedup_exact", "dedup_near", "decontaminate"]
     assert all(s["in"] == s["out"] == len(rows) for s in funnel.steps)
+
+
+def test_real_eval_records_are_decontaminated_against(tmp_path):
+    from distill.decontam import canonical
+    from distill.filter import build_index
+
+    rec = {
+        "question": "Natalia sold clips to 48 of her friends in April, and then she sold "
+        "half as many clips in May. How many clips did Natalia sell altogether?",
+        "answer": "In May she sold 48/2 = 24 clips.\n#### 72",
+    }
+    (tmp_path / "eval.jsonl").write_text(json.dumps(rec) + "\n")
+    recipe = validate(
+        {
+            "name": "t",
+            "output_dir": str(tmp_path / "out"),
+            "domains": {
+                "math": {
+                    "eval_tasks": 5,
+                    "source": {
+                        "kind": "file",
+                        "path": str(tmp_path / "eval.jsonl"),
+                        "eval_path": str(tmp_path / "eval.jsonl"),
+                    },
+                }
+            },
+            "teachers": {"math": {"kind": "bootstrap"}},
+        }
+    )
+    index = build_index(recipe)
+    hit = index.contaminated(
+        [rec["question"], "What is 3 + 4?"], [canonical({"answer": "72"}), None]
+    )
+    assert hit[0] >= 0 and index.evals[hit[0]].domain == "math" and hit[1] == -1

@@ -118,3 +118,10 @@ def test_select_diverse_prefers_different_traces():
     kept, _ = select(ts, pass_rates(ts), max_per_task=2, prefer="shortest")
     assert _ids(kept) == ["short", "similar"]
     assert trace_tokens(ts[0]) == 60 + 1  # word proxy: reasoning + content
+
+
+def test_dedup_key_includes_the_prompt_unless_told_otherwise():
+    a, b = _t("a", task="t1"), _t("b", task="t2")
+    b.messages[0] = {"role": "user", "content": "another question"}
+    assert _ids(dedup_exact([a, b])[0]) == ["a", "b"]  # same answer, other task: kept
+    assert _ids(dedup_exact([a, b], with_prompt=False)[0]) == ["a"]

@@ -113,7 +113,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, model_dir):
     proc.wait()
     assert not (tmp_path / "out" / "raw" / "_stage.json").exists(), "run finished before the kill"
     partial = len(list((tmp_path / "out" / "raw" / "math").glob("part-*.arrow")))
-    assert 0 < partial < 10
+    assert partial >= 3  # killed after committing some rows, before the manifest
     run(load_recipe(recipe))  # the rerun continues where the killed run stopped
     got = rows_by_id(tmp_path / "out", ["math"])
     assert got.keys() == expected.keys() and len(got) == 40
@@ -127,17 +127,24 @@ def test_ranks_take_disjoint_slices_and_the_manifest_covers_all(tmp_path, model_
     from distill.shards import finalize
     from distill.stages import fingerprint
 
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "o", model_dir, domains=["math"], tasks=5))
+    recipe = load_recipe(
+        write_recipe(tmp_path / "r.yaml", tmp_path / "o", model_dir, domains=["math"], tasks=5)
+    )
     fp = fingerprint(recipe, "generate")
     with _progress(disable=True) as bar:
         for rank in (0, 1):
             generate_domain(recipe, "math", rank=rank, world=2, fp=fp, device="cpu", bar=bar)
     d = tmp_path / "o" / "raw" / "math"
-    assert sorted(p.name for p in d.glob("_journal-*")) == ["_journal-part-r0.json", "_journal-part-r1.json"]
+    assert sorted(p.name for p in d.glob("_journal-*")) == [
+        "_journal-part-r0.json",
+        "_journal-part-r1.json",
+    ]
     finalize(d, fp)
     ids = [t.id for t in iter_traces(d)]
     assert len(ids) == len(set(ids)) == 10
-    single = load_recipe(write_recipe(tmp_path / "s.yaml", tmp_path / "s", model_dir, domains=["math"], tasks=5))
+    single = load_recipe(
+        write_recipe(tmp_path / "s.yaml", tmp_path / "s", model_dir, domains=["math"], tasks=5)
+    )
     run(single)
     assert sorted(ids) == sorted(t.id for t in iter_traces(tmp_path / "s" / "raw" / "math"))
     # a rerun with one process finds every row committed by the two and adds none

@@ -72,12 +72,18 @@ def test_same_seed_same_tasks():
     assert a != [t.messages for t in LOGIC.tasks("eval", 30, seed=6, difficulty=4)]
 
 
-def test_difficulty_one_is_short():
+def test_difficulty_one_is_short_and_regular():
     for task in LOGIC.tasks("train", 300, seed=2, difficulty=1):
         trace = LOGIC.oracle(task)
+        steps = trace[-1]["reasoning_content"].split("\n")
         assert len(task.messages[-1]["content"]) <= 90
-        assert len(trace[-1]["reasoning_content"].split("\n")) <= 6
+        assert len(steps) <= 7 and len(trace[-1]["reasoning_content"]) <= 200
         assert re.fullmatch(r"Answer: (T|F|\w+, \w+, \w+)", trace[-1]["content"])
+        if task.reference["kind"] == "bool":  # each line rewrites one operation
+            assert steps[-1] == task.reference["value"]
+            assert all(len(b) < len(a) for a, b in zip(steps, steps[1:], strict=False))
+        else:  # constraints as "X < Y", then the order
+            assert steps[-1] == trace[-1]["content"][len("Answer: ") :].replace(", ", " < ")
 
 
 def test_sat_accepts_every_satisfying_assignment():

@@ -1,10 +1,8 @@
 """Agent rollouts on a tiny real model taught one tool-using conversation by heart."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from gen_fixtures import AddDomain, add_task, taught_model_dir, tiny_model_dir
+from gen_fixtures import AddDomain, add_task, taught_model_dir
 
 from distill.backends import Sampling, make_backend
 from distill.messages import TRACE_SCHEMA
@@ -73,7 +71,7 @@ def test_batched_episodes_of_different_lengths_and_samples(backend):
     assert [t.messages for t in again] == [t.messages for t in traces[3:]]
 
 
-def test_unparsable_tool_call_becomes_tool_error(tmp_path):
+def test_unparsable_tool_call_becomes_tool_error():
     """A random model's tool-call JSON is garbage: the episode gets an error message."""
     from distill.rollout import _run_tool
 
@@ -83,23 +81,23 @@ def test_unparsable_tool_call_becomes_tool_error(tmp_path):
     assert "unknown tool" in _run_tool(
         AddDomain().environment(add_task()), {"name": "mul", "arguments": "{}"}
     )
-    assert isinstance(Path(tmp_path), Path)
 
 
-def test_agents_domain_task_rolls_out_in_its_environment_and_verifies(tmp_path):
-    """A model taught one agents oracle trace replays it: the calls run in the bank
-    environment (results computed there, not copied from the oracle) and the verifier,
-    which replays the calls against a fresh bank, passes the trace."""
+def test_agents_bank_environment_answers_the_oracle_calls():
+    """The rollout's tool path against the real agents environment: the oracle's calls
+    give the oracle's tool results; bad calls give error strings, not exceptions."""
+    from distill.rollout import _run_tool
     from teachers.base import get_domain
 
     dom = get_domain("agents")
     task = next(iter(dom.tasks("train", 1, 0)))
+    env = dom.environment(task)
     oracle = dom.oracle(task)
-    corpus = [m.get("content") or m.get("reasoning_content") or "" for m in oracle]
-    d = tiny_model_dir(tmp_path, taught=True, script=oracle, tools=task.tools, corpus=corpus, hidden=48, steps=100)
-    backend = make_backend(path=d)
-    (tr,) = rollout(backend, dom, [task], n=1, sampling=Sampling(temperature=0, max_new_tokens=64))
-    calls = [c for m in tr.messages if m["role"] == "assistant" for c in m.get("tool_calls") or []]
-    assert [c["name"] for c in calls] == [c["name"] for m in oracle for c in m.get("tool_calls") or []]
-    assert [m["content"] for m in tr.messages if m["role"] == "tool"] == [m["content"] for m in oracle if m["role"] == "tool"]
-    assert dom.verify(task, tr.messages).passed, dom.verify(task, tr.messages).reason
+    results = {m["tool_call_id"]: m["content"] for m in oracle if m["role"] == "tool"}
+    for m in oracle:
+        for call in m.get("tool_calls") or []:
+            assert _run_tool(env, call) == results[call["id"]]
+    assert _run_tool(env, {"name": "balance", "arguments": "{bad"}).startswith("error")
+    assert _run_tool(env, {"name": None, "arguments": "{bad"}).startswith(
+        "error: invalid tool call JSON"
+    )

@@ -45,7 +45,7 @@ def run_train(data, out, **kw):
 
 def test_train_writes_a_loadable_hf_model(data, tmp_path):
     _, tok, _ = data
-    report = run_train(data, tmp_path / "out", cfg=small_cfg(max_steps=8))
+    report = run_train(data, tmp_path / "out", cfg=small_cfg(max_steps=8, trackers=["tensorboard"]))
     assert report["finished"] and report["steps"] == 8
     assert report["losses"][-1] < report["losses"][0] - 0.3
     assert (
@@ -54,6 +54,7 @@ def test_train_writes_a_loadable_hf_model(data, tmp_path):
     )
     assert report["tokens_per_s"] > 0 and report["peak_memory_bytes"] > 0
     saved = json.loads((tmp_path / "out" / "train_report.json").read_text())
+    assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents*"))  # per-domain curves
     assert saved["losses"] == report["losses"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     end = tok.convert_tokens_to_ids("<|end|>")

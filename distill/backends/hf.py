@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ from distill.backends.sample import sample_next
 from distill.errors import UserError
 from distill.messages import drop_old_reasoning, to_openai
 from distill.parse import parse_assistant
+
+
+SMALL_MODEL = 20_000_000  # parameters under which CPU decoding uses one thread
 
 
 @dataclass
@@ -73,6 +77,11 @@ class HFBackend:
             ) from None
         if not self.tokenizer.chat_template:
             raise UserError(f"{d}: tokenizer has no chat template")
+        if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # a small model's matmuls gain nothing from threads, and spinning threads
+            # collapse on a busy machine; big models keep torch's default
+            if sum(p.numel() for p in self.model.parameters()) < SMALL_MODEL:
+                torch.set_num_threads(1)
         self.name = str(d)
         self.revision = _revision(d)
         self.batch_size = batch_size

@@ -13,6 +13,7 @@ import torch
 from distill.backends.sample import sample_next
 
 CHECK_EVERY = 16  # steps between host syncs to see whether every row has finished
+MAX_CACHES = 4  # static caches kept, one per (batch, length) shape
 
 
 def _bucket(n: int, size: int) -> int:
@@ -46,11 +47,16 @@ class StaticDecoder:
         from transformers import StaticCache
 
         key = (batch, length)
-        if key not in self.caches:
-            self.caches = {key: StaticCache(config=self.model.config, max_cache_len=length)}
+        if key in self.caches:
+            cache = self.caches.pop(key)
+            cache.reset()
         else:
-            self.caches[key].reset()
-        return self.caches[key]
+            # a captured graph keeps its cache's addresses: reuse caches, keep a few shapes
+            while len(self.caches) >= MAX_CACHES:
+                self.caches.pop(next(iter(self.caches)))
+            cache = StaticCache(config=self.model.config, max_cache_len=length)
+        self.caches[key] = cache  # most recently used last
+        return cache
 
     @torch.inference_mode()
     def decode(self, rows: list, sampling, batch: int) -> None:
