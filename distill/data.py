@@ -85,6 +85,8 @@ def _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd):
     from rich.progress import Progress
 
     table = read_table(shard_dir)
+    if table.num_rows == 0:
+        raise UserError(f"{shard_dir}: no traces of domain {domain} to train on (empty shards)")
     ids, masks, lens, kd_rows, kd_counts = [], [], [], [], []
     dropped = 0
     cols = ["id", "messages", "tools"] + (["topk"] if kd else [])

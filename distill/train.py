@@ -62,7 +62,36 @@ def train(
     shards of each domain; write an HF model directory and ``train_report.json`` to
     ``out_dir``. Resumes from the newest matching checkpoint in ``out_dir/checkpoints``.
     ``stop_after_steps`` checkpoints and returns early (a planned preemption)."""
-    out = Path(out_dir)
+    threads = torch.get_num_threads()
+    try:
+        return _train(
+            init,
+            tokenizer_dir,
+            shards,
+            Path(out_dir),
+            cfg,
+            seed,
+            sampling_weights,
+            loss_weights,
+            desc,
+            stop_after_steps,
+        )
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting, whatever training used
+
+
+def _train(
+    init,
+    tokenizer_dir,
+    shards,
+    out: Path,
+    cfg: TrainConfig,
+    seed,
+    sampling_weights,
+    loss_weights,
+    desc,
+    stop_after_steps,
+) -> dict:
     acc = make_accelerator(cfg, out)
     tokenizer = load_tokenizer(tokenizer_dir)
     sw = {d: (sampling_weights or {}).get(d, 1.0) for d in shards}
@@ -102,6 +131,9 @@ def train(
         acc.init_trackers(desc.replace("/", "-"), config=flat)
     stats = loop.run(start, desc, out / "checkpoints", fp, stop_after_steps)
     report = build_report(acc, model, domains, stats, plan, out)
+    for d, r in report["domains"].items():
+        loss = "n/a" if r["mean_loss"] is None else f"{r['mean_loss']:.4f}"
+        acc.print(f"{desc} {d}: mean loss {loss} over {r['loss_tokens']} loss tokens")
     if stats.finished:
         save_model(acc, objective, tokenizer, cfg, out)
         if acc.is_main_process:
@@ -180,20 +212,31 @@ def _attn_implementation(device: torch.device) -> str:
 
 
 def _plan(cfg: TrainConfig, world: int, stream: RowStream) -> dict[str, int]:
-    rows_micro = max(1, cfg.micro_batch_tokens // cfg.max_seq_len)
-    rows_step = max(1, cfg.batch_tokens // cfg.max_seq_len)
+    """Rows per step and per micro-batch from the packed rows' real sizes: batch_tokens
+    means tokens, also when traces longer than half a row leave rows part empty."""
+    rows = stream.epoch_rows(0)
+    lens = [sum(int(stream.lengths[d][i]) for d, i in r) for r in rows]
+    rows_step = _even_split(cfg.batch_tokens / (sum(lens) / len(lens)))
     rows_step = math.ceil(rows_step / world) * world  # every rank gets the same number of rows
+    rows_micro = max(1, cfg.micro_batch_tokens // max(lens))
     per_rank = rows_step // world
-    epoch_rows = len(stream.epoch_rows(0))
-    max_steps = cfg.max_steps or max(1, math.ceil(epoch_rows * cfg.epochs / rows_step))
+    max_steps = cfg.max_steps or max(1, math.ceil(len(rows) * cfg.epochs / rows_step))
     return {
         "rows_micro": rows_micro,
         "rows_step": rows_step,
         "per_rank": per_rank,
         "accum": math.ceil(per_rank / rows_micro),
         "max_steps": max_steps,
-        "epoch_rows": epoch_rows,
+        "epoch_rows": len(rows),
     }
+
+
+def _even_split(rows: float) -> int:
+    """A row count that 1, 2, 4 and 8 processes split evenly (a power of two below 8, a
+    multiple of 8 above), so the run is the same whatever the world size."""
+    if rows < 6:
+        return 2 ** max(0, round(math.log2(max(rows, 1.0))))
+    return 8 * max(1, round(rows / 8))
 
 
 def _resume(acc, ckpt_dir: Path, fp: str, stream: RowStream) -> int:
@@ -303,6 +346,7 @@ class _Loop:
                 if stop:
                     # out of time: a finished (shorter) run; stop_after: a preemption
                     stats.finished = step != stop_after
+                    stats.stopped_by = "stop_after_steps" if step == stop_after else "max_time_s"
                     return stats
         stats.finished = True
         return stats

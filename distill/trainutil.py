@@ -82,6 +82,7 @@ class StepStats:
 
     def __init__(self, names: list[str], start: int):
         self.names, self.last_step, self.finished = names, start, False
+        self.stopped_by: str | None = None  # "max_time_s" or "stop_after_steps" when early
         self.losses: list[float] = []
         self.elapsed: list[float] = []  # seconds since the loop started, per step
         n = len(names)
@@ -162,6 +163,7 @@ def build_report(acc, model, domains: dict, stats: StepStats, plan: dict, out: P
     return {
         "steps": stats.last_step,
         "finished": stats.finished,
+        "stopped_by": stats.stopped_by,
         "losses": stats.losses,
         "final_loss": stats.losses[-1] if stats.losses else None,
         "domains": stats.domain_report(),

@@ -206,16 +206,16 @@ def task_from_record(record: dict[str, Any], index: int = 0) -> Task:
     if turns is None:
         missing.append("turns")
     if missing:
-        raise UserError(f"agents record {index}: missing field(s) {', '.join(missing)}")
+        raise UserError(f"agents record: missing field(s) {', '.join(missing)}")
     if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
-        raise UserError(f"agents record {index}: 'turns' must be a list of strings")
+        raise UserError("agents record: 'turns' must be a list of strings")
     answers = record["expected_answers"]
     if not isinstance(answers, list) or len(answers) != len(turns):
-        raise UserError(f"agents record {index}: 'expected_answers' needs one entry per turn")
+        raise UserError("agents record: 'expected_answers' needs one entry per turn")
     try:
         tools = normalize_tools(_field(record, "tools"))
     except ValueError as e:
-        raise UserError(f"agents record {index}: {e}") from None
+        raise UserError(f"agents record: {e}") from None
     env = _state(_field(record, "env"), "env")
     final = _field(record, "expected_state")
     reference = {

@@ -140,3 +140,10 @@ def test_lora_trains_adapters_and_merges(data, tmp_path):
     up = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(merged[up], base[up])  # not a target module: frozen
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+
+
+def test_max_time_stops_early_with_a_saved_model_and_checkpoint(data, tmp_path):
+    report = run_train(data, tmp_path / "out", cfg=small_cfg(max_steps=6, max_time_s=1e-6))
+    assert report["finished"] and report["stopped_by"] == "max_time_s" and report["steps"] == 1
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert (tmp_path / "out" / "checkpoints" / "step-000001" / "trainer_state.json").exists()

@@ -23,7 +23,6 @@ from distill.errors import UserError
 from distill.messages import drop_old_reasoning, to_openai
 from distill.parse import parse_assistant
 
-
 SMALL_MODEL = 20_000_000  # parameters under which CPU decoding uses one thread
 
 
