@@ -106,7 +106,7 @@ def _train(
     set_cpu_threads(acc, sum(p.numel() for p in model.parameters()))
     objective = Objective(model, cfg.kd.alpha if cfg.kd.enabled else 0.0, cfg.kd.temperature)
     stream = RowStream(domains, sw, cfg.mixture, cfg.max_seq_len, cfg.packing, seed)
-    plan = _plan(cfg, acc.num_processes, stream)
+    plan = _plan(cfg, acc.num_processes, stream, acc.device.type == "cuda")
     opt, sched = make_optimizer(objective, cfg, plan["max_steps"])
     if cfg.compile:
         objective = torch.compile(objective)
@@ -211,14 +211,15 @@ def _attn_implementation(device: torch.device) -> str:
     return "sdpa"
 
 
-def _plan(cfg: TrainConfig, world: int, stream: RowStream) -> dict[str, int]:
+def _plan(cfg: TrainConfig, world: int, stream: RowStream, gpu: bool) -> dict[str, int]:
     """Rows per step and per micro-batch from the packed rows' real sizes: batch_tokens
     means tokens, also when traces longer than half a row leave rows part empty."""
     rows = stream.epoch_rows(0)
     lens = [sum(int(stream.lengths[d][i]) for d, i in r) for r in rows]
     rows_step = _even_split(cfg.batch_tokens / (sum(lens) / len(lens)))
     rows_step = math.ceil(rows_step / world) * world  # every rank gets the same number of rows
-    rows_micro = max(1, cfg.micro_batch_tokens // max(lens))
+    # GPU rows are padded to max_seq_len (static shapes); CPU rows to the longest present
+    rows_micro = max(1, cfg.micro_batch_tokens // (cfg.max_seq_len if gpu else max(lens)))
     per_rank = rows_step // world
     max_steps = cfg.max_steps or max(1, math.ceil(len(rows) * cfg.epochs / rows_step))
     return {

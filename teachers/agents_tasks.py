@@ -227,7 +227,7 @@ def play(env: BankEnv, specs: list[dict], messages: list[dict], turns: list[str]
     return answers
 
 
-def make_candidate(rng: random.Random, difficulty: int):
+def make_candidate(rng: random.Random, difficulty: int) -> tuple[str, str, dict, dict]:
     """One candidate task (identity, first prompt, reference, meta) at ``difficulty``
     (1: one turn, 1-2 calls; 2: 1-2 turns, 2-3 calls; 3 and above: 2-3 turns, 3-5)."""
     if difficulty < 1:
