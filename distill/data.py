@@ -94,9 +94,7 @@ def _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd):
         task = bar.add_task(f"tokenize {domain}", total=table.num_rows)
         for batch in table.select(cols).to_batches(max_chunksize=256):
             for row in batch.to_pylist():
-                exs = render_trace(
-                    tokenizer, row["messages"], json.loads(row["tools"]) if row["tools"] else None
-                )
+                exs = _render_row(tokenizer, row, shard_dir)
                 topk = _topk_for(row, exs, len(tokenizer)) if kd else None
                 start = 0
                 for ex in exs:
@@ -124,6 +122,15 @@ def _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd):
     if kd:
         arrays.update(_kd_arrays(kd_rows, kd_counts))
     return arrays, {"dropped": dropped, "examples": len(lens)}
+
+
+def _render_row(tokenizer, row: dict, shard_dir: Path) -> list:
+    """A row's examples; a bad row is an error naming the trace and its shards."""
+    try:
+        tools = json.loads(row["tools"]) if row["tools"] else None
+        return render_trace(tokenizer, row["messages"], tools)
+    except (UserError, ValueError, TypeError) as e:
+        raise UserError(f"{shard_dir}: trace {row['id']}: {e}") from None
 
 
 def _topk_for(row, examples, vocab: int) -> list[dict]:

@@ -261,13 +261,15 @@ class FilterConfig(Section):
     workers: int | None = Field(None, ge=1, description="Verifier processes; null = every core.")
     keep_failed: bool = Field(False, description="Keep failed traces, flagged, for analysis.")
     drop_malformed: bool = Field(
-        True, description="Drop truncated traces, traces without a final answer, with unparsable tool calls or (require_reasoning) empty reasoning."
+        True,
+        description="Drop truncated traces, traces without a final answer, with unparsable tool calls or (require_reasoning) empty reasoning.",
     )
     require_reasoning: bool = Field(True, description="Drop traces with empty reasoning.")
     dedup_exact: bool = Field(True, description="Drop exact duplicates (normalised text hash).")
     dedup_near: bool = Field(True, description="Drop near duplicates (MinHash LSH).")
     dedup_with_prompt: bool = Field(
-        True, description="Dedup compares the user turns plus the assistant output; false = the assistant output alone (distinct tasks with the same answer then collapse)."
+        True,
+        description="Dedup compares the user turns plus the assistant output; false = the assistant output alone (distinct tasks with the same answer then collapse).",
     )
     near_threshold: float = Field(
         0.9, gt=0, le=1, description="Jaccard similarity above which traces are near duplicates."

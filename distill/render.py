@@ -104,6 +104,13 @@ def assistant_spans(tokenizer, messages, tools=None) -> tuple[str, list[tuple[in
             raise TemplateError(
                 f"chat template renders assistant message {k} in no span of its own"
             )
+        reasoning = (m.get("reasoning_content") or "").strip()
+        if reasoning and reasoning not in full[a:b]:
+            # a template that drops reasoning would train a student that never thinks
+            raise TemplateError(
+                "chat template does not render reasoning_content of the assistant turns "
+                "being trained; use a template that renders it (e.g. as <think>...</think>)"
+            )
         spans.append((a, b))
         end_prev = b
     return full, spans

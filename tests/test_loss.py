@@ -6,10 +6,23 @@ import random
 import numpy as np
 import pytest
 import torch
-from trainkit import domain_data, make_tokenizer, math_trace, tensors, tiny_model, tool_trace
+from trainkit import (
+    domain_data,
+    make_tokenizer,
+    math_trace,
+    one_thread,
+    tensors,
+    tiny_model,
+    tool_trace,
+)
 
 from distill.data import collate
 from distill.loss import Objective, token_ce, topk_kl
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    yield from one_thread()
 
 
 def dense_reference(logits, ids, lps, temperature):

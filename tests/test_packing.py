@@ -10,6 +10,7 @@ from trainkit import (
     domain_data,
     make_tokenizer,
     math_trace,
+    one_thread,
     tensors,
     tiny_model,
     tool_trace,
@@ -19,6 +20,11 @@ from trainkit import (
 from distill.data import collate, mixture_order, pack_rows, tokenize_domain
 from distill.errors import UserError
 from distill.loss import Objective, token_ce
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +122,20 @@ def test_kd_topk_count_mismatch_is_a_clear_error(tok, tmp_path):
         UserError, match=r"trace math-0: 3 teacher top-k entries but \d+ assistant tokens"
     ):
         tokenize_domain("math", shards, tok, 512, tmp_path / "cache", kd=True)
+
+
+def test_unmaskable_template_error_names_the_trace(tok, tmp_path):
+    shards = write_shards(tmp_path / "clean", "agents", [tool_trace()])
+    old = tok.chat_template
+    tok.chat_template = old.replace(
+        "{%- for m in messages -%}{%- if m['role'] == 'assistant' -%}",
+        "{%- for m in messages -%}{%- if loop.last -%}!{%- endif -%}{%- if m['role'] == 'assistant' -%}",
+    )
+    assert tok.chat_template != old
+    try:
+        with pytest.raises(
+            UserError, match=r"clean: trace agents-0: chat template is not prefix-stable"
+        ):
+            tokenize_domain("agents", shards, tok, 512, tmp_path / "cache")
+    finally:
+        tok.chat_template = old

@@ -107,3 +107,14 @@ def test_template_that_is_not_prefix_stable_fails_loudly(qwen_tok, tok):
 
 def test_assistant_turn_without_user_answer_gives_no_example(tok):
     assert render_trace(tok, [{"role": "user", "content": "hi"}]) == []
+
+
+def test_template_that_drops_reasoning_fails_loudly(qwen_tok):
+    old = qwen_tok.chat_template
+    qwen_tok.chat_template = old.replace("{%- if m.reasoning_content %}", "{%- if false %}")
+    assert qwen_tok.chat_template != old
+    try:
+        with pytest.raises(TemplateError, match="does not render reasoning_content"):
+            render_trace(qwen_tok, tool_trace())
+    finally:
+        qwen_tok.chat_template = old

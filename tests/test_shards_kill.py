@@ -38,7 +38,7 @@ for i in range(n):
     w.write([row(i)])
     written += 1
     if mode == "pause" and written == 47:  # two shards committed, seven rows buffered
-        assert w.committed_rows == 40  # (waits for the shard being written in the background)
+        assert w.committed_rows == 40
         print("mid-shard", flush=True)
         time.sleep(120)
     if mode == "slow":
