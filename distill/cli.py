@@ -106,8 +106,8 @@ def verify(
 ) -> None:
     """Verify model completions of real records with the domain's verifier.
 
-    Reads INPUT.jsonl; writes one verdict per line ({id, passed, score, reason}) to --out
-    or stdout, then prints `N passed, M failed`."""
+    Reads INPUT.jsonl; writes one verdict per line (id, passed, score, reason)
+    to --out or stdout, then prints `N passed, M failed`. A bad record: exit 2."""
     from distill.verify import run
 
     run(domain, input_, out=out, workers=workers)
