@@ -372,6 +372,20 @@ def run(recipe: Recipe) -> dict:
     if not domains:
         raise UserError(f"{recipe.name}: no enabled domain to train on")
     shards = {d: out / "clean" / d for d in domains}
+    # A domain whose teacher produced no verified trace is left out with a warning rather
+    # than failing the run: the student is still distilled on the rest, and the eval
+    # report shows the missing domain plainly.
+    from distill.shards import read_manifest
+
+    empty = [d for d, p in shards.items() if read_manifest(p)["rows"] == 0]
+    for d in empty:
+        print(f"warning: clean/{d} has no traces; the student is trained without domain {d}")
+        del shards[d]
+    if not shards:
+        raise UserError(
+            f"{out / 'clean'}: every domain's clean shards are empty; nothing to train on"
+        )
+    domains = list(shards)
     if recipe.train.kd.enabled:
         _check_kd_tokenizers(recipe, tok_dir)
     report = train(
@@ -386,7 +400,13 @@ def run(recipe: Recipe) -> dict:
         loss_weights={d: recipe.domains[d].loss_weight for d in domains},
     )
     if report["finished"]:
-        mark_done(recipe, "train", steps=report["steps"], final_loss=report["final_loss"])
+        mark_done(
+            recipe,
+            "train",
+            steps=report["steps"],
+            final_loss=report["final_loss"],
+            skipped_domains=empty,
+        )
     return report
 
 

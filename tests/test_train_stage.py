@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -141,3 +142,20 @@ def test_kd_with_a_teacher_of_another_vocabulary_is_refused(tmp_path):
     assert (
         "teacher 'math' tokenizer" in msg and str(teacher) in msg and str(out / "tokenizer") in msg
     )
+
+
+def test_a_domain_with_no_clean_traces_is_left_out(tmp_path):
+    out = tmp_path / "run"
+    make_run(out, "tokenizer")
+    shutil.rmtree(out / "clean" / "agents")
+    write_shards(out / "clean" / "agents", "agents", [])  # every agents trace was filtered out
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(out=out))
+    res = CliRunner().invoke(app, ["train", str(recipe), "--set", "train.max_steps=2"])
+    assert res.exit_code == 0, res.output
+    assert "without domain agents" in res.output
+    report = json.loads((out / "student" / "train_report.json").read_text())
+    assert set(report["domains"]) == {"math"}
+    assert json.loads((out / "student" / "_stage.json").read_text())["skipped_domains"] == [
+        "agents"
+    ]
