@@ -188,8 +188,8 @@ def train_bootstrap(recipe: Recipe, d: str, tok_dir: Path, force: bool = False) 
     )
     if not report.get("finished", True):
         raise UserError(
-            f"teachers.{d}.train: stopped at step {report.get('steps')} (max_time_s) before "
-            f"max_steps; rerun `distill teachers` to resume from the checkpoint"
+            f"teachers.{d}.train: stopped at step {report.get('steps')} before it finished; "
+            f"rerun `distill teachers` to resume from the checkpoint"
         )
     rec = {
         "fingerprint": fp,
@@ -255,6 +255,9 @@ def check_openai(d: str, t: TeacherConfig) -> dict[str, Any]:
 
 def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
     """The teachers stage (``distill teachers``); ``force`` retrains what is up to date."""
+    from distill.progress import log_recipe
+
+    log_recipe(recipe, "teachers")
     bootstrap = [d for d in recipe.active_domains() if recipe.teachers[d].kind == "bootstrap"]
     info: dict[str, Any] = {}
     tok = (

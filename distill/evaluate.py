@@ -189,6 +189,9 @@ def models_of(recipe: Recipe) -> list[tuple[ModelSpec, list[str]]]:
 
 def run(recipe: Recipe) -> dict[str, Any]:
     """The eval stage (``distill eval RECIPE``): writes and prints the recovery report."""
+    from distill.progress import log_recipe
+
+    log_recipe(recipe, "eval")
     t0 = time.time()
     active = recipe.active_domains()
     tasks = {d: eval_tasks(d, recipe.domains[d], recipe.seed) for d in active}

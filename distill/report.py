@@ -145,8 +145,20 @@ def check_targets(
                 out.append(_target(f"{s.model} pass@1 on {s.domain}", s.pass1, target_teacher_acc))
     if target_recovery is not None:
         for d, r in rec.items():
-            value = r["ratio"] if r["ratio"] is not None else 0.0
-            out.append(_target(f"student recovery of teacher:{d} on {d}", value, target_recovery))
+            what = f"student recovery of teacher:{d} on {d}"
+            if r["ratio"] is None:  # teacher at 0%: student >= goal * teacher holds trivially
+                out.append(
+                    {
+                        "target": what,
+                        "goal": target_recovery,
+                        "value": None,
+                        "met": None,  # a ratio to 0% means nothing: neither met nor missed
+                        "gap": None,
+                        "note": "not applicable: the teacher solved nothing",
+                    }
+                )
+            else:
+                out.append(_target(what, r["ratio"], target_recovery))
     return out
 
 
@@ -229,14 +241,26 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _status(t: dict[str, Any], missed: str) -> str:
+    if t["met"] is None:
+        return t.get("note") or "not applicable"
+    return "met" if t["met"] else f"{missed} by {100 * t['gap']:.1f} points"
+
+
 def _targets_markdown(targets: list[dict[str, Any]]) -> list[str]:
     if not targets:
         return []
-    met = sum(t["met"] for t in targets)
-    lines = ["", f"## Targets: {met} of {len(targets)} met", ""]
+    met = sum(t["met"] is True for t in targets)
+    applicable = sum(t["met"] is not None for t in targets)
+    na = len(targets) - applicable
+    lines = [
+        "",
+        f"## Targets: {met} of {applicable} met" + (f" ({na} not applicable)" if na else ""),
+        "",
+    ]
     lines += ["| target | goal | measured | status |", "|---|---|---|---|"]
     for t in targets:
-        status = "met" if t["met"] else f"**MISSED** by {100 * t['gap']:.1f} points"
+        status = _status(t, "**MISSED**")
         lines.append(f"| {t['target']} | >= {_pct(t['goal'])} | {_pct(t['value'])} | {status} |")
     return lines
 
@@ -292,33 +316,32 @@ def chart(report: dict[str, Any], path: str | Path) -> None:
 
 
 def print_table(report: dict[str, Any], console=None) -> None:
-    """The accuracy matrix and the targets as rich tables."""
+    """One row per (model, domain): pass@1, pass@k, tokens per correct answer and, for
+    the student, its recovery of that domain's teacher; then the targets."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
-    cell = {(s["model"], s["domain"]): s for s in report["scores"]}
-    models = model_names(report)
-    table = Table(title=f"{report['name']}: greedy pass@1 (pass@k) · tokens/correct")
-    table.add_column("domain")
-    for m in models:
-        table.add_column(m, justify="right")
-    if report["recovery"]:
-        table.add_column("recovery", justify="right")
-    for d in report["domains"]:
-        row = []
-        for m in models:
-            s = cell.get((m, d))
-            row.append(
-                "—"
-                if s is None
-                else f"{_pct(s['pass1'])} ({_pct(s['passk'])}) · {_num(s['tokens_per_correct'])}"
-            )
-        if report["recovery"]:
-            r = report["recovery"].get(d)
-            row.append(_pct(r["ratio"]) if r else "—")
-        table.add_row(d, *row)
+    k = next((s["k"] for s in report["scores"] if s["passk"] is not None), None)
+    table = Table(title=f"{report['name']}: held-out evaluation")
+    for col in ("domain", "model", "pass@1", f"pass@{k or 'k'}", "tokens/correct", "recovery"):
+        table.add_column(col, justify="left" if col in ("domain", "model") else "right")
+    order = {m: i for i, m in enumerate(model_names(report))}
+    rows = sorted(
+        report["scores"], key=lambda s: (report["domains"].index(s["domain"]), order[s["model"]])
+    )
+    for s in rows:
+        r = report["recovery"].get(s["domain"]) if s["model"] == STUDENT else None
+        table.add_row(
+            s["domain"],
+            s["model"],
+            _pct(s["pass1"]),
+            _pct(s["passk"]),
+            _num(s["tokens_per_correct"]),
+            _pct(r["ratio"]) if r else "",
+        )
     console.print(table)
     for t in report["targets"]:
-        mark = "[green]met[/]" if t["met"] else f"[red]MISSED by {100 * t['gap']:.1f} points[/]"
+        mark = _status(t, "MISSED")
+        mark = f"[green]{mark}[/]" if t["met"] else f"[red]{mark}[/]" if t["met"] is False else mark
         console.print(f"  target {t['target']} >= {_pct(t['goal'])}: {_pct(t['value'])} {mark}")

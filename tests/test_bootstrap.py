@@ -16,17 +16,29 @@ pytestmark = pytest.mark.integration
 
 
 def micro_recipe(tmp_path, domains=("math", "logic"), **teacher):
-    t = {"kind": "bootstrap", "oracle_tasks": 24,
-         "arch": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
-         "train": {"max_steps": 3, "warmup_steps": 0, "batch_tokens": 1024, "micro_batch_tokens": 1024,
-                   "max_seq_len": 512, "log_every": 1}}
+    t = {
+        "kind": "bootstrap",
+        "oracle_tasks": 24,
+        "arch": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+        "train": {
+            "max_steps": 3,
+            "warmup_steps": 0,
+            "batch_tokens": 1024,
+            "micro_batch_tokens": 1024,
+            "max_seq_len": 512,
+            "log_every": 1,
+        },
+    }
     t.update(teacher)
-    return validate({
-        "name": "micro", "output_dir": str(tmp_path / "run"),
-        "tokenizer": {"kind": "train", "vocab_size": 320, "corpus_tasks": 20},
-        "domains": {d: {"difficulty": 1} for d in domains},
-        "teachers": {d: t for d in domains},
-    })
+    return validate(
+        {
+            "name": "micro",
+            "output_dir": str(tmp_path / "run"),
+            "tokenizer": {"kind": "train", "vocab_size": 320, "corpus_tasks": 20},
+            "domains": {d: {"difficulty": 1} for d in domains},
+            "teachers": {d: t for d in domains},
+        }
+    )
 
 
 def test_tokenizer_learns_the_rendered_oracle_text_and_is_reused(tmp_path):
@@ -62,7 +74,9 @@ def test_oracle_shards_load_with_datasets_and_verify(tmp_path):
     d = tmp_path / "oracle"
     rows = bootstrap.write_oracle_shards(r, "logic", d, "fp1")
     assert rows == 24
-    ds = datasets.load_dataset("arrow", data_files=[str(p) for p in sorted(d.glob("*.arrow"))], split="train")
+    ds = datasets.load_dataset(
+        "arrow", data_files=[str(p) for p in sorted(d.glob("*.arrow"))], split="train"
+    )
     assert len(ds) == 24 and set(ds["domain"]) == {"logic"} and len(set(ds["task_id"])) == 24
     dom = get_domain("logic")
     tasks = {t.id: t for t in dom.tasks("train", 24, 0, 1)}
@@ -80,8 +94,15 @@ def _tiny_hf_dir(tmp_path):
     from distill.chat import train_tokenizer
 
     tok = train_tokenizer(["What is 1 + 2? \\boxed{3}"] * 5, 300, tmp_path / "hf")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
     return tmp_path / "hf"
 
@@ -91,7 +112,9 @@ def test_hf_teacher_check_loads_a_real_directory_and_names_a_broken_one(tmp_path
     info = bootstrap.check_hf("math", str(d))
     assert info["params"] > 10_000
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match=r"teachers\.code\.path: cannot load an HF causal LM from .*empty"):
+    with pytest.raises(
+        UserError, match=r"teachers\.code\.path: cannot load an HF causal LM from .*empty"
+    ):
         bootstrap.check_hf("code", str(tmp_path / "empty"))
 
 
@@ -114,16 +137,23 @@ def test_openai_teacher_check_makes_one_real_request(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/v1"
     try:
-        ok = bootstrap.check_openai("code", TeacherConfig(kind="openai", base_url=url, model="served-model"))
+        ok = bootstrap.check_openai(
+            "code", TeacherConfig(kind="openai", base_url=url, model="served-model")
+        )
         assert ok["model"] == "served-model"
         with pytest.raises(UserError, match="'other' is not served"):
-            bootstrap.check_openai("code", TeacherConfig(kind="openai", base_url=url, model="other"))
+            bootstrap.check_openai(
+                "code", TeacherConfig(kind="openai", base_url=url, model="other")
+            )
     finally:
         server.shutdown()
         server.server_close()
     with pytest.raises(UserError, match=r"teachers\.code\.base_url: endpoint .* does not answer"):
-        bootstrap.check_openai("code", TeacherConfig(kind="openai", base_url=url, model="served-model"))
+        bootstrap.check_openai(
+            "code", TeacherConfig(kind="openai", base_url=url, model="served-model")
+        )
     with pytest.raises(UserError, match="NO_SUCH_KEY_ENV is not set"):
         bootstrap.check_openai(
-            "code", TeacherConfig(kind="openai", base_url=url, model="m", api_key_env="NO_SUCH_KEY_ENV")
+            "code",
+            TeacherConfig(kind="openai", base_url=url, model="m", api_key_env="NO_SUCH_KEY_ENV"),
         )

@@ -15,25 +15,56 @@ pytestmark = pytest.mark.integration
 DOMAINS = ["math", "code", "logic", "agents"]
 
 
-def micro_recipe(out: Path, *, teacher_steps=4, oracle=24, student_steps=3, train_tasks=4,
-                 eval_tasks=3, hidden=32) -> dict:
-    arch = {"hidden_size": hidden, "num_layers": 1, "num_heads": 2, "intermediate_size": 2 * hidden,
-            "max_position_embeddings": 512}
-    train = {"max_steps": teacher_steps, "warmup_steps": 0, "batch_tokens": 2048,
-             "micro_batch_tokens": 2048, "max_seq_len": 512, "log_every": 1}
+def micro_recipe(
+    out: Path,
+    *,
+    teacher_steps=4,
+    oracle=24,
+    student_steps=3,
+    train_tasks=4,
+    eval_tasks=3,
+    hidden=32,
+) -> dict:
+    arch = {
+        "hidden_size": hidden,
+        "num_layers": 1,
+        "num_heads": 2,
+        "intermediate_size": 2 * hidden,
+        "max_position_embeddings": 512,
+    }
+    train = {
+        "max_steps": teacher_steps,
+        "warmup_steps": 0,
+        "batch_tokens": 2048,
+        "micro_batch_tokens": 2048,
+        "max_seq_len": 512,
+        "log_every": 1,
+    }
     teacher = {"kind": "bootstrap", "oracle_tasks": oracle, "arch": arch, "train": train}
     return {
         "name": "micro",
         "output_dir": str(out),
         "tokenizer": {"kind": "train", "vocab_size": 320, "corpus_tasks": 20},
-        "domains": {d: {"train_tasks": train_tasks, "eval_tasks": eval_tasks, "max_new_tokens": 24}
-                    for d in DOMAINS},
+        "domains": {
+            d: {"train_tasks": train_tasks, "eval_tasks": eval_tasks, "max_new_tokens": 24}
+            for d in DOMAINS
+        },
         "teachers": {d: teacher for d in DOMAINS},
-        "generate": {"samples_per_task": 1, "temperature": 0.0, "max_turns": 4, "max_episode_tokens": 400},
+        "generate": {
+            "samples_per_task": 1,
+            "temperature": 0.0,
+            "max_turns": 4,
+            "max_episode_tokens": 400,
+        },
         # untrained micro teachers are rarely right or well formed: keep their traces so
         # every domain has clean rows to train on (a pipeline test, not a quality test)
-        "filter": {"keep_failed": True, "drop_malformed": False, "dedup_near": False,
-                   "decontaminate": False, "workers": 1},
+        "filter": {
+            "keep_failed": True,
+            "drop_malformed": False,
+            "dedup_near": False,
+            "decontaminate": False,
+            "workers": 1,
+        },
         "student": {"kind": "scratch", "arch": arch},
         "train": {**train, "max_steps": student_steps},
         "eval": {"pass_k": 2, "batch_size": 16},
@@ -43,7 +74,7 @@ def micro_recipe(out: Path, *, teacher_steps=4, oracle=24, student_steps=3, trai
 def write_recipe(path: Path, data: dict) -> Path:
     yaml = YAML()
     with open(path, "w") as f:
-        yaml.dump(data, f)
+        yaml.dump(json.loads(json.dumps(data)), f)  # copies: no YAML anchors for shared dicts
     return path
 
 
@@ -86,8 +117,12 @@ def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed
 
     tok = AutoTokenizer.from_pretrained(out / "student")
     model = AutoModelForCausalLM.from_pretrained(out / "student")
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=False)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=False,
+    )
     gen = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert gen.shape[1] > ids.shape[1]
 
@@ -113,9 +148,15 @@ def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed
     cli("recipe", "set", str(recipe), "train.lr=0.001")
     third = run_stages(recipe)
     assert {s: v["status"] for s, v in third.items()} == {
-        "teachers": "skipped", "generate": "skipped", "filter": "skipped", "train": "ran", "eval": "ran",
+        "teachers": "skipped",
+        "generate": "skipped",
+        "filter": "skipped",
+        "train": "ran",
+        "eval": "ran",
     }
-    assert "train changed" in third["train"]["why"] and "upstream train reran" in third["eval"]["why"]
+    assert (
+        "train changed" in third["train"]["why"] and "upstream train reran" in third["eval"]["why"]
+    )
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
@@ -127,35 +168,80 @@ def test_eval_one_off_on_any_model_directory(tmp_path):
 
     d = tmp_path / "any-model"
     tok = train_tokenizer(["Evaluate: T and F. Answer: F"] * 10, 300, d)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(d)
     # a recipe is optional; here it only bounds decoding so the untrained model stops soon
-    settings = write_recipe(tmp_path / "s.yaml", {"name": "s", "generate": {"max_new_tokens": 12},
-                                                  "eval": {"pass_k": 2}})
-    cli("eval", str(settings), "--model", str(d), "--domains", "logic,math", "--tasks", "3",
-        "--out", str(tmp_path / "rep"))
+    settings = write_recipe(
+        tmp_path / "s.yaml",
+        {"name": "s", "generate": {"max_new_tokens": 12}, "eval": {"pass_k": 2}},
+    )
+    cli(
+        "eval",
+        str(settings),
+        "--model",
+        str(d),
+        "--domains",
+        "logic,math",
+        "--tasks",
+        "3",
+        "--out",
+        str(tmp_path / "rep"),
+    )
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert {(s["model"], s["domain"], s["tasks"]) for s in report["scores"]} == {
-        ("any-model", "logic", 3), ("any-model", "math", 3)}
+        ("any-model", "logic", 3),
+        ("any-model", "math", 3),
+    }
     assert report["recovery"] == {} and report["targets"] == []
     result = CliRunner().invoke(app, ["eval", "--model", str(d), "--domains", "poetry"])
     assert result.exit_code != 0 and "unknown domain 'poetry'" in str(result.exception)
 
 
 @pytest.mark.slow
-def test_fuller_micro_pipeline_learns(tmp_path):
-    """More steps and tasks: teachers learn their domains, so clean data is verified."""
+def test_fuller_pipeline_learns_and_the_report_says_so(tmp_path):
+    """More steps on math and logic with the default filter: the teachers learn, only
+    verified traces reach the student, and the student learns from them."""
     out = tmp_path / "run"
-    data = micro_recipe(out, teacher_steps=150, oracle=400, student_steps=200, train_tasks=40,
-                        eval_tasks=20, hidden=64)
-    data["filter"] = {"workers": 1}
+    data = micro_recipe(
+        out,
+        teacher_steps=400,
+        oracle=2000,
+        student_steps=400,
+        train_tasks=200,
+        eval_tasks=40,
+        hidden=64,
+    )
+    for d in ("code", "agents"):
+        data["domains"][d]["enabled"] = False
+    for t in data["teachers"].values():
+        t["arch"]["num_layers"] = 2
+        t["train"]["lr"] = 0.005
+    data["student"]["arch"]["num_layers"] = 2
+    data["train"]["lr"] = 0.005
+    data["domains"]["math"]["max_new_tokens"] = 96
+    data["domains"]["logic"]["max_new_tokens"] = 96
+    data["generate"]["temperature"] = 0.3
+    data.pop("filter")
     recipe = write_recipe(tmp_path / "fuller.yaml", data)
     run_stages(recipe)
+    for d in ("math", "logic"):
+        clean = dataset_of(out / "clean" / d)
+        assert len(clean) > 0 and all(v["passed"] for v in clean["verdict"])
     report = json.loads((out / "eval" / "report.json").read_text())
-    best = max(s["pass1"] for s in report["scores"] if s["model"].startswith("teacher:"))
-    assert best > 0.2
+    logic = report["recovery"]["logic"]
+    # an untrained model scores 0 (no parsable answer); these learned the task's form
+    # and solve some held-out tasks, and the student learned from verified traces alone
+    assert logic["teacher"] >= 0.1 and logic["student"] > 0.0
 
 
 def _tiny_model(d: Path) -> Path:
@@ -164,9 +250,17 @@ def _tiny_model(d: Path) -> Path:
     from distill.chat import train_tokenizer
 
     tok = train_tokenizer(["What is 12 + 30? \\boxed{42}", "def f(x):\n    return x"] * 10, 300, d)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(d)
     return d
 
@@ -178,8 +272,11 @@ def _serve(model_dir: Path, port: int):
 
     import httpx
 
-    proc = subprocess.Popen([sys.executable, "-m", "distill", "serve", str(model_dir), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distill", "serve", str(model_dir), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -205,16 +302,29 @@ def test_hf_teachers_recipe_with_a_model_dir_and_distill_serve(tmp_path):
         port = s.getsockname()[1]
     proc = _serve(code_dir, port)
     try:
-        sets = [f"output_dir={tmp_path / 'run'}", f"teachers.math.path={math_dir}",
-                f"teachers.code.base_url=http://127.0.0.1:{port}/v1", "teachers.code.model=code-teacher",
-                "tokenizer.corpus_tasks=20", "tokenizer.vocab_size=320", "domains.math.train_tasks=2",
-                "domains.code.train_tasks=2", "generate.samples_per_task=1", "generate.max_new_tokens=8"]
+        sets = [
+            f"output_dir={tmp_path / 'run'}",
+            f"teachers.math.path={math_dir}",
+            f"teachers.code.base_url=http://127.0.0.1:{port}/v1",
+            "teachers.code.model=code-teacher",
+            "tokenizer.corpus_tasks=20",
+            "tokenizer.vocab_size=320",
+            "domains.math.train_tasks=2",
+            "domains.code.train_tasks=2",
+            "generate.samples_per_task=1",
+            "generate.max_new_tokens=8",
+        ]
         args = [a for s in sets for a in ("--set", s)]
         cli("teachers", "recipes/hf-teachers.yaml", *args)
         record = json.loads((tmp_path / "run" / "teachers" / "_stage.json").read_text())
-        assert record["teachers"]["math"]["kind"] == "hf" and record["teachers"]["math"]["params"] > 0
-        assert record["teachers"]["code"] == {"kind": "openai", "base_url": f"http://127.0.0.1:{port}/v1",
-                                              "model": "code-teacher"}
+        assert (
+            record["teachers"]["math"]["kind"] == "hf" and record["teachers"]["math"]["params"] > 0
+        )
+        assert record["teachers"]["code"] == {
+            "kind": "openai",
+            "base_url": f"http://127.0.0.1:{port}/v1",
+            "model": "code-teacher",
+        }
         cli("generate", "recipes/hf-teachers.yaml", *args)
         for d, teacher in (("math", str(math_dir)), ("code", "code-teacher")):
             ds = dataset_of(tmp_path / "run" / "raw" / d)
@@ -224,6 +334,8 @@ def test_hf_teachers_recipe_with_a_model_dir_and_distill_serve(tmp_path):
         proc.wait(timeout=30)
     down = CliRunner().invoke(app, ["teachers", "recipes/hf-teachers.yaml", *args])
     assert isinstance(down.exception, UserError) and "does not answer" in str(down.exception)
-    broken = [a if "teachers.math.path" not in a else f"teachers.math.path={tmp_path}" for a in args]
+    broken = [
+        a if "teachers.math.path" not in a else f"teachers.math.path={tmp_path}" for a in args
+    ]
     bad = CliRunner().invoke(app, ["teachers", "recipes/hf-teachers.yaml", *broken])
     assert isinstance(bad.exception, UserError) and "teachers.math.path" in str(bad.exception)

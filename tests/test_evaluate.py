@@ -105,3 +105,18 @@ def test_print_table_shows_every_domain_and_model():
     for needle in ("math", "logic", "teacher:math", "student", "MISSED", "87.5%"):
         assert needle in text
     assert not math.isnan(r["recovery"]["math"]["ratio"])
+
+
+def test_recovery_target_when_the_teacher_solved_nothing_is_not_applicable():
+    outs = [rep.Outcome("a", False, 5)]
+    scores = [rep.score("teacher:code", "code", outs, 1), rep.score("student", "code", outs, 1)]
+    r = rep.build(scores, name="t", models={}, target_teacher_acc=0.5, target_recovery=0.9)
+    t = {x["target"]: x for x in r["targets"]}
+    assert not t["teacher:code pass@1 on code"]["met"]  # the teacher's own target flags it
+    rec = t["student recovery of teacher:code on code"]
+    assert rec["met"] is None and rec["value"] is None
+    md = rep.to_markdown(r)
+    assert (
+        "not applicable: the teacher solved nothing" in md
+        and "Targets: 0 of 1 met (1 not applicable)" in md
+    )
