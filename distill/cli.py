@@ -54,14 +54,24 @@ def teachers(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 @app.command("eval")
 def eval_(
-    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML file (optional with --model/--base-url).")] = None,
+    recipe: Annotated[
+        Path | None, typer.Argument(help="Recipe YAML file (optional with --model/--base-url).")
+    ] = None,
     set_: SetOpt = None,
-    model: Annotated[str | None, typer.Option(help="One-off: evaluate this HF model directory.")] = None,
-    base_url: Annotated[str | None, typer.Option(help="One-off: evaluate an OpenAI-compatible endpoint.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="One-off: evaluate this HF model directory.")
+    ] = None,
+    base_url: Annotated[
+        str | None, typer.Option(help="One-off: evaluate an OpenAI-compatible endpoint.")
+    ] = None,
     model_name: Annotated[str | None, typer.Option(help="Model name sent to --base-url.")] = None,
-    domains: Annotated[str, typer.Option(help="One-off: comma-separated domains.")] = "math,code,logic,agents",
+    domains: Annotated[
+        str, typer.Option(help="One-off: comma-separated domains.")
+    ] = "math,code,logic,agents",
     tasks: Annotated[int, typer.Option(help="One-off: eval tasks per domain.")] = 100,
-    out: Annotated[Path | None, typer.Option(help="One-off: report directory (default data/eval/<model>).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="One-off: report directory (default data/eval/<model>).")
+    ] = None,
 ) -> None:
     """Evaluate teachers and student on held-out tasks; print the recovery table.
 
@@ -71,8 +81,15 @@ def eval_(
 
     if model or base_url:
         r = load(recipe, set_) if recipe else None
-        evaluate.one_off(model=model, base_url=base_url, model_name=model_name, n_tasks=tasks,
-                         domains=[d.strip() for d in domains.split(",") if d.strip()], out_dir=out, recipe=r)
+        evaluate.one_off(
+            model=model,
+            base_url=base_url,
+            model_name=model_name,
+            n_tasks=tasks,
+            domains=[d.strip() for d in domains.split(",") if d.strip()],
+            out_dir=out,
+            recipe=r,
+        )
     elif recipe is None:
         raise UserError("eval: give a RECIPE, or --model DIR / --base-url URL for a one-off")
     else:
@@ -83,7 +100,9 @@ def eval_(
 def run_all(
     recipe: RecipeArg,
     set_: SetOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Rerun every stage, even those up to date.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rerun every stage, even those up to date.")
+    ] = False,
 ) -> None:
     """Run every stage in order, skipping those that are up to date.
 
@@ -100,9 +119,20 @@ def run_all(
 @app.command()
 def verify(
     domain: Annotated[str, typer.Argument(help="Domain: math, code, logic or agents.")],
-    input_: Annotated[Path, typer.Argument(metavar="INPUT.jsonl", help="Records in the domain's real-data format plus a 'completion' (or 'messages') field.")],
-    out: Annotated[Path | None, typer.Option("--out", help="Write verdicts here (JSONL) instead of stdout.")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Verifier processes (default: every core).")] = None,
+    input_: Annotated[
+        Path,
+        typer.Argument(
+            metavar="INPUT.jsonl",
+            help="Records in the domain's real-data format plus a 'completion' (or 'messages') field.",
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write verdicts here (JSONL) instead of stdout.")
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", min=1, help="Verifier processes (default: every core)."),
+    ] = None,
 ) -> None:
     """Verify model completions of real records with the domain's verifier.
 
@@ -136,7 +166,9 @@ def recipe_validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
 @recipe_app.command("set")
 def recipe_set(
     recipe: RecipeArg,
-    assignments: Annotated[list[str], typer.Argument(help="key.path=value (value parsed as YAML).")],
+    assignments: Annotated[
+        list[str], typer.Argument(help="key.path=value (value parsed as YAML).")
+    ],
 ) -> None:
     """Edit keys of RECIPE in place, keeping its comments and key order.
 
@@ -149,7 +181,9 @@ def recipe_set(
 
 @recipe_app.command("reference")
 def recipe_reference(
-    write: Annotated[Path | None, typer.Option(help="Update the generated block of this README in place.")] = None,
+    write: Annotated[
+        Path | None, typer.Option(help="Update the generated block of this README in place.")
+    ] = None,
 ) -> None:
     """Print the recipe reference generated from the schema (Markdown tables).
 
@@ -168,9 +202,16 @@ def recipe_reference(
 
 @shards_app.command("inspect")
 def shards_inspect(
-    path: Annotated[Path, typer.Argument(help="A shard directory, or a stage directory of per-domain shard directories.")],
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A shard directory, or a stage directory of per-domain shard directories."
+        ),
+    ],
     rows: Annotated[int, typer.Option(help="Rendered rows per directory.")] = 2,
-    verify: Annotated[bool, typer.Option(help="Check every shard's sha256 against the manifest.")] = False,
+    verify: Annotated[
+        bool, typer.Option(help="Check every shard's sha256 against the manifest.")
+    ] = False,
 ) -> None:
     """Rows per domain, pass/fail verdict counts, schema and a few rendered rows.
 
@@ -182,7 +223,12 @@ def shards_inspect(
 
 @shards_app.command("export")
 def shards_export(
-    path: Annotated[Path, typer.Argument(help="A shard directory, or a stage directory of per-domain shard directories.")],
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A shard directory, or a stage directory of per-domain shard directories."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Output file.")],
     format_: Annotated[str, typer.Option("--format", help="jsonl or parquet.")] = "jsonl",
 ) -> None:
@@ -210,11 +256,15 @@ def generate(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 @app.command()
 def serve(
-    model_dir: Annotated[Path, typer.Argument(help="HF model directory (a teacher or the student).")],
+    model_dir: Annotated[
+        Path, typer.Argument(help="HF model directory (a teacher or the student).")
+    ],
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     batch_size: Annotated[int, typer.Option(help="Requests decoded together.")] = 64,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+    ] = None,
 ) -> None:
     """Serve MODEL_DIR as an OpenAI-compatible endpoint.
 
