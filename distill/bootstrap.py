@@ -263,10 +263,11 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
     tok = (
         build_tokenizer(recipe, force) if (bootstrap or recipe.tokenizer.kind == "train") else None
     )
+    trained = _train_parallel(recipe, bootstrap, tok, force) if _parallel_ok(bootstrap) else {}
     for d in recipe.active_domains():
         t = recipe.teachers[d]
         if t.kind == "bootstrap":
-            rec = train_bootstrap(recipe, d, tok, force)
+            rec = trained.get(d) or train_bootstrap(recipe, d, tok, force)
             info[d] = {
                 "kind": "bootstrap",
                 "path": str(recipe.out / "teachers" / d),
@@ -278,3 +279,59 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
             info[d] = check_openai(d, t)
     mark_done(recipe, "teachers", teachers=info)
     return info
+
+
+def _parallel_ok(bootstrap: list[str]) -> bool:
+    """Train several bootstrap teachers at once only on a multi-core CPU in one process:
+    a ~1M-parameter model keeps one core busy and gains little from a second thread, so
+    two teachers side by side nearly halve the stage. On a GPU they run one after another."""
+    import torch
+
+    if len(bootstrap) < 2 or (os.cpu_count() or 1) < 2 or torch.cuda.is_available():
+        return False
+    return int(os.environ.get("WORLD_SIZE", "1")) == 1
+
+
+def _train_parallel(recipe: Recipe, domains: list[str], tok: Path, force: bool) -> dict[str, Any]:
+    """Each teacher in its own spawned process on one thread; output goes to
+    ``teachers/<domain>/train.log`` so the progress bars do not interleave."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = min(len(domains), os.cpu_count() or 1)
+    console.print(
+        f"teachers: training {', '.join(domains)} in {workers} processes "
+        f"(logs in {recipe.out / 'teachers'}/<domain>/train.log)"
+    )
+    out: dict[str, Any] = {}
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        # longest first, so the last teachers to start are the short ones
+        order = sorted(domains, key=lambda d: -(recipe.teachers[d].train.max_steps or 0))
+        jobs = {d: pool.submit(_train_in_worker, recipe, d, tok, force) for d in order}
+        for d, job in jobs.items():
+            try:
+                out[d] = job.result()
+            except UserError:
+                raise
+            except Exception as e:  # a crashed worker names its teacher and its log
+                log = recipe.out / "teachers" / d / "train.log"
+                raise UserError(f"teachers.{d}: training failed ({e}); see {log}") from None
+            rep = out[d].get("train", {})
+            console.print(
+                f"teacher {d}: done in {out[d].get('train_s') or 0:.0f} s, "
+                f"{rep.get('steps', '?')} steps, final loss {rep.get('final_loss') or float('nan'):.4f}"
+            )
+    return out
+
+
+def _train_in_worker(recipe: Recipe, d: str, tok: Path, force: bool) -> dict[str, Any]:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    log = recipe.out / "teachers" / d / "train.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        return train_bootstrap(recipe, d, tok, force)

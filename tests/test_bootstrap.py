@@ -157,3 +157,27 @@ def test_openai_teacher_check_makes_one_real_request(tmp_path):
             "code",
             TeacherConfig(kind="openai", base_url=url, model="m", api_key_env="NO_SUCH_KEY_ENV"),
         )
+
+
+def test_teachers_trained_in_parallel_processes_equal_one_by_one(tmp_path, monkeypatch):
+    """Two teachers side by side (one spawned process each, one thread) give the very
+    weights of training them one after another in this process."""
+    import hashlib
+
+    def weights(recipe):
+        return {
+            d: hashlib.sha256(
+                (recipe.out / "teachers" / d / "model.safetensors").read_bytes()
+            ).hexdigest()
+            for d in ("math", "logic")
+        }
+
+    par = micro_recipe(tmp_path / "par")
+    monkeypatch.setattr(bootstrap, "_parallel_ok", lambda domains: True)
+    bootstrap.run(par)
+    assert (par.out / "teachers" / "math" / "train.log").stat().st_size > 0
+    seq = micro_recipe(tmp_path / "seq")
+    monkeypatch.setattr(bootstrap, "_parallel_ok", lambda domains: False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers' thread count, here too
+    bootstrap.run(seq)
+    assert weights(par) == weights(seq)
