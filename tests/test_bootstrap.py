@@ -6,6 +6,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+from gen_fixtures import tiny_model_dir
 
 from distill import bootstrap
 from distill.errors import UserError
@@ -88,27 +89,8 @@ def test_oracle_shards_load_with_datasets_and_verify(tmp_path):
     assert bootstrap.write_oracle_shards(r, "logic", d, "fp1") == 24
 
 
-def _tiny_hf_dir(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from distill.chat import train_tokenizer
-
-    tok = train_tokenizer(["What is 1 + 2? \\boxed{3}"] * 5, 300, tmp_path / "hf")
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
-    return tmp_path / "hf"
-
-
 def test_hf_teacher_check_loads_a_real_directory_and_names_a_broken_one(tmp_path):
-    d = _tiny_hf_dir(tmp_path)
+    d = tiny_model_dir(tmp_path / "hf", corpus=["What is 1 + 2? \\boxed{3}"])
     info = bootstrap.check_hf("math", str(d))
     assert info["params"] > 10_000
     (tmp_path / "empty").mkdir()

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from gen_fixtures import tiny_model_dir
 from ruamel.yaml import YAML
 from typer.testing import CliRunner
 
@@ -13,6 +14,9 @@ from distill.shards import shard_files
 
 pytestmark = pytest.mark.integration
 DOMAINS = ["math", "code", "logic", "agents"]
+
+
+CORPUS = ["What is 12 + 30? \\boxed{42}", "def f(x):\n    return x"]
 
 
 def micro_recipe(
@@ -162,24 +166,7 @@ def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed
 
 def test_eval_one_off_on_any_model_directory(tmp_path):
     """`distill eval --model DIR` on a directory we did not train (no recipe)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from distill.chat import train_tokenizer
-
-    d = tmp_path / "any-model"
-    tok = train_tokenizer(["Evaluate: T and F. Answer: F"] * 10, 300, d)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(d)
+    d = tiny_model_dir(tmp_path / "any-model", corpus=["Evaluate: T and F. Answer: F"])
     # a recipe is optional; here it only bounds decoding so the untrained model stops soon
     settings = write_recipe(
         tmp_path / "s.yaml",
@@ -244,27 +231,6 @@ def test_fuller_pipeline_learns_and_the_report_says_so(tmp_path):
     assert logic["teacher"] >= 0.1 and logic["student"] > 0.0
 
 
-def _tiny_model(d: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from distill.chat import train_tokenizer
-
-    tok = train_tokenizer(["What is 12 + 30? \\boxed{42}", "def f(x):\n    return x"] * 10, 300, d)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    return d
-
-
 def _serve(model_dir: Path, port: int):
     import subprocess
     import sys
@@ -295,8 +261,8 @@ def test_hf_teachers_recipe_with_a_model_dir_and_distill_serve(tmp_path):
 
     from distill.errors import UserError
 
-    math_dir = _tiny_model(tmp_path / "math-teacher")
-    code_dir = _tiny_model(tmp_path / "code-teacher")
+    math_dir = tiny_model_dir(tmp_path / "math-teacher", corpus=CORPUS)
+    code_dir = tiny_model_dir(tmp_path / "code-teacher", corpus=CORPUS)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
