@@ -31,9 +31,15 @@ FLUSH_EVERY_S = 30.0  # commit a (smaller) shard at least this often: a crash lo
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
-    """Generate raw traces for every enabled domain; returns rows per domain."""
+    """Generate raw traces for every enabled domain; returns rows per domain. On a
+    multi-core CPU it runs in one process per core, each on its share of the tasks."""
     import torch
     from accelerate import PartialState
+
+    from distill import launch
+
+    if (procs := launch.cpu_procs()) > 1:
+        return launch.spawn(run, recipe, procs=procs, what="generate")
 
     # without cpu=True, torchrun-launched ranks on a host without GPUs stay unconnected
     state = PartialState(cpu=not torch.cuda.is_available())

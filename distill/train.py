@@ -354,8 +354,13 @@ class _Loop:
 
 
 def run(recipe: Recipe) -> dict:
-    """The ``distill train`` stage: the student on every enabled domain's clean shards."""
+    """The ``distill train`` stage: the student on every enabled domain's clean shards.
+    On a multi-core CPU it runs data-parallel in one process per core (distill/launch.py)."""
+    from distill import launch
     from distill.stages import mark_done
+
+    if (procs := launch.cpu_procs()) > 1:
+        return launch.spawn(run, recipe, procs=procs, what="train")
 
     out = recipe.out
     st = recipe.student
@@ -399,7 +404,7 @@ def run(recipe: Recipe) -> dict:
         sampling_weights={d: recipe.domains[d].sampling_weight for d in domains},
         loss_weights={d: recipe.domains[d].loss_weight for d in domains},
     )
-    if report["finished"]:
+    if report["finished"] and int(os.environ.get("RANK", "0")) == 0:
         mark_done(
             recipe,
             "train",

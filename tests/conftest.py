@@ -8,3 +8,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# stages run in this process: spawning workers per test would only add start-up time
+os.environ.setdefault("DISTILL_CPU_PROCS", "1")

@@ -159,3 +159,25 @@ def test_a_domain_with_no_clean_traces_is_left_out(tmp_path):
     assert json.loads((out / "student" / "_stage.json").read_text())["skipped_domains"] == [
         "agents"
     ]
+
+
+def test_train_stage_spawns_cpu_ranks_with_the_same_result(tmp_path, monkeypatch):
+    """DISTILL_CPU_PROCS=2: the stage starts its own 2 gloo ranks (no launcher), and the
+    losses equal those of the same stage in one process."""
+    from distill import train as train_mod
+    from distill.recipe import load_recipe
+
+    losses = {}
+    for procs in ("1", "2"):
+        out = tmp_path / f"run{procs}"
+        make_run(out, "tokenizer")
+        recipe = tmp_path / f"r{procs}.yaml"
+        recipe.write_text(RECIPE.format(out=out))
+        monkeypatch.setenv("DISTILL_CPU_PROCS", procs)
+        report = train_mod.run(load_recipe(recipe, ["train.max_steps=4"]))
+        losses[procs] = (report["world_size"], report["losses"])
+        assert json.loads((out / "student" / "_stage.json").read_text())["steps"] == 4
+    assert losses["1"][0] == 1 and losses["2"][0] == 2
+    torch.testing.assert_close(
+        torch.tensor(losses["2"][1]), torch.tensor(losses["1"][1]), rtol=1e-5, atol=1e-6
+    )

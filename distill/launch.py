@@ -1,0 +1,117 @@
+"""Data parallelism on a multi-core CPU without ``accelerate launch``.
+
+A ~1M-parameter model keeps one core busy and gains little from a second thread (its
+matmuls are too small), so on a CPU ``distill generate`` and ``distill train`` start one
+single-threaded process per core themselves: the same gloo process group that
+``accelerate launch`` would make, set up through the environment variables Accelerate
+reads. Both stages already split their work by rank and give the same result for any
+number of processes, so this changes only the wall time.
+
+``DISTILL_CPU_PROCS`` sets the number of processes (``auto`` = one per core, at most 8;
+``1`` = stay in this process). Nothing is spawned on a GPU host or under a launcher
+that already set ``WORLD_SIZE``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from distill.errors import UserError
+
+ENV = "DISTILL_CPU_PROCS"
+MAX_AUTO = 8  # beyond this, gloo's all-reduce of a small model costs more than it saves
+
+
+def cpu_procs() -> int:
+    """Processes a CPU stage should run in (1 = this process)."""
+    import torch
+
+    if torch.cuda.is_available() or "WORLD_SIZE" in os.environ:
+        return 1
+    value = os.environ.get(ENV, "auto").strip().lower()
+    if value == "auto":
+        return max(1, min(os.cpu_count() or 1, MAX_AUTO))
+    try:
+        n = int(value)
+    except ValueError:
+        raise UserError(f"{ENV}: expected 'auto' or a process count, got {value!r}") from None
+    if n < 1:
+        raise UserError(f"{ENV}: expected at least 1 process, got {n}")
+    return n
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn: Callable, args: tuple, rank: int, world: int, port: int, results) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    import torch
+
+    # the cores are shared out between the ranks (torch was imported before this ran)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        out = fn(*args)
+        results.put((rank, "ok", out if rank == 0 else None))
+    except UserError as e:
+        results.put((rank, "user", str(e)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which re-raises
+        results.put((rank, "crash", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def spawn(fn: Callable[..., Any], *args: Any, procs: int, what: str) -> Any:
+    """Run ``fn(*args)`` in ``procs`` spawned processes forming one gloo group and return
+    rank 0's result. A failing rank stops the others (they would wait forever in the
+    next collective); its UserError is raised here unchanged."""
+    ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
+    results = ctx.SimpleQueue()
+    port = _free_port()
+    workers = [
+        ctx.Process(target=_worker, args=(fn, args, r, procs, port, results), daemon=False)
+        for r in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    outcome: dict[int, tuple[str, Any]] = {}
+    try:
+        while len(outcome) < procs:
+            if not results.empty():
+                rank, status, value = results.get()
+                outcome[rank] = (status, value)
+                if status != "ok":
+                    break
+                continue
+            dead = [r for r, w in enumerate(workers) if w.exitcode not in (None, 0)]
+            dead = [r for r in dead if r not in outcome and results.empty()]
+            if dead:
+                code = workers[dead[0]].exitcode
+                outcome[dead[0]] = ("crash", f"process {dead[0]} of {procs} died (exit {code})")
+                break
+            workers[0].join(timeout=0.2)
+    finally:
+        failed = any(s != "ok" for s, _ in outcome.values()) or len(outcome) < procs
+        for w in workers:
+            if failed and w.is_alive():
+                w.terminate()
+            w.join()
+    for rank in sorted(outcome):
+        status, value = outcome[rank]
+        if status == "user":
+            raise UserError(value)
+        if status == "crash":
+            raise RuntimeError(f"{what}: rank {rank} of {procs} failed: {value}")
+    return outcome[0][1]

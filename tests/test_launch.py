@@ -1,0 +1,68 @@
+"""The CPU launcher: spawned ranks form one gloo group, results and errors come back."""
+
+import os
+
+import pytest
+
+from distill import launch
+from distill.errors import UserError
+
+
+def _all_reduce_rank() -> tuple[int, float]:
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=True)
+    x = torch.tensor([float(state.process_index + 1)])
+    torch.distributed.all_reduce(x)
+    return state.num_processes, float(x)
+
+
+def _fail_on_rank_one() -> None:
+    import time
+
+    if os.environ["RANK"] == "1":
+        raise UserError("train.lr: rank one says no")
+    time.sleep(60)  # rank 0 must be stopped by the parent, not wait this out
+
+
+def _die_on_rank_one() -> None:
+    import time
+
+    if os.environ["RANK"] == "1":
+        os._exit(3)
+    time.sleep(60)
+
+
+def test_spawned_ranks_form_one_group():
+    world, total = launch.spawn(_all_reduce_rank, procs=2, what="test")
+    assert world == 2
+    assert total == 3.0  # 1 + 2: both ranks took part in the all-reduce
+
+
+def test_user_error_of_a_rank_is_raised_unchanged_and_stops_the_others():
+    import time
+
+    t0 = time.time()
+    with pytest.raises(UserError, match="rank one says no"):
+        launch.spawn(_fail_on_rank_one, procs=2, what="test")
+    assert time.time() - t0 < 45
+
+
+def test_a_dead_rank_is_reported():
+    with pytest.raises(RuntimeError, match="died"):
+        launch.spawn(_die_on_rank_one, procs=2, what="test")
+
+
+def test_cpu_procs_reads_the_environment(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv(launch.ENV, "3")
+    assert launch.cpu_procs() == 3
+    monkeypatch.setenv(launch.ENV, "auto")
+    assert launch.cpu_procs() == min(os.cpu_count() or 1, launch.MAX_AUTO)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # already launched: never spawn again
+    assert launch.cpu_procs() == 1
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv(launch.ENV, "many")
+    with pytest.raises(UserError, match="DISTILL_CPU_PROCS"):
+        launch.cpu_procs()
