@@ -2,12 +2,14 @@
 
 Both train the same randomly initialised model on the same variable-length traces (the
 same token ids: TRL gets our rendered examples pre-tokenized) with the same tokens per
-optimizer step, for a fixed number of steps. Each trainer runs in its own subprocess so
-peak memory is its own. Reported: tokens/s over the steps after warm-up, MFU (LM head and
-causal attention counted), peak memory.
+optimizer step, for a fixed number of steps. Each variant (a trainer and its settings,
+see VARIANTS) runs in its own subprocess so peak memory is its own. Reported: tokens/s
+over the steps after warm-up, MFU (LM head and causal attention counted), peak memory,
+the last step's loss, and each variant's ratio to the fastest TRL variant.
 
     python bench/train_throughput.py --preset cpu     # tiny Llama, fp32, 2-core CPU
     python bench/train_throughput.py --preset h200    # Qwen2-0.5B shape, bf16, one H200
+    python bench/train_throughput.py --preset h200 --variants ours,trl --out results/
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -65,6 +68,35 @@ PRESETS = {
     ),
 }
 
+# attn None: the trainer's default (ours: varlen on GPU, SDPA on CPU; TRL: flex on GPU,
+# SDPA on CPU). fused_ce: distill's fused LM head (distill.loss.FUSED_CE).
+VARIANTS = {
+    "ours": dict(who="ours", attn=None, fused_ce=True, gc=False, compile=True),
+    "ours-eager": dict(who="ours", attn=None, fused_ce=True, gc=False, compile=False),
+    "ours-gc": dict(who="ours", attn=None, fused_ce=True, gc=True, compile=False),
+    "ours-flat-gc": dict(who="ours", attn=None, fused_ce=False, gc=True, compile=False),
+    # the trainer as measured on 2026-11-29: rows padded to 4,096, flex attention, the
+    # fp32 8,192-token logits chunks, gradient checkpointing
+    "ours-rows-gc": dict(who="ours", attn="flex_attention", fused_ce=False, gc=True, compile=False),
+    "trl": dict(who="trl", attn=None, gc=False, liger=False),
+    "trl-gc": dict(who="trl", attn=None, gc=True, liger=False),
+    "trl-liger": dict(who="trl", attn=None, gc=False, liger=True),
+}
+# most important first: a run that hits --deadline leaves out the last ones
+DEFAULT_VARIANTS = {
+    "cpu": ["ours-eager", "trl"],
+    "h200": [
+        "ours",
+        "trl",
+        "trl-gc",
+        "trl-liger",
+        "ours-eager",
+        "ours-gc",
+        "ours-rows-gc",
+        "ours-flat-gc",
+    ],
+}
+
 
 def lengths(n: int, lo: int, hi: int, seed: int = 0) -> list[int]:
     """Long-tailed lengths (log-normal, clipped): most traces short, a few near the cap."""
@@ -74,10 +106,12 @@ def lengths(n: int, lo: int, hi: int, seed: int = 0) -> list[int]:
 
 
 def prepare(p: dict, root: Path) -> None:
-    """Tokenizer, shards of synthetic traces and a random-init model directory."""
+    """Tokenizer, shards of synthetic traces, their tokenize cache (shared by every
+    variant) and a random-init model directory."""
     import torch
 
     from distill.chat import train_tokenizer
+    from distill.data import tokenize_domain
     from distill.messages import Trace
     from distill.shards import ShardWriter
 
@@ -92,6 +126,7 @@ def prepare(p: dict, root: Path) -> None:
                 {"role": "assistant", "content": body},
             ]
             w.write([Trace(id=str(i), task_id=str(i), domain="bench", messages=msgs)])
+    tokenize_domain("bench", root / "clean", tok, p["seq"], root / "cache")
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     cls, cfg_cls = (
@@ -110,7 +145,13 @@ def prepare(p: dict, root: Path) -> None:
         eos_token_id=tok.eos_token_id,
     )
     torch.manual_seed(0)
-    cls(cfg).save_pretrained(root / "model")
+    # fp32 weights either way; initialised on the GPU when there is one (seconds, not minutes)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = cls(cfg)
+    model.save_pretrained(root / "model")
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def flops(model_dir: Path, tokens: int, head_tokens: int, sq: float) -> float:
@@ -126,12 +167,16 @@ def flops(model_dir: Path, tokens: int, head_tokens: int, sq: float) -> float:
     return 6.0 * body * tokens + 6.0 * h * v * head_tokens + 6.0 * L * h * sq
 
 
-def run_ours(p: dict, root: Path) -> dict:
+def run_ours(p: dict, root: Path, name: str, v: dict) -> dict:
     import torch
 
+    import distill.loss
     from distill.recipe import TrainConfig
     from distill.train import train
 
+    if v["attn"]:
+        os.environ["DISTILL_ATTN"] = v["attn"]
+    distill.loss.FUSED_CE = v["fused_ce"]
     cfg = TrainConfig(
         lr=1e-4,
         warmup_steps=2,
@@ -141,15 +186,20 @@ def run_ours(p: dict, root: Path) -> dict:
         max_seq_len=p["seq"],
         precision=p["dtype"],
         log_every=5,
-        gradient_checkpointing=p["dtype"] == "bf16",
+        gradient_checkpointing=v["gc"],
+        compile=v["compile"],
     )
+    out = root / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    (out / "cache").symlink_to(root / "cache")  # tokenized once by prepare()
     rep = train(
         init=root / "model",
         tokenizer_dir=root / "tok",
         shards={"bench": root / "clean"},
-        out_dir=root / "ours",
+        out_dir=out,
         cfg=cfg,
-        desc="distill",
+        desc=name,
     )
     t = rep["step_elapsed_s"]
     w = p["warmup"]
@@ -160,16 +210,25 @@ def run_ours(p: dict, root: Path) -> dict:
     mem = (
         torch.cuda.max_memory_allocated() if torch.cuda.is_available() else rep["peak_memory_bytes"]
     )
+    from distill.train import _attn_implementation
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {
         "tokens_per_s": tokens / secs,
         "flops_per_s": fl / secs,
         "peak_memory_gb": mem / 2**30,
+        "first_loss": rep["losses"][0],
         "final_loss": rep["final_loss"],
+        "step_s": secs / (p["steps"] - w),
+        "attn": _attn_implementation(dev, p["dtype"]),
+        "plan": rep["plan"],
     }
 
 
-def run_trl(p: dict, root: Path) -> dict:
-    """TRL SFTTrainer on the same examples with packing (BFD, padding-free position_ids)."""
+def run_trl(p: dict, root: Path, name: str, v: dict) -> dict:
+    """TRL SFTTrainer on the same examples with packing (BFD, padding-free position_ids)
+    and TRL's own chunked LM head; ``liger``: Liger's RMSNorm, RoPE and SwiGLU kernels
+    too (TRL keeps its own LM head in place of Liger's fused linear cross-entropy)."""
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -178,7 +237,7 @@ def run_trl(p: dict, root: Path) -> dict:
     from distill.data import tokenize_domain
 
     tok = AutoTokenizer.from_pretrained(root / "tok")
-    dd = tokenize_domain("bench", root / "clean", tok, p["seq"], root / "trl-cache")
+    dd = tokenize_domain("bench", root / "clean", tok, p["seq"], root / "cache")
     rows = [
         {"input_ids": dd.ids[dd.offsets[i] : dd.offsets[i + 1]].tolist()} for i in range(len(dd))
     ]
@@ -186,7 +245,7 @@ def run_trl(p: dict, root: Path) -> dict:
     gpu = torch.cuda.is_available()
     if not gpu:
         torch.set_num_threads(1)  # as distill does for small models (fair on a busy CPU)
-    attn = os.environ.get("TRL_ATTN", "flex_attention" if gpu else "sdpa")
+    attn = v["attn"] or ("flex_attention" if gpu else "sdpa")
     model = AutoModelForCausalLM.from_pretrained(
         root / "model", attn_implementation=attn, dtype=torch.float32
     )
@@ -200,7 +259,7 @@ def run_trl(p: dict, root: Path) -> dict:
 
     rows_per_micro = max(1, p["micro_tokens"] // p["seq"])
     cfg = SFTConfig(
-        output_dir=str(root / "trl"),
+        output_dir=str(root / name),
         max_steps=p["steps"],
         learning_rate=1e-4,
         warmup_steps=2,
@@ -214,7 +273,8 @@ def run_trl(p: dict, root: Path) -> dict:
         save_strategy="no",
         dataset_num_proc=None,
         use_cpu=not gpu,
-        gradient_checkpointing=p["dtype"] == "bf16",
+        gradient_checkpointing=v["gc"],
+        use_liger_kernel=v["liger"],
         dataloader_num_workers=0,
     )
     trainer = SFTTrainer(
@@ -240,69 +300,123 @@ def run_trl(p: dict, root: Path) -> dict:
         if gpu
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
         "tokens_per_s": steady / secs,
         "flops_per_s": flops(root / "model", steady, steady, sq) / secs,
         "peak_memory_gb": mem / 2**30,
         "tokens_assumed": assumed,
-        "final_loss": trainer.state.log_history[-2].get("loss")
-        if len(trainer.state.log_history) > 1
-        else None,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "step_s": secs / (p["steps"] - w),
+        "attn": attn,
     }
+
+
+def run_variant(p: dict, root: Path, name: str) -> dict:
+    v = VARIANTS[name]
+    res = (run_ours if v["who"] == "ours" else run_trl)(p, root, name, v)
+    return dict(res, settings=v)
+
+
+def table(p: dict, results: dict[str, dict]) -> str:
+    """One line per variant, and its tokens/s over the fastest TRL variant's."""
+    trl = [
+        r["tokens_per_s"] for n, r in results.items() if "error" not in r and n.startswith("trl")
+    ]
+    best = max(trl) if trl else None
+    lines = [
+        f"{'variant':14s} {'tok/s':>9s} {'MFU':>6s} {'peak GB':>8s} {'s/step':>7s} "
+        f"{'loss 1st':>8s} {'loss last':>9s} {'vs best TRL':>11s}"
+    ]
+    for n, r in results.items():
+        if "error" in r:
+            lines.append(f"{n:14s} failed: {r['error']}")
+            continue
+        mfu = f"{r['flops_per_s'] / p['peak']:.1%}" if p["peak"] else "n/a"
+        ratio = f"{r['tokens_per_s'] / best:.2f}x" if best else "n/a"
+        first = f"{r['first_loss']:.4f}" if r.get("first_loss") is not None else "n/a"
+        last = f"{r['final_loss']:.4f}" if r.get("final_loss") is not None else "n/a"
+        lines.append(
+            f"{n:14s} {r['tokens_per_s']:>9,.0f} {mfu:>6s} {r['peak_memory_gb']:>8.2f} "
+            f"{r['step_s']:>7.3f} {first:>8s} {last:>9s} {ratio:>11s}"
+        )
+    return "\n".join(lines)
+
+
+def _text(b: bytes | str | None) -> str:
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--root", default="/tmp/distill-bench")
-    ap.add_argument("--only", choices=["ours", "trl"])
+    ap.add_argument("--variants", help="comma-separated names of VARIANTS (default: the preset's)")
+    ap.add_argument("--only", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # one subprocess
     ap.add_argument("--steps", type=int)
+    ap.add_argument("--out", help="also write results.json and bench.log (all logs) here")
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds for the whole run; later variants are skipped",
+    )
     args = ap.parse_args()
     p = dict(PRESETS[args.preset])
     if args.steps:
         p["steps"] = args.steps
     root = Path(args.root) / args.preset
     if args.only:
-        res = (run_ours if args.only == "ours" else run_trl)(p, root)
-        (root / f"{args.only}.json").write_text(json.dumps(res))
+        (root / f"{args.only}.json").write_text(json.dumps(run_variant(p, root, args.only)))
         return
-    root.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    names = args.variants.split(",") if args.variants else DEFAULT_VARIANTS[args.preset]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
     prepare(p, root)
-    results = {}
-    gpu_attn = ["flex_attention", "sdpa"] if p["dtype"] == "bf16" else ["sdpa"]
-    for who in ("ours", "trl"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--preset",
-            args.preset,
-            "--root",
-            args.root,
-            "--only",
-            who,
-        ]
-        if args.steps:
-            cmd += ["--steps", str(args.steps)]
-        for attn in gpu_attn:  # the best attention first; the next one if it fails there
-            env = dict(os.environ, DISTILL_ATTN=attn, TRL_ATTN=attn)
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, text=True, capture_output=True, env=env)
-            took = time.perf_counter() - t0
-            print(f"{who} with {attn}: exit {proc.returncode} in {took:.0f}s", flush=True)
-            if proc.returncode == 0:
-                results[who] = dict(json.loads((root / f"{who}.json").read_text()), attn=attn)
-                break
-            print(proc.stderr[-3000:], flush=True)
-    for who, r in results.items():
-        mfu = f"{r['flops_per_s'] / p['peak']:.1%}" if p["peak"] else "n/a"
-        print(
-            f"{who:5s} {r['tokens_per_s']:>10,.0f} tok/s  MFU {mfu:>6s}  peak {r['peak_memory_gb']:.2f} GB"
-        )
-    if len(results) == 2:
-        print(
-            f"ratio ours/trl: {results['ours']['tokens_per_s'] / results['trl']['tokens_per_s']:.2f}x"
-        )
+    print(f"prepared in {time.perf_counter() - t_start:.0f}s", flush=True)
+    results: dict[str, dict] = {}
+    log = []
+    for name in names:
+        left = None if args.deadline is None else args.deadline - (time.perf_counter() - t_start)
+        if left is not None and left < 45:
+            results[name] = {"error": f"skipped: {left:.0f}s left of --deadline"}
+            continue
+        if left is not None:  # one slow variant (a long compile) must not take all the rest
+            left = min(left, 300 if VARIANTS[name].get("compile") else 180)
+        cmd = [sys.executable, __file__, "--preset", args.preset, "--root", args.root]
+        cmd += ["--only", name] + (["--steps", str(args.steps)] if args.steps else [])
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, text=True, capture_output=True, timeout=left)
+            rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, stdout, stderr = "timeout", _text(e.stdout), _text(e.stderr)
+        took = time.perf_counter() - t0
+        print(f"{name}: exit {rc} in {took:.0f}s", flush=True)
+        log.append(f"===== {name}: exit {rc} in {took:.0f}s\n{stdout[-20000:]}\n{stderr[-60000:]}")
+        shutil.rmtree(root / name, ignore_errors=True)  # its 2 GB model directory
+        if rc == 0:
+            results[name] = dict(json.loads((root / f"{name}.json").read_text()), wall_s=took)
+        else:
+            results[name] = {
+                "error": f"exit {rc}: " + (stderr.strip().splitlines() or ["?"])[-1][:300]
+            }
+            print(stderr[-3000:], flush=True)
+        if out:  # after every variant: a run cut short keeps what it measured
+            (out / "results.json").write_text(
+                json.dumps({"preset": args.preset, "params": p, "results": results}, indent=1)
+            )
+            (out / "bench.log").write_text("\n".join(log))
     print(json.dumps({"preset": args.preset, "params": p, "results": results}))
+    print(table(p, results))
 
 
 if __name__ == "__main__":

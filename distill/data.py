@@ -308,9 +308,18 @@ def collate(
     pad_id: int,
     kd: bool = False,
     width: int | None = None,
+    flat: bool = False,
+    max_segment: int | None = None,
 ) -> dict[str, np.ndarray]:
     """A micro-batch: ids and restarting positions per row (padding is its own segment,
-    so no real token attends to it), plus flat loss positions, targets, weights, domains."""
+    so no real token attends to it), plus flat loss positions, targets, weights, domains.
+
+    ``flat`` puts every row's traces in one ``[1, width]`` sequence and adds
+    ``cu_seqlens`` (int32 segment boundaries, for varlen attention): no padding between
+    rows, and at the end only what ``width`` asks for, cut in segments of at most
+    ``max_segment`` tokens so no segment is longer than the attention kernel is told."""
+    if flat:
+        rows = [[x for r in rows for x in r]]
     longest = max(
         sum(int(domains[d].offsets[i + 1] - domains[d].offsets[i]) for d, i in r) for r in rows
     )
@@ -318,6 +327,7 @@ def collate(
     ids = np.full((len(rows), width), pad_id, np.int64)
     pos = np.zeros((len(rows), width), np.int64)
     loss_pos, targets, weights, dom, kd_ids, kd_lp = [], [], [], [], [], []
+    segments: list[int] = []
     for b, row in enumerate(rows):
         at = 0
         for d, i in row:
@@ -336,8 +346,12 @@ def collate(
                 ks, ke = int(dd.kd_offsets[i]), int(dd.kd_offsets[i + 1])
                 kd_ids.append(dd.kd_ids[ks:ke])
                 kd_lp.append(dd.kd_lp[ks:ke])
+            segments.append(n)
             at += n
-        pos[b, at:] = np.arange(width - at)
+        step = (max_segment or width) if flat else width
+        for p in range(at, width, step):  # padding: segments of its own
+            pos[b, p : p + step] = np.arange(min(step, width - p))
+            segments.append(min(step, width - p))
     out = {
         "input_ids": ids,
         "position_ids": pos,
@@ -346,6 +360,8 @@ def collate(
         "weights": np.concatenate(weights),
         "domain": np.concatenate(dom),
     }
+    if flat:
+        out["cu_seqlens"] = np.concatenate([[0], np.cumsum(segments)]).astype(np.int32)
     if kd:
         out["kd_ids"] = np.concatenate(kd_ids)
         out["kd_lp"] = np.concatenate(kd_lp)

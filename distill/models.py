@@ -7,7 +7,9 @@ else is an HF model directory, loaded with its own tokenizer and chat template.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,82 @@ def load_model(
         return AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"{p}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
+
+
+VARLEN = "distill_varlen"
+
+
+def varlen_supported() -> bool:
+    """PyTorch's own flash-attention varlen kernel is there (torch >= 2.10 on CUDA)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_varlen_attention(model) -> None:
+    """Attention over one flattened row of packed traces: each layer receives the trace
+    boundaries (``cu_seq_lens_q``, ``max_length_q``) and calls varlen attention, so no
+    mask is built and no padding between rows is computed. transformers builds no mask
+    for an attention it has no mask function for."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN, _varlen_attention)
+    model.config._attn_implementation = VARLEN
+
+
+@torch.compiler.disable  # the boundaries change every batch: a compiled layer breaks here
+def _varlen_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
+):
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or query.shape[0] != 1:
+        raise RuntimeError(
+            f"{VARLEN} attention needs one flattened row and its cu_seq_lens_q "
+            "(distill.data.collate(..., flat=True))"
+        )
+    # rotary embeddings leave q and k in fp32 under autocast, and a custom op is not cast
+    # for us: the kernel gets the autocast dtype (flash attention runs in fp16/bf16 only)
+    dev = query.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else query.dtype
+    # [1, heads, T, D] -> [T, heads, D], the layout of the varlen kernel
+    q, k, v = (
+        x[0].transpose(0, 1).to(dtype=dtype, memory_format=torch.contiguous_format)
+        for x in (query, key, value)
+    )
+    out = _varlen_kernel(q, k, v, cu, int(kwargs["max_length_q"]), scaling)
+    return out.unsqueeze(0), None
+
+
+def _varlen_kernel(q, k, v, cu, max_len: int, scale: float | None) -> torch.Tensor:
+    """Causal attention within each segment of ``cu``; q [T, H, D], k and v [T, Hkv, D]."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    kw = dict(_varlen_kwargs())
+    if "enable_gqa" in kw:
+        kw["enable_gqa"] = True
+    elif k.shape[1] != q.shape[1]:  # older torch: repeat the kv heads, as transformers does
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    if "scale" in kw:
+        kw["scale"] = scale
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
+
+
+@functools.cache
+def _varlen_kwargs() -> tuple:
+    """The keyword arguments this torch's varlen_attn takes (its signature changed from
+    2.9's is_causal to window_size, then gained enable_gqa)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    kw: list[tuple[str, object]] = [
+        ("is_causal", True) if "is_causal" in params else ("window_size", (-1, 0))
+    ]
+    kw += [(n, None) for n in ("enable_gqa", "scale") if n in params]
+    return tuple(kw)
 
 
 def set_generation_config(model, tokenizer) -> None:

@@ -24,16 +24,20 @@ from distill.data import RowStream, cache_key, collate, tokenize_domain
 from distill.errors import UserError
 from distill.loss import Objective
 from distill.models import (
+    VARLEN,
     build_model,
     load_model,
     load_tokenizer,
     pad_token_id,
     set_generation_config,
+    use_varlen_attention,
+    varlen_supported,
 )
 from distill.recipe import ModelArch, Recipe, TrainConfig
 from distill.trainutil import (
     StepStats,
     build_report,
+    compile_model,
     make_accelerator,
     make_optimizer,
     progress,
@@ -104,12 +108,17 @@ def _train(
     fp = _fingerprint(init, tokenizer_dir, tokenizer, shards, cfg, seed, sw, lw)
     model = _init_model(init, tokenizer, seed, cfg, acc.device)
     set_cpu_threads(acc, sum(p.numel() for p in model.parameters()))
-    objective = Objective(model, cfg.kd.alpha if cfg.kd.enabled else 0.0, cfg.kd.temperature)
+    objective = Objective(
+        model,
+        cfg.kd.alpha if cfg.kd.enabled else 0.0,
+        cfg.kd.temperature,
+        max_seqlen=cfg.max_seq_len,
+    )
     stream = RowStream(domains, sw, cfg.mixture, cfg.max_seq_len, cfg.packing, seed)
     plan = _plan(cfg, acc.num_processes, stream, acc.device.type == "cuda")
-    opt, sched = make_optimizer(objective, cfg, plan["max_steps"])
+    opt, sched = make_optimizer(objective, cfg, plan["max_steps"], fused=acc.device.type == "cuda")
     if cfg.compile:
-        objective = torch.compile(objective)
+        objective = compile_model(objective)
     # the scheduler stays unprepared: accelerate would step it once per rank per step
     objective, opt = acc.prepare(objective, opt)
     acc.register_for_checkpointing(sched)
@@ -166,16 +175,19 @@ def _fingerprint(init, tokenizer_dir, tok, shards, cfg: TrainConfig, seed, sw, l
 
 
 def _init_model(init, tokenizer, seed: int, cfg: TrainConfig, device: torch.device):
-    attn = _attn_implementation(device)
+    attn = _attn_implementation(device, cfg.precision)
+    load_attn = "sdpa" if attn == VARLEN else attn  # transformers loads with one it knows
     if isinstance(init, ModelArch):
-        model = build_model(init, tokenizer, seed, attn_implementation=attn)
+        model = build_model(init, tokenizer, seed, attn_implementation=load_attn)
     else:
-        model = load_model(init, attn_implementation=attn)
+        model = load_model(init, attn_implementation=load_attn)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             raise UserError(
                 f"{init}: model vocabulary is smaller than its tokenizer's ({len(tokenizer)})"
             )
         set_generation_config(model, tokenizer)
+    if attn == VARLEN:
+        use_varlen_attention(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
@@ -196,16 +208,19 @@ def _init_model(init, tokenizer, seed: int, cfg: TrainConfig, device: torch.devi
     return model
 
 
-def _attn_implementation(device: torch.device) -> str:
-    """Packed rows need attention that respects position_ids restarts: flash-attention
-    varlen when installed on GPU, else SDPA with the block-diagonal mask transformers
-    derives from position_ids (exact on CPU and GPU). DISTILL_ATTN overrides (e.g.
-    flex_attention)."""
+def _attn_implementation(device: torch.device, precision: str = "auto") -> str:
+    """Packed traces need attention that respects their boundaries. On GPU in bf16:
+    PyTorch's varlen flash attention over one flattened row per micro-batch (no padding
+    between rows), else flash-attention 2 when installed; else SDPA with the
+    block-diagonal mask transformers derives from position_ids (exact on CPU and GPU).
+    DISTILL_ATTN overrides (e.g. flex_attention, sdpa)."""
     if os.environ.get("DISTILL_ATTN"):
         return os.environ["DISTILL_ATTN"]
     if device.type == "cuda":
         import importlib.util
 
+        if varlen_supported() and precision != "fp32":  # flash kernels: fp16/bf16 only
+            return VARLEN
         if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
     return "sdpa"
@@ -263,6 +278,8 @@ class _Loop:
         self.names = sorted(domains)
         self.index = {d: i for i, d in enumerate(self.names)}
         self.pad_id = pad_id
+        model = acc.unwrap_model(objective).model
+        self.flat = model.config._attn_implementation == VARLEN
 
     def batches(self) -> tuple[list[dict[str, torch.Tensor]], int, float]:
         """This rank's micro-batches of the next step, its real tokens and Σ attention
@@ -270,12 +287,23 @@ class _Loop:
         acc, plan = self.acc, self.plan
         rows = self.stream.take(plan["rows_step"])[acc.process_index :: acc.num_processes]
         out, tokens, sq = [], 0, 0.0
+        cfg = self.cfg
+        if self.flat:  # one row of the real tokens; a static width only for compiled layers
+            width = plan["rows_micro"] * cfg.max_seq_len if cfg.compile else None
+        else:  # static row width on GPU: compiled kernels (flex attention, torch.compile) never recompile
+            width = cfg.max_seq_len if acc.device.type == "cuda" else None
         for s in range(0, len(rows), plan["rows_micro"]):
             mb = rows[s : s + plan["rows_micro"]]
-            # static row width on GPU: compiled kernels (flex attention, torch.compile) never recompile
-            width = self.cfg.max_seq_len if acc.device.type == "cuda" else None
             arrs = collate(
-                mb, self.domains, self.index, self.lw, self.pad_id, self.cfg.kd.enabled, width
+                mb,
+                self.domains,
+                self.index,
+                self.lw,
+                self.pad_id,
+                cfg.kd.enabled,
+                width,
+                flat=self.flat,
+                max_segment=cfg.max_seq_len,
             )
             out.append(
                 {

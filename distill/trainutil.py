@@ -50,16 +50,43 @@ def _installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def make_optimizer(module: torch.nn.Module, cfg: TrainConfig, max_steps: int):
-    """AdamW (no decay on vectors) with linear warmup then cosine/linear/constant decay."""
+def make_optimizer(module: torch.nn.Module, cfg: TrainConfig, max_steps: int, fused: bool = False):
+    """AdamW (no decay on vectors) with linear warmup then cosine/linear/constant decay.
+    ``fused`` (on GPU): one kernel per step and no full-size temporaries, where the
+    default foreach AdamW holds one more fp32 copy of the weights at its peak."""
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas))
+    opt = torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        **({"fused": True} if fused else {}),
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, max_steps))
     return opt, sched
+
+
+def compile_model(objective: torch.nn.Module) -> torch.nn.Module:
+    """``train.compile``: torch.compile each decoder layer (they share one compiled graph)
+    and the fused head's softmax pass; the loop around them stays eager, so the loss's
+    chunk loop and the varlen attention (which changes shape every batch) cause no
+    recompiles. A model without transformers' decoder layers is compiled whole."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in objective.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        return torch.compile(objective)
+    limit = max(8, 2 * len(layers))  # room for one graph per layer if guards tell them apart
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
+    for layer in layers:
+        layer.compile()
+    objective.ce_fn = torch.compile(objective.ce_fn, dynamic=True)
+    return objective
 
 
 def lr_factor(cfg: TrainConfig, max_steps: int) -> Callable[[int], float]:

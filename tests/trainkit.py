@@ -133,3 +133,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def segment_sdpa(q, k, v, cu, max_len, scale):
+    """What torch.nn.attention.varlen computes: causal attention inside each segment."""
+    import torch
+
+    assert int((cu[1:] - cu[:-1]).max()) <= max_len
+    rep = q.shape[1] // k.shape[1]
+    out = torch.full_like(q, float("nan"))
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        qs, ks, vs = (x[s:e].transpose(0, 1) for x in (q, k, v))
+        ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
+        out[s:e] = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, scale=scale
+        ).transpose(0, 1)
+    return out
