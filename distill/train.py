@@ -209,13 +209,16 @@ def _init_model(init, tokenizer, seed: int, cfg: TrainConfig, device: torch.devi
 
 
 def _attn_implementation(device: torch.device, precision: str = "auto") -> str:
-    """Packed traces need attention that respects their boundaries. On GPU in bf16:
+    """Packed traces need attention that respects their boundaries. On CPU: one flattened
+    row per micro-batch, each trace its own causal SDPA (distill.models._segment_sdpa). On GPU in bf16:
     PyTorch's varlen flash attention over one flattened row per micro-batch (no padding
     between rows), else flash-attention 2 when installed; else SDPA with the
     block-diagonal mask transformers derives from position_ids (exact on CPU and GPU).
     DISTILL_ATTN overrides (e.g. flex_attention, sdpa)."""
     if os.environ.get("DISTILL_ATTN"):
         return os.environ["DISTILL_ATTN"]
+    if device.type == "cpu":
+        return VARLEN  # segments one by one through SDPA: no mask, no cross-trace work
     if device.type == "cuda":
         import importlib.util
 
