@@ -296,7 +296,9 @@ def test_render_with_chat_template_and_token_length(tokenizer):
         text = tokenizer.apply_chat_template(
             to_openai(DOMAIN.oracle(t)), tools=t.tools, tokenize=False
         )
-        assert text.startswith('<|system|>tools: [{"type": "function"') and text.endswith("<|end|>")
+        assert text.startswith("<|system|>tools: balance(account: string) Read a balance.; ")
+        assert "transfer(from: string, to: string, amount: integer)" in text
+        assert text.endswith("<|end|>")
         assert '<tool_call>{"name": "' in text and "Answer: " in text
         lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
     print(f"difficulty-1 trace tokens: mean {statistics.mean(lengths):.0f}, max {max(lengths)}")

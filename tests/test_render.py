@@ -118,3 +118,36 @@ def test_template_that_drops_reasoning_fails_loudly(qwen_tok):
             render_trace(qwen_tok, tool_trace())
     finally:
         qwen_tok.chat_template = old
+
+
+def test_our_template_renders_tools_as_signatures():
+    """Required and optional parameters, plain types short, anything richer as its JSON
+    schema, bare tool objects as well as OpenAI's {type, function} wrapper."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from distill.chat import CHAT_TEMPLATE
+
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "pick",
+                "description": "Pick one.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "mode": {"type": "string", "enum": ["a", "b"]},
+                        "n": {"type": "integer"},
+                    },
+                    "required": ["mode"],
+                },
+            },
+        },
+        {"name": "ping"},
+    ]
+    msgs = [{"role": "user", "content": "hi"}]
+    text = render_jinja_template([msgs], tools=tools, chat_template=CHAT_TEMPLATE)[0][0]
+    assert text == (
+        '<|system|>tools: pick(mode: {"type": "string", "enum": ["a", "b"]}, n?: integer) '
+        "Pick one.; ping()<|end|><|user|>hi<|end|>"
+    )
