@@ -199,7 +199,7 @@ def test_the_shard_in_flight_is_committed_only_after_its_fsync(tmp_path):
     assert ShardWriter(tmp_path, max_rows=10).committed_ids() == {f"t{i}" for i in range(10)}
 
 
-def test_a_failed_fsync_commits_nothing_and_loses_no_row(tmp_path, monkeypatch):
+def test_a_failed_fsync_stops_the_writer_and_resume_redoes_its_rows(tmp_path, monkeypatch):
     real_fsync, calls = os.fsync, []
 
     def fsync(fd):  # the second shard's fsync fails, as on a disk error
@@ -212,11 +212,17 @@ def test_a_failed_fsync_commits_nothing_and_loses_no_row(tmp_path, monkeypatch):
     w = ShardWriter(tmp_path, max_rows=5)
     with pytest.raises(OSError, match="Input/output error"):
         w.write(make_trace(i) for i in range(20))  # surfaces when the third shard commits
-    assert w.committed_rows == 5 and not (tmp_path / "part-00001.arrow").exists()
-    w.write(make_trace(i) for i in range(15, 20))  # rows 0-14 were taken before the error
-    m = w.close()
+    with pytest.raises(ShardError, match="an earlier shard could not be committed"):
+        w.close()  # no manifest that would miss the failed shard's rows
+    assert not (tmp_path / MANIFEST).exists()
+    monkeypatch.undo()
+    w2 = ShardWriter(tmp_path, max_rows=5)
+    done = w2.committed_ids()
+    assert done == {f"t{i}" for i in range(5)}
+    w2.write(make_trace(i) for i in range(20) if f"t{i}" not in done)
+    w2.close()
     ids = read_table(tmp_path, verify=True).column("id").to_pylist()
-    assert sorted(ids) == sorted(f"t{i}" for i in range(20)) and m["rows"] == 20
+    assert sorted(ids) == sorted(f"t{i}" for i in range(20)) and len(ids) == 20
 
 
 def test_journaled_shard_lost_after_power_cut_is_redone(tmp_path):
