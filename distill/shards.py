@@ -93,8 +93,12 @@ def _write_ipc(table: pa.Table, path: Path) -> tuple[BinaryIO, int, str]:
     f = open(path, "wb")
     try:
         sink = _HashingFile(f)
-        with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), table.schema) as w:
+        # Arrow writes every buffer of every column on its own (~220 writes for a 5 MB
+        # shard); a C++ buffer in front makes them ~10 Python calls (7.5 -> 6.3 ms).
+        out = pa.BufferedOutputStream(pa.PythonFile(sink, mode="w"), 256 << 10)
+        with pa.ipc.new_stream(out, table.schema) as w:
             w.write_table(table)
+        out.close()  # flushes the buffer into the sink
         f.flush()
     except BaseException:
         f.close()
