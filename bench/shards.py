@@ -338,6 +338,7 @@ def main() -> None:
     n, small = args.rows, args.rows // 4
     res: dict = {}
     try:
+        load_before = os.getloadavg()  # other jobs on the machine skew every figure
         res["generate"] = measure("generate", "-", work, n)
         plan = [(small, ("write", "random")), (n, ("write", "read_arrow", "read_python", "random"))]
         for size, ops in plan:
@@ -364,6 +365,11 @@ def main() -> None:
         if len(sums) != 1:
             raise SystemExit(f"stores disagree on the data read back: {sums}")
         console.print(report(res, n, small))
+        loads = (
+            " ".join(f"{x:.2f}" for x in load_before),
+            " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        )
+        console.print(f"Load average (1, 5, 15 min): {loads[0]} at start, {loads[1]} at end.")
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -9,7 +9,7 @@ string); :func:`to_openai` and :func:`from_openai` convert to and from the neste
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -134,9 +134,9 @@ class Trace:
             "finish_reason": self.finish_reason,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
-            "verdict": None if self.verdict is None else asdict(self.verdict),
+            "verdict": None if self.verdict is None else _flat_fields(self.verdict),
             "topk": self.topk,
-            "lineage": asdict(self.lineage),
+            "lineage": _flat_fields(self.lineage),
         }
 
     @classmethod
@@ -158,6 +158,12 @@ class Trace:
             topk=row.get("topk"),
             lineage=Lineage(**(row.get("lineage") or {})),
         )
+
+
+def _flat_fields(obj: Verdict | Lineage) -> dict[str, Any]:
+    # Verdict and Lineage hold only scalars: a shallow copy is their row. asdict's
+    # recursive deep copy was half the cost of Trace.to_row (~15 us a trace).
+    return dict(vars(obj))
 
 
 def normalize_message(m: dict[str, Any]) -> dict[str, Any]:

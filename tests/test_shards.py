@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 
 import datasets
 import pytest
@@ -185,6 +187,42 @@ def test_datasets_reads_shards_unchanged(tmp_path):
     assert one.num_rows == 5 and one[4]["messages"][4]["reasoning_content"] == "so"
     ours = load_dataset(tmp_path)
     assert ours["id"] == [f"t{i}" for i in range(12)]
+
+
+def test_the_shard_in_flight_is_committed_only_after_its_fsync(tmp_path):
+    w = ShardWriter(tmp_path, max_rows=10)
+    w.write(make_trace(i) for i in range(25))
+    journal = json.loads((tmp_path / "_journal-part.json").read_text())
+    assert [s["file"] for s in journal["shards"]] == ["part-00000.arrow"]
+    assert (tmp_path / "part-00001.arrow.tmp").exists()  # written, its fsync in flight
+    # killed here: a reopened writer redoes the rows of the shard that was in flight
+    assert ShardWriter(tmp_path, max_rows=10).committed_ids() == {f"t{i}" for i in range(10)}
+
+
+def test_a_failed_fsync_stops_the_writer_and_resume_redoes_its_rows(tmp_path, monkeypatch):
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):  # the second shard's fsync fails, as on a disk error
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    w = ShardWriter(tmp_path, max_rows=5)
+    with pytest.raises(OSError, match="Input/output error"):
+        w.write(make_trace(i) for i in range(20))  # surfaces when the third shard commits
+    with pytest.raises(ShardError, match="an earlier shard could not be committed"):
+        w.close()  # no manifest that would miss the failed shard's rows
+    assert not (tmp_path / MANIFEST).exists()
+    monkeypatch.undo()
+    w2 = ShardWriter(tmp_path, max_rows=5)
+    done = w2.committed_ids()
+    assert done == {f"t{i}" for i in range(5)}
+    w2.write(make_trace(i) for i in range(20) if f"t{i}" not in done)
+    w2.close()
+    ids = read_table(tmp_path, verify=True).column("id").to_pylist()
+    assert sorted(ids) == sorted(f"t{i}" for i in range(20)) and len(ids) == 20
 
 
 def test_journaled_shard_lost_after_power_cut_is_redone(tmp_path):
