@@ -2,12 +2,11 @@
 checks against real model directories and a real HTTP endpoint, resumable training."""
 
 import json
-
-import torch
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+import torch
 from gen_fixtures import tiny_model_dir
 
 from distill import bootstrap
@@ -56,7 +55,9 @@ def test_tokenizer_learns_the_rendered_oracle_text_and_is_reused(tmp_path):
     dom = get_domain("agents")
     task = next(iter(dom.tasks("train", 1, 0, 1)))
     text = bootstrap.render_text(dom.oracle(task), task.tools)
-    assert '<tool_call>{"name": ' in text and "tools: balance(" in text  # tool signatures rendered too
+    assert (
+        '<tool_call>{"name": ' in text and "tools: balance(" in text
+    )  # tool signatures rendered too
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text
     # merges learned on the corpus: far fewer tokens than bytes

@@ -41,7 +41,7 @@ def test_up_to_date_until_its_sections_change(tmp_path):
     mark_done(r, "filter", rows=3)
     assert up_to_date(r, "filter") and record_of(r, "filter")["rows"] == 3
     assert up_to_date(recipe(tmp_path, "train.lr=0.1"), "filter")  # filter does not read train
-    assert not up_to_date(recipe(tmp_path, "filter.max_per_task=1"), "filter")
+    assert not up_to_date(recipe(tmp_path, "filter.max_per_task=3"), "filter")
     invalidate(r, "filter")
     assert not up_to_date(r, "filter")
 
