@@ -1,6 +1,6 @@
-"""The GPU fast path, checked on CPU: one flattened row per micro-batch with varlen
-attention (a per-segment SDPA stands in for the CUDA kernel), and the fused LM head
-whose gradients are taken in forward."""
+"""The flat path: one flattened row per micro-batch with varlen attention (on CPU the
+product's per-segment SDPA, checked against trainkit's reference; the CUDA kernel in
+test_gpu_train.py), and the fused LM head whose gradients are taken in forward."""
 
 import random
 
@@ -34,9 +34,19 @@ def _threads():
     yield from one_thread()
 
 
-@pytest.fixture
-def cpu_varlen(monkeypatch):
-    monkeypatch.setattr(distill.models, "_varlen_kernel", segment_sdpa)
+def test_cpu_varlen_kernel_matches_the_reference():
+    """The product's CPU kernel (causal SDPA per segment) against trainkit's reference,
+    with grouped kv heads and a one-token segment: outputs and gradients."""
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 37, 38, 100, 161], dtype=torch.int32)
+    q, k, v = (torch.randn(161, h, 16, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    got = distill.models._varlen_kernel(q, k, v, cu, 64, 0.3)
+    g_got = torch.autograd.grad((got * got.detach().cos()).sum(), (q, k, v))
+    want = segment_sdpa(q, k, v, cu, 64, 0.3)
+    g_want = torch.autograd.grad((want * want.detach().cos()).sum(), (q, k, v))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +96,7 @@ def test_flat_collate_is_one_row_with_its_segments(setup):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", VARLEN])
-def test_flat_row_loss_equals_sum_of_per_trace_losses(setup, cpu_varlen, attn):
+def test_flat_row_loss_equals_sum_of_per_trace_losses(setup, attn):
     tok, dd, rows = setup
     model = tiny_model(tok).eval()
     want = per_trace_loss_sum(model, dd, range(7))
@@ -103,7 +113,7 @@ def test_flat_row_loss_equals_sum_of_per_trace_losses(setup, cpu_varlen, attn):
         assert abs(leaky.item() - want) > 1e-3
 
 
-def test_flat_varlen_gradients_equal_padded_rows(setup, cpu_varlen):
+def test_flat_varlen_gradients_equal_padded_rows(setup):
     tok, dd, rows = setup
     grads = {}
     for name in ("rows", "flat"):
@@ -180,8 +190,8 @@ def test_frozen_head_gets_no_weight_gradient():
     assert hidden.grad is not None and weight.grad is None
 
 
-def test_training_on_the_flat_path_gives_the_rows_losses(tmp_path, cpu_varlen, monkeypatch):
-    """train() end to end with DISTILL_ATTN=distill_varlen (the GPU default) on CPU."""
+def test_training_on_the_flat_path_gives_the_rows_losses(tmp_path, monkeypatch):
+    """train() end to end on the flat path (the default on CPU and on GPU in bf16)."""
     from distill.train import train
 
     make_tokenizer(tmp_path / "tok")
@@ -209,7 +219,7 @@ def test_training_on_the_flat_path_gives_the_rows_losses(tmp_path, cpu_varlen, m
 
 
 @pytest.mark.slow
-def test_compiled_layers_and_head_match_eager(setup, cpu_varlen):
+def test_compiled_layers_and_head_match_eager(setup):
     """train.compile (regional: decoder layers and the head's softmax pass) on the flat
     varlen path gives the eager loss and gradients, and compiles each graph once."""
     from distill.trainutil import compile_model
