@@ -282,32 +282,49 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
 
 
 def _parallel_ok(bootstrap: list[str]) -> bool:
-    """Train several bootstrap teachers at once only on a multi-core CPU in one process:
-    a ~1M-parameter model keeps one core busy and gains little from a second thread, so
-    two teachers side by side nearly halve the stage. On a GPU they run one after another."""
+    """Train several bootstrap teachers at once when the hardware has room for them.
+
+    CPU: a ~1M-parameter model keeps one core busy and gains little from a second thread,
+    so two teachers side by side nearly halve the stage. GPU: a bootstrap teacher is far
+    too small to fill one (a 10M-parameter teacher ran at 4-5% MFU on an H200, bound by
+    kernel launches), so all of them share the GPUs, each in its own process.
+    Not under ``accelerate launch`` (WORLD_SIZE > 1): the launcher owns the devices."""
     import torch
 
-    if len(bootstrap) < 2 or (os.cpu_count() or 1) < 2 or torch.cuda.is_available():
+    if len(bootstrap) < 2 or int(os.environ.get("WORLD_SIZE", "1")) != 1:
         return False
-    return int(os.environ.get("WORLD_SIZE", "1")) == 1
+    return torch.cuda.is_available() or (os.cpu_count() or 1) >= 2
+
+
+def _workers(n: int) -> tuple[int, int]:
+    """(processes, GPUs): one process per teacher over the GPUs, else one per core."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return (n if gpus else min(n, os.cpu_count() or 1)), gpus
 
 
 def _train_parallel(recipe: Recipe, domains: list[str], tok: Path, force: bool) -> dict[str, Any]:
-    """Each teacher in its own spawned process on one thread; output goes to
-    ``teachers/<domain>/train.log`` so the progress bars do not interleave."""
+    """Each teacher in its own spawned process on one CPU thread (and, with GPUs, one GPU
+    given round-robin); output goes to ``teachers/<domain>/train.log`` so the progress
+    bars do not interleave."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    workers = min(len(domains), os.cpu_count() or 1)
+    workers, gpus = _workers(len(domains))
+    where = f" on {gpus} GPU{'s' if gpus > 1 else ''}" if gpus else ""
     console.print(
-        f"teachers: training {', '.join(domains)} in {workers} processes "
+        f"teachers: training {', '.join(domains)} in {workers} processes{where} "
         f"(logs in {recipe.out / 'teachers'}/<domain>/train.log)"
     )
     out: dict[str, Any] = {}
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         # longest first, so the last teachers to start are the short ones
         order = sorted(domains, key=lambda d: -(recipe.teachers[d].train.max_steps or 0))
-        jobs = {d: pool.submit(_train_in_worker, recipe, d, tok, force) for d in order}
+        jobs = {
+            d: pool.submit(_train_in_worker, recipe, d, tok, force, i % gpus if gpus else None)
+            for i, d in enumerate(order)
+        }
         for d, job in jobs.items():
             try:
                 out[d] = job.result()
@@ -324,8 +341,14 @@ def _train_parallel(recipe: Recipe, domains: list[str], tok: Path, force: bool) 
     return out
 
 
-def _train_in_worker(recipe: Recipe, d: str, tok: Path, force: bool) -> dict[str, Any]:
+def _train_in_worker(
+    recipe: Recipe, d: str, tok: Path, force: bool, gpu: int | None = None
+) -> dict[str, Any]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if gpu is not None:  # before CUDA is first touched in this process
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(gpu + 1)]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ids[gpu]
     import torch
 
     torch.set_num_threads(1)

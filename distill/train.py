@@ -357,13 +357,17 @@ class _Loop:
         t0 = time.perf_counter()
         with progress(acc, desc, self.plan["max_steps"], start) as bar:
             for step in range(start + 1, self.plan["max_steps"] + 1):
-                timed_out = cfg.max_time_s is not None and time.perf_counter() - t0 > cfg.max_time_s
+                elapsed = time.perf_counter() - t0
+                timed_out = cfg.max_time_s is not None and elapsed > cfg.max_time_s
                 row = self.step()
-                row = acc.reduce(
-                    torch.cat([row, torch.tensor([float(timed_out)], device=acc.device)]), "sum"
-                )
-                stop = row[-1].item() > 0 or step == stop_after
-                stats.add(step, row[:-1].cpu(), time.perf_counter() - t0)
+                flags = torch.tensor([float(timed_out), elapsed], device=acc.device)
+                row = acc.reduce(torch.cat([row, flags]), "sum")
+                stop = row[-2].item() > 0 or step == stop_after
+                if cfg.max_time_s is not None:  # the mean over ranks: every rank sets the same lr
+                    frac = row[-1].item() / acc.num_processes / cfg.max_time_s
+                    for f in self.sched.lr_lambdas:
+                        f.time_frac = frac
+                stats.add(step, row[:-2].cpu(), time.perf_counter() - t0)
                 bar(step, stats)
                 if step % cfg.log_every == 0 and cfg.trackers:
                     acc.log(stats.log_row(), step=step)

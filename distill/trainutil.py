@@ -65,7 +65,7 @@ def make_optimizer(module: torch.nn.Module, cfg: TrainConfig, max_steps: int, fu
         betas=tuple(cfg.betas),
         **({"fused": True} if fused else {}),
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, max_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, LRFactor(cfg, max_steps))
     return opt, sched
 
 
@@ -89,19 +89,33 @@ def compile_model(objective: torch.nn.Module) -> torch.nn.Module:
     return objective
 
 
-def lr_factor(cfg: TrainConfig, max_steps: int) -> Callable[[int], float]:
-    warm, floor = cfg.warmup_steps, cfg.min_lr_ratio
+def lr_factor(cfg: TrainConfig, max_steps: int) -> LRFactor:
+    return LRFactor(cfg, max_steps)
 
-    def f(step: int) -> float:
+
+class LRFactor:
+    """Linear warmup, then cosine/linear decay to ``min_lr_ratio`` (or constant).
+
+    Under ``max_time_s`` the decay runs on whichever ends first, steps or time:
+    ``time_frac`` (elapsed / max_time_s, set by the loop from a value all ranks agree on)
+    moves the schedule ahead, so a run stopped by its time limit has decayed its learning
+    rate instead of stopping at the peak. Plain attributes only: LambdaLR checkpoints a
+    callable object's ``__dict__``."""
+
+    def __init__(self, cfg: TrainConfig, max_steps: int):
+        self.warm, self.floor, self.schedule = cfg.warmup_steps, cfg.min_lr_ratio, cfg.schedule
+        self.max_steps, self.time_frac = max_steps, 0.0
+
+    def __call__(self, step: int) -> float:
+        warm = self.warm
         if step < warm:
             return (step + 1) / (warm + 1)
-        if cfg.schedule == "constant":
+        if self.schedule == "constant":
             return 1.0
-        t = min(1.0, (step - warm) / max(1, max_steps - warm))
-        decay = 0.5 * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else 1 - t
-        return floor + (1 - floor) * decay
-
-    return f
+        at = max(step, min(1.0, self.time_frac) * self.max_steps)
+        t = min(1.0, (at - warm) / max(1, self.max_steps - warm))
+        decay = 0.5 * (1 + math.cos(math.pi * t)) if self.schedule == "cosine" else 1 - t
+        return self.floor + (1 - self.floor) * decay
 
 
 class StepStats:

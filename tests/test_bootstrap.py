@@ -171,3 +171,47 @@ def test_teachers_trained_in_parallel_processes_equal_one_by_one(tmp_path, monke
     finally:
         torch.set_num_threads(threads)
     assert weights(par) == weights(seq)
+
+
+def test_teacher_processes_share_the_gpus_round_robin(tmp_path, monkeypatch):
+    """With GPUs every teacher gets its own process, each on one GPU in turn (within what
+    CUDA_VISIBLE_DEVICES already allows); on CPU one process per core."""
+    import os
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert bootstrap._workers(4) == (4, 2)
+    assert bootstrap._parallel_ok(["math", "code"])
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under accelerate launch the launcher owns them
+    assert not bootstrap._parallel_ok(["math", "code"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bootstrap._workers(4)[0] == min(4, os.cpu_count() or 1)
+
+    seen = {}
+    monkeypatch.setattr(
+        bootstrap,
+        "train_bootstrap",
+        lambda recipe, d, tok, force: seen.setdefault(d, os.environ["CUDA_VISIBLE_DEVICES"]),
+    )
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads, fds = torch.get_num_threads(), (os.dup(1), os.dup(2))
+    try:  # the worker sends its fds 1 and 2 to the teacher's log
+        bootstrap._train_in_worker(micro_recipe(tmp_path), "math", tmp_path, False, gpu=1)
+    finally:
+        os.dup2(fds[0], 1), os.dup2(fds[1], 2)
+        torch.set_num_threads(threads)
+    assert seen == {"math": "7"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_teachers_train_side_by_side_on_a_gpu(tmp_path):
+    """On a GPU the stage trains every teacher at once, each process on the GPU."""
+    recipe = micro_recipe(tmp_path)
+    assert bootstrap._parallel_ok(["math", "logic"])
+    bootstrap.run(recipe)
+    for d in ("math", "logic"):
+        out = recipe.out / "teachers" / d
+        report = json.loads((out / "train_report.json").read_text())
+        assert report["mfu"] is not None and report["peak_memory_bytes"] > 0  # a CUDA run
+        assert (out / "train.log").stat().st_size > 0

@@ -147,3 +147,24 @@ def test_max_time_stops_early_with_a_saved_model_and_checkpoint(data, tmp_path):
     assert report["finished"] and report["stopped_by"] == "max_time_s" and report["steps"] == 1
     assert (tmp_path / "out" / "model.safetensors").exists()
     assert (tmp_path / "out" / "checkpoints" / "step-000001" / "trainer_state.json").exists()
+
+
+def test_time_limit_moves_the_lr_schedule_ahead(tmp_path):
+    """Under max_time_s the decay follows the elapsed share of the time limit when that is
+    ahead of the steps, and the scheduler (with that state) still checkpoints."""
+    from distill.trainutil import make_optimizer
+
+    cfg = small_cfg(max_steps=100, warmup_steps=10, max_time_s=60.0, min_lr_ratio=0.1)
+    opt, sched = make_optimizer(torch.nn.Linear(2, 2), cfg, 100)
+    f = sched.lr_lambdas[0]
+    by_steps = [f(s) for s in (0, 20, 50, 99)]
+    f.time_frac = 0.5  # half the time gone
+    assert f(0) == by_steps[0]  # warmup stays in steps
+    assert f(20) == pytest.approx(by_steps[2]) and by_steps[2] < by_steps[1]  # as step 50
+    assert f(99) == by_steps[3]  # steps ahead of time: steps rule
+    f.time_frac = 2.0
+    assert f(20) == pytest.approx(0.1)  # out of time: the floor
+    torch.save(sched.state_dict(), tmp_path / "sched.pt")
+    _, again = make_optimizer(torch.nn.Linear(2, 2), cfg, 100)
+    again.load_state_dict(torch.load(tmp_path / "sched.pt", weights_only=False))
+    assert again.lr_lambdas[0].time_frac == 2.0
