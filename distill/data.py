@@ -23,7 +23,7 @@ import numpy as np
 
 from distill.errors import UserError
 from distill.models import tokenizer_fingerprint
-from distill.render import RENDER_VERSION, render_trace
+from distill.render import RENDER_VERSION, encode_texts, trace_texts
 from distill.shards import read_manifest, read_table
 
 
@@ -93,8 +93,9 @@ def _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd):
     with Progress(transient=True) as bar:
         task = bar.add_task(f"tokenize {domain}", total=table.num_rows)
         for batch in table.select(cols).to_batches(max_chunksize=256):
-            for row in batch.to_pylist():
-                exs = _render_row(tokenizer, row, shard_dir)
+            rows = batch.to_pylist()
+            texts = [_render_row(tokenizer, row, shard_dir) for row in rows]
+            for row, exs in zip(rows, _encode_rows(tokenizer, rows, texts, shard_dir), strict=True):
                 topk = _topk_for(row, exs, len(tokenizer)) if kd else None
                 start = 0
                 for ex in exs:
@@ -125,12 +126,26 @@ def _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd):
 
 
 def _render_row(tokenizer, row: dict, shard_dir: Path) -> list:
-    """A row's examples; a bad row is an error naming the trace and its shards."""
+    """A row's rendered examples (text, spans); a bad row is an error naming the trace
+    and its shards."""
     try:
         tools = json.loads(row["tools"]) if row["tools"] else None
-        return render_trace(tokenizer, row["messages"], tools)
+        return trace_texts(tokenizer, row["messages"], tools)
     except (UserError, ValueError, TypeError) as e:
         raise UserError(f"{shard_dir}: trace {row['id']}: {e}") from None
+
+
+def _encode_rows(tokenizer, rows: list[dict], texts: list, shard_dir: Path) -> list:
+    """The batch tokenized at once; on a bad row, the error names it."""
+    try:
+        return encode_texts(tokenizer, texts)
+    except UserError:
+        for row, t in zip(rows, texts, strict=True):
+            try:
+                encode_texts(tokenizer, [t])
+            except UserError as e:
+                raise UserError(f"{shard_dir}: trace {row['id']}: {e}") from None
+        raise
 
 
 def _topk_for(row, examples, vocab: int) -> list[dict]:

@@ -151,3 +151,91 @@ def test_our_template_renders_tools_as_signatures():
         '<|system|>tools: pick(mode: {"type": "string", "enum": ["a", "b"]}, n?: integer) '
         "Pick one.; ping()<|end|><|user|>hi<|end|>"
     )
+
+
+def _generic(monkeypatch):
+    """Render through the Jinja template and character offsets only."""
+    import distill.render as render
+
+    monkeypatch.setattr(render, "render_spans", lambda messages, tools=None: None)
+
+
+RICH_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "search",
+            "description": 'Find <b>things</b> & "quotes".',
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "q": {"type": "string"},
+                    "mode": {"type": "string", "enum": ["fast", "exact"]},
+                    "limit": {"type": "integer"},
+                },
+                "required": ["q"],
+            },
+        },
+    },
+    {"name": "now", "parameters": {}},  # flat form, no description, no arguments
+]
+
+
+def _edge_traces():
+    call = {"id": "c1", "name": "search", "arguments": '{"q": "é ü"}'}
+    nested = {"id": "c2", "type": "function", "function": {"name": "now", "arguments": {}}}
+    return [
+        (tool_trace(), None),
+        (tool_trace(), RICH_TOOLS),
+        (
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "first"},
+                {"role": "assistant", "reasoning_content": "old", "content": "a"},
+                {"role": "user", "content": "second"},
+                {"role": "assistant", "reasoning_content": "r", "tool_calls": [call, nested]},
+                {"role": "tool", "tool_call_id": "c1", "content": "found"},
+                {"role": "tool", "tool_call_id": "c2", "content": None},
+                {"role": "assistant", "content": "done", "reasoning_content": ""},
+            ],
+            RICH_TOOLS,
+        ),
+        (
+            [
+                {"role": "user", "content": "say <|end|> please"},
+                {"role": "assistant", "content": "<|end|>"},
+            ],
+            None,
+        ),
+    ]
+
+
+def test_our_python_render_matches_the_jinja_template(tok, monkeypatch):
+    """distill.render_ours gives the template's very text and spans, and the token-marker
+    masks equal the offset masks, on every domain's oracle traces (difficulties 1-3) and
+    on edge cases; a message holding a turn marker takes the generic path."""
+    from distill import render_ours
+    from distill.messages import drop_old_reasoning
+    from distill.render import template_messages, template_spans
+    from teachers.base import get_domain
+
+    traces = list(_edge_traces())
+    for d in ("math", "code", "logic", "agents"):
+        dom = get_domain(d)
+        for level in (1, 2, 3):
+            traces += [(dom.oracle(t), t.tools) for t in dom.tasks("train", 15, 0, level)]
+    compared = 0
+    for messages, tools in traces:
+        msgs = template_messages(tok, messages)
+        users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        for n in range(len(users)):
+            convo = drop_old_reasoning(msgs[: users[n + 1] if n + 1 < len(users) else None])
+            fast = render_ours.render_spans(convo, tools)
+            if fast is not None:
+                assert fast == template_spans(tok, convo, tools)
+                compared += 1
+    assert compared > len(traces)  # multi-turn agents traces give several examples
+    assert render_ours.render_spans(*_edge_traces()[-1]) is None
+    fast = [render_trace(tok, m, t) for m, t in traces]
+    _generic(monkeypatch)
+    assert fast == [render_trace(tok, m, t) for m, t in traces]
