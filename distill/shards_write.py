@@ -1,15 +1,21 @@
 """Writing a shard directory: bounded Arrow IPC stream files, atomic commits, one
 journal per writer, the manifest written last (reading is :mod:`distill.shards_read`).
+
+A shard is serialised into memory, written to ``<name>.tmp``, hashed and fsynced on
+background threads while the next rows are converted, then renamed and journaled: a
+shard that is not in its writer's journal does not exist for a resumed run.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
 import re
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,33 +29,19 @@ from distill.shards_read import MANIFEST, ShardError, read_shard
 # relative to max_bytes): big enough that conversion runs in C at full speed, small
 # enough that the byte bound is checked often.
 _CHUNK = 1000
+# A shard goes to its file in writes of this size: in the writer on the 2-core bench
+# machine (ext4) one 5 MB write() took ~8 ms (strace), five of 1 MB ~1.5 ms together.
+_WRITE_BLOCK = 1 << 20
 
 
-def _write_json_atomic(path: Path, data: Any, sync: bool = True) -> None:
+def _write_json_atomic(path: Path, data: Any, sync: bool = True, indent: int | None = 1) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
+        f.write(json.dumps(data, indent=indent))
         if sync:
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-class _HashingFile:
-    """A binary file that hashes what goes through it (no second read for the sha256)."""
-
-    def __init__(self, f: Any):
-        self.f, self.sha, self.closed = f, hashlib.sha256(), False
-
-    def write(self, data: Any) -> int:
-        self.sha.update(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def close(self) -> None:
-        self.closed = True  # the stream writer closes its sink; the real file stays open
 
 
 def _ipc_size(table: pa.Table) -> int:
@@ -60,25 +52,44 @@ def _ipc_size(table: pa.Table) -> int:
     return sink.size()
 
 
-def _write_ipc(table: pa.Table, path: Path) -> tuple[BinaryIO, int, str]:
-    """Write ``table`` as one Arrow IPC stream file: (the open file, bytes, sha256).
-
-    The file is flushed but not synced: the caller fsyncs and closes it.
-    """
+def _write_file(path: Path, data: pa.Buffer) -> BinaryIO:
+    """``data`` in a new file, flushed but not synced: the caller fsyncs and closes it."""
     f = open(path, "wb")
     try:
-        sink = _HashingFile(f)
-        # Arrow writes every buffer of every column on its own (~220 writes for a 5 MB
-        # shard); a C++ buffer in front makes them ~10 Python calls (7.5 -> 6.3 ms).
-        out = pa.BufferedOutputStream(pa.PythonFile(sink, mode="w"), 256 << 10)
-        with pa.ipc.new_stream(out, table.schema) as w:
-            w.write_table(table)
-        out.close()  # flushes the buffer into the sink
+        with memoryview(data) as view:
+            for i in range(0, len(view), _WRITE_BLOCK):
+                f.write(view[i : i + _WRITE_BLOCK])
         f.flush()
     except BaseException:
         f.close()
         raise
-    return f, f.tell(), sink.sha.hexdigest()
+    return f
+
+
+def _sha256(data: pa.Buffer) -> str:
+    return hashlib.sha256(data).hexdigest()  # releases the GIL while it hashes
+
+
+class _Background:
+    """One thread for a blocking call that releases the GIL (a shard's fsync)."""
+
+    def __init__(self, name: str):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    def start(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` on the thread; return once it has started."""
+        started = threading.Event()
+
+        def run() -> Any:
+            started.set()
+            return fn(*args)
+
+        future = self._pool.submit(run)
+        # The woken thread needs the GIL to reach fn, and the converting thread gives it
+        # up only after the switch interval (5 ms) and its current C call: waiting here
+        # hands it over at once, so the fsync starts as soon as the shard is written.
+        started.wait()
+        return future
 
 
 class ShardWriter:
@@ -116,12 +127,16 @@ class ShardWriter:
         self._chunk = min(_CHUNK, max_rows)
         self._row_bytes = 0.0  # mean Arrow size of a row, learnt from converted rows
         # A shard's fsync mostly waits for the disk (~13 ms per 5 MB shard on the 2-core
-        # bench machine, almost no CPU), so it runs on this thread while the caller's
-        # converts the next rows. Only the fsync: hashing or renaming there too was slower
-        # (each return from a blocking call must win back the GIL from Arrow's converter).
-        self._fsync = ThreadPoolExecutor(1, thread_name_prefix="shard-fsync")
-        self._in_flight: tuple[dict[str, Any], BinaryIO, Future[None]] | None = None
+        # bench machine, almost no CPU) and sha256 releases the GIL (~4 ms per 5 MB), so
+        # both run on their own threads while this one converts the next rows (~20 ms a
+        # shard); on one thread, the two in a row outlasted the conversion.
+        self._fsync = _Background("shard-fsync")
+        self._hash = ThreadPoolExecutor(1, thread_name_prefix="shard-sha256")
+        self._in_flight: tuple[dict[str, Any], BinaryIO, Future[None], Future[str]] | None = None
         self._failed: BaseException | None = None  # a shard that could not be committed
+        # the serialised shard, reused (fresh pages for every shard cost page faults);
+        # free again once the shard in flight is committed
+        self._buf: pa.Buffer | None = None
 
     def _recover(self) -> list[dict[str, Any]]:
         shards: list[dict[str, Any]] = []
@@ -238,22 +253,42 @@ class ShardWriter:
             n = max(1, min(n - 1, int(n * self.max_bytes / size * 0.98)))
             size = _ipc_size(table.slice(0, n))
         self._finish_commit()  # one shard in flight at most: commits stay in order
+        data = self._serialize(table.slice(0, n), size)
         name = self._next_name()
-        f, size, digest = _write_ipc(table.slice(0, n), self.dir / (name + ".tmp"))
-        entry = {"file": name, "rows": n, "bytes": size, "sha256": digest}
-        self._in_flight = (entry, f, self._fsync.submit(os.fsync, f.fileno()))
+        f = _write_file(self.dir / (name + ".tmp"), data)
+        entry = {"file": name, "rows": n, "bytes": size, "sha256": None}
+        synced = self._fsync.start(os.fsync, f.fileno())
+        # No hand-over for the hash: its thread gets the GIL within ~10 ms, well before
+        # the next shard is converted (~20 ms); started before the fsync it delayed it.
+        self._in_flight = (entry, f, synced, self._hash.submit(_sha256, data))
         rest = table.slice(n)
         self._batches = rest.combine_chunks().to_batches() if rest.num_rows else []
 
+    def _serialize(self, table: pa.Table, size: int) -> pa.Buffer:
+        """``table`` as the ``size`` bytes of an IPC stream file (a view of ``_buf``)."""
+        if self._buf is None or self._buf.size < size:
+            # room for the next shards' variation (pyarrow's resizable buffers keep their
+            # first length in the buffer protocol, so hashlib would read stale lengths)
+            self._buf = pa.allocate_buffer(size + size // 8)
+        sink = pa.FixedSizeBufferWriter(self._buf)
+        with pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        if sink.tell() != size:
+            raise ShardError(f"{self.dir}: shard encoded to {sink.tell()} bytes, not {size}")
+        return self._buf.slice(0, size)
+
     def _finish_commit(self) -> None:
-        """Commit the shard in flight: wait for its fsync, rename it, journal it."""
+        """Commit the shard in flight: wait for its fsync and hash, rename it, journal it."""
         if self._in_flight is None:
             return
-        entry, f, synced = self._in_flight
+        entry, f, synced, digest = self._in_flight
         self._in_flight = None
+        # both, even if one fails: the next shard is serialised into the buffer they read
+        concurrent.futures.wait((synced, digest))
         try:
             with f:
                 synced.result()
+            entry["sha256"] = digest.result()
             os.replace(f.name, self.dir / entry["file"])
         except BaseException as e:
             # Its rows are no longer buffered (holding the table until the fsync returned
@@ -265,8 +300,13 @@ class ShardWriter:
         # the journal entry is the commit point: a shard not in it is deleted on resume.
         # No fsync: a journal lost to a power cut only makes the next run redo its shards
         # (a shard missing from the journal is deleted); the shard itself was synced.
+        # Not indented: json's C encoder only runs without indent, and the journal is
+        # rewritten for every shard (100 entries: 1.6 ms indented, 0.2 ms not).
         _write_json_atomic(
-            self.journal_path, {"fingerprint": self.fingerprint, "shards": self.shards}, sync=False
+            self.journal_path,
+            {"fingerprint": self.fingerprint, "shards": self.shards},
+            sync=False,
+            indent=None,
         )
 
     def _next_name(self) -> str:
@@ -279,6 +319,7 @@ class ShardWriter:
     def close(self, finalize_manifest: bool = True) -> dict[str, Any] | None:
         """Commit what is buffered; write the manifest unless other writers still run."""
         self.flush()
+        self._buf = None
         if not self.journal_path.exists():  # nothing written by any run: still journal it
             _write_json_atomic(self.journal_path, {"fingerprint": self.fingerprint, "shards": []})
         if finalize_manifest:
