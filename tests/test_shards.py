@@ -67,6 +67,21 @@ def test_roundtrip_and_manifest(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_shards_growing_and_shrinking_keep_exact_bytes_and_checksums(tmp_path):
+    # every shard is serialised into one reused buffer: a shard larger than the last
+    # must get all its bytes, a smaller one none of the last one's tail
+    texts = [50, 5000, 10, 20_000, 0, 300, 8000, 1]
+    with ShardWriter(tmp_path, max_rows=2) as w:
+        w.write(make_trace(i, text=t) for i, t in enumerate(texts))
+    m = read_manifest(tmp_path)
+    assert len(m["shards"]) == 4
+    for s in m["shards"]:
+        data = (tmp_path / s["file"]).read_bytes()
+        assert s["bytes"] == len(data) and s["sha256"] == hashlib.sha256(data).hexdigest()
+    back = list(iter_traces(tmp_path, verify=True))
+    assert back == [make_trace(i, text=t) for i, t in enumerate(texts)]
+
+
 def test_byte_bound_is_on_the_encoded_file(tmp_path):
     m = write(tmp_path, 30, max_rows=1000, max_bytes=6000)
     sizes = [(tmp_path / s["file"]).stat().st_size for s in m["shards"]]
