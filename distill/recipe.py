@@ -114,7 +114,10 @@ class TrainConfig(Section):
         1.0, gt=0, description="Passes over the mixed data when max_steps is null."
     )
     max_time_s: float | None = Field(
-        None, gt=0, description="Stop after this many seconds of training (checkpoint saved)."
+        None,
+        gt=0,
+        description="Stop after this many seconds of training (checkpoint saved); the lr "
+        "decay then follows the time used when that is ahead of the steps.",
     )
     batch_tokens: int = Field(
         8192, ge=16, description="Tokens per optimizer step (global, all ranks and micro-batches)."
