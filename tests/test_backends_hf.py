@@ -104,3 +104,27 @@ def test_static_cache_path_gives_the_same_rows(backend):
     assert [[c.text for c in r] for r in a] == [[c.text for c in r] for r in b]
     assert [[c.finish_reason for c in r] for r in a] == [[c.finish_reason for c in r] for r in b]
     assert [[len(c.topk) for c in r] for r in a] == [[len(c.topk) for c in r] for r in b]
+
+
+def test_prompt_render_without_jinja_matches_the_template(backend):
+    """Our template's prompts are rendered in Python; the token ids are the template's."""
+    from distill.chat import CHAT_TEMPLATE
+    from distill.messages import drop_old_reasoning, to_openai
+    from teachers.base import get_domain
+
+    assert backend.tokenizer.chat_template == CHAT_TEMPLATE
+    convs = [(c, None) for c in CONVS]
+    for d in ("math", "agents"):
+        dom = get_domain(d)
+        for t in dom.tasks("train", 5, 0, 3):
+            msgs = dom.oracle(t)
+            convs += [(msgs[:k], t.tools) for k in range(1, len(msgs) + 1)]
+    for messages, tools in convs:
+        want = backend.tokenizer.apply_chat_template(
+            to_openai(drop_old_reasoning(messages)),
+            tools=tools,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        assert backend.render(messages, tools) == list(want)

@@ -19,9 +19,11 @@ import torch
 
 from distill.backends import Completion, Sampling, mix_seed
 from distill.backends.sample import sample_next
+from distill.chat import ASSISTANT, CHAT_TEMPLATE
 from distill.errors import UserError
 from distill.messages import drop_old_reasoning, to_openai
 from distill.parse import parse_assistant
+from distill.render_ours import render_spans
 
 SMALL_MODEL = 20_000_000  # parameters under which CPU decoding uses one thread
 
@@ -120,8 +122,13 @@ class HFBackend:
 
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Prompt token ids of a conversation, ending with the generation prompt."""
+        msgs = to_openai(drop_old_reasoning(messages))
+        if self.tokenizer.chat_template == CHAT_TEMPLATE and (
+            fast := render_spans(msgs, tools or None)
+        ):  # our template without Jinja (distill/render_ours.py)
+            return self.tokenizer(fast[0] + ASSISTANT, add_special_tokens=False)["input_ids"]
         ids = self.tokenizer.apply_chat_template(
-            to_openai(drop_old_reasoning(messages)),
+            msgs,
             tools=tools or None,
             add_generation_prompt=True,
             tokenize=True,
