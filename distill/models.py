@@ -169,23 +169,41 @@ def _varlen_kernel(q, k, v, cu, max_len: int, scale: float | None) -> torch.Tens
 
 
 def _segment_sdpa(q, k, v, cu, scale: float | None) -> torch.Tensor:
-    """The CPU kernel: causal SDPA on each segment alone. A packed row under SDPA with a
-    block-diagonal mask computes every query against every key of the row (a 512-token
-    row of 60-token traces: 8x the work); a segment alone is causal with no mask at all,
-    SDPA's fast path. Measured: attention was 45% of a demo teacher's step with the mask."""
-    gqa = k.shape[1] != q.shape[1]
-    bounds = cu.tolist()
-    outs = [
-        torch.nn.functional.scaled_dot_product_attention(
-            *(x[s:e].transpose(0, 1) for x in (q, k, v)),
+    """The CPU kernel: causal SDPA on each segment alone, segments of similar length
+    batched. A packed row under SDPA with a block-diagonal mask computes every query
+    against every key of the row (a 512-token row of 60-token traces: 8x the work);
+    segments alone need no mask at all, SDPA's fast path.
+
+    Segments are grouped by length (within a factor of two) and right-padded into one
+    contiguous [segments, heads, length, dim] batch per group: with ``is_causal`` a real
+    query sees only the keys before it, never the padding after, so the result is exact.
+    One call per group instead of one per segment, on contiguous tensors: forward and
+    backward of a 1,024-token row of 40 traces took 9.7 ms instead of 40 ms per layer
+    (one row of one trace: 80 instead of 158 ms), one CPU thread."""
+    t, h = q.shape[0], q.shape[1]
+    lens, starts = (cu[1:] - cu[:-1]).tolist(), cu[:-1].tolist()
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lens):
+        if n > 0:
+            groups.setdefault((n - 1).bit_length(), []).append(i)
+    qp, kp, vp = (torch.cat([x, x.new_zeros(1, *x.shape[1:])]) for x in (q, k, v))  # row t: pad
+    outs, where = [], []
+    for ids in groups.values():
+        width = torch.arange(max(lens[i] for i in ids))[None, :]
+        valid = width < torch.tensor([lens[i] for i in ids])[:, None]
+        idx = torch.where(valid, torch.tensor([starts[i] for i in ids])[:, None] + width, t)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            *(x[idx].transpose(1, 2) for x in (qp, kp, vp)),
             is_causal=True,
             scale=scale,
-            enable_gqa=gqa,
-        ).transpose(0, 1)
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
-        if e > s
-    ]
-    return torch.cat(outs)
+            enable_gqa=k.shape[1] != h,
+        )
+        outs.append(o.transpose(1, 2)[valid])
+        where.append(idx[valid])
+    pos = torch.cat(where)
+    order = torch.empty_like(pos)
+    order[pos] = torch.arange(len(pos))
+    return torch.cat(outs)[order]
 
 
 @functools.cache

@@ -34,11 +34,19 @@ def _threads():
     yield from one_thread()
 
 
-def test_cpu_varlen_kernel_matches_the_reference():
-    """The product's CPU kernel (causal SDPA per segment) against trainkit's reference,
-    with grouped kv heads and a one-token segment: outputs and gradients."""
+@pytest.mark.parametrize(
+    "bounds",
+    [
+        [0, 37, 38, 100, 161],  # one length group padded (37 beside 61-62), one token alone
+        [0, 5, 5, 9, 40, 41, 100, 122, 150, 151, 153, 161],  # many groups, an empty segment
+    ],
+)
+def test_cpu_varlen_kernel_matches_the_reference(bounds):
+    """The product's CPU kernel (causal SDPA per segment, similar lengths batched with
+    right padding) against trainkit's reference, with grouped kv heads: outputs and
+    gradients."""
     torch.manual_seed(0)
-    cu = torch.tensor([0, 37, 38, 100, 161], dtype=torch.int32)
+    cu = torch.tensor(bounds, dtype=torch.int32)
     q, k, v = (torch.randn(161, h, 16, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
     got = distill.models._varlen_kernel(q, k, v, cu, 64, 0.3)
     g_got = torch.autograd.grad((got * got.detach().cos()).sum(), (q, k, v))
