@@ -83,6 +83,8 @@ def fingerprint(recipe: Recipe, stage: str) -> str:
     for up in UPSTREAM[stage]:
         rec = record_of(recipe, up)
         parts[f"<{up}>"] = rec["fingerprint"] if rec else None
+        if rec and rec.get("weights"):  # models retrained to other weights count too
+            parts[f"<{up}:weights>"] = rec["weights"]
     manifests = input_manifests(recipe, stage)
     if manifests:  # absent key keeps fingerprints of manifest-less inputs unchanged
         parts["<manifests>"] = manifests
@@ -110,10 +112,27 @@ def mark_done(recipe: Recipe, stage: str, **info: Any) -> dict[str, Any]:
         "finished_at": time.time(),
         **info,
     }
+    if weights := weights_digest(d):
+        rec["weights"] = weights
     tmp = d / (RECORD + ".tmp")
     tmp.write_text(json.dumps(rec, indent=1))
     os.replace(tmp, d / RECORD)
     return rec
+
+
+def weights_digest(d: Path) -> dict[str, str]:
+    """sha256 of every model weight file a stage wrote (``*.safetensors`` in its dir and
+    one level down, e.g. ``teachers/<domain>/``). A downstream stage's fingerprint
+    includes it: a model retrained with the same recipe but different numerics (a new
+    torch, a changed kernel) reruns what reads it, an identical one does not."""
+    out = {}
+    for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("*/*.safetensors")):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        out[str(f.relative_to(d))] = h.hexdigest()
+    return out
 
 
 def invalidate(recipe: Recipe, stage: str) -> None:

@@ -90,3 +90,24 @@ def test_mark_done_keeps_the_resolved_recipe(tmp_path):
     mark_done(r, "eval")
     saved = YAML(typ="safe").load((stage_dir(r, "eval") / "_recipe.yaml").read_text())
     assert validate(saved).eval.pass_k == 3
+
+
+def test_retrained_weights_rerun_what_reads_them(tmp_path):
+    """eval depends on the student's weights, not only on train's recipe sections: the
+    same recipe retrained to other bytes makes eval stale; the same bytes do not."""
+    r = recipe(tmp_path)
+    model = stage_dir(r, "train") / "model.safetensors"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"weights one")
+    mark_done(r, "teachers")
+    mark_done(r, "train")
+    mark_done(r, "eval")
+    assert up_to_date(r, "eval")
+    mark_done(r, "train")  # retrained, identical weights
+    assert up_to_date(r, "eval")
+    model.write_bytes(b"weights two")
+    mark_done(r, "train")
+    assert record_of(r, "train")["weights"] == {
+        "model.safetensors": __import__("hashlib").sha256(b"weights two").hexdigest()
+    }
+    assert not up_to_date(r, "eval")
