@@ -83,16 +83,11 @@ def render_text(tokenizer, messages, tools=None, add_generation_prompt: bool = F
         ) from None
 
 
-def assistant_spans(tokenizer, messages, tools=None) -> tuple[str, list[tuple[int, int]]]:
-    """The full render and the character spans of the assistant turns after the last
-    user message (the turns that carry loss)."""
-    return _spans(tokenizer, messages, tools)[:2]
-
-
-def _spans(tokenizer, messages, tools=None) -> tuple[str, list[tuple[int, int]], bool]:
-    """:func:`assistant_spans`, and whether the render is our template's from
-    :mod:`distill.render_ours` (the same text at a fraction of Jinja's cost, whose turn
-    markers are all structural, so the mask follows from the token ids)."""
+def assistant_spans(tokenizer, messages, tools=None) -> tuple[str, list[tuple[int, int]], bool]:
+    """The full render, the character spans of the assistant turns after the last user
+    message (the turns that carry loss), and whether the render came from
+    :mod:`distill.render_ours` (our template without Jinja, whose turn markers are all
+    structural, so the mask follows from the token ids)."""
     if tokenizer.chat_template == CHAT_TEMPLATE and messages and messages[0]["role"] != "assistant":
         if (fast := render_spans(messages, tools)) is not None:
             return (*fast, True)
@@ -100,7 +95,8 @@ def _spans(tokenizer, messages, tools=None) -> tuple[str, list[tuple[int, int]],
 
 
 def template_spans(tokenizer, messages, tools=None) -> tuple[str, list[tuple[int, int]]]:
-    """:func:`assistant_spans` for any template: prefix renders, diffed."""
+    """The text and spans of :func:`assistant_spans` for any template: prefix renders,
+    diffed."""
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
     full = render_text(tokenizer, messages, tools)
     spans: list[tuple[int, int]] = []
@@ -156,7 +152,7 @@ def _mask_tokens(tokenizer, ids, offsets, spans: list[tuple[int, int]]) -> Rende
 
 
 def trace_texts(tokenizer, messages, tools) -> list[tuple[str, list[tuple[int, int]], bool]]:
-    """The text, assistant spans and render path (see :func:`_spans`) of each example of
+    """The text, assistant spans and render path (see :func:`assistant_spans`) of each example of
     one trace (one per user turn)."""
     msgs = template_messages(tokenizer, messages)
     users = [i for i, m in enumerate(msgs) if m["role"] == "user"] or [0]
@@ -165,7 +161,7 @@ def trace_texts(tokenizer, messages, tools) -> list[tuple[str, list[tuple[int, i
         end = users[n + 1] if n + 1 < len(users) else len(msgs)
         convo = drop_old_reasoning(msgs[:end])
         if any(m["role"] == "assistant" for m in convo[u:]):
-            out.append(_spans(tokenizer, convo, tools))
+            out.append(assistant_spans(tokenizer, convo, tools))
     return out
 
 

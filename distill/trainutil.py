@@ -89,10 +89,6 @@ def compile_model(objective: torch.nn.Module) -> torch.nn.Module:
     return objective
 
 
-def lr_factor(cfg: TrainConfig, max_steps: int) -> LRFactor:
-    return LRFactor(cfg, max_steps)
-
-
 class LRFactor:
     """Linear warmup, then cosine/linear decay to ``min_lr_ratio`` (or constant).
 

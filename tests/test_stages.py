@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from ruamel.yaml import YAML
@@ -108,6 +109,6 @@ def test_retrained_weights_rerun_what_reads_them(tmp_path):
     model.write_bytes(b"weights two")
     mark_done(r, "train")
     assert record_of(r, "train")["weights"] == {
-        "model.safetensors": __import__("hashlib").sha256(b"weights two").hexdigest()
+        "model.safetensors": hashlib.sha256(b"weights two").hexdigest()
     }
     assert not up_to_date(r, "eval")
