@@ -72,6 +72,12 @@ PRESETS = {
 # SDPA on CPU). fused_ce: distill's fused LM head (distill.loss.FUSED_CE).
 VARIANTS = {
     "ours": dict(who="ours", attn=None, fused_ce=True, gc=False, compile=True),
+    # the loop booking every step at once (a device sync per step), as before 2026-12-02
+    "ours-sync": dict(who="ours", attn=None, fused_ce=True, gc=False, compile=True, defer=False),
+    # the CE pass compiled with automatic dynamic shapes (the vocabulary stays static)
+    "ours-ceauto": dict(who="ours", attn=None, fused_ce=True, gc=False, compile=True, ce_auto=True),
+    # ... and with inductor's coordinate-descent tuning of its launch configuration
+    "ours-cetune": dict(who="ours", attn=None, fused_ce=True, gc=False, compile=True, ce_tune=True),
     "ours-eager": dict(who="ours", attn=None, fused_ce=True, gc=False, compile=False),
     "ours-gc": dict(who="ours", attn=None, fused_ce=True, gc=True, compile=False),
     "ours-flat-gc": dict(who="ours", attn=None, fused_ce=False, gc=True, compile=False),
@@ -81,6 +87,8 @@ VARIANTS = {
     "trl": dict(who="trl", attn=None, gc=False, liger=False),
     "trl-gc": dict(who="trl", attn=None, gc=True, liger=False),
     "trl-liger": dict(who="trl", attn=None, gc=False, liger=True),
+    # TrainingArguments.torch_compile on top of Liger (the whole model through torch.compile)
+    "trl-liger-compile": dict(who="trl", attn=None, gc=False, liger=True, compile=True),
 }
 # most important first: a run that hits --deadline leaves out the last ones
 DEFAULT_VARIANTS = {
@@ -171,12 +179,28 @@ def run_ours(p: dict, root: Path, name: str, v: dict) -> dict:
     import torch
 
     import distill.loss
+    import distill.train
+    import distill.trainutil
     from distill.recipe import TrainConfig
     from distill.train import train
 
     if v["attn"]:
         os.environ["DISTILL_ATTN"] = v["attn"]
     distill.loss.FUSED_CE = v["fused_ce"]
+    if v.get("defer") is not None:
+        distill.train.DEFER = v["defer"]
+    if v.get("ce_auto"):
+        distill.trainutil.CE_COMPILE = {"dynamic": None}
+    if v.get("ce_tune"):
+        distill.trainutil.CE_COMPILE = {
+            "dynamic": True,
+            "options": {"coordinate_descent_tuning": True},
+        }
+    profiled = PROFILE_STEPS if PROFILE_DIR else 0  # the last steps, left out of the timing
+    if profiled:
+        _profile_steps(
+            p["steps"] - profiled + 1, profiled, Path(PROFILE_DIR) / f"profile-{name}.txt"
+        )
     cfg = TrainConfig(
         lr=1e-4,
         warmup_steps=2,
@@ -203,8 +227,9 @@ def run_ours(p: dict, root: Path, name: str, v: dict) -> dict:
     )
     t = rep["step_elapsed_s"]
     w = p["warmup"]
-    secs = t[-1] - t[w - 1]
-    frac = (p["steps"] - w) / p["steps"]  # steady-state share (steps hold the same tokens)
+    timed = p["steps"] - profiled - w
+    secs = t[w - 1 + timed] - t[w - 1]
+    frac = timed / p["steps"]  # steady-state share (steps hold the same tokens)
     tokens = rep["tokens"] * frac
     fl = flops(root / "model", rep["tokens"], rep["loss_tokens"], rep["attention_sq_sum"]) * frac
     mem = (
@@ -219,10 +244,55 @@ def run_ours(p: dict, root: Path, name: str, v: dict) -> dict:
         "peak_memory_gb": mem / 2**30,
         "first_loss": rep["losses"][0],
         "final_loss": rep["final_loss"],
-        "step_s": secs / (p["steps"] - w),
+        "step_s": secs / timed,
         "attn": _attn_implementation(dev, p["dtype"]),
         "plan": rep["plan"],
     }
+
+
+PROFILE_DIR: str | None = None  # --profile: where run_ours writes its kernel table
+PROFILE_STEPS = 3
+
+
+def _profile_steps(first: int, n: int, path: Path) -> None:
+    """Profile ``n`` optimizer steps from step ``first`` (torch.profiler, CPU and CUDA) and
+    write the kernel table by device time plus how busy the device was over those steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import distill.train as T
+
+    orig, state = T._Loop.step, {"i": 0, "prof": None, "t0": 0.0}
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def step(self):
+        state["i"] += 1
+        i = state["i"]
+        if i == first:
+            sync()
+            acts = [ProfilerActivity.CPU] + (
+                [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+            )
+            state["prof"] = profile(activities=acts)
+            state["prof"].__enter__()
+            state["t0"] = time.perf_counter()
+        out = orig(self)
+        if i == first + n - 1 and state["prof"] is not None:
+            sync()
+            wall = time.perf_counter() - state["t0"]
+            prof = state["prof"]
+            prof.__exit__(None, None, None)
+            ka = prof.key_averages()
+            key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            busy = sum(getattr(e, key) for e in ka) / 1e6
+            head = f"{n} steps: wall {wall:.3f} s, {key} {busy:.3f} s ({busy / wall:.0%})\n"
+            path.write_text(head + ka.table(sort_by=key, row_limit=60, max_name_column_width=70))
+        return out
+
+    T._Loop.step = step
 
 
 def run_trl(p: dict, root: Path, name: str, v: dict) -> dict:
@@ -275,6 +345,7 @@ def run_trl(p: dict, root: Path, name: str, v: dict) -> dict:
         use_cpu=not gpu,
         gradient_checkpointing=v["gc"],
         use_liger_kernel=v["liger"],
+        torch_compile=v.get("compile", False),
         dataloader_num_workers=0,
     )
     trainer = SFTTrainer(
@@ -355,6 +426,9 @@ def main() -> None:
     ap.add_argument("--variants", help="comma-separated names of VARIANTS (default: the preset's)")
     ap.add_argument("--only", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # one subprocess
     ap.add_argument("--steps", type=int)
+    ap.add_argument(
+        "--profile", help="write a kernel table of 3 steps of each of our variants here"
+    )
     ap.add_argument("--out", help="also write results.json and bench.log (all logs) here")
     ap.add_argument(
         "--deadline",
@@ -363,10 +437,14 @@ def main() -> None:
         help="seconds for the whole run; later variants are skipped",
     )
     args = ap.parse_args()
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
     p = dict(PRESETS[args.preset])
     if args.steps:
         p["steps"] = args.steps
     root = Path(args.root) / args.preset
+    global PROFILE_DIR
+    PROFILE_DIR = args.profile
     if args.only:
         (root / f"{args.only}.json").write_text(json.dumps(run_variant(p, root, args.only)))
         return
@@ -393,6 +471,7 @@ def main() -> None:
             left = min(left, 300 if VARIANTS[name].get("compile") else 180)
         cmd = [sys.executable, __file__, "--preset", args.preset, "--root", args.root]
         cmd += ["--only", name] + (["--steps", str(args.steps)] if args.steps else [])
+        cmd += ["--profile", args.profile] if args.profile else []
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, text=True, capture_output=True, timeout=left)

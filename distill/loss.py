@@ -74,6 +74,22 @@ def ce_and_grad(
     return ce, grad
 
 
+def ce_and_grad_pointwise(
+    logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ce_and_grad` written for torch.compile: one reduction (logsumexp) and one
+    pointwise expression (the one-hot an index comparison, not a scatter), which inductor
+    turns into two kernels that each read the bf16 logits once and keep nothing in fp32.
+    Eager, it would materialise several fp32 copies of the logits: there
+    :func:`ce_and_grad` is the faster form."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    ce = lse.squeeze(1) - x.gather(1, targets[:, None]).squeeze(1)
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
+    grad = (torch.exp(x - lse) - onehot.to(x.dtype)) * scale[:, None]
+    return ce, grad.to(logits.dtype)
+
+
 _MM_OUT_DTYPE = [True]  # torch.addmm(out_dtype=) works here; cleared at its first failure
 
 

@@ -45,6 +45,9 @@ from distill.trainutil import (
     set_cpu_threads,
 )
 
+# book each step's losses one step late (see _Loop.run); None: on a GPU only. Tests set it.
+DEFER: bool | None = None
+
 # config fields that do not change the trained weights: a resume may change them
 _RUN_ONLY = {"max_time_s", "save_every", "keep_last", "log_every", "trackers"}
 
@@ -283,6 +286,7 @@ class _Loop:
         self.pad_id = pad_id
         model = acc.unwrap_model(objective).model
         self.flat = model.config._attn_implementation == VARLEN
+        self.defer = DEFER
 
     def batches(self) -> tuple[list[dict[str, torch.Tensor]], int, float]:
         """This rank's micro-batches of the next step, its real tokens and Σ attention
@@ -308,12 +312,7 @@ class _Loop:
                 flat=self.flat,
                 max_segment=cfg.max_seq_len,
             )
-            out.append(
-                {
-                    k: torch.from_numpy(np.ascontiguousarray(v)).to(acc.device)
-                    for k, v in arrs.items()
-                }
-            )
+            out.append({k: _to_device(v, acc.device) for k, v in arrs.items()})
             lens = [
                 int(self.domains[d].offsets[i + 1] - self.domains[d].offsets[i])
                 for r in mb
@@ -345,38 +344,40 @@ class _Loop:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         n_loss = sum(len(b["targets"]) for b in batches)
-        head = torch.tensor([0.0, tokens, n_loss, sq], device=acc.device)
-        head[0] = loss / acc.num_processes
-        return torch.cat([head, dom])
+        counts = _to_device(np.array([tokens, n_loss, sq], dtype=np.float32), acc.device)
+        return torch.cat([(loss / acc.num_processes).reshape(1), counts, dom])
 
     def run(
         self, start: int, desc: str, ckpt_dir: Path, fp: str, stop_after: int | None
     ) -> StepStats:
+        """The steps from ``start + 1``. On a GPU the loop runs one step ahead of its
+        bookkeeping: step k's losses are read (a device sync) only after step k+1 has been
+        queued, so the GPU never idles while the host logs, collates and launches. Steps
+        that checkpoint or may end the run are read at once; a time limit seen on several
+        ranks (their all-reduced flag) ends the run one step later than on one."""
         acc, cfg = self.acc, self.cfg
         stats = StepStats(self.names, start)
+        last = self.plan["max_steps"]
+        defer = self.defer if self.defer is not None else acc.device.type == "cuda"
         t0 = time.perf_counter()
-        with progress(acc, desc, self.plan["max_steps"], start) as bar:
-            for step in range(start + 1, self.plan["max_steps"] + 1):
+        with progress(acc, desc, last, start) as bar:
+            pending, stop = None, False
+            for step in range(start + 1, last + 1):
                 elapsed = time.perf_counter() - t0
                 timed_out = cfg.max_time_s is not None and elapsed > cfg.max_time_s
                 row = self.step()
-                flags = torch.tensor([float(timed_out), elapsed], device=acc.device)
+                flags = _to_device(np.array([float(timed_out), elapsed], np.float32), acc.device)
                 row = acc.reduce(torch.cat([row, flags]), "sum")
-                stop = row[-2].item() > 0 or step == stop_after
-                if cfg.max_time_s is not None:  # the mean over ranks: every rank sets the same lr
-                    frac = row[-1].item() / acc.num_processes / cfg.max_time_s
-                    for f in self.sched.lr_lambdas:
-                        f.time_frac = frac
-                stats.add(step, row[:-2].cpu(), time.perf_counter() - t0)
-                bar(step, stats)
-                if step % cfg.log_every == 0 and cfg.trackers:
-                    acc.log(stats.log_row(), step=step)
-                last = step == self.plan["max_steps"]
-                if (
-                    (cfg.save_every and step % cfg.save_every == 0)
-                    or stop
-                    or (last and cfg.save_every)
-                ):
+                if pending is not None:
+                    stop = self._record(*pending, stats, bar, t0)
+                pending = (step, row)
+                saves = bool(cfg.save_every) and (step % cfg.save_every == 0 or step == last)
+                alone = timed_out and acc.num_processes == 1  # its own clock decides
+                if defer and not (stop or alone or saves or step in (stop_after, last)):
+                    continue
+                stop = self._record(step, row, stats, bar, t0) or stop or step == stop_after
+                pending = None
+                if saves or stop:
                     state = {"step": step, "data": self.stream.state_dict(), "fingerprint": fp}
                     checkpoint.save(acc, ckpt_dir, step, state, cfg.keep_last)
                 if stop:
@@ -386,6 +387,29 @@ class _Loop:
                     return stats
         stats.finished = True
         return stats
+
+    def _record(self, step: int, row: torch.Tensor, stats: StepStats, bar, t0: float) -> bool:
+        """Book one finished step (waits for it on a GPU); True when the ranks ran out of time."""
+        cfg = self.cfg
+        row = row.cpu()
+        if cfg.max_time_s is not None:  # the mean over ranks: every rank sets the same lr
+            frac = float(row[-1]) / self.acc.num_processes / cfg.max_time_s
+            for f in self.sched.lr_lambdas:
+                f.time_frac = frac
+        stats.add(step, row[:-2], time.perf_counter() - t0)
+        bar(step, stats)
+        if step % cfg.log_every == 0 and cfg.trackers:
+            self.acc.log(stats.log_row(), step=step)
+        return float(row[-2]) > 0
+
+
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``. To a GPU through pinned memory without blocking: a plain
+    copy from pageable memory waits for every kernel queued before it."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def run(recipe: Recipe) -> dict:

@@ -152,8 +152,10 @@ def reference_head(hidden, weight, targets, scale):
     return (ce * scale.double()).sum(), ce
 
 
+@pytest.mark.parametrize("ce_fn", ["ce_and_grad", "ce_and_grad_pointwise"])
 @pytest.mark.parametrize("n", [0, 1, 37])
-def test_fused_head_matches_autograd(monkeypatch, n):
+def test_fused_head_matches_autograd(monkeypatch, n, ce_fn):
+    ce_and_grad = getattr(distill.loss, ce_fn)  # the eager form and the one compiled on GPU
     monkeypatch.setattr(distill.loss, "FUSED_CHUNK", 16)  # 37 tokens: three chunks
     g = torch.Generator().manual_seed(n)
     hidden = torch.randn(n, 24, generator=g, requires_grad=True)

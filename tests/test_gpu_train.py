@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from trainkit import segment_sdpa
 
-from distill.loss import LinearCE, Objective, ce_and_grad
+from distill.loss import LinearCE, Objective
 from distill.models import _varlen_kernel, use_varlen_attention, varlen_supported
 
 pytestmark = pytest.mark.skipif(not varlen_supported(), reason="needs CUDA and torch varlen_attn")
@@ -38,15 +38,21 @@ def test_varlen_kernel_matches_segment_sdpa():
         assert rel(got, ref) < 2e-2
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_fused_head_bf16_matches_fp64(compiled):
+@pytest.mark.parametrize(
+    "fn_name,compiled",
+    [("ce_and_grad", False), ("ce_and_grad", True), ("ce_and_grad_pointwise", True)],
+)
+def test_fused_head_bf16_matches_fp64(fn_name, compiled):
+    import distill.loss
+
     g = torch.Generator(device="cuda").manual_seed(1)
     n, h, vocab = 5000, 128, 32000  # three chunks of 2048
     hidden = torch.randn(n, h, device="cuda", generator=g, requires_grad=True)
     weight = (torch.randn(vocab, h, device="cuda", generator=g) * 0.1).requires_grad_()
     targets = torch.randint(0, vocab, (n,), device="cuda", generator=g)
     scale = torch.full((n,), 1.0 / n, device="cuda")
-    fn = torch.compile(ce_and_grad, dynamic=True) if compiled else ce_and_grad
+    ce_fn = getattr(distill.loss, fn_name)
+    fn = torch.compile(ce_fn, dynamic=True) if compiled else ce_fn
     with torch.autocast("cuda", dtype=torch.bfloat16):
         total, ce = LinearCE.apply(hidden, weight, targets, scale, fn)
     total.backward()
@@ -97,3 +103,35 @@ def test_flat_row_through_qwen2_matches_traces_one_by_one():
             cu_seqlens=starts.to(torch.int32).cuda(),
         )
     assert abs(got.item() - want) < 1e-2 * want
+
+
+def test_deferred_bookkeeping_on_the_gpu_trains_like_booking_every_step(tmp_path, monkeypatch):
+    """The GPU loop reads step k's losses after queueing step k+1 (pinned, non-blocking
+    copies; no sync a step): the same losses as the synchronous loop, checkpoints where
+    asked, and a planned stop at the exact step."""
+    import random
+
+    from trainkit import ARCH, make_tokenizer, math_trace, small_cfg, write_shards
+
+    import distill.train
+
+    make_tokenizer(tmp_path / "tok")
+    rng = random.Random(0)
+    shards = {"math": write_shards(tmp_path / "m", "math", [math_trace(i, rng) for i in range(40)])}
+    cfg = small_cfg(precision="bf16", save_every=3, keep_last=5)
+
+    def run(out, defer, **kw):
+        monkeypatch.setattr(distill.train, "DEFER", defer)
+        return distill.train.train(
+            init=ARCH, tokenizer_dir=tmp_path / "tok", shards=shards, out_dir=out, cfg=cfg, **kw
+        )
+
+    sync, late = run(tmp_path / "sync", False), run(tmp_path / "late", None)
+    assert late["finished"] and late["steps"] == sync["steps"] == 6
+    assert late["losses"] == pytest.approx(sync["losses"], rel=1e-3)
+    assert sorted(p.name for p in (tmp_path / "late" / "checkpoints").iterdir()) == [
+        "step-000003",
+        "step-000006",
+    ]
+    cut = run(tmp_path / "cut", None, stop_after_steps=2)
+    assert not cut["finished"] and len(cut["losses"]) == 2

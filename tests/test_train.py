@@ -168,3 +168,26 @@ def test_time_limit_moves_the_lr_schedule_ahead(tmp_path):
     _, again = make_optimizer(torch.nn.Linear(2, 2), cfg, 100)
     again.load_state_dict(torch.load(tmp_path / "sched.pt", weights_only=False))
     assert again.lr_lambdas[0].time_frac == 2.0
+
+
+def test_deferred_bookkeeping_changes_no_loss_checkpoint_or_resume(data, tmp_path, monkeypatch):
+    """On a GPU the loop books step k only after queueing step k+1 (distill.train.DEFER);
+    forced here on CPU, it must give the same losses, the same checkpoints, the same exact
+    resume and the same stop on a time limit as booking every step at once."""
+    import distill.train
+
+    cfg = small_cfg(save_every=2, keep_last=5)
+    sync = run_train(data, tmp_path / "sync", cfg=cfg)
+    monkeypatch.setattr(distill.train, "DEFER", True)
+    late = run_train(data, tmp_path / "late", cfg=cfg)
+    assert late["finished"] and late["losses"] == sync["losses"] and late["steps"] == 6
+    assert len(late["step_elapsed_s"]) == 6
+    names = sorted(p.name for p in (tmp_path / "late" / "checkpoints").iterdir())
+    assert names == ["step-000002", "step-000004", "step-000006"]
+    first = run_train(data, tmp_path / "b", stop_after_steps=3)
+    assert not first["finished"] and first["losses"] == sync["losses"][:3]
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-000003"]
+    rest = run_train(data, tmp_path / "b")
+    assert rest["finished"] and rest["losses"] == sync["losses"][3:]
+    timed = run_train(data, tmp_path / "t", cfg=small_cfg(max_steps=6, max_time_s=1e-6))
+    assert timed["stopped_by"] == "max_time_s" and timed["steps"] == 1
