@@ -88,12 +88,9 @@ def compile_model(objective: torch.nn.Module) -> torch.nn.Module:
         layer.compile()
     from distill.loss import ce_and_grad_pointwise
 
-    objective.ce_fn = torch.compile(ce_and_grad_pointwise, **CE_COMPILE)
+    # dynamic: a batch's last chunk is shorter (automatic dynamic shapes measured the same)
+    objective.ce_fn = torch.compile(ce_and_grad_pointwise, dynamic=True)
     return objective
-
-
-# how the fused head's CE pass is compiled (the last chunk of a batch is shorter: dynamic)
-CE_COMPILE: dict = {"dynamic": True}
 
 
 class LRFactor:
