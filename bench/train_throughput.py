@@ -188,7 +188,8 @@ def run_ours(p: dict, root: Path, name: str, v: dict) -> dict:
         distill.train.DEFER = v["defer"]
     # the profiled last steps are left out of the timing, and so is the step before them:
     # the loop books a step after queueing the next, so its time would include the
-    # profiler's start-up (measured: 115k against 133k tokens/s without --profile)
+    # profiler's start-up (a profiled run on 2026-12-02 read 115k tokens/s where unprofiled
+    # runs read 133k; those ran on other machines, and this window was not re-run on a GPU)
     profiled = PROFILE_STEPS if PROFILE_DIR else 0
     if profiled:
         _profile_steps(
@@ -249,7 +250,8 @@ PROFILE_STEPS = 3
 
 def _profile_steps(first: int, n: int, path: Path) -> None:
     """Profile ``n`` optimizer steps from step ``first`` (torch.profiler, CPU and CUDA) and
-    write the kernel table by device time plus how busy the device was over those steps."""
+    write their wall time and the kernel table by self device time (its percentages are
+    shares of all device time; summing the column counts ops and their kernels twice)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -280,9 +282,8 @@ def _profile_steps(first: int, n: int, path: Path) -> None:
             prof.__exit__(None, None, None)
             ka = prof.key_averages()
             key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-            busy = sum(getattr(e, key) for e in ka) / 1e6
-            head = f"{n} steps: wall {wall:.3f} s, {key} {busy:.3f} s ({busy / wall:.0%})\n"
-            path.write_text(head + ka.table(sort_by=key, row_limit=60, max_name_column_width=70))
+            table = ka.table(sort_by=key, row_limit=60, max_name_column_width=70)
+            path.write_text(f"{n} steps: wall {wall:.3f} s\n{table}")
         return out
 
     T._Loop.step = step

@@ -25,7 +25,8 @@ class ShardError(UserError):
     """A missing, corrupt or truncated shard or manifest."""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -67,7 +68,7 @@ def shard_files(directory: str | Path, verify: bool = False) -> list[Path]:
             raise ShardError(
                 f"{p}: truncated ({p.stat().st_size} bytes, manifest says {s['bytes']})"
             )
-        if verify and _sha256(p) != s["sha256"]:
+        if verify and file_sha256(p) != s["sha256"]:
             raise ShardError(f"{p}: checksum mismatch (corrupt shard)")
         files.append(p)
     return files

@@ -125,14 +125,10 @@ def weights_digest(d: Path) -> dict[str, str]:
     one level down, e.g. ``teachers/<domain>/``). A downstream stage's fingerprint
     includes it: a model retrained with the same recipe but different numerics (a new
     torch, a changed kernel) reruns what reads it, an identical one does not."""
-    out = {}
-    for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("*/*.safetensors")):
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        out[str(f.relative_to(d))] = h.hexdigest()
-    return out
+    from distill.shards_read import file_sha256  # pyarrow: not at import time of the CLI
+
+    files = sorted(d.glob("*.safetensors")) + sorted(d.glob("*/*.safetensors"))
+    return {str(f.relative_to(d)): file_sha256(f) for f in files}
 
 
 def invalidate(recipe: Recipe, stage: str) -> None:

@@ -286,7 +286,7 @@ class _Loop:
         self.pad_id = pad_id
         model = acc.unwrap_model(objective).model
         self.flat = model.config._attn_implementation == VARLEN
-        self.defer = DEFER
+        self.defer = DEFER if DEFER is not None else acc.device.type == "cuda"
 
     def batches(self) -> tuple[list[dict[str, torch.Tensor]], int, float]:
         """This rank's micro-batches of the next step, its real tokens and Σ attention
@@ -358,7 +358,6 @@ class _Loop:
         acc, cfg = self.acc, self.cfg
         stats = StepStats(self.names, start)
         last = self.plan["max_steps"]
-        defer = self.defer if self.defer is not None else acc.device.type == "cuda"
         t0 = time.perf_counter()
         with progress(acc, desc, last, start) as bar:
             pending, stop = None, False
@@ -373,7 +372,7 @@ class _Loop:
                 pending = (step, row)
                 saves = bool(cfg.save_every) and (step % cfg.save_every == 0 or step == last)
                 alone = timed_out and acc.num_processes == 1  # its own clock decides
-                if defer and not (stop or alone or saves or step in (stop_after, last)):
+                if self.defer and not (stop or alone or saves or step in (stop_after, last)):
                     continue
                 stop = self._record(step, row, stats, bar, t0) or stop or step == stop_after
                 pending = None
