@@ -81,7 +81,7 @@ def eval_tasks(domain: str, cfg: DomainConfig, seed: int, n: int | None = None) 
     return tasks
 
 
-def _verify(domain: str, tasks: list[Task], traces: list) -> list[bool]:
+def _verify(domain: str, tasks: list[Task], traces: list) -> list:
     """Verdict of every trace against its task (the domain's own verifier)."""
     from distill.verify import verify_many
 
@@ -89,7 +89,37 @@ def _verify(domain: str, tasks: list[Task], traces: list) -> list[bool]:
     items = [(by_id[tr.task_id], tr.messages) for tr in traces]
     # a process pool costs seconds to start: not worth it for a handful of traces
     workers = 1 if len(items) <= 16 else None
-    return [v.passed for v in verify_many(domain, items, workers=workers)]
+    return verify_many(domain, items, workers=workers)
+
+
+def task_kind(task: Task) -> str | None:
+    """A short name of what a task asks for, when its generator says (``meta.kind``, or
+    the operations of an agents task): per-kind failure counts show where a model fails."""
+    meta = task.meta or {}
+    if meta.get("kind"):
+        return str(meta["kind"])
+    ops = meta.get("ops")
+    if isinstance(ops, list) and ops and all(isinstance(o, dict) for o in ops):
+        return "+".join(str(o.get("op")) for o in ops)
+    return None
+
+
+def sample_records(tasks: list[Task], traces: list, verdicts: list) -> list[dict[str, Any]]:
+    """One JSON-able record per greedy eval rollout: what was asked, what the model did,
+    and the verifier's reason (``eval/samples/*.jsonl``, for reading failures)."""
+    by_id = {t.id: t for t in tasks}
+    return [
+        {
+            "task_id": tr.task_id,
+            "kind": task_kind(by_id[tr.task_id]),
+            "passed": v.passed,
+            "reason": v.reason,
+            "finish_reason": tr.finish_reason,
+            "completion_tokens": tr.completion_tokens,
+            "messages": tr.messages,
+        }
+        for tr, v in zip(traces, verdicts, strict=True)
+    ]
 
 
 def score_domain(
@@ -101,8 +131,9 @@ def score_domain(
     gen: GenerateConfig,
     ev: EvalConfig,
     seed: int,
-) -> rep.Score:
-    """Greedy and sampled rollouts of one model on one domain's eval tasks."""
+) -> tuple[rep.Score, list[dict[str, Any]]]:
+    """Greedy and sampled rollouts of one model on one domain's eval tasks: its report
+    cell and a record of every greedy rollout."""
     from distill.backends import Sampling
     from distill.rollout import rollout
 
@@ -122,19 +153,37 @@ def score_domain(
         sampling=Sampling(temperature=0.0, max_new_tokens=max_new, seed=seed),
         **common,
     )
-    g_pass = _verify(domain, tasks, greedy)
+    g_verdicts = _verify(domain, tasks, greedy)
+    g_pass = [v.passed for v in g_verdicts]
     samples: dict[str, list[bool]] = {t.id: [] for t in tasks}
     if ev.pass_k > 1:
         top_p = cfg.top_p or gen.top_p
         s = Sampling(temperature=ev.temperature, top_p=top_p, max_new_tokens=max_new, seed=seed + 1)
         sampled = rollout(backend, dom, tasks, n=ev.pass_k, sampling=s, **common)
-        for tr, ok in zip(sampled, _verify(domain, tasks, sampled), strict=True):
-            samples[tr.task_id].append(ok)
+        for tr, v in zip(sampled, _verify(domain, tasks, sampled), strict=True):
+            samples[tr.task_id].append(v.passed)
     outcomes = [
         rep.Outcome(tr.task_id, ok, int(tr.completion_tokens or 0), samples.get(tr.task_id, []))
         for tr, ok in zip(greedy, g_pass, strict=True)
     ]
-    return rep.score(spec.name, domain, outcomes, ev.pass_k)
+    records = sample_records(tasks, greedy, g_verdicts)
+    out = rep.score(spec.name, domain, outcomes, ev.pass_k)
+    out.by_kind = rep.by_kind([r["kind"] for r in records], g_pass)
+    return out, records
+
+
+def write_samples(path: Path, records: list[dict[str, Any]]) -> None:
+    """The per-task records of one (model, domain), written whole then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".jsonl.tmp")
+    with tmp.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    tmp.replace(path)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name)
 
 
 def evaluate_model(
@@ -145,8 +194,10 @@ def evaluate_model(
     ev: EvalConfig,
     seed: int = 0,
     tasks: dict[str, list[Task]] | None = None,
+    samples_dir: Path | None = None,
 ) -> list[rep.Score]:
-    """Scores of one model on each of ``domains`` (one backend for all of them)."""
+    """Scores of one model on each of ``domains`` (one backend for all of them); with
+    ``samples_dir``, every greedy rollout goes to ``<samples_dir>/<model>.<domain>.jsonl``."""
     from distill.backends import make_backend
 
     tasks = tasks or {}
@@ -156,7 +207,9 @@ def evaluate_model(
         for d, cfg in domains.items():
             t0 = time.time()
             ts = tasks.get(d) or eval_tasks(d, cfg, seed)
-            s = score_domain(backend, spec, d, cfg, ts, gen, ev, seed)
+            s, records = score_domain(backend, spec, d, cfg, ts, gen, ev, seed)
+            if samples_dir is not None:
+                write_samples(samples_dir / f"{_slug(spec.name)}.{d}.jsonl", records)
             console.print(
                 f"eval {spec.name} on {d}: pass@1 {s.pass1:.1%}"
                 + (f", pass@{s.k} {s.passk:.1%}" if s.passk is not None else "")
@@ -190,11 +243,15 @@ def models_of(recipe: Recipe) -> list[tuple[ModelSpec, list[str]]]:
 def run(recipe: Recipe) -> dict[str, Any]:
     """The eval stage (``distill eval RECIPE``): writes and prints the recovery report."""
     from distill.progress import log_recipe
+    from distill.rollout import turn_budget_warning
 
     log_recipe(recipe, "eval")
     t0 = time.time()
     active = recipe.active_domains()
     tasks = {d: eval_tasks(d, recipe.domains[d], recipe.seed) for d in active}
+    for d, ts in tasks.items():
+        if warning := turn_budget_warning(get_domain(d), ts, recipe.generate.max_turns):
+            console.print(f"[yellow]warning[/]: {warning}")
     scores, models = [], {}
     for spec, on in models_of(recipe):
         if spec.path is not None and not (spec.path / "config.json").exists():
@@ -203,8 +260,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
         models[spec.name] = spec.describe()
         doms = {d: recipe.domains[d] for d in on}
         scores += evaluate_model(
-            spec, doms, gen=recipe.generate, ev=recipe.eval, seed=recipe.seed, tasks=tasks
-        )
+            spec, doms, gen=recipe.generate, ev=recipe.eval, seed=recipe.seed, tasks=tasks,
+            samples_dir=recipe.out / "eval" / "samples",
+        )  # fmt: skip
     report = rep.build(
         scores,
         name=recipe.name,
@@ -258,14 +316,14 @@ def one_off(
     gen = recipe.generate if recipe else GenerateConfig()
     ev = recipe.eval if recipe else EvalConfig()
     seed = recipe.seed if recipe else 0
-    scores = evaluate_model(spec, doms, gen=gen, ev=ev, seed=seed)
+    out = Path(out_dir) if out_dir else Path("data") / "eval" / _slug(spec.name)
+    scores = evaluate_model(spec, doms, gen=gen, ev=ev, seed=seed, samples_dir=out / "samples")
     report = rep.build(
         scores,
         name=spec.name,
         models={spec.name: spec.describe()},
         extra={"created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
     )
-    out = Path(out_dir) if out_dir else Path("data") / "eval" / re.sub(r"[^\w.-]+", "_", spec.name)
     paths = rep.write(report, out)
     rep.print_table(report)
     console.print(f"report: {paths['md']}")

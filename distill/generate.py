@@ -22,7 +22,7 @@ from distill.backends import Backend, Sampling, make_backend
 from distill.errors import UserError
 from distill.progress import console, log_recipe
 from distill.recipe import DomainConfig, Recipe
-from distill.rollout import rollout_pairs
+from distill.rollout import rollout_pairs, turn_budget_warning
 from distill.shards import MANIFEST, ShardWriter, finalize, read_shard
 from distill.stages import fingerprint, mark_done, stage_dir
 from teachers.base import Task, get_domain
@@ -120,6 +120,10 @@ def generate_domain(
     gen, teacher = recipe.generate, recipe.teachers[domain]
     directory = stage_dir(recipe, "generate") / domain
     tasks = train_tasks(domain, recipe.domains[domain], recipe.seed)[rank::world]
+    if rank == 0 and (
+        warning := turn_budget_warning(get_domain(domain), tasks[:500], gen.max_turns)
+    ):
+        console.print(f"[yellow]warning[/]: {warning}")
     writer = ShardWriter(directory, max_rows=gen.shard_rows, fingerprint=fp, prefix=f"part-r{rank}")
     done = writer.committed_ids() | _committed_elsewhere(directory, writer.prefix, fp)
     k = gen.samples_per_task

@@ -15,7 +15,14 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.recipe import Recipe
-from distill.stages import SECTIONS, STAGES, UPSTREAM, invalidate, record_of, up_to_date
+from distill.stages import (
+    STAGES,
+    UPSTREAM,
+    invalidate,
+    record_of,
+    sections_read,
+    up_to_date,
+)
 
 console = Console(stderr=True)
 INPUTS = "_inputs.json"  # per stage: hash of each section and upstream fingerprint it ran with
@@ -38,10 +45,9 @@ def _stage_fn(stage: str) -> Callable[[Recipe], Any]:
 
 def inputs_of(recipe: Recipe, stage: str) -> dict[str, str | None]:
     """What a stage's fingerprint is made of, one hash per part, to explain a rerun."""
-    data = recipe.model_dump(mode="json")
     parts: dict[str, str | None] = {}
-    for s in SECTIONS[stage]:
-        blob = json.dumps(data[s], sort_keys=True, separators=(",", ":"))
+    for s, value in sections_read(recipe, stage).items():
+        blob = json.dumps(value, sort_keys=True, separators=(",", ":"))
         parts[s] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     for up in UPSTREAM[stage]:
         rec = record_of(recipe, up)

@@ -43,6 +43,8 @@ class Score:
     sampled_pass1: float | None  # mean pass rate of the samples
     tokens_per_correct: float | None  # mean completion tokens of correct greedy answers
     mean_tokens: float  # mean completion tokens of all greedy answers
+    # task kind -> [greedy passes, tasks], when the domain's tasks name their kind
+    by_kind: dict[str, list[int]] | None = None
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -79,6 +81,17 @@ def score(model: str, domain: str, outcomes: Sequence[Outcome], k: int) -> Score
         tokens_per_correct=_mean([o.greedy_tokens for o in correct]) if correct else None,
         mean_tokens=_mean([o.greedy_tokens for o in outcomes]),
     )
+
+
+def by_kind(kinds: Sequence[str | None], passed: Sequence[bool]) -> dict[str, list[int]] | None:
+    """kind -> [passes, tasks], most frequent kind first (None when no task names one)."""
+    out: dict[str, list[int]] = {}
+    for k, ok in zip(kinds, passed, strict=True):
+        if k is not None:
+            cell = out.setdefault(k, [0, 0])
+            cell[0] += int(ok)
+            cell[1] += 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1][1])) or None
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -233,12 +246,43 @@ def to_markdown(report: dict[str, Any]) -> str:
         row = [_num(cell[(m, d)]["tokens_per_correct"]) if (m, d) in cell else "—" for m in models]
         lines.append(f"| {d} | " + " | ".join(row) + " |")
     lines += _targets_markdown(report["targets"])
+    lines += _kinds_markdown(report, models, cell)
     counts = {s["domain"]: s["tasks"] for s in report["scores"]}
     lines += [
         "",
         "Eval tasks per domain: " + ", ".join(f"{d} {n}" for d, n in counts.items()) + ".",
     ]
     return "\n".join(lines) + "\n"
+
+
+MAX_KINDS = 24  # a domain with more kinds of task (agents' combinations) stays in report.json
+
+
+def _kinds_markdown(report: dict[str, Any], models: list[str], cell: dict) -> list[str]:
+    """Greedy pass@1 per kind of task, per domain whose tasks name their kind: where a
+    model fails. The rollouts themselves are in samples/<model>.<domain>.jsonl."""
+    lines = []
+    for d in report["domains"]:
+        ms = [m for m in models if (cell.get((m, d)) or {}).get("by_kind")]
+        kinds: dict[str, int] = {}
+        for m in ms:
+            for k, (_, n) in cell[(m, d)]["by_kind"].items():
+                kinds[k] = max(kinds.get(k, 0), n)
+        if not kinds or len(kinds) > MAX_KINDS:
+            continue
+        if not lines:
+            lines += ["", "## Greedy pass@1 by kind of task (passed/tasks)", ""]
+        lines += [f"**{d}**", "", "| kind | " + " | ".join(ms) + " |", "|---" * (len(ms) + 1) + "|"]
+        for k in sorted(kinds, key=lambda k: -kinds[k]):
+            row = []
+            for m in ms:
+                p, n = cell[(m, d)]["by_kind"].get(k, (0, 0))
+                row.append(f"{p}/{n}" if n else "—")
+            lines.append(f"| {k} | " + " | ".join(row) + " |")
+        lines.append("")
+    if lines:
+        lines.append("Every greedy rollout with its verdict: `samples/<model>.<domain>.jsonl`.")
+    return lines
 
 
 def _status(t: dict[str, Any], missed: str) -> str:

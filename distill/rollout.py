@@ -137,6 +137,29 @@ def _advance(e: Episode, c: Completion, max_turns: int, max_tokens: int) -> None
         e.finish_reason = "turn_limit"
 
 
+def turn_budget_warning(domain: Domain, tasks: list[Task], max_turns: int) -> str | None:
+    """A warning when some tasks need more assistant turns than ``max_turns`` allows (as
+    the domain's oracle solves them): such episodes are cut before their final answer, so
+    neither a teacher nor the student can pass them. None when all fit or nothing is known."""
+    need = []
+    for t in tasks:
+        if not t.tools:
+            continue
+        try:
+            msgs = domain.oracle(t)
+        except Exception:  # real records without an oracle: nothing to check
+            continue
+        need.append(sum(1 for m in msgs if m.get("role") == "assistant"))
+    over = sum(1 for n in need if n > max_turns)
+    if not over:
+        return None
+    return (
+        f"{domain.name}: {over} of {len(need)} tasks need more than generate.max_turns="
+        f"{max_turns} assistant turns (the oracle uses up to {max(need)}); those episodes "
+        "end before their answer"
+    )
+
+
 def _run_tool(env: ToolEnv | None, call: dict[str, Any]) -> str:
     """The tool message content for one call; every failure is a string the model sees."""
     if call.get("name") is None:

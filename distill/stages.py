@@ -34,6 +34,9 @@ UPSTREAM: dict[str, list[str]] = {
     "train": ["teachers", "filter"],
     "eval": ["teachers", "train"],
 }
+# Per-domain settings only the student's training reads: tuning the mixture reruns train
+# and eval, never the teachers, generation or the filter.
+STUDENT_ONLY = ("sampling_weight", "loss_weight")
 # Where each stage writes, relative to the recipe's output dir.
 DIRS = {
     "teachers": "teachers",
@@ -75,11 +78,23 @@ def input_manifests(recipe: Recipe, stage: str) -> dict[str, list[str]]:
     return out
 
 
+def sections_read(recipe: Recipe, stage: str) -> dict[str, Any]:
+    """The recipe sections ``stage`` reads, as JSON data (``domains`` without the
+    student-only weights, except for train)."""
+    data = recipe.model_dump(mode="json")
+    parts = {s: data[s] for s in SECTIONS[stage]}
+    if stage != "train" and "domains" in parts:
+        parts["domains"] = {
+            d: {k: v for k, v in cfg.items() if k not in STUDENT_ONLY}
+            for d, cfg in parts["domains"].items()
+        }
+    return parts
+
+
 def fingerprint(recipe: Recipe, stage: str) -> str:
     """Hash of the recipe sections ``stage`` reads, the fingerprints of the stages it
     reads from, and the checksums of their shards (data changed by hand counts too)."""
-    data = recipe.model_dump(mode="json")
-    parts: dict[str, Any] = {s: data[s] for s in SECTIONS[stage]}
+    parts: dict[str, Any] = sections_read(recipe, stage)
     for up in UPSTREAM[stage]:
         rec = record_of(recipe, up)
         parts[f"<{up}>"] = rec["fingerprint"] if rec else None

@@ -5,7 +5,9 @@ Difficulty 1 is one-line functions over lists, strings, numbers and dicts with a
 plan a ~1M-parameter model learns; 2 adds two-step one-liners (filter then map, sums,
 sorting); 3 and above loops over several lines (running sums, Caesar shifts, counts).
 Expected test values come from running the template's own solution, so the oracle
-passes by construction.
+passes by construction. Constants range widely where a template allows: the hash split
+holds out whole tasks, so a held-out task's constant is one never seen in training, and a
+template with a handful of values teaches memorising them instead of copying.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def is_multiple(rng: random.Random) -> Spec:
 
 
 def repeat_s(rng: random.Random) -> Spec:
-    k = rng.randint(2, 9)
+    k = rng.randint(2, 40)
     return Spec("repeat_s", "s", f"returns s repeated {k} times",
                 f"Multiply the string s by {k}; return it.",
                 (f"return s * {k}",), text,
@@ -125,7 +127,9 @@ def repeat_s(rng: random.Random) -> Spec:
 
 
 def add_end(rng: random.Random) -> Spec:
-    w = rng.choice(WORDS) + rng.choice(WORDS)
+    # one to three words (1,884 suffixes): with two words (132) every held-out suffix was
+    # one no model had seen, and they wrote a memorised one instead of copying it
+    w = "".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3)))
     return Spec("add_end", "s", f"returns s followed by '{w}'",
                 f"Add '{w}' to the end of s; return it.",
                 (f"return s + '{w}'",), text)  # fmt: skip
@@ -167,7 +171,7 @@ def sum_big(rng: random.Random) -> Spec:
 
 
 def even_times(rng: random.Random) -> Spec:
-    k = rng.randint(2, 12)
+    k = rng.randint(2, 60)
     return Spec("even_times", "xs", f"returns x * {k} for each even x in xs, in order",
                 f"Keep even x; multiply each by {k}; return the list.",
                 (f"return [x * {k} for x in xs if x % 2 == 0]",), ints,
@@ -191,17 +195,17 @@ def keys_above(rng: random.Random) -> Spec:
 
 
 def digit_sum(rng: random.Random) -> Spec:
-    k = rng.randint(2, 9)
+    k = rng.randint(2, 60)
     return Spec("digit_sum", "n", f"returns the sum of the digits of n (n >= 0) times {k}",
                 f"Turn n into a string; add up its digits; multiply by {k}.",
                 (f"return sum(int(c) for c in str(n)) * {k}",), lambda r: r.randint(0, 99999))  # fmt: skip
 
 
 def top_k(rng: random.Random) -> Spec:
-    k = rng.randint(1, 4)
+    k = rng.randint(1, 9)
     return Spec("top_k", "xs", f"returns the {k} largest elements of xs, largest first",
                 f"Sort xs in descending order; take the first {k}.",
-                (f"return sorted(xs, reverse=True)[:{k}]",), ints,
+                (f"return sorted(xs, reverse=True)[:{k}]",), lambda r: ints(r, most=12),
                 edges=([5, 1, 9, 3, 7, 2, 8],))  # fmt: skip
 
 
@@ -245,7 +249,7 @@ def fizz(rng: random.Random) -> Spec:
 
 
 def max_gap(rng: random.Random) -> Spec:
-    k = rng.randint(0, 9)
+    k = rng.randint(0, 99)
     return Spec("max_gap", "xs", f"returns the largest difference between neighbouring elements of xs, or {k} if xs has fewer than 2 elements",
                 f"If len(xs) < 2 return {k}; else the max of xs[i+1] - xs[i].",
                 ("if len(xs) < 2:", f"    return {k}",

@@ -138,6 +138,20 @@ def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed
         assert (f"teacher:{d}", d) in cells and ("student", d) in cells
         assert 0.0 <= report["scores"][0]["pass1"] <= 1.0
     assert set(report["recovery"]) == set(DOMAINS)
+    for s in report["scores"]:  # every greedy rollout is kept, with its verdict
+        rows = [
+            json.loads(line)
+            for line in (
+                out / "eval" / "samples" / f"{s['model'].replace(':', '_')}.{s['domain']}.jsonl"
+            )
+            .read_text()
+            .splitlines()
+        ]
+        assert len(rows) == s["tasks"] and sum(r["passed"] for r in rows) == round(
+            s["pass1"] * s["tasks"]
+        )
+        assert all(r["reason"] and r["messages"][-1]["role"] in ("assistant", "tool") for r in rows)
+        assert sum(n for _, n in s["by_kind"].values()) == s["tasks"]
     md = (out / "eval" / "report.md").read_text()
     assert all(f"| {d} |" in md for d in DOMAINS) and "Targets:" in md
     assert (out / "eval" / "report.png").read_bytes()[:4] == b"\x89PNG"

@@ -120,3 +120,22 @@ def test_recovery_target_when_the_teacher_solved_nothing_is_not_applicable():
         "not applicable: the teacher solved nothing" in md
         and "Targets: 0 of 1 met (1 not applicable)" in md
     )
+
+
+def test_by_kind_counts_passes_per_kind_and_the_report_shows_them(tmp_path):
+    assert rep.by_kind(["a", "b", "a", None], [True, False, False, True]) == {
+        "a": [1, 2],
+        "b": [0, 1],
+    }
+    assert rep.by_kind([None, None], [True, False]) is None
+    scores = _scores()
+    scores[0].by_kind = {"addition": [7, 9], "carry": [1, 1]}
+    scores[2].by_kind = {"addition": [6, 9], "carry": [1, 1]}
+    r = rep.build(scores, name="demo", models={})
+    md = rep.write(r, tmp_path)["md"].read_text()
+    assert "## Greedy pass@1 by kind of task" in md
+    assert "| addition | 7/9 | 6/9 |" in md and "| carry | 1/1 | 1/1 |" in md
+    assert "**logic**" not in md  # no kinds named there
+    many = {f"k{i}": [0, 1] for i in range(rep.MAX_KINDS + 1)}
+    scores[0].by_kind = scores[2].by_kind = many
+    assert "by kind" not in rep.to_markdown(rep.build(scores, name="demo", models={}))

@@ -7,7 +7,7 @@ from gen_fixtures import AddDomain, add_task, taught_model_dir
 from distill.backends import Sampling, make_backend
 from distill.messages import TRACE_SCHEMA
 from distill.rollout import rollout
-from teachers.base import Task
+from teachers.base import Task, get_domain
 
 torch.set_num_threads(1)
 
@@ -100,4 +100,23 @@ def test_agents_bank_environment_answers_the_oracle_calls():
     assert _run_tool(env, {"name": "balance", "arguments": "{bad"}).startswith("error")
     assert _run_tool(env, {"name": None, "arguments": "{bad"}).startswith(
         "error: invalid tool call JSON"
+    )
+
+
+def test_turn_budget_warning_counts_the_tasks_a_turn_limit_cuts_short():
+    from distill.rollout import turn_budget_warning
+
+    dom = get_domain("agents")
+    tasks = list(dom.tasks("eval", 100, 0, 3))
+    turns = [sum(m["role"] == "assistant" for m in dom.oracle(t)) for t in tasks]
+    limit = sorted(turns)[len(turns) // 2]
+    over = sum(n > limit for n in turns)
+    assert 0 < over < len(tasks)
+    warning = turn_budget_warning(dom, tasks, limit)
+    assert f"agents: {over} of 100 tasks need more than generate.max_turns={limit}" in warning
+    assert f"up to {max(turns)})" in warning
+    assert turn_budget_warning(dom, tasks, max(turns)) is None
+    assert (
+        turn_budget_warning(get_domain("math"), list(get_domain("math").tasks("eval", 5, 0)), 1)
+        is None
     )

@@ -47,6 +47,18 @@ def test_up_to_date_until_its_sections_change(tmp_path):
     assert not up_to_date(r, "filter")
 
 
+def test_student_mixture_weights_change_only_train(tmp_path):
+    # tuning the student's mixture must not retrain the teachers or regenerate traces
+    r = recipe(tmp_path)
+    for stage in STAGES:
+        mark_done(r, stage)
+    for change in ("domains.logic.sampling_weight=2.5", "domains.math.loss_weight=0.5"):
+        tuned = recipe(tmp_path, change)
+        stale = [s for s in STAGES if not up_to_date(tuned, s)]
+        assert stale == ["train"], change  # eval follows once train has rerun (upstream)
+    assert not up_to_date(recipe(tmp_path, "domains.logic.difficulty=2"), "teachers")
+
+
 def test_upstream_rerun_and_changed_shards_invalidate_downstream(tmp_path):
     r = recipe(tmp_path)
     with ShardWriter(stage_dir(r, "generate") / "math") as w:
