@@ -48,8 +48,10 @@ def teachers(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
     Writes <out>/tokenizer/ and <out>/teachers/<domain>/ (HF model dirs, oracle shards)."""
     from distill.bootstrap import run
+    from distill.stages import timed
 
-    run(load(recipe, set_))
+    r = load(recipe, set_)
+    timed(r, "teachers", run, r)
 
 
 @app.command("eval")
@@ -93,7 +95,10 @@ def eval_(
     elif recipe is None:
         raise UserError("eval: give a RECIPE, or --model DIR / --base-url URL for a one-off")
     else:
-        evaluate.run(load(recipe, set_))
+        from distill.stages import timed
+
+        r = load(recipe, set_)
+        timed(r, "eval", evaluate.run, r)
 
 
 @app.command("run")
@@ -250,8 +255,10 @@ def generate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     trace shards to <out>/raw/<domain>/. Resumes after a crash without duplicating rows;
     under `accelerate launch` each process takes a slice of the tasks."""
     from distill.generate import run
+    from distill.stages import timed
 
-    run(load(recipe, set_))
+    r = load(recipe, set_)
+    timed(r, "generate", run, r)
 
 
 @app.command()
@@ -287,8 +294,10 @@ def filter_(recipe: RecipeArg, set_: SetOpt = None) -> None:
     <out>/clean/<domain>/ shards and <out>/clean/filter_report.json and .md, and prints
     the funnel. A domain completed with the same inputs is kept, anything else redone."""
     from distill.filter import run
+    from distill.stages import timed
 
-    run(load(recipe, set_))
+    r = load(recipe, set_)
+    timed(r, "filter", run, r)
 
 
 # --- train: clean shards -> student -------------------------------------------------
@@ -301,9 +310,11 @@ def train(recipe: RecipeArg, set_: SetOpt = None) -> None:
     Reads <out>/clean/<domain>/ shards and the run tokenizer (or student.path); writes the
     HF model dir <out>/student/ with train_report.json, checkpoints/ (resumed when
     present) and cache/. Several processes: `accelerate launch -m distill train RECIPE`."""
+    from distill.stages import timed
     from distill.train import run
 
-    run(load(recipe, set_))
+    r = load(recipe, set_)
+    timed(r, "train", run, r)
 
 
 def main() -> None:

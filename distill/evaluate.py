@@ -269,6 +269,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
         models=models,
         target_teacher_acc=recipe.eval.target_teacher_acc,
         target_recovery=recipe.eval.target_recovery,
+        cost=stage_costs(recipe, time.time() - t0),
+        target_wall_s=recipe.eval.target_wall_s,
+        target_peak_gb=recipe.eval.target_peak_gb,
         extra={
             "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "eval_s": time.time() - t0,
@@ -280,6 +283,19 @@ def run(recipe: Recipe) -> dict[str, Any]:
     console.print(f"report: {paths['md']} (chart {paths['png']})")
     mark_done(recipe, "eval", report=str(paths["json"]))
     return report
+
+
+def stage_costs(recipe: Recipe, eval_s: float) -> dict[str, dict[str, Any]]:
+    """Seconds and peak memory of each stage's last run (from its record; None when it
+    was not measured), and this eval's own."""
+    from distill.stages import STAGES, peak_rss_mb, record_of
+
+    cost = {}
+    for stage in STAGES[:-1]:
+        rec = record_of(recipe, stage) or {}
+        cost[stage] = {"seconds": rec.get("seconds"), "peak_rss_mb": rec.get("peak_rss_mb")}
+    cost["eval"] = {"seconds": round(eval_s, 1), "peak_rss_mb": round(peak_rss_mb())}
+    return cost
 
 
 def one_off(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,8 +18,10 @@ from distill.stages import (
     STAGES,
     UPSTREAM,
     invalidate,
+    peak_rss_mb,
     record_of,
     sections_read,
+    timed,
     up_to_date,
 )
 
@@ -84,13 +85,6 @@ def _save_inputs(recipe: Recipe, stage: str) -> None:
     os.replace(tmp, d / f"{stage}{INPUTS}")
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process and its finished children, in MB."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, kids) / 1024  # ru_maxrss is in KB on Linux
-
-
 def run(
     recipe: Recipe, force: bool = False, stages: list[str] | None = None
 ) -> list[dict[str, Any]]:
@@ -115,9 +109,9 @@ def run(
             invalidate(recipe, stage)
         t0 = time.time()
         if stage == "teachers":  # its own per-teacher skip must yield to --force too
-            _stage_fn(stage)(recipe, force=force)
+            timed(recipe, stage, _stage_fn(stage), recipe, force=force)
         else:
-            _stage_fn(stage)(recipe)
+            timed(recipe, stage, _stage_fn(stage), recipe)
         _save_inputs(recipe, stage)
         summary.append(
             {"stage": stage, "status": "ran", "seconds": time.time() - t0, "why": reason}

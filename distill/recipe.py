@@ -343,6 +343,16 @@ class EvalConfig(Section):
         ge=0,
         description="Target the report checks: student pass@1 / teacher pass@1 on each teacher's domain; null = none.",
     )
+    target_wall_s: float | None = Field(
+        None,
+        gt=0,
+        description="Target the report checks: the whole pipeline's seconds (each stage's last run, added up); null = none.",
+    )
+    target_peak_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Target the report checks: the largest peak resident memory of any stage, in GB; null = none.",
+    )
 
 
 class Recipe(Section):

@@ -115,9 +115,13 @@ def build(
     models: dict[str, dict[str, Any]],
     target_teacher_acc: float | None = None,
     target_recovery: float | None = None,
+    cost: dict[str, dict[str, Any]] | None = None,
+    target_wall_s: float | None = None,
+    target_peak_gb: float | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The report as a JSON-able dict: every cell, recovery per domain, targets."""
+    """The report as a JSON-able dict: every cell, recovery per domain, targets; with
+    ``cost`` (stage -> seconds and peak_rss_mb of its last run), what the pipeline took."""
     cell = {(s.model, s.domain): s for s in scores}
     domains = list(dict.fromkeys(s.domain for s in scores))
     rec = {}
@@ -140,8 +144,35 @@ def build(
         "recovery": rec,
         "targets": check_targets(scores, rec, target_teacher_acc, target_recovery),
     }
+    if cost is not None:
+        report["cost"] = cost
+        report["targets"] += cost_targets(cost, target_wall_s, target_peak_gb)
     report.update(extra or {})
     return report
+
+
+def cost_targets(
+    cost: dict[str, dict[str, Any]], wall_s: float | None, peak_gb: float | None
+) -> list[dict[str, Any]]:
+    """The time and memory targets (lower is better): the stages' seconds added up and
+    the largest peak; not measured when a stage's record has no figure (an old run)."""
+    out = []
+    for goal, key, what, unit, scale in (
+        (wall_s, "seconds", "pipeline time (stage seconds added up)", "s", 1.0),
+        (peak_gb, "peak_rss_mb", "peak memory (largest of any stage)", "GB", 1 / 1024),
+    ):
+        if goal is None:
+            continue
+        values = [c.get(key) for c in cost.values()]
+        t = {"target": what, "goal": goal, "unit": unit, "value": None, "met": None, "gap": None}
+        if any(v is None for v in values):
+            missing = [s for s, c in cost.items() if c.get(key) is None]
+            t["note"] = "not measured: no figure for " + ", ".join(missing)
+        else:
+            value = (sum(values) if key == "seconds" else max(values)) * scale
+            t.update(value=value, met=value <= goal, gap=max(0.0, value - goal))
+        out.append(t)
+    return out
 
 
 def check_targets(
@@ -245,6 +276,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     for d in report["domains"]:
         row = [_num(cell[(m, d)]["tokens_per_correct"]) if (m, d) in cell else "—" for m in models]
         lines.append(f"| {d} | " + " | ".join(row) + " |")
+    lines += _cost_markdown(report)
     lines += _targets_markdown(report["targets"])
     lines += _kinds_markdown(report, models, cell)
     counts = {s["domain"]: s["tasks"] for s in report["scores"]}
@@ -288,7 +320,38 @@ def _kinds_markdown(report: dict[str, Any], models: list[str], cell: dict) -> li
 def _status(t: dict[str, Any], missed: str) -> str:
     if t["met"] is None:
         return t.get("note") or "not applicable"
-    return "met" if t["met"] else f"{missed} by {100 * t['gap']:.1f} points"
+    if t["met"]:
+        return "met"
+    if t.get("unit"):
+        return f"{missed} by {_amount(t['gap'], t['unit'])}"
+    return f"{missed} by {100 * t['gap']:.1f} points"
+
+
+def _amount(x: float | None, unit: str | None) -> str:
+    """A target's value: a percentage, or seconds / GB for the cost targets."""
+    if unit is None or x is None:
+        return _pct(x)
+    return f"{x:.0f} s" if unit == "s" else f"{x:.2f} {unit}"
+
+
+def _goal(t: dict[str, Any]) -> str:
+    return f"<= {_amount(t['goal'], t['unit'])}" if t.get("unit") else f">= {_pct(t['goal'])}"
+
+
+def _cost_markdown(report: dict[str, Any]) -> list[str]:
+    cost = report.get("cost")
+    if not cost:
+        return []
+    lines = ["", "## What the pipeline took (each stage's last run)", ""]
+    lines += ["| stage | seconds | peak memory |", "|---|---|---|"]
+    for stage, c in cost.items():
+        sec = "—" if c.get("seconds") is None else f"{c['seconds']:.0f}"
+        mem = "—" if c.get("peak_rss_mb") is None else f"{c['peak_rss_mb'] / 1024:.2f} GB"
+        lines.append(f"| {stage} | {sec} | {mem} |")
+    secs = [c.get("seconds") for c in cost.values()]
+    if all(s is not None for s in secs):
+        lines.append(f"| all | {sum(secs):.0f} | |")
+    return lines
 
 
 def _targets_markdown(targets: list[dict[str, Any]]) -> list[str]:
@@ -305,7 +368,8 @@ def _targets_markdown(targets: list[dict[str, Any]]) -> list[str]:
     lines += ["| target | goal | measured | status |", "|---|---|---|---|"]
     for t in targets:
         status = _status(t, "**MISSED**")
-        lines.append(f"| {t['target']} | >= {_pct(t['goal'])} | {_pct(t['value'])} | {status} |")
+        value = _amount(t["value"], t.get("unit"))
+        lines.append(f"| {t['target']} | {_goal(t)} | {value} | {status} |")
     return lines
 
 
@@ -388,4 +452,6 @@ def print_table(report: dict[str, Any], console=None) -> None:
     for t in report["targets"]:
         mark = _status(t, "MISSED")
         mark = f"[green]{mark}[/]" if t["met"] else f"[red]{mark}[/]" if t["met"] is False else mark
-        console.print(f"  target {t['target']} >= {_pct(t['goal'])}: {_pct(t['value'])} {mark}")
+        console.print(
+            f"  target {t['target']} {_goal(t)}: {_amount(t['value'], t.get('unit'))} {mark}"
+        )

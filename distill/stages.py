@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,29 @@ def weights_digest(d: Path) -> dict[str, str]:
 
     files = sorted(d.glob("*.safetensors")) + sorted(d.glob("*/*.safetensors"))
     return {str(f.relative_to(d)): file_sha256(f) for f in files}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process and its finished children, in MB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) / 1024  # ru_maxrss is in KB on Linux
+
+
+def timed(recipe: Recipe, stage: str, fn, *args: Any, **kwargs: Any) -> Any:
+    """Run one stage's ``fn`` and note in its record how long it took and the peak memory
+    so far (the eval report adds these up against the recipe's time and memory targets).
+    Only the main process notes it; a stage that did not complete is left as it is."""
+    t0 = time.time()
+    out = fn(*args, **kwargs)
+    rec = record_of(recipe, stage)
+    if os.environ.get("RANK", "0") == "0" and rec and rec.get("finished_at", 0) >= t0:
+        rec.update(seconds=round(time.time() - t0, 1), peak_rss_mb=round(peak_rss_mb()))
+        path = stage_dir(recipe, stage) / RECORD
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, indent=1))
+        os.replace(tmp, path)
+    return out
 
 
 def invalidate(recipe: Recipe, stage: str) -> None:

@@ -71,7 +71,7 @@ def micro_recipe(
         },
         "student": {"kind": "scratch", "arch": arch},
         "train": {**train, "max_steps": student_steps},
-        "eval": {"pass_k": 2, "batch_size": 16},
+        "eval": {"pass_k": 2, "batch_size": 16, "target_wall_s": 3600, "target_peak_gb": 24},
     }
 
 
@@ -138,6 +138,15 @@ def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed
         assert (f"teacher:{d}", d) in cells and ("student", d) in cells
         assert 0.0 <= report["scores"][0]["pass1"] <= 1.0
     assert set(report["recovery"]) == set(DOMAINS)
+    # what each stage took, added up against the recipe's time and memory targets
+    assert list(report["cost"]) == ["teachers", "generate", "filter", "train", "eval"]
+    ran = {s: v["seconds"] for s, v in first.items()}
+    for stage, c in report["cost"].items():
+        assert c["peak_rss_mb"] > 50 and 0 < c["seconds"]
+        assert stage == "eval" or abs(c["seconds"] - ran[stage]) < 1.0
+    wall, mem = report["targets"][-2:]
+    assert wall["value"] == pytest.approx(sum(c["seconds"] for c in report["cost"].values()))
+    assert wall["met"] and mem["met"] and mem["value"] < 24
     for s in report["scores"]:  # every greedy rollout is kept, with its verdict
         rows = [
             json.loads(line)

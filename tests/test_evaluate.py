@@ -139,3 +139,27 @@ def test_by_kind_counts_passes_per_kind_and_the_report_shows_them(tmp_path):
     many = {f"k{i}": [0, 1] for i in range(rep.MAX_KINDS + 1)}
     scores[0].by_kind = scores[2].by_kind = many
     assert "by kind" not in rep.to_markdown(rep.build(scores, name="demo", models={}))
+
+
+def test_time_and_memory_targets_add_up_the_stages_and_say_by_how_much(tmp_path):
+    cost = {
+        "teachers": {"seconds": 400.0, "peak_rss_mb": 900},
+        "generate": {"seconds": 60.0, "peak_rss_mb": 700},
+        "train": {"seconds": 280.0, "peak_rss_mb": 1200},
+        "eval": {"seconds": 20.0, "peak_rss_mb": 600},
+    }
+    r = rep.build(_scores(), name="demo", models={}, cost=cost, target_wall_s=600, target_peak_gb=4)
+    wall, mem = r["targets"][-2:]
+    assert wall["value"] == 760 and wall["met"] is False and wall["gap"] == 160
+    assert mem["value"] == pytest.approx(1200 / 1024) and mem["met"] is True
+    md = rep.write(r, tmp_path)["md"].read_text()
+    assert (
+        "| pipeline time (stage seconds added up) | <= 600 s | 760 s | **MISSED** by 160 s |" in md
+    )
+    assert "| peak memory (largest of any stage) | <= 4.00 GB | 1.17 GB | met |" in md
+    assert "| train | 280 | 1.17 GB |" in md and "| all | 760 | |" in md
+    cost["generate"] = {"seconds": None, "peak_rss_mb": None}  # a stage run by an older version
+    r = rep.build(_scores(), name="demo", models={}, cost=cost, target_wall_s=600)
+    assert r["targets"][-1]["met"] is None
+    assert "not measured: no figure for generate" in rep.to_markdown(r)
+    assert "Targets: 0 of 0 met (1 not applicable)" in rep.to_markdown(r)

@@ -19,6 +19,7 @@ from distill.stages import (
     mark_done,
     record_of,
     stage_dir,
+    timed,
     up_to_date,
 )
 
@@ -124,3 +125,19 @@ def test_retrained_weights_rerun_what_reads_them(tmp_path):
         "model.safetensors": hashlib.sha256(b"weights two").hexdigest()
     }
     assert not up_to_date(r, "eval")
+
+
+def test_timed_notes_seconds_and_memory_of_a_completed_stage_only(tmp_path):
+    r = recipe(tmp_path)
+
+    def completes(recipe):
+        mark_done(recipe, "filter", rows=1)
+        return "out"
+
+    assert timed(r, "filter", completes, r) == "out"
+    rec = record_of(r, "filter")
+    assert rec["rows"] == 1 and rec["seconds"] >= 0 and rec["peak_rss_mb"] > 10
+    assert up_to_date(r, "filter")  # the figures are not part of the fingerprint
+    before = record_of(r, "filter")
+    timed(r, "filter", lambda recipe: None, r)  # did not complete now: record untouched
+    assert record_of(r, "filter") == before
