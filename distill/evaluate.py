@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from itertools import islice
@@ -253,6 +254,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
         if warning := turn_budget_warning(get_domain(d), ts, recipe.generate.max_turns):
             console.print(f"[yellow]warning[/]: {warning}")
     scores, models = [], {}
+    samples = recipe.out / "eval" / "samples"
+    shutil.rmtree(samples, ignore_errors=True)  # no rollouts of an earlier run's models
     for spec, on in models_of(recipe):
         if spec.path is not None and not (spec.path / "config.json").exists():
             stage = "train" if spec.name == rep.STUDENT else "teachers"
@@ -261,7 +264,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         doms = {d: recipe.domains[d] for d in on}
         scores += evaluate_model(
             spec, doms, gen=recipe.generate, ev=recipe.eval, seed=recipe.seed, tasks=tasks,
-            samples_dir=recipe.out / "eval" / "samples",
+            samples_dir=samples,
         )  # fmt: skip
     report = rep.build(
         scores,
