@@ -47,11 +47,7 @@ def teachers(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Train the tokenizer and bootstrap teachers; check hf/openai teachers answer.
 
     Writes <out>/tokenizer/ and <out>/teachers/<domain>/ (HF model dirs, oracle shards)."""
-    from distill.bootstrap import run
-    from distill.stages import timed
-
-    r = load(recipe, set_)
-    timed(r, "teachers", run, r)
+    _stage("teachers", recipe, set_)
 
 
 @app.command("eval")
@@ -95,10 +91,7 @@ def eval_(
     elif recipe is None:
         raise UserError("eval: give a RECIPE, or --model DIR / --base-url URL for a one-off")
     else:
-        from distill.stages import timed
-
-        r = load(recipe, set_)
-        timed(r, "eval", evaluate.run, r)
+        _stage("eval", recipe, set_)
 
 
 @app.command("run")
@@ -254,11 +247,7 @@ def generate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     Reads <out>/teachers/<domain>/ (bootstrap) or the hf/openai teacher; writes raw
     trace shards to <out>/raw/<domain>/. Resumes after a crash without duplicating rows;
     under `accelerate launch` each process takes a slice of the tasks."""
-    from distill.generate import run
-    from distill.stages import timed
-
-    r = load(recipe, set_)
-    timed(r, "generate", run, r)
+    _stage("generate", recipe, set_)
 
 
 @app.command()
@@ -293,11 +282,7 @@ def filter_(recipe: RecipeArg, set_: SetOpt = None) -> None:
     Reads <out>/raw/<domain>/ shards and every enabled domain's eval tasks; writes
     <out>/clean/<domain>/ shards and <out>/clean/filter_report.json and .md, and prints
     the funnel. A domain completed with the same inputs is kept, anything else redone."""
-    from distill.filter import run
-    from distill.stages import timed
-
-    r = load(recipe, set_)
-    timed(r, "filter", run, r)
+    _stage("filter", recipe, set_)
 
 
 # --- train: clean shards -> student -------------------------------------------------
@@ -310,11 +295,16 @@ def train(recipe: RecipeArg, set_: SetOpt = None) -> None:
     Reads <out>/clean/<domain>/ shards and the run tokenizer (or student.path); writes the
     HF model dir <out>/student/ with train_report.json, checkpoints/ (resumed when
     present) and cache/. Several processes: `accelerate launch -m distill train RECIPE`."""
+    _stage("train", recipe, set_)
+
+
+def _stage(stage: str, recipe: Path, set_: list[str] | None) -> None:
+    """One stage on its own, as `distill run` runs it (its time and memory noted)."""
+    from distill.pipeline import stage_fn
     from distill.stages import timed
-    from distill.train import run
 
     r = load(recipe, set_)
-    timed(r, "train", run, r)
+    timed(r, stage, stage_fn(stage), r)
 
 
 def main() -> None:

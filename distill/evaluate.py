@@ -254,7 +254,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
         if warning := turn_budget_warning(get_domain(d), ts, recipe.generate.max_turns):
             console.print(f"[yellow]warning[/]: {warning}")
     scores, models = [], {}
-    samples = recipe.out / "eval" / "samples"
+    out = recipe.out / "eval"
+    samples = out / "samples"
     shutil.rmtree(samples, ignore_errors=True)  # no rollouts of an earlier run's models
     for spec, on in models_of(recipe):
         if spec.path is not None and not (spec.path / "config.json").exists():
@@ -280,7 +281,6 @@ def run(recipe: Recipe) -> dict[str, Any]:
             "eval_s": time.time() - t0,
         },
     )
-    out = recipe.out / "eval"
     paths = rep.write(report, out)
     rep.print_table(report)
     console.print(f"report: {paths['md']} (chart {paths['png']})")

@@ -29,7 +29,7 @@ console = Console(stderr=True)
 INPUTS = "_inputs.json"  # per stage: hash of each section and upstream fingerprint it ran with
 
 
-def _stage_fn(stage: str) -> Callable[[Recipe], Any]:
+def stage_fn(stage: str) -> Callable[[Recipe], Any]:
     """The ``run(recipe)`` of a stage's module (imported lazily: heavy imports)."""
     if stage == "teachers":
         from distill.bootstrap import run
@@ -109,9 +109,9 @@ def run(
             invalidate(recipe, stage)
         t0 = time.time()
         if stage == "teachers":  # its own per-teacher skip must yield to --force too
-            timed(recipe, stage, _stage_fn(stage), recipe, force=force)
+            timed(recipe, stage, stage_fn(stage), recipe, force=force)
         else:
-            timed(recipe, stage, _stage_fn(stage), recipe)
+            timed(recipe, stage, stage_fn(stage), recipe)
         _save_inputs(recipe, stage)
         summary.append(
             {"stage": stage, "status": "ran", "seconds": time.time() - t0, "why": reason}

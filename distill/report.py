@@ -343,7 +343,9 @@ def _cost_markdown(report: dict[str, Any]) -> list[str]:
     if not cost:
         return []
     lines = ["", "## What the pipeline took (each stage's last run)", ""]
-    lines += ["| stage | seconds | peak memory |", "|---|---|---|"]
+    # ru_maxrss: a process's peak since it started, so within one `distill run` each
+    # stage shows the peak up to its end; the largest is the run's peak
+    lines += ["| stage | seconds | peak memory so far |", "|---|---|---|"]
     for stage, c in cost.items():
         sec = "—" if c.get("seconds") is None else f"{c['seconds']:.0f}"
         mem = "—" if c.get("peak_rss_mb") is None else f"{c['peak_rss_mb'] / 1024:.2f} GB"

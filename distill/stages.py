@@ -130,10 +130,15 @@ def mark_done(recipe: Recipe, stage: str, **info: Any) -> dict[str, Any]:
     }
     if weights := weights_digest(d):
         rec["weights"] = weights
+    _write_record(d, rec)
+    return rec
+
+
+def _write_record(d: Path, rec: dict[str, Any]) -> None:
+    """``<d>/_stage.json``, replaced atomically: a crash leaves the old record or the new."""
     tmp = d / (RECORD + ".tmp")
     tmp.write_text(json.dumps(rec, indent=1))
     os.replace(tmp, d / RECORD)
-    return rec
 
 
 def weights_digest(d: Path) -> dict[str, str]:
@@ -155,18 +160,15 @@ def peak_rss_mb() -> float:
 
 
 def timed(recipe: Recipe, stage: str, fn, *args: Any, **kwargs: Any) -> Any:
-    """Run one stage's ``fn`` and note in its record how long it took and the peak memory
-    so far (the eval report adds these up against the recipe's time and memory targets).
-    Only the main process notes it; a stage that did not complete is left as it is."""
+    """Run one stage's ``fn`` and note in its record how long it took and this process's
+    peak memory so far (the eval report adds these up against the recipe's time and memory
+    targets). Only the main process notes it; a stage that did not complete is left as it is."""
     t0 = time.time()
     out = fn(*args, **kwargs)
     rec = record_of(recipe, stage)
     if os.environ.get("RANK", "0") == "0" and rec and rec.get("finished_at", 0) >= t0:
         rec.update(seconds=round(time.time() - t0, 1), peak_rss_mb=round(peak_rss_mb()))
-        path = stage_dir(recipe, stage) / RECORD
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec, indent=1))
-        os.replace(tmp, path)
+        _write_record(stage_dir(recipe, stage), rec)
     return out
 
 
