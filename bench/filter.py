@@ -21,9 +21,9 @@ import time
 
 import numpy as np
 
-from distill.decontam import NgramIndex, eval_texts
-from distill.dedup import minhash, near_duplicates_from_signatures
-from distill.filter_steps import (
+from distill.filter.decontam import NgramIndex, eval_texts
+from distill.filter.dedup import minhash, near_duplicates_from_signatures
+from distill.filter.steps import (
     assistant_text,
     decontaminate,
     dedup_exact,

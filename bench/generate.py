@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill.backends import Sampling, mix_seed  # noqa: E402
 from distill.backends.hf import HFBackend, _Row  # noqa: E402
-from distill.chat import train_tokenizer  # noqa: E402
+from distill.chat.template import train_tokenizer  # noqa: E402
 
 PRESETS = {
     # the teacher: Qwen2-shaped ~0.5B

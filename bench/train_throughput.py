@@ -69,7 +69,7 @@ PRESETS = {
 }
 
 # attn None: the trainer's default (ours: varlen on GPU, SDPA on CPU; TRL: flex on GPU,
-# SDPA on CPU). fused_ce: distill's fused LM head (distill.loss.FUSED_CE).
+# SDPA on CPU). fused_ce: distill's fused LM head (distill.train.loss.FUSED_CE).
 VARIANTS = {
     "ours": dict(who="ours", attn=None, fused_ce=True, gc=False, compile=True),
     # the loop booking every step at once (a device sync per step), as before 2026-12-02
@@ -116,10 +116,10 @@ def prepare(p: dict, root: Path) -> None:
     variant) and a random-init model directory."""
     import torch
 
-    from distill.chat import train_tokenizer
-    from distill.data import tokenize_domain
+    from distill.chat.template import train_tokenizer
     from distill.messages import Trace
     from distill.shards import ShardWriter
+    from distill.train.data import tokenize_domain
 
     rng = np.random.default_rng(1)
     words = [f"w{i}" for i in range(300)]
@@ -176,16 +176,16 @@ def flops(model_dir: Path, tokens: int, head_tokens: int, sq: float) -> float:
 def run_ours(p: dict, root: Path, name: str, v: dict) -> dict:
     import torch
 
-    import distill.loss
-    import distill.train
-    from distill.recipe import TrainConfig
-    from distill.train import train
+    import distill.train.loop
+    import distill.train.loss
+    from distill.recipe.schema import TrainConfig
+    from distill.train.loop import train
 
     if v["attn"]:
         os.environ["DISTILL_ATTN"] = v["attn"]
-    distill.loss.FUSED_CE = v["fused_ce"]
+    distill.train.loss.FUSED_CE = v["fused_ce"]
     if v.get("defer") is not None:
-        distill.train.DEFER = v["defer"]
+        distill.train.loop.DEFER = v["defer"]
     # the profiled last steps are left out of the timing, and so is the step before them:
     # the loop books a step after queueing the next, so its time would include the
     # profiler's start-up (a profiled run on 2026-12-02 read 115k tokens/s where unprofiled
@@ -229,7 +229,7 @@ def run_ours(p: dict, root: Path, name: str, v: dict) -> dict:
     mem = (
         torch.cuda.max_memory_allocated() if torch.cuda.is_available() else rep["peak_memory_bytes"]
     )
-    from distill.train import _attn_implementation
+    from distill.train.loop import _attn_implementation
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {
@@ -255,7 +255,7 @@ def _profile_steps(first: int, n: int, path: Path) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import distill.train as T
+    import distill.train.loop as T
 
     orig, state = T._Loop.step, {"i": 0, "prof": None, "t0": 0.0}
 
@@ -298,7 +298,7 @@ def run_trl(p: dict, root: Path, name: str, v: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from distill.data import tokenize_domain
+    from distill.train.data import tokenize_domain
 
     tok = AutoTokenizer.from_pretrained(root / "tok")
     dd = tokenize_domain("bench", root / "clean", tok, p["seq"], root / "cache")

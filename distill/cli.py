@@ -31,7 +31,7 @@ SetOpt = Annotated[
 
 def load(recipe: Path, overrides: list[str] | None):
     """Load and validate a recipe with overrides (imported lazily: fast --help)."""
-    from distill.recipe import load_recipe
+    from distill.recipe.schema import load_recipe
 
     return load_recipe(recipe, overrides or [])
 
@@ -75,7 +75,7 @@ def eval_(
 
     Writes <out>/eval/report.md, report.json, report.png. With --model DIR (or
     --base-url URL --model-name NAME) evaluates one model on any domains."""
-    from distill import evaluate
+    from distill.eval import stage as evaluate
 
     if model or base_url:
         r = load(recipe, set_) if recipe else None
@@ -149,7 +149,7 @@ def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Print the resolved recipe as YAML with field descriptions as comments.
 
     Precedence: defaults < YAML < --set. Reads RECIPE; writes nothing."""
-    from distill.recipe_doc import show_yaml
+    from distill.recipe.doc import show_yaml
 
     typer.echo(show_yaml(load(recipe, set_), source=str(recipe)), nl=False)
 
@@ -171,7 +171,7 @@ def recipe_set(
     """Edit keys of RECIPE in place, keeping its comments and key order.
 
     The result is validated first: an invalid edit exits 2 and leaves the file untouched."""
-    from distill.recipe_edit import set_keys
+    from distill.recipe.edit import set_keys
 
     set_keys(recipe, assignments)
     typer.echo(f"updated {recipe}: {', '.join(assignments)}")
@@ -180,19 +180,22 @@ def recipe_set(
 @recipe_app.command("reference")
 def recipe_reference(
     write: Annotated[
-        Path | None, typer.Option(help="Update the generated block of this README in place.")
+        Path | None,
+        typer.Option(
+            help="Update the generated block of this Markdown file (docs/recipes.md) in place."
+        ),
     ] = None,
 ) -> None:
     """Print the recipe reference generated from the schema (Markdown tables).
 
-    With --write README.md, update the README's generated block in place."""
-    from distill.recipe_doc import reference_markdown, sync_readme
+    With --write docs/recipes.md, update its generated block in place."""
+    from distill.recipe.doc import reference_markdown, sync_reference
 
     if write is None:
         typer.echo(reference_markdown(), nl=False)
         return
     try:
-        same = sync_readme(write, write=True)
+        same = sync_reference(write, write=True)
     except ValueError as e:
         raise UserError(str(e)) from None
     typer.echo(f"{write}: {'already up to date' if same else 'recipe reference updated'}")
@@ -214,7 +217,7 @@ def shards_inspect(
     """Rows per domain, pass/fail verdict counts, schema and a few rendered rows.
 
     Reads PATH (manifest-listed shards only); writes nothing."""
-    from distill.shards_view import print_inspect
+    from distill.shards.view import print_inspect
 
     print_inspect(path, rows=rows, verify=verify)
 
@@ -231,7 +234,7 @@ def shards_export(
     format_: Annotated[str, typer.Option("--format", help="jsonl or parquet.")] = "jsonl",
 ) -> None:
     """Write every committed row under PATH to one JSONL or Parquet file (--out)."""
-    from distill.shards_view import export
+    from distill.shards.view import export
 
     n = export(path, format_, out)
     typer.echo(f"wrote {n} rows to {out}")
@@ -300,11 +303,9 @@ def train(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 def _stage(stage: str, recipe: Path, set_: list[str] | None) -> None:
     """One stage on its own, as `distill run` runs it (its time and memory noted)."""
-    from distill.pipeline import stage_fn
-    from distill.stages import timed
+    from distill.stages import run_stage
 
-    r = load(recipe, set_)
-    timed(r, stage, stage_fn(stage), r)
+    run_stage(load(recipe, set_), stage)
 
 
 def main() -> None:

@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import json
 import time
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from distill.backends import Backend, Sampling, make_backend
 from distill.errors import UserError
-from distill.progress import console, log_recipe
-from distill.recipe import DomainConfig, Recipe
+from distill.progress import console, progress
+from distill.recipe.schema import Recipe
 from distill.rollout import rollout_pairs, turn_budget_warning
 from distill.shards import MANIFEST, ShardWriter, finalize, read_shard
-from distill.stages import fingerprint, mark_done, stage_dir
-from teachers.base import Task, get_domain
+from distill.stages import fingerprint, stage_dir
+from distill.tasks import tasks_for
+from teachers.base import get_domain
 
 FLUSH_EVERY_S = 30.0  # commit a (smaller) shard at least this often: a crash loses less
 
@@ -44,13 +44,11 @@ def run(recipe: Recipe) -> dict[str, Any]:
     # without cpu=True, torchrun-launched ranks on a host without GPUs stay unconnected
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
-    if state.is_main_process:
-        log_recipe(recipe, "generate")
     fp = fingerprint(recipe, "generate")
     out = stage_dir(recipe, "generate")
     device = str(state.device)
     stats = {}
-    with _progress(disable=not state.is_main_process) as bar:
+    with progress(disable=not state.is_main_process) as bar:
         for d in recipe.active_domains():
             stats[d] = generate_domain(
                 recipe, d, rank=rank, world=world, fp=fp, device=device, bar=bar
@@ -61,24 +59,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
         for d in recipe.active_domains():
             _drop_stale_journals(out / d, fp)
             rows[d] = finalize(out / d, fp)["rows"]
-        mark_done(recipe, "generate", rows=rows)
         console.print(f"generate: {sum(rows.values())} rows in {out} ({json.dumps(rows)})")
     state.wait_for_everyone()
-    return {"rows": rows, "stats": stats}
-
-
-def train_tasks(domain: str, cfg: DomainConfig, seed: int) -> list[Task]:
-    """The training tasks of a domain: its generator's train split or real records."""
-    dom = get_domain(domain)
-    if cfg.source.kind == "file":
-        if not cfg.source.path:
-            raise UserError(f"domains.{domain}.source.path: required for source.kind=file")
-        tasks = list(islice(dom.load_records(cfg.source.path, split="train"), cfg.train_tasks))
-    else:
-        tasks = list(dom.tasks("train", cfg.train_tasks, seed, cfg.difficulty))
-    if not tasks:
-        raise UserError(f"domains.{domain}: no training tasks")
-    return tasks
+    return {"rows": rows, "stats": stats, "record": {"rows": rows}}
 
 
 def sampling_for(recipe: Recipe, domain: str) -> Sampling:
@@ -119,7 +102,7 @@ def generate_domain(
     """This rank's slice of one domain, resumed from what is already committed."""
     gen, teacher = recipe.generate, recipe.teachers[domain]
     directory = stage_dir(recipe, "generate") / domain
-    tasks = train_tasks(domain, recipe.domains[domain], recipe.seed)[rank::world]
+    tasks = tasks_for(domain, recipe.domains[domain], recipe.seed, "train")[rank::world]
     if rank == 0 and (
         warning := turn_budget_warning(get_domain(domain), tasks[:500], gen.max_turns)
     ):
@@ -129,7 +112,11 @@ def generate_domain(
     k = gen.samples_per_task
     todo = [(t, j) for t in tasks for j in range(k) if f"{t.id}-s{j}" not in done]
     task_bar = bar.add_task(
-        domain, total=len(tasks), completed=len(tasks) - len({t.id for t, _ in todo}), toks=""
+        f"generate {domain}",
+        total=len(tasks),
+        completed=len(tasks) - len({t.id for t, _ in todo}),
+        info="",
+        unit="tasks",
     )
     stats = {"rows": 0, "tokens": 0, "seconds": 0.0}
     if todo:
@@ -171,7 +158,7 @@ def _roll_chunks(recipe, domain, backend, todo, chunk, writer, fp, bar, task_bar
         bar.update(
             task_bar,
             advance=tasks_done,
-            toks=f"{stats['tokens'] / max(stats['seconds'], 1e-9):,.0f} tok/s",
+            info=f"{stats['tokens'] / max(stats['seconds'], 1e-9):,.0f} tok/s",
         )
         i = end
 
@@ -201,16 +188,3 @@ def _drop_stale_journals(directory: Path, fp: str) -> None:
                 (directory / s["file"]).unlink(missing_ok=True)
             j.unlink()
     (directory / MANIFEST).unlink(missing_ok=True)
-
-
-def _progress(disable: bool = False) -> Progress:
-    return Progress(
-        TextColumn("[bold]generate {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("tasks"),
-        TextColumn("{task.fields[toks]}"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=disable,
-    )

@@ -1,14 +1,13 @@
 """Build and load the models and tokenizers the trainer works on.
 
 A model built from scratch is a Llama-style causal LM (transformers), sized by the
-recipe's :class:`~distill.recipe.ModelArch` and by the tokenizer's vocabulary. Anything
+recipe's :class:`~distill.recipe.schema.ModelArch` and by the tokenizer's vocabulary. Anything
 else is an HF model directory, loaded with its own tokenizer and chat template.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
 import json
 from pathlib import Path
@@ -17,7 +16,8 @@ from typing import Any
 import torch
 
 from distill.errors import UserError
-from distill.recipe import ModelArch
+from distill.files import short_hash
+from distill.recipe.schema import ModelArch
 
 
 def load_tokenizer(path: str | Path):
@@ -137,7 +137,7 @@ def _varlen_attention(
     if cu is None or query.shape[0] != 1:
         raise RuntimeError(
             f"{VARLEN} attention needs one flattened row and its cu_seq_lens_q "
-            "(distill.data.collate(..., flat=True))"
+            "(distill.train.data.collate(..., flat=True))"
         )
     # rotary embeddings leave q and k in fp32 under autocast, and a custom op is not cast
     # for us: the kernel gets the autocast dtype (flash attention runs in fp16/bf16 only)
@@ -240,7 +240,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
         },
         sort_keys=True,
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return short_hash(blob)
 
 
 def describe_vocab(tokenizer, where: str | Path | None = None) -> str:

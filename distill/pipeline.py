@@ -3,25 +3,23 @@ upstream stages are unchanged since their last complete run, saying why each run
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from distill.recipe import Recipe
+from distill.files import atomic_write_json, json_hash
+from distill.recipe.schema import Recipe
 from distill.stages import (
+    BY_NAME,
     STAGES,
-    UPSTREAM,
     invalidate,
     peak_rss_mb,
     record_of,
+    run_stage,
     sections_read,
-    timed,
     up_to_date,
 )
 
@@ -29,28 +27,12 @@ console = Console(stderr=True)
 INPUTS = "_inputs.json"  # per stage: hash of each section and upstream fingerprint it ran with
 
 
-def stage_fn(stage: str) -> Callable[[Recipe], Any]:
-    """The ``run(recipe)`` of a stage's module (imported lazily: heavy imports)."""
-    if stage == "teachers":
-        from distill.bootstrap import run
-    elif stage == "generate":
-        from distill.generate import run
-    elif stage == "filter":
-        from distill.filter import run
-    elif stage == "train":
-        from distill.train import run
-    else:
-        from distill.evaluate import run
-    return run
-
-
 def inputs_of(recipe: Recipe, stage: str) -> dict[str, str | None]:
     """What a stage's fingerprint is made of, one hash per part, to explain a rerun."""
     parts: dict[str, str | None] = {}
     for s, value in sections_read(recipe, stage).items():
-        blob = json.dumps(value, sort_keys=True, separators=(",", ":"))
-        parts[s] = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    for up in UPSTREAM[stage]:
+        parts[s] = json_hash(value)
+    for up in BY_NAME[stage].upstream:
         rec = record_of(recipe, up)
         parts[f"<{up}>"] = rec["fingerprint"] if rec else None
     return parts
@@ -80,9 +62,7 @@ def why_run(recipe: Recipe, stage: str) -> str:
 def _save_inputs(recipe: Recipe, stage: str) -> None:
     d = recipe.out / "_pipeline"
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f"{stage}{INPUTS}.tmp"
-    tmp.write_text(json.dumps(inputs_of(recipe, stage), indent=1))
-    os.replace(tmp, d / f"{stage}{INPUTS}")
+    atomic_write_json(d / f"{stage}{INPUTS}", inputs_of(recipe, stage))
 
 
 def run(
@@ -108,10 +88,7 @@ def run(
         if force:
             invalidate(recipe, stage)
         t0 = time.time()
-        if stage == "teachers":  # its own per-teacher skip must yield to --force too
-            timed(recipe, stage, stage_fn(stage), recipe, force=force)
-        else:
-            timed(recipe, stage, stage_fn(stage), recipe)
+        run_stage(recipe, stage, force=force)  # --force also overrides a stage's own skips
         _save_inputs(recipe, stage)
         summary.append(
             {"stage": stage, "status": "ran", "seconds": time.time() - t0, "why": reason}

@@ -1,11 +1,9 @@
-"""Shared console output: rich progress bars and the resolved-recipe log every stage
-prints when it starts. Everything goes to stderr so stdout stays machine-readable."""
+"""Shared console output: the project's one progress bar. Everything goes to stderr so
+stdout stays machine-readable."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import TypeVar
 
 from rich.console import Console
@@ -22,8 +20,6 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from distill.recipe import Recipe
-
 T = TypeVar("T")
 console = Console(stderr=True)
 
@@ -36,19 +32,32 @@ class RateColumn(ProgressColumn):
         return Text(f"{task.speed:,.1f} {unit}/s" if task.speed else f"- {unit}/s")
 
 
-def progress(transient: bool = False) -> Progress:
-    """A rich Progress with the project's columns; use as a context manager."""
+class InfoColumn(ProgressColumn):
+    """The task's ``info`` field (loss, tokens/s ...), empty when it has none."""
+
+    def render(self, task: Task) -> Text:
+        return Text(str(task.fields.get("info", "")))
+
+
+def progress(transient: bool = False, disable: bool = False, auto_refresh: bool = True) -> Progress:
+    """The project's one progress bar (a rich Progress on stderr; use as a context
+    manager): description, bar, done/total, rate in the task's ``unit``, its ``info``
+    field, elapsed and remaining time. ``auto_refresh=False`` where processes fork while
+    the bar is live (a refresh thread holding the console lock would leak it)."""
     return Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         RateColumn(),
+        InfoColumn(),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
         console=console,
         transient=transient,
+        disable=disable,
+        auto_refresh=auto_refresh,
     )
 
 
@@ -63,28 +72,3 @@ def track(
         for item in items:
             yield item
             bar.update(task, advance=1)
-
-
-def log_recipe(recipe: Recipe, stage: str, sections: list[str] | None = None) -> None:
-    """Log the resolved recipe at the start of ``stage``.
-
-    Prints the sections the stage reads (one line each) and writes the whole resolved
-    recipe, with field descriptions, to ``<out>/<stage dir>/_recipe.yaml`` so every
-    output directory says exactly what produced it.
-    """
-    from distill.recipe_doc import show_yaml
-    from distill.stages import SECTIONS, fingerprint, stage_dir
-
-    fp = fingerprint(recipe, stage) if stage in SECTIONS else recipe.fingerprint()
-    console.rule(f"[bold]{stage}[/] · recipe {recipe.name} · fingerprint {fp}")
-    data = recipe.model_dump(mode="json")
-    for s in sections or SECTIONS.get(stage, list(data)):
-        console.print(
-            f"  {s}: {json.dumps(data[s], separators=(', ', ': '))}",
-            soft_wrap=True,
-            markup=False,
-            highlight=False,
-        )
-    d = stage_dir(recipe, stage) if stage in SECTIONS else Path(recipe.out)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "_recipe.yaml").write_text(show_yaml(recipe))

@@ -8,50 +8,59 @@ stage whose record matches its current fingerprint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-from distill.recipe import Recipe
+from distill.files import atomic_write_json, atomic_write_text, json_hash
+from distill.recipe.schema import Recipe
 
-STAGES = ["teachers", "generate", "filter", "train", "eval"]
 
-# Recipe sections each stage reads (top-level keys) and the stages it reads from.
-SECTIONS: dict[str, list[str]] = {
-    "teachers": ["seed", "tokenizer", "domains", "teachers"],
-    "generate": ["seed", "domains", "teachers", "generate"],
-    "filter": ["domains", "filter"],
-    "train": ["seed", "domains", "student", "train"],
-    "eval": ["seed", "domains", "eval"],
-}
-UPSTREAM: dict[str, list[str]] = {
-    "teachers": [],
-    "generate": ["teachers"],
-    "filter": ["generate"],
-    "train": ["teachers", "filter"],
-    "eval": ["teachers", "train"],
-}
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline: everything the pipeline, the CLI and the fingerprints
+    need to know about it. A new stage is one module with ``run(recipe)`` and one row."""
+
+    name: str
+    module: str  # its ``run(recipe)`` does the stage's work (imported when it runs)
+    sections: tuple[str, ...]  # recipe sections it reads (top-level keys)
+    upstream: tuple[str, ...]  # stages whose outputs it reads
+    out: str  # where it writes, relative to the recipe's output dir
+    force_arg: bool = False  # its run takes ``force`` (its own per-item skip yields to --force)
+
+
+TABLE: tuple[Stage, ...] = (
+    Stage("teachers", "distill.teachers", ("seed", "tokenizer", "domains", "teachers"), (),
+          "teachers", force_arg=True),
+    Stage("generate", "distill.generate", ("seed", "domains", "teachers", "generate"),
+          ("teachers",), "raw"),
+    Stage("filter", "distill.filter", ("domains", "filter"), ("generate",), "clean"),
+    Stage("train", "distill.train", ("seed", "domains", "student", "train"),
+          ("teachers", "filter"), "student"),
+    Stage("eval", "distill.eval", ("seed", "domains", "eval"), ("teachers", "train"), "eval"),
+)  # fmt: skip
+BY_NAME = {s.name: s for s in TABLE}
+STAGES = [s.name for s in TABLE]
 # Per-domain settings only the student's training reads: tuning the mixture reruns train
 # and eval, never the teachers, generation or the filter.
 STUDENT_ONLY = ("sampling_weight", "loss_weight")
-# Where each stage writes, relative to the recipe's output dir.
-DIRS = {
-    "teachers": "teachers",
-    "generate": "raw",
-    "filter": "clean",
-    "train": "student",
-    "eval": "eval",
-}
 RECORD = "_stage.json"
 
 
 def stage_dir(recipe: Recipe, stage: str) -> Path:
-    """Where ``stage`` writes: ``<output_dir>/<DIRS[stage]>``."""
-    return recipe.out / DIRS[stage]
+    """Where ``stage`` writes: ``<output_dir>/<its out>``."""
+    return recipe.out / BY_NAME[stage].out
+
+
+def stage_fn(stage: str) -> Callable[..., Any]:
+    """The ``run`` of a stage's module (imported only now: the imports are heavy)."""
+    return import_module(BY_NAME[stage].module).run
 
 
 def record_of(recipe: Recipe, stage: str) -> dict[str, Any] | None:
@@ -68,7 +77,7 @@ def record_of(recipe: Recipe, stage: str) -> dict[str, Any] | None:
 def input_manifests(recipe: Recipe, stage: str) -> dict[str, list[str]]:
     """Shard checksums of every manifest under the stages ``stage`` reads from."""
     out: dict[str, list[str]] = {}
-    for up in UPSTREAM[stage]:
+    for up in BY_NAME[stage].upstream:
         root = stage_dir(recipe, up)
         for m in sorted(root.glob("*/_manifest.json")) + sorted(root.glob("_manifest.json")):
             try:
@@ -83,7 +92,7 @@ def sections_read(recipe: Recipe, stage: str) -> dict[str, Any]:
     """The recipe sections ``stage`` reads, as JSON data (``domains`` without the
     student-only weights, except for train)."""
     data = recipe.model_dump(mode="json")
-    parts = {s: data[s] for s in SECTIONS[stage]}
+    parts = {s: data[s] for s in BY_NAME[stage].sections}
     if stage != "train" and "domains" in parts:
         parts["domains"] = {
             d: {k: v for k, v in cfg.items() if k not in STUDENT_ONLY}
@@ -96,7 +105,7 @@ def fingerprint(recipe: Recipe, stage: str) -> str:
     """Hash of the recipe sections ``stage`` reads, the fingerprints of the stages it
     reads from, and the checksums of their shards (data changed by hand counts too)."""
     parts: dict[str, Any] = sections_read(recipe, stage)
-    for up in UPSTREAM[stage]:
+    for up in BY_NAME[stage].upstream:
         rec = record_of(recipe, up)
         parts[f"<{up}>"] = rec["fingerprint"] if rec else None
         if rec and rec.get("weights"):  # models retrained to other weights count too
@@ -104,8 +113,7 @@ def fingerprint(recipe: Recipe, stage: str) -> str:
     manifests = input_manifests(recipe, stage)
     if manifests:  # absent key keeps fingerprints of manifest-less inputs unchanged
         parts["<manifests>"] = manifests
-    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return json_hash(parts)
 
 
 def up_to_date(recipe: Recipe, stage: str) -> bool:
@@ -114,14 +122,64 @@ def up_to_date(recipe: Recipe, stage: str) -> bool:
     return rec is not None and rec.get("fingerprint") == fingerprint(recipe, stage)
 
 
-def mark_done(recipe: Recipe, stage: str, **info: Any) -> dict[str, Any]:
-    """Record a completed stage (written last, atomically), next to the resolved recipe
-    it ran with (``_recipe.yaml``)."""
-    from distill.recipe_doc import show_yaml
+def header(recipe: Recipe, stage: str) -> None:
+    """A stage's opening: a rule naming it, the recipe sections it reads (one line each),
+    and the whole resolved recipe, with field descriptions, in ``<stage dir>/_recipe.yaml``
+    so every output directory says exactly what produced it."""
+    from rich.console import Console
 
+    from distill.recipe.doc import show_yaml
+
+    console = Console(stderr=True)
+    console.rule(
+        f"[bold]{stage}[/] · recipe {recipe.name} · fingerprint {fingerprint(recipe, stage)}"
+    )
+    for s, value in sections_read(recipe, stage).items():
+        line = json.dumps(value, separators=(", ", ": "))
+        console.print(f"  {s}: {line}", soft_wrap=True, markup=False, highlight=False)
     d = stage_dir(recipe, stage)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "_recipe.yaml").write_text(show_yaml(recipe))
+    atomic_write_text(d / "_recipe.yaml", show_yaml(recipe))
+
+
+def run_stage(recipe: Recipe, stage: str, force: bool = False) -> Any:
+    """The one way a stage runs, for ``distill run`` and every stage command: its header,
+    its module's ``run``, then its completion record with the seconds it took and the peak
+    memory so far (the eval report adds these up against the recipe's targets).
+
+    A stage's ``run`` returns a dict; ``None`` or ``{"complete": False}`` means it stopped
+    early (e.g. at its time limit) and is not recorded. Its ``"record"`` entry, if any,
+    goes into the record. Only the main process writes; under several processes every
+    one waits for the record before it moves on (the next stage's fingerprint reads it)."""
+    main = os.environ.get("RANK", "0") == "0"
+    if main:
+        header(recipe, stage)
+    t0 = time.time()
+    kwargs = {"force": force} if BY_NAME[stage].force_arg else {}
+    result = stage_fn(stage)(recipe, **kwargs)
+    done = isinstance(result, dict) and result.get("complete", True)
+    if main and done:
+        info = dict(result.get("record") or {})
+        info.update(seconds=round(time.time() - t0, 2), peak_rss_mb=round(peak_rss_mb()))
+        mark_done(recipe, stage, **info)
+    _barrier()
+    return result
+
+
+def _barrier() -> None:
+    import sys
+
+    if "torch" in sys.modules:  # a stage that never imported torch ran in one process
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
+def mark_done(recipe: Recipe, stage: str, **info: Any) -> dict[str, Any]:
+    """Record a completed stage: ``<stage dir>/_stage.json``, written last, atomically."""
+    d = stage_dir(recipe, stage)
+    d.mkdir(parents=True, exist_ok=True)
     rec = {
         "stage": stage,
         "fingerprint": fingerprint(recipe, stage),
@@ -130,15 +188,8 @@ def mark_done(recipe: Recipe, stage: str, **info: Any) -> dict[str, Any]:
     }
     if weights := weights_digest(d):
         rec["weights"] = weights
-    _write_record(d, rec)
+    atomic_write_json(d / RECORD, rec)
     return rec
-
-
-def _write_record(d: Path, rec: dict[str, Any]) -> None:
-    """``<d>/_stage.json``, replaced atomically: a crash leaves the old record or the new."""
-    tmp = d / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(rec, indent=1))
-    os.replace(tmp, d / RECORD)
 
 
 def weights_digest(d: Path) -> dict[str, str]:
@@ -146,7 +197,7 @@ def weights_digest(d: Path) -> dict[str, str]:
     one level down, e.g. ``teachers/<domain>/``). A downstream stage's fingerprint
     includes it: a model retrained with the same recipe but different numerics (a new
     torch, a changed kernel) reruns what reads it, an identical one does not."""
-    from distill.shards_read import file_sha256  # pyarrow: not at import time of the CLI
+    from distill.shards.read import file_sha256  # pyarrow: not at import time of the CLI
 
     files = sorted(d.glob("*.safetensors")) + sorted(d.glob("*/*.safetensors"))
     return {str(f.relative_to(d)): file_sha256(f) for f in files}
@@ -157,19 +208,6 @@ def peak_rss_mb() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return max(own, kids) / 1024  # ru_maxrss is in KB on Linux
-
-
-def timed(recipe: Recipe, stage: str, fn, *args: Any, **kwargs: Any) -> Any:
-    """Run one stage's ``fn`` and note in its record how long it took and this process's
-    peak memory so far (the eval report adds these up against the recipe's time and memory
-    targets). Only the main process notes it; a stage that did not complete is left as it is."""
-    t0 = time.time()
-    out = fn(*args, **kwargs)
-    rec = record_of(recipe, stage)
-    if os.environ.get("RANK", "0") == "0" and rec and rec.get("finished_at", 0) >= t0:
-        rec.update(seconds=round(time.time() - t0, 1), peak_rss_mb=round(peak_rss_mb()))
-        _write_record(stage_dir(recipe, stage), rec)
-    return out
 
 
 def invalidate(recipe: Recipe, stage: str) -> None:

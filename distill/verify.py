@@ -141,14 +141,12 @@ class _progress:
     def __enter__(self) -> Callable[[int], None]:
         if not self.enabled:
             return lambda n: None
-        from rich.console import Console
-        from rich.progress import Progress
+        from distill.progress import progress
 
-        # stderr: stdout may carry the verdicts. No auto-refresh thread: workers fork
-        # while the bar is live, and a thread holding the console lock would leak it.
-        self.bar = Progress(console=Console(stderr=True), auto_refresh=False)
+        # No auto-refresh thread: workers fork while the bar is live
+        self.bar = progress(auto_refresh=False)
         self.bar.start()
-        task = self.bar.add_task(self.label, total=self.total)
+        task = self.bar.add_task(self.label, total=self.total, unit="traces")
 
         last = [0.0]
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from distill.files import short_hash
 from distill.messages import Trace, Verdict
 
 __all__ = ["Task", "Verdict", "Domain", "ToolEnv", "REGISTRY", "get_domain", "split_of"]
@@ -105,7 +106,7 @@ def split_of(identity: str, eval_fraction: float = 0.2) -> str:
 
 def task_id(domain: str, identity: str) -> str:
     """A stable task id from a task's identity (its canonical content)."""
-    return f"{domain}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+    return f"{domain}-{short_hash(identity)}"
 
 
 def task_from_trace(trace: Trace) -> Task:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from distill.chat import train_tokenizer
+from distill.chat.template import train_tokenizer
 from distill.messages import to_openai
 
 TOOLS = [

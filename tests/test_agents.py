@@ -279,7 +279,7 @@ def test_same_answer():
 def tokenizer(tmp_path_factory):
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    from distill.chat import CHAT_TEMPLATE, train_tokenizer
+    from distill.chat.template import CHAT_TEMPLATE, train_tokenizer
 
     texts = []
     for t in tasks(300, seed=11):

@@ -108,7 +108,7 @@ def test_static_cache_path_gives_the_same_rows(backend):
 
 def test_prompt_render_without_jinja_matches_the_template(backend):
     """Our template's prompts are rendered in Python; the token ids are the template's."""
-    from distill.chat import CHAT_TEMPLATE
+    from distill.chat.template import CHAT_TEMPLATE
     from distill.messages import drop_old_reasoning, to_openai
     from teachers.base import get_domain
 

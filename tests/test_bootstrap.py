@@ -9,9 +9,9 @@ import pytest
 import torch
 from gen_fixtures import tiny_model_dir
 
-from distill import bootstrap
+from distill import teachers as bootstrap
 from distill.errors import UserError
-from distill.recipe import validate
+from distill.recipe.schema import validate
 from teachers.base import get_domain
 
 pytestmark = pytest.mark.integration
@@ -46,7 +46,7 @@ def micro_recipe(tmp_path, domains=("math", "logic"), **teacher):
 def test_tokenizer_learns_the_rendered_oracle_text_and_is_reused(tmp_path):
     from transformers import AutoTokenizer
 
-    from distill.chat import CHAT_TEMPLATE
+    from distill.chat.template import CHAT_TEMPLATE
 
     r = micro_recipe(tmp_path, domains=("math", "agents"))
     out = bootstrap.build_tokenizer(r)
@@ -116,7 +116,7 @@ class _Models(BaseHTTPRequestHandler):
 
 
 def test_openai_teacher_check_makes_one_real_request(tmp_path):
-    from distill.recipe import TeacherConfig
+    from distill.recipe.schema import TeacherConfig
 
     server = HTTPServer(("127.0.0.1", 0), _Models)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -13,7 +13,7 @@ import pytest
 
 from distill.cli import main
 from distill.messages import Trace, Verdict
-from distill.recipe import load_recipe
+from distill.recipe.schema import load_recipe
 from distill.shards import ShardWriter
 
 ROOT = Path(__file__).parents[1]
@@ -90,7 +90,7 @@ def test_set_edits_in_place_or_leaves_the_file(demo, capsys):
 
 def test_reference_write(tmp_path, capsys):
     readme = tmp_path / "README.md"
-    readme.write_text((ROOT / "README.md").read_text().replace("| `lr` |", "| `LR` |"))
+    readme.write_text((ROOT / "docs" / "recipes.md").read_text().replace("| `lr` |", "| `LR` |"))
     code, out, _ = cli(["recipe", "reference", "--write", readme], capsys)
     assert code == 0 and "updated" in out and "| `lr` |" in readme.read_text()
     code, out, _ = cli(["recipe", "reference"], capsys)

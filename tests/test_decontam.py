@@ -1,8 +1,8 @@
-"""n-gram decontamination (distill.decontam) on hand-made and on generated tasks."""
+"""n-gram decontamination (distill.filter.decontam) on hand-made and on generated tasks."""
 
 from __future__ import annotations
 
-from distill.decontam import EvalText, NgramIndex, canonical, eval_texts, words_text
+from distill.filter.decontam import EvalText, NgramIndex, canonical, eval_texts, words_text
 from teachers.base import get_domain
 
 LONG = (

@@ -1,4 +1,4 @@
-"""Exact and MinHash-LSH near-duplicate detection (distill.dedup)."""
+"""Exact and MinHash-LSH near-duplicate detection (distill.filter.dedup)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from distill.dedup import exact_duplicates, lsh_params, minhash, near_duplicates, normalize
+from distill.filter.dedup import exact_duplicates, lsh_params, minhash, near_duplicates, normalize
 
 
 def _doc(rng: random.Random, n: int = 150) -> list[str]:

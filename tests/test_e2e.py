@@ -90,7 +90,7 @@ def cli(*args: str) -> str:
 
 def run_stages(path: Path) -> dict[str, dict]:
     from distill.pipeline import run
-    from distill.recipe import load_recipe
+    from distill.recipe.schema import load_recipe
 
     return {s["stage"]: s for s in run(load_recipe(path))}
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from distill import report as rep
+from distill.eval import report as rep
 
 
 def test_pass_at_k_matches_the_combinatorial_definition():

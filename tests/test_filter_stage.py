@@ -9,10 +9,11 @@ import random
 import pytest
 
 from distill.errors import UserError
-from distill.filter import DONE, DROPPED, run
+from distill.filter.stage import DONE, DROPPED, run
 from distill.messages import Trace, Verdict
-from distill.recipe import validate
+from distill.recipe.schema import validate
 from distill.shards import ShardWriter, iter_traces, read_manifest
+from distill.stages import run_stage
 from teachers.base import get_domain
 
 MATH = get_domain("math")
@@ -131,7 +132,7 @@ def test_planted_rows_dropped_for_the_right_reason(tmp_path):
     rows, planted = _planted(tasks, eval_task, logic_eval)
     _write_raw(recipe, rows)
 
-    report = run(recipe, progress=False)
+    report = run_stage(recipe, "filter")  # as `distill filter` runs it: recorded
 
     clean = recipe.out / "clean" / "math"
     kept = {t.id: t for t in iter_traces(clean)}
@@ -229,8 +230,8 @@ def test_cli_filter(tmp_path, capsys):
 
 
 def test_steps_switched_off_are_skipped_and_counted():
-    from distill.filter import filter_traces
-    from distill.recipe import FilterConfig
+    from distill.filter.stage import filter_traces
+    from distill.recipe.schema import FilterConfig
 
     rows, _ = _planted(
         list(MATH.tasks("train", 12, 0, 1)), next(iter(MATH.tasks("eval", 20, 0, 1)))
@@ -253,8 +254,8 @@ def test_steps_switched_off_are_skipped_and_counted():
 
 
 def test_real_eval_records_are_decontaminated_against(tmp_path):
-    from distill.decontam import canonical
-    from distill.filter import build_index
+    from distill.filter.decontam import canonical
+    from distill.filter.stage import build_index
 
     rec = {
         "question": "Natalia sold clips to 48 of her friends in April, and then she sold "

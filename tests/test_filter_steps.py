@@ -1,10 +1,10 @@
-"""The filter's pure steps on hand-made traces and verdicts (distill.filter_steps)."""
+"""The filter's pure steps on hand-made traces and verdicts (distill.filter.steps)."""
 
 from __future__ import annotations
 
 import random
 
-from distill.filter_steps import (
+from distill.filter.steps import (
     dedup_exact,
     dedup_near,
     drop_failed,

@@ -15,8 +15,9 @@ from gen_fixtures import tiny_model_dir
 
 from distill.errors import UserError
 from distill.generate import run
-from distill.recipe import load_recipe
+from distill.recipe.schema import load_recipe
 from distill.shards import iter_traces, load_dataset
+from distill.stages import run_stage
 from teachers.base import REGISTRY
 
 torch.set_num_threads(1)
@@ -64,7 +65,7 @@ def rows_by_id(out: Path, domains=DOMAINS) -> dict[str, dict]:
 def test_generate_all_domains_then_rerun_is_a_no_op(tmp_path, model_dir):
     assert {"math", "agents"} <= set(DOMAINS) <= set(REGISTRY)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "out", model_dir))
-    res = run(recipe)
+    res = run_stage(recipe, "generate")  # as `distill generate` runs it: recorded
     assert res["rows"] == {d: 12 for d in DOMAINS}
     rows = rows_by_id(tmp_path / "out")
     assert len(rows) == 12 * len(DOMAINS)
@@ -123,7 +124,8 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, model_dir):
 
 def test_ranks_take_disjoint_slices_and_the_manifest_covers_all(tmp_path, model_dir):
     """What `accelerate launch` does with two processes, one after the other here."""
-    from distill.generate import _progress, generate_domain
+    from distill.generate import generate_domain
+    from distill.progress import progress
     from distill.shards import finalize
     from distill.stages import fingerprint
 
@@ -131,7 +133,7 @@ def test_ranks_take_disjoint_slices_and_the_manifest_covers_all(tmp_path, model_
         write_recipe(tmp_path / "r.yaml", tmp_path / "o", model_dir, domains=["math"], tasks=5)
     )
     fp = fingerprint(recipe, "generate")
-    with _progress(disable=True) as bar:
+    with progress(disable=True) as bar:
         for rank in (0, 1):
             generate_domain(recipe, "math", rank=rank, world=2, fp=fp, device="cpu", bar=bar)
     d = tmp_path / "o" / "raw" / "math"

@@ -5,10 +5,10 @@ a flattened row through a Qwen2-shaped model against its traces one by one."""
 import pytest
 import torch
 import torch.nn.functional as F
-from trainkit import segment_sdpa
+from tiny_artifacts import segment_sdpa
 
-from distill.loss import LinearCE, Objective
 from distill.models import _varlen_kernel, use_varlen_attention, varlen_supported
+from distill.train.loss import LinearCE, Objective
 
 pytestmark = pytest.mark.skipif(not varlen_supported(), reason="needs CUDA and torch varlen_attn")
 
@@ -43,7 +43,7 @@ def test_varlen_kernel_matches_segment_sdpa():
     [("ce_and_grad", False), ("ce_and_grad", True), ("ce_and_grad_pointwise", True)],
 )
 def test_fused_head_bf16_matches_fp64(fn_name, compiled):
-    import distill.loss
+    import distill.train.loss
 
     g = torch.Generator(device="cuda").manual_seed(1)
     n, h, vocab = 5000, 128, 32000  # three chunks of 2048
@@ -51,7 +51,7 @@ def test_fused_head_bf16_matches_fp64(fn_name, compiled):
     weight = (torch.randn(vocab, h, device="cuda", generator=g) * 0.1).requires_grad_()
     targets = torch.randint(0, vocab, (n,), device="cuda", generator=g)
     scale = torch.full((n,), 1.0 / n, device="cuda")
-    ce_fn = getattr(distill.loss, fn_name)
+    ce_fn = getattr(distill.train.loss, fn_name)
     fn = torch.compile(ce_fn, dynamic=True) if compiled else ce_fn
     with torch.autocast("cuda", dtype=torch.bfloat16):
         total, ce = LinearCE.apply(hidden, weight, targets, scale, fn)
@@ -111,9 +111,9 @@ def test_deferred_bookkeeping_on_the_gpu_trains_like_booking_every_step(tmp_path
     asked, and a planned stop at the exact step."""
     import random
 
-    from trainkit import ARCH, make_tokenizer, math_trace, small_cfg, write_shards
+    from tiny_artifacts import ARCH, make_tokenizer, math_trace, small_cfg, write_shards
 
-    import distill.train
+    import distill.train.loop
 
     make_tokenizer(tmp_path / "tok")
     rng = random.Random(0)
@@ -121,8 +121,8 @@ def test_deferred_bookkeeping_on_the_gpu_trains_like_booking_every_step(tmp_path
     cfg = small_cfg(precision="bf16", save_every=3, keep_last=5)
 
     def run(out, defer, **kw):
-        monkeypatch.setattr(distill.train, "DEFER", defer)
-        return distill.train.train(
+        monkeypatch.setattr(distill.train.loop, "DEFER", defer)
+        return distill.train.loop.train(
             init=ARCH, tokenizer_dir=tmp_path / "tok", shards=shards, out_dir=out, cfg=cfg, **kw
         )
 

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from trainkit import (
+from tiny_artifacts import (
     domain_data,
     make_tokenizer,
     math_trace,
@@ -16,8 +16,8 @@ from trainkit import (
     tool_trace,
 )
 
-from distill.data import collate
-from distill.loss import Objective, token_ce, topk_kl
+from distill.train.data import collate
+from distill.train.loss import Objective, token_ce, topk_kl
 
 
 @pytest.fixture(autouse=True, scope="module")

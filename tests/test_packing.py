@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from trainkit import (
+from tiny_artifacts import (
     domain_data,
     make_tokenizer,
     math_trace,
@@ -17,9 +17,9 @@ from trainkit import (
     write_shards,
 )
 
-from distill.data import collate, mixture_order, pack_rows, tokenize_domain
 from distill.errors import UserError
-from distill.loss import Objective, token_ce
+from distill.train.data import collate, mixture_order, pack_rows, tokenize_domain
+from distill.train.loss import Objective, token_ce
 
 
 @pytest.fixture(autouse=True, scope="module")

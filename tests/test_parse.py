@@ -2,7 +2,7 @@
 
 import json
 
-from distill.parse import parse_assistant
+from distill.chat.parse import parse_assistant
 
 
 def test_our_format_with_reasoning_and_tool_call():

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.recipe import Recipe, RecipeError, load_recipe
-from distill.recipe_edit import set_keys
+from distill.recipe.edit import set_keys
+from distill.recipe.schema import Recipe, RecipeError, load_recipe
 from teachers.base import REGISTRY
 
 ROOT = Path(__file__).parents[1]
@@ -31,7 +31,7 @@ def test_every_recipe_loads(path):
 def test_every_recipe_gives_its_agent_tasks_the_turns_they_need(path):
     # an episode cut at generate.max_turns has no answer: a recipe with too few turns
     # caps every model's accuracy (gpu.yaml had 6 for tasks needing up to 8: 37% lost)
-    from distill.evaluate import eval_tasks
+    from distill.eval.stage import eval_tasks
     from distill.rollout import turn_budget_warning
     from teachers.base import get_domain
 

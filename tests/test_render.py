@@ -4,10 +4,10 @@ per user turn with older reasoning dropped, for our template and a ChatML/Qwen o
 import json
 
 import pytest
-from trainkit import make_tokenizer, tool_trace
+from tiny_artifacts import make_tokenizer, tool_trace
 
-from distill.chat import END
-from distill.render import TemplateError, render_trace
+from distill.chat.render import TemplateError, render_trace
+from distill.chat.template import END
 
 QWEN_STYLE = (
     "{%- if tools %}{{ '<|im_start|>system\\n# Tools\\n' + (tools | tojson) + '<|im_end|>\\n' }}{%- endif %}"
@@ -125,7 +125,7 @@ def test_our_template_renders_tools_as_signatures():
     schema, bare tool objects as well as OpenAI's {type, function} wrapper."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    from distill.chat import CHAT_TEMPLATE
+    from distill.chat.template import CHAT_TEMPLATE
 
     tools = [
         {
@@ -155,7 +155,7 @@ def test_our_template_renders_tools_as_signatures():
 
 def _generic(monkeypatch):
     """Render through the Jinja template and character offsets only."""
-    import distill.render as render
+    import distill.chat.render as render
 
     monkeypatch.setattr(render, "render_spans", lambda messages, tools=None: None)
 
@@ -211,12 +211,12 @@ def _edge_traces():
 
 
 def test_our_python_render_matches_the_jinja_template(tok, monkeypatch):
-    """distill.render_ours gives the template's very text and spans, and the token-marker
+    """distill.chat.render_python gives the template's very text and spans, and the token-marker
     masks equal the offset masks, on every domain's oracle traces (difficulties 1-3) and
     on edge cases; a message holding a turn marker takes the generic path."""
-    from distill import render_ours
+    from distill.chat import render_python as render_ours
+    from distill.chat.render import template_messages, template_spans
     from distill.messages import drop_old_reasoning
-    from distill.render import template_messages, template_spans
     from teachers.base import get_domain
 
     traces = list(_edge_traces())

@@ -23,7 +23,7 @@ NAMESPACES = pytest.mark.skipif(isolation() == "limits", reason="needs namespace
 
 
 def _judge_module():
-    path = Path(sandbox.__file__).with_name("sandbox_judge.py")
+    path = Path(sandbox.__file__).with_name("judge.py")
     spec = importlib.util.spec_from_file_location("sandbox_judge_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -8,18 +8,22 @@ from pathlib import Path
 from ruamel.yaml import YAML
 
 from distill.messages import Trace
-from distill.progress import log_recipe, track
-from distill.recipe import load_recipe, validate
+from distill.progress import track
+from distill.recipe import Recipe
+from distill.recipe.schema import load_recipe, validate
 from distill.shards import ShardWriter
 from distill.stages import (
-    DIRS,
+    BY_NAME,
     STAGES,
+    TABLE,
     fingerprint,
+    header,
     invalidate,
     mark_done,
     record_of,
+    run_stage,
     stage_dir,
-    timed,
+    stage_fn,
     up_to_date,
 )
 
@@ -33,8 +37,25 @@ def recipe(tmp_path: Path, *overrides: str):
 def test_layout_follows_the_design(tmp_path):
     r = recipe(tmp_path)
     assert STAGES == ["teachers", "generate", "filter", "train", "eval"]
-    assert {s: stage_dir(r, s) for s in STAGES} == {s: tmp_path / DIRS[s] for s in STAGES}
-    assert [DIRS[s] for s in STAGES] == ["teachers", "raw", "clean", "student", "eval"]
+    assert [stage_dir(r, s) for s in STAGES] == [
+        tmp_path / d for d in ("teachers", "raw", "clean", "student", "eval")
+    ]
+
+
+def test_the_table_of_stages_is_whole():
+    """Every row names a module with a run(recipe), recipe sections that exist, upstream
+    stages that come before it, and a CLI command of its name."""
+    from typer.main import get_command
+
+    from distill.cli import app
+
+    commands = set(get_command(app).commands)
+    for i, s in enumerate(TABLE):
+        assert callable(stage_fn(s.name)), s.name
+        assert set(s.sections) <= set(Recipe.model_fields), s.name
+        assert all(STAGES.index(u) < i for u in s.upstream), s.name
+        assert s.name in commands, s.name
+    assert len({s.out for s in TABLE}) == len(TABLE)  # one writer per directory
 
 
 def test_up_to_date_until_its_sections_change(tmp_path):
@@ -85,9 +106,9 @@ def test_upstream_rerun_and_changed_shards_invalidate_downstream(tmp_path):
     assert fingerprint(r, "filter") != before and not up_to_date(r, "filter")
 
 
-def test_log_recipe_writes_the_resolved_recipe(tmp_path, capsys):
+def test_header_writes_the_resolved_recipe(tmp_path, capsys):
     r = recipe(tmp_path, "train.lr=0.0007")
-    log_recipe(r, "train")
+    header(r, "train")
     err = capsys.readouterr().err
     assert "train" in err and fingerprint(r, "train") in err and '"lr": 0.0007' in err
     saved = (stage_dir(r, "train") / "_recipe.yaml").read_text()
@@ -99,9 +120,9 @@ def test_track_yields_everything(capsys):
     assert "count" in capsys.readouterr().err
 
 
-def test_mark_done_keeps_the_resolved_recipe(tmp_path):
+def test_header_keeps_the_resolved_recipe(tmp_path):
     r = recipe(tmp_path, "eval.pass_k=3")
-    mark_done(r, "eval")
+    header(r, "eval")
     saved = YAML(typ="safe").load((stage_dir(r, "eval") / "_recipe.yaml").read_text())
     assert validate(saved).eval.pass_k == 3
 
@@ -127,17 +148,20 @@ def test_retrained_weights_rerun_what_reads_them(tmp_path):
     assert not up_to_date(r, "eval")
 
 
-def test_timed_notes_seconds_and_memory_of_a_completed_stage_only(tmp_path):
+def test_run_stage_records_a_completed_stage_with_its_seconds_and_memory(tmp_path, monkeypatch):
+    import distill.stages
+
     r = recipe(tmp_path)
-
-    def completes(recipe):
-        mark_done(recipe, "filter", rows=1)
-        return "out"
-
-    assert timed(r, "filter", completes, r) == "out"
+    result = {"rows": {"math": 1}, "record": {"rows": 1}}
+    monkeypatch.setattr(distill.stages, "stage_fn", lambda stage: lambda recipe: result)
+    assert run_stage(r, "filter") is result
     rec = record_of(r, "filter")
     assert rec["rows"] == 1 and rec["seconds"] >= 0 and rec["peak_rss_mb"] > 10
     assert up_to_date(r, "filter")  # the figures are not part of the fingerprint
+    assert (stage_dir(r, "filter") / "_recipe.yaml").exists()
     before = record_of(r, "filter")
-    timed(r, "filter", lambda recipe: None, r)  # did not complete now: record untouched
-    assert record_of(r, "filter") == before
+    for stopped in (None, {"complete": False, "record": {"rows": 2}}):
+        monkeypatch.setattr(distill.stages, "stage_fn", lambda stage, s=stopped: lambda r: s)
+        run_stage(r, "filter")  # did not complete now: record untouched
+        assert record_of(r, "filter") == before
+    assert BY_NAME["teachers"].force_arg and not BY_NAME["filter"].force_arg

@@ -6,12 +6,12 @@ import random
 
 import pytest
 import torch
-from trainkit import ARCH, make_tokenizer, math_trace, small_cfg, tool_trace, write_shards
+from tiny_artifacts import ARCH, make_tokenizer, math_trace, small_cfg, tool_trace, write_shards
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from distill.chat.render import render_trace
 from distill.errors import UserError
-from distill.render import render_trace
-from distill.train import train
+from distill.train.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_max_time_stops_early_with_a_saved_model_and_checkpoint(data, tmp_path):
 def test_time_limit_moves_the_lr_schedule_ahead(tmp_path):
     """Under max_time_s the decay follows the elapsed share of the time limit when that is
     ahead of the steps, and the scheduler (with that state) still checkpoints."""
-    from distill.trainutil import make_optimizer
+    from distill.train.setup import make_optimizer
 
     cfg = small_cfg(max_steps=100, warmup_steps=10, max_time_s=60.0, min_lr_ratio=0.1)
     opt, sched = make_optimizer(torch.nn.Linear(2, 2), cfg, 100)
@@ -171,14 +171,14 @@ def test_time_limit_moves_the_lr_schedule_ahead(tmp_path):
 
 
 def test_deferred_bookkeeping_changes_no_loss_checkpoint_or_resume(data, tmp_path, monkeypatch):
-    """On a GPU the loop books step k only after queueing step k+1 (distill.train.DEFER);
+    """On a GPU the loop books step k only after queueing step k+1 (distill.train.loop.DEFER);
     forced here on CPU, it must give the same losses, the same checkpoints, the same exact
     resume and the same stop on a time limit as booking every step at once."""
-    import distill.train
+    import distill.train.loop
 
     cfg = small_cfg(save_every=2, keep_last=5)
     sync = run_train(data, tmp_path / "sync", cfg=cfg)
-    monkeypatch.setattr(distill.train, "DEFER", True)
+    monkeypatch.setattr(distill.train.loop, "DEFER", True)
     late = run_train(data, tmp_path / "late", cfg=cfg)
     assert late["finished"] and late["losses"] == sync["losses"] and late["steps"] == 6
     assert len(late["step_elapsed_s"]) == 6

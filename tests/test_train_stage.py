@@ -11,12 +11,12 @@ import textwrap
 from pathlib import Path
 
 import torch
-from trainkit import ARCH, make_tokenizer, math_trace, small_cfg, tool_trace, write_shards
+from tiny_artifacts import ARCH, make_tokenizer, math_trace, small_cfg, tool_trace, write_shards
 from typer.testing import CliRunner
 
-from distill.chat import train_tokenizer
+from distill.chat.template import train_tokenizer
 from distill.cli import app
-from distill.train import train
+from distill.train.loop import train
 
 TESTS = Path(__file__).parent
 
@@ -24,8 +24,8 @@ DDP_SCRIPT = """
 import json, sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-from trainkit import ARCH, small_cfg
-from distill.train import train
+from tiny_artifacts import ARCH, small_cfg
+from distill.train.loop import train
 root = Path({root!r})
 report = train(init=ARCH, tokenizer_dir=root / "tok", out_dir=root / "ddp", cfg=small_cfg(max_steps=4), seed=0,
                shards={{"math": root / "clean" / "math", "agents": root / "clean" / "agents"}},
@@ -164,8 +164,8 @@ def test_a_domain_with_no_clean_traces_is_left_out(tmp_path):
 def test_train_stage_spawns_cpu_ranks_with_the_same_result(tmp_path, monkeypatch):
     """DISTILL_CPU_PROCS=2: the stage starts its own 2 gloo ranks (no launcher), and the
     losses equal those of the same stage in one process."""
-    from distill import train as train_mod
-    from distill.recipe import load_recipe
+    from distill.recipe.schema import load_recipe
+    from distill.stages import run_stage
 
     losses = {}
     for procs in ("1", "2"):
@@ -174,7 +174,7 @@ def test_train_stage_spawns_cpu_ranks_with_the_same_result(tmp_path, monkeypatch
         recipe = tmp_path / f"r{procs}.yaml"
         recipe.write_text(RECIPE.format(out=out))
         monkeypatch.setenv("DISTILL_CPU_PROCS", procs)
-        report = train_mod.run(load_recipe(recipe, ["train.max_steps=4"]))
+        report = run_stage(load_recipe(recipe, ["train.max_steps=4"]), "train")
         losses[procs] = (report["world_size"], report["losses"])
         assert json.loads((out / "student" / "_stage.json").read_text())["steps"] == 4
     assert losses["1"][0] == 1 and losses["2"][0] == 2

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from distill.errors import UserError
 
 if TYPE_CHECKING:
-    from distill.recipe import TeacherConfig
+    from distill.recipe.schema import TeacherConfig
 
 __all__ = ["Sampling", "Completion", "Backend", "make_backend", "mix_seed"]
 

@@ -19,11 +19,11 @@ import torch
 
 from distill.backends import Completion, Sampling, mix_seed
 from distill.backends.sample import sample_next
-from distill.chat import ASSISTANT, CHAT_TEMPLATE
+from distill.chat.parse import parse_assistant
+from distill.chat.render_python import render_spans
+from distill.chat.template import ASSISTANT, CHAT_TEMPLATE
 from distill.errors import UserError
 from distill.messages import drop_old_reasoning, to_openai
-from distill.parse import parse_assistant
-from distill.render_ours import render_spans
 
 SMALL_MODEL = 20_000_000  # parameters under which CPU decoding uses one thread
 
@@ -95,7 +95,7 @@ class HFBackend:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.static = None
         if static if static is not None else self.device.type == "cuda":
-            from distill.backends.hf_static import StaticDecoder
+            from distill.backends.static_decode import StaticDecoder
 
             # on GPU a step costs the same for 1 row or 256: keep shapes fixed and graph it
             self.static = StaticDecoder(
@@ -125,7 +125,7 @@ class HFBackend:
         msgs = to_openai(drop_old_reasoning(messages))
         if self.tokenizer.chat_template == CHAT_TEMPLATE and (
             fast := render_spans(msgs, tools or None)
-        ):  # our template without Jinja (distill/render_ours.py)
+        ):  # our template without Jinja (distill/chat/render_python.py)
             return self.tokenizer(fast[0] + ASSISTANT, add_special_tokens=False)["input_ids"]
         ids = self.tokenizer.apply_chat_template(
             msgs,

@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 
 from distill.backends import Completion, Sampling, mix_seed
+from distill.chat.parse import parse_assistant
 from distill.errors import UserError
 from distill.messages import drop_old_reasoning, to_openai
-from distill.parse import parse_assistant
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 

@@ -14,12 +14,12 @@ journals into the manifest. Shards are the IPC stream format ``datasets`` caches
 ``datasets.Dataset.from_file`` and ``load_dataset("arrow", ...)`` read them unchanged.
 
 This module is the public face of the store: writing lives in
-:mod:`distill.shards_write`, reading and verification in :mod:`distill.shards_read`.
+:mod:`distill.shards.write`, reading and verification in :mod:`distill.shards.read`.
 """
 
 from __future__ import annotations
 
-from distill.shards_read import (
+from distill.shards.read import (
     MANIFEST,
     ShardError,
     iter_traces,
@@ -30,7 +30,7 @@ from distill.shards_read import (
     shard_files,
     take,
 )
-from distill.shards_write import ShardWriter, finalize
+from distill.shards.write import ShardWriter, finalize
 
 __all__ = [
     "MANIFEST",

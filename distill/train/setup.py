@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from distill.models import set_generation_config
-from distill.recipe import TrainConfig
+from distill.recipe.schema import TrainConfig
 
 
 def make_accelerator(cfg: TrainConfig, out: Path):
@@ -86,7 +86,7 @@ def compile_model(objective: torch.nn.Module) -> torch.nn.Module:
             setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
     for layer in layers:
         layer.compile()
-    from distill.loss import ce_and_grad_pointwise
+    from distill.train.loss import ce_and_grad_pointwise
 
     # dynamic: a batch's last chunk is shorter (automatic dynamic shapes measured the same)
     objective.ce_fn = torch.compile(ce_and_grad_pointwise, dynamic=True)
@@ -245,20 +245,13 @@ def peak_flops(device: torch.device) -> float | None:
 @contextlib.contextmanager
 def progress(acc, desc: str, total: int, start: int) -> Iterator[Callable]:
     """A rich bar on the main process (steps, loss, tokens/s); a no-op elsewhere."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from distill.progress import progress as bar_of
 
     if not acc.is_main_process:
         yield lambda step, stats: None
         return
-    cols = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-    ]
-    with Progress(*cols, transient=False) as bar:
-        task = bar.add_task(desc, total=total, completed=start, info="")
+    with bar_of() as bar:
+        task = bar.add_task(desc, total=total, completed=start, info="", unit="steps")
 
         def update(step: int, stats: StepStats) -> None:
             info = (

@@ -1,5 +1,5 @@
 """Writing a shard directory: bounded Arrow IPC stream files, atomic commits, one
-journal per writer, the manifest written last (reading is :mod:`distill.shards_read`).
+journal per writer, the manifest written last (reading is :mod:`distill.shards.read`).
 
 A shard is serialised into memory, written to ``<name>.tmp``, hashed and fsynced on
 background threads while the next rows are converted, then renamed and journaled: a
@@ -22,8 +22,9 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 
+from distill.files import atomic_write_json
 from distill.messages import SCHEMA_VERSION, TRACE_SCHEMA, Trace
-from distill.shards_read import MANIFEST, ShardError, read_shard
+from distill.shards.read import MANIFEST, ShardError, read_shard
 
 # Rows are converted to Arrow in chunks of at most this many (fewer when rows are big
 # relative to max_bytes): big enough that conversion runs in C at full speed, small
@@ -35,13 +36,7 @@ _WRITE_BLOCK = 1 << 20
 
 
 def _write_json_atomic(path: Path, data: Any, sync: bool = True, indent: int | None = 1) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=indent))
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=indent, sync=sync)
 
 
 def _ipc_size(table: pa.Table) -> int:

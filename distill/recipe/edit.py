@@ -9,8 +9,6 @@ before anything is written: an invalid result leaves the file untouched.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from io import StringIO
 from pathlib import Path
@@ -20,10 +18,9 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedBase, CommentedMap
 from ruamel.yaml.error import YAMLError
 
-from distill.recipe import Recipe, RecipeError, parse_override, validate
-
-_PLAIN = re.compile(r"^[A-Za-z_][\w./-]*$")
-_YAML_WORDS = {"true", "false", "null", "yes", "no", "on", "off", "y", "n", "~"}
+from distill.files import atomic_write_text
+from distill.recipe.schema import Recipe, RecipeError, parse_override, validate
+from distill.recipe.yaml import scalar
 
 
 def set_keys(path: str | Path, assignments: list[str]) -> Recipe:
@@ -40,9 +37,7 @@ def set_keys(path: str | Path, assignments: list[str]) -> Recipe:
         keys, value = parse_override(assignment)
         text = _set_in_text(text, keys, value, path, assignment)
     recipe = validate(_plain(_load(text, path)), source=str(path))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # atomic: a reader never sees half a recipe
+    atomic_write_text(path, text)  # a reader never sees half a recipe
     return recipe
 
 
@@ -121,7 +116,7 @@ def _insert_keys(text: str, parent: dict, keys: list[str], value: Any) -> str | 
     new = []
     for depth, k in enumerate(keys[:-1]):
         new.append(" " * (col + 2 * depth) + f"{k}:\n")
-    new.append(" " * (col + 2 * (len(keys) - 1)) + f"{keys[-1]}: {_scalar(value)}\n")
+    new.append(" " * (col + 2 * (len(keys) - 1)) + f"{keys[-1]}: {scalar(value)}\n")
     if end > 0 and not lines[end - 1].endswith("\n"):
         lines[end - 1] += "\n"
     return "".join(lines[:end] + new + lines[end:])
@@ -139,7 +134,7 @@ def _replace_scalar(text: str, parent: dict, key: str, value: Any) -> str | None
     end = _scalar_end(line, col, flow=parent.fa.flow_style())
     if end is None:
         return None
-    new = _scalar(value)
+    new = scalar(value)
     rest = line[end:]
     if rest.lstrip(" ").startswith("#") and not parent.fa.flow_style():
         # keep the comment in its column when the new value is not longer
@@ -169,14 +164,6 @@ def _scalar_end(line: str, col: int, flow: bool) -> int | None:
     m = re.search(r"\s#|[,}\]]" if flow else r"\s#", s)
     stop = m.start() if m else len(s.rstrip("\r\n"))
     return col + len(s[:stop].rstrip())
-
-
-def _scalar(value: Any) -> str:
-    if isinstance(value, str) and _PLAIN.match(value) and value.lower() not in _YAML_WORDS:
-        return value
-    if isinstance(value, float):
-        return repr(value)  # shortest exact form: 0.0003, 1e-05
-    return json.dumps(value, ensure_ascii=False)  # JSON is valid YAML: null, 3, "text", [..]
 
 
 def _value_at(doc: Any, keys: list[str]) -> Any:

@@ -3,12 +3,11 @@
 ``train()`` is self-contained (one domain or many; from scratch or from an HF directory)
 and ``run(recipe)`` is the ``distill train`` stage. Under ``accelerate launch`` every rank
 takes its share of each step's rows; the loss is normalised by the global weight sum
-(see distill/loss.py), so any split of the batch gives the same update.
+(see distill/train/loss.py), so any split of the batch gives the same update.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -19,10 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill import checkpoint
-from distill.data import RowStream, cache_key, collate, tokenize_domain
 from distill.errors import UserError
-from distill.loss import Objective
+from distill.files import short_hash
 from distill.models import (
     VARLEN,
     build_model,
@@ -33,8 +30,11 @@ from distill.models import (
     use_varlen_attention,
     varlen_supported,
 )
-from distill.recipe import ModelArch, Recipe, TrainConfig
-from distill.trainutil import (
+from distill.recipe.schema import ModelArch, Recipe, TrainConfig
+from distill.train import checkpoint
+from distill.train.data import RowStream, cache_key, collate, tokenize_domain
+from distill.train.loss import Objective
+from distill.train.setup import (
     StepStats,
     build_report,
     compile_model,
@@ -174,7 +174,7 @@ def _fingerprint(init, tokenizer_dir, tok, shards, cfg: TrainConfig, seed, sw, l
         },
         sort_keys=True,
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return short_hash(blob)
 
 
 def _init_model(init, tokenizer, seed: int, cfg: TrainConfig, device: torch.device):
@@ -415,7 +415,6 @@ def run(recipe: Recipe) -> dict:
     """The ``distill train`` stage: the student on every enabled domain's clean shards.
     On a multi-core CPU it runs data-parallel in one process per core (distill/launch.py)."""
     from distill import launch
-    from distill.stages import mark_done
 
     if (procs := launch.cpu_procs()) > 1:
         return launch.spawn(run, recipe, procs=procs, what="train")
@@ -462,15 +461,12 @@ def run(recipe: Recipe) -> dict:
         sampling_weights={d: recipe.domains[d].sampling_weight for d in domains},
         loss_weights={d: recipe.domains[d].loss_weight for d in domains},
     )
-    if report["finished"] and int(os.environ.get("RANK", "0")) == 0:
-        mark_done(
-            recipe,
-            "train",
-            steps=report["steps"],
-            final_loss=report["final_loss"],
-            skipped_domains=empty,
-        )
-    return report
+    record = {
+        "steps": report["steps"],
+        "final_loss": report["final_loss"],
+        "skipped_domains": empty,
+    }
+    return {**report, "complete": report["finished"], "record": record}
 
 
 def _check_kd_tokenizers(recipe: Recipe, student_tok: Path) -> None:

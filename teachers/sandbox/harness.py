@@ -1,6 +1,6 @@
 """The sandbox slot server: a long-lived process that serves runs one at a time, each
 in fresh processes. Standard library only; started by :mod:`teachers.sandbox` as
-``python -I -S sandbox_harness.py CONFIG_JSON``, as root inside its own network, mount,
+``python -I -S harness.py CONFIG_JSON``, as root inside its own network, mount,
 ipc and pid namespaces (``unshare``), where it is pid 1.
 
 Why three processes per run: untrusted code that shares an interpreter with its tests
@@ -8,7 +8,7 @@ can fake any result (exit 0, patch the checker, read a secret token from memory)
 the tests never run where the code runs. For each run this server forks a *worker*
 (own uid, resource limits) that runs the untrusted code, and a *judge* (another uid)
 that runs the trusted tests against proxies of the code's functions
-(``sandbox_judge.py``). The judge sends its verdict to this server on a pipe the worker
+(``judge.py``). The judge sends its verdict to this server on a pipe the worker
 does not hold and cannot reach (another uid: no ptrace, no /proc/PID/fd), and the
 tests (expected values included) are read only after the worker is forked, so they
 are never in its memory. Exiting early, ``os._exit(0)``, ``SystemExit``, replacing
@@ -35,7 +35,7 @@ import sys
 import time
 
 _spec = importlib.util.spec_from_file_location(
-    "sandbox_judge", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_judge.py")
+    "sandbox_judge", os.path.join(os.path.dirname(os.path.abspath(__file__)), "judge.py")
 )
 judge_mod = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(judge_mod)

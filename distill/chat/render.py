@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from distill.chat import ASSISTANT, CHAT_TEMPLATE, END
+from distill.chat.render_python import render_spans
+from distill.chat.template import ASSISTANT, CHAT_TEMPLATE, END
 from distill.errors import UserError
 from distill.messages import compact_message, drop_old_reasoning, normalize_message
-from distill.render_ours import render_spans
 
 RENDER_VERSION = "1"
 
@@ -86,7 +86,7 @@ def render_text(tokenizer, messages, tools=None, add_generation_prompt: bool = F
 def assistant_spans(tokenizer, messages, tools=None) -> tuple[str, list[tuple[int, int]], bool]:
     """The full render, the character spans of the assistant turns after the last user
     message (the turns that carry loss), and whether the render came from
-    :mod:`distill.render_ours` (our template without Jinja, whose turn markers are all
+    :mod:`distill.chat.render_python` (our template without Jinja, whose turn markers are all
     structural, so the mask follows from the token ids)."""
     if tokenizer.chat_template == CHAT_TEMPLATE and messages and messages[0]["role"] != "assistant":
         if (fast := render_spans(messages, tools)) is not None:

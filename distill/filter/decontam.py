@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.texthash import tokenize, window_hashes
+from distill.filter.texthash import tokenize, window_hashes
 
 DECONTAM_VERSION = "2"
 _TOKEN = re.compile(r"\w+|[^\w\s]")

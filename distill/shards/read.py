@@ -2,7 +2,7 @@
 traces or a ``datasets.Dataset``.
 
 A reader trusts only shards named in ``_manifest.json`` (the writer side is
-:mod:`distill.shards_write`); sizes are always checked against it, checksums on request.
+:mod:`distill.shards.write`); sizes are always checked against it, checksums on request.
 """
 
 from __future__ import annotations

@@ -13,16 +13,15 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from distill import report as rep
 from distill.errors import UserError
-from distill.recipe import DomainConfig, EvalConfig, GenerateConfig, Recipe, TeacherConfig
-from distill.stages import mark_done
+from distill.eval import report as rep
+from distill.recipe.schema import DomainConfig, EvalConfig, GenerateConfig, Recipe, TeacherConfig
+from distill.tasks import tasks_for
 from teachers.base import Task, get_domain
 
 console = Console(stderr=True)
@@ -65,21 +64,8 @@ def count_params(path: str | Path) -> int | None:
 
 
 def eval_tasks(domain: str, cfg: DomainConfig, seed: int, n: int | None = None) -> list[Task]:
-    """The held-out tasks of ``domain``: its generator's eval split, or real records
-    (``source.eval_path``, else the eval half of the hash split of ``source.path``)."""
-    n = n or cfg.eval_tasks
-    dom = get_domain(domain)
-    if cfg.source.kind == "file":
-        path = cfg.source.eval_path or cfg.source.path
-        if not path:
-            raise UserError(f"domains.{domain}.source.path: required for source.kind=file")
-        split = "all" if cfg.source.eval_path else "eval"
-        tasks = list(islice(dom.load_records(path, split=split), n))
-    else:
-        tasks = list(dom.tasks("eval", n, seed, cfg.difficulty))
-    if not tasks:
-        raise UserError(f"domains.{domain}: no eval tasks")
-    return tasks
+    """The held-out tasks of ``domain`` (:func:`distill.tasks.tasks_for`)."""
+    return tasks_for(domain, cfg, seed, "eval", n)
 
 
 def _verify(domain: str, tasks: list[Task], traces: list) -> list:
@@ -243,10 +229,8 @@ def models_of(recipe: Recipe) -> list[tuple[ModelSpec, list[str]]]:
 
 def run(recipe: Recipe) -> dict[str, Any]:
     """The eval stage (``distill eval RECIPE``): writes and prints the recovery report."""
-    from distill.progress import log_recipe
     from distill.rollout import turn_budget_warning
 
-    log_recipe(recipe, "eval")
     t0 = time.time()
     active = recipe.active_domains()
     tasks = {d: eval_tasks(d, recipe.domains[d], recipe.seed) for d in active}
@@ -284,8 +268,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     paths = rep.write(report, out)
     rep.print_table(report)
     console.print(f"report: {paths['md']} (chart {paths['png']})")
-    mark_done(recipe, "eval", report=str(paths["json"]))
-    return report
+    return {**report, "record": {"report": str(paths["json"])}}
 
 
 def stage_costs(recipe: Recipe, eval_s: float) -> dict[str, dict[str, Any]]:

@@ -1,6 +1,6 @@
 """The trusted side of a sandbox run: the judge process and the value codec.
 
-Loaded by ``sandbox_harness.py`` (standard library only). The judge runs the trusted
+Loaded by ``harness.py`` (standard library only). The judge runs the trusted
 tests; every function the untrusted code defines is a :class:`Proxy` whose calls go
 to the code's process over a pipe and come back as plain data decoded here, so no
 object of the code's making (with a rigged ``__eq__``, say) ever reaches an assert.

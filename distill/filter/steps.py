@@ -15,8 +15,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from distill.decontam import NgramIndex, canonical
-from distill.dedup import exact_duplicates, minhash, near_duplicates
+from distill.filter.decontam import NgramIndex, canonical
+from distill.filter.dedup import exact_duplicates, minhash, near_duplicates
 from distill.messages import Trace
 
 FILTER_VERSION = "1"
@@ -142,7 +142,7 @@ def dedup_near(
 
 def decontaminate(traces: list[Trace], index: NgramIndex) -> tuple[list[Trace], Dropped]:
     """Drop traces whose prompt or final answer overlaps an eval task's text (see
-    :mod:`distill.decontam`); the reason names which text matched and the eval task's
+    :mod:`distill.filter.decontam`); the reason names which text matched and the eval task's
     domain (``prompt:math``)."""
     refs = [canonical(t.reference) for t in traces]
     domains = [t.domain for t in traces]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from trainkit import (
+from tiny_artifacts import (
     ARCH,
     domain_data,
     make_tokenizer,
@@ -22,11 +22,11 @@ from trainkit import (
     write_shards,
 )
 
-import distill.loss
 import distill.models
-from distill.data import collate
-from distill.loss import LinearCE, Objective, ce_and_grad
+import distill.train.loss
 from distill.models import VARLEN, use_varlen_attention
+from distill.train.data import collate
+from distill.train.loss import LinearCE, Objective, ce_and_grad
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -155,8 +155,8 @@ def reference_head(hidden, weight, targets, scale):
 @pytest.mark.parametrize("ce_fn", ["ce_and_grad", "ce_and_grad_pointwise"])
 @pytest.mark.parametrize("n", [0, 1, 37])
 def test_fused_head_matches_autograd(monkeypatch, n, ce_fn):
-    ce_and_grad = getattr(distill.loss, ce_fn)  # the eager form and the one compiled on GPU
-    monkeypatch.setattr(distill.loss, "FUSED_CHUNK", 16)  # 37 tokens: three chunks
+    ce_and_grad = getattr(distill.train.loss, ce_fn)  # the eager form and the one compiled on GPU
+    monkeypatch.setattr(distill.train.loss, "FUSED_CHUNK", 16)  # 37 tokens: three chunks
     g = torch.Generator().manual_seed(n)
     hidden = torch.randn(n, 24, generator=g, requires_grad=True)
     weight = (torch.randn(50, 24, generator=g) * 0.5).requires_grad_()
@@ -202,7 +202,7 @@ def test_frozen_head_gets_no_weight_gradient():
 
 def test_training_on_the_flat_path_gives_the_rows_losses(tmp_path, monkeypatch):
     """train() end to end on the flat path (the default on CPU and on GPU in bf16)."""
-    from distill.train import train
+    from distill.train.loop import train
 
     make_tokenizer(tmp_path / "tok")
     rng = random.Random(0)
@@ -232,7 +232,7 @@ def test_training_on_the_flat_path_gives_the_rows_losses(tmp_path, monkeypatch):
 def test_compiled_layers_and_head_match_eager(setup):
     """train.compile (regional: decoder layers and the head's softmax pass) on the flat
     varlen path gives the eager loss and gradients, and compiles each graph once."""
-    from distill.trainutil import compile_model
+    from distill.train.setup import compile_model
 
     tok, dd, rows = setup
     out = {}

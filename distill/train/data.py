@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from distill.chat.render import RENDER_VERSION, encode_texts, trace_texts
 from distill.errors import UserError
+from distill.files import short_hash
 from distill.models import tokenizer_fingerprint
-from distill.render import RENDER_VERSION, encode_texts, trace_texts
 from distill.shards import read_manifest, read_table
 
 
@@ -60,7 +60,7 @@ def cache_key(shard_dir: Path, tokenizer, max_seq_len: int, kd: bool) -> str:
         },
         sort_keys=True,
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return short_hash(blob)
 
 
 def tokenize_domain(
@@ -82,7 +82,7 @@ def tokenize_domain(
 
 
 def _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd):
-    from rich.progress import Progress
+    from distill.progress import progress
 
     table = read_table(shard_dir)
     if table.num_rows == 0:
@@ -90,8 +90,8 @@ def _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd):
     ids, masks, lens, kd_rows, kd_counts = [], [], [], [], []
     dropped = 0
     cols = ["id", "messages", "tools"] + (["topk"] if kd else [])
-    with Progress(transient=True) as bar:
-        task = bar.add_task(f"tokenize {domain}", total=table.num_rows)
+    with progress(transient=True) as bar:
+        task = bar.add_task(f"tokenize {domain}", total=table.num_rows, unit="traces")
         for batch in table.select(cols).to_batches(max_chunksize=256):
             rows = batch.to_pylist()
             texts = [_render_row(tokenizer, row, shard_dir) for row in rows]

@@ -1,6 +1,6 @@
 """Run untrusted Python against trusted tests, each run in fresh processes, many at once.
 
-Runs go to slot servers (``teachers/sandbox_harness.py``, one per concurrent run,
+Runs go to slot servers (``teachers/sandbox/harness.py``, one per concurrent run,
 started once with an empty environment). As root (the usual CI and container case) a
 slot server lives in its own network, mount, ipc and pid namespaces (``unshare``): no
 network at all (the loopback is down), a private size-capped tmpfs over every
@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 
-HARNESS = str(Path(__file__).with_name("sandbox_harness.py"))
+HARNESS = str(Path(__file__).with_name("harness.py"))
 NS_FLAGS = ["--net", "--mount", "--ipc", "--pid", "--fork", "--kill-child", "--mount-proc"]
 # Each concurrent run gets its own uid pair, so RLIMIT_NPROC (counted per uid) of one
 # fork bomb never starves another run, and no run can signal or trace another.
@@ -110,7 +110,7 @@ def _probe(cmd: list[str]) -> bool:
 
 
 class _Slot:
-    """One slot server (``sandbox_harness.py``): serves one run at a time, each in
+    """One slot server (``harness.py``): serves one run at a time, each in
     fresh processes, inside namespaces made once per slot."""
 
     def __init__(self, index: int, mode: str) -> None:
@@ -315,10 +315,10 @@ def run_batch(
 def _progress(futures: dict, total: int):
     from concurrent.futures import as_completed
 
-    from rich.progress import Progress
+    from distill.progress import progress
 
-    with Progress(transient=True) as bar:
-        task = bar.add_task("sandbox", total=total)
+    with progress(transient=True) as bar:
+        task = bar.add_task("sandbox", total=total, unit="runs")
         for fut in as_completed(futures):
             bar.advance(task)
             yield fut

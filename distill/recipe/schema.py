@@ -8,8 +8,6 @@ type and the value given (``train.lr: expected a number, got 'fast'``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +17,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from distill.errors import UserError
-from distill.recipe_errors import format_error as _format_error
+from distill.files import json_hash
+from distill.recipe.errors import format_error as _format_error
 from teachers.base import REGISTRY
 
 
@@ -403,8 +402,7 @@ class Recipe(Section):
         data = self.model_dump(mode="json")
         if sections:
             data = {s: data[s] for s in sections}
-        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return json_hash(data)
 
 
 # --------------------------------------------------------------------------- loading

@@ -8,7 +8,6 @@ Writes ``<out>/tokenizer/`` (when the recipe trains one) and, per bootstrap teac
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -18,9 +17,9 @@ from typing import Any
 from rich.console import Console
 
 from distill.errors import UserError
+from distill.files import atomic_write_json, json_hash
 from distill.messages import Lineage, Trace, Verdict
-from distill.recipe import Recipe, TeacherConfig
-from distill.stages import mark_done
+from distill.recipe.schema import Recipe, TeacherConfig
 from teachers.base import get_domain
 
 console = Console(stderr=True)
@@ -29,8 +28,7 @@ TEACHER_RECORD = "_teacher.json"
 
 
 def _hash(data: Any) -> str:
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return json_hash(data, default=str)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -41,9 +39,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_json(path, data, default=str)
 
 
 def render_text(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
@@ -51,7 +47,7 @@ def render_text(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | No
     the tokenizer learns merges for exactly that text."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    from distill.chat import CHAT_TEMPLATE
+    from distill.chat.template import CHAT_TEMPLATE
 
     rendered, _ = render_jinja_template([messages], tools=tools, chat_template=CHAT_TEMPLATE)
     return rendered[0]
@@ -82,7 +78,7 @@ def _corpus_fingerprint(recipe: Recipe) -> str:
 def build_tokenizer(recipe: Recipe, force: bool = False) -> Path:
     """Train the shared BPE on oracle conversations of every enabled domain (skipped when
     the tokenizer on disk was trained from the same inputs)."""
-    from distill.chat import train_tokenizer
+    from distill.chat.template import train_tokenizer
 
     out = tokenizer_dir(recipe)
     if recipe.tokenizer.kind == "pretrained":
@@ -163,7 +159,7 @@ def teacher_fingerprint(recipe: Recipe, d: str, tok_fp: str) -> str:
 
 def train_bootstrap(recipe: Recipe, d: str, tok_dir: Path, force: bool = False) -> dict[str, Any]:
     """Oracle shards then single-domain training; skipped when already done."""
-    from distill.train import train
+    from distill.train.loop import train
 
     t = recipe.teachers[d]
     out = recipe.out / "teachers" / d
@@ -255,9 +251,6 @@ def check_openai(d: str, t: TeacherConfig) -> dict[str, Any]:
 
 def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
     """The teachers stage (``distill teachers``); ``force`` retrains what is up to date."""
-    from distill.progress import log_recipe
-
-    log_recipe(recipe, "teachers")
     bootstrap = [d for d in recipe.active_domains() if recipe.teachers[d].kind == "bootstrap"]
     info: dict[str, Any] = {}
     tok = (
@@ -277,8 +270,7 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
             info[d] = check_hf(d, t.path)
         else:
             info[d] = check_openai(d, t)
-    mark_done(recipe, "teachers", teachers=info)
-    return info
+    return {"teachers": info, "record": {"teachers": info}}
 
 
 def _parallel_ok(bootstrap: list[str]) -> bool:

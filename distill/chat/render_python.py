@@ -1,4 +1,4 @@
-"""Our chat template (:data:`distill.chat.CHAT_TEMPLATE`) rendered in plain Python.
+"""Our chat template (:data:`distill.chat.template.CHAT_TEMPLATE`) rendered in plain Python.
 
 Rendering a trace for training takes one full render plus two prefix renders per
 trained assistant message; through Jinja that cost 19 ms for a three-turn agents trace
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from distill.chat import ASSISTANT, CALL, END, END_CALL, END_THINK, SYSTEM, THINK
+from distill.chat.template import ASSISTANT, CALL, END, END_CALL, END_THINK, SYSTEM, THINK
 
 
 def _json(x: Any) -> str:  # transformers' tojson filter
@@ -84,7 +84,7 @@ def render_spans(
         at += len(piece)
     text = "".join(parts)
     # every <|assistant|> and <|end|> in the text is one of ours (none inside a message):
-    # then the loss mask can be read off the token ids (see distill.render.encode_texts)
+    # then the loss mask can be read off the token ids (see distill.chat.render.encode_texts)
     n_assistant = sum(m.get("role") == "assistant" for m in messages)
     if text.count(ASSISTANT) != n_assistant or text.count(END) != len(messages) + bool(tools):
         return None

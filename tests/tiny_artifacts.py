@@ -7,9 +7,9 @@ import json
 import random
 from pathlib import Path
 
-from distill.chat import train_tokenizer
+from distill.chat.template import train_tokenizer
 from distill.messages import Trace
-from distill.recipe import ModelArch, TrainConfig
+from distill.recipe.schema import ModelArch, TrainConfig
 from distill.shards import ShardWriter
 
 ARCH = ModelArch(
@@ -97,8 +97,8 @@ def domain_data(tok, name: str, traces: list[list[dict]]):
     """DomainData built in memory from rendered traces (no cache)."""
     import numpy as np
 
-    from distill.data import DomainData
-    from distill.render import render_trace
+    from distill.chat.render import render_trace
+    from distill.train.data import DomainData
 
     exs = [ex for t in traces for ex in render_trace(tok, t)]
     lens = [len(e.input_ids) for e in exs]

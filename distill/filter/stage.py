@@ -20,11 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from distill.decontam import DECONTAM_VERSION, NgramIndex, eval_texts
-from distill.dedup import DEDUP_VERSION
 from distill.errors import UserError
-from distill.filter_report import Funnel, summary, to_table, write_report
-from distill.filter_steps import (
+from distill.filter.decontam import DECONTAM_VERSION, NgramIndex, eval_texts
+from distill.filter.dedup import DEDUP_VERSION
+from distill.filter.report import Funnel, summary, to_table, write_report
+from distill.filter.steps import (
     FILTER_VERSION,
     decontaminate,
     dedup_exact,
@@ -36,9 +36,9 @@ from distill.filter_steps import (
     trace_tokens,
 )
 from distill.messages import Trace
-from distill.recipe import FilterConfig, Recipe
+from distill.recipe.schema import FilterConfig, Recipe
 from distill.shards import ShardWriter, iter_traces, read_manifest
-from distill.stages import fingerprint, mark_done, stage_dir
+from distill.stages import fingerprint, stage_dir
 from teachers.base import REGISTRY, get_domain, task_from_trace
 
 DONE = "_filter.json"  # per domain, written after its manifest: the domain is complete
@@ -53,11 +53,11 @@ def settings(cfg: FilterConfig) -> dict[str, Any]:
 
 def build_index(recipe: Recipe) -> NgramIndex:
     """n-gram index of the eval tasks (prompts and references) of every enabled domain."""
-    from distill.evaluate import eval_tasks
+    from distill.tasks import tasks_for
 
     texts = []
     for d in recipe.active_domains():
-        texts += eval_texts(eval_tasks(d, recipe.domains[d], recipe.seed), d)
+        texts += eval_texts(tasks_for(d, recipe.domains[d], recipe.seed, "eval"), d)
     cfg = recipe.filter
     if cfg.decontam_short_ngram > cfg.decontam_ngram:
         raise UserError(
@@ -227,9 +227,6 @@ def run(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """Run the filter stage for every enabled domain; returns the report."""
     from rich.console import Console
 
-    from distill.progress import log_recipe
-
-    log_recipe(recipe, "filter")
     out = stage_dir(recipe, "filter")
     domains = recipe.active_domains()
     fp = fingerprint(recipe, "filter")
@@ -248,5 +245,4 @@ def run(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         if e["raw"] and not e["kept"]:
             console.print(f"[yellow]warning:[/] clean/{d} is empty: every raw trace was dropped")
     rows = {d: e["kept"] for d, e in report["domains"].items()}
-    mark_done(recipe, "filter", rows=rows, report="filter_report.json")
-    return report
+    return {**report, "record": {"rows": rows, "report": "filter_report.json"}}

@@ -8,14 +8,14 @@ is what left the previous one, and what leaves is what entered minus what was dr
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from distill.filter_steps import Dropped
+from distill.files import atomic_write_text
+from distill.filter.steps import Dropped
 
 
 @dataclass
@@ -57,17 +57,13 @@ def summary(
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(directory: Path, report: dict[str, Any]) -> None:
     """``filter_report.json`` and ``filter_report.md`` in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / "filter_report.json", json.dumps(report, indent=1, sort_keys=True))
-    _atomic_write(directory / "filter_report.md", to_markdown(report))
+    atomic_write_text(
+        directory / "filter_report.json", json.dumps(report, indent=1, sort_keys=True)
+    )
+    atomic_write_text(directory / "filter_report.md", to_markdown(report))
 
 
 def _why(step: dict[str, Any]) -> str:

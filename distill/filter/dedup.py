@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from distill.texthash import splitmix64, tokenize, window_hashes
+from distill.filter.texthash import splitmix64, tokenize, window_hashes
 
 DEDUP_VERSION = "1"
 _CHUNK_SHINGLES = 1 << 12  # shingles hashed at once: the buffer stays in cache (2 MiB)
