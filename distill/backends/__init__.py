@@ -22,7 +22,13 @@ __all__ = ["Sampling", "Completion", "Backend", "make_backend", "mix_seed"]
 
 @dataclass
 class Sampling:
-    """How to sample one assistant turn. ``temperature`` 0 is greedy."""
+    """How to sample one assistant turn. ``temperature`` 0 is greedy.
+
+    ``top_k`` (0: off) truncates before ``top_p``, as vLLM and transformers do.
+    ``sampler_logprobs`` records, per generated token, what an RL trainer needs (see
+    :class:`Completion`); with ``top_p`` < 1 and no ``top_k`` the nucleus is then looked for
+    among the ``sample.KEPT_MAX`` (1024) most likely tokens, so that it fits a fixed width.
+    """
 
     temperature: float = 0.8
     top_p: float = 1.0
@@ -30,6 +36,8 @@ class Sampling:
     seed: int = 0
     stop: list[str] | None = None
     topk_logprobs: int = 0
+    top_k: int = 0
+    sampler_logprobs: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,6 +50,13 @@ class Completion:
     ``message`` is the parsed assistant message (flat tool calls); ``finish_reason`` is
     "stop", "length" or "tool_calls". ``topk`` has one ``{"ids", "logprobs"}`` entry per
     generated token (plus ``token``/``logprob`` of the sampled one) when asked for.
+
+    With ``sampling.sampler_logprobs`` (all None otherwise): ``prompt_ids`` is the exact
+    prompt decoded from; ``token_ids`` the generated ids (eos included when it ended on
+    eos); ``logprobs`` per generated token, log π_old(token) under the sampling
+    distribution, softmax(logits / temperature) renormalised over the kept set of the
+    truncation (softmax(logits) at temperature 0); ``kept`` per generated token the token
+    ids the top-k/top-p truncation kept, None when no truncation is active.
     """
 
     message: dict
@@ -50,6 +65,10 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     topk: list[dict] | None = None
+    prompt_ids: list[int] | None = None
+    token_ids: list[int] | None = None
+    logprobs: list[float] | None = None
+    kept: list[list[int]] | None = None
 
 
 class Backend(Protocol):

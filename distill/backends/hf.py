@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from distill.backends import Completion, Sampling, mix_seed
-from distill.backends.sample import sample_next
+from distill.backends.sample import draw
 from distill.chat.parse import parse_assistant
 from distill.chat.render_python import render_spans
 from distill.chat.template import ASSISTANT, CHAT_TEMPLATE
@@ -37,6 +37,8 @@ class _Row:
     limit: int  # new tokens allowed (max_new_tokens, bounded by the model's context)
     tokens: list[int] = field(default_factory=list)
     topk: list[dict] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # with sampling.sampler_logprobs
+    kept: list[list[int]] = field(default_factory=list)  # likewise, when truncated
     ended: bool = False  # eos or a stop string
 
 
@@ -67,31 +69,72 @@ class HFBackend:
         d = Path(model_dir)
         if not (d / "config.json").is_file():
             raise UserError(f"{d}: not a model directory (no config.json)")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(d)
-            self.model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(self.device).eval()
+            tokenizer = AutoTokenizer.from_pretrained(d)
+            model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(dev).eval()
         except (OSError, ValueError) as e:
             raise UserError(
                 f"{d}: cannot load model or tokenizer ({str(e).splitlines()[0]})"
             ) from None
-        if not self.tokenizer.chat_template:
-            raise UserError(f"{d}: tokenizer has no chat template")
+        self._setup(
+            model,
+            tokenizer,
+            name=str(d),
+            revision=_revision(d),
+            batch_size=batch_size,
+            static=static,
+        )
+
+    @classmethod
+    def from_model(
+        cls,
+        model,
+        tokenizer,
+        *,
+        batch_size: int = 64,
+        static: bool | None = None,
+        name: str = "policy",
+    ) -> HFBackend:
+        """Wrap a live model and its tokenizer, copying nothing: every decode reads the
+        current parameters, so after an (in-place) optimizer step the next call samples
+        from the new weights. A model in train mode is decoded in eval mode and handed
+        back in train mode."""
+        self = cls.__new__(cls)
+        self._setup(
+            model, tokenizer, name=name, revision=None, batch_size=batch_size, static=static
+        )
+        return self
+
+    def _setup(
+        self,
+        model,
+        tokenizer,
+        *,
+        name: str,
+        revision: str | None,
+        batch_size: int,
+        static: bool | None,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        if not tokenizer.chat_template:
+            raise UserError(f"{name}: tokenizer has no chat template")
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # a small model's matmuls gain nothing from threads, and spinning threads
             # collapse on a busy machine; big models keep torch's default
-            if sum(p.numel() for p in self.model.parameters()) < SMALL_MODEL:
+            if sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
                 torch.set_num_threads(1)
-        self.name = str(d)
-        self.revision = _revision(d)
+        self.name = name
+        self.revision = revision
         self.batch_size = batch_size
         self.eos_ids = self._eos_ids()
-        self.eos_text = [self.tokenizer.convert_ids_to_tokens(i) for i in self.eos_ids]
-        pad = self.tokenizer.pad_token_id
+        self.eos_text = [tokenizer.convert_ids_to_tokens(i) for i in self.eos_ids]
+        pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids)
-        self.max_positions = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
-        params = inspect.signature(self.model.forward).parameters
+        self.max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.static = None
         if static if static is not None else self.device.type == "cuda":
@@ -99,7 +142,7 @@ class HFBackend:
 
             # on GPU a step costs the same for 1 row or 256: keep shapes fixed and graph it
             self.static = StaticDecoder(
-                self.model,
+                model,
                 pad_id=self.pad_id,
                 eos_ids=self.eos_ids,
                 compile=self.device.type == "cuda",
@@ -178,14 +221,34 @@ class HFBackend:
             prompt_tokens=len(r.prompt),
             completion_tokens=len(r.tokens),
             topk=r.topk if sampling.topk_logprobs else None,
+            **(self._sampler_record(r) if sampling.sampler_logprobs else {}),
         )
 
-    @torch.inference_mode()
+    @staticmethod
+    def _sampler_record(r: _Row) -> dict[str, Any]:
+        n = len(r.tokens)
+        return {
+            "prompt_ids": list(r.prompt),
+            "token_ids": list(r.tokens),
+            "logprobs": r.logprobs[:n],
+            "kept": r.kept[:n] if r.kept else None,
+        }
+
     def decode(self, rows: list[_Row], sampling: Sampling) -> None:
         """Decode one batch in place: prefill the left-padded prompts, then step the rows
-        still running, dropping finished ones from the cache (on CPU)."""
+        still running, dropping finished ones from the cache (on CPU). A model in train
+        mode (a live policy) is decoded in eval mode and put back."""
         if not rows:
             return
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                self._decode(rows, sampling)
+        finally:
+            self.model.train(training)
+
+    def _decode(self, rows: list[_Row], sampling: Sampling) -> None:
         if self.static is not None:
             self.static.decode(rows, sampling, self.batch_size)
             if sampling.stop:
@@ -214,8 +277,16 @@ class HFBackend:
                 use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
             )  # fmt: skip
             logits = out.logits[:, -1, :].float()
-            nxt = sample_next(logits, seeds, step, sampling.temperature, sampling.top_p)
-            self._record(rows, live, nxt, logits, eos, sampling)
+            nxt, lp, kept = draw(
+                logits,
+                seeds,
+                step,
+                sampling.temperature,
+                sampling.top_p,
+                sampling.top_k,
+                sampling.sampler_logprobs,
+            )
+            self._record(rows, live, nxt, logits, eos, sampling, lp, kept)
             keep = [
                 b
                 for b, i in enumerate(live)
@@ -237,10 +308,13 @@ class HFBackend:
             positions = positions[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
 
-    def _record(self, rows, live, nxt, logits, eos, sampling: Sampling) -> None:
-        """Append each live row's sampled token (and its top-k logprobs when asked)."""
+    def _record(self, rows, live, nxt, logits, eos, sampling: Sampling, lp, kept) -> None:
+        """Append each live row's sampled token (and its top-k logprobs, its sampler
+        log-probability and kept set when asked)."""
         tokens = nxt.tolist()
         is_eos = torch.isin(nxt, eos).tolist()
+        lp = lp.tolist() if lp is not None else None
+        kept = [[t for t in ids if t >= 0] for ids in kept.tolist()] if kept is not None else None
         if sampling.topk_logprobs:
             lp = logits.log_softmax(-1)
             top_v, top_i = lp.topk(sampling.topk_logprobs, dim=-1)
@@ -251,6 +325,10 @@ class HFBackend:
             if r.ended or len(r.tokens) >= r.limit:
                 continue  # finished rows stay in the batch on GPU; their tokens are ignored
             r.tokens.append(tokens[b])
+            if lp is not None:
+                r.logprobs.append(lp[b])
+            if kept is not None:
+                r.kept.append(kept[b])
             if sampling.topk_logprobs:
                 r.topk.append(
                     {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.backends.sample import sample_next
+from distill.backends.sample import draw, kept_width
 
 CHECK_EVERY = 16  # steps between host syncs to see whether every row has finished
 MAX_CACHES = 4  # static caches kept, one per (batch, length) shape
@@ -88,11 +88,22 @@ class StaticDecoder:
         top_i = torch.zeros((batch, steps, max(k, 1)), dtype=torch.long, device=dev)
         top_v = torch.zeros((batch, steps, max(k, 1)), device=dev)
         chosen = torch.zeros((batch, steps), device=dev)
+        record = sampling.sampler_logprobs
+        kw = kept_width(
+            logits.shape[-1], sampling.temperature, sampling.top_p, sampling.top_k, record
+        )
+        lps = torch.zeros((batch, steps if record else 0), device=dev)
+        kept = torch.full((batch, steps if record else 0, kw), -1, dtype=torch.int32, device=dev)
         finished = torch.zeros(batch, dtype=torch.bool, device=dev)
         next_pos = pos[:, -1:] + 1
         for step in range(steps):
-            nxt = sample_next(logits, seeds, step, sampling.temperature, sampling.top_p)
+            nxt, lp, kp = draw(logits, seeds, step, sampling.temperature, sampling.top_p,
+                               sampling.top_k, record)  # fmt: skip
             tokens[:, step] = nxt
+            if lp is not None:
+                lps[:, step] = lp
+            if kp is not None:
+                kept[:, step] = kp.to(torch.int32)
             if k:
                 lp = logits.log_softmax(-1)
                 top_v[:, step], top_i[:, step] = lp.topk(k, dim=-1)
@@ -109,6 +120,8 @@ class StaticDecoder:
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
         self._unpack(rows, tokens.cpu(), top_i.cpu(), top_v.cpu(), chosen.cpu(), k)
+        if record:
+            _unpack_record(rows, lps.cpu(), kept.cpu() if kw else None)
 
     def _unpack(self, rows, tokens, top_i, top_v, chosen, k: int) -> None:
         eos = set(self.eos.tolist())
@@ -127,3 +140,14 @@ class StaticDecoder:
                     }
                     for t in range(len(r.tokens))
                 ]
+
+
+def _unpack_record(rows, lps, kept) -> None:
+    """Each row's sampler log-probabilities and kept sets (only as wide as the widest)."""
+    if kept is not None:
+        kept = kept[:, :, : max(1, int((kept >= 0).sum(-1).max()))]
+    for b, r in enumerate(rows):
+        n = len(r.tokens)
+        r.logprobs = lps[b, :n].tolist()
+        if kept is not None:
+            r.kept = [[t for t in ids if t >= 0] for ids in kept[b, :n].tolist()]
