@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from distill.rl.loss import global_denominator, group_advantages, grpo_loss, token_logprobs
 
@@ -262,13 +263,33 @@ def test_keep_sampling_mask_gives_ratio_one_on_policy(top_p):
             assert off.min() > 1e-3
 
 
-def test_kept_set_does_not_need_full_vocab_softmax_and_handles_bf16():
+class FloatShapes(TorchDispatchMode):
+    """Records the shape of every fp32/fp64 tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.float64):
+                self.shapes.append(tuple(x.shape))
+        return out
+
+
+def test_kept_set_builds_no_full_vocab_floats_and_handles_bf16():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(6, 50, generator=g)
     kept = top_p_kept(logits, 1.0, 0.6)
     targets = kept[:, 0]
     lp32, _ = token_logprobs(logits, targets, 1.0, kept)
-    lp16, ent16 = token_logprobs(logits.bfloat16(), targets, 1.0, kept)
+    with FloatShapes() as seen:
+        lp16, ent16 = token_logprobs(logits.bfloat16(), targets, 1.0, kept)
+    assert (6, 50) not in seen.shapes and (6, kept.shape[1]) in seen.shapes
+    with FloatShapes() as seen_full:  # the check can fail: the full-vocabulary path does
+        token_logprobs(logits.bfloat16(), targets, 1.0)
+    assert (6, 50) in seen_full.shapes
     assert lp16.dtype == torch.float32 and ent16.dtype == torch.float32
     torch.testing.assert_close(lp16, lp32, rtol=0, atol=5e-2)
     outside = torch.tensor([int(i) for i in range(50) if i not in set(kept[0].tolist())][:1])
@@ -279,8 +300,32 @@ def test_kept_set_does_not_need_full_vocab_softmax_and_handles_bf16():
     empty = torch.cat([kept[:1], torch.full_like(kept[:1], -1)])
     lp, ent = token_logprobs(x, targets[:2], 1.0, empty)
     assert lp[1].item() == float("-inf") and ent[1].item() == 0.0 and ent[0] > 0
+    assert not ent.requires_grad  # a statistic: no second [N, V] kept for its backward
     (grad,) = torch.autograd.grad(torch.where(torch.isfinite(lp), lp, 0.0).sum(), x)
     assert torch.isfinite(grad).all() and grad[1].abs().sum() == 0 and grad[0].abs().sum() > 0
+
+
+def test_full_vocab_path_upcasts_without_touching_the_logits():
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(5, 40, generator=g)
+    logits[:, 3] = float("-inf")  # a masked vocabulary entry
+    targets = torch.tensor([0, 1, 2, 4, 5])
+    before16, before32 = logits.bfloat16(), logits.clone()
+    x16, x32 = before16.clone().requires_grad_(), before32.clone().requires_grad_()
+    lp16, ent16 = token_logprobs(x16, targets, TEMP)
+    lp32, ent32 = token_logprobs(x32, targets, TEMP)
+    assert torch.equal(x16, before16) and torch.equal(x32, before32)  # no in-place division
+    want = torch.log_softmax(logits.double() / TEMP, -1)
+    want_lp = want.gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(lp32.double(), want_lp, rtol=0, atol=1e-5)  # fp32 logits
+    torch.testing.assert_close(
+        ent32.double(), torch.special.entr(want.exp()).sum(-1), rtol=0, atol=1e-5
+    )
+    assert lp16.dtype == ent16.dtype == torch.float32 and torch.isfinite(ent16).all()
+    torch.testing.assert_close(lp16, lp32, rtol=0, atol=5e-2)
+    assert not ent32.requires_grad
+    (grad,) = torch.autograd.grad(lp16.sum(), x16)
+    assert grad.dtype == torch.bfloat16 and torch.isfinite(grad).all()
 
 
 def test_padding_may_hold_anything():

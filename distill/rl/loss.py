@@ -25,10 +25,11 @@ expectation is Σ π_θ log(π_θ/π_ref) ∇log π_θ = ∇KL(π_θ‖π_ref). 
 expectation is Σ π_θ ∇k3 = −Σ π_ref ∇log π_θ = ∇KL(π_ref‖π_θ), the other direction; the
 plain K3 (no r) gives Σ π_old (1 − π_ref/π_θ) ∇log π_θ, neither.
 
-**M masks the policy term only.** M exists to stop negative-advantage samples that the
-policy has drifted far from from pushing it further; the KL term is already importance
-weighted, so it stays unbiased on off-policy samples, and dropping sequences chosen by
-their own ratio and advantage would bias that estimate. V3.2 applies M inside the policy
+**M masks the policy term only.** M keeps a negative-advantage sequence that the policy
+has already moved away from out of the policy gradient, where its clipped ratio would
+push it further still. The KL term is importance weighted, so it stays unbiased on
+off-policy samples; dropping sequences picked by their own ratio and advantage would bias
+that estimate. V3.2 applies M inside the policy
 term and adds the KL outside it (as TRL's ``off_policy_mask_threshold`` does).
 """
 
@@ -93,8 +94,8 @@ def global_denominator(masks: list[Tensor], agg: str, max_len: int | None = None
     (the completion length limit). "Sequences" never counts empty padding rows, so padding a
     micro-batch with them changes nothing."""
     if agg == "token_mean":
-        return float(sum(int(m.sum()) for m in masks))
-    n_seq = sum(int(m.bool().any(-1).sum()) for m in masks)
+        return float(sum(m.sum() for m in masks))  # one device sync, not one per micro-batch
+    n_seq = int(sum(m.bool().any(-1).sum() for m in masks))
     if agg == "seq_mean_token_mean":
         return float(n_seq)
     if agg == "seq_sum_const":
@@ -161,7 +162,7 @@ def grpo_loss(
     term = torch.where(m, term, 0.0)
 
     if agg == "seq_mean_token_mean":
-        total = term.sum()
+        total = (term.sum(-1) / n_tok.clamp(min=1)).sum()
     else:
         total = term.sum()
     # an empty global batch has every term zero: return 0, not 0/0
