@@ -36,6 +36,14 @@ def load(recipe: Path, overrides: list[str] | None):
     return load_recipe(recipe, overrides or [])
 
 
+def domain_list(domains: str | None) -> list[str]:
+    """A comma-separated --domains value; every registered domain when not given (the
+    registry is read here, not at import: fast --help)."""
+    from teachers.base import REGISTRY
+
+    return [d.strip() for d in (domains or ",".join(REGISTRY)).split(",") if d.strip()]
+
+
 # Stage and tool commands are added below, one block per command.
 
 
@@ -64,8 +72,9 @@ def eval_(
     ] = None,
     model_name: Annotated[str | None, typer.Option(help="Model name sent to --base-url.")] = None,
     domains: Annotated[
-        str, typer.Option(help="One-off: comma-separated domains.")
-    ] = "math,code,logic,agents",
+        str | None,
+        typer.Option(help="One-off: comma-separated domains (default: every registered one)."),
+    ] = None,
     tasks: Annotated[int, typer.Option(help="One-off: eval tasks per domain.")] = 100,
     out: Annotated[
         Path | None, typer.Option(help="One-off: report directory (default data/eval/<model>).")
@@ -84,7 +93,7 @@ def eval_(
             base_url=base_url,
             model_name=model_name,
             n_tasks=tasks,
-            domains=[d.strip() for d in domains.split(",") if d.strip()],
+            domains=domain_list(domains),
             out_dir=out,
             recipe=r,
         )
@@ -116,7 +125,7 @@ def run_all(
 
 @app.command()
 def verify(
-    domain: Annotated[str, typer.Argument(help="Domain: math, code, logic or agents.")],
+    domain: Annotated[str, typer.Argument(help="Domain: a name in teachers/base.py REGISTRY.")],
     input_: Annotated[
         Path,
         typer.Argument(
@@ -299,6 +308,57 @@ def train(recipe: RecipeArg, set_: SetOpt = None) -> None:
     HF model dir <out>/student/ with train_report.json, checkpoints/ (resumed when
     present) and cache/. Several processes: `accelerate launch -m distill train RECIPE`."""
     _stage("train", recipe, set_)
+
+
+# --- rl: GRPO on the student (or any HF model) ---------------------------------------
+
+
+@app.command()
+def rl(
+    recipe: Annotated[
+        Path | None, typer.Argument(help="Recipe YAML file (optional with --model).")
+    ] = None,
+    set_: SetOpt = None,
+    model: Annotated[
+        Path | None, typer.Option(help="One-off: GRPO on this HF model directory.")
+    ] = None,
+    domains: Annotated[
+        str | None, typer.Option(help="One-off: comma-separated domains (default: all).")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="One-off: RL steps.")] = 20,
+    out: Annotated[
+        Path | None, typer.Option(help="One-off: output model directory (default data/rl/<model>).")
+    ] = None,
+) -> None:
+    """Mixed RL (GRPO) on the distilled student over every domain, rewards from the verifiers.
+
+    Reads <out>/student/; writes the RL-trained student to <out>/rl/ with rl_log.jsonl (one
+    line of metrics per step) and rl_report.json. With --model DIR: RL on any HF causal LM
+    directory; the recipe's `rl` section (or its defaults) and --set rl.KEY=VALUE apply."""
+    if model is None:
+        if recipe is None:
+            raise UserError("rl: give a RECIPE, or --model DIR for a one-off")
+        _stage("rl", recipe, set_)
+        return
+    from distill.recipe.rl import RLConfig
+    from distill.rl import one_off
+    from teachers.base import REGISTRY
+
+    if recipe is not None:
+        cfg = load(recipe, set_).rl.model_copy(update={"steps": steps})
+    else:
+        from distill.recipe.schema import validate
+
+        data = {"name": "rl", "rl": {}}
+        for s in set_ or []:
+            from distill.recipe.schema import apply_override
+
+            apply_override(data, s)
+        cfg = validate(data, source="--set").rl.model_copy(update={"steps": steps})
+    names = [d.strip() for d in (domains or ",".join(REGISTRY)).split(",") if d.strip()]
+    dest = out or Path("data") / "rl" / model.name
+    report = one_off(model, names, dest, RLConfig.model_validate(cfg.model_dump()))
+    typer.echo(f"wrote {dest} ({report['steps']} steps)")
 
 
 def _stage(stage: str, recipe: Path, set_: list[str] | None) -> None:

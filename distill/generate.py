@@ -78,14 +78,12 @@ def sampling_for(recipe: Recipe, domain: str) -> Sampling:
 
 def teacher_backend(recipe: Recipe, domain: str, device: str | None = None) -> Backend:
     """The backend of a domain's teacher; bootstrap teachers must have been trained."""
+    from distill.rl.specialist import teacher_dir
+
     t = recipe.teachers[domain]
-    path = None
-    if t.kind == "bootstrap":
-        path = recipe.out / "teachers" / domain
-        if not (path / "config.json").is_file():
-            raise UserError(
-                f"{path}: no bootstrap teacher for {domain}; run `distill teachers` first"
-            )
+    path = teacher_dir(recipe, domain)  # the RL-sharpened teacher when its RL is on
+    if path is not None and not (path / "config.json").is_file():
+        raise UserError(f"{path}: no teacher for {domain}; run `distill teachers` first")
     return make_backend(t, path=path, batch_size=recipe.generate.batch_size, device=device)
 
 

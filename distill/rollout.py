@@ -35,6 +35,7 @@ class Episode:
     context_tokens: int = 0
     finish_reason: str | None = None
     topk: list[dict] = field(default_factory=list)
+    completions: list[Completion] = field(default_factory=list)  # with sampler_logprobs
 
 
 def episode_seed(seed: int, task_id: str, j: int) -> int:
@@ -76,6 +77,26 @@ def rollout_pairs(
 ) -> list[Trace]:
     """Traces of the given (task, sample index) pairs, in that order (resume rolls out
     only the samples still missing)."""
+    episodes = run_episodes(
+        backend, domain, pairs, sampling=sampling, max_turns=max_turns,
+        max_episode_tokens=max_episode_tokens,
+    )  # fmt: skip
+    lineage = json.dumps(sampling.to_json(), sort_keys=True)
+    return [_trace(e, backend, domain, teacher, split, lineage, sampling) for e in episodes]
+
+
+def run_episodes(
+    backend: Backend,
+    domain: Domain,
+    pairs: list[tuple[Task, int]],
+    *,
+    sampling: Sampling,
+    max_turns: int = 8,
+    max_episode_tokens: int = 2048,
+) -> list[Episode]:
+    """The episodes of (task, sample index) pairs, played to their end, in that order.
+    With ``sampling.sampler_logprobs`` each keeps its turns' completions (prompt and
+    generated ids, the sampler's log-probabilities and kept sets): what RL trains on."""
     episodes = [
         Episode(
             task=t,
@@ -97,10 +118,11 @@ def rollout_pairs(
             seeds=[mix_seed(e.seed, e.turns) for e in live],
         )
         for e, (c,) in zip(live, completions, strict=True):
+            if sampling.sampler_logprobs:
+                e.completions.append(c)
             _advance(e, c, max_turns, max_episode_tokens)
         live = [e for e in live if e.finish_reason is None]
-    lineage = json.dumps(sampling.to_json(), sort_keys=True)
-    return [_trace(e, backend, domain, teacher, split, lineage, sampling) for e in episodes]
+    return episodes
 
 
 def _advance(e: Episode, c: Completion, max_turns: int, max_tokens: int) -> None:

@@ -43,7 +43,9 @@ TABLE: tuple[Stage, ...] = (
     Stage("filter", "distill.filter", ("domains", "filter"), ("generate",), "clean"),
     Stage("train", "distill.train", ("seed", "domains", "student", "train"),
           ("teachers", "filter"), "student"),
-    Stage("eval", "distill.eval", ("seed", "domains", "eval"), ("teachers", "train"), "eval"),
+    Stage("rl", "distill.rl", ("seed", "domains", "generate", "rl"), ("train",), "rl"),
+    Stage("eval", "distill.eval", ("seed", "domains", "eval"), ("teachers", "train", "rl"),
+          "eval"),
 )  # fmt: skip
 BY_NAME = {s.name: s for s in TABLE}
 STAGES = [s.name for s in TABLE]
@@ -200,6 +202,7 @@ def weights_digest(d: Path) -> dict[str, str]:
     from distill.shards.read import file_sha256  # pyarrow: not at import time of the CLI
 
     files = sorted(d.glob("*.safetensors")) + sorted(d.glob("*/*.safetensors"))
+    files += sorted(d.glob("*/rl/*.safetensors"))  # RL-sharpened teachers
     return {str(f.relative_to(d)): file_sha256(f) for f in files}
 
 

@@ -149,7 +149,8 @@ def teacher_fingerprint(recipe: Recipe, d: str, tok_fp: str) -> str:
     return _hash(
         {
             "seed": recipe.seed,
-            "teacher": t.model_dump(mode="json"),
+            # its RL section is not part of it: RL reruns on its own (distill/rl/specialist.py)
+            "teacher": t.model_dump(mode="json", exclude={"rl"}),
             "difficulty": recipe.domains[d].difficulty,
             "verifier": get_domain(d).verifier_version,
             "tokenizer": tok_fp,
@@ -270,6 +271,11 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
             info[d] = check_hf(d, t.path)
         else:
             info[d] = check_openai(d, t)
+    from distill.rl.specialist import sharpen
+
+    for d in recipe.active_domains():  # specialist RL after every supervised phase
+        if (rl := sharpen(recipe, d, force)) is not None:
+            info[d]["rl"] = {"path": str(recipe.out / "teachers" / d / "rl"), **rl}
     return {"teachers": info, "record": {"teachers": info}}
 
 

@@ -11,9 +11,10 @@ from typer.testing import CliRunner
 
 from distill.cli import app
 from distill.shards import shard_files
+from teachers.base import REGISTRY
 
 pytestmark = pytest.mark.integration
-DOMAINS = ["math", "code", "logic", "agents"]
+DOMAINS = list(REGISTRY)
 
 
 CORPUS = ["What is 12 + 30? \\boxed{42}", "def f(x):\n    return x"]
@@ -28,6 +29,8 @@ def micro_recipe(
     train_tasks=4,
     eval_tasks=3,
     hidden=32,
+    domains=tuple(DOMAINS),
+    rl=True,
 ) -> dict:
     arch = {
         "hidden_size": hidden,
@@ -45,15 +48,18 @@ def micro_recipe(
         "log_every": 1,
     }
     teacher = {"kind": "bootstrap", "oracle_tasks": oracle, "arch": arch, "train": train}
+    teachers = {d: teacher for d in domains}
+    if rl and "math" in teachers:  # the math specialist is sharpened by RL on its own domain
+        teachers["math"] = {**teacher, "rl": {"enabled": True, **MICRO_RL, "steps": 1}}
     return {
         "name": "micro",
         "output_dir": str(out),
         "tokenizer": {"kind": "train", "vocab_size": 320, "corpus_tasks": 20},
         "domains": {
             d: {"train_tasks": train_tasks, "eval_tasks": eval_tasks, "max_new_tokens": 24}
-            for d in DOMAINS
+            for d in domains
         },
-        "teachers": {d: teacher for d in DOMAINS},
+        "teachers": teachers,
         "generate": {
             "samples_per_task": 1,
             "temperature": 0.0,
@@ -72,7 +78,16 @@ def micro_recipe(
         "student": {"kind": "scratch", "arch": arch},
         "train": {**train, "max_steps": student_steps},
         "eval": {"pass_k": 2, "batch_size": 16, "target_wall_s": 3600, "target_peak_gb": 24},
+        "rl": {"enabled": rl, **MICRO_RL},
     }
+
+
+# RL steps on the micro models: the wiring, not learning (an overlong buffer as long as the
+# limit gives a random model's groups reward variance, so updates really happen)
+MICRO_RL = {
+    "steps": 2, "prompts_per_step": 4, "group_size": 2, "max_new_tokens": 12,
+    "micro_batch_seqs": 8, "domains": {d: {"reward": {"overlong_buffer": 12}} for d in DOMAINS},
+}  # fmt: skip
 
 
 def write_recipe(path: Path, data: dict) -> Path:
@@ -108,7 +123,11 @@ def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "micro.yaml", micro_recipe(out))
     first = run_stages(recipe)
-    assert [s["status"] for s in first.values()] == ["ran"] * 5
+    assert [s["status"] for s in first.values()] == ["ran"] * 6
+    assert (out / "teachers" / "math" / "rl" / "config.json").exists()  # specialist RL
+    assert not (out / "teachers" / "logic" / "rl").exists()
+    rl_log = (out / "rl" / "rl_log.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rl_log] == [1, 2]  # mixed RL on the student
 
     for d in DOMAINS:
         assert (out / "teachers" / d / "config.json").exists()
@@ -119,8 +138,8 @@ def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed
         clean = dataset_of(out / "clean" / d)
         assert all(v is not None for v in clean["verdict"])  # the filter judged every row
 
-    tok = AutoTokenizer.from_pretrained(out / "student")
-    model = AutoModelForCausalLM.from_pretrained(out / "student")
+    tok = AutoTokenizer.from_pretrained(out / "rl")
+    model = AutoModelForCausalLM.from_pretrained(out / "rl")
     ids = tok.apply_chat_template(
         [{"role": "user", "content": "What is 2 + 3?"}],
         add_generation_prompt=True,
@@ -132,17 +151,25 @@ def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed
 
     report = json.loads((out / "eval" / "report.json").read_text())
     models = {s["model"] for s in report["scores"]}
-    assert models == {f"teacher:{d}" for d in DOMAINS} | {"student"}
+    assert models == {f"teacher:{d}" for d in DOMAINS} | {
+        "teacher:math:supervised",
+        "student",
+        "student:distilled",
+    }
+    assert report["models"]["student"]["path"] == str(out / "rl")
     cells = {(s["model"], s["domain"]) for s in report["scores"]}
     for d in DOMAINS:
         assert (f"teacher:{d}", d) in cells and ("student", d) in cells
         assert 0.0 <= report["scores"][0]["pass1"] <= 1.0
     assert set(report["recovery"]) == set(DOMAINS)
+    for d in DOMAINS:  # recovery before and after mixed RL
+        assert {"ratio", "distilled_ratio"} <= set(report["recovery"][d])
+    assert "teacher_supervised" in report["recovery"]["math"]
     # what each stage took, added up against the recipe's time and memory targets
-    assert list(report["cost"]) == ["teachers", "generate", "filter", "train", "eval"]
+    assert list(report["cost"]) == ["teachers", "generate", "filter", "train", "rl", "eval"]
     ran = {s: v["seconds"] for s, v in first.items()}
     for stage, c in report["cost"].items():
-        assert c["peak_rss_mb"] > 50 and 0 < c["seconds"]
+        assert c["peak_rss_mb"] > 50 and 0 <= c["seconds"]
         assert stage == "eval" or abs(c["seconds"] - ran[stage]) < 1.0
     wall, mem = report["targets"][-2:]
     assert wall["value"] == pytest.approx(sum(c["seconds"] for c in report["cost"].values()))
@@ -169,7 +196,7 @@ def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed
     teacher_w = out / "teachers" / "math" / "model.safetensors"
     stamps = {p: p.stat().st_mtime_ns for p in [teacher_w, *shard_files(out / "clean" / "math")]}
     second = run_stages(recipe)
-    assert [s["status"] for s in second.values()] == ["skipped"] * 5
+    assert [s["status"] for s in second.values()] == ["skipped"] * 6
 
     # a changed train section (through `distill recipe set`) reruns only train and eval
     cli("recipe", "set", str(recipe), "train.lr=0.001")
@@ -179,12 +206,34 @@ def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed
         "generate": "skipped",
         "filter": "skipped",
         "train": "ran",
+        "rl": "ran",
         "eval": "ran",
     }
     assert (
-        "train changed" in third["train"]["why"] and "upstream train reran" in third["eval"]["why"]
+        "train changed" in third["train"]["why"]
+        and "upstream train, rl reran" in third["eval"]["why"]
     )
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+    # the student's RL section alone reruns only the RL stage and eval
+    cli("recipe", "set", str(recipe), "rl.lr=0.0002")
+    fourth = run_stages(recipe)
+    assert [s for s, v in fourth.items() if v["status"] == "ran"] == ["rl", "eval"]
+    assert "recipe section rl changed" in fourth["rl"]["why"]
+
+    # one teacher's RL section reruns that teacher's RL (not its supervised phase, not the
+    # other teachers), then everything downstream
+    math_rl = out / "teachers" / "math" / "rl" / "model.safetensors"
+    logic_w = out / "teachers" / "logic" / "model.safetensors"
+    before = {p: p.stat().st_mtime_ns for p in (teacher_w, math_rl, logic_w)}
+    cli("recipe", "set", str(recipe), "teachers.math.rl.lr=0.0002")
+    fifth = run_stages(recipe)
+    assert [s for s, v in fifth.items() if v["status"] == "ran"] == [
+        "teachers", "generate", "filter", "train", "rl", "eval"
+    ]  # fmt: skip
+    assert teacher_w.stat().st_mtime_ns == before[teacher_w]
+    assert logic_w.stat().st_mtime_ns == before[logic_w]
+    assert math_rl.stat().st_mtime_ns != before[math_rl]
 
 
 def test_eval_one_off_on_any_model_directory(tmp_path):

@@ -13,7 +13,10 @@ ROOT = Path(__file__).parents[1]
 
 
 def test_show_round_trips_and_comments_every_field():
-    r = load_recipe(ROOT / "recipes" / "demo.yaml", ["train.lr=0.0003", "output_dir=/tmp/a b"])
+    r = load_recipe(
+        ROOT / "recipes" / "demo.yaml",
+        ["train.lr=0.0003", "output_dir=/tmp/a b", "rl.domains.math.kl_coef=0.1"],
+    )
     text = show_yaml(r)
     assert validate(YAML(typ="safe").load(text)) == r  # what is shown is what runs
     assert "# Peak learning rate (AdamW).\n  lr: 0.0003" in text

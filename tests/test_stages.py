@@ -36,9 +36,9 @@ def recipe(tmp_path: Path, *overrides: str):
 
 def test_layout_follows_the_design(tmp_path):
     r = recipe(tmp_path)
-    assert STAGES == ["teachers", "generate", "filter", "train", "eval"]
+    assert STAGES == ["teachers", "generate", "filter", "train", "rl", "eval"]
     assert [stage_dir(r, s) for s in STAGES] == [
-        tmp_path / d for d in ("teachers", "raw", "clean", "student", "eval")
+        tmp_path / d for d in ("teachers", "raw", "clean", "student", "rl", "eval")
     ]
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 REPORT_VERSION = "1"
-STUDENT = "student"
+STUDENT = "student"  # the final student: after mixed RL when the recipe runs it
+STUDENT_SFT = "student:distilled"  # the distilled student before RL (only when RL runs)
 
 
 @dataclass
@@ -108,6 +109,11 @@ def teacher_name(domain: str) -> str:
     return f"teacher:{domain}"
 
 
+def sft_name(teacher: str) -> str:
+    """The supervised teacher's name in the report, when the final one had RL."""
+    return f"{teacher}:supervised"
+
+
 def build(
     scores: Sequence[Score],
     *,
@@ -135,6 +141,17 @@ def build(
                 "teacher_tokens_per_correct": t.tokens_per_correct,
                 "student_tokens_per_correct": s.tokens_per_correct,
             }
+            if sup := cell.get((sft_name(teacher_name(d)), d)):  # before specialist RL
+                rec[d].update(
+                    teacher_supervised=sup.pass1,
+                    teacher_supervised_tokens_per_correct=sup.tokens_per_correct,
+                )
+            if sft := cell.get((STUDENT_SFT, d)):  # recovery before mixed RL too
+                rec[d].update(
+                    distilled=sft.pass1,
+                    distilled_ratio=recovery(sft.pass1, t.pass1),
+                    distilled_tokens_per_correct=sft.tokens_per_correct,
+                )
     report = {
         "version": REPORT_VERSION,
         "name": name,
@@ -397,14 +414,16 @@ def chart(report: dict[str, Any], path: str | Path) -> None:
     cell = {(s["model"], s["domain"]): s for s in report["scores"]}
     domains = report["domains"]
     x = list(range(len(domains)))
-    w = 0.38
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=90)
-    series = [
-        ("teacher", "#4C72B0", lambda d: cell.get((teacher_name(d), d))),
-        ("student", "#DD8452", lambda d: cell.get((STUDENT, d))),
-    ]
+    series = [("teacher", "#4C72B0", lambda d: cell.get((teacher_name(d), d)))]
+    if any(m == STUDENT_SFT for m, _ in cell):  # what distillation bought, then mixed RL
+        series.append(("student (distilled)", "#C9A27E", lambda d: cell.get((STUDENT_SFT, d))))
+        series.append(("student (+ RL)", "#DD8452", lambda d: cell.get((STUDENT, d))))
+    else:
+        series.append(("student", "#DD8452", lambda d: cell.get((STUDENT, d))))
+    w = 0.76 / len(series)
     for i, (label, color, get) in enumerate(series):
-        xs = [xi + (i - 0.5) * w for xi in x]
+        xs = [xi + (i - (len(series) - 1) / 2) * w for xi in x]
         acc = [100 * get(d)["pass1"] if get(d) else 0 for d in domains]
         tok = [(get(d) or {}).get("tokens_per_correct") or 0 for d in domains]
         ax1.bar(xs, acc, w, label=label, color=color)

@@ -21,6 +21,7 @@ from rich.console import Console
 from distill.errors import UserError
 from distill.eval import report as rep
 from distill.recipe.schema import DomainConfig, EvalConfig, GenerateConfig, Recipe, TeacherConfig
+from distill.rl.specialist import base_dir, teacher_dir
 from distill.tasks import tasks_for
 from teachers.base import Task, get_domain
 
@@ -216,14 +217,19 @@ def models_of(recipe: Recipe) -> list[tuple[ModelSpec, list[str]]]:
         t = recipe.teachers[d]
         on = active if recipe.eval.teachers_on_all_domains else [d]
         name = rep.teacher_name(d)
-        if t.kind == "bootstrap":
-            spec = ModelSpec(name, path=recipe.out / "teachers" / d, kind="bootstrap")
-        elif t.kind == "hf":
-            spec = ModelSpec(name, path=Path(t.path), teacher=t, kind="hf")
-        else:
-            spec = ModelSpec(name, teacher=t, kind="openai")
-        out.append((spec, on))
-    out.append((ModelSpec(rep.STUDENT, path=recipe.out / "student", kind="student"), active))
+        if t.kind == "openai":
+            out.append((ModelSpec(name, teacher=t, kind="openai"), on))
+            continue
+        if t.rl.enabled:  # the supervised teacher too: what its RL bought
+            out.append((ModelSpec(rep.sft_name(name), path=base_dir(recipe, d), kind=t.kind), [d]))
+        out.append((ModelSpec(name, path=teacher_dir(recipe, d), teacher=t, kind=t.kind), on))
+    if recipe.rl.enabled:  # the final student is the RL-trained one; the distilled one beside it
+        out.append(
+            (ModelSpec(rep.STUDENT_SFT, path=recipe.out / "student", kind="student"), active)
+        )
+        out.append((ModelSpec(rep.STUDENT, path=recipe.out / "rl", kind="student"), active))
+    else:
+        out.append((ModelSpec(rep.STUDENT, path=recipe.out / "student", kind="student"), active))
     return out
 
 
@@ -243,7 +249,10 @@ def run(recipe: Recipe) -> dict[str, Any]:
     shutil.rmtree(samples, ignore_errors=True)  # no rollouts of an earlier run's models
     for spec, on in models_of(recipe):
         if spec.path is not None and not (spec.path / "config.json").exists():
-            stage = "train" if spec.name == rep.STUDENT else "teachers"
+            stage = {
+                rep.STUDENT: "rl" if recipe.rl.enabled else "train",
+                rep.STUDENT_SFT: "train",
+            }.get(spec.name, "teachers")
             raise UserError(f"{spec.path}: no model (run `distill {stage}` first)")
         models[spec.name] = spec.describe()
         doms = {d: recipe.domains[d] for d in on}

@@ -11,36 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, ValidationError, model_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from distill.errors import UserError
 from distill.files import json_hash
+from distill.recipe.base import DomainName, Section
 from distill.recipe.errors import format_error as _format_error
-from teachers.base import REGISTRY
+from distill.recipe.rl import RLConfig
 
 
 class RecipeError(UserError):
     """A recipe that cannot be loaded; the message is one line meant for the user."""
-
-
-# Domain names come from the registry, so adding a domain touches no schema code.
-DomainName = Literal[tuple(REGISTRY)]  # type: ignore[valid-type]
-_NUMBERS = (int, float, int | None, float | None)
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_numbers(cls, v: Any, info: Any) -> Any:
-        # pydantic reads `lr: true` as 1.0; in a recipe that is always a mistake
-        if isinstance(v, bool) and cls.model_fields[info.field_name].annotation in _NUMBERS:
-            raise PydanticCustomError("float_type", "expected a number")
-        return v
 
 
 # --------------------------------------------------------------------------- models
@@ -232,6 +215,11 @@ class TeacherConfig(Section):
     train: TrainConfig = Field(
         default_factory=TrainConfig, description="Training of the bootstrap teacher."
     )
+    rl: RLConfig = Field(
+        default_factory=RLConfig,
+        description="Specialist RL on the teacher's own domain after its supervised phase "
+        "(bootstrap or hf teachers; generate then samples from the sharpened teacher).",
+    )
 
     @model_validator(mode="after")
     def _needs(self) -> TeacherConfig:
@@ -381,6 +369,11 @@ class Recipe(Section):
         default_factory=StudentConfig, description="The general student."
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Student training.")
+    rl: RLConfig = Field(
+        default_factory=RLConfig,
+        description="Mixed RL on the distilled student over every domain (the stage between "
+        "train and eval; eval then scores the RL-trained student).",
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
 
     @model_validator(mode="after")

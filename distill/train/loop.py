@@ -34,16 +34,9 @@ from distill.recipe.schema import ModelArch, Recipe, TrainConfig
 from distill.train import checkpoint
 from distill.train.data import RowStream, cache_key, collate, tokenize_domain
 from distill.train.loss import Objective
-from distill.train.setup import (
-    StepStats,
-    build_report,
-    compile_model,
-    make_accelerator,
-    make_optimizer,
-    progress,
-    save_model,
-    set_cpu_threads,
-)
+from distill.train.metrics import StepStats, build_report, progress
+from distill.train.save import save_model
+from distill.train.setup import compile_model, make_accelerator, make_optimizer, set_cpu_threads
 
 # book each step's losses one step late (see _Loop.run); None: on a GPU only. Tests set it.
 DEFER: bool | None = None

@@ -1,0 +1,121 @@
+"""The RL sections of a recipe: ``rl`` (mixed RL on the student, after ``train``) and
+``teachers.<domain>.rl`` (a specialist sharpened on its own domain). One schema for both:
+GRPO as DeepSeek-V3.2 runs it (see :mod:`distill.rl.loss` for the formulas)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from distill.recipe.base import DomainName, Section
+
+
+class RewardConfig(Section):
+    """Reward shaping of one domain, added to its verifier's score (0..1)."""
+
+    overlong_buffer: int = Field(
+        0,
+        ge=0,
+        description="DAPO soft overlong penalty: over the last N tokens before the length "
+        "limit the penalty grows linearly from 0 to overlong_penalty; 0 = off.",
+    )
+    overlong_penalty: float = Field(
+        1.0, ge=0, description="Penalty at the length limit (soft overlong)."
+    )
+    efficiency: float = Field(
+        0.0,
+        ge=0,
+        description="Token efficiency: a passing answer loses efficiency × its tokens / the "
+        "length limit, so within a group shorter correct answers get the larger advantage.",
+    )
+    truncated: Literal["mask", "zero"] = Field(
+        "zero",
+        description="Completions cut at the length limit: zero = reward 0 (they still count "
+        "in their group); mask = their tokens carry no loss (DAPO overlong filtering).",
+    )
+
+
+class RLDomainConfig(Section):
+    """One domain of an RL run."""
+
+    weight: float = Field(1.0, ge=0, description="Prompt mixture weight; 0 = no prompts.")
+    kl_coef: float = Field(
+        0.0,
+        ge=0,
+        description="β of the unbiased KL to the frozen starting model; 0 everywhere = no "
+        "reference model is loaded.",
+    )
+    tasks: int = Field(2000, ge=1, description="Training-split tasks in the prompt pool.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward shaping.")
+
+
+class RLConfig(Section):
+    """GRPO on the policy's own rollouts, rewards from the domain verifiers."""
+
+    enabled: bool = Field(False, description="Run this RL phase.")
+    steps: int = Field(20, ge=1, description="RL steps (one rollout batch each).")
+    max_time_s: float | None = Field(
+        None, gt=0, description="Stop after this many seconds (the model so far is saved)."
+    )
+    prompts_per_step: int = Field(16, ge=1, description="Prompts per step (global, all ranks).")
+    group_size: int = Field(8, ge=2, description="Samples per prompt (G).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="Nucleus of the rollouts (its kept set is recorded)."
+    )
+    top_k: int = Field(0, ge=0, description="Top-k of the rollouts; 0 = off.")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Tokens per assistant turn; null = the domain's generate setting."
+    )
+    max_turns: int | None = Field(
+        None, ge=1, description="Assistant turns per agent episode; null = generate.max_turns."
+    )
+    lr: float = Field(1e-4, gt=0, description="Learning rate (AdamW, constant after warmup).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Global gradient norm clip; null = off.")
+    updates_per_step: int = Field(
+        1,
+        ge=1,
+        description="Optimizer updates per rollout batch (the batch split into this many "
+        "mini-batches); above 1 the later updates are off-policy.",
+    )
+    micro_batch_seqs: int = Field(
+        16, ge=1, description="Sequences per forward/backward on one device."
+    )
+    clip_low: float = Field(0.2, ge=0, lt=1, description="ε_lo: ratio clipped below 1 − ε_lo.")
+    clip_high: float = Field(
+        0.28, ge=0, description="ε_hi: ratio clipped above 1 + ε_hi (DAPO clip-higher)."
+    )
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_sum_const"] = Field(
+        "token_mean",
+        description="Loss aggregation, all with global denominators: token_mean; "
+        "seq_mean_token_mean (V3.2 as written); seq_sum_const (Dr. GRPO).",
+    )
+    scale_rewards: Literal["none", "group", "batch"] = Field(
+        "none", description="Divide advantages by the group's or batch's std; none = V3.2."
+    )
+    skip_zero_variance: bool = Field(
+        True, description="Leave out groups whose rewards are all equal (no policy gradient)."
+    )
+    offpolicy_delta: float | None = Field(
+        None,
+        gt=0,
+        description="Off-policy sequence masking: a negative-advantage sequence whose mean "
+        "log(π_old/π_θ) exceeds δ carries no policy loss; null = off.",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 on GPU, fp32 on CPU."
+    )
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps; 0 = only at the end.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept.")
+    log_every: int = Field(1, ge=1, description="Print a log line every N steps.")
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Accelerate trackers (every step's metrics)."
+    )
+    domains: dict[DomainName, RLDomainConfig] = Field(
+        default_factory=dict,
+        description="Per-domain prompt weight, KL coefficient and reward shaping; a domain "
+        "left out gets the defaults (weight 1).",
+    )

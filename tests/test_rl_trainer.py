@@ -1,0 +1,119 @@
+"""The GRPO loop on a tiny random Llama: rollouts from the live weights, the sampler's
+log-probabilities equal to the trainer's, logs with every metric, the model out, the
+stage under two CPU ranks equal to one, and resume after a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from gen_fixtures import tiny_model_dir
+
+from distill.recipe.rl import RLConfig
+from distill.rl.rewards import overlong_penalty, shaped_reward
+from distill.rl.rollout import step_prompts
+from distill.rl.trainer import LOG, REPORT, train_rl
+from teachers.base import get_domain
+
+pytestmark = pytest.mark.integration
+
+# an overlong buffer as long as the limit: rewards differ with length, so a random
+# model's groups have variance and the loop does real updates
+CFG = dict(
+    steps=2, prompts_per_step=3, group_size=4, temperature=0.7, top_p=0.9, max_new_tokens=10, lr=1e-3, micro_batch_seqs=5,
+    domains={"math": {"reward": {"overlong_buffer": 10, "overlong_penalty": 0.5}}},
+)  # fmt: skip
+LIMITS = {"math": (10, 1, 256)}
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("policy"))
+
+
+def tasks(n=6):
+    return {"math": list(get_domain("math").tasks("train", n, 0, 1))}
+
+
+def run(out: Path, policy: Path, **kw) -> dict:
+    cfg = RLConfig.model_validate({**CFG, **kw})
+    return train_rl(init=policy, tasks=tasks(), cfg=cfg, limits=LIMITS, out_dir=out, seed=0)
+
+
+def log_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / LOG).read_text().splitlines()]
+
+
+def test_steps_log_every_metric_and_save_the_model(tmp_path, policy_dir):
+    from transformers import AutoModelForCausalLM
+
+    report = run(tmp_path / "rl", policy_dir)
+    assert report["finished"] and report["steps"] == 2
+    rows = log_rows(tmp_path / "rl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("reward/math", "pass/math", "len_correct", "len_incorrect", "truncated_frac",
+                "entropy", "kl", "clip_frac", "masked_seq_frac", "ratio_p95",
+                "ratio_outside_0.9_1.1", "zero_var_frac", "time_generate_s", "time_score_s",
+                "time_logprobs_s", "time_update_s", "completion_tokens_per_s"):  # fmt: skip
+        assert key in rows[0], key
+    assert rows[0]["episodes"] == 3 * 4 and rows[0]["loss_tokens"] > 0
+    # one update per rollout batch is on-policy: the trainer's log-probabilities equal the
+    # sampler's, so every importance ratio is 1 (fp32 on CPU)
+    assert rows[0]["ratio_outside_0.9_1.1"] == 0.0
+    assert abs(rows[0]["ratio_p95"] - 1.0) < 1e-4 and rows[0]["clip_frac"] == 0.0
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "rl")
+    before = AutoModelForCausalLM.from_pretrained(policy_dir)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(saved.parameters(), before.parameters(), strict=True)
+    ), "the policy never changed"
+    assert json.loads((tmp_path / "rl" / REPORT).read_text())["steps"] == 2
+
+
+def test_later_updates_are_off_policy_and_kl_needs_a_reference(tmp_path, policy_dir):
+    run(tmp_path / "rl", policy_dir, steps=1, updates_per_step=2, lr=0.05,
+        domains={"math": {"kl_coef": 0.1, "reward": {"overlong_buffer": 10}}})  # fmt: skip
+    (row,) = log_rows(tmp_path / "rl")
+    # the second mini-batch is sampled by the weights before the first update: ratios move
+    assert row["ratio_outside_0.9_1.1"] > 0 or abs(row["ratio_p95"] - 1) > 1e-3
+    assert row["kl"] >= 0 and row["time_logprobs_s"] > 0  # the reference model ran
+
+
+def test_resume_from_a_checkpoint_gives_the_same_weights(tmp_path, policy_dir):
+    from safetensors.torch import load_file
+
+    run(tmp_path / "a", policy_dir, steps=3)
+    run(tmp_path / "b", policy_dir, steps=2, save_every=1)  # checkpoint after step 1
+    assert (tmp_path / "b" / "checkpoints" / "step-000001").is_dir()
+    report = run(tmp_path / "b", policy_dir, steps=3, save_every=1)  # resumes at step 1
+    assert report["steps"] == 3
+    assert [r["step"] for r in log_rows(tmp_path / "b")][-2:] == [2, 3]
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_step_prompts_follow_weights_and_are_deterministic():
+    pools = {"math": list(range(10)), "logic": list(range(5))}
+    p = step_prompts(pools, {"math": 3.0, "logic": 1.0}, 8, step=0, seed=0)
+    assert [d for d, _ in p].count("math") == 6 and len(p) == 8
+    assert p == step_prompts(pools, {"math": 3.0, "logic": 1.0}, 8, step=0, seed=0)
+    assert p != step_prompts(pools, {"math": 3.0, "logic": 1.0}, 8, step=1, seed=0)
+    with pytest.raises(ValueError):
+        step_prompts(pools, {"math": 0.0, "logic": 0.0}, 8, step=0, seed=0)
+
+
+def test_reward_shaping():
+    from distill.recipe.rl import RewardConfig
+
+    assert overlong_penalty(80, 100, 20, 1.0) == 0.0
+    assert overlong_penalty(90, 100, 20, 1.0) == pytest.approx(0.5)
+    assert overlong_penalty(130, 100, 20, 1.0) == 1.0
+    eff = RewardConfig(efficiency=0.2)
+    short, long_ = (shaped_reward(1.0, True, n, 100, False, eff).value for n in (20, 80))
+    assert short > long_ and short == pytest.approx(0.96)
+    assert shaped_reward(0.0, False, 20, 100, False, eff).value == 0.0  # no pay for brevity
+    cut = shaped_reward(1.0, True, 100, 100, True, RewardConfig(truncated="mask"))
+    assert not cut.loss and shaped_reward(1.0, True, 100, 100, True, eff).value == 0.0
