@@ -27,6 +27,10 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a recipe key: a.b.c=value (repeatable)."),
 ]
+DomainsOpt = Annotated[
+    str | None,
+    typer.Option(help="One-off: comma-separated domains (default: every registered one)."),
+]
 
 
 def load(recipe: Path, overrides: list[str] | None):
@@ -71,10 +75,7 @@ def eval_(
         str | None, typer.Option(help="One-off: evaluate an OpenAI-compatible endpoint.")
     ] = None,
     model_name: Annotated[str | None, typer.Option(help="Model name sent to --base-url.")] = None,
-    domains: Annotated[
-        str | None,
-        typer.Option(help="One-off: comma-separated domains (default: every registered one)."),
-    ] = None,
+    domains: DomainsOpt = None,
     tasks: Annotated[int, typer.Option(help="One-off: eval tasks per domain.")] = 100,
     out: Annotated[
         Path | None, typer.Option(help="One-off: report directory (default data/eval/<model>).")

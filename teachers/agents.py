@@ -240,12 +240,37 @@ def task_from_record(record: dict[str, Any], index: int = 0) -> Task:
 # --- the domain -----------------------------------------------------------------------------
 
 
+_CALL = {"name": "transfer", "arguments": '{"from": "alice", "to": "bob", "amount": 5}'}
+# A real record with a right conversation (``distill verify`` input); the contract test
+# (tests/test_domains.py) loads and verifies it.
+RECORD_EXAMPLES = [
+    {
+        "id": "bank-1",
+        "env": {"accounts": {"alice": 40, "bob": 10}},
+        "turns": ["Send 5 from alice to bob. How much does alice have left?"],
+        "expected_answers": ["35"],
+        "expected_state": {"accounts": {"alice": 35, "bob": 15}},
+        "messages": [
+            {"role": "user", "content": "Send 5 from alice to bob. How much does alice have left?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"id": "c1", "type": "function", "function": _CALL}],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "ok: alice 35, bob 15"},
+            {"role": "assistant", "content": "Answer: 35"},
+        ],
+    }
+]
+
+
 class AgentsDomain:
     """The agents domain on the protocol of :mod:`teachers.base`."""
 
     name = "agents"
     verifier_name = VERIFIER_NAME
     verifier_version = VERIFIER_VERSION
+    record_examples = RECORD_EXAMPLES
 
     def tasks(self, split: str, n: int, seed: int, difficulty: int = 1) -> Iterator[Task]:
         for task in generate_tasks(

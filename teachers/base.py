@@ -1,21 +1,35 @@
 """The small protocol every domain module implements, and the domain registry.
 
-A domain is one module in ``teachers/`` exposing a module-level object that satisfies
-:class:`Domain`. Adding a domain touches one new file and one line in ``REGISTRY``.
+A domain is one module exposing a module-level object that satisfies :class:`Domain`.
+Adding a domain touches one new file and one line in ``REGISTRY`` (or one
+:func:`register` call, or one ``DISTILL_DOMAINS`` entry, for a module outside this
+repository); ``tests/test_domains.py`` then checks it against the contract. See
+docs/adding-a-domain.md. Domain modules are imported on first use, not here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from distill.errors import UserError
 from distill.files import short_hash
 from distill.messages import Trace, Verdict
 
-__all__ = ["Task", "Verdict", "Domain", "ToolEnv", "REGISTRY", "get_domain", "split_of"]
+__all__ = [
+    "Task",
+    "Verdict",
+    "Domain",
+    "ToolEnv",
+    "REGISTRY",
+    "get_domain",
+    "register",
+    "split_of",
+]
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,10 @@ class ToolEnv(Protocol):
 
 @runtime_checkable
 class Domain(Protocol):
+    """What every domain gives the pipeline (docs/adding-a-domain.md). Optional, outside
+    the protocol: ``record_examples``, a few real records each with a right
+    ``completion`` or ``messages``, which tests/test_domains.py loads and verifies."""
+
     name: str
     verifier_name: str
     verifier_version: str
@@ -81,6 +99,8 @@ class Domain(Protocol):
         ...
 
 
+# name -> "package.module:ATTR", imported on first use. Every stage, the recipe's domain
+# names and the CLI's defaults read this table; tests/test_domains.py checks each entry.
 REGISTRY: dict[str, str] = {
     "math": "teachers.math:DOMAIN",
     "code": "teachers.code:DOMAIN",
@@ -88,13 +108,58 @@ REGISTRY: dict[str, str] = {
     "agents": "teachers.agents:DOMAIN",
 }
 
+# Domains added from outside, ``name=package.module:ATTR`` separated by commas. Spawned
+# worker processes import this module afresh: they find run-time registrations here.
+ENV = "DISTILL_DOMAINS"
+
+
+def _from_env() -> dict[str, str]:
+    entries = (e.strip() for e in os.environ.get(ENV, "").split(","))
+    return {
+        name.strip(): target.strip() for name, _, target in (e.partition("=") for e in entries if e)
+    }
+
+
+REGISTRY.update(_from_env())
+
 
 def get_domain(name: str) -> Domain:
     """The registered domain ``name``; a clear error for an unknown one."""
     if name not in REGISTRY:
         raise KeyError(f"unknown domain {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    module, attr = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+    return _load(name, REGISTRY[name])
+
+
+def register(name: str, target: str) -> Domain:
+    """Add domain ``name`` found at ``target`` ("package.module:ATTR", importable here
+    and in worker processes: an installed module or one on PYTHONPATH) and return it.
+    It is imported and checked now; spawned workers see it through ``DISTILL_DOMAINS``."""
+    domain = _load(name, target)
+    if not isinstance(domain, Domain) or domain.name != name:
+        raise UserError(
+            f"domain {name!r}: {target} is not a Domain named {name!r} "
+            "(see teachers/base.py and docs/adding-a-domain.md)"
+        )
+    REGISTRY[name] = target
+    os.environ[ENV] = ",".join(f"{n}={t}" for n, t in {**_from_env(), name: target}.items())
+    return domain
+
+
+def _load(name: str, target: str) -> Domain:
+    module, sep, attr = target.partition(":")
+    if not (sep and module and attr):
+        raise UserError(f"domain {name!r}: {target!r} is not 'package.module:ATTR'")
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if not (e.name and (module == e.name or module.startswith(e.name + "."))):
+            raise  # a dependency of the domain module is missing: its own error says best
+        raise UserError(
+            f"domain {name!r}: cannot import {module} (install it, or put its folder on PYTHONPATH)"
+        ) from None
+    if not hasattr(found, attr):
+        raise UserError(f"domain {name!r}: {module} has no {attr}")
+    return getattr(found, attr)
 
 
 def split_of(identity: str, eval_fraction: float = 0.2) -> str:

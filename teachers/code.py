@@ -129,10 +129,33 @@ def fenced(code: str) -> str:
     return f"```python\n{code.rstrip()}\n```"
 
 
+# One HumanEval and one MBPP record, with a right answer (``distill verify`` input); the
+# contract test (tests/test_domains.py) loads and verifies them.
+RECORD_EXAMPLES = [
+    {
+        "task_id": "Example/0",
+        "prompt": 'def double_all(xs: list) -> list:\n    """Every element of xs doubled."""\n',
+        "canonical_solution": "    return [2 * x for x in xs]\n",
+        "test": "def check(candidate):\n    assert candidate([1, 2]) == [2, 4]\n",
+        "entry_point": "double_all",
+        "completion": "    return [x + x for x in xs]\n",
+    },
+    {
+        "task_id": 2,
+        "text": "Write a function to find the shared elements of two lists.",
+        "code": "def shared(a, b):\n    return set(a) & set(b)\n",
+        "test_list": ["assert shared([1, 2], [2, 3]) == {2}", "assert shared([], [1]) == set()"],
+        "test_setup_code": "",
+        "completion": "```python\ndef shared(a, b):\n    return {x for x in a if x in b}\n```",
+    },
+]
+
+
 class CodeDomain:
     name = "code"
     verifier_name = VERIFIER_NAME
     verifier_version = VERIFIER_VERSION
+    record_examples = RECORD_EXAMPLES
 
     def tasks(self, split: str, n: int, seed: int, difficulty: int = 1) -> Iterator[Task]:
         return generate_tasks(self.name, code_tasks.make, split, n, seed, difficulty)

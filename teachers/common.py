@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import UserError
+from distill.messages import Verdict
 from teachers.base import Task, split_of, task_id
 
 SPLITS = ("train", "eval", "all")
@@ -85,6 +86,25 @@ def last_boxed(text: str) -> str | None:
                 return text[i:j].strip()
         j += 1
     return None
+
+
+def read_answer(
+    messages: list[dict[str, Any]],
+    max_chars: int,
+    extract: Callable[[str | None], str | None] | None = None,
+) -> str | Verdict:
+    """The final answer of the last assistant turn (by ``extract``, default
+    :func:`final_answer`), or the failed verdict saying why there is none: no assistant
+    turn, no final answer, or one longer than ``max_chars`` (not an answer)."""
+    content = last_assistant_content(messages)
+    if content is None:
+        return Verdict.fail("no assistant answer")
+    answer = (extract or final_answer)(content)
+    if answer is None or not answer.strip():
+        return Verdict.fail("no final answer")
+    if len(answer) > max_chars:
+        return Verdict.fail(f"answer too long ({len(answer)} characters)")
+    return answer
 
 
 _ANSWER_LINE = re.compile(r"\banswer\s*(?:is\b\s*[:=]?|[:=])\s*(.+)", re.IGNORECASE)

@@ -30,13 +30,7 @@ from distill.errors import UserError
 from distill.messages import Verdict
 from teachers import logic_puzzles as lp
 from teachers.base import Task, task_id
-from teachers.common import (
-    final_answer,
-    generate_tasks,
-    last_assistant_content,
-    load_split,
-    split_key,
-)
+from teachers.common import generate_tasks, load_split, read_answer, split_key
 
 VERIFIER_NAME = "logic-constraints"
 VERIFIER_VERSION = "1"
@@ -130,15 +124,26 @@ CHECKS = {
 
 def verify_answer(reference: dict[str, Any], messages: list[dict[str, Any]]) -> Verdict:
     """Verdict of the last assistant turn against the puzzle in ``reference``."""
-    content = last_assistant_content(messages)
-    if content is None:
-        return Verdict.fail("no assistant answer")
-    answer = final_answer(content)
-    if answer is None or not answer.strip():
-        return Verdict.fail("no final answer")
-    if len(answer) > MAX_ANSWER_CHARS:
-        return Verdict.fail(f"answer too long ({len(answer)} characters)")
+    answer = read_answer(messages, MAX_ANSWER_CHARS)
+    if isinstance(answer, Verdict):
+        return answer
     return CHECKS[reference["kind"]](reference, answer)
+
+
+# Both real-record forms, with a right answer (``distill verify`` input); the contract
+# test (tests/test_domains.py) loads and verifies them.
+RECORD_EXAMPLES = [
+    {"question": "Is (T and F) true?", "answer": "F", "completion": "Answer: F"},
+    {
+        "question": "Give A and B with (A or B) and (not A or not B) and A.",
+        "reference": {
+            "kind": "sat",
+            "vars": ["A", "B"],
+            "clauses": [[["A", True], ["B", True]], [["A", False], ["B", False]], [["A", True]]],
+        },
+        "completion": "Answer: A=T, B=F",
+    },
+]
 
 
 class LogicDomain:
@@ -147,6 +152,7 @@ class LogicDomain:
     name = "logic"
     verifier_name = VERIFIER_NAME
     verifier_version = VERIFIER_VERSION
+    record_examples = RECORD_EXAMPLES
 
     def tasks(self, split: str, n: int, seed: int, difficulty: int = 1) -> Iterator[Task]:
         return generate_tasks(self.name, lp.make, split, n, seed, difficulty)

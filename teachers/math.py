@@ -29,13 +29,7 @@ from distill.errors import UserError
 from distill.messages import Verdict
 from teachers import math_tasks
 from teachers.base import Task, task_id
-from teachers.common import (
-    final_answer,
-    generate_tasks,
-    last_assistant_content,
-    load_split,
-    split_key,
-)
+from teachers.common import final_answer, generate_tasks, load_split, read_answer, split_key
 
 VERIFIER_NAME = "math-equiv"
 VERIFIER_VERSION = "1"
@@ -171,17 +165,29 @@ def answers_match(gold: str, pred: str) -> bool:
 def verify_answer(reference: dict[str, Any], messages: list[dict[str, Any]]) -> Verdict:
     """Verdict of the last assistant turn against ``reference["answer"]``."""
     expected = str(reference["answer"])
-    content = last_assistant_content(messages)
-    if content is None:
-        return Verdict.fail("no assistant answer")
-    got = extract_answer(content)
-    if got is None or not got.strip():
-        return Verdict.fail("no final answer")
-    if len(got) > MAX_ANSWER_CHARS:
-        return Verdict.fail(f"answer too long ({len(got)} characters)")
+    got = read_answer(messages, MAX_ANSWER_CHARS, extract_answer)
+    if isinstance(got, Verdict):
+        return got
     if answers_match(expected, got):
         return Verdict.ok()
     return Verdict.fail(f"wrong answer: got {got}, expected {expected}")
+
+
+# One record of each real format, with a right answer (``distill verify`` input); the
+# contract test (tests/test_domains.py) loads and verifies them.
+RECORD_EXAMPLES = [
+    {
+        "question": "Tom has 3 boxes of 12 eggs and eats 5. How many eggs are left?",
+        "answer": "3*12=<<3*12=36>>36 eggs\n36-5=<<36-5=31>>31\n#### 31",
+        "completion": "3 boxes of 12 is 36 eggs; 36 - 5 = 31.\n#### 31",
+    },
+    {
+        "problem": "Compute $\\frac12+\\frac14$.",
+        "solution": "Sum: $\\boxed{\\frac{3}{4}}$.",
+        "completion": "\\boxed{0.75}",
+    },
+    {"problem": "Solve $2x=8$.", "answer": "4", "completion": "Answer: x = 4"},
+]
 
 
 class MathDomain:
@@ -190,6 +196,7 @@ class MathDomain:
     name = "math"
     verifier_name = VERIFIER_NAME
     verifier_version = VERIFIER_VERSION
+    record_examples = RECORD_EXAMPLES
 
     def tasks(self, split: str, n: int, seed: int, difficulty: int = 1) -> Iterator[Task]:
         return generate_tasks(self.name, math_tasks.make, split, n, seed, difficulty)

@@ -6,13 +6,13 @@ import json
 import statistics
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distill.errors import UserError
 from distill.messages import Trace, to_openai
 from teachers.agents import DOMAIN, same_answer
-from teachers.base import Domain, get_domain, split_of, task_from_trace
+from teachers.base import split_of, task_from_trace
 from teachers.toolenv import TOOLS, BankEnv
 
 
@@ -92,24 +92,22 @@ def test_environment_never_raises_on_json_objects(args):
 # --- tasks -----------------------------------------------------------------------------------
 
 
-def test_domain_is_registered_on_the_protocol():
-    assert get_domain("agents") is DOMAIN and isinstance(DOMAIN, Domain)
-    t = tasks(1)[0]
-    assert t.tools == TOOLS and t.messages[-1]["role"] == "user" and t.domain == "agents"
+# (the contract every domain meets, oracle traces that pass included: test_domains.py)
 
 
-def test_tasks_are_deterministic_and_seed_dependent():
-    a, b = tasks(50, seed=3, difficulty=3), tasks(50, seed=3, difficulty=3)
-    assert [t.id for t in a] == [t.id for t in b]
-    assert [DOMAIN.oracle(t) for t in a] == [DOMAIN.oracle(t) for t in b]
-    assert not {t.id for t in a} & {t.id for t in tasks(50, seed=4, difficulty=3)}
+def test_tasks_carry_the_bank_tools():
+    assert all(t.tools == TOOLS for t in tasks(5))
+
+
+def test_more_tasks_extend_the_list():
+    a = tasks(50, seed=3, difficulty=3)
     assert [t.id for t in tasks(80, seed=3, difficulty=3)][:50] == [t.id for t in a]
 
 
-def test_splits_disjoint_and_thousands_distinct():
+def test_thousands_distinct_split_by_bank_and_turns():
     train = {t.id: t for t in tasks(2000)}
     evals = {t.id: t for t in tasks(500, split="eval")}
-    assert len(train) == 2000 and len(evals) == 500 and not set(train) & set(evals)
+    assert len(train) == 2000 and len(evals) == 500
     ident = json.dumps({"env": evals[next(iter(evals))].reference["env"],
                         "turns": evals[next(iter(evals))].reference["turns"]}, sort_keys=True)  # fmt: skip
     assert split_of(ident) == "eval"
@@ -139,17 +137,6 @@ def test_later_turns_lean_on_earlier_ones():
 
 
 # --- oracle and verifier ---------------------------------------------------------------------
-
-
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    seed=st.integers(0, 10**9),
-    difficulty=st.integers(1, 4),
-    split=st.sampled_from(["train", "eval"]),
-)
-def test_oracle_passes_for_many_seeds(seed, difficulty, split):
-    for t in DOMAIN.tasks(split, 10, seed, difficulty):
-        assert DOMAIN.verify(t, DOMAIN.oracle(t)).passed
 
 
 def test_oracle_tool_results_are_what_a_fresh_environment_returns():

@@ -7,12 +7,9 @@ import json
 import re
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from distill.errors import UserError
-from distill.messages import Trace
-from teachers.base import get_domain, split_of, task_from_trace
+from teachers.base import split_of
 from teachers.code import DOMAIN, extract_code, program_for, verify_batch
 from teachers.code_tasks import LEVELS
 
@@ -69,19 +66,13 @@ def _corrupt(code: str) -> str:
     return code[: m.start(1)] + letter + code[m.end(1) :]
 
 
-def test_registered_and_deterministic():
-    assert get_domain("code") is DOMAIN
-    a = [(t.id, t.messages, t.reference) for t in DOMAIN.tasks("train", 50, seed=3)]
-    b = [(t.id, t.messages, t.reference) for t in DOMAIN.tasks("train", 50, seed=3)]
-    assert a == b
-    assert a != [(t.id, t.messages, t.reference) for t in DOMAIN.tasks("train", 50, seed=4)]
+# (the contract every domain meets, oracle traces that pass included: test_domains.py)
 
 
-def test_thousands_of_distinct_tasks_and_disjoint_splits():
+def test_thousands_of_distinct_tasks_split_by_prompt():
     train = list(DOMAIN.tasks("train", 3000, seed=0))
     evals = list(DOMAIN.tasks("eval", 500, seed=0))
     assert len({t.id for t in train}) == 3000
-    assert not {t.id for t in train} & {t.id for t in evals}
     assert all(split_of(t.messages[-1]["content"]) == "eval" for t in evals)
     assert len({t.meta["kind"] for t in train}) == len(LEVELS[1])  # every level-1 template
 
@@ -108,31 +99,6 @@ def test_oracle_passes_and_corrupted_code_fails():
     assert all(v.score == 1.0 for v in good)
     survivors = [t.meta["solution"] for t, v in zip(tasks, bad, strict=True) if v.passed]
     assert survivors == []
-
-
-@settings(max_examples=25, deadline=None)
-@given(
-    seed=st.integers(0, 10**9),
-    difficulty=st.integers(1, 5),
-    split=st.sampled_from(["train", "eval"]),
-)
-def test_oracle_passes_for_any_seed(seed, difficulty, split):
-    (task,) = DOMAIN.tasks(split, 1, seed=seed, difficulty=difficulty)
-    verdict = DOMAIN.verify(task, DOMAIN.oracle(task))
-    assert verdict.passed, verdict.reason
-
-
-def test_verify_rebuilds_from_a_shard_row():
-    (task,) = DOMAIN.tasks("train", 1, seed=5)
-    trace = Trace(
-        id="t",
-        task_id=task.id,
-        domain="code",
-        messages=DOMAIN.oracle(task),
-        reference=task.reference,
-    )
-    rebuilt = task_from_trace(Trace.from_row(trace.to_row()))
-    assert DOMAIN.verify(rebuilt, trace.messages).passed
 
 
 def test_answer_format_failures():

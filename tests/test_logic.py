@@ -7,8 +7,6 @@ import json
 import re
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from distill.errors import UserError
 from teachers.base import get_domain
@@ -41,35 +39,20 @@ def corrupted(task) -> str:
     return ", ".join(f"{v}={'T' if values[v] else 'F'}" for v in ref["vars"])
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    seed=st.integers(0, 10**6),
-    difficulty=st.integers(1, 5),
-    split=st.sampled_from(["train", "eval"]),
-)
-def test_oracle_passes_and_corrupted_answer_fails(seed, difficulty, split):
-    task = next(LOGIC.tasks(split, 1, seed, difficulty))
-    trace = LOGIC.oracle(task)
-    assert trace[: len(task.messages)] == task.messages
-    assert trace[-1]["reasoning_content"]
-    assert LOGIC.verify(task, trace).passed
-    assert not answer(task, f"Answer: {corrupted(task)}").passed
+# (the contract every domain meets, oracle traces that pass included: test_domains.py)
 
 
 @pytest.mark.parametrize("difficulty", [1, 2, 3, 4, 5])
-def test_thousands_of_distinct_tasks_and_disjoint_splits(difficulty):
+def test_a_broken_constraint_fails(difficulty):
+    for task in LOGIC.tasks("eval", 60, seed=difficulty, difficulty=difficulty):
+        assert not answer(task, f"Answer: {corrupted(task)}").passed
+
+
+@pytest.mark.parametrize("difficulty", [1, 2, 3, 4, 5])
+def test_thousands_of_distinct_tasks(difficulty):
     n = 2000 if difficulty < 4 else 1000  # knights puzzles take longer to make unique
     train = list(LOGIC.tasks("train", n, seed=0, difficulty=difficulty))
-    evals = list(LOGIC.tasks("eval", 300, seed=1, difficulty=difficulty))
     assert len({t.messages[-1]["content"] for t in train}) == n
-    assert not {t.id for t in train} & {t.id for t in evals}
-    assert all(LOGIC.verify(t, LOGIC.oracle(t)).passed for t in train)
-
-
-def test_same_seed_same_tasks():
-    a = [t.messages for t in LOGIC.tasks("eval", 30, seed=5, difficulty=4)]
-    assert a == [t.messages for t in LOGIC.tasks("eval", 30, seed=5, difficulty=4)]
-    assert a != [t.messages for t in LOGIC.tasks("eval", 30, seed=6, difficulty=4)]
 
 
 def test_difficulty_one_is_short_and_regular():

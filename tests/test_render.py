@@ -217,10 +217,10 @@ def test_our_python_render_matches_the_jinja_template(tok, monkeypatch):
     from distill.chat import render_python as render_ours
     from distill.chat.render import template_messages, template_spans
     from distill.messages import drop_old_reasoning
-    from teachers.base import get_domain
+    from teachers.base import REGISTRY, get_domain
 
     traces = list(_edge_traces())
-    for d in ("math", "code", "logic", "agents"):
+    for d in REGISTRY:
         dom = get_domain(d)
         for level in (1, 2, 3):
             traces += [(dom.oracle(t), t.tools) for t in dom.tasks("train", 15, 0, level)]
