@@ -323,9 +323,7 @@ def rl(
     model: Annotated[
         Path | None, typer.Option(help="One-off: GRPO on this HF model directory.")
     ] = None,
-    domains: Annotated[
-        str | None, typer.Option(help="One-off: comma-separated domains (default: all).")
-    ] = None,
+    domains: DomainsOpt = None,
     steps: Annotated[int, typer.Option(help="One-off: RL steps.")] = 20,
     out: Annotated[
         Path | None, typer.Option(help="One-off: output model directory (default data/rl/<model>).")
@@ -343,7 +341,6 @@ def rl(
         return
     from distill.recipe.rl import RLConfig
     from distill.rl import one_off
-    from teachers.base import REGISTRY
 
     if recipe is not None:
         cfg = load(recipe, set_).rl.model_copy(update={"steps": steps})
@@ -356,7 +353,7 @@ def rl(
 
             apply_override(data, s)
         cfg = validate(data, source="--set").rl.model_copy(update={"steps": steps})
-    names = [d.strip() for d in (domains or ",".join(REGISTRY)).split(",") if d.strip()]
+    names = domain_list(domains)
     dest = out or Path("data") / "rl" / model.name
     report = one_off(model, names, dest, RLConfig.model_validate(cfg.model_dump()))
     typer.echo(f"wrote {dest} ({report['steps']} steps)")
