@@ -117,3 +117,38 @@ def test_reward_shaping():
     assert shaped_reward(0.0, False, 20, 100, False, eff).value == 0.0  # no pay for brevity
     cut = shaped_reward(1.0, True, 100, 100, True, RewardConfig(truncated="mask"))
     assert not cut.loss and shaped_reward(1.0, True, 100, 100, True, eff).value == 0.0
+
+
+def test_rl_stage_on_two_cpu_ranks_equals_one(tmp_path, monkeypatch):
+    """DISTILL_CPU_PROCS=2: the stage starts 2 gloo ranks, each rolls out its share of the
+    prompts, and the gradients (global denominators, summed over ranks) give the weights
+    one process gives."""
+    from safetensors.torch import load_file
+
+    from distill.recipe import load_recipe
+    from distill.stages import run_stage
+
+    weights = {}
+    for procs in ("1", "2"):
+        out = tmp_path / f"run{procs}"
+        tiny_model_dir(out / "student")
+        recipe = tmp_path / f"r{procs}.yaml"
+        recipe.write_text(
+            f"name: r\noutput_dir: '{out}'\ndomains: {{math: {{}}}}\n"
+            "teachers: {math: {kind: bootstrap}}\n"
+            "rl: {enabled: true, steps: 2, prompts_per_step: 4, group_size: 3, lr: 0.01,\n"
+            "     max_new_tokens: 10, micro_batch_seqs: 5,\n"
+            "     domains: {math: {tasks: 8, reward: {overlong_buffer: 10}}}}\n"
+        )
+        monkeypatch.setenv("DISTILL_CPU_PROCS", procs)
+        report = run_stage(load_recipe(recipe), "rl")
+        assert report["world_size"] == int(procs) and report["steps"] == 2
+        weights[procs] = load_file(out / "rl" / "model.safetensors")
+        assert json.loads((out / "rl" / "_stage.json").read_text())["steps"] == 2
+    changed = False
+    for k, w in weights["1"].items():
+        torch.testing.assert_close(weights["2"][k], w, rtol=1e-4, atol=1e-5)
+        changed |= not torch.equal(
+            w, load_file(tmp_path / "run1" / "student" / "model.safetensors")[k]
+        )
+    assert changed

@@ -195,6 +195,9 @@ def _update(acc, policy, ref, opt, sched, samples: list[Sample], doms, cfg: RLCo
         ]
         mbs = [make_micro_batch(c, pad, acc.device) for c in chunks]
         denom = _all_sum(acc, global_denominator([mb.mask for mb in mbs], cfg.loss_agg, max_len))
+        # accelerate's DDP averages gradients over ranks; each rank's share of the global
+        # sum is scaled up by the world size so the average is the sum
+        world = acc.num_processes
         if denom == 0:  # no rank has a loss token (every group skipped): no update at all
             continue
         if not mbs:  # others have work: join their gradient all-reduce with a zero loss
@@ -215,12 +218,12 @@ def _update(acc, policy, ref, opt, sched, samples: list[Sample], doms, cfg: RLCo
                     logp, mb.old_logp, mb.adv, mb.mask, ref_logp=refs[k] if refs else None,
                     kl_coef=beta if refs else 0.0, clip_low=cfg.clip_low,
                     clip_high=cfg.clip_high, offpolicy_delta=cfg.offpolicy_delta,
-                    agg=cfg.loss_agg, denom=denom,
+                    agg=cfg.loss_agg, denom=denom / world,
                 )  # fmt: skip
                 acc.backward(loss)
             ratios.append(st.pop("ratios").float().cpu())
             st["entropy_sum"] = torch.where(mb.mask, ent, 0.0).sum()
-            st["loss_sum"] = loss.detach()
+            st["loss_sum"] = loss.detach() / world
             for key, v in st.items():
                 sums[key] = sums.get(key, 0.0) + float(v)
         if cfg.grad_clip:
