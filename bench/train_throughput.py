@@ -196,16 +196,16 @@ def run_ours(p: dict, root: Path, name: str, v: dict) -> dict:
             p["steps"] - profiled + 1, profiled, Path(PROFILE_DIR) / f"profile-{name}.txt"
         )
     cfg = TrainConfig(
-        lr=1e-4,
+        learning_rate=1e-4,
         warmup_steps=2,
         max_steps=p["steps"],
         batch_tokens=p["step_tokens"],
         micro_batch_tokens=p["micro_tokens"],
-        max_seq_len=p["seq"],
+        max_length=p["seq"],
         precision=p["dtype"],
-        log_every=5,
+        logging_steps=5,
         gradient_checkpointing=v["gc"],
-        compile=v["compile"],
+        torch_compile=v["compile"],
     )
     out = root / name
     shutil.rmtree(out, ignore_errors=True)

@@ -27,8 +27,8 @@ def micro_recipe(tmp_path, domains=("math", "logic"), **teacher):
             "warmup_steps": 0,
             "batch_tokens": 1024,
             "micro_batch_tokens": 1024,
-            "max_seq_len": 512,
-            "log_every": 1,
+            "max_length": 512,
+            "logging_steps": 1,
         },
     }
     t.update(teacher)

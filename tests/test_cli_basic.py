@@ -44,8 +44,10 @@ def demo(tmp_path) -> Path:
 def test_validate_ok_and_errors_exit_2_with_one_line(demo, capsys):
     code, out, _ = cli(["recipe", "validate", demo], capsys)
     assert code == 0 and out.startswith("ok:")
-    code, out, err = cli(["recipe", "validate", demo, "--set", "train.lr=fast"], capsys)
-    assert code == 2 and err == f"error: {demo}: train.lr: expected a number, got 'fast'\n"
+    code, out, err = cli(["recipe", "validate", demo, "--set", "train.learning_rate=fast"], capsys)
+    assert (
+        code == 2 and err == f"error: {demo}: train.learning_rate: expected a number, got 'fast'\n"
+    )
     demo.write_text(demo.read_text().replace("\ntrain:", "\ntrian:"))
     code, _, err = cli(["recipe", "validate", demo], capsys)
     assert code == 2 and "trian: unknown key; did you mean 'train'?" in err
@@ -54,7 +56,7 @@ def test_validate_ok_and_errors_exit_2_with_one_line(demo, capsys):
 
 def test_console_script_exit_status_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\ntrain: {lr: fast}\n")
+    bad.write_text("name: x\ntrain: {learning_rate: fast}\n")
     p = subprocess.run(
         [sys.executable, "-m", "distill", "recipe", "validate", str(bad)],
         capture_output=True,
@@ -62,7 +64,7 @@ def test_console_script_exit_status_without_traceback(tmp_path):
     )
     assert (
         p.returncode == 2
-        and p.stderr.strip() == f"error: {bad}: train.lr: expected a number, got 'fast'"
+        and p.stderr.strip() == f"error: {bad}: train.learning_rate: expected a number, got 'fast'"
     )
 
 
@@ -76,8 +78,8 @@ def test_show_applies_overrides(demo, capsys):
 
 def test_set_edits_in_place_or_leaves_the_file(demo, capsys):
     before = demo.read_text()
-    code, out, _ = cli(["recipe", "set", demo, "train.lr=0.0003"], capsys)
-    assert code == 0 and load_recipe(demo).train.lr == 0.0003
+    code, out, _ = cli(["recipe", "set", demo, "train.learning_rate=0.0003"], capsys)
+    assert code == 0 and load_recipe(demo).train.learning_rate == 0.0003
     assert (
         sum(a != b for a, b in zip(before.splitlines(), demo.read_text().splitlines(), strict=True))
         == 1
@@ -90,9 +92,11 @@ def test_set_edits_in_place_or_leaves_the_file(demo, capsys):
 
 def test_reference_write(tmp_path, capsys):
     readme = tmp_path / "README.md"
-    readme.write_text((ROOT / "docs" / "recipes.md").read_text().replace("| `lr` |", "| `LR` |"))
+    readme.write_text(
+        (ROOT / "docs" / "recipes.md").read_text().replace("| `learning_rate` |", "| `LR` |")
+    )
     code, out, _ = cli(["recipe", "reference", "--write", readme], capsys)
-    assert code == 0 and "updated" in out and "| `lr` |" in readme.read_text()
+    assert code == 0 and "updated" in out and "| `learning_rate` |" in readme.read_text()
     code, out, _ = cli(["recipe", "reference"], capsys)
     assert code == 0 and out.startswith("#### `(top level)`")
 

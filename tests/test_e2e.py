@@ -44,8 +44,8 @@ def micro_recipe(
         "warmup_steps": 0,
         "batch_tokens": 2048,
         "micro_batch_tokens": 2048,
-        "max_seq_len": 512,
-        "log_every": 1,
+        "max_length": 512,
+        "logging_steps": 1,
     }
     teacher = {"kind": "bootstrap", "oracle_tasks": oracle, "arch": arch, "train": train}
     teachers = {d: teacher for d in domains}
@@ -85,7 +85,7 @@ def micro_recipe(
 # RL steps on the micro models: the wiring, not learning (an overlong buffer as long as the
 # limit gives a random model's groups reward variance, so updates really happen)
 MICRO_RL = {
-    "steps": 2, "prompts_per_step": 4, "group_size": 2, "max_new_tokens": 12,
+    "steps": 2, "prompts_per_step": 4, "num_generations": 2, "max_new_tokens": 12,
     "micro_batch_seqs": 8, "domains": {d: {"reward": {"overlong_buffer": 12}} for d in DOMAINS},
 }  # fmt: skip
 
@@ -199,7 +199,7 @@ def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed
     assert [s["status"] for s in second.values()] == ["skipped"] * 6
 
     # a changed train section (through `distill recipe set`) reruns only train and eval
-    cli("recipe", "set", str(recipe), "train.lr=0.001")
+    cli("recipe", "set", str(recipe), "train.learning_rate=0.001")
     third = run_stages(recipe)
     assert {s: v["status"] for s, v in third.items()} == {
         "teachers": "skipped",
@@ -216,7 +216,7 @@ def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
     # the student's RL section alone reruns only the RL stage and eval
-    cli("recipe", "set", str(recipe), "rl.lr=0.0002")
+    cli("recipe", "set", str(recipe), "rl.learning_rate=0.0002")
     fourth = run_stages(recipe)
     assert [s for s, v in fourth.items() if v["status"] == "ran"] == ["rl", "eval"]
     assert "recipe section rl changed" in fourth["rl"]["why"]
@@ -226,7 +226,7 @@ def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed
     math_rl = out / "teachers" / "math" / "rl" / "model.safetensors"
     logic_w = out / "teachers" / "logic" / "model.safetensors"
     before = {p: p.stat().st_mtime_ns for p in (teacher_w, math_rl, logic_w)}
-    cli("recipe", "set", str(recipe), "teachers.math.rl.lr=0.0002")
+    cli("recipe", "set", str(recipe), "teachers.math.rl.learning_rate=0.0002")
     fifth = run_stages(recipe)
     assert [s for s, v in fifth.items() if v["status"] == "ran"] == [
         "teachers", "generate", "filter", "train", "rl", "eval"
@@ -284,7 +284,7 @@ def test_fuller_pipeline_learns_and_the_report_says_so(tmp_path):
         data["domains"][d]["enabled"] = False
     for t in data["teachers"].values():
         t["arch"]["num_layers"] = 2
-        t["train"]["lr"] = 0.005
+        t["train"]["learning_rate"] = 0.005
     # column addition needs the demo's math teacher (4 layers of 128, lr 0.002: 88% there
     # at 600 steps); at 2 layers of 64 it ends at loss 0.41 and solves no task, so no
     # math trace would pass the filter
@@ -296,10 +296,14 @@ def test_fuller_pipeline_learns_and_the_report_says_so(tmp_path):
         "max_position_embeddings": 512,
     }
     data["teachers"]["math"]["train"].update(
-        lr=0.002, warmup_steps=20, max_steps=500, batch_tokens=1024, micro_batch_tokens=1024
+        learning_rate=0.002,
+        warmup_steps=20,
+        max_steps=500,
+        batch_tokens=1024,
+        micro_batch_tokens=1024,
     )
     data["student"]["arch"]["num_layers"] = 2
-    data["train"]["lr"] = 0.005
+    data["train"]["learning_rate"] = 0.005
     data["domains"]["math"]["max_new_tokens"] = 96
     data["domains"]["logic"]["max_new_tokens"] = 96
     data["generate"]["temperature"] = 0.3

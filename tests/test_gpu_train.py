@@ -118,7 +118,7 @@ def test_deferred_bookkeeping_on_the_gpu_trains_like_booking_every_step(tmp_path
     make_tokenizer(tmp_path / "tok")
     rng = random.Random(0)
     shards = {"math": write_shards(tmp_path / "m", "math", [math_trace(i, rng) for i in range(40)])}
-    cfg = small_cfg(precision="bf16", save_every=3, keep_last=5)
+    cfg = small_cfg(precision="bf16", save_steps=3, save_total_limit=5)
 
     def run(out, defer, **kw):
         monkeypatch.setattr(distill.train.loop, "DEFER", defer)

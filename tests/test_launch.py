@@ -22,7 +22,7 @@ def _fail_on_rank_one() -> None:
     import time
 
     if os.environ["RANK"] == "1":
-        raise UserError("train.lr: rank one says no")
+        raise UserError("train.learning_rate: rank one says no")
     time.sleep(60)  # rank 0 must be stopped by the parent, not wait this out
 
 

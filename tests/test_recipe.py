@@ -51,16 +51,16 @@ def recipe_file(tmp_path, text: str) -> Path:
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("train: {lr: fast}", "train.lr: expected a number, got 'fast'"),
+        ("train: {learning_rate: fast}", "train.learning_rate: expected a number, got 'fast'"),
         ("trian: {}", "trian: unknown key; did you mean 'train'?"),
-        ("train: {lr: true}", "train.lr: expected a number, got True"),
-        ("train: {lr: -1}", "train.lr: expected a value > 0.0, got -1"),
+        ("train: {learning_rate: true}", "train.learning_rate: expected a number, got True"),
+        ("train: {learning_rate: -1}", "train.learning_rate: expected a value > 0.0, got -1"),
         ("train: {max_steps: 1.5}", "train.max_steps: expected an integer, got 1.5"),
-        ("train: {betas: [0.9]}", "train.betas: expected a list of 2 numbers, got [0.9]"),
+        ("train: {adam_beta2: 1}", "train.adam_beta2: expected a value < 1.0, got 1"),
         ("train: {kd: {alpah: 1}}", "train.kd.alpah: unknown key; did you mean 'alpha'?"),
         (
-            "train: {schedule: cosin}",
-            "train.schedule: expected one of cosine, linear, constant, got 'cosin'; did you mean 'cosine'?",
+            "train: {lr_scheduler_type: cosin}",
+            "train.lr_scheduler_type: expected one of cosine, linear, constant, got 'cosin'; did you mean 'cosine'?",
         ),
         ("generate: 5", "generate: expected a mapping, got 5"),
         ("filter: {near_threshold: 2}", "filter.near_threshold: expected a value <= 1.0, got 2"),
@@ -71,6 +71,77 @@ def test_errors_are_one_clear_line(tmp_path, text, message):
         load_recipe(recipe_file(tmp_path, text))
     assert str(e.value) == f"{tmp_path / 'r.yaml'}: {message}"
     assert "\n" not in str(e.value)
+
+
+def _renames():
+    """(old key path, new key paths) for every renamed key wherever its section appears."""
+    from distill.recipe.doc import sections
+
+    for paths, cls in sections():
+        for old, new in cls.renamed.items():
+            for path in paths:
+                prefix = "" if path == "(top level)" else path.replace("<domain>", "math") + "."
+                names = [new] if isinstance(new, str) else list(new)
+                yield prefix + old, [prefix + n for n in names], cls
+
+
+RENAMES = list(_renames())
+
+
+def test_renames_cover_the_trl_names():
+    paths = {old: new for old, new, _ in RENAMES}
+    assert paths["train.lr"] == ["train.learning_rate"]
+    assert paths["teachers.math.train.max_seq_len"] == ["teachers.math.train.max_length"]
+    assert paths["rl.group_size"] == ["rl.num_generations"]
+    assert paths["teachers.math.rl.trackers"] == ["teachers.math.rl.report_to"]
+    assert paths["rl.domains.math.kl_coef"] == ["rl.domains.math.beta"]
+    assert paths["train.betas"] == ["train.adam_beta1", "train.adam_beta2"]
+    for old, new, cls in RENAMES:  # every new name is a field, no old one still is
+        assert all(n.rsplit(".", 1)[1] in cls.model_fields for n in new), new
+        assert old.rsplit(".", 1)[1] not in cls.model_fields, old
+
+
+@pytest.mark.parametrize("old, new", [(o, n) for o, n, _ in RENAMES], ids=lambda x: str(x))
+def test_an_old_key_is_an_error_naming_the_new_one(tmp_path, old, new):
+    """In the YAML and in --set alike: one line, the new key(s), nothing else."""
+    want = f"{old}: renamed to {' and '.join(new)}"
+    data = "rl: {domains: {math: {}}}\n" if old.startswith("rl.domains") else ""
+    for overrides in ([f"{old}=1"], [f"{old}=[1]"]):
+        with pytest.raises(RecipeError) as e:
+            load_recipe(recipe_file(tmp_path, data), overrides)
+        assert str(e.value) == f"{tmp_path / 'r.yaml'}: {want}"
+
+
+def test_an_old_recipe_gets_every_rename_in_one_line(tmp_path):
+    p = recipe_file(tmp_path, "train: {lr: 0.1, log_every: 5, max_steps: x}\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    assert str(e.value).endswith(
+        ": train.lr: renamed to train.learning_rate; "
+        "train.log_every: renamed to train.logging_steps (and 1 more)"
+    )
+
+
+def test_recipe_set_refuses_an_old_key_and_leaves_the_file(tmp_path):
+    p = recipe_file(tmp_path, "train:\n  learning_rate: 0.1  # peak\n")
+    text = p.read_text()
+    with pytest.raises(RecipeError, match=r"train\.lr: renamed to train\.learning_rate$"):
+        set_keys(p, ["train.lr=0.2"])
+    assert p.read_text() == text
+
+
+def test_a_tracker_that_is_not_installed_is_an_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else real(n, *a)
+    )
+    for key in ("train", "teachers.math.rl"):
+        with pytest.raises(RecipeError) as e:
+            load_recipe(recipe_file(tmp_path, ""), [f"{key}.report_to=[tensorboard, wandb]"])
+        assert str(e.value).endswith(f"{key}.report_to: wandb is not installed (pip install wandb)")
+    assert load_recipe(recipe_file(tmp_path, ""), ["train.report_to=[tensorboard]"])
 
 
 def test_unknown_domain_suggests_the_closest(tmp_path):
@@ -115,31 +186,31 @@ def test_bad_files(tmp_path):
 
 
 def test_overrides_are_coerced_like_yaml_and_win(tmp_path):
-    p = recipe_file(tmp_path, "train: {lr: 0.1}\n")
+    p = recipe_file(tmp_path, "train: {learning_rate: 0.1}\n")
     r = load_recipe(
         p,
         [
-            "train.lr=3e-4",
-            "train.trackers=[tensorboard]",
+            "train.learning_rate=3e-4",
+            "train.report_to=[tensorboard]",
             "domains.math.source.kind=file",
             "train.max_steps=null",
             "seed=7",
         ],
     )
-    assert r.train.lr == 3e-4 and r.train.trackers == ["tensorboard"] and r.seed == 7
+    assert r.train.learning_rate == 3e-4 and r.train.report_to == ["tensorboard"] and r.seed == 7
     assert r.domains["math"].source.kind == "file" and r.train.max_steps is None
-    assert load_recipe(p).train.lr == 0.1  # the file itself is untouched
+    assert load_recipe(p).train.learning_rate == 0.1  # the file itself is untouched
     with pytest.raises(RecipeError, match="expected key.path=value"):
-        load_recipe(p, ["train.lr"])
-    with pytest.raises(RecipeError, match="lr is not a section"):
-        load_recipe(p, ["train.lr.x=1"])
-    with pytest.raises(RecipeError, match="train.lr: expected a number, got 'fast'"):
-        load_recipe(p, ["train.lr=fast"])
+        load_recipe(p, ["train.learning_rate"])
+    with pytest.raises(RecipeError, match="learning_rate is not a section"):
+        load_recipe(p, ["train.learning_rate.x=1"])
+    with pytest.raises(RecipeError, match="train.learning_rate: expected a number, got 'fast'"):
+        load_recipe(p, ["train.learning_rate=fast"])
 
 
 def test_fingerprint_tracks_sections(tmp_path):
     p = recipe_file(tmp_path, "")
-    a, b = load_recipe(p), load_recipe(p, ["train.lr=0.1"])
+    a, b = load_recipe(p), load_recipe(p, ["train.learning_rate=0.1"])
     assert a.fingerprint("filter") == b.fingerprint("filter")
     assert a.fingerprint("train") != b.fingerprint("train") and a.fingerprint() != b.fingerprint()
 
@@ -148,24 +219,24 @@ def test_set_changes_one_value_and_keeps_comments(tmp_path):
     p = tmp_path / "demo.yaml"
     shutil.copy(ROOT / "recipes" / "demo.yaml", p)
     before = p.read_text().splitlines()
-    set_keys(p, ["train.lr=0.0003"])
+    set_keys(p, ["train.learning_rate=0.0003"])
     after = p.read_text().splitlines()
     changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
-    assert len(changed) == 1 and "lr:" in changed[0][1] and "0.0003" in changed[0][1]
-    assert load_recipe(p).train.lr == 0.0003
+    assert len(changed) == 1 and "learning_rate:" in changed[0][1] and "0.0003" in changed[0][1]
+    assert load_recipe(p).train.learning_rate == 0.0003
     comments = [line for line in before if line.lstrip().startswith("#") or " #" in line]
-    assert comments and all(c in after for c in comments if "lr:" not in c)
+    assert comments and all(c in after for c in comments if "learning_rate:" not in c)
 
 
 def test_set_adds_missing_sections_and_refuses_invalid(tmp_path):
-    p = recipe_file(tmp_path, "# keep me\ntrain:\n  lr: 0.1  # peak\n")
+    p = recipe_file(tmp_path, "# keep me\ntrain:\n  learning_rate: 0.1  # peak\n")
     set_keys(p, ["train.kd.enabled=true", "generate.samples_per_task=2"])
     text = p.read_text()
     assert "# keep me" in text and "# peak" in text
     r = load_recipe(p)
     assert r.train.kd.enabled and r.generate.samples_per_task == 2
-    with pytest.raises(RecipeError, match="train.lr: expected a number"):
-        set_keys(p, ["train.lr=fast"])
+    with pytest.raises(RecipeError, match="train.learning_rate: expected a number"):
+        set_keys(p, ["train.learning_rate=fast"])
     assert p.read_text() == text  # untouched
 
 

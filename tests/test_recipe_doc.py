@@ -15,11 +15,11 @@ ROOT = Path(__file__).parents[1]
 def test_show_round_trips_and_comments_every_field():
     r = load_recipe(
         ROOT / "recipes" / "demo.yaml",
-        ["train.lr=0.0003", "output_dir=/tmp/a b", "rl.domains.math.kl_coef=0.1"],
+        ["train.learning_rate=0.0003", "output_dir=/tmp/a b", "rl.domains.math.beta=0.1"],
     )
     text = show_yaml(r)
     assert validate(YAML(typ="safe").load(text)) == r  # what is shown is what runs
-    assert "# Peak learning rate (AdamW).\n  lr: 0.0003" in text
+    assert "# Peak learning rate (AdamW).\n  learning_rate: 0.0003" in text
     for cls in [c for _, c in sections()]:
         for info in cls.model_fields.values():
             assert info.description, f"{cls.__name__} field without description"
@@ -33,8 +33,8 @@ def test_reference_covers_every_section_and_field():
         for name in cls.model_fields:
             assert f"| `{name}` |" in md
     assert "`train`, `teachers.<domain>.train`" in md  # a shared section is listed once
-    assert "| `lr` | float | `0.003` |" in md
-    assert "| `schedule` | `cosine` / `linear` / `constant` |" in md
+    assert "| `learning_rate` | float | `0.003` |" in md
+    assert "| `lr_scheduler_type` | `cosine` / `linear` / `constant` |" in md
     assert "| `name` | str | required |" in md
     assert {c for _, c in sections()} >= {Recipe}
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 # an overlong buffer as long as the limit: rewards differ with length, so a random
 # model's groups have variance and the loop does real updates
 CFG = dict(
-    steps=2, prompts_per_step=3, group_size=4, temperature=0.7, top_p=0.9, max_new_tokens=10, lr=1e-3, micro_batch_seqs=5,
+    steps=2, prompts_per_step=3, num_generations=4, temperature=0.7, top_p=0.9, max_new_tokens=10, learning_rate=1e-3, micro_batch_seqs=5,
     domains={"math": {"reward": {"overlong_buffer": 10, "overlong_penalty": 0.5}}},
 )  # fmt: skip
 LIMITS = {"math": (10, 1, 256)}
@@ -72,8 +72,8 @@ def test_steps_log_every_metric_and_save_the_model(tmp_path, policy_dir):
 
 
 def test_later_updates_are_off_policy_and_kl_needs_a_reference(tmp_path, policy_dir):
-    run(tmp_path / "rl", policy_dir, steps=1, updates_per_step=2, lr=0.05,
-        domains={"math": {"kl_coef": 0.1, "reward": {"overlong_buffer": 10}}})  # fmt: skip
+    run(tmp_path / "rl", policy_dir, steps=1, steps_per_generation=2, learning_rate=0.05,
+        domains={"math": {"beta": 0.1, "reward": {"overlong_buffer": 10}}})  # fmt: skip
     (row,) = log_rows(tmp_path / "rl")
     # the second mini-batch is sampled by the weights before the first update: ratios move
     assert row["ratio_outside_0.9_1.1"] > 0 or abs(row["ratio_p95"] - 1) > 1e-3
@@ -84,9 +84,9 @@ def test_resume_from_a_checkpoint_gives_the_same_weights(tmp_path, policy_dir):
     from safetensors.torch import load_file
 
     run(tmp_path / "a", policy_dir, steps=3)
-    run(tmp_path / "b", policy_dir, steps=2, save_every=1)  # checkpoint after step 1
+    run(tmp_path / "b", policy_dir, steps=2, save_steps=1)  # checkpoint after step 1
     assert (tmp_path / "b" / "checkpoints" / "step-000001").is_dir()
-    report = run(tmp_path / "b", policy_dir, steps=3, save_every=1)  # resumes at step 1
+    report = run(tmp_path / "b", policy_dir, steps=3, save_steps=1)  # resumes at step 1
     assert report["steps"] == 3
     assert [r["step"] for r in log_rows(tmp_path / "b")][-2:] == [2, 3]
     a = load_file(tmp_path / "a" / "model.safetensors")
@@ -136,7 +136,7 @@ def test_rl_stage_on_two_cpu_ranks_equals_one(tmp_path, monkeypatch):
         recipe.write_text(
             f"name: r\noutput_dir: '{out}'\ndomains: {{math: {{}}}}\n"
             "teachers: {math: {kind: bootstrap}}\n"
-            "rl: {enabled: true, steps: 2, prompts_per_step: 4, group_size: 3, lr: 0.01,\n"
+            "rl: {enabled: true, steps: 2, prompts_per_step: 4, num_generations: 3, learning_rate: 0.01,\n"
             "     max_new_tokens: 10, micro_batch_seqs: 5,\n"
             "     domains: {math: {tasks: 8, reward: {overlong_buffer: 10}}}}\n"
         )

@@ -63,7 +63,9 @@ def test_up_to_date_until_its_sections_change(tmp_path):
     assert not up_to_date(r, "filter") and record_of(r, "filter") is None
     mark_done(r, "filter", rows=3)
     assert up_to_date(r, "filter") and record_of(r, "filter")["rows"] == 3
-    assert up_to_date(recipe(tmp_path, "train.lr=0.1"), "filter")  # filter does not read train
+    assert up_to_date(
+        recipe(tmp_path, "train.learning_rate=0.1"), "filter"
+    )  # filter does not read train
     assert not up_to_date(recipe(tmp_path, "filter.max_per_task=3"), "filter")
     invalidate(r, "filter")
     assert not up_to_date(r, "filter")
@@ -107,10 +109,10 @@ def test_upstream_rerun_and_changed_shards_invalidate_downstream(tmp_path):
 
 
 def test_header_writes_the_resolved_recipe(tmp_path, capsys):
-    r = recipe(tmp_path, "train.lr=0.0007")
+    r = recipe(tmp_path, "train.learning_rate=0.0007")
     header(r, "train")
     err = capsys.readouterr().err
-    assert "train" in err and fingerprint(r, "train") in err and '"lr": 0.0007' in err
+    assert "train" in err and fingerprint(r, "train") in err and '"learning_rate": 0.0007' in err
     saved = (stage_dir(r, "train") / "_recipe.yaml").read_text()
     assert validate(YAML(typ="safe").load(saved)) == r
 

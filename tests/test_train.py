@@ -45,7 +45,9 @@ def run_train(data, out, **kw):
 
 def test_train_writes_a_loadable_hf_model(data, tmp_path):
     _, tok, _ = data
-    report = run_train(data, tmp_path / "out", cfg=small_cfg(max_steps=8, trackers=["tensorboard"]))
+    report = run_train(
+        data, tmp_path / "out", cfg=small_cfg(max_steps=8, report_to=["tensorboard"])
+    )
     assert report["finished"] and report["steps"] == 8
     assert report["losses"][-1] < report["losses"][0] - 0.3
     assert (
@@ -176,7 +178,7 @@ def test_deferred_bookkeeping_changes_no_loss_checkpoint_or_resume(data, tmp_pat
     resume and the same stop on a time limit as booking every step at once."""
     import distill.train.loop
 
-    cfg = small_cfg(save_every=2, keep_last=5)
+    cfg = small_cfg(save_steps=2, save_total_limit=5)
     sync = run_train(data, tmp_path / "sync", cfg=cfg)
     monkeypatch.setattr(distill.train.loop, "DEFER", True)
     late = run_train(data, tmp_path / "late", cfg=cfg)

@@ -107,7 +107,7 @@ teachers:
 student:
   kind: scratch
   arch: {{hidden_size: 32, num_layers: 2, num_heads: 4, num_kv_heads: 2, max_position_embeddings: 512}}
-train: {{max_steps: 3, warmup_steps: 1, batch_tokens: 512, micro_batch_tokens: 256, max_seq_len: 128, precision: fp32}}
+train: {{max_steps: 3, warmup_steps: 1, batch_tokens: 512, micro_batch_tokens: 256, max_length: 128, precision: fp32}}
 """
 
 

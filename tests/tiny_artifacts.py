@@ -80,13 +80,13 @@ def write_shards(directory: Path, domain: str, traces: list[list[dict]], topk=No
 
 def small_cfg(**kw) -> TrainConfig:
     base = dict(
-        lr=3e-3,
+        learning_rate=3e-3,
         warmup_steps=2,
         max_steps=6,
         batch_tokens=512,
         micro_batch_tokens=256,
-        max_seq_len=128,
-        log_every=1,
+        max_length=128,
+        logging_steps=1,
         precision="fp32",
     )
     base.update(kw)

@@ -3,7 +3,8 @@ and domain names come from the registry (adding a domain touches no schema code)
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import importlib.util
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
 from pydantic_core import PydanticCustomError
@@ -23,11 +24,31 @@ def _registered(name: str) -> str:
 
 # Domain names come from the registry, so adding a domain touches no schema code.
 DomainName = Annotated[str, AfterValidator(_registered)]
+
+# the packages accelerate's tracker needs (either one of them)
+_TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def _installed_trackers(names: list[str]) -> list[str]:
+    # a tracker that is not installed would log nothing and say nothing: refuse it at load
+    for name in names:
+        if not any(importlib.util.find_spec(p) for p in _TRACKER_PACKAGES[name]):
+            raise PydanticCustomError(
+                "recipe_error", "{name} is not installed (pip install {name})", {"name": name}
+            )
+    return names
+
+
+Trackers = Annotated[list[Literal["tensorboard", "wandb"]], AfterValidator(_installed_trackers)]
 _NUMBERS = (int, float, int | None, float | None)
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # old key -> the new key(s) that replaced it; an old key is an error naming the new
+    # one (``train.lr: renamed to train.learning_rate``), never silently accepted
+    renamed: ClassVar[dict[str, str | tuple[str, ...]]] = {}
 
     @field_validator("*", mode="before")
     @classmethod

@@ -88,6 +88,9 @@ def reference_markdown() -> str:
         doc = (cls.__doc__ or "").strip().splitlines()
         if doc and cls is not Recipe:
             out += [doc[0], ""]
+        if cls.renamed:
+            old = ", ".join(f"`{o}` → {_new_names(n)}" for o, n in cls.renamed.items())
+            out += [f"Renamed (the old key is an error naming the new one): {old}.", ""]
         out.append("| field | type | default | description |")
         out.append("|---|---|---|---|")
         for name, info in cls.model_fields.items():
@@ -95,6 +98,10 @@ def reference_markdown() -> str:
             out.append(f"| `{name}` | {_type_words(info)} | {_default(info)} | {desc} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _new_names(new: str | tuple[str, ...]) -> str:
+    return " and ".join(f"`{n}`" for n in ([new] if isinstance(new, str) else new))
 
 
 def _is_map(info: FieldInfo) -> bool:

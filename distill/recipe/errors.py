@@ -1,8 +1,10 @@
 """One-line messages for recipe validation errors: key path, expected type, value given.
 
 Pydantic reports every problem with a location and an error type; users want the first
-one as ``train.lr: expected a number, got 'fast'`` and, for a misspelled key, the closest
-valid one (``trian: unknown key; did you mean 'train'?``).
+one as ``train.learning_rate: expected a number, got 'fast'`` and, for a misspelled key,
+the closest valid one (``trian: unknown key; did you mean 'train'?``). A key that was
+renamed names its new key (``train.lr: renamed to train.learning_rate``); an old recipe
+gets every rename at once in that line, so it is fixed in one pass.
 """
 
 from __future__ import annotations
@@ -40,10 +42,28 @@ _BOUNDS = {
 def format_error(e: ValidationError, data: Any, root: type[BaseModel]) -> str:
     """One line for the first error of ``e`` raised validating ``data`` as ``root``."""
     errors = e.errors()
-    line = _format_one(errors[0], data, root)
-    if len(errors) > 1:
-        line += f" (and {len(errors) - 1} more)"
+    renames = [r for r in (_renamed(err, root) for err in errors) if r]
+    if renames:
+        line, left = "; ".join(renames), len(errors) - len(renames)
+    else:
+        line, left = _format_one(errors[0], data, root), len(errors) - 1
+    if left:
+        line += f" (and {left} more)"
     return line
+
+
+def _renamed(err: dict[str, Any], root: type[BaseModel]) -> str | None:
+    """``train.lr: renamed to train.learning_rate`` for an unknown key that was renamed."""
+    if err["type"] != "extra_forbidden":
+        return None
+    loc = [str(p) for p in err["loc"]]
+    parent = model_at(root, loc[:-1])
+    new = getattr(parent, "renamed", {}).get(loc[-1]) if parent else None
+    if new is None:
+        return None
+    prefix = "".join(f"{p}." for p in loc[:-1])
+    names = [new] if isinstance(new, str) else list(new)
+    return f"{prefix}{loc[-1]}: renamed to {' and '.join(prefix + n for n in names)}"
 
 
 def _format_one(err: dict[str, Any], data: Any, root: type[BaseModel]) -> str:
@@ -81,6 +101,8 @@ def _format_one(err: dict[str, Any], data: Any, root: type[BaseModel]) -> str:
         return f"{path}: expected one of {', '.join(valid)}, got {given!r}{hint}"
     if kind == "missing":
         return f"{path}: required key is missing"
+    if kind == "recipe_error":  # a message written for the user, whole
+        return f"{path}: {err['msg']}"
     if kind == "value_error":
         msg = err["msg"].removeprefix("Value error, ")
         return f"{path + '.' if loc else ''}{msg}"

@@ -1,6 +1,9 @@
 """The RL sections of a recipe: ``rl`` (mixed RL on the student, after ``train``) and
 ``teachers.<domain>.rl`` (a specialist sharpened on its own domain). One schema for both:
-GRPO as DeepSeek-V3.2 runs it (see :mod:`distill.rl.loss` for the formulas)."""
+GRPO as DeepSeek-V3.2 runs it (see :mod:`distill.rl.loss` for the formulas). Keys take
+the names TRL's ``GRPOConfig`` (and transformers' ``TrainingArguments``) give the same
+knob: ``num_generations``, ``epsilon``/``epsilon_high``, ``beta``,
+``off_policy_mask_threshold``, ``steps_per_generation``, ``learning_rate``, ..."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from distill.recipe.base import DomainName, Section
+from distill.recipe.base import DomainName, Section, Trackers
 
 
 class RewardConfig(Section):
@@ -39,8 +42,10 @@ class RewardConfig(Section):
 class RLDomainConfig(Section):
     """One domain of an RL run."""
 
+    renamed = {"kl_coef": "beta"}
+
     weight: float = Field(1.0, ge=0, description="Prompt mixture weight; 0 = no prompts.")
-    kl_coef: float = Field(
+    beta: float = Field(
         0.0,
         ge=0,
         description="β of the unbiased KL to the frozen starting model; 0 everywhere = no "
@@ -53,13 +58,27 @@ class RLDomainConfig(Section):
 class RLConfig(Section):
     """GRPO on the policy's own rollouts, rewards from the domain verifiers."""
 
+    renamed = {
+        "group_size": "num_generations",
+        "lr": "learning_rate",
+        "grad_clip": "max_grad_norm",
+        "updates_per_step": "steps_per_generation",
+        "clip_low": "epsilon",
+        "clip_high": "epsilon_high",
+        "offpolicy_delta": "off_policy_mask_threshold",
+        "save_every": "save_steps",
+        "keep_last": "save_total_limit",
+        "log_every": "logging_steps",
+        "trackers": "report_to",
+    }
+
     enabled: bool = Field(False, description="Run this RL phase.")
     steps: int = Field(20, ge=1, description="RL steps (one rollout batch each).")
     max_time_s: float | None = Field(
         None, gt=0, description="Stop after this many seconds (the model so far is saved)."
     )
     prompts_per_step: int = Field(16, ge=1, description="Prompts per step (global, all ranks).")
-    group_size: int = Field(8, ge=2, description="Samples per prompt (G).")
+    num_generations: int = Field(8, ge=2, description="Samples per prompt (the group size G).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
     top_p: float = Field(
         1.0, gt=0, le=1, description="Nucleus of the rollouts (its kept set is recorded)."
@@ -71,11 +90,15 @@ class RLConfig(Section):
     max_turns: int | None = Field(
         None, ge=1, description="Assistant turns per agent episode; null = generate.max_turns."
     )
-    lr: float = Field(1e-4, gt=0, description="Learning rate (AdamW, constant after warmup).")
+    learning_rate: float = Field(
+        1e-4, gt=0, description="Learning rate (AdamW, constant after warmup)."
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    grad_clip: float | None = Field(1.0, gt=0, description="Global gradient norm clip; null = off.")
-    updates_per_step: int = Field(
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Global gradient norm clip; null = off."
+    )
+    steps_per_generation: int = Field(
         1,
         ge=1,
         description="Optimizer updates per rollout batch (the batch split into this many "
@@ -84,8 +107,8 @@ class RLConfig(Section):
     micro_batch_seqs: int = Field(
         16, ge=1, description="Sequences per forward/backward on one device."
     )
-    clip_low: float = Field(0.2, ge=0, lt=1, description="ε_lo: ratio clipped below 1 − ε_lo.")
-    clip_high: float = Field(
+    epsilon: float = Field(0.2, ge=0, lt=1, description="ε_lo: ratio clipped below 1 − ε_lo.")
+    epsilon_high: float = Field(
         0.28, ge=0, description="ε_hi: ratio clipped above 1 + ε_hi (DAPO clip-higher)."
     )
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_sum_const"] = Field(
@@ -99,7 +122,7 @@ class RLConfig(Section):
     skip_zero_variance: bool = Field(
         True, description="Leave out groups whose rewards are all equal (no policy gradient)."
     )
-    offpolicy_delta: float | None = Field(
+    off_policy_mask_threshold: float | None = Field(
         None,
         gt=0,
         description="Off-policy sequence masking: a negative-advantage sequence whose mean "
@@ -108,11 +131,13 @@ class RLConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 on GPU, fp32 on CPU."
     )
-    save_every: int = Field(0, ge=0, description="Checkpoint every N steps; 0 = only at the end.")
-    keep_last: int = Field(2, ge=1, description="Checkpoints kept.")
-    log_every: int = Field(1, ge=1, description="Print a log line every N steps.")
-    trackers: list[Literal["tensorboard", "wandb"]] = Field(
-        default_factory=list, description="Accelerate trackers (every step's metrics)."
+    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps; 0 = only at the end.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
+    logging_steps: int = Field(1, ge=1, description="Print a log line every N steps.")
+    report_to: Trackers = Field(
+        default_factory=list,
+        description="Accelerate trackers (every step's metrics; tensorboard, wandb); each "
+        "must be installed.",
     )
     domains: dict[DomainName, RLDomainConfig] = Field(
         default_factory=dict,

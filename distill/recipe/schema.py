@@ -3,7 +3,8 @@
 Precedence: field defaults < YAML file < ``--set key.path=value`` overrides. Every field
 carries a description; it feeds ``distill recipe show`` and the README's recipe reference.
 A bad recipe raises :class:`RecipeError` with one line naming the key path, the expected
-type and the value given (``train.lr: expected a number, got 'fast'``).
+type and the value given (``train.learning_rate: expected a number, got 'fast'``); a key
+renamed to the field's usual name (TRL, transformers) is an error naming the new key.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ruamel.yaml.error import YAMLError
 
 from distill.errors import UserError
 from distill.files import json_hash
-from distill.recipe.base import DomainName, Section
+from distill.recipe.base import DomainName, Section, Trackers
 from distill.recipe.errors import format_error as _format_error
 from distill.recipe.rl import RLConfig
 
@@ -50,10 +51,14 @@ class ModelArch(Section):
 
 
 class LoraConfig(Section):
+    """LoRA adapters; the keys are peft's ``LoraConfig`` names."""
+
+    renamed = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+
     enabled: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights.")
     r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: int = Field(32, ge=1, description="LoRA scaling numerator.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="Module names that receive adapters.",
@@ -77,22 +82,41 @@ class KDConfig(Section):
 
 
 class TrainConfig(Section):
-    """Optimisation settings; shared by bootstrap teachers and the student."""
+    """Optimisation settings; shared by bootstrap teachers and the student.
 
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
+    Keys take the names transformers' ``TrainingArguments`` and TRL's ``SFTConfig`` give
+    the same knob. Those without a counterpart differ in kind: batches count tokens where
+    theirs count sequences, ``precision`` is one choice where theirs are flags."""
+
+    renamed = {
+        "lr": "learning_rate",
+        "betas": ("adam_beta1", "adam_beta2"),
+        "schedule": "lr_scheduler_type",
+        "epochs": "num_train_epochs",
+        "max_seq_len": "max_length",
+        "grad_clip": "max_grad_norm",
+        "compile": "torch_compile",
+        "save_every": "save_steps",
+        "keep_last": "save_total_limit",
+        "log_every": "logging_steps",
+        "trackers": "report_to",
+    }
+
+    learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
-    schedule: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="Decay after warmup."
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warmup (down to min_lr_ratio; constant = none)."
     )
     min_lr_ratio: float = Field(
-        0.1, ge=0, le=1, description="Final learning rate as a fraction of lr."
+        0.1, ge=0, le=1, description="Final learning rate as a fraction of learning_rate."
     )
     max_steps: int | None = Field(
-        None, ge=1, description="Optimizer steps; null = derive from epochs."
+        None, ge=1, description="Optimizer steps; null = derive from num_train_epochs."
     )
-    epochs: float = Field(
+    num_train_epochs: float = Field(
         1.0, gt=0, description="Passes over the mixed data when max_steps is null."
     )
     max_time_s: float | None = Field(
@@ -109,7 +133,7 @@ class TrainConfig(Section):
         ge=16,
         description="Tokens per micro-batch on one device; accumulation fills batch_tokens.",
     )
-    max_seq_len: int = Field(
+    max_length: int = Field(
         512, ge=16, description="Longest packed row; longer traces are dropped and counted."
     )
     packing: bool = Field(
@@ -118,7 +142,7 @@ class TrainConfig(Section):
     mixture: Literal["rows", "tokens"] = Field(
         "tokens", description="Domain sampling weights apply to rows or to token budget."
     )
-    grad_clip: float | None = Field(
+    max_grad_norm: float | None = Field(
         1.0, gt=0, description="Clip the global gradient norm; null = off."
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -127,14 +151,15 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
     )
-    compile: bool = Field(False, description="torch.compile the model.")
-    save_every: int = Field(
+    torch_compile: bool = Field(False, description="torch.compile the model.")
+    save_steps: int = Field(
         0, ge=0, description="Checkpoint every N optimizer steps; 0 = only at the end."
     )
-    keep_last: int = Field(2, ge=1, description="Checkpoints kept.")
-    log_every: int = Field(10, ge=1, description="Log losses every N steps.")
-    trackers: list[Literal["tensorboard", "wandb"]] = Field(
-        default_factory=list, description="Accelerate trackers."
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
+    logging_steps: int = Field(10, ge=1, description="Log losses every N steps.")
+    report_to: Trackers = Field(
+        default_factory=list,
+        description="Accelerate trackers (tensorboard, wandb); each must be installed.",
     )
     kd: KDConfig = Field(default_factory=KDConfig, description="Logit distillation.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")

@@ -97,14 +97,14 @@ def rollout_step(
 
     times = {"generate": 0.0, "score": 0.0}
     samples: list[Sample] = []
-    outcomes: list[Outcome | None] = [None] * (len(prompts) * cfg.group_size)
+    outcomes: list[Outcome | None] = [None] * (len(prompts) * cfg.num_generations)
     by_domain: dict[str, list[int]] = {}
     for i, (d, _) in enumerate(prompts):
         by_domain.setdefault(d, []).append(i)
     for d, idx in by_domain.items():
         dom = get_domain(d)
         new_tokens, turns, episode_tokens = limits[d]
-        pairs = [(prompts[i][1], j) for i in idx for j in range(cfg.group_size)]
+        pairs = [(prompts[i][1], j) for i in idx for j in range(cfg.num_generations)]
         t0 = time.perf_counter()
         episodes = run_episodes(
             backend, dom, pairs, sampling=sampling_of(cfg, new_tokens, seed, step),
@@ -116,8 +116,10 @@ def rollout_step(
         times["score"] += time.perf_counter() - t1
         shaping = cfg.domains[d].reward if d in cfg.domains else None
         for k, (e, v) in enumerate(zip(episodes, verdicts, strict=True)):
-            slot = idx[k // cfg.group_size] * cfg.group_size + k % cfg.group_size
-            outcomes[slot] = _outcome(e, v, d, slot // cfg.group_size, new_tokens, turns, shaping)
+            slot = idx[k // cfg.num_generations] * cfg.num_generations + k % cfg.num_generations
+            outcomes[slot] = _outcome(
+                e, v, d, slot // cfg.num_generations, new_tokens, turns, shaping
+            )
             samples += _samples(e, d, slot, outcomes[slot].loss)
     return samples, outcomes, times  # type: ignore[return-value]
 

@@ -64,11 +64,11 @@ def train_rl(
     set_cpu_threads(acc, sum(p.numel() for p in model.parameters()))
     doms = {d: cfg.domains.get(d, RLDomainConfig()) for d in tasks}
     ref = None
-    if any(c.kl_coef > 0 for c in doms.values()):  # β = 0 everywhere: no reference model
+    if any(c.beta > 0 for c in doms.values()):  # β = 0 everywhere: no reference model
         ref = PolicyLogprobs(load_model(init, dtype=dtype).to(acc.device).eval())
         ref.requires_grad_(False)
     policy = PolicyLogprobs(model)
-    opt, sched = make_optimizer(model, tcfg, cfg.steps * cfg.updates_per_step, fused=gpu)
+    opt, sched = make_optimizer(model, tcfg, cfg.steps * cfg.steps_per_generation, fused=gpu)
     policy, opt, sched = acc.prepare(policy, opt, sched)
     live = acc.unwrap_model(policy).model
     backend = HFBackend.from_model(live, tokenizer, batch_size=_decode_batch(cfg, gpu))
@@ -76,7 +76,7 @@ def train_rl(
 
     fp = json_hash(
         {"init": str(Path(init).resolve()), "cfg": cfg.model_dump(mode="json", exclude={
-            "steps", "save_every", "keep_last", "log_every", "trackers", "max_time_s"}),
+            "steps", "save_steps", "save_total_limit", "logging_steps", "report_to", "max_time_s"}),
          "tasks": {d: [t.id for t in ts] for d, ts in tasks.items()}, "limits": limits,
          "seed": seed, "loss": RL_LOSS_VERSION, "reward": REWARD_VERSION}
     )  # fmt: skip
@@ -88,7 +88,7 @@ def train_rl(
     if found := checkpoint.latest(ckpt_dir, fp):
         acc.load_state(str(found[0]))
         start = found[1]["step"]
-    if cfg.trackers:
+    if cfg.report_to:
         acc.init_trackers(desc.replace("/", "-"), config={"rl": json.dumps(cfg.model_dump())})
     log_path = out / LOG
     if acc.is_main_process and start == 0:
@@ -110,11 +110,11 @@ def train_rl(
                 with open(log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 bar.update(task, completed=step + 1, info=_bar_info(row))
-            if cfg.trackers:
+            if cfg.report_to:
                 acc.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.steps:
                 checkpoint.save(acc, ckpt_dir, step + 1, {"fingerprint": fp, "step": step + 1},
-                                cfg.keep_last)  # fmt: skip
+                                cfg.save_total_limit)  # fmt: skip
         else:
             step = cfg.steps
     done = step if rows else start
@@ -135,7 +135,7 @@ def train_rl(
         live.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         atomic_write_json(out / REPORT, report)
-    if cfg.trackers:
+    if cfg.report_to:
         acc.end_training()
     acc.wait_for_everyone()
     return report
@@ -151,13 +151,15 @@ def _step(acc, policy, ref, opt, sched, backend, tasks, weights, doms, cfg: RLCo
     # advantage: reward − group mean, per prompt (a group never spans ranks)
     rewards = torch.tensor([o.reward for o in outcomes], dtype=torch.float64)
     scale = cfg.scale_rewards
-    adv, zero_var = group_advantages(rewards, cfg.group_size, "none" if scale == "batch" else scale)
+    adv, zero_var = group_advantages(
+        rewards, cfg.num_generations, "none" if scale == "batch" else scale
+    )
     if scale == "batch":
         adv = adv / (_global_std(acc, rewards) + 1e-4)
     skip = {g for g, z in enumerate(zero_var.tolist()) if z and cfg.skip_zero_variance}
     for s in samples:
         s.advantage = float(adv[s.episode])
-    train = [s for s in samples if s.episode // cfg.group_size not in skip]
+    train = [s for s in samples if s.episode // cfg.num_generations not in skip]
     t1 = time.perf_counter()
     stats, t_ref, t_upd = _update(acc, policy, ref, opt, sched, train, doms, cfg, limits, pad)
     acc.wait_for_everyone()
@@ -179,7 +181,7 @@ def _step(acc, policy, ref, opt, sched, backend, tasks, weights, doms, cfg: RLCo
 
 def _update(acc, policy, ref, opt, sched, samples: list[Sample], doms, cfg: RLConfig,
             limits, pad: int) -> tuple[dict[str, Any], float, float]:  # fmt: skip
-    """``updates_per_step`` optimizer updates over ``samples`` (this rank's), each over
+    """``steps_per_generation`` optimizer updates over ``samples`` (this rank's), each over
     its share of the batch with a global denominator. Returns summed stats, the seconds
     spent on reference log-probs and on the updates."""
     sums: dict[str, float] = {}
@@ -187,7 +189,7 @@ def _update(acc, policy, ref, opt, sched, samples: list[Sample], doms, cfg: RLCo
     t_ref = t_upd = 0.0
     samples = sorted(samples, key=lambda s: len(s.prompt_ids) + len(s.token_ids))
     max_len = max(lim[0] for lim in limits.values())
-    n_upd = cfg.updates_per_step
+    n_upd = cfg.steps_per_generation
     for u in range(n_upd):
         part = samples[u::n_upd]
         chunks = [
@@ -213,11 +215,11 @@ def _update(acc, policy, ref, opt, sched, samples: list[Sample], doms, cfg: RLCo
             sync = k == len(mbs) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(policy):
                 logp, ent = policy(mb, cfg.temperature)
-                beta = torch.tensor([doms[d].kl_coef for d in mb.domains], device=acc.device)
+                beta = torch.tensor([doms[d].beta for d in mb.domains], device=acc.device)
                 loss, st = grpo_loss(
                     logp, mb.old_logp, mb.adv, mb.mask, ref_logp=refs[k] if refs else None,
-                    kl_coef=beta if refs else 0.0, clip_low=cfg.clip_low,
-                    clip_high=cfg.clip_high, offpolicy_delta=cfg.offpolicy_delta,
+                    kl_coef=beta if refs else 0.0, clip_low=cfg.epsilon,
+                    clip_high=cfg.epsilon_high, offpolicy_delta=cfg.off_policy_mask_threshold,
                     agg=cfg.loss_agg, denom=denom / world,
                 )  # fmt: skip
                 acc.backward(loss)
@@ -226,8 +228,8 @@ def _update(acc, policy, ref, opt, sched, samples: list[Sample], doms, cfg: RLCo
             st["loss_sum"] = loss.detach() / world
             for key, v in st.items():
                 sums[key] = sums.get(key, 0.0) + float(v)
-        if cfg.grad_clip:
-            sums["grad_norm"] = float(acc.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
+        if cfg.max_grad_norm:
+            sums["grad_norm"] = float(acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -313,7 +315,7 @@ def _bar_info(row: dict[str, Any]) -> str:
 def _decode_batch(cfg: RLConfig, gpu: bool) -> int:
     """Rows decoded together: every rollout of a step at once on a GPU (a decode step costs
     about the same for 1 row or 512); 64 on CPU, where cost grows with the rows."""
-    return cfg.prompts_per_step * cfg.group_size if gpu else 64
+    return cfg.prompts_per_step * cfg.num_generations if gpu else 64
 
 
 def _train_config(cfg: RLConfig):
@@ -322,7 +324,8 @@ def _train_config(cfg: RLConfig):
     from distill.recipe.schema import TrainConfig
 
     return TrainConfig(
-        lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-        schedule="constant", max_steps=cfg.steps * cfg.updates_per_step, grad_clip=cfg.grad_clip,
-        precision=cfg.precision, trackers=cfg.trackers,
+        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps, lr_scheduler_type="constant",
+        max_steps=cfg.steps * cfg.steps_per_generation, max_grad_norm=cfg.max_grad_norm,
+        precision=cfg.precision, report_to=cfg.report_to,
     )  # fmt: skip

@@ -2,10 +2,10 @@
 
 1. :func:`tokenize_domain` renders every trace of a clean shard directory (read
    memory-mapped) into examples and caches flat numpy arrays under the output dir, keyed
-   by the shards' sha256s, the tokenizer, ``max_seq_len`` and the render version.
+   by the shards' sha256s, the tokenizer, ``max_length`` and the render version.
 2. :func:`mixture_order` draws each epoch's examples by domain sampling weights, by rows
    or by token budget, upsampling a domain whose weight asks for more than it has.
-3. :func:`pack_rows` places several examples per row up to ``max_seq_len``.
+3. :func:`pack_rows` places several examples per row up to ``max_length``.
 4. :class:`RowStream` yields the rows of one optimizer step; its position (epoch, row) is
    saved in checkpoints, and the order is a pure function of the seed.
 """
@@ -113,7 +113,7 @@ def _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd):
             bar.advance(task, batch.num_rows)
     if not lens:
         raise UserError(
-            f"{shard_dir}: no trace of domain {domain} renders to at most max_seq_len={max_seq_len} tokens"
+            f"{shard_dir}: no trace of domain {domain} renders to at most max_length={max_seq_len} tokens"
         )
     arrays = {
         "ids": np.fromiter((t for x in ids for t in x), np.int32),

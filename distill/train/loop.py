@@ -42,7 +42,7 @@ from distill.train.setup import compile_model, make_accelerator, make_optimizer,
 DEFER: bool | None = None
 
 # config fields that do not change the trained weights: a resume may change them
-_RUN_ONLY = {"max_time_s", "save_every", "keep_last", "log_every", "trackers"}
+_RUN_ONLY = {"max_time_s", "save_steps", "save_total_limit", "logging_steps", "report_to"}
 
 
 def train(
@@ -98,7 +98,7 @@ def _train(
     lw = {d: (loss_weights or {}).get(d, 1.0) for d in shards}
     with acc.main_process_first():  # rank 0 tokenizes, the others read its cache
         domains = {
-            d: tokenize_domain(d, p, tokenizer, cfg.max_seq_len, out / "cache", cfg.kd.enabled)
+            d: tokenize_domain(d, p, tokenizer, cfg.max_length, out / "cache", cfg.kd.enabled)
             for d, p in sorted(shards.items())
         }
     fp = _fingerprint(init, tokenizer_dir, tokenizer, shards, cfg, seed, sw, lw)
@@ -108,12 +108,12 @@ def _train(
         model,
         cfg.kd.alpha if cfg.kd.enabled else 0.0,
         cfg.kd.temperature,
-        max_seqlen=cfg.max_seq_len,
+        max_seqlen=cfg.max_length,
     )
-    stream = RowStream(domains, sw, cfg.mixture, cfg.max_seq_len, cfg.packing, seed)
+    stream = RowStream(domains, sw, cfg.mixture, cfg.max_length, cfg.packing, seed)
     plan = _plan(cfg, acc.num_processes, stream, acc.device.type == "cuda")
     opt, sched = make_optimizer(objective, cfg, plan["max_steps"], fused=acc.device.type == "cuda")
-    if cfg.compile:
+    if cfg.torch_compile:
         objective = compile_model(objective)
     # the scheduler stays unprepared: accelerate would step it once per rank per step
     objective, opt = acc.prepare(objective, opt)
@@ -122,7 +122,7 @@ def _train(
     loop = _Loop(
         acc, objective, opt, sched, stream, domains, lw, cfg, plan, pad_token_id(tokenizer)
     )
-    if cfg.trackers:
+    if cfg.report_to:
         flat = {"seed": seed, "init": str(init if not isinstance(init, ModelArch) else "scratch")}
         for k, v in cfg.model_dump(mode="json").items():  # tensorboard takes scalars only
             items = v.items() if isinstance(v, dict) else [("", v)]
@@ -157,7 +157,7 @@ def _fingerprint(init, tokenizer_dir, tok, shards, cfg: TrainConfig, seed, sw, l
             "tok": str(Path(tokenizer_dir).resolve()),
             # the shards' checksums, through the tokenize cache key: new data, new run
             "shards": {
-                d: cache_key(Path(p), tok, cfg.max_seq_len, cfg.kd.enabled)
+                d: cache_key(Path(p), tok, cfg.max_length, cfg.kd.enabled)
                 for d, p in shards.items()
             },
             "cfg": cfg.model_dump(mode="json", exclude=_RUN_ONLY),
@@ -194,8 +194,8 @@ def _init_model(init, tokenizer, seed: int, cfg: TrainConfig, device: torch.devi
             model,
             LoraConfig(
                 r=lc.r,
-                lora_alpha=lc.alpha,
-                lora_dropout=lc.dropout,
+                lora_alpha=lc.lora_alpha,
+                lora_dropout=lc.lora_dropout,
                 target_modules=lc.target_modules,
                 task_type="CAUSAL_LM",
             ),
@@ -232,10 +232,10 @@ def _plan(cfg: TrainConfig, world: int, stream: RowStream, gpu: bool) -> dict[st
     lens = [sum(int(stream.lengths[d][i]) for d, i in r) for r in rows]
     rows_step = _even_split(cfg.batch_tokens / (sum(lens) / len(lens)))
     rows_step = math.ceil(rows_step / world) * world  # every rank gets the same number of rows
-    # GPU rows are padded to max_seq_len (static shapes); CPU rows to the longest present
-    rows_micro = max(1, cfg.micro_batch_tokens // (cfg.max_seq_len if gpu else max(lens)))
+    # GPU rows are padded to max_length (static shapes); CPU rows to the longest present
+    rows_micro = max(1, cfg.micro_batch_tokens // (cfg.max_length if gpu else max(lens)))
     per_rank = rows_step // world
-    max_steps = cfg.max_steps or max(1, math.ceil(len(rows) * cfg.epochs / rows_step))
+    max_steps = cfg.max_steps or max(1, math.ceil(len(rows) * cfg.num_train_epochs / rows_step))
     return {
         "rows_micro": rows_micro,
         "rows_step": rows_step,
@@ -289,9 +289,9 @@ class _Loop:
         out, tokens, sq = [], 0, 0.0
         cfg = self.cfg
         if self.flat:  # one row of the real tokens; a static width only for compiled layers
-            width = plan["rows_micro"] * cfg.max_seq_len if cfg.compile else None
+            width = plan["rows_micro"] * cfg.max_length if cfg.torch_compile else None
         else:  # static row width on GPU: compiled kernels (flex attention, torch.compile) never recompile
-            width = cfg.max_seq_len if acc.device.type == "cuda" else None
+            width = cfg.max_length if acc.device.type == "cuda" else None
         for s in range(0, len(rows), plan["rows_micro"]):
             mb = rows[s : s + plan["rows_micro"]]
             arrs = collate(
@@ -303,7 +303,7 @@ class _Loop:
                 cfg.kd.enabled,
                 width,
                 flat=self.flat,
-                max_segment=cfg.max_seq_len,
+                max_segment=cfg.max_length,
             )
             out.append({k: _to_device(v, acc.device) for k, v in arrs.items()})
             lens = [
@@ -331,8 +331,8 @@ class _Loop:
             acc.backward(total)
             loss += total.detach()
             dom += torch.cat([dl, dt])
-        if self.cfg.grad_clip:
-            acc.clip_grad_norm_(self.objective.parameters(), self.cfg.grad_clip)
+        if self.cfg.max_grad_norm:
+            acc.clip_grad_norm_(self.objective.parameters(), self.cfg.max_grad_norm)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -363,7 +363,7 @@ class _Loop:
                 if pending is not None:
                     stop = self._record(*pending, stats, bar, t0)
                 pending = (step, row)
-                saves = bool(cfg.save_every) and (step % cfg.save_every == 0 or step == last)
+                saves = bool(cfg.save_steps) and (step % cfg.save_steps == 0 or step == last)
                 alone = timed_out and acc.num_processes == 1  # its own clock decides
                 if self.defer and not (stop or alone or saves or step in (stop_after, last)):
                     continue
@@ -371,7 +371,7 @@ class _Loop:
                 pending = None
                 if saves or stop:
                     state = {"step": step, "data": self.stream.state_dict(), "fingerprint": fp}
-                    checkpoint.save(acc, ckpt_dir, step, state, cfg.keep_last)
+                    checkpoint.save(acc, ckpt_dir, step, state, cfg.save_total_limit)
                 if stop:
                     # out of time: a finished (shorter) run; stop_after: a preemption
                     stats.finished = step != stop_after
@@ -390,7 +390,7 @@ class _Loop:
                 f.time_frac = frac
         stats.add(step, row[:-2], time.perf_counter() - t0)
         bar(step, stats)
-        if step % cfg.log_every == 0 and cfg.trackers:
+        if step % cfg.logging_steps == 0 and cfg.report_to:
             self.acc.log(stats.log_row(), step=step)
         return float(row[-2]) > 0
 

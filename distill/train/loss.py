@@ -64,7 +64,7 @@ def ce_and_grad(
     """Per-token cross-entropy of ``logits`` [N, V] in fp32, and the gradient of
     ``Σ scale · ce`` with respect to the logits, ``scale · (softmax − onehot)``, in the
     logits' dtype. Three passes over [N, V] in eager mode (log-softmax, exp, scale); under
-    ``train.compile`` the trainer compiles :func:`ce_and_grad_pointwise` instead."""
+    ``train.torch_compile`` the trainer compiles :func:`ce_and_grad_pointwise` instead."""
     lp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
     ce = -lp.gather(1, targets[:, None]).squeeze(1)
     p = lp.exp_()
@@ -181,7 +181,7 @@ class Objective(nn.Module):
         self.kd_alpha = kd_alpha
         self.kd_temperature = kd_temperature
         self.max_seqlen = max_seqlen
-        self.ce_fn = ce_and_grad  # the trainer swaps in a compiled one under train.compile
+        self.ce_fn = ce_and_grad  # the trainer swaps in a compiled one under train.torch_compile
 
     def forward(
         self,

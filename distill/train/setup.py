@@ -17,11 +17,10 @@ def make_accelerator(cfg: TrainConfig, out: Path):
 
     cuda = torch.cuda.is_available()
     mp = "bf16" if cfg.precision == "bf16" or (cfg.precision == "auto" and cuda) else "no"
-    trackers = [t for t in cfg.trackers if t != "wandb" or _installed("wandb")]
     acc = Accelerator(
         cpu=not cuda,  # without it, torchrun-launched ranks on a GPU-less host stay unconnected
         mixed_precision=mp,
-        log_with=trackers or None,
+        log_with=cfg.report_to or None,  # the recipe checked that each is installed
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     return acc
@@ -39,12 +38,6 @@ def set_cpu_threads(acc, n_params: int) -> None:
     torch.set_num_threads(1 if n_params < 20_000_000 else cores)
 
 
-def _installed(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
 def make_optimizer(module: torch.nn.Module, cfg: TrainConfig, max_steps: int, fused: bool = False):
     """AdamW (no decay on vectors) with linear warmup then cosine/linear/constant decay.
     ``fused`` (on GPU): one kernel per step and no full-size temporaries, where the
@@ -56,8 +49,8 @@ def make_optimizer(module: torch.nn.Module, cfg: TrainConfig, max_steps: int, fu
     ]
     opt = torch.optim.AdamW(
         [g for g in groups if g["params"]],
-        lr=cfg.lr,
-        betas=tuple(cfg.betas),
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
         **({"fused": True} if fused else {}),
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, LRFactor(cfg, max_steps))
@@ -65,7 +58,7 @@ def make_optimizer(module: torch.nn.Module, cfg: TrainConfig, max_steps: int, fu
 
 
 def compile_model(objective: torch.nn.Module) -> torch.nn.Module:
-    """``train.compile``: torch.compile each decoder layer (they share one compiled graph)
+    """``train.torch_compile``: torch.compile each decoder layer (they share one compiled graph)
     and the fused head's softmax pass (its pointwise form: one kernel, measured 18 against
     30 ms a step on the H200 benchmark); the loop around them stays eager, so the loss's
     chunk loop and the varlen attention (which changes shape every batch) cause no
@@ -98,7 +91,8 @@ class LRFactor:
     callable object's ``__dict__``."""
 
     def __init__(self, cfg: TrainConfig, max_steps: int):
-        self.warm, self.floor, self.schedule = cfg.warmup_steps, cfg.min_lr_ratio, cfg.schedule
+        self.warm, self.floor = cfg.warmup_steps, cfg.min_lr_ratio
+        self.schedule = cfg.lr_scheduler_type
         self.max_steps, self.time_frac = max_steps, 0.0
 
     def __call__(self, step: int) -> float:
