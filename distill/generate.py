@@ -15,17 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.progress import Progress
-
 from distill.backends import Backend, Sampling, make_backend
 from distill.errors import UserError
-from distill.progress import console, progress
+from distill.progress import StageBar, console
 from distill.recipe.schema import Recipe
 from distill.rollout import rollout_pairs, turn_budget_warning
 from distill.shards import MANIFEST, ShardWriter, finalize, read_shard
 from distill.stages import fingerprint, stage_dir
 from distill.tasks import tasks_for
-from teachers.base import get_domain
+from teachers.base import Task, get_domain
 
 FLUSH_EVERY_S = 30.0  # commit a (smaller) shard at least this often: a crash loses less
 
@@ -48,10 +46,14 @@ def run(recipe: Recipe) -> dict[str, Any]:
     out = stage_dir(recipe, "generate")
     device = str(state.device)
     stats = {}
-    with progress(disable=not state.is_main_process) as bar:
+    tasks = {
+        d: tasks_for(d, recipe.domains[d], recipe.seed, "train") for d in recipe.active_domains()
+    }
+    # one bar over every rank's tasks (rank 0 draws it)
+    with StageBar("generate", total=sum(map(len, tasks.values())), unit="tasks") as bar:
         for d in recipe.active_domains():
             stats[d] = generate_domain(
-                recipe, d, rank=rank, world=world, fp=fp, device=device, bar=bar
+                recipe, d, rank=rank, world=world, fp=fp, device=device, bar=bar, tasks=tasks[d]
             )
     state.wait_for_everyone()  # every rank's shards are committed before the manifest
     rows: dict[str, int] = {}
@@ -59,7 +61,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
         for d in recipe.active_domains():
             _drop_stale_journals(out / d, fp)
             rows[d] = finalize(out / d, fp)["rows"]
-        console.print(f"generate: {sum(rows.values())} rows in {out} ({json.dumps(rows)})")
+        per = ", ".join(f"{d} {n:,}" for d, n in rows.items())
+        console.print(f"generate: {sum(rows.values()):,} rows in {out} ({per})")
     state.wait_for_everyone()
     return {"rows": rows, "stats": stats, "record": {"rows": rows}}
 
@@ -95,12 +98,17 @@ def generate_domain(
     world: int,
     fp: str,
     device: str | None,
-    bar: Progress,
+    bar: StageBar | None = None,
+    tasks: list[Task] | None = None,
 ) -> dict[str, Any]:
-    """This rank's slice of one domain, resumed from what is already committed."""
+    """This rank's slice of one domain (of ``tasks``, default the domain's training
+    tasks), resumed from what is already committed; finished tasks advance ``bar``."""
     gen, teacher = recipe.generate, recipe.teachers[domain]
     directory = stage_dir(recipe, "generate") / domain
-    tasks = tasks_for(domain, recipe.domains[domain], recipe.seed, "train")[rank::world]
+    if tasks is None:
+        tasks = tasks_for(domain, recipe.domains[domain], recipe.seed, "train")
+    tasks = tasks[rank::world]
+    bar = bar or StageBar(f"generate {domain}", len(tasks))  # not entered: only counts
     if rank == 0 and (
         warning := turn_budget_warning(get_domain(domain), tasks[:500], gen.max_turns)
     ):
@@ -109,27 +117,20 @@ def generate_domain(
     done = writer.committed_ids() | _committed_elsewhere(directory, writer.prefix, fp)
     k = gen.samples_per_task
     todo = [(t, j) for t in tasks for j in range(k) if f"{t.id}-s{j}" not in done]
-    task_bar = bar.add_task(
-        f"generate {domain}",
-        total=len(tasks),
-        completed=len(tasks) - len({t.id for t, _ in todo}),
-        info="",
-        unit="tasks",
-    )
+    bar.advance(len(tasks) - len({t.id for t, _ in todo}), what=domain)  # done before
     stats = {"rows": 0, "tokens": 0, "seconds": 0.0}
     if todo:
         backend = teacher_backend(recipe, domain, device)
         chunk = 4 * max(gen.batch_size, teacher.max_concurrency if teacher.kind == "openai" else 1)
         try:
-            _roll_chunks(recipe, domain, backend, todo, chunk, writer, fp, bar, task_bar, stats)
+            _roll_chunks(recipe, domain, backend, todo, chunk, writer, fp, bar, stats)
         finally:
             backend.close()
     writer.close(finalize_manifest=False)
-    bar.update(task_bar, completed=len(tasks))
     return stats
 
 
-def _roll_chunks(recipe, domain, backend, todo, chunk, writer, fp, bar, task_bar, stats) -> None:
+def _roll_chunks(recipe, domain, backend, todo, chunk, writer, fp, bar, stats) -> None:
     """Roll out ``todo`` chunk by chunk (whole tasks per chunk), writing rows in order."""
     gen, sampling = recipe.generate, sampling_for(recipe, domain)
     start, last_flush = time.time(), time.time()
@@ -149,15 +150,11 @@ def _roll_chunks(recipe, domain, backend, todo, chunk, writer, fp, bar, task_bar
         if time.time() - last_flush > FLUSH_EVERY_S:
             writer.flush()
             last_flush = time.time()
+        tokens = sum(tr.completion_tokens or 0 for tr in traces)
         stats["rows"] += len(traces)
-        stats["tokens"] += sum(tr.completion_tokens or 0 for tr in traces)
+        stats["tokens"] += tokens
         stats["seconds"] = time.time() - start
-        tasks_done = len({t.id for t, _ in todo[i:end]})
-        bar.update(
-            task_bar,
-            advance=tasks_done,
-            info=f"{stats['tokens'] / max(stats['seconds'], 1e-9):,.0f} tok/s",
-        )
+        bar.advance(len({t.id for t, _ in todo[i:end]}), tokens=tokens)
         i = end
 
 
