@@ -41,6 +41,15 @@ def demo(tmp_path) -> Path:
     return p
 
 
+def test_an_old_key_exits_2_naming_the_new_one(demo, capsys):
+    text = demo.read_text()
+    for args in (["recipe", "validate", demo, "--set", "train.lr=0.1"],
+                 ["recipe", "set", demo, "train.lr=0.1"]):  # fmt: skip
+        code, _, err = cli(args, capsys)
+        assert code == 2 and err == f"error: {demo}: train.lr: renamed to train.learning_rate\n"
+    assert demo.read_text() == text
+
+
 def test_validate_ok_and_errors_exit_2_with_one_line(demo, capsys):
     code, out, _ = cli(["recipe", "validate", demo], capsys)
     assert code == 0 and out.startswith("ok:")

@@ -43,6 +43,19 @@ def run_train(data, out, **kw):
     return train(**args)
 
 
+def test_report_to_wandb_logs_offline(data, tmp_path, monkeypatch):
+    """`report_to: [wandb]` logs through accelerate's tracker; offline, into WANDB_DIR."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_train(data, tmp_path / "out", cfg=small_cfg(max_steps=2, report_to=["wandb"]))
+    (records,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")  # for `wandb sync`
+    data = records.read_bytes()  # protobuf records: the keys stand in them as text
+    assert b"loss/math" in data and b"tokens_per_s" in data  # the step metrics
+    assert b"learning_rate" in data  # the recipe section, as the run's config
+
+
 def test_train_writes_a_loadable_hf_model(data, tmp_path):
     _, tok, _ = data
     report = run_train(
