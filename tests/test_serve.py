@@ -6,7 +6,9 @@ import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import torch
 import uvicorn
@@ -57,7 +59,8 @@ def model_dir():
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    with _Server(create_app(model_dir, batch_size=8, name="tiny")) as url:
+    app = create_app(model_dir, batch_size=8, name="tiny", max_body_bytes=256_000)
+    with _Server(app) as url:
         yield url
 
 
@@ -151,3 +154,145 @@ def test_api_key_from_env_never_in_body(monkeypatch):
     b = OpenAIBackend("http://127.0.0.1:9/v1", "m", api_key_env="DISTILL_TEST_KEY")
     assert "sk-secret" not in json.dumps(b.request_body(PROMPT, None, Sampling(), 1, 0))
     asyncio.run(asyncio.sleep(0))
+
+
+# --- one request never harms another (issue #16, items 1 and 2) ------------------------
+
+
+def _post(url: str, body, timeout: float = 60, **kw) -> httpx.Response:
+    return httpx.post(f"{url}/chat/completions", json=body, timeout=timeout, **kw)
+
+
+GOOD = {"model": "tiny", "messages": PROMPT, "tools": TOOLS, "temperature": 0, "max_tokens": 40}
+
+
+def test_a_malformed_request_sent_with_good_ones_fails_alone_naming_the_field(server):
+    bad = {**GOOD, "tools": [{"foo": 1}]}
+    with ThreadPoolExecutor(5) as pool:
+        replies = list(pool.map(lambda b: _post(server, b), [GOOD, GOOD, bad, GOOD, GOOD]))
+    assert [r.status_code for r in replies] == [200, 200, 400, 200, 200]
+    assert replies[2].json()["error"]["message"].startswith("tools.0.function:")
+    assert all(r.json()["choices"][0]["finish_reason"] == "tool_calls" for r in replies[:2])
+    call = {"role": "assistant", "tool_calls": [{"function": 5}]}
+    r = _post(server, {**GOOD, "messages": [*PROMPT, call]})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"].startswith("messages.1.tool_calls.0.function:")
+
+
+def test_bounds_body_size_and_context(server):
+    r = _post(server, {**GOOD, "messages": [{"role": "user", "content": "x" * 300_000}]})
+    assert r.status_code == 413 and "body" in r.json()["error"]["message"]
+    # longer than the model's context (1024 positions) yet under the body limit: a 400
+    # found without tokenizing, and one found by tokenizing
+    for text in ("add " * 40_000, "add 2 and 3 " * 300):
+        r = _post(server, {**GOOD, "messages": [{"role": "user", "content": text}]})
+        assert r.status_code == 400 and "context" in r.json()["error"]["message"], r.text
+    r = _post(server, {**GOOD, "messages": [{"role": "user", "content": "add 2 and 3 " * 60}]})
+    assert r.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def endless(model_dir):
+    """A server whose model never ends a turn (no eos) and takes 5 ms a step: every row
+    decodes to its limit, slowly."""
+    app = create_app(model_dir, batch_size=8, name="tiny")
+    backend = app.state.backend
+    backend.eos_ids = [10**9]
+    forward = backend.model.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.005)
+        return forward(*args, **kwargs)
+
+    backend.model.forward = slow
+    with _Server(app) as url:
+        yield url, app
+
+
+def test_rows_of_a_client_that_hung_up_stop_decoding(endless):
+    url, app = endless
+    long = {"model": "tiny", "messages": PROMPT, "temperature": 1.0, "max_tokens": 900}
+
+    def abandon(body):
+        if body.get("stream"):  # read the first events, then hang up
+            with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=30) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ") and next(lines) == ""
+            return
+        with pytest.raises(httpx.TimeoutException):
+            _post(url, body, timeout=0.5)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(abandon, [long] * 3 + [{**long, "stream": True}]))
+    t0 = time.time()
+    r = _post(url, {**long, "max_tokens": 5})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    deadline = time.time() + 10
+    while len(app.state.batcher.cancelled) < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    cancelled = app.state.batcher.cancelled
+    assert len(cancelled) == 4
+    # each stopped long before its 900 tokens, and the fresh request did not wait for them
+    assert all(len(row.tokens) < 600 for job in cancelled for row in job.rows)
+    assert time.time() - t0 < 30
+
+
+# --- streaming (issue #17) ------------------------------------------------------------
+
+
+def test_stream_with_the_official_client_adds_up_to_the_plain_reply(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server, api_key="unused", max_retries=0)
+    args = dict(model="tiny", messages=PROMPT, tools=TOOLS, n=2, temperature=0, max_tokens=40)
+    plain = client.chat.completions.create(**args)
+    chunks = list(
+        client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
+    for i, want in enumerate(plain.choices):
+        deltas = [c.choices[0] for c in chunks[:-1] if c.choices[0].index == i]
+        assert deltas[0].delta.role == "assistant"
+        reasoning = "".join(getattr(d.delta, "reasoning_content", None) or "" for d in deltas)
+        content = "".join(d.delta.content or "" for d in deltas)
+        calls = [tc for d in deltas for tc in d.delta.tool_calls or []]
+        assert reasoning == want.message.reasoning_content == "use the tool"
+        assert content == (want.message.content or "")
+        assert [(c.index, c.id, c.function.name, c.function.arguments) for c in calls] == [
+            (k, c.id, c.function.name, c.function.arguments)
+            for k, c in enumerate(want.message.tool_calls)
+        ]
+        assert [d.finish_reason for d in deltas][-1] == "tool_calls"
+        assert all(d.finish_reason is None for d in deltas[:-1])
+    # without include_usage: no usage chunk; with stop: cut there, finish_reason "stop"
+    stream = client.chat.completions.create(
+        model="tiny", messages=PROMPT, tools=TOOLS, temperature=0, stop=["tool"], stream=True
+    )
+    chunks = list(stream)
+    assert all(c.choices for c in chunks) and chunks[-1].choices[0].finish_reason == "stop"
+    assert not any(c.choices[0].delta.tool_calls for c in chunks)
+
+
+def test_stream_sends_tokens_while_they_are_generated(endless):
+    from openai import OpenAI
+
+    url, _ = endless
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model="tiny", messages=PROMPT, temperature=1.0, seed=3, max_tokens=400, stream=True
+    )
+    arrivals, text = [], []
+    for c in stream:
+        arrivals.append(time.time())
+        d = c.choices[0].delta
+        text.append((getattr(d, "reasoning_content", None) or "") + (d.content or ""))
+    assert len([t for t in text if t]) > 3  # several text deltas, not one at the end
+    assert c.choices[0].finish_reason == "length"
+    assert arrivals[len(arrivals) // 2] < arrivals[-1]
+
+
+def test_stream_errors_are_plain_http_errors_before_the_stream(server):
+    r = _post(server, {**GOOD, "stream": True, "logprobs": True})
+    assert r.status_code == 400 and "logprobs" in r.json()["error"]["message"]
+    r = _post(server, {**GOOD, "stream": True, "tools": [{"type": "function"}]})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("tools.0.function")
