@@ -53,6 +53,7 @@ STAGES = [s.name for s in TABLE]
 # and eval, never the teachers, generation or the filter.
 STUDENT_ONLY = ("sampling_weight", "loss_weight")
 RECORD = "_stage.json"
+RECIPE_FILE = "_recipe.yaml"  # the whole resolved recipe, beside every stage's outputs
 
 
 def stage_dir(recipe: Recipe, stage: str) -> Path:
@@ -124,24 +125,27 @@ def up_to_date(recipe: Recipe, stage: str) -> bool:
     return rec is not None and rec.get("fingerprint") == fingerprint(recipe, stage)
 
 
-def header(recipe: Recipe, stage: str) -> None:
-    """A stage's opening: a rule naming it, the recipe sections it reads (one line each),
-    and the whole resolved recipe, with field descriptions, in ``<stage dir>/_recipe.yaml``
-    so every output directory says exactly what produced it."""
-    from rich.console import Console
-
+def header(recipe: Recipe, stage: str, force: bool = False) -> None:
+    """A stage's opening, a few lines: its name and why it runs, the recipe keys that
+    changed since its last complete run (``key: old → new``) and where it writes. The
+    whole resolved recipe, with field descriptions, goes to ``<stage dir>/_recipe.yaml``
+    (not the screen), so every output directory says exactly what produced it."""
+    from distill.pipeline import why_run
+    from distill.progress import console
     from distill.recipe.doc import show_yaml
 
-    console = Console(stderr=True)
-    console.rule(
-        f"[bold]{stage}[/] · recipe {recipe.name} · fingerprint {fingerprint(recipe, stage)}"
-    )
-    for s, value in sections_read(recipe, stage).items():
-        line = json.dumps(value, separators=(", ", ": "))
-        console.print(f"  {s}: {line}", soft_wrap=True, markup=False, highlight=False)
+    why = why_run(recipe, stage, force=force)
     d = stage_dir(recipe, stage)
+    console.print(f"\n[bold]── {stage}[/] · {why.reason}", highlight=False)
+    for line in why.lines():
+        console.print(f"   {line}", markup=False, highlight=False)
+    console.print(
+        f"   [dim]→ {d} (fingerprint {fingerprint(recipe, stage)}; "
+        f"resolved recipe in {RECIPE_FILE})[/]",
+        highlight=False,
+    )
     d.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(d / "_recipe.yaml", show_yaml(recipe))
+    atomic_write_text(d / RECIPE_FILE, show_yaml(recipe))
 
 
 def run_stage(recipe: Recipe, stage: str, force: bool = False) -> Any:
@@ -153,9 +157,12 @@ def run_stage(recipe: Recipe, stage: str, force: bool = False) -> Any:
     early (e.g. at its time limit) and is not recorded. Its ``"record"`` entry, if any,
     goes into the record. Only the main process writes; under several processes every
     one waits for the record before it moves on (the next stage's fingerprint reads it)."""
+    from distill.progress import quiet_libraries
+
+    quiet_libraries()  # our bar and header say what runs; others' bars only add noise
     main = os.environ.get("RANK", "0") == "0"
     if main:
-        header(recipe, stage)
+        header(recipe, stage, force=force)
     t0 = time.time()
     kwargs = {"force": force} if BY_NAME[stage].force_arg else {}
     result = stage_fn(stage)(recipe, **kwargs)
@@ -164,6 +171,9 @@ def run_stage(recipe: Recipe, stage: str, force: bool = False) -> Any:
         info = dict(result.get("record") or {})
         info.update(seconds=round(time.time() - t0, 2), peak_rss_mb=round(peak_rss_mb()))
         mark_done(recipe, stage, **info)
+        from distill.pipeline import save_inputs
+
+        save_inputs(recipe, stage)  # what it read: the next run's header diffs against it
     _barrier()
     return result
 

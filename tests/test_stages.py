@@ -108,15 +108,6 @@ def test_upstream_rerun_and_changed_shards_invalidate_downstream(tmp_path):
     assert fingerprint(r, "filter") != before and not up_to_date(r, "filter")
 
 
-def test_header_writes_the_resolved_recipe(tmp_path, capsys):
-    r = recipe(tmp_path, "train.learning_rate=0.0007")
-    header(r, "train")
-    err = capsys.readouterr().err
-    assert "train" in err and fingerprint(r, "train") in err and '"learning_rate": 0.0007' in err
-    saved = (stage_dir(r, "train") / "_recipe.yaml").read_text()
-    assert validate(YAML(typ="safe").load(saved)) == r
-
-
 def test_track_yields_everything(capsys):
     assert list(track(range(5), "count", unit="rows")) == [0, 1, 2, 3, 4]
     assert "count" in capsys.readouterr().err
