@@ -62,8 +62,11 @@ def _worker(fn: Callable, args: tuple, rank: int, world: int, port: int, results
     )
     import torch
 
-    # the cores are shared out between the ranks (torch was imported before this ran)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    # the cores are shared out between the ranks (torch was imported before this ran);
+    # with OMP_NUM_THREADS set, accelerate keeps our count and does not warn once per rank
+    threads = max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     try:
         out = fn(*args)
         results.put((rank, "ok", out if rank == 0 else None))

@@ -14,15 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from distill.errors import UserError
 from distill.files import atomic_write_json, json_hash
 from distill.messages import Lineage, Trace, Verdict
+from distill.progress import console
 from distill.recipe.schema import Recipe, TeacherConfig
 from teachers.base import get_domain
 
-console = Console(stderr=True)
 TOKENIZER_RECORD = "_tokenizer.json"
 TEACHER_RECORD = "_teacher.json"
 

@@ -8,14 +8,17 @@ from rich.console import Console
 from distill import launch, progress
 
 
-def _uneven_work() -> tuple[int, int, float]:
+def _uneven_work() -> tuple[int, int, float, list[str]]:
     """Rank 0 finishes 2 items, rank 1 finishes 5 (after rank 0 is done): rank 0's bar
-    must still end at 7 of 7, with both ranks' tokens."""
+    must still end at 7 of 7. Also the warnings accelerate gave this rank."""
     import time
+    import warnings
 
     from accelerate import PartialState
 
-    state = PartialState(cpu=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = PartialState(cpu=True)
     mine = 2 if state.process_index == 0 else 5
     with progress.StageBar("work", total=7, unit="items") as bar:
         for _ in range(mine):
@@ -23,13 +26,16 @@ def _uneven_work() -> tuple[int, int, float]:
                 time.sleep(0.1)
             bar.advance(1, tokens=10, what=f"rank {state.process_index}")
         task = bar.bar.tasks[0] if bar.bar is not None else None
-    return bar.done, int(task.completed) if task else -1, task.total if task else -1
+    completed, total = (int(task.completed), task.total) if task else (-1, -1)
+    return bar.done, completed, total, [str(w.message) for w in caught]
 
 
-def test_one_bar_counts_every_ranks_work():
-    done, completed, total = launch.spawn(_uneven_work, procs=2, what="test")
+def test_one_bar_counts_every_ranks_work_and_ranks_do_not_warn_about_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    done, completed, total, warned = launch.spawn(_uneven_work, procs=2, what="test")
     assert done == 2  # rank 0's own share ...
     assert (completed, total) == (7, 7)  # ... and the bar counts both ranks'
+    assert not [w for w in warned if "OMP_NUM_THREADS" in w]  # accelerate's, once per rank
 
 
 def test_a_bar_in_one_process_counts_and_one_outside_a_with_block_draws_nothing(capsys):

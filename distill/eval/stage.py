@@ -16,16 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from distill.errors import UserError
 from distill.eval import report as rep
+from distill.progress import console
 from distill.recipe.schema import DomainConfig, EvalConfig, GenerateConfig, Recipe, TeacherConfig
 from distill.rl.specialist import base_dir, teacher_dir
 from distill.tasks import tasks_for
 from teachers.base import Task, get_domain
-
-console = Console(stderr=True)
 
 
 @dataclass

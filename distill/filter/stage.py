@@ -36,6 +36,7 @@ from distill.filter.steps import (
     trace_tokens,
 )
 from distill.messages import Trace
+from distill.progress import console
 from distill.recipe.schema import FilterConfig, Recipe
 from distill.shards import ShardWriter, iter_traces, read_manifest
 from distill.stages import fingerprint, stage_dir
@@ -225,8 +226,6 @@ def filter_domain(
 
 def run(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """Run the filter stage for every enabled domain; returns the report."""
-    from rich.console import Console
-
     out = stage_dir(recipe, "filter")
     domains = recipe.active_domains()
     fp = fingerprint(recipe, "filter")
@@ -239,7 +238,6 @@ def run(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         if stale.is_dir() and stale.name in REGISTRY and stale.name not in domains:
             shutil.rmtree(stale)
     write_report(out, report)
-    console = Console(stderr=True)
     console.print(to_table(report))
     for d, e in report["domains"].items():
         if e["raw"] and not e["kept"]:

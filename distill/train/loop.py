@@ -30,6 +30,7 @@ from distill.models import (
     use_varlen_attention,
     varlen_supported,
 )
+from distill.progress import console
 from distill.recipe.schema import ModelArch, Recipe, TrainConfig
 from distill.train import checkpoint
 from distill.train.data import RowStream, cache_key, collate, tokenize_domain
@@ -138,7 +139,8 @@ def _train(
     report = build_report(acc, model, domains, stats, plan, out)
     for d, r in report["domains"].items():
         loss = "n/a" if r["mean_loss"] is None else f"{r['mean_loss']:.4f}"
-        acc.print(f"{desc} {d}: mean loss {loss} over {r['loss_tokens']} loss tokens")
+        if acc.is_main_process:  # human output: stderr, like the bar
+            console.print(f"{desc} {d}: mean loss {loss} over {r['loss_tokens']} loss tokens")
     if stats.finished:
         save_model(acc, objective, tokenizer, cfg, out)
         if acc.is_main_process:
@@ -264,7 +266,8 @@ def _resume(acc, ckpt_dir: Path, fp: str, stream: RowStream) -> int:
     path, state = found
     acc.load_state(str(path))
     stream.load_state_dict(state["data"])
-    acc.print(f"resumed from {path} (step {state['step']})")
+    if acc.is_main_process:
+        console.print(f"resumed from {path} (step {state['step']})")
     return int(state["step"])
 
 
@@ -434,7 +437,8 @@ def run(recipe: Recipe) -> dict:
 
     empty = [d for d, p in shards.items() if read_manifest(p)["rows"] == 0]
     for d in empty:
-        print(f"warning: clean/{d} has no traces; the student is trained without domain {d}")
+        if os.environ.get("RANK", "0") == "0":  # once, not once per rank
+            console.print(f"[yellow]warning[/]: clean/{d} has no traces; training without {d}")
         del shards[d]
     if not shards:
         raise UserError(
