@@ -163,3 +163,62 @@ def test_time_and_memory_targets_add_up_the_stages_and_say_by_how_much(tmp_path)
     assert r["targets"][-1]["met"] is None
     assert "not measured: no figure for generate" in rep.to_markdown(r)
     assert "Targets: 0 of 0 met (1 not applicable)" in rep.to_markdown(r)
+
+
+def _bar_labels(ax) -> list[str]:
+    return [t.get_text() for t in ax.texts]
+
+
+def test_the_chart_labels_every_bar_zero_included_and_the_rl_student_has_its_own_bars():
+    import matplotlib.pyplot as plt
+
+    def cell(model, domain, acc):
+        outs = [rep.Outcome(f"{domain}{i}", i < round(10 * acc), 12) for i in range(10)]
+        return rep.score(model, domain, outs, k=1)
+
+    scores = [cell("teacher:math", "math", 0.8), cell("teacher:agents", "agents", 0.0)]
+    scores += [cell("student", "math", 0.6), cell("student", "agents", 0.0)]
+    r = rep.build(scores, name="demo", models={})
+    assert [label for label, _, _ in rep.series(r)] == ["teacher", "student"]
+    fig = rep.figure(r)
+    acc, tok = fig.axes
+    assert sorted(_bar_labels(acc)) == ["0%", "0%", "60%", "80%"]  # 0% is labelled too
+    assert sorted(_bar_labels(tok)) == ["12", "12", "n/a", "n/a"]  # nothing correct: n/a
+    ticks = [t.get_text() for t in acc.get_xticklabels()]
+    assert ticks == ["math\nrecovery 75%", "agents"]  # no recovery of a 0% teacher
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["teacher", "student"]
+    plt.close(fig)
+    scores += [cell("student:distilled", "math", 0.5), cell("student:distilled", "agents", 0.1)]
+    r = rep.build(scores, name="demo", models={})
+    labels = [label for label, _, _ in rep.series(r)]
+    assert labels == ["teacher", "student (distilled)", "student (+ RL)"]
+    fig = rep.figure(r)
+    assert sorted(_bar_labels(fig.axes[0])) == ["0%", "0%", "10%", "50%", "60%", "80%"]
+    plt.close(fig)
+
+
+def test_the_one_off_chart_draws_the_evaluated_model_and_nothing_else(tmp_path):
+    import matplotlib.pyplot as plt
+
+    outs = [rep.Outcome("a", True, 30), rep.Outcome("b", False, 9)]
+    scores = [rep.score("my-model", d, outs, k=1) for d in ("math", "logic")]
+    r = rep.build(scores, name="my-model", models={"my-model": {"kind": "hf"}})
+    assert [label for label, _, _ in rep.series(r)] == ["my-model"]
+    fig = rep.figure(r)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    texts += [ax.get_title() for ax in fig.axes] + [fig.get_suptitle()]
+    assert texts.count("50%") == 2 and not fig.legends  # one model: its name is the title
+    assert not any("teacher" in t or "recovery" in t or "specialist" in t for t in texts)
+    assert fig.get_suptitle() == "my-model: held-out evaluation"
+    plt.close(fig)
+    assert rep.write(r, tmp_path)["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_print_table_goes_to_stderr_and_shows_recovery_only_with_a_teacher(capsys):
+    rep.print_table(rep.build(_scores(), name="demo", models={}, target_recovery=0.9))
+    out, err = capsys.readouterr()
+    assert out == "" and "demo: held-out evaluation" in err and "recovery" in err
+    outs = [rep.Outcome("a", True, 30)]
+    rep.print_table(rep.build([rep.score("m", "math", outs, k=1)], name="m", models={}))
+    err = capsys.readouterr().err
+    assert "100.0%" in err and "recovery" not in err

@@ -404,71 +404,126 @@ def write(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
 
 
 def chart(report: dict[str, Any], path: str | Path) -> None:
-    """Grouped bars teacher vs student pass@1 per domain, recovery annotated above the
-    student's bar, and tokens per correct answer alongside."""
+    """report.png: the :func:`figure` of ``report``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+TEACHER_COLOR, DISTILLED_COLOR, STUDENT_COLOR = "#4C72B0", "#C9A27E", "#DD8452"
+OTHER_COLORS = ("#55A868", "#8172B2", "#64B5CD", "#C44E52", "#937860", "#DA8BC3")
+
+
+def series(report: dict[str, Any]) -> list[tuple[str, str, list[dict[str, Any] | None]]]:
+    """The bars the chart draws, as ``(label, color, one cell per domain)``: only what
+    was evaluated. A pipeline's report: each domain's teacher, then the student (the
+    distilled one and the one after mixed RL, when RL ran); a one-off report: each model
+    it evaluated, by its name."""
+    cell = {(s["model"], s["domain"]): s for s in report["scores"]}
+    domains, models = report["domains"], model_names(report)
+
+    def cells(model: str) -> list[dict[str, Any] | None]:
+        return [cell.get((model, d)) for d in domains]
+
+    out = []
+    teachers = [cell.get((teacher_name(d), d)) for d in domains]
+    pipeline = any(teachers) or STUDENT_SFT in models
+    if any(teachers):
+        out.append(("teacher", TEACHER_COLOR, teachers))
+    if STUDENT_SFT in models:  # what distillation bought, then mixed RL
+        out.append(("student (distilled)", DISTILLED_COLOR, cells(STUDENT_SFT)))
+        out.append(("student (+ RL)", STUDENT_COLOR, cells(STUDENT)))
+    elif pipeline and STUDENT in models:
+        out.append(("student", STUDENT_COLOR, cells(STUDENT)))
+    drawn = {STUDENT, STUDENT_SFT} if pipeline else set()
+    named = [m for m in models if not m.startswith("teacher:") and m not in drawn]
+    for i, m in enumerate(named):
+        out.append((m, OTHER_COLORS[i % len(OTHER_COLORS)], cells(m)))
+    return out
+
+
+def figure(report: dict[str, Any]):
+    """Greedy pass@1 and tokens per correct answer per domain, one bar per evaluated
+    model, every bar labelled with its value (0% included); the student's recovery of
+    each specialist under the domain's name when there are specialists."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and in tests
     import matplotlib.pyplot as plt
 
-    cell = {(s["model"], s["domain"]): s for s in report["scores"]}
     domains = report["domains"]
+    bars = series(report)
     x = list(range(len(domains)))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=90)
-    series = [("teacher", "#4C72B0", lambda d: cell.get((teacher_name(d), d)))]
-    if any(m == STUDENT_SFT for m, _ in cell):  # what distillation bought, then mixed RL
-        series.append(("student (distilled)", "#C9A27E", lambda d: cell.get((STUDENT_SFT, d))))
-        series.append(("student (+ RL)", "#DD8452", lambda d: cell.get((STUDENT, d))))
-    else:
-        series.append(("student", "#DD8452", lambda d: cell.get((STUDENT, d))))
-    w = 0.76 / len(series)
-    for i, (label, color, get) in enumerate(series):
-        xs = [xi + (i - (len(series) - 1) / 2) * w for xi in x]
-        acc = [100 * get(d)["pass1"] if get(d) else 0 for d in domains]
-        tok = [(get(d) or {}).get("tokens_per_correct") or 0 for d in domains]
-        ax1.bar(xs, acc, w, label=label, color=color)
-        ax2.bar(xs, tok, w, label=label, color=color)
-    for xi, d in zip(x, domains, strict=True):
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=90)
+    w = 0.8 / max(len(bars), 1)
+    for i, (label, color, cells) in enumerate(bars):
+        at = [(xi + (i - (len(bars) - 1) / 2) * w, c) for xi, c in zip(x, cells, strict=True) if c]
+        xs = [a for a, _ in at]
+        acc = ax1.bar(xs, [100 * c["pass1"] for _, c in at], w, label=label, color=color)
+        ax1.bar_label(acc, [f"{100 * c['pass1']:.0f}%" for _, c in at], fontsize=7, padding=1)
+        tok = ax2.bar(xs, [c["tokens_per_correct"] or 0 for _, c in at], w, color=color)
+        ax2.bar_label(tok, [_tokens(c["tokens_per_correct"]) for _, c in at], fontsize=7, padding=1)
+    ticks = []
+    for d in domains:
         r = report["recovery"].get(d)
-        if r and r["ratio"] is not None:
-            top = 100 * max(r["teacher"], r["student"])
-            ax1.annotate(f"{100 * r['ratio']:.0f}%", (xi, top + 2), ha="center", fontsize=9)
-    ax1.set(title="Greedy pass@1 (recovery above)", ylabel="accuracy %", ylim=(0, 112))
-    ax2.set(title="Tokens per correct answer", ylabel="completion tokens")
+        ticks.append(
+            f"{d}\nrecovery {100 * r['ratio']:.0f}%" if r and r["ratio"] is not None else d
+        )
+    ax1.set(title="Greedy pass@1", ylabel="accuracy %", ylim=(0, 112))
+    none = any(c and c["tokens_per_correct"] is None for _, _, cs in bars for c in cs)
+    ax2.set(
+        title="Tokens per correct answer" + (" (n/a: none correct)" if none else ""),
+        ylabel="completion tokens",
+    )
+    ax2.margins(y=0.12)  # room for the labels above the tallest bar
     for ax in (ax1, ax2):
-        ax.set_xticks(x, domains)
-        ax.legend(fontsize=8, loc="lower right" if ax is ax1 else "best")
-    fig.suptitle(f"{report['name']}: student vs specialists", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        ax.set_xticks(x, ticks if ax is ax1 else domains)
+    title = f"{report['name']}: " + (
+        "student vs specialists"
+        if any(label == "teacher" for label, _, _ in bars)
+        else "held-out evaluation"
+    )
+    fig.suptitle(title, fontsize=11)
+    if len(bars) > 1:
+        fig.legend(loc="lower center", ncol=len(bars), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+    else:
+        fig.tight_layout()
+    return fig
+
+
+def _tokens(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0f}"
 
 
 def print_table(report: dict[str, Any], console=None) -> None:
     """One row per (model, domain): pass@1, pass@k, tokens per correct answer and, for
     the student, its recovery of that domain's teacher; then the targets."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        from distill.progress import console
     k = next((s["k"] for s in report["scores"] if s["passk"] is not None), None)
     table = Table(title=f"{report['name']}: held-out evaluation")
-    for col in ("domain", "model", "pass@1", f"pass@{k or 'k'}", "tokens/correct", "recovery"):
-        table.add_column(col, justify="left" if col in ("domain", "model") else "right")
+    cols = ["domain", "model", "pass@1", f"pass@{k or 'k'}", "tokens/correct"]
+    for col in cols + (["recovery"] if report["recovery"] else []):
+        left = col in ("domain", "model")
+        table.add_column(col, justify="left" if left else "right", no_wrap=col == "model")
     order = {m: i for i, m in enumerate(model_names(report))}
     rows = sorted(
         report["scores"], key=lambda s: (report["domains"].index(s["domain"]), order[s["model"]])
     )
     for s in rows:
-        r = report["recovery"].get(s["domain"]) if s["model"] == STUDENT else None
-        table.add_row(
-            s["domain"],
-            s["model"],
-            _pct(s["pass1"]),
-            _pct(s["passk"]),
-            _num(s["tokens_per_correct"]),
-            _pct(r["ratio"]) if r else "",
-        )
+        r = report["recovery"].get(s["domain"]) or {}
+        # the student's recovery of the domain's teacher (before mixed RL too, when it ran)
+        ratio = {STUDENT: "ratio", STUDENT_SFT: "distilled_ratio"}.get(s["model"])
+        row = [s["domain"], s["model"], _pct(s["pass1"]), _pct(s["passk"])]
+        row.append(_num(s["tokens_per_correct"]))
+        if report["recovery"]:
+            row.append(_pct(r.get(ratio)) if ratio and ratio in r else "")
+        table.add_row(*row)
     console.print(table)
     for t in report["targets"]:
         mark = _status(t, "MISSED")
