@@ -108,11 +108,15 @@ def _isolate(
 
 
 def verify_many(
-    domain: str, items: list[Item], workers: int | None = None, progress: bool = False
+    domain: str,
+    items: list[Item],
+    workers: int | None = None,
+    progress: bool | Callable[[int], None] = False,
 ) -> list[Verdict]:
     """Verdicts for ``(task, messages)`` pairs, in order. ``domain`` is a registered
     name (or ``module:ATTR``, see :func:`resolve`). ``workers=None`` uses every core;
-    ``workers=1`` verifies in this process. Never raises for a bad item."""
+    ``workers=1`` verifies in this process. ``progress``: a bar of its own, or the
+    caller's ``tick(n)``. Never raises for a bad item."""
     workers = workers or os.cpu_count() or 1
     resolve(domain)  # an unknown domain fails here, once, with a clear KeyError
     with _progress(progress, len(items), f"verify {domain}") as tick:
@@ -135,10 +139,12 @@ def verify_many(
 class _progress:
     """A rich progress bar (or nothing) whose ``tick(n)`` advances it."""
 
-    def __init__(self, enabled: bool, total: int, label: str):
+    def __init__(self, enabled: bool | Callable[[int], None], total: int, label: str):
         self.enabled, self.total, self.label = enabled, total, label
 
     def __enter__(self) -> Callable[[int], None]:
+        if callable(self.enabled):  # the caller's bar
+            return self.enabled
         if not self.enabled:
             return lambda n: None
         from distill.progress import progress
@@ -159,7 +165,7 @@ class _progress:
         return tick
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
+        if self.enabled is True:
             self.bar.refresh()
             self.bar.stop()
 

@@ -101,25 +101,19 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 
 def to_table(report: dict[str, Any]) -> Table:
-    """The funnel as a rich table: one row per domain and step."""
-    table = Table(title="filter funnel")
-    for col, kw in [
-        ("domain", {}),
-        ("step", {}),
-        ("in", {"justify": "right"}),
-        ("out", {"justify": "right"}),
-        ("dropped (why)", {}),
-    ]:
-        table.add_column(col, **kw)
-    for domain, d in report["domains"].items():
-        for i, s in enumerate(d["steps"]):
-            table.add_row(domain if i == 0 else "", s["step"], str(s["in"]), str(s["out"]), _why(s))
-        table.add_row(
-            "",
-            "[b]kept[/b]",
-            str(d["raw"]),
-            f"[b]{d['kept']}[/b]",
-            f"pass rate {d['pass_rate']:.1%}, mean tokens {d['mean_tokens']:.1f}",
-            end_section=True,
-        )
+    """The funnel as a rich table, one row per domain: raw rows, how many passed the
+    verifier, the rows each step dropped ("off": not run), what was kept. The reasons of
+    every drop are in filter_report.md."""
+    table = Table(title="filter funnel: rows dropped at each step (why: filter_report.md)")
+    domains = report["domains"]
+    steps = [s["step"] for s in next(iter(domains.values()))["steps"][1:]] if domains else []
+    table.add_column("domain")
+    for col in ["raw", "passed", *steps, "kept", "pass rate", "tokens/row"]:
+        table.add_column(col, justify="right")
+    for domain, d in domains.items():
+        by = {s["step"]: s for s in d["steps"]}
+        row = [str(d["raw"]), str(by["verify"]["passed"])]
+        row += ["off" if by[s].get("skipped") else f"-{by[s]['in'] - by[s]['out']}" for s in steps]
+        row += [f"[b]{d['kept']}[/b]", f"{d['pass_rate']:.1%}", f"{d['mean_tokens']:.1f}"]
+        table.add_row(domain, *row)
     return table

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,7 +75,9 @@ def build_index(recipe: Recipe) -> NgramIndex:
     )
 
 
-def verify(domain: str, traces: list[Trace], workers: int | None, progress: bool) -> None:
+def verify(
+    domain: str, traces: list[Trace], workers: int | None, progress: Callable[[int], None] | bool
+) -> None:
     """Store the domain verifier's verdict on every trace, and its name in the lineage."""
     from distill.verify import verify_many
 
@@ -152,26 +155,41 @@ def filter_traces(
     return alive, funnel, log
 
 
+class _Bar:
+    """The stage's one bar: rows verified over every domain, the domain and step under
+    way in its description. No refresh thread: verify workers fork while it is live."""
+
+    def __init__(self, bar: Any, task: Any):
+        self.bar, self.task, self.last = bar, task, 0.0
+
+    def tick(self, n: int) -> None:
+        self.bar.advance(self.task, n)
+        if time.monotonic() - self.last > 0.1:  # ten redraws a second at most
+            self.last = time.monotonic()
+            self.bar.refresh()
+
+    def step(self, domain: str, name: str) -> None:
+        self.bar.update(self.task, description=f"filter {domain}: {name}")
+        self.bar.refresh()
+
+
 @contextmanager
-def _steps_bar(domain: str, enabled: bool) -> Iterator[Callable[[str], None]]:
-    """A rich progress bar over the filter steps of one domain (or nothing)."""
+def _stage_bar(recipe: Recipe, domains: list[str], enabled: bool) -> Iterator[_Bar | None]:
     if not enabled:
-        yield lambda name: None
+        yield None
         return
     from distill.progress import progress
 
-    with progress(transient=True) as bar:
-        task = bar.add_task(f"filter {domain}", total=6, unit="step")
-
-        started: list[str] = []
-
-        def on_step(name: str) -> None:
-            if started:  # the previous step is done
-                bar.advance(task)
-            started.append(name)
-            bar.update(task, description=f"filter {domain}: {name}")
-
-        yield on_step
+    rows = 0
+    for d in domains:  # a domain without raw shards fails in filter_domain, with its name
+        if (recipe.out / "raw" / d / "_manifest.json").exists():
+            rows += read_manifest(recipe.out / "raw" / d)["rows"]
+    bar = progress(auto_refresh=False)
+    with bar:
+        task = bar.add_task("filter", total=rows, unit="rows")
+        yield _Bar(bar, task)
+        bar.update(task, description="filter")
+        bar.refresh()
 
 
 def _complete(dst: Path, fp: str) -> dict[str, Any] | None:
@@ -187,9 +205,10 @@ def _complete(dst: Path, fp: str) -> dict[str, Any] | None:
 
 
 def filter_domain(
-    recipe: Recipe, domain: str, index: NgramIndex | None, progress: bool = True
+    recipe: Recipe, domain: str, index: NgramIndex | None, bar: _Bar | None = None
 ) -> dict[str, Any]:
-    """Filter one domain's raw shards into ``clean/<domain>/``; its report entry."""
+    """Filter one domain's raw shards into ``clean/<domain>/``; its report entry. Rows
+    verified advance ``bar``."""
     cfg, fp = recipe.filter, fingerprint(recipe, "filter")
     dst = stage_dir(recipe, "filter") / domain
     cached = _complete(dst, fp)
@@ -202,9 +221,11 @@ def filter_domain(
     for t in traces:
         if t.domain != domain:
             raise UserError(f"{src}: row {t.id} belongs to domain {t.domain!r}, not {domain!r}")
-    verify(domain, traces, cfg.workers, progress)
-    with _steps_bar(domain, progress) as on_step:
-        kept, funnel, dropped = filter_traces(domain, traces, cfg, index, on_step)
+    if bar is not None:
+        bar.step(domain, "verify")
+    verify(domain, traces, cfg.workers, bar.tick if bar is not None else False)
+    on_step = (lambda name: bar.step(domain, name)) if bar is not None else (lambda name: None)
+    kept, funnel, dropped = filter_traces(domain, traces, cfg, index, on_step)
     dom = get_domain(domain)
     entry = summary(
         funnel,
@@ -232,8 +253,9 @@ def run(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     todo = [d for d in domains if _complete(out / d, fp) is None]
     index = build_index(recipe) if recipe.filter.decontaminate and todo else None
     report = {"fingerprint": fp, "settings": settings(recipe.filter), "domains": {}}
-    for d in domains:
-        report["domains"][d] = filter_domain(recipe, d, index, progress)
+    with _stage_bar(recipe, todo, progress) as bar:
+        for d in domains:
+            report["domains"][d] = filter_domain(recipe, d, index, bar)
     for stale in out.iterdir():  # clean data of domains no longer enabled must not be trained on
         if stale.is_dir() and stale.name in REGISTRY and stale.name not in domains:
             shutil.rmtree(stale)
