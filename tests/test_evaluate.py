@@ -222,3 +222,25 @@ def test_print_table_goes_to_stderr_and_shows_recovery_only_with_a_teacher(capsy
     rep.print_table(rep.build([rep.score("m", "math", outs, k=1)], name="m", models={}))
     err = capsys.readouterr().err
     assert "100.0%" in err and "recovery" not in err
+
+
+def test_standard_errors_and_what_each_step_bought():
+    """Every cell carries one standard error; with specialist RL and mixed RL the report
+    has a table of what each step bought, recovery at both points."""
+    scores = _scores() + [
+        _scores()[0].__class__(**{**rep.asdict(_scores()[0]), "model": "teacher:math:supervised",
+                                  "pass1": 0.6, "tokens_per_correct": 50.0}),
+        _scores()[2].__class__(**{**rep.asdict(_scores()[2]), "model": "student:distilled",
+                                  "pass1": 0.6}),
+    ]  # fmt: skip
+    r = rep.build(scores, name="t", models={})
+    se = {(s["model"], s["domain"]): s["stderr"] for s in r["scores"]}
+    assert se[("teacher:math", "math")] == pytest.approx(math.sqrt(0.8 * 0.2 / 10))
+    assert r["recovery"]["math"]["teacher_supervised"] == 0.6
+    assert r["recovery"]["math"]["distilled_ratio"] == pytest.approx(0.6 / 0.8)
+    md = rep.to_markdown(r)
+    assert "80.0% ±12.6" in md and "What each step bought" in md
+    assert (
+        "| math | 60.0% (50.0) | 80.0% (40.0) | 60.0% (44.0) | 70.0% (44.0) | 75.0% → 87.5% |" in md
+    )
+    assert "What each step bought" not in rep.to_markdown(rep.build(_scores(), name="t", models={}))

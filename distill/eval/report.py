@@ -99,6 +99,12 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
 
+def stderr(p: float, n: int) -> float | None:
+    """One standard error of a pass rate ``p`` measured on ``n`` tasks: sqrt(p(1-p)/n).
+    A difference between two models is decided when it exceeds about two of them."""
+    return math.sqrt(p * (1 - p) / n) if n else None
+
+
 def recovery(student_acc: float, teacher_acc: float) -> float | None:
     """Share of the specialist's accuracy the student recovered; None when the teacher
     solved nothing (the ratio means nothing then)."""
@@ -157,7 +163,7 @@ def build(
         "name": name,
         "models": models,
         "domains": domains,
-        "scores": [asdict(s) for s in scores],
+        "scores": [{**asdict(s), "stderr": stderr(s.pass1, s.tasks)} for s in scores],
         "recovery": rec,
         "targets": check_targets(scores, rec, target_teacher_acc, target_recovery),
     }
@@ -263,8 +269,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines += ["## Greedy pass@1 (domain × model)", ""]
     lines += ["| domain | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
     for d in report["domains"]:
-        row = [_pct(cell[(m, d)]["pass1"]) if (m, d) in cell else "—" for m in models]
+        row = [_pct_se(cell[(m, d)]) if (m, d) in cell else "—" for m in models]
         lines.append(f"| {d} | " + " | ".join(row) + " |")
+    lines += ["", "± one standard error, sqrt(p(1−p)/n) over the n eval tasks of the domain."]
     k = next((s["k"] for s in report["scores"] if s["passk"] is not None), None)
     if k is not None:
         lines += ["", f"## Sampled pass@{k} (domain × model)", ""]
@@ -288,6 +295,7 @@ def to_markdown(report: dict[str, Any]) -> str:
             "Recovery = student pass@1 / teacher pass@1. Tokens/correct = mean completion "
             "tokens of the correct greedy answers (lower is cheaper).",
         ]
+    lines += _bought_markdown(report)
     lines += ["", "## Tokens per correct answer (domain × model)", ""]
     lines += ["| domain | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
     for d in report["domains"]:
@@ -302,6 +310,43 @@ def to_markdown(report: dict[str, Any]) -> str:
         "Eval tasks per domain: " + ", ".join(f"{d} {n}" for d, n in counts.items()) + ".",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _pct_se(s: dict[str, Any]) -> str:
+    se = s.get("stderr")
+    return _pct(s["pass1"]) + (f" ±{100 * se:.1f}" if se is not None else "")
+
+
+def _acc_tok(r: dict[str, Any], acc: str, tok: str) -> str:
+    return f"{_pct(r[acc])} ({_num(r[tok])})" if r.get(acc) is not None else "—"
+
+
+def _bought_markdown(report: dict[str, Any]) -> list[str]:
+    """What each step bought, per domain: specialist RL (supervised → sharpened teacher),
+    distillation (teacher → distilled student) and mixed RL (distilled → final student)."""
+    rec = report["recovery"]
+    if not any("distilled" in r or "teacher_supervised" in r for r in rec.values()):
+        return []
+    lines = ["", "## What each step bought (greedy pass@1, tokens per correct answer)", ""]
+    lines += [
+        "| domain | supervised teacher | + specialist RL | distilled student | + mixed RL | recovery distilled → + RL |",
+        "|---|---|---|---|---|---|",
+    ]
+    for d, r in rec.items():
+        sup = _acc_tok(r, "teacher_supervised", "teacher_supervised_tokens_per_correct")
+        final_t = _acc_tok(r, "teacher", "teacher_tokens_per_correct")
+        dist = _acc_tok(r, "distilled", "distilled_tokens_per_correct")
+        final_s = _acc_tok(r, "student", "student_tokens_per_correct")
+        ratios = f"{_pct(r.get('distilled_ratio'))} → {_pct(r['ratio'])}"
+        lines.append(
+            f"| {d} | {sup} | {final_t if sup != '—' else '—'} | {dist} | {final_s} | {ratios} |"
+        )
+    lines += [
+        "",
+        "A teacher without specialist RL shows — in its first two columns; its one score is "
+        "the teacher column of the recovery table.",
+    ]
+    return lines
 
 
 MAX_KINDS = 24  # a domain with more kinds of task (agents' combinations) stays in report.json
