@@ -304,3 +304,27 @@ def test_code_holds_only_its_own_pipes():
     # stdin, output file twice, the two call pipes; the listing itself opens the sixth
     code = "import os\ndef fds():\n    return sorted(int(x) for x in os.listdir('/proc/self/fd'))\n"
     assert run(Program(code, ["assert fds() == [0, 1, 2, 3, 4, 5]"])).ok
+
+
+def test_a_prompt_that_is_only_a_signature_is_completed_by_its_body():
+    """HumanEval-format record whose prompt ends in a bare signature (MBPP prompts often
+    do) and whose completion is the indented body: the program is prompt + completion,
+    and the prompt's helpers still judge it."""
+    from teachers.code import DOMAIN
+
+    record = {
+        "task_id": "probe/0",
+        "prompt": "import math\n\ndef half(x):\n    return x / 2\n\ndef probe(x):\n",
+        "test": "def check(f):\n    assert f(6) == half(6) + math.sqrt(16)\n",
+        "entry_point": "probe",
+    }
+    task = DOMAIN.from_record(record, 0)
+    answer = [*task.messages, {"role": "assistant", "content": "    return x / 2 + 4\n"}]
+    assert DOMAIN.verify(task, answer).passed, DOMAIN.verify(task, answer).reason
+    wrong = [*task.messages, {"role": "assistant", "content": "    return x\n"}]
+    assert not DOMAIN.verify(task, wrong).passed
+    record["prompt"] = "def probe(x):\n"
+    record["test"] = "def check(f):\n    assert f(2) == 5\n"
+    task = DOMAIN.from_record(record, 1)
+    answer = [*task.messages, {"role": "assistant", "content": "    return x + 3\n"}]
+    assert DOMAIN.verify(task, answer).passed, DOMAIN.verify(task, answer).reason

@@ -266,13 +266,31 @@ def _uids(slot: int) -> tuple[int, int]:
     return base, base + 1
 
 
+def whole_statements(source: str) -> str:
+    """The longest run of whole top-level statements ``source`` starts with. A HumanEval
+    prompt may end in a bare signature whose body is the completion (``def f(x):``):
+    as a prelude it keeps its imports and helpers and drops the unfinished definition
+    (the program itself is prompt + completion)."""
+    lines = source.splitlines(keepends=True)
+    # where a top-level statement may start: column 0, not a comment or a closing bracket
+    starts = [i for i, line in enumerate(lines) if line[:1] not in ("", " ", "\t", "\n", "#")]
+    for end in [len(lines), *reversed(starts)]:
+        head = "".join(lines[:end])
+        try:
+            compile(head, "<prelude>", "exec", dont_inherit=True)
+            return head
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            continue
+    return ""
+
+
 def _job_bytes(program: Program, limits: Limits) -> bytes:
     """The slot server's framing: two lengths, the worker's part, the judge's part."""
     job = {"code": program.code, "setup": program.setup, "limits": asdict(limits)}
     mjob = {
         "tests": list(program.tests),
         "setup": program.setup,
-        "prelude": program.prelude,
+        "prelude": whole_statements(program.prelude),
         "entry_point": program.entry_point,
     }
     a, b = json.dumps(job).encode(), json.dumps(mjob).encode()
