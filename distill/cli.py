@@ -12,7 +12,8 @@ import typer
 from distill.errors import UserError
 
 app = typer.Typer(
-    help="Specialist-to-generalist distillation: teachers -> generate -> filter -> train -> eval.",
+    help="Specialist-to-generalist distillation: teachers → generate → filter → train → rl → "
+    "eval, each a command on one recipe (`distill run RECIPE` runs them all).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -46,6 +47,31 @@ def domain_list(domains: str | None) -> list[str]:
     from teachers.base import REGISTRY
 
     return [d.strip() for d in (domains or ",".join(REGISTRY)).split(",") if d.strip()]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"distill {version('distill')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("distill (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    from distill.progress import quiet_libraries
+
+    quiet_libraries()  # before any command imports transformers (and in every rank it starts)
 
 
 # Stage and tool commands are added below, one block per command.
@@ -145,7 +171,7 @@ def verify(
     """Verify model completions of real records with the domain's verifier.
 
     Reads INPUT.jsonl; writes one verdict per line (id, passed, score, reason)
-    to --out or stdout, then prints `N passed, M failed`. A bad record: exit 2."""
+    to --out or stdout, then `N passed, M failed` to stderr. A bad record: exit 2."""
     from distill.verify import run
 
     run(domain, input_, out=out, workers=workers)
@@ -216,7 +242,8 @@ def shards_inspect(
     path: Annotated[
         Path,
         typer.Argument(
-            help="A shard directory, or a stage directory of per-domain shard directories."
+            help="A shard directory, or any directory above shard directories: a stage "
+            "directory (raw/) or a whole run (data/demo)."
         ),
     ],
     rows: Annotated[int, typer.Option(help="Rendered rows per directory.")] = 2,
@@ -364,6 +391,30 @@ def _stage(stage: str, recipe: Path, set_: list[str] | None) -> None:
     from distill.stages import run_stage
 
     run_stage(load(recipe, set_), stage)
+
+
+def _reflow(doc: str | None) -> str | None:
+    """A docstring as help text: each paragraph on one line, so the help wraps at the
+    terminal's width rather than where the source broke its lines."""
+    if not doc:
+        return doc
+    import inspect
+
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
+
+
+# after every command above is registered (a test checks that none is left out): help
+# reflowed, and `distill --help` lists the pipeline in its order, then the tools
+PIPELINE = ("run", "teachers", "generate", "filter", "train", "rl", "eval")
+for _group in (app, recipe_app, shards_app):
+    for _cmd in _group.registered_commands:
+        _cmd.help = _reflow(_cmd.help or (_cmd.callback.__doc__ if _cmd.callback else None))
+for _cmd in app.registered_commands:
+    _cmd.name = _cmd.name or _cmd.callback.__name__.replace("_", "-")
+    _cmd.rich_help_panel = "Pipeline" if _cmd.name in PIPELINE else "Tools"
+for _sub in app.registered_groups:
+    _sub.rich_help_panel = "Tools"
+app.registered_commands.sort(key=lambda c: PIPELINE.index(c.name) if c.name in PIPELINE else 99)
 
 
 def main() -> None:

@@ -200,7 +200,8 @@ def run(
     domain: str, path: Path, out: Path | None = None, workers: int | None = None
 ) -> tuple[int, int]:
     """Verify every record of ``path``; one JSON verdict per line to ``out`` (or
-    stdout), then ``N passed, M failed`` on stdout. Returns (passed, failed)."""
+    stdout, which then holds nothing else), then ``N passed, M failed`` on stderr.
+    Returns (passed, failed)."""
     try:
         get_domain(domain)
     except KeyError as e:
@@ -218,5 +219,5 @@ def run(
         if out:
             sink.close()
     passed = sum(v.passed for v in verdicts)
-    print(f"{passed} passed, {len(verdicts) - passed} failed", flush=True)
+    print(f"{passed} passed, {len(verdicts) - passed} failed", file=sys.stderr, flush=True)
     return passed, len(verdicts) - passed

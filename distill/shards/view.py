@@ -22,28 +22,27 @@ from distill.shards import MANIFEST, ShardError, read_manifest, read_shard, read
 FORMATS = ("jsonl", "parquet")
 
 
-def shard_dirs(path: str | Path) -> dict[str, Path]:
-    """``{name: directory}`` of the shard directories at ``path`` (itself, or its
-    subdirectories holding a manifest, e.g. ``raw/<domain>/``)."""
+def shard_dirs(path: str | Path, below: bool = False) -> dict[str, Path]:
+    """``{name: directory}`` of the shard directories at ``path``: itself, or its
+    subdirectories holding a manifest (``raw/<domain>/``), named by their path under
+    ``path``. ``below``: at any depth (``data/demo`` finds ``raw/*/`` and ``clean/*/``)."""
     p = Path(path)
     if not p.exists():
         raise ShardError(f"{p}: no such file or directory")
     if (p / MANIFEST).exists():
         return {p.name: p}
-    found = (
-        {d.name: d for d in sorted(p.iterdir()) if (d / MANIFEST).exists()} if p.is_dir() else {}
-    )
+    manifests = (p.rglob(MANIFEST) if below else p.glob(f"*/{MANIFEST}")) if p.is_dir() else []
+    found = {m.parent.relative_to(p).as_posix(): m.parent for m in sorted(manifests)}
     if not found:
-        raise ShardError(
-            f"{p}: no {MANIFEST} here or in its subdirectories (not a finished shard directory)"
-        )
+        where = "here or below" if below else "here or in its subdirectories"
+        raise ShardError(f"{p}: no {MANIFEST} {where} (not a finished shard directory)")
     return found
 
 
 def summarize(path: str | Path, verify: bool = False) -> dict[str, Any]:
     """Counts per shard directory: rows, shards, bytes, rows per domain, verdicts."""
     out: dict[str, Any] = {"dirs": {}, "schema": None}
-    for name, d in shard_dirs(path).items():
+    for name, d in shard_dirs(path, below=True).items():
         manifest = read_manifest(d)
         table = read_table(d, verify=verify)
         verdict = table.column("verdict") if "verdict" in table.column_names else None
@@ -96,7 +95,7 @@ def print_inspect(
     console.print(t)
     schema = "\n".join(f"{f.name}: {f.type}" for f in summary["schema"])
     console.print(Panel(Text(schema), title="schema"))
-    for name, d in shard_dirs(path).items():
+    for name, d in shard_dirs(path, below=True).items():
         table = read_table(d)
         for row in table.slice(0, rows).to_pylist():
             console.print(render_row(row, title=f"{name} · {row.get('id')}"))
