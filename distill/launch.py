@@ -10,18 +10,25 @@ number of processes, so this changes only the wall time.
 ``DISTILL_CPU_PROCS`` sets the number of processes (``auto`` = one per core, at most 8;
 ``1`` = stay in this process). Nothing is spawned on a GPU host or under a launcher
 that already set ``WORLD_SIZE``.
+
+The ranks die with the process that spawned them (``kill -9`` of ``distill run`` included):
+a rank left running would finish its stage and write into directories a rerun is
+already writing.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import socket
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-from distill.errors import UserError
+from distill.errors import UserError, storage_error
 
 ENV = "DISTILL_CPU_PROCS"
 MAX_AUTO = 8  # beyond this, gloo's all-reduce of a small model costs more than it saves
@@ -51,7 +58,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn: Callable, args: tuple, rank: int, world: int, port: int, results) -> None:
+def die_with_parent(parent: int) -> None:
+    """End this process when ``parent`` ends, however it ends: the kernel's parent-death
+    signal on Linux, and everywhere a thread that watches the parent id change."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def _worker(
+    fn: Callable, args: tuple, rank: int, world: int, port: int, results, parent: int
+) -> None:
+    die_with_parent(parent)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -73,6 +104,9 @@ def _worker(fn: Callable, args: tuple, rank: int, world: int, port: int, results
     except UserError as e:
         results.put((rank, "user", str(e)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which re-raises
+        if isinstance(e, Exception) and (disk := storage_error(e)) is not None:
+            results.put((rank, "user", str(disk)))  # a full or read-only disk: the user's
+            return
         results.put((rank, "crash", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
@@ -84,7 +118,9 @@ def spawn(fn: Callable[..., Any], *args: Any, procs: int, what: str) -> Any:
     results = ctx.SimpleQueue()
     port = _free_port()
     workers = [
-        ctx.Process(target=_worker, args=(fn, args, r, procs, port, results), daemon=False)
+        ctx.Process(
+            target=_worker, args=(fn, args, r, procs, port, results, os.getpid()), daemon=False
+        )
         for r in range(procs)
     ]
     for w in workers:

@@ -17,6 +17,7 @@ from typing import Any
 
 from rich.table import Table
 
+from distill.errors import storage_errors
 from distill.files import atomic_write_json, json_hash
 from distill.progress import console
 from distill.recipe.schema import Recipe
@@ -25,6 +26,7 @@ from distill.stages import (
     STAGES,
     input_manifests,
     invalidate,
+    missing_outputs,
     peak_rss_mb,
     record_of,
     run_stage,
@@ -110,6 +112,8 @@ def why_run(recipe: Recipe, stage: str, force: bool = False) -> Why:
         why.append("weights of " + ", ".join(weights) + " changed")
     if not upstream and before.get("shards") != now["shards"]:
         why.append("input shards changed")
+    if done and (missing := missing_outputs(recipe, stage)):
+        why.append(f"its outputs are incomplete ({missing})")
     if not why:
         why.append("up to date; run as asked" if up_to_date(recipe, stage) else "inputs changed")
     return Why("; ".join(why), changes)
@@ -154,10 +158,11 @@ def run(
         f"(recipe fingerprint {recipe.fingerprint()})",
         highlight=False,
     )
-    recipe.out.mkdir(parents=True, exist_ok=True)
-    (recipe.out / "recipe.resolved.json").write_text(
-        json.dumps(recipe.model_dump(mode="json"), indent=1)
-    )
+    with storage_errors(recipe.out):  # a read-only or full output: one line, exit 2
+        recipe.out.mkdir(parents=True, exist_ok=True)
+        (recipe.out / "recipe.resolved.json").write_text(
+            json.dumps(recipe.model_dump(mode="json"), indent=1)
+        )
     summary = []
     t_all = time.time()
     for stage in stages or STAGES:

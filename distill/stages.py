@@ -3,7 +3,8 @@
 A stage's fingerprint hashes the recipe sections it reads plus the fingerprints of the
 stages it reads from, so a change upstream reruns everything downstream and nothing else.
 A stage records ``<out>/<stage>/_stage.json`` when it completes; ``distill run`` skips a
-stage whose record matches its current fingerprint.
+stage whose record matches its current fingerprint and whose outputs are all still there.
+One process at a time writes a stage (a lock the kernel drops when its holder dies).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import json
 import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 from typing import Any
 
+from distill.errors import UserError, storage_errors
 from distill.files import atomic_write_json, atomic_write_text, json_hash
 from distill.recipe.schema import Recipe
 
@@ -81,14 +84,43 @@ def input_manifests(recipe: Recipe, stage: str) -> dict[str, list[str]]:
     """Shard checksums of every manifest under the stages ``stage`` reads from."""
     out: dict[str, list[str]] = {}
     for up in BY_NAME[stage].upstream:
-        root = stage_dir(recipe, up)
-        for m in sorted(root.glob("*/_manifest.json")) + sorted(root.glob("_manifest.json")):
-            try:
-                shards = json.loads(m.read_text()).get("shards", [])
-                out[str(m.relative_to(recipe.out))] = [s.get("sha256") for s in shards]
-            except (OSError, json.JSONDecodeError, AttributeError):
-                out[str(m.relative_to(recipe.out))] = ["<unreadable>"]
+        out.update(_manifests(recipe, up))
     return out
+
+
+def _manifests(recipe: Recipe, stage: str) -> dict[str, list[str]]:
+    """Shard checksums of every manifest ``stage`` wrote (its dir and one level down)."""
+    out: dict[str, list[str]] = {}
+    root = stage_dir(recipe, stage)
+    for m in sorted(root.glob("*/_manifest.json")) + sorted(root.glob("_manifest.json")):
+        try:
+            shards = json.loads(m.read_text()).get("shards", [])
+            out[str(m.relative_to(recipe.out))] = [s.get("sha256") for s in shards]
+        except (OSError, json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            out[str(m.relative_to(recipe.out))] = ["<unreadable>"]
+    return out
+
+
+def missing_outputs(recipe: Recipe, stage: str) -> str | None:
+    """What of its recorded outputs a completed stage no longer has (a manifest deleted
+    or changed, a weights file gone), or None when they are all there as it left them."""
+    rec = record_of(recipe, stage)
+    if rec is None:
+        return None
+    d = stage_dir(recipe, stage)
+    gone = [f for f in rec.get("weights") or {} if not (d / f).exists()]
+    if gone:
+        return f"{d / gone[0]} is gone"
+    recorded = rec.get("outputs")
+    if recorded is None:  # a record from before outputs were recorded
+        return None
+    now = _manifests(recipe, stage)
+    for m in sorted(set(recorded) | set(now)):
+        if m not in now:
+            return f"{recipe.out / m} is gone"
+        if recorded.get(m) != now[m]:
+            return f"{recipe.out / m} changed"
+    return None
 
 
 def sections_read(recipe: Recipe, stage: str) -> dict[str, Any]:
@@ -120,9 +152,14 @@ def fingerprint(recipe: Recipe, stage: str) -> str:
 
 
 def up_to_date(recipe: Recipe, stage: str) -> bool:
-    """True when ``stage`` completed with exactly the inputs it would read now."""
+    """True when ``stage`` completed with exactly the inputs it would read now, and its
+    outputs are still as it left them."""
     rec = record_of(recipe, stage)
-    return rec is not None and rec.get("fingerprint") == fingerprint(recipe, stage)
+    return (
+        rec is not None
+        and rec.get("fingerprint") == fingerprint(recipe, stage)
+        and missing_outputs(recipe, stage) is None
+    )
 
 
 def header(recipe: Recipe, stage: str, force: bool = False) -> None:
@@ -161,21 +198,60 @@ def run_stage(recipe: Recipe, stage: str, force: bool = False) -> Any:
 
     quiet_libraries()  # our bar and header say what runs; others' bars only add noise
     main = os.environ.get("RANK", "0") == "0"
-    if main:
-        header(recipe, stage, force=force)
-    t0 = time.time()
-    kwargs = {"force": force} if BY_NAME[stage].force_arg else {}
-    result = stage_fn(stage)(recipe, **kwargs)
-    done = isinstance(result, dict) and result.get("complete", True)
-    if main and done:
-        info = dict(result.get("record") or {})
-        info.update(seconds=round(time.time() - t0, 2), peak_rss_mb=round(peak_rss_mb()))
-        mark_done(recipe, stage, **info)
-        from distill.pipeline import save_inputs
+    with (
+        stage_lock(recipe, stage) if main else _no_lock(),
+        storage_errors(stage_dir(recipe, stage)),
+    ):
+        if main:
+            header(recipe, stage, force=force)
+        t0 = time.time()
+        kwargs = {"force": force} if BY_NAME[stage].force_arg else {}
+        result = stage_fn(stage)(recipe, **kwargs)
+        done = isinstance(result, dict) and result.get("complete", True)
+        if main and done:
+            info = dict(result.get("record") or {})
+            info.update(seconds=round(time.time() - t0, 2), peak_rss_mb=round(peak_rss_mb()))
+            mark_done(recipe, stage, **info)
+            from distill.pipeline import save_inputs
 
-        save_inputs(recipe, stage)  # what it read: the next run's header diffs against it
+            save_inputs(recipe, stage)  # what it read: the next run's header diffs against it
     _barrier()
     return result
+
+
+@contextmanager
+def stage_lock(recipe: Recipe, stage: str) -> Iterator[None]:
+    """Hold ``<out>/_pipeline/<stage>.lock`` while the stage runs: a second ``distill``
+    process on the same stage fails at once (exit 2) instead of writing into the same
+    directories. An flock: the kernel drops it when its holder dies, so a killed run never
+    leaves it stuck."""
+    import fcntl
+
+    path = recipe.out / "_pipeline" / f"{stage}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(
+                f"{stage_dir(recipe, stage)}: stage {stage} is being written by {holder}; "
+                "wait for it to end (or stop it) and run again"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _no_lock() -> Iterator[None]:
+    yield
 
 
 def _barrier() -> None:
@@ -200,6 +276,7 @@ def mark_done(recipe: Recipe, stage: str, **info: Any) -> dict[str, Any]:
     }
     if weights := weights_digest(d):
         rec["weights"] = weights
+    rec["outputs"] = _manifests(recipe, stage)  # deleted or changed later: it runs again
     atomic_write_json(d / RECORD, rec)
     return rec
 

@@ -314,7 +314,15 @@ def _train_parallel(recipe: Recipe, domains: list[str], tok: Path, force: bool) 
         f"(logs in {recipe.out / 'teachers'}/<domain>/train.log)"
     )
     out: dict[str, Any] = {}
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+    from distill.launch import die_with_parent
+
+    # a worker must not outlive this process: it would finish its teacher after a kill
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=mp.get_context("spawn"),
+        initializer=die_with_parent,
+        initargs=(os.getpid(),),
+    ) as pool:
         # longest first, so the last teachers to start are the short ones
         order = sorted(domains, key=lambda d: -(recipe.teachers[d].train.max_steps or 0))
         jobs = {

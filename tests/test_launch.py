@@ -66,3 +66,56 @@ def test_cpu_procs_reads_the_environment(monkeypatch):
     monkeypatch.setenv(launch.ENV, "many")
     with pytest.raises(UserError, match="DISTILL_CPU_PROCS"):
         launch.cpu_procs()
+
+
+def _sleep_then_write(out: str) -> None:
+    """A rank that says it started, then writes after a while (what a rank does when it
+    finishes its stage)."""
+    import time
+    from pathlib import Path
+
+    Path(out, f"started-{os.environ['RANK']}-{os.getpid()}").touch()
+    time.sleep(2)
+    Path(out, f"finished-{os.environ['RANK']}").touch()
+
+
+PARENT = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from distill import launch
+import test_launch
+launch.spawn(test_launch._sleep_then_write, sys.argv[1], procs=2, what="test")
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] not in "ZX"  # a zombie is dead
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_ranks_die_with_the_process_that_spawned_them(tmp_path, sig):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path), tests])
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("started-*"))) < 2:
+        assert time.time() < deadline and parent.poll() is None, "ranks did not start"
+        time.sleep(0.05)
+    pids = [int(p.name.rsplit("-", 1)[1]) for p in tmp_path.glob("started-*")]
+    parent.send_signal(getattr(signal, sig))  # the main process alone, not its group
+    parent.wait()
+    deadline = time.time() + 10
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids)
+    time.sleep(2.5)  # long enough for a surviving rank to have finished
+    assert not list(tmp_path.glob("finished-*"))

@@ -217,7 +217,7 @@ def filter_domain(
     src = recipe.out / "raw" / domain
     if not (src / "_manifest.json").exists():
         raise UserError(f"{src}: no raw shards for domain {domain} (run `distill generate` first)")
-    traces = list(iter_traces(src))
+    traces = list(iter_traces(src, verify=True))  # a shard changed in place fails here
     for t in traces:
         if t.domain != domain:
             raise UserError(f"{src}: row {t.id} belongs to domain {t.domain!r}, not {domain!r}")
