@@ -152,3 +152,21 @@ def test_rl_stage_on_two_cpu_ranks_equals_one(tmp_path, monkeypatch):
             w, load_file(tmp_path / "run1" / "student" / "model.safetensors")[k]
         )
     assert changed
+
+
+def test_one_off_cli_on_any_model_directory(tmp_path, policy_dir):
+    """`distill rl --model DIR`: no recipe, --set for the rl section, a model dir out."""
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    out = tmp_path / "out"
+    args = ["rl", "--model", str(policy_dir), "--domains", "logic", "--steps", "1",
+            "--out", str(out), "--set", "rl.prompts_per_step=2", "--set", "rl.num_generations=2",
+            "--set", "rl.max_new_tokens=8"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert (out / "config.json").exists() and len(log_rows(out)) == 1
+    assert log_rows(out)[0]["episodes"] == 4
+    bad = CliRunner().invoke(app, ["rl", "--model", str(policy_dir), "--domains", "nope"])
+    assert "unknown domain nope" in str(bad.exception)  # a UserError: main() exits 2 with it
