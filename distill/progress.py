@@ -138,8 +138,9 @@ class StageBar:
 
     _made = 0  # per process; ranks make their bars in the same order, so the keys match
 
-    def __init__(self, description: str, total: int, unit: str = "it"):
+    def __init__(self, description: str, total: int, unit: str = "it", auto_refresh: bool = True):
         self.description, self.total, self.unit = description, total, unit
+        self.auto_refresh = auto_refresh  # False: redrawn on each advance (forks while live)
         self.rank, self.world, self.store = _group()
         StageBar._made += 1
         self.key = f"distill/bar{StageBar._made}"
@@ -149,7 +150,7 @@ class StageBar:
 
     def __enter__(self) -> StageBar:
         self.t0 = time.time()
-        self.bar = progress(disable=self.rank != 0)
+        self.bar = progress(disable=self.rank != 0, auto_refresh=self.auto_refresh)
         self.bar.__enter__()
         self.task = self.bar.add_task(self.description, total=self.total, unit=self.unit)
         return self
@@ -175,6 +176,8 @@ class StageBar:
         if tokens:
             info.append(f"{tokens / max(time.time() - self.t0, 1e-9):,.0f} tok/s")
         self.bar.update(self.task, completed=done, info="  ".join(info))
+        if not self.auto_refresh:
+            self.bar.refresh()
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is None:

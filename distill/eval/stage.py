@@ -18,7 +18,7 @@ from typing import Any
 
 from distill.errors import UserError
 from distill.eval import report as rep
-from distill.progress import console
+from distill.progress import StageBar, console
 from distill.recipe.schema import DomainConfig, EvalConfig, GenerateConfig, Recipe, TeacherConfig
 from distill.rl.specialist import base_dir, teacher_dir
 from distill.tasks import tasks_for
@@ -180,9 +180,11 @@ def evaluate_model(
     seed: int = 0,
     tasks: dict[str, list[Task]] | None = None,
     samples_dir: Path | None = None,
+    bar: StageBar | None = None,
 ) -> list[rep.Score]:
     """Scores of one model on each of ``domains`` (one backend for all of them); with
-    ``samples_dir``, every greedy rollout goes to ``<samples_dir>/<model>.<domain>.jsonl``."""
+    ``samples_dir``, every greedy rollout goes to ``<samples_dir>/<model>.<domain>.jsonl``.
+    Each domain done advances ``bar``, or prints a line without one."""
     from distill.backends import make_backend
 
     tasks = tasks or {}
@@ -191,15 +193,20 @@ def evaluate_model(
     try:
         for d, cfg in domains.items():
             t0 = time.time()
+            if bar is not None:
+                bar.advance(0, what=f"{spec.name} on {d}")
             ts = tasks.get(d) or eval_tasks(d, cfg, seed)
             s, records = score_domain(backend, spec, d, cfg, ts, gen, ev, seed)
             if samples_dir is not None:
                 write_samples(samples_dir / f"{_slug(spec.name)}.{d}.jsonl", records)
-            console.print(
-                f"eval {spec.name} on {d}: pass@1 {s.pass1:.1%}"
-                + (f", pass@{s.k} {s.passk:.1%}" if s.passk is not None else "")
-                + f" ({s.tasks} tasks, {time.time() - t0:.0f} s)"
-            )
+            if bar is not None:  # the stage's table shows every score at the end
+                bar.advance(1)
+            else:
+                console.print(
+                    f"eval {spec.name} on {d}: pass@1 {s.pass1:.1%}"
+                    + (f", pass@{s.k} {s.passk:.1%}" if s.passk is not None else "")
+                    + f" ({s.tasks} tasks, {time.time() - t0:.0f} s)"
+                )
             scores.append(s)
     finally:
         backend.close()
@@ -244,19 +251,24 @@ def run(recipe: Recipe) -> dict[str, Any]:
     out = recipe.out / "eval"
     samples = out / "samples"
     shutil.rmtree(samples, ignore_errors=True)  # no rollouts of an earlier run's models
-    for spec, on in models_of(recipe):
+    specs = models_of(recipe)
+    for spec, _ in specs:
         if spec.path is not None and not (spec.path / "config.json").exists():
             stage = {
                 rep.STUDENT: "rl" if recipe.rl.enabled else "train",
                 rep.STUDENT_SFT: "train",
             }.get(spec.name, "teachers")
             raise UserError(f"{spec.path}: no model (run `distill {stage}` first)")
-        models[spec.name] = spec.describe()
-        doms = {d: recipe.domains[d] for d in on}
-        scores += evaluate_model(
-            spec, doms, gen=recipe.generate, ev=recipe.eval, seed=recipe.seed, tasks=tasks,
-            samples_dir=samples,
-        )  # fmt: skip
+    # one bar over every (model, domain); no refresh thread: the verifiers' pool forks
+    total = sum(len(on) for _, on in specs)
+    with StageBar("eval", total=total, unit="evals", auto_refresh=False) as bar:
+        for spec, on in specs:
+            models[spec.name] = spec.describe()
+            doms = {d: recipe.domains[d] for d in on}
+            scores += evaluate_model(
+                spec, doms, gen=recipe.generate, ev=recipe.eval, seed=recipe.seed, tasks=tasks,
+                samples_dir=samples, bar=bar,
+            )  # fmt: skip
     report = rep.build(
         scores,
         name=recipe.name,

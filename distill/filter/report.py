@@ -113,7 +113,7 @@ def to_table(report: dict[str, Any]) -> Table:
     for domain, d in domains.items():
         by = {s["step"]: s for s in d["steps"]}
         row = [str(d["raw"]), str(by["verify"]["passed"])]
-        row += ["off" if by[s].get("skipped") else f"-{by[s]['in'] - by[s]['out']}" for s in steps]
+        row += ["off" if by[s].get("skipped") else str(by[s]["in"] - by[s]["out"]) for s in steps]
         row += [f"[b]{d['kept']}[/b]", f"{d['pass_rate']:.1%}", f"{d['mean_tokens']:.1f}"]
         table.add_row(domain, *row)
     return table
