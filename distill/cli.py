@@ -114,6 +114,8 @@ def eval_(
     from distill.eval import stage as evaluate
 
     if model or base_url:
+        if model and not Path(model).is_dir():
+            raise UserError(f"--model {model}: no such directory")
         r = load(recipe, set_) if recipe else None
         evaluate.one_off(
             model=model,
@@ -194,7 +196,8 @@ def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
 def recipe_validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Check RECIPE (with --set overrides): prints 'ok' or one error line (exit 2)."""
     r = load(recipe, set_)
-    typer.echo(f"ok: {recipe} (name {r.name}, domains {', '.join(r.active_domains()) or 'none'})")
+    r.require_domains()  # what every stage checks first
+    typer.echo(f"ok: {recipe} (name {r.name}, domains {', '.join(r.active_domains())})")
 
 
 @recipe_app.command("set")
@@ -305,8 +308,8 @@ def serve(
     """Serve MODEL_DIR as an OpenAI-compatible endpoint.
 
     /v1/models and /v1/chat/completions (n, temperature, top_p, max_tokens, seed, stop,
-    logprobs, top_logprobs, tools), with reasoning_content and tool_calls in the reply.
-    Reads MODEL_DIR; writes nothing."""
+    logprobs, top_logprobs, tools, stream), with reasoning_content and tool_calls in the
+    reply (as server-sent events with stream: true). Reads MODEL_DIR; writes nothing."""
     from distill.serve import serve as run_server
 
     run_server(model_dir, host=host, port=port, batch_size=batch_size, device=device)
@@ -423,6 +426,13 @@ def main() -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except Exception as e:  # a full or read-only disk is the user's to fix: one line too
+        from distill.errors import storage_error
+
+        if (disk := storage_error(e)) is None:
+            raise
+        print(f"error: {disk}", file=sys.stderr)
+        sys.exit(disk.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -33,10 +33,14 @@ _PATH_TEXT = re.compile(r"\[Errno \d+\] [^:\n]+: '([^'\n]+)'")
 LOW_SPACE = 64 << 20  # a failed write with less free space than this was for want of space
 
 
-def storage_error(e: BaseException, where: str | Path | None = None) -> UserError | None:
+def storage_error(
+    e: BaseException, where: str | Path | None = None, *, vague: bool = True
+) -> UserError | None:
     """``e`` as a one-line :class:`UserError` when a write failed for want of space or
     because the output is read-only (or not ours to write); None for any other error.
-    ``where`` is the directory the caller was writing, for errors that name no file."""
+    ``where`` is the directory the caller was writing, for errors that name no file;
+    ``vague=False``: None too when neither names a directory (a caller further up may
+    know it)."""
     text = str(e)
     code = e.errno if isinstance(e, OSError) else None
     if isinstance(e, OSError) and e.filename:
@@ -46,6 +50,8 @@ def storage_error(e: BaseException, where: str | Path | None = None) -> UserErro
     else:
         path = Path(where) if where else None
     target = _existing_dir(path) if path else None
+    if target is None and not vague:
+        return None
     if (
         code == errno.EROFS
         or _READ_ONLY_TEXT.search(text)

@@ -104,8 +104,10 @@ def _worker(
     except UserError as e:
         results.put((rank, "user", str(e)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which re-raises
-        if isinstance(e, Exception) and (disk := storage_error(e)) is not None:
-            results.put((rank, "user", str(disk)))  # a full or read-only disk: the user's
+        # a full or read-only disk is the user's to fix; one that names no directory is
+        # named by the parent's run_stage, which knows the stage's
+        if isinstance(e, Exception) and (disk := storage_error(e, vague=False)) is not None:
+            results.put((rank, "user", str(disk)))
             return
         results.put((rank, "crash", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 

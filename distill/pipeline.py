@@ -158,6 +158,7 @@ def run(
         f"(recipe fingerprint {recipe.fingerprint()})",
         highlight=False,
     )
+    recipe.require_domains()  # before anything is written
     with storage_errors(recipe.out):  # a read-only or full output: one line, exit 2
         recipe.out.mkdir(parents=True, exist_ok=True)
         (recipe.out / "recipe.resolved.json").write_text(

@@ -197,10 +197,11 @@ def run_stage(recipe: Recipe, stage: str, force: bool = False) -> Any:
     from distill.progress import quiet_libraries
 
     quiet_libraries()  # our bar and header say what runs; others' bars only add noise
+    recipe.require_domains()  # before the first stage, not after three of them ran
     main = os.environ.get("RANK", "0") == "0"
     with (
-        stage_lock(recipe, stage) if main else _no_lock(),
         storage_errors(stage_dir(recipe, stage)),
+        stage_lock(recipe, stage) if main else _no_lock(),
     ):
         if main:
             header(recipe, stage, force=force)

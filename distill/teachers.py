@@ -199,6 +199,11 @@ def train_bootstrap(recipe: Recipe, d: str, tok_dir: Path, force: bool = False) 
 
 def check_hf(d: str, path: str) -> dict[str, Any]:
     """Load config, tokenizer and weights of an HF directory and run one tiny forward."""
+    if not Path(path).is_dir():  # never tried as a hub repo id: distill downloads nothing
+        raise UserError(
+            f"teachers.{d}.path: {path}: no such directory (an hf teacher is a local model "
+            "directory; nothing is downloaded)"
+        )
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -19,9 +19,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-from distill.errors import UserError
+from distill.errors import UserError, storage_errors
+from distill.files import atomic_write_text
 from distill.messages import Verdict
 from teachers.base import Domain, Task, get_domain
 
@@ -196,6 +197,15 @@ def read_items(domain: str, path: Path) -> Iterator[tuple[str, Task, list[dict[s
         yield str(rid), task, messages
 
 
+def _check_writable(out: Path) -> None:
+    if out.is_dir():
+        raise UserError(f"--out {out}: a directory; give a file name")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: no such directory {out.parent}")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"--out {out}: directory {out.parent} is not writable")
+
+
 def run(
     domain: str, path: Path, out: Path | None = None, workers: int | None = None
 ) -> tuple[int, int]:
@@ -206,18 +216,23 @@ def run(
         get_domain(domain)
     except KeyError as e:
         raise UserError(str(e).strip("'\"")) from None
+    if out is not None:  # before the work, not after it
+        _check_writable(Path(out))
     rows = list(read_items(domain, path))
+    if not rows:
+        print(f"warning: {path} holds no records; nothing verified", file=sys.stderr)
     verdicts = verify_many(
         domain, [(t, m) for _, t, m in rows], workers=workers, progress=out is not None
     )
-    sink: TextIO = open(out, "w", encoding="utf-8") if out else sys.stdout  # noqa: SIM115
-    try:
-        for (rid, _, _), v in zip(rows, verdicts, strict=True):
-            line = {"id": rid, "passed": v.passed, "score": v.score, "reason": v.reason}
-            sink.write(json.dumps(line) + "\n")
-    finally:
-        if out:
-            sink.close()
+    lines = (
+        json.dumps({"id": rid, "passed": v.passed, "score": v.score, "reason": v.reason}) + "\n"
+        for (rid, _, _), v in zip(rows, verdicts, strict=True)
+    )
+    if out is None:
+        sys.stdout.writelines(lines)
+    else:
+        with storage_errors(Path(out).parent):
+            atomic_write_text(out, "".join(lines))
     passed = sum(v.passed for v in verdicts)
     print(f"{passed} passed, {len(verdicts) - passed} failed", file=sys.stderr, flush=True)
     return passed, len(verdicts) - passed

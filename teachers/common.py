@@ -143,14 +143,26 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             raise UserError(f"{path}: not a readable Parquet file ({e})") from None
         yield from enumerate(rows, start=1)
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    if path.is_dir():
+        raise UserError(f"{path}: a directory, not a JSONL or Parquet file")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x}); records "
+                    "are JSONL (UTF-8, one object per line) or Parquet"
+                ) from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                raise UserError(
+                    f"{path}:{lineno}: invalid JSON ({e.msg}); records are JSONL (one object "
+                    "per line) or Parquet (.parquet)"
+                ) from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object per line")
             yield lineno, record

@@ -110,12 +110,34 @@ def _format_one(err: dict[str, Any], data: Any, root: type[BaseModel]) -> str:
 
 
 def _hint(word: str, valid: list[str], list_all: bool = False) -> str:
-    close = difflib.get_close_matches(word, valid, n=1, cutoff=0.5)
+    close = closest(word, valid)
     if close:
-        return f"; did you mean '{close[0]}'?"
+        return f"; did you mean '{close}'?"
     if valid and (list_all or len(valid) < 12):
         return f"; valid: {', '.join(valid)}"
     return ""
+
+
+def closest(word: str, valid: list[str]) -> str | None:
+    """The valid key ``word`` most likely meant: spelled alike (difflib's ratio), or
+    abbreviated (its letters, in order, in the key, from the same first letter, as
+    ``lrate`` in ``learning_rate``, or the last word of a key: ``rate``)."""
+
+    def score(key: str) -> float:
+        s = difflib.SequenceMatcher(None, word, key).ratio()
+        if len(word) >= 3 and word[0] == key[0] and _subsequence(word, key):
+            s = max(s, 0.75)
+        if len(word) >= 3 and word in key.split("_"):
+            s = max(s, 0.7)
+        return s
+
+    best = max(valid, key=score, default=None)
+    return best if best is not None and score(best) >= 0.5 else None
+
+
+def _subsequence(word: str, key: str) -> bool:
+    it = iter(key)
+    return all(ch in it for ch in word)
 
 
 def _singular(section: str) -> str:

@@ -49,6 +49,20 @@ class ModelArch(Section):
         True, description="Share input and output embeddings (saves parameters at tiny sizes)."
     )
 
+    @model_validator(mode="after")
+    def _heads(self) -> ModelArch:
+        # checked here, not when the model is built: after the stages before it ran
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size: {self.hidden_size} is not a multiple of num_heads ({self.num_heads})"
+            )
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(
+                f"num_heads: {self.num_heads} is not a multiple of num_kv_heads ({kv})"
+            )
+        return self
+
 
 class LoraConfig(Section):
     """LoRA adapters; the keys are peft's ``LoraConfig`` names."""
@@ -180,6 +194,9 @@ class TokenizerConfig(Section):
     )
 
 
+RECORD_FORMATS = (".jsonl", ".json", ".ndjson", ".parquet")  # what teachers.common reads
+
+
 class TaskSource(Section):
     kind: Literal["generated", "file"] = Field(
         "generated", description="generated = the domain's task generator; file = real records."
@@ -191,6 +208,19 @@ class TaskSource(Section):
     eval_path: str | None = Field(
         None, description="Held-out real records for evaluation; null = hash split of path."
     )
+
+    @model_validator(mode="after")
+    def _readable(self) -> TaskSource:
+        if self.kind == "file" and not self.path:
+            raise ValueError("path: required for kind=file (a JSONL or Parquet file of records)")
+        for key in ("path", "eval_path"):
+            value = getattr(self, key)
+            if value and not value.lower().endswith(RECORD_FORMATS):
+                raise ValueError(
+                    f"{key}: {value!r} is not a format distill reads; records are JSONL "
+                    "(.jsonl, .json: one object per line) or Parquet (.parquet)"
+                )
+        return self
 
 
 class DomainConfig(Section):
@@ -325,6 +355,20 @@ class FilterConfig(Section):
     )
     max_per_domain: int | None = Field(None, ge=1, description="Cap on kept traces per domain.")
 
+    @model_validator(mode="after")
+    def _ordered(self) -> FilterConfig:
+        if self.pass_rate_min > self.pass_rate_max:
+            raise ValueError(
+                f"pass_rate_min: {self.pass_rate_min} is above pass_rate_max "
+                f"({self.pass_rate_max}); no task could be kept"
+            )
+        if self.decontam_short_ngram > self.decontam_ngram:
+            raise ValueError(
+                f"decontam_short_ngram: {self.decontam_short_ngram} must not exceed "
+                f"decontam_ngram ({self.decontam_ngram})"
+            )
+        return self
+
 
 class StudentConfig(Section):
     kind: Literal["scratch", "hf"] = Field(
@@ -415,6 +459,17 @@ class Recipe(Section):
     def active_domains(self) -> list[str]:
         return [d for d, c in self.domains.items() if c.enabled]
 
+    def require_domains(self) -> None:
+        """A recipe the pipeline can run names at least one enabled domain (checked before
+        any stage runs; a recipe for a one-off ``eval --model`` needs none)."""
+        if not self.active_domains():
+            from teachers.base import REGISTRY
+
+            raise RecipeError(
+                f"domains: no enabled domain; the pipeline needs at least one of "
+                f"{', '.join(REGISTRY)}"
+            )
+
     def fingerprint(self, *sections: str) -> str:
         """Hash of the named sections (all when none), stable across key order."""
         data = self.model_dump(mode="json")
@@ -434,7 +489,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        data = _yaml.load(path.read_text())
+        data = _yaml.load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(
+            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at {e.start})"
+        ) from None
     except YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -446,13 +505,22 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     for ov in overrides or []:
         apply_override(data, ov)
-    return validate(data, source=str(path))
+    return validate(data, source=str(path), overrides=overrides or [])
 
 
-def validate(data: dict[str, Any], source: str = "recipe") -> Recipe:
+def validate(data: dict[str, Any], source: str = "recipe", overrides: list[str] = ()) -> Recipe:
+    """``data`` as a :class:`Recipe`; an error is blamed on the ``--set`` override that
+    wrote the key at fault, else on ``source``."""
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
+        loc = [str(p) for p in e.errors()[0]["loc"]]
+        for ov in reversed(overrides):  # the last override of a key is the one that counts
+            keys = parse_override(ov)[0]
+            n = min(len(keys), len(loc))
+            if n and keys[:n] == loc[:n]:
+                source = f"--set {ov}"
+                break
         raise RecipeError(f"{source}: {format_error(e, data)}") from None
 
 
