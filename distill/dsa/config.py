@@ -1,0 +1,40 @@
+"""The configuration of a DSA student: a Llama-style causal LM whose every attention layer
+carries a lightning indexer (DeepSeek-V3.2's DeepSeek Sparse Attention)."""
+
+from __future__ import annotations
+
+from transformers import LlamaConfig
+
+MODEL_TYPE = "distill_dsa"
+
+
+class DSAConfig(LlamaConfig):
+    """:class:`~transformers.LlamaConfig` plus the indexer's shape and ``index_top_k``.
+
+    ``index_warmup``: the indexer has not been trained yet; training this checkpoint runs
+    the dense warm-up (indexer only, main model frozen). The warm-up's saved output says
+    false, so training it again is the sparse phase (distill/dsa/train.py)."""
+
+    model_type = MODEL_TYPE
+
+    index_n_heads: int = 4
+    index_head_dim: int = 32
+    index_top_k: int = 2048
+    index_rope_dim: int | None = None
+    index_warmup: bool = False
+    layer_types: list[str] | None = None
+
+    def __post_init__(self, **kwargs):
+        # every layer keeps indexer keys in its cache: transformers' DynamicCache builds
+        # DynamicIndexedLayer for this layer type (and generate() and our backend use it)
+        if self.layer_types is None:
+            self.layer_types = ["indexed_attention"] * self.num_hidden_layers
+        super().__post_init__(**kwargs)
+
+    @property
+    def rope_dim(self) -> int:
+        """Leading dims of an index head that get rotary embeddings (V3.2: 64 of 128)."""
+        head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.index_rope_dim is not None:
+            return self.index_rope_dim
+        return min(self.index_head_dim // 2, head_dim)

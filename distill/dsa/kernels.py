@@ -1,0 +1,392 @@
+"""DSA on the GPU for flat rows of packed traces: work and memory O(T · top_k), not O(T²).
+
+Per layer, for a row of T tokens with trace boundaries ``cu``:
+
+1. indexer scores, query chunk by query chunk, against the keys of the chunk's traces
+   (a Triton kernel fuses the ReLU and the head weighting, so the [C, Hi, Tk] logits never
+   exist; without Triton, torch computes them per chunk), then ``torch.topk``: ``idx``
+   [T, K] with -1 where a query has fewer than K earlier keys in its trace;
+2. attention over ``idx``: a Triton kernel, forward (online softmax over the gathered
+   keys, one program per token and KV head, the heads of a GQA group together) and
+   backward (dQ per program; dK and dV scattered with fp32 atomic adds); without Triton,
+   torch gathers the selected keys chunk by chunk (checkpointed);
+3. the indexer's KL, chunk by chunk and checkpointed: over the selected keys (sparse
+   phase), or over every key of the trace with dense attention (warm-up).
+
+The torch code here is device-agnostic, so the tests check it against the reference on
+CPU; the Triton kernels run on CUDA, or on CPU under ``TRITON_INTERPRET=1`` in the tests.
+This module imports on machines without Triton; ``HAVE_TRITON`` says what is there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from distill.dsa import attention as A
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # CPU-only machines: the torch paths below
+    HAVE_TRITON = False
+
+BUDGET = 1 << 26  # elements of the largest per-chunk temporary (256 MB in fp32)
+BLOCK_N = 64  # selected keys per step of the attention kernels
+
+
+def use_triton(x: Tensor) -> bool:
+    if not HAVE_TRITON or os.environ.get("DISTILL_DSA_TRITON") == "0":
+        return False
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def segment_starts(cu: Tensor, t: int) -> Tensor:
+    """The first position of each token's trace [T] (long)."""
+    seg = torch.searchsorted(cu[1:].long(), torch.arange(t, device=cu.device), right=True)
+    return cu.long()[seg]
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def index_topk(
+    qi: Tensor, ki: Tensor, w: Tensor, starts: Tensor, top_k: int, max_len: int
+) -> Tensor:
+    """Each token's ``min(top_k, max_len)`` best earlier keys of its own trace by index
+    score, [T, K] int64, -1 where it has fewer. No gradient."""
+    t, hi = qi.shape[0], qi.shape[1]
+    k_out = min(top_k, max_len)
+    chunk = max(16, min(4096, BUDGET // (hi * (max_len + 4096))))
+    idx = torch.full((t, k_out), -1, dtype=torch.long, device=qi.device)
+    firsts = starts[::chunk].tolist()  # one host sync for every chunk's first key
+    with torch.no_grad():
+        for n, a in enumerate(range(0, t, chunk)):
+            b, lo = min(t, a + chunk), firsts[n]
+            scores = _chunk_scores(qi, ki, w, starts, a, b, lo)
+            kk = min(k_out, b - lo)
+            val, j = scores.topk(kk, dim=-1)
+            idx[a:b, :kk] = torch.where(val > float("-inf"), j + lo, -1)
+    return idx
+
+
+def _chunk_scores(qi, ki, w, starts, a: int, b: int, lo: int) -> Tensor:
+    """Scores of queries [a, b) against keys [lo, b), -inf outside each query's causal
+    span of its own trace: [b - a, b - lo] fp32."""
+    if use_triton(qi):
+        return _triton_scores(qi, ki, w, starts, a, b, lo)
+    s = A.index_scores(qi[None, a:b], ki[None, lo:b], w[None, a:b])[0]
+    return s.masked_fill(~_span(starts, a, b, lo), float("-inf"))
+
+
+def _span(starts: Tensor, a: int, b: int, lo: int) -> Tensor:
+    """[b - a, b - lo] bool: key s is in query t's trace and not after it."""
+    t = torch.arange(a, b, device=starts.device)[:, None]
+    s = torch.arange(lo, b, device=starts.device)[None, :]
+    return (s <= t) & (s >= starts[a:b, None])
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float) -> Tensor:
+    """Attention of each token over its selected keys ``idx`` [T, K] (-1 = none):
+    ``q`` [T, H, D], ``k`` and ``v`` [T, Hkv, D] -> [T, H, D]."""
+    if use_triton(q):
+        return _SparseAttention.apply(q, k, v, idx, scale)
+    t, h, d = q.shape
+    chunk = max(1, BUDGET // max(1, idx.shape[1] * max(h, k.shape[1] * d)))
+    outs = []
+    for a in range(0, t, chunk):
+        args = (q[a : a + chunk], k, v, idx[a : a + chunk], scale)
+        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        outs.append(checkpoint(_gathered, *args, use_reentrant=False) if grad else _gathered(*args))
+    return torch.cat(outs)
+
+
+def _gathered(q, k, v, idx, scale):
+    """One chunk of :func:`sparse_attention` in torch: gather, then attend."""
+    ok = idx >= 0
+    sel = idx.clamp(min=0)
+    out = A.attend_gathered(
+        q.transpose(0, 1)[None],  # [1, H, C, D]
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        sel[None],
+        ok[None],
+        scale,
+    )
+    return out[0].transpose(0, 1)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def sparse_kl(q, k, qi, ki, w, idx: Tensor, scale: float) -> Tensor:
+    """Σ_t KL(p_t ‖ softmax(I_t)) over each token's selected keys; the gradient reaches
+    the indexer's ``qi``, ``ki``, ``w`` only."""
+    t, h = q.shape[:2]
+    chunk = max(1, BUDGET // max(1, idx.shape[1] * max(h, qi.shape[1], ki.shape[1])))
+    total = None
+    for a in range(0, t, chunk):
+        args = (q[a : a + chunk].detach(), k.detach(), qi[a : a + chunk], ki)
+        part = checkpoint(
+            _sparse_kl_chunk, *args, w[a : a + chunk], idx[a : a + chunk], scale,
+            use_reentrant=False,
+        )  # fmt: skip
+        total = part if total is None else total + part
+    return total
+
+
+def _sparse_kl_chunk(q, k, qi, ki, w, idx, scale):
+    ok = idx >= 0
+    sel = idx.clamp(min=0)
+    c, h, d = q.shape
+    hkv = k.shape[1]
+    with torch.no_grad():
+        kg = k[sel]  # [C, K, Hkv, D]
+        s = torch.einsum("cngd,cknd->cngk", A._wide(q.view(c, hkv, h // hkv, d)), A._wide(kg))
+        s = (s * scale).masked_fill(~ok[:, None, None], float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num_(0.0).flatten(1, 2).mean(1)  # [C, K]
+    logits = torch.einsum("chd,ckd->chk", A._wide(qi), A._wide(ki[sel])).relu()
+    scores = torch.einsum("chk,ch->ck", logits, A._wide(w))
+    return A.index_kl(p, scores, ok).sum()
+
+
+def dense_kl(q, k, qi, ki, w, starts: Tensor, scale: float, max_len: int) -> Tensor:
+    """Σ_t KL(p_t ‖ softmax(I_t)) over every earlier key of the token's trace (the
+    warm-up), chunk by chunk."""
+    t, h = q.shape[:2]
+    chunk = max(16, min(4096, BUDGET // (max(h, qi.shape[1]) * (max_len + 4096))))
+    firsts = starts[::chunk].tolist()
+    total = None
+    for n, a in enumerate(range(0, t, chunk)):
+        b, lo = min(t, a + chunk), firsts[n]
+        part = checkpoint(
+            _dense_kl_chunk, q[a:b].detach(), k[lo:b].detach(), qi[a:b], ki[lo:b], w[a:b],
+            _span(starts, a, b, lo), scale, use_reentrant=False,
+        )  # fmt: skip
+        total = part if total is None else total + part
+    return total
+
+
+def _dense_kl_chunk(q, k, qi, ki, w, span, scale):
+    p = A.head_mean_probs(q.transpose(0, 1)[None], k.transpose(0, 1)[None], span[None], scale)
+    scores = A.index_scores(qi[None], ki[None], w[None])
+    return A.index_kl(p, scores, span[None]).sum()
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+def dsa_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    qi: Tensor,
+    ki: Tensor,
+    w: Tensor,
+    cu: Tensor,
+    top_k: int,
+    scale: float,
+    *,
+    dense: bool = False,
+    loss: bool = False,
+    max_len: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`~distill.dsa.attention.dsa_varlen_reference`'s contract in O(T · top_k):
+    the output [T, H, D] and, with ``loss``, the KL summed over the row's tokens."""
+    from distill.models import _varlen_kernel, varlen_supported
+
+    t = q.shape[0]
+    max_len = int(max_len or int((cu[1:] - cu[:-1]).max()))
+    starts = segment_starts(cu, t)
+    if dense:
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        if q.device.type == "cpu" or (half and varlen_supported()):
+            out = _varlen_kernel(q, k, v, cu, max_len, scale)
+        else:  # flash kernels take fp16/bf16 only: fp32 on a GPU is the reference
+            out, _ = A.dsa_varlen_reference(q, k, v, qi, ki, w, cu, top_k, scale, dense=True)
+        kl = dense_kl(q, k, qi, ki, w, starts, scale, max_len) if loss else None
+        return out, kl
+    idx = index_topk(qi.detach(), ki.detach(), w.detach(), starts, top_k, max_len)
+    out = sparse_attention(q, k, v, idx, scale)
+    return out, (sparse_kl(q, k, qi, ki, w, idx, scale) if loss else None)
+
+
+# --------------------------------------------------------------------------- Triton
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _index_score_kernel(
+        QI, KI, W, SEG, OUT, q0, k0, n_q, n_k,
+        s_qt, s_qh, s_kt, s_wt, s_ot,
+        HI: tl.constexpr, DI: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+        BN: tl.constexpr,
+    ):  # fmt: skip
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        rd = tl.arange(0, BD)
+        mq, mk, md = rm < n_q, rn < n_k, rd < DI
+        t, s = q0 + rm, k0 + rn
+        kb = tl.load(
+            KI + s[:, None] * s_kt + rd[None, :], mask=mk[:, None] & md[None, :], other=0.0
+        )
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for h in range(HI):
+            qh = tl.load(
+                QI + t[:, None] * s_qt + h * s_qh + rd[None, :],
+                mask=mq[:, None] & md[None, :],
+                other=0.0,
+            )
+            wh = tl.load(W + t * s_wt + h, mask=mq, other=0.0).to(tl.float32)
+            acc += tl.maximum(tl.dot(qh, tl.trans(kb)), 0.0) * wh[:, None]
+        seg = tl.load(SEG + t, mask=mq, other=0)
+        ok = (s[None, :] <= t[:, None]) & (s[None, :] >= seg[:, None])
+        acc = tl.where(ok, acc, float("-inf"))
+        tl.store(OUT + rm[:, None] * s_ot + rn[None, :], acc, mask=mq[:, None] & mk[None, :])
+
+    @triton.jit
+    def _sparse_fwd_kernel(
+        Q, K, V, IDX, OUT, LSE, scale, n_sel,
+        s_qt, s_qh, s_kt, s_kh, s_it, s_lt,
+        G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+        BN: tl.constexpr,
+    ):  # fmt: skip
+        t, hk = tl.program_id(0), tl.program_id(1)
+        rg, rd, rn = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BN)
+        mg, md = rg < G, rd < D
+        heads = hk * G + rg
+        qmask = mg[:, None] & md[None, :]
+        q = tl.load(Q + t * s_qt + heads[:, None] * s_qh + rd[None, :], mask=qmask, other=0.0)
+        m_i = tl.full((BG,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BG,), tl.float32)
+        acc = tl.zeros((BG, BD), tl.float32)
+        for start in range(0, n_sel, BN):
+            cols = start + rn
+            ids = tl.load(IDX + t * s_it + cols, mask=cols < n_sel, other=-1)
+            ok = ids >= 0
+            off = tl.where(ok, ids, 0)[:, None] * s_kt + hk * s_kh + rd[None, :]
+            kmask = ok[:, None] & md[None, :]
+            kb = tl.load(K + off, mask=kmask, other=0.0)
+            vb = tl.load(V + off, mask=kmask, other=0.0)
+            s = tl.dot(q, tl.trans(kb)) * scale
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+            m_i = m_new
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("inf"))  # no key: p = 0 in backward
+        tl.store(OUT + t * s_qt + heads[:, None] * s_qh + rd[None, :], out, mask=qmask)
+        tl.store(LSE + t * s_lt + heads, lse, mask=mg)
+
+    @triton.jit
+    def _sparse_bwd_kernel(
+        Q, K, V, IDX, DO, LSE, DELTA, DQ, DK, DV, scale, n_sel,
+        s_qt, s_qh, s_kt, s_kh, s_it, s_lt,
+        G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+        BN: tl.constexpr,
+    ):  # fmt: skip
+        t, hk = tl.program_id(0), tl.program_id(1)
+        rg, rd, rn = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BN)
+        mg, md = rg < G, rd < D
+        heads = hk * G + rg
+        qmask = mg[:, None] & md[None, :]
+        qoff = t * s_qt + heads[:, None] * s_qh + rd[None, :]
+        q = tl.load(Q + qoff, mask=qmask, other=0.0)
+        do = tl.load(DO + qoff, mask=qmask, other=0.0)
+        lse = tl.load(LSE + t * s_lt + heads, mask=mg, other=float("inf"))
+        delta = tl.load(DELTA + t * s_lt + heads, mask=mg, other=0.0)
+        dq = tl.zeros((BG, BD), tl.float32)
+        for start in range(0, n_sel, BN):
+            cols = start + rn
+            ids = tl.load(IDX + t * s_it + cols, mask=cols < n_sel, other=-1)
+            ok = ids >= 0
+            off = tl.where(ok, ids, 0)[:, None] * s_kt + hk * s_kh + rd[None, :]
+            kmask = ok[:, None] & md[None, :]
+            kb = tl.load(K + off, mask=kmask, other=0.0)
+            vb = tl.load(V + off, mask=kmask, other=0.0)
+            s = tl.dot(q, tl.trans(kb)) * scale
+            p = tl.exp(s - lse[:, None])
+            p = tl.where(ok[None, :] & mg[:, None], p, 0.0)
+            dp = tl.dot(do, tl.trans(vb))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(kb.dtype), kb)
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+            tl.atomic_add(DK + off, dk, mask=kmask)
+            tl.atomic_add(DV + off, dv, mask=kmask)
+        tl.store(DQ + qoff, dq * scale, mask=qmask)
+
+    def _blocks(g: int, d: int) -> dict:
+        return dict(
+            G=g,
+            BG=max(16, triton.next_power_of_2(g)),
+            D=d,
+            BD=max(16, triton.next_power_of_2(d)),
+            BN=BLOCK_N,
+        )
+
+    def _triton_scores(qi, ki, w, starts, a: int, b: int, lo: int) -> Tensor:
+        dtype = qi.dtype if qi.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        qi, ki, w = (x.to(dtype).contiguous() for x in (qi, ki, w))
+        n_q, n_k = b - a, b - lo
+        out = torch.empty(n_q, n_k, dtype=torch.float32, device=qi.device)
+        hi, di = qi.shape[1], qi.shape[2]
+        bm, bn = 64, 64
+        grid = (triton.cdiv(n_q, bm), triton.cdiv(n_k, bn))
+        _index_score_kernel[grid](
+            qi, ki, w, starts, out, a, lo, n_q, n_k,
+            qi.stride(0), qi.stride(1), ki.stride(0), w.stride(0), out.stride(0),
+            HI=hi, DI=di, BD=max(16, triton.next_power_of_2(di)), BM=bm, BN=bn,
+        )  # fmt: skip
+        return out
+
+    class _SparseAttention(torch.autograd.Function):
+        """Triton attention over selected keys; q [T, H, D], k and v [T, Hkv, D]."""
+
+        @staticmethod
+        def forward(ctx, q, k, v, idx, scale):
+            q, k, v = (x.contiguous() for x in (q, k, v))
+            k, v = k.to(q.dtype), v.to(q.dtype)
+            idx = idx.to(torch.int32).contiguous()
+            t, h, d = q.shape
+            hkv = k.shape[1]
+            out = torch.empty_like(q)
+            lse = torch.empty(t, h, dtype=torch.float32, device=q.device)
+            _sparse_fwd_kernel[(t, hkv)](
+                q, k, v, idx, out, lse, scale, idx.shape[1],
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), idx.stride(0), lse.stride(0),
+                **_blocks(h // hkv, d),
+            )  # fmt: skip
+            ctx.save_for_backward(q, k, v, idx, out, lse)
+            ctx.scale = scale
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, k, v, idx, out, lse = ctx.saved_tensors
+            do = grad.to(q.dtype).contiguous()
+            delta = (do.float() * out.float()).sum(-1)
+            dq = torch.empty_like(q)
+            dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+            dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+            t, h, d = q.shape
+            hkv = k.shape[1]
+            _sparse_bwd_kernel[(t, hkv)](
+                q, k, v, idx, do, lse, delta, dq, dk, dv, ctx.scale, idx.shape[1],
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), idx.stride(0), lse.stride(0),
+                **_blocks(h // hkv, d),
+            )  # fmt: skip
+            return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
