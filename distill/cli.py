@@ -213,7 +213,7 @@ def recipe_set(
     from distill.recipe.edit import set_keys
 
     set_keys(recipe, assignments)
-    typer.echo(f"updated {recipe}: {', '.join(assignments)}")
+    typer.echo(f"updated {recipe}: {', '.join(assignments)}", err=True)
 
 
 @recipe_app.command("reference")
@@ -237,7 +237,7 @@ def recipe_reference(
         same = sync_reference(write, write=True)
     except ValueError as e:
         raise UserError(str(e)) from None
-    typer.echo(f"{write}: {'already up to date' if same else 'recipe reference updated'}")
+    typer.echo(f"{write}: {'already up to date' if same else 'recipe reference updated'}", err=True)
 
 
 @shards_app.command("inspect")
@@ -277,7 +277,7 @@ def shards_export(
     from distill.shards.view import export
 
     n = export(path, format_, out)
-    typer.echo(f"wrote {n} rows to {out}")
+    typer.echo(f"wrote {n} rows to {out}", err=True)
 
 
 # --- generation: generate, serve ------------------------------------------------------

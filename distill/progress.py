@@ -1,7 +1,8 @@
 """Shared console output: the project's one console and progress bar.
 
-Human output (headers, bars, tables, warnings) goes to stderr, so stdout carries only what
-a command produces for a program (`recipe show`, `verify`'s verdicts, `--version`). When
+Human output (headers, bars, tables, warnings, "wrote ..." status lines) goes to stderr,
+so stdout carries only what a command produces: `recipe show` and `reference`, `recipe
+validate`'s verdict, `verify`'s verdicts, `shards inspect`'s report, `--version`. When
 stderr is not a terminal (a log file, a pipe) lines are never hard-wrapped and bars print
 their final state once instead of redrawing. Third-party progress bars (transformers'
 "Loading weights", "Writing model shards") are switched off by :func:`quiet_libraries`.

@@ -107,8 +107,8 @@ def test_reference_write(tmp_path, capsys):
     readme.write_text(
         (ROOT / "docs" / "recipes.md").read_text().replace("| `learning_rate` |", "| `LR` |")
     )
-    code, out, _ = cli(["recipe", "reference", "--write", readme], capsys)
-    assert code == 0 and "updated" in out and "| `learning_rate` |" in readme.read_text()
+    code, out, err = cli(["recipe", "reference", "--write", readme], capsys)
+    assert code == 0 and "updated" in err and "| `learning_rate` |" in readme.read_text()
     code, out, _ = cli(["recipe", "reference"], capsys)
     assert code == 0 and out.startswith("#### `(top level)`")
 
@@ -161,10 +161,10 @@ def test_inspect_errors(tmp_path, capsys):
 
 def test_export_jsonl_and_parquet(tmp_path, capsys):
     raw = stage_dir(tmp_path)
-    code, out, _ = cli(
+    code, out, err = cli(
         ["shards", "export", raw, "--format", "jsonl", "--out", tmp_path / "all.jsonl"], capsys
     )
-    assert code == 0 and "wrote 8 rows" in out
+    assert code == 0 and "wrote 8 rows" in err and out == ""  # a status line: stderr
     rows = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == sorted(
         [f"math{i}" for i in range(5)] + [f"code{i}" for i in range(3)]
