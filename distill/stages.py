@@ -167,17 +167,19 @@ def header(recipe: Recipe, stage: str, force: bool = False) -> None:
     changed since its last complete run (``key: old → new``) and where it writes. The
     whole resolved recipe, with field descriptions, goes to ``<stage dir>/_recipe.yaml``
     (not the screen), so every output directory says exactly what produced it."""
+    from rich.markup import escape
+
     from distill.pipeline import why_run
     from distill.progress import console
     from distill.recipe.doc import show_yaml
 
     why = why_run(recipe, stage, force=force)
     d = stage_dir(recipe, stage)
-    console.print(f"\n[bold]── {stage}[/] · {why.reason}", highlight=False)
+    console.print(f"\n[bold]── {stage}[/] · {escape(why.reason)}", highlight=False)
     for line in why.lines():
         console.print(f"   {line}", markup=False, highlight=False)
     console.print(
-        f"   [dim]→ {d} (fingerprint {fingerprint(recipe, stage)}; "
+        f"   [dim]→ {escape(str(d))} (fingerprint {fingerprint(recipe, stage)}; "
         f"resolved recipe in {RECIPE_FILE})[/]",
         highlight=False,
     )

@@ -105,3 +105,9 @@ def test_distill_run_prints_one_header_per_stage_and_one_line_per_skip(tmp_path,
     assert f"   eval.pass_k: {r.eval.pass_k} → 3\n" in err
     mark_done(r, "teachers")  # same fingerprint: nothing to rerun
     assert all(s["status"] == "skipped" for s in pipeline.run(recipe(tmp_path, "eval.pass_k=3")))
+
+
+def test_a_header_prints_paths_and_reasons_as_they_are(tmp_path, capsys):
+    r = recipe(tmp_path / "runs[2024]")  # rich would read [2024] as markup
+    header(r, "filter")
+    assert f"→ {tmp_path / 'runs[2024]' / 'clean'} (" in capsys.readouterr().err
