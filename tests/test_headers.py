@@ -108,6 +108,6 @@ def test_distill_run_prints_one_header_per_stage_and_one_line_per_skip(tmp_path,
 
 
 def test_a_header_prints_paths_and_reasons_as_they_are(tmp_path, capsys):
-    r = recipe(tmp_path / "runs[2024]")  # rich would read [2024] as markup
+    r = recipe(tmp_path / "runs[v2]")  # rich would read [v2] as markup
     header(r, "filter")
-    assert f"→ {tmp_path / 'runs[2024]' / 'clean'} (" in capsys.readouterr().err
+    assert f"→ {tmp_path / 'runs[v2]' / 'clean'} (" in capsys.readouterr().err
