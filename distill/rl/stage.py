@@ -72,7 +72,7 @@ def one_off(
 ) -> dict[str, Any]:
     """``distill rl --model DIR``: GRPO on any HF causal LM directory with a chat template,
     over the named domains' generated training tasks (default domain settings)."""
-    from distill.recipe import DomainConfig
+    from distill.recipe import DomainConfig, GenerateConfig
     from distill.rl.trainer import train_rl
     from teachers.base import REGISTRY
 
@@ -86,6 +86,7 @@ def one_off(
         d: tasks_for(d, dcfg, seed, "train", n=cfg.domains.get(d, RLDomainConfig()).tasks)
         for d in domains
     }
-    new = cfg.max_new_tokens or 256
-    limits = {d: (new, cfg.max_turns or 8, 2048) for d in domains}
+    gen = GenerateConfig()  # what generate would use: the recipe defaults
+    new = cfg.max_new_tokens or gen.max_new_tokens
+    limits = {d: (new, cfg.max_turns or gen.max_turns, gen.max_episode_tokens) for d in domains}
     return train_rl(init=model, tasks=pools, cfg=cfg, limits=limits, out_dir=out, seed=seed)
