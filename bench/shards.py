@@ -79,8 +79,11 @@ def row_pool(size: int = 1000) -> list[dict]:
                         "tool_calls": [
                             {
                                 "id": f"call_{i}",
-                                "name": "calc",
-                                "arguments": json.dumps({"expr": f"{i} * 7 + 3"}),
+                                "type": "function",
+                                "function": {
+                                    "name": "calc",
+                                    "arguments": json.dumps({"expr": f"{i} * 7 + 3"}),
+                                },
                             }
                         ],
                     },
@@ -152,20 +155,19 @@ def op_write(store: str, path: Path, n: int, data: list[dict]) -> int:
             for r in data:
                 w.write(r)
     else:
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from distill.messages import TRACE_SCHEMA
+        from distill.messages import TRACE_SCHEMA, rows_table
 
         with pq.ParquetWriter(str(path), TRACE_SCHEMA) as w:
             buf = []
             for r in data:
                 buf.append(r)
                 if len(buf) == 2000:
-                    w.write_table(pa.Table.from_pylist(buf, schema=TRACE_SCHEMA))
+                    w.write_table(rows_table(buf))
                     buf = []
             if buf:
-                w.write_table(pa.Table.from_pylist(buf, schema=TRACE_SCHEMA))
+                w.write_table(rows_table(buf))
     return n
 
 
@@ -258,9 +260,9 @@ def warm_up() -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from distill.messages import TRACE_SCHEMA
+    from distill.messages import rows_table
 
-    table = pa.Table.from_pylist(list(rows(2)), schema=TRACE_SCHEMA)
+    table = rows_table(list(rows(2)))
     table.take([1, 0]).to_pylist()
     _arrow_text_len(table)
     pc.sum(pa.array([1]))

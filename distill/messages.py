@@ -1,9 +1,20 @@
 """The trace: one row of a shard, as Python objects and as an explicit Arrow schema.
 
-Messages follow the OpenAI chat format with DeepSeek's ``reasoning_content``. In memory
-and in shards a tool call is the flat ``{id, name, arguments}`` (``arguments`` a JSON
-string); :func:`to_openai` and :func:`from_openai` convert to and from the nested
-``{"id", "type": "function", "function": {"name", "arguments"}}`` form of the API.
+Messages follow the OpenAI chat format with DeepSeek's ``reasoning_content``, in memory
+and in shards alike: a tool call is ``{"id", "type": "function", "function": {"name",
+"arguments"}}`` with ``arguments`` the JSON string the model wrote, ``tools`` the list of
+OpenAI tool schemas. One form everywhere: what a shard holds is what chat templates,
+OpenAI-compatible servers and TRL's ``SFTTrainer`` take, with no conversion between.
+:func:`normalize_message` also accepts the flat ``{id, name, arguments}`` of older code
+and shards and nests it.
+
+``tools`` and ``reference`` are arbitrary JSON (a tool's JSON Schema has any shape; a
+reference is a number for math, tests for code, a state for agents). Arrow structs need
+one shape for the whole column, and a union of shapes pads every tool with the others'
+keys as nulls, which chat templates then render; so both columns use Arrow's canonical
+JSON extension type (``arrow.json``): ``datasets`` reads them as Python objects (its
+``Json`` feature), pyarrow as the JSON text. :func:`storage_schema` is the schema rows
+are converted with before the cast to :data:`TRACE_SCHEMA`.
 """
 
 from __future__ import annotations
@@ -21,10 +32,14 @@ class MessageError(UserError, ValueError):
     """A chat message that does not fit the trace format (a ValueError for old callers)."""
 
 
-SCHEMA_VERSION = 1
+# 2: nested tool calls, tools and reference as arrow.json (1: flat calls, JSON strings)
+SCHEMA_VERSION = 2
 ROLES = ("system", "user", "assistant", "tool")
 
-TOOL_CALL_TYPE = pa.struct([("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())])
+FUNCTION_TYPE = pa.struct([("name", pa.string()), ("arguments", pa.string())])
+TOOL_CALL_TYPE = pa.struct(
+    [("id", pa.string()), ("type", pa.string()), ("function", FUNCTION_TYPE)]
+)
 MESSAGE_TYPE = pa.struct(
     [
         ("role", pa.string()),
@@ -58,8 +73,8 @@ TRACE_SCHEMA = pa.schema(
         ("split", pa.string()),
         ("teacher", pa.string()),
         ("messages", pa.list_(MESSAGE_TYPE)),
-        ("tools", pa.string()),  # JSON list of OpenAI tool schemas, or null
-        ("reference", pa.string()),  # JSON, what the verifier checks against
+        ("tools", pa.list_(pa.json_())),  # OpenAI tool schemas, or null
+        ("reference", pa.json_()),  # what the verifier checks against
         ("finish_reason", pa.string()),
         ("prompt_tokens", pa.int32()),
         ("completion_tokens", pa.int32()),
@@ -71,6 +86,37 @@ TRACE_SCHEMA = pa.schema(
     ],
     metadata={b"distill.schema_version": str(SCHEMA_VERSION).encode()},
 )
+
+
+def storage_schema(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with each extension type (``arrow.json``) replaced by its storage type:
+    pyarrow converts Python rows only to plain types, and the cast back costs nothing."""
+
+    def plain(t: pa.DataType) -> pa.DataType:
+        if isinstance(t, pa.BaseExtensionType):
+            return t.storage_type
+        if pa.types.is_list(t):
+            return pa.list_(plain(t.value_type))
+        if pa.types.is_struct(t):
+            return pa.struct([f.with_type(plain(f.type)) for f in t])
+        return t
+
+    return pa.schema([f.with_type(plain(f.type)) for f in schema], metadata=schema.metadata)
+
+
+def rows_table(rows: list[dict[str, Any]], schema: pa.Schema = TRACE_SCHEMA) -> pa.Table:
+    """Rows (:meth:`Trace.to_row` dicts) as a table of ``schema``."""
+    return pa.Table.from_pylist(rows, schema=storage_schema(schema)).cast(schema)
+
+
+def decode_tools(value: Any) -> list[dict[str, Any]] | None:
+    """The ``tools`` of a row as Python objects, from any reader: pyarrow's JSON texts,
+    ``datasets``' objects, or the one JSON string of a schema-1 row."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return json.loads(value)
+    return [json.loads(t) if isinstance(t, str) else t for t in value]
 
 
 @dataclass
@@ -129,7 +175,8 @@ class Trace:
             "split": self.split,
             "teacher": self.teacher,
             "messages": [normalize_message(m) for m in self.messages],
-            "tools": None if self.tools is None else json.dumps(self.tools),
+            # the storage of arrow.json: JSON text (see the module doc)
+            "tools": None if self.tools is None else [json.dumps(t) for t in self.tools],
             "reference": None if self.reference is None else json.dumps(self.reference),
             "finish_reason": self.finish_reason,
             "prompt_tokens": self.prompt_tokens,
@@ -140,8 +187,11 @@ class Trace:
         }
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Trace:
+    def from_row(cls, row: dict[str, Any], decoded: bool = False) -> Trace:
+        """The trace of an Arrow row: from pyarrow (JSON columns as text) or, with
+        ``decoded``, from ``datasets`` (JSON columns already Python objects)."""
         verdict = row.get("verdict")
+        reference = row.get("reference")
         return cls(
             id=row["id"],
             task_id=row["task_id"],
@@ -149,8 +199,8 @@ class Trace:
             split=row.get("split") or "train",
             teacher=row.get("teacher"),
             messages=[compact_message(m) for m in row["messages"]],
-            tools=None if row.get("tools") is None else json.loads(row["tools"]),
-            reference=None if row.get("reference") is None else json.loads(row["reference"]),
+            tools=decode_tools(row.get("tools")),
+            reference=reference if decoded else _decode(reference),
             finish_reason=row.get("finish_reason"),
             prompt_tokens=row.get("prompt_tokens"),
             completion_tokens=row.get("completion_tokens"),
@@ -160,6 +210,18 @@ class Trace:
         )
 
 
+def json_values(row: dict[str, Any]) -> dict[str, Any]:
+    """The ``arrow.json`` columns of a pyarrow row (JSON text) as Python objects."""
+    out = {"tools": decode_tools(row["tools"])} if "tools" in row else {}
+    if "reference" in row:
+        out["reference"] = _decode(row["reference"])
+    return out
+
+
+def _decode(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
 def _flat_fields(obj: Verdict | Lineage) -> dict[str, Any]:
     # Verdict and Lineage hold only scalars: a shallow copy is their row. asdict's
     # recursive deep copy was half the cost of Trace.to_row (~15 us a trace).
@@ -167,7 +229,8 @@ def _flat_fields(obj: Verdict | Lineage) -> dict[str, Any]:
 
 
 def normalize_message(m: dict[str, Any]) -> dict[str, Any]:
-    """A message with every schema field present (missing ones null), flat tool calls."""
+    """A message with every schema field present (missing ones null) and tool calls in
+    the OpenAI form (flat ones nested, object arguments as JSON text)."""
     role = m.get("role")
     if role not in ROLES:
         raise MessageError(f"message role must be one of {', '.join(ROLES)}, got {role!r}")
@@ -176,7 +239,7 @@ def normalize_message(m: dict[str, Any]) -> dict[str, Any]:
         "role": role,
         "content": m.get("content"),
         "reasoning_content": m.get("reasoning_content"),
-        "tool_calls": None if not calls else [_flat_call(c) for c in calls],
+        "tool_calls": None if not calls else [_call(c) for c in calls],
         "tool_call_id": m.get("tool_call_id"),
     }
 
@@ -185,50 +248,35 @@ def compact_message(m: dict[str, Any]) -> dict[str, Any]:
     """A message without null fields (what chat templates and APIs expect)."""
     out = {k: v for k, v in m.items() if v is not None}
     if "tool_calls" in out:
-        out["tool_calls"] = [dict(c) for c in out["tool_calls"]] or None
-        if out["tool_calls"] is None:
+        calls = [_call(c) for c in out["tool_calls"]]  # copies (and nests a flat call)
+        if calls:
+            out["tool_calls"] = calls
+        else:
             del out["tool_calls"]
     return out
 
 
-def _flat_call(c: dict[str, Any]) -> dict[str, Any]:
-    if "function" in c:  # OpenAI nested form
-        fn = c["function"]
-        args = fn.get("arguments")
-        return {
-            "id": c.get("id"),
-            "name": fn.get("name"),
-            "arguments": args if isinstance(args, str) or args is None else json.dumps(args),
-        }
-    args = c.get("arguments")
-    return {
-        "id": c.get("id"),
-        "name": c.get("name"),
-        "arguments": args if isinstance(args, str) or args is None else json.dumps(args),
-    }
+def tool_call(call_id: str | None, name: str | None, arguments: Any) -> dict[str, Any]:
+    """One tool call in the OpenAI form; ``arguments`` as JSON text (an object is
+    encoded, a string is kept as the model wrote it, valid JSON or not)."""
+    if not (isinstance(arguments, str) or arguments is None):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _call(c: dict[str, Any]) -> dict[str, Any]:
+    fn = c.get("function") if isinstance(c.get("function"), dict) else c  # flat: schema 1
+    return tool_call(c.get("id"), fn.get("name"), fn.get("arguments"))
 
 
 def to_openai(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages in the OpenAI API form (nested tool calls), nulls dropped."""
-    out = []
-    for m in messages:
-        m = compact_message(normalize_message(m))
-        if "tool_calls" in m:
-            m["tool_calls"] = [
-                {
-                    "id": c["id"],
-                    "type": "function",
-                    "function": {"name": c["name"], "arguments": c["arguments"]},
-                }
-                for c in m["tool_calls"]
-            ]
-        out.append(m)
-    return out
-
-
-def from_openai(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages in our flat form from the OpenAI API form, nulls dropped."""
+    """Messages as the OpenAI API takes them: the one form, every field checked, nulls
+    dropped (flat tool calls of older code are nested)."""
     return [compact_message(normalize_message(m)) for m in messages]
+
+
+# the API form is ours: reading a request's messages is the same normalisation
+from_openai = to_openai
 
 
 def drop_old_reasoning(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

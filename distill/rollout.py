@@ -184,14 +184,15 @@ def turn_budget_warning(domain: Domain, tasks: list[Task], max_turns: int) -> st
 
 def _run_tool(env: ToolEnv | None, call: dict[str, Any]) -> str:
     """The tool message content for one call; every failure is a string the model sees."""
-    if call.get("name") is None:
-        return f"error: invalid tool call JSON: {str(call.get('arguments'))[:200]}"
+    fn = call["function"]
+    if fn.get("name") is None:
+        return f"error: invalid tool call JSON: {str(fn.get('arguments'))[:200]}"
     if env is None:
         return "error: no tools are available in this task"
     try:
-        return str(env.execute(call["name"], call.get("arguments") or "{}"))
+        return str(env.execute(fn["name"], fn.get("arguments") or "{}"))
     except Exception as e:  # an environment should not raise; the episode must not die
-        return f"error: tool {call['name']!r} failed: {type(e).__name__}: {e}"
+        return f"error: tool {fn['name']!r} failed: {type(e).__name__}: {e}"
 
 
 def _trace(

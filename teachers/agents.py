@@ -82,7 +82,8 @@ class _Replay:
             self.calls += 1
             if self.calls > MAX_CALLS:
                 return f"too many tool calls (more than {MAX_CALLS})"
-            result = self.env.call(str(c.get("name")), c.get("arguments"))
+            fn = c["function"]
+            result = self.env.call(str(fn.get("name")), fn.get("arguments"))
             if result.status == "invalid":
                 return f"{result.content.removeprefix('error: ')[:160]} (call {self.calls})"
             self.pending.add(c.get("id"))
@@ -132,7 +133,7 @@ def verify_trajectory(
             raise ValueError("needs one answer per turn")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"agents: malformed task reference ({type(e).__name__}: {e})") from None
-    try:  # records may hold OpenAI nested tool calls or dict arguments
+    try:  # the OpenAI form; dict arguments of records become JSON text
         messages = from_openai(messages)
     except (ValueError, TypeError, AttributeError) as e:
         return Verdict.fail(f"malformed conversation: {e}")

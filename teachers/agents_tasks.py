@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from distill.errors import UserError
+from distill.messages import tool_call
 from teachers.toolenv import BankEnv
 
 SYSTEM_PROMPT = "Use the tools. End with 'Answer: <value>'."
@@ -26,16 +27,16 @@ class Script:
 
     def call(self, reasoning: str, *calls: tuple[str, dict[str, Any]]) -> list[str]:
         """One assistant message with ``calls``, then their tool results."""
-        flat = []
+        made = []
         for name, args in calls:
             self.n_calls += 1
-            flat.append({"id": f"call_{self.n_calls}", "name": name, "arguments": json.dumps(args)})
+            made.append(tool_call(f"call_{self.n_calls}", name, json.dumps(args)))
         self.messages.append(
-            {"role": "assistant", "reasoning_content": reasoning, "tool_calls": flat}
+            {"role": "assistant", "reasoning_content": reasoning, "tool_calls": made}
         )
         results = []
-        for c in flat:
-            results.append(self.env.execute(c["name"], c["arguments"]))
+        for c in made:
+            results.append(self.env.execute(c["function"]["name"], c["function"]["arguments"]))
             self.messages.append({"role": "tool", "tool_call_id": c["id"], "content": results[-1]})
         return results
 

@@ -39,7 +39,13 @@ SCRIPT = [
         "role": "assistant",
         "content": "",
         "reasoning_content": "use the tool",
-        "tool_calls": [{"id": "call_0", "name": "add", "arguments": json.dumps({"a": 2, "b": 3})}],
+        "tool_calls": [
+            {
+                "id": "call_0",
+                "type": "function",
+                "function": {"name": "add", "arguments": json.dumps({"a": 2, "b": 3})},
+            }
+        ],
     },
     {"role": "tool", "tool_call_id": "call_0", "content": "5"},
     {"role": "assistant", "content": "5", "reasoning_content": "the tool said 5"},

@@ -144,21 +144,21 @@ def test_oracle_tool_results_are_what_a_fresh_environment_returns():
         env, msgs = DOMAIN.environment(t), DOMAIN.oracle(t)
         results = {m["tool_call_id"]: m["content"] for m in msgs if m["role"] == "tool"}
         for c in calls(msgs):
-            assert env.execute(c["name"], c["arguments"]) == results[c["id"]]
+            fn = c["function"]
+            assert env.execute(fn["name"], fn["arguments"]) == results[c["id"]]
         assert env.state() == t.reference["final_state"]
 
 
 def mutate_call(msgs, **change):
     msgs = copy.deepcopy(msgs)
-    c = calls(msgs)[0]
-    c.update(change)
+    calls(msgs)[0]["function"].update(change)
     return msgs
 
 
 def test_wrong_argument_fails_on_the_final_state():
     t = first(lambda t: ops(t) == ["transfer"])
     msgs = DOMAIN.oracle(t)
-    args = json.loads(calls(msgs)[0]["arguments"])
+    args = json.loads(calls(msgs)[0]["function"]["arguments"])
     args["amount"] -= 1
     v = DOMAIN.verify(t, mutate_call(msgs, arguments=json.dumps(args)))
     assert not v.passed and v.reason.startswith(f"final state wrong: balance of {args['from']} is")
@@ -219,7 +219,8 @@ def test_extra_mutating_call_and_missing_tool_result_fail():
     msgs = DOMAIN.oracle(t)
     a = t.meta["ops"][0]["a"]
     extra = copy.deepcopy(msgs)
-    calls(extra)[0]["name"], calls(extra)[0]["arguments"] = (
+    fn = calls(extra)[0]["function"]
+    fn["name"], fn["arguments"] = (
         "deposit",
         json.dumps({"account": a, "amount": 1}),
     )

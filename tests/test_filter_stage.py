@@ -10,7 +10,7 @@ import pytest
 
 from distill.errors import UserError
 from distill.filter.stage import DONE, DROPPED, run
-from distill.messages import Trace, Verdict
+from distill.messages import Trace, Verdict, tool_call
 from distill.recipe.schema import validate
 from distill.shards import ShardWriter, iter_traces, read_manifest
 from distill.stages import run_stage
@@ -80,7 +80,7 @@ def _planted(tasks, eval_task, logic_eval=None):
         _trace("leak", eval_task),
     ]
     bad_tool = _trace("badtool", t[7], reasoning="call it")
-    bad_tool.messages[-1]["tool_calls"] = [{"id": "c1", "name": "calc", "arguments": "{oops"}]
+    bad_tool.messages[-1]["tool_calls"] = [tool_call("c1", "calc", "{oops")]
     rows.append(bad_tool)
     if logic_eval is not None:  # a logic eval question inside a (correct) math trace
         cross = _trace("crossleak", t[8], extra=_filler(4, 12))

@@ -13,7 +13,7 @@ from distill.filter.steps import (
     select,
     trace_tokens,
 )
-from distill.messages import Trace, Verdict
+from distill.messages import Trace, Verdict, tool_call
 
 
 def _t(id_, task="a", reasoning="think", content="\\boxed{1}", passed=True, tokens=None, **kw):
@@ -41,11 +41,11 @@ def test_malformed_reasons():
     assert malformed_reason(_t("x", content="  ")) == "no_answer"
     assert malformed_reason(_t("x", reasoning="")) == "no_reasoning"
     assert malformed_reason(_t("x", reasoning=""), require_reasoning=False) is None
-    bad = [{"id": "c", "name": "f", "arguments": "{not json"}]
+    bad = [tool_call("c", "f", "{not json")]
     assert malformed_reason(_t("x", tool_calls=bad)) == "bad_tool_call"
-    nameless = [{"id": "c", "name": "", "arguments": "{}"}]
+    nameless = [tool_call("c", "", "{}")]
     assert malformed_reason(_t("x", tool_calls=nameless)) == "bad_tool_call"
-    good = [{"id": "c", "name": "f", "arguments": '{"a": 1}'}]
+    good = [tool_call("c", "f", '{"a": 1}')]
     assert malformed_reason(_t("x", tool_calls=good)) is None
     no_turn = Trace(id="x", task_id="a", domain="math", messages=[{"role": "user", "content": "q"}])
     assert malformed_reason(no_turn) == "no_answer"

@@ -10,7 +10,13 @@ def test_our_format_with_reasoning_and_tool_call():
     m = parse_assistant(text)
     assert m["reasoning_content"] == "add them"
     assert m["content"] == "ok"
-    assert m["tool_calls"] == [{"id": "call_0", "name": "add", "arguments": '{"a": 1, "b": 2}'}]
+    assert m["tool_calls"] == [
+        {
+            "id": "call_0",
+            "type": "function",
+            "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'},
+        }
+    ]
 
 
 def test_plain_answer_and_eos_stripped():
@@ -29,8 +35,8 @@ def test_qwen_style_several_calls_and_offset():
     m = parse_assistant(text, call_offset=3)
     assert m["content"] == "I'll call two tools."
     assert [c["id"] for c in m["tool_calls"]] == ["call_3", "call_4"]
-    assert [c["name"] for c in m["tool_calls"]] == ["get", "put"]
-    assert json.loads(m["tool_calls"][1]["arguments"]) == {"k": 1}
+    assert [c["function"]["name"] for c in m["tool_calls"]] == ["get", "put"]
+    assert json.loads(m["tool_calls"][1]["function"]["arguments"]) == {"k": 1}
 
 
 def test_think_closed_without_opening_tag():
@@ -48,10 +54,11 @@ def test_truncated_reasoning_is_reasoning_not_content():
 
 def test_unparsable_tool_call_kept_with_raw_arguments():
     m = parse_assistant('<tool_call>{"name": "add", "arguments": {"a": 1,</tool_call>')
+    raw = '{"name": "add", "arguments": {"a": 1,'
     assert m["tool_calls"] == [
-        {"id": "call_0", "name": None, "arguments": '{"name": "add", "arguments": {"a": 1,'}
+        {"id": "call_0", "type": "function", "function": {"name": None, "arguments": raw}}
     ]
     # valid JSON but no name: also unparsable as a call
     m = parse_assistant('<tool_call>[1, 2]</tool_call><tool_call>{"name": "f"')
-    assert [c["name"] for c in m["tool_calls"]] == [None, None]
-    assert m["tool_calls"][1]["arguments"] == '{"name": "f"'
+    assert [c["function"]["name"] for c in m["tool_calls"]] == [None, None]
+    assert m["tool_calls"][1]["function"]["arguments"] == '{"name": "f"'

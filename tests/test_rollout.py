@@ -5,7 +5,7 @@ import torch
 from gen_fixtures import AddDomain, add_task, taught_model_dir
 
 from distill.backends import Sampling, make_backend
-from distill.messages import TRACE_SCHEMA
+from distill.messages import rows_table
 from distill.rollout import rollout
 from teachers.base import Task, get_domain
 
@@ -28,17 +28,16 @@ def test_multi_turn_tool_episode_with_followup(backend):
     roles = [m["role"] for m in tr.messages]
     assert roles == ["user", "assistant", "tool", "assistant", "user", "assistant"]
     call = tr.messages[1]["tool_calls"][0]
-    assert call["name"] == "add" and tr.messages[2]["tool_call_id"] == call["id"]
+    assert call["type"] == "function" and call["function"]["name"] == "add"
+    assert tr.messages[2]["tool_call_id"] == call["id"]
     assert tr.messages[2]["content"] == "5"  # computed by the environment, not the model
-    assert dom.envs[0].calls == [("add", call["arguments"])]
+    assert dom.envs[0].calls == [("add", call["function"]["arguments"])]
     assert tr.messages[-1]["content"] == "10"
     assert tr.finish_reason == "stop" and tr.id == "t0-s0"
     assert tr.completion_tokens > 20 and tr.prompt_tokens > 0
     assert tr.lineage.teacher_model == backend.name and tr.lineage.teacher_revision
-    TRACE_SCHEMA.empty_table()  # the row must fit the Arrow schema
-    import pyarrow as pa
 
-    pa.Table.from_pylist([tr.to_row()], schema=TRACE_SCHEMA)
+    rows_table([tr.to_row()])  # the row fits the Arrow schema
 
 
 def test_turn_limit_and_token_budget(backend):
@@ -73,19 +72,21 @@ def test_batched_episodes_of_different_lengths_and_samples(backend):
 
 def test_unparsable_tool_call_becomes_tool_error():
     """A random model's tool-call JSON is garbage: the episode gets an error message."""
+    from distill.messages import tool_call
     from distill.rollout import _run_tool
 
-    assert _run_tool(None, {"id": "call_0", "name": None, "arguments": "{oops"}).startswith(
+    assert _run_tool(None, tool_call("call_0", None, "{oops")).startswith(
         "error: invalid tool call JSON"
     )
     assert "unknown tool" in _run_tool(
-        AddDomain().environment(add_task()), {"name": "mul", "arguments": "{}"}
+        AddDomain().environment(add_task()), tool_call("c", "mul", "{}")
     )
 
 
 def test_agents_bank_environment_answers_the_oracle_calls():
     """The rollout's tool path against the real agents environment: the oracle's calls
     give the oracle's tool results; bad calls give error strings, not exceptions."""
+    from distill.messages import tool_call
     from distill.rollout import _run_tool
     from teachers.base import get_domain
 
@@ -97,10 +98,8 @@ def test_agents_bank_environment_answers_the_oracle_calls():
     for m in oracle:
         for call in m.get("tool_calls") or []:
             assert _run_tool(env, call) == results[call["id"]]
-    assert _run_tool(env, {"name": "balance", "arguments": "{bad"}).startswith("error")
-    assert _run_tool(env, {"name": None, "arguments": "{bad"}).startswith(
-        "error: invalid tool call JSON"
-    )
+    assert _run_tool(env, tool_call("c", "balance", "{bad")).startswith("error")
+    assert _run_tool(env, tool_call("c", None, "{bad")).startswith("error: invalid tool call JSON")
 
 
 def test_turn_budget_warning_counts_the_tasks_a_turn_limit_cuts_short():

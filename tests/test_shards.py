@@ -10,7 +10,7 @@ import os
 import datasets
 import pytest
 
-from distill.messages import SCHEMA_VERSION, Lineage, Trace, Verdict
+from distill.messages import SCHEMA_VERSION, Lineage, Trace, Verdict, tool_call
 from distill.shards import (
     MANIFEST,
     ShardError,
@@ -36,7 +36,7 @@ def make_trace(i: int, text: int = 200) -> Trace:
             {
                 "role": "assistant",
                 "reasoning_content": f"think {i}",
-                "tool_calls": [{"id": f"c{i}", "name": "calc", "arguments": '{"a": 1}'}],
+                "tool_calls": [tool_call(f"c{i}", "calc", '{"a": 1}')],
             },
             {"role": "tool", "tool_call_id": f"c{i}", "content": "2"},
             {"role": "assistant", "reasoning_content": "so", "content": f"answer {i}"},
@@ -83,9 +83,9 @@ def test_shards_growing_and_shrinking_keep_exact_bytes_and_checksums(tmp_path):
 
 
 def test_byte_bound_is_on_the_encoded_file(tmp_path):
-    m = write(tmp_path, 30, max_rows=1000, max_bytes=6000)
+    m = write(tmp_path, 30, max_rows=1000, max_bytes=8000)
     sizes = [(tmp_path / s["file"]).stat().st_size for s in m["shards"]]
-    assert len(sizes) > 3 and max(sizes) <= 6000
+    assert len(sizes) > 3 and max(sizes) <= 8000
     assert m["rows"] == 30 and read_table(tmp_path).column("id").to_pylist() == [
         f"t{i}" for i in range(30)
     ]
@@ -197,7 +197,8 @@ def test_datasets_reads_shards_unchanged(tmp_path):
     cache = str(tmp_path / "hf_cache")
     ds = datasets.load_dataset("arrow", data_files=files, split="train", cache_dir=cache)
     assert ds.num_rows == 12 and ds[3]["id"] == "t3"
-    assert ds[2]["messages"][2]["tool_calls"][0]["name"] == "calc"
+    assert ds[2]["messages"][2]["tool_calls"][0]["function"]["name"] == "calc"
+    assert ds[2]["reference"] == {"answer": 2}  # arrow.json: datasets decodes it
     one = datasets.Dataset.from_file(files[0])
     assert one.num_rows == 5 and one[4]["messages"][4]["reasoning_content"] == "so"
     ours = load_dataset(tmp_path)

@@ -26,7 +26,13 @@ def tool_trace() -> list[dict]:
             "role": "assistant",
             "reasoning_content": "I should call the calculator.",
             "content": "",
-            "tool_calls": [{"id": "c1", "name": "calc", "arguments": json.dumps({"expr": "12*7"})}],
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "calc", "arguments": json.dumps({"expr": "12*7"})},
+                }
+            ],
         },
         {"role": "tool", "tool_call_id": "c1", "content": "84"},
         {"role": "assistant", "reasoning_content": "The tool said 84.", "content": "12 * 7 = 84."},

@@ -19,7 +19,7 @@ import httpx
 from distill.backends import Completion, Sampling, mix_seed
 from distill.chat.parse import parse_assistant
 from distill.errors import UserError
-from distill.messages import drop_old_reasoning, to_openai
+from distill.messages import drop_old_reasoning, to_openai, tool_call
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -177,8 +177,9 @@ def completions_of(response: dict[str, Any], n: int) -> list[Completion]:
 
 
 def message_of(m: dict[str, Any]) -> dict[str, Any]:
-    """A response message in our flat form; raw ``<think>``/``<tool_call>`` text (a server
-    without reasoning or tool parsers) is parsed like local output."""
+    """A response message (the OpenAI form, arguments as JSON text); raw ``<think>`` or
+    ``<tool_call>`` text (a server without reasoning or tool parsers) is parsed like
+    local output."""
     content = m.get("content") or ""
     reasoning = m.get("reasoning_content") or m.get("reasoning")
     calls = m.get("tool_calls") or []
@@ -193,11 +194,11 @@ def message_of(m: dict[str, Any]) -> dict[str, Any]:
         msg["reasoning_content"] = reasoning
     if calls:
         msg["tool_calls"] = [
-            {
-                "id": c.get("id"),
-                "name": (c.get("function") or {}).get("name"),
-                "arguments": (c.get("function") or {}).get("arguments") or "{}",
-            }
+            tool_call(
+                c.get("id"),
+                (c.get("function") or {}).get("name"),
+                (c.get("function") or {}).get("arguments") or "{}",
+            )
             for c in calls
         ]
     return msg

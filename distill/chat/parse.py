@@ -1,11 +1,11 @@
-"""Generated assistant text -> one assistant message (flat tool calls).
+"""Generated assistant text -> one assistant message (OpenAI tool calls).
 
 Reads our chat format and the Hermes/Qwen one alike::
 
     <think>reasoning</think>content<tool_call>{"name": ..., "arguments": {...}}</tool_call><|end|>
 
 Tool calls that are not valid JSON do not raise: they stay in the message as a call with
-``name`` None and the raw text as ``arguments``, so a rollout can answer them with a tool
+``function.name`` None and the raw text as ``function.arguments``, so a rollout can answer them with a tool
 error the model sees and the filter can drop the trace.
 """
 
@@ -15,6 +15,8 @@ import json
 import re
 from collections.abc import Iterable
 from typing import Any
+
+from distill.messages import tool_call
 
 THINK, END_THINK = "<think>", "</think>"
 CALL, END_CALL = "<tool_call>", "</tool_call>"
@@ -42,20 +44,20 @@ def strip_end(text: str, eos: Iterable[str] = ()) -> str:
 
 
 def parse_tool_call(raw: str, call_id: str) -> dict[str, Any]:
-    """One flat tool call from the JSON between ``<tool_call>`` tags; never raises."""
+    """One OpenAI tool call from the JSON between ``<tool_call>`` tags; never raises."""
     try:
         obj = json.loads(raw)
     except (json.JSONDecodeError, RecursionError):
-        return {"id": call_id, "name": None, "arguments": raw.strip()}
+        return tool_call(call_id, None, raw.strip())
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        return {"id": call_id, "name": None, "arguments": raw.strip()}
+        return tool_call(call_id, None, raw.strip())
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):  # some models emit arguments as a JSON string
         try:
             args = json.loads(args)
         except json.JSONDecodeError:
-            return {"id": call_id, "name": obj["name"], "arguments": args}
-    return {"id": call_id, "name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}
+            return tool_call(call_id, obj["name"], args)
+    return tool_call(call_id, obj["name"], json.dumps(args, ensure_ascii=False))
 
 
 def parse_assistant(text: str, *, call_offset: int = 0, eos: Iterable[str] = ()) -> dict[str, Any]:
@@ -63,7 +65,7 @@ def parse_assistant(text: str, *, call_offset: int = 0, eos: Iterable[str] = ())
 
     ``<think>...</think>`` becomes ``reasoning_content`` (a ``</think>`` without an opening
     tag, as when the prompt already opened it, counts everything before it); each
-    ``<tool_call>`` block becomes a flat tool call with id ``call_<k>`` where ``k`` counts
+    ``<tool_call>`` block becomes an OpenAI tool call with id ``call_<k>`` where ``k`` counts
     from ``call_offset``; the rest, stripped, is ``content``.
     """
     text = strip_end(text, eos)

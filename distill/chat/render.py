@@ -40,32 +40,26 @@ class RenderedExample:
 def template_messages(tokenizer, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Messages in the form the tokenizer's template expects.
 
-    Our template takes our flat tool calls as they are (arguments stay the exact JSON
-    string the model wrote). Other templates get the transformers convention: nested
-    ``function`` with ``arguments`` as a dict.
+    Our template takes the OpenAI form as it is (arguments stay the exact JSON string
+    the model wrote). Other templates get the transformers convention: ``arguments`` as
+    an object (Llama's templates, for one, cannot read a string there).
     """
     out = []
     ours = tokenizer.chat_template == CHAT_TEMPLATE
     for m in messages:
         m = compact_message(normalize_message(m))
         if "tool_calls" in m and not ours:
-            m["tool_calls"] = [
-                {
-                    "id": c.get("id"),
-                    "type": "function",
-                    "function": {"name": c["name"], "arguments": _args(c)},
-                }
-                for c in m["tool_calls"]
-            ]
+            for c in m["tool_calls"]:
+                c["function"]["arguments"] = _args(c["function"]["arguments"])
         out.append(m)
     return out
 
 
-def _args(call: dict[str, Any]) -> Any:
+def _args(text: str | None) -> Any:
     try:
-        return json.loads(call.get("arguments") or "{}")
+        return json.loads(text or "{}")
     except json.JSONDecodeError:
-        return call.get("arguments")
+        return text
 
 
 def render_text(tokenizer, messages, tools=None, add_generation_prompt: bool = False) -> str:

@@ -30,7 +30,8 @@ def assistant_text(trace: Trace) -> str:
         if m.get("role") != "assistant":
             continue
         parts += [m.get("reasoning_content") or "", m.get("content") or ""]
-        parts += [f"{c.get('name')} {c.get('arguments')}" for c in m.get("tool_calls") or []]
+        calls = [c["function"] for c in m.get("tool_calls") or []]
+        parts += [f"{f.get('name')} {f.get('arguments')}" for f in calls]
     return "\n".join(p for p in parts if p)
 
 
@@ -60,10 +61,11 @@ def malformed_reason(trace: Trace, require_reasoning: bool = True) -> str | None
     turns = [m for m in trace.messages if m.get("role") == "assistant"]
     for m in turns:
         for call in m.get("tool_calls") or []:
-            if not call.get("name"):
+            fn = call["function"]
+            if not fn.get("name"):
                 return "bad_tool_call"
             try:
-                json.loads(call.get("arguments") or "")
+                json.loads(fn.get("arguments") or "")
             except (json.JSONDecodeError, TypeError):
                 return "bad_tool_call"
     if not turns or not (turns[-1].get("content") or "").strip():

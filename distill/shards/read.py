@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from distill.errors import UserError
-from distill.messages import SCHEMA_VERSION, TRACE_SCHEMA, Trace
+from distill.messages import SCHEMA_VERSION, Trace, rows_table
 
 MANIFEST = "_manifest.json"
 
@@ -47,8 +47,11 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
         raise ShardError(f"{path}: corrupt manifest (no shard list)")
     if manifest.get("schema_version") != SCHEMA_VERSION:
+        # version 1 held flat tool calls and tools as a JSON string: rewriting is cheaper
+        # than two readers
         raise ShardError(
-            f"{path}: schema version {manifest.get('schema_version')}, expected {SCHEMA_VERSION}"
+            f"{path}: shards of schema version {manifest.get('schema_version')}, this distill "
+            f"reads {SCHEMA_VERSION}: rerun `distill generate` (and the stages after it)"
         )
     for s in manifest["shards"]:
         if not isinstance(s, dict) or not {"file", "rows", "bytes", "sha256"} <= s.keys():
@@ -93,7 +96,7 @@ def read_table(directory: str | Path, verify: bool = False) -> pa.Table:
     """
     tables = [read_shard(p, verify) for p in shard_files(directory, verify)]
     if not tables:
-        return TRACE_SCHEMA.empty_table()
+        return rows_table([])
     return pa.concat_tables(tables)
 
 
@@ -123,7 +126,7 @@ def take(directory: str | Path, indices: Sequence[int]) -> pa.Table:
     if k < len(order):
         raise IndexError(f"{d}: row {indices[order[k]]} out of range ({starts[-1]} rows)")
     if not pieces:
-        return TRACE_SCHEMA.empty_table()
+        return rows_table([])
     by_position = pa.concat_tables(pieces)
     inverse = [0] * len(order)
     for pos, i in enumerate(order):
@@ -145,5 +148,5 @@ def load_dataset(directory: str | Path, verify: bool = False):
 
     files = [str(p) for p in shard_files(directory, verify)]
     if not files:
-        return datasets.Dataset(TRACE_SCHEMA.empty_table())
+        return datasets.Dataset(rows_table([]))
     return datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])

@@ -17,6 +17,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from distill.messages import json_values
 from distill.shards import MANIFEST, ShardError, read_manifest, read_shard, read_table, shard_files
 
 FORMATS = ("jsonl", "parquet")
@@ -124,7 +125,8 @@ def render_row(row: dict[str, Any], title: str, width: int = 400) -> Panel:
         if m.get("content"):
             parts.append(Text(cut(m["content"])))
         for c in m.get("tool_calls") or []:
-            parts.append(Text(f"→ {c['name']}({cut(c['arguments'])})", style="magenta"))
+            fn = c["function"]
+            parts.append(Text(f"→ {fn['name']}({cut(fn['arguments'])})", style="magenta"))
     return Panel(Group(*parts), title=title, title_align="left")
 
 
@@ -156,6 +158,7 @@ def export(path: str | Path, fmt: str, out: str | Path) -> int:
             for f in track(files, f"export {out.name}", unit="shards"):
                 for batch in read_shard(f).to_batches():
                     for row in batch.to_pylist():
+                        row.update(json_values(row))  # tools and reference as JSON, not text
                         fh.write(json.dumps(row, ensure_ascii=False) + "\n")
                         n += 1
     os.replace(tmp, out)

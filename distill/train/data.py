@@ -23,6 +23,7 @@ import numpy as np
 from distill.chat.render import RENDER_VERSION, encode_texts, trace_texts
 from distill.errors import UserError
 from distill.files import short_hash
+from distill.messages import decode_tools
 from distill.models import tokenizer_fingerprint
 from distill.shards import read_manifest, read_table
 
@@ -129,7 +130,7 @@ def _render_row(tokenizer, row: dict, shard_dir: Path) -> list:
     """A row's rendered examples (text, spans); a bad row is an error naming the trace
     and its shards."""
     try:
-        tools = json.loads(row["tools"]) if row["tools"] else None
+        tools = decode_tools(row["tools"]) or None
         return trace_texts(tokenizer, row["messages"], tools)
     except (UserError, ValueError, TypeError) as e:
         raise UserError(f"{shard_dir}: trace {row['id']}: {e}") from None
