@@ -92,13 +92,13 @@ def run_ours(
 
 
 def run_plain(
-    model, ps, new: int, batch: int, pad: int, eos: list[int], device: str, **kw
+    model, ps, new: int, batch: int, pad: int, eos: list[int], device: str, pad_to: int = 0, **kw
 ) -> tuple[float, int]:
     sync(device)
     t, count = time.perf_counter(), 0
     for i in range(0, len(ps), batch):
         chunk = ps[i : i + batch]
-        width = max(map(len, chunk))
+        width = max(pad_to, *map(len, chunk))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=True,
@@ -182,6 +182,9 @@ def main() -> None:
     ap.add_argument(
         "--eager-too", action="store_true", help="also time our dynamic-cache path on GPU"
     )
+    ap.add_argument(
+        "--profile", action="store_true", help="GPU: profile one decode step of ours (kernels)"
+    )
     ap.add_argument("--out", default=os.environ.get("BENCH_OUT", "bench/results/generate.json"))
     a = ap.parse_args()
     out, start, skip = Path(a.out), time.time(), set(a.skip.split(","))
@@ -200,6 +203,8 @@ def main() -> None:
     batches = [int(b) for b in a.batches.split(",")]
     for batch in batches:
         measure_ours(out, backend, ps, a, batch, bw)
+        if a.profile and backend.static is not None and batch == max(batches):
+            profile_step(out, backend, batch)
         if "plain" not in skip and time.time() - start < a.budget_s:
             n = min(len(ps), batch)
             secs, toks = run_plain(model, ps[:n], a.new, batch, pad, eos, a.device, **box)
@@ -212,41 +217,13 @@ def main() -> None:
                 tok_s=toks / secs,
             )
     big = max(batches)
-    if a.device.startswith("cuda") and "static" not in skip and time.time() - start < a.budget_s:
-        try:
-            # warm-up at the full length: the compiled graphs depend on the cache length
-            run_plain(
-                model,
-                ps[:big],
-                a.new,
-                big,
-                pad,
-                eos,
-                a.device,
-                cache_implementation="static",
-                **box,
-            )
-            secs, toks = run_plain(
-                model,
-                ps[:big],
-                a.new,
-                big,
-                pad,
-                eos,
-                a.device,
-                cache_implementation="static",
-                **box,
-            )
-            emit(
-                out,
-                what="generate_static_cache",
-                batch=big,
-                seconds=secs,
-                tokens=toks,
-                tok_s=toks / secs,
-            )
-        except Exception as e:  # a baseline that fails is reported, not fatal
-            emit(out, what="generate_static_cache", error=f"{type(e).__name__}: {str(e)[:300]}")
+    for batch in batches:
+        if (
+            a.device.startswith("cuda")
+            and "static" not in skip
+            and time.time() - start < a.budget_s
+        ):
+            measure_static_generate(out, model, ps, a, batch, pad, eos)
     if "cb" not in skip and time.time() - start < a.budget_s:
         try:
             secs, toks = run_cb(model, ps[:big], a.new, pad, eos, a.device)
@@ -260,6 +237,64 @@ def main() -> None:
             bench_serve(out, d, backend, a, big)
         except Exception as e:
             emit(out, what="serve_overhead", error=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def measure_static_generate(out: Path, model, ps, a, batch: int, pad: int, eos) -> None:
+    """transformers' `generate(cache_implementation="static")` (its decode step compiled
+    with CUDA graphs), warmed up on the timed shape: its compiled graphs depend on it, so
+    every batch is padded to the longest prompt (one shape, one compile: its best case)."""
+    box = dict(max_time=a.box_s) if a.box_s else {}
+    kw = dict(cache_implementation="static", pad_to=max(map(len, ps)), **box)
+    try:
+        run_plain(model, ps[-batch:], a.new, batch, pad, eos, a.device, **kw)
+        secs, toks = run_plain(model, ps, a.new, batch, pad, eos, a.device, **kw)
+        emit(out, what="generate_static_cache", batch=batch, seconds=secs, tokens=toks,
+             tok_s=toks / secs)  # fmt: skip
+    except Exception as e:  # a baseline that fails is reported, not fatal
+        emit(
+            out,
+            what="generate_static_cache",
+            batch=batch,
+            error=f"{type(e).__name__}: {str(e)[:300]}",
+        )
+
+
+@torch.inference_mode()  # the buffers are inference tensors; the pieces were traced so
+def profile_step(out: Path, backend: HFBackend, batch: int, steps: int = 20) -> None:
+    """Where one decode step of ours spends its time: the step run eagerly (its compiled
+    pieces, no graph) under torch.profiler, kernels by GPU time; then the captured graph's
+    replay timed alone. Reuses the buffers of the last measured decode."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dec = backend.static
+    ((shape, buf),) = [(k, v) for k, v in dec.shapes.items() if k[0] == batch][-1:]
+    layers, rest = dec._params()
+    key, graph = next(iter(buf.graphs.items()))
+    rec = buf.records[key]
+    buf.step.fill_(64)  # any step whose column fits the buffers
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            dec._step(buf, layers, rest, key, rec)
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name, [0.0, 0])
+            k[0] += e.time_range.elapsed_us() / steps
+            k[1] += 1 / steps
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])
+    busy = sum(v[0] for v in kernels.values())
+    buf.step.fill_(64)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    emit(out, what="profile_step", batch=batch, shape=list(shape), sampling=list(key),
+         graph_step_us=1000 * start.elapsed_time(end) / steps, kernel_us_per_step=busy,
+         kernels_per_step=sum(v[1] for v in kernels.values()),
+         top=[dict(name=n[:90], us=round(v[0], 1), per_step=round(v[1], 1)) for n, v in top[:25]])  # fmt: skip
 
 
 def measure_ours(out: Path, backend: HFBackend, ps, a, batch: int, bw) -> None:

@@ -19,7 +19,7 @@ CONVS = [
     [{"role": "user", "content": "0123"}],
 ]
 SETTINGS = {
-    "nucleus": dict(temperature=1.0, top_p=0.8),
+    "nucleus": dict(temperature=1.0, top_p=0.8, topk_logprobs=2),  # both records at once
     "top_k": dict(temperature=0.7, top_k=5),
     "top_k_then_nucleus": dict(temperature=1.3, top_k=12, top_p=0.7),
     "untruncated": dict(temperature=0.9),
@@ -149,3 +149,62 @@ def test_static_path_records_the_same(backend, name):
     for x, y in zip(a, b, strict=True):
         assert x.prompt_ids == y.prompt_ids
         assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_graph_decodes_the_live_weights(model_dir):
+    """On the GPU the step is compiled and replayed as a CUDA graph holding the parameters'
+    addresses: an in-place update is decoded by the next call, which matches an uncompiled,
+    ungraphed decode of the same weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.backends.static_decode import StaticDecoder
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    fast = HFBackend.from_model(model, tok, batch_size=8)
+    ref = HFBackend.from_model(model, tok, batch_size=8, static=True)
+    ref.static = StaticDecoder(
+        model, pad_id=ref.pad_id, eos_ids=ref.eos_ids, compile=False, graphs=False
+    )
+    s = _sampling("top_k_then_nucleus", max_new_tokens=24)
+
+    def run(b):
+        return [c for row in b.complete(CONVS, [TOOLS, None, None], s, n=2) for c in row]
+
+    def same(a, b):
+        assert [c.token_ids for c in a] == [c.token_ids for c in b]
+        for x, y in zip(a, b, strict=True):
+            assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-4)
+
+    before = run(fast)
+    assert any(buf.graphs for buf in fast.static.shapes.values())  # a graph was replayed
+    same(before, run(ref))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    after = run(fast)
+    assert [c.token_ids for c in after] != [c.token_ids for c in before]
+    same(after, run(ref))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize(
+    ("temperature", "top_p", "top_k"), [(0.8, 1.0, 0), (1.0, 0.9, 0), (0.7, 1.0, 50), (0.0, 1.0, 0)]
+)
+def test_compiled_sampler_matches_eager_on_gpu(temperature, top_p, top_k):
+    """The compiled sampler (one fused pass of counter-based noise) draws what the eager
+    one draws, over a real vocabulary."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(64, 151936, device="cuda", generator=g).mul_(3).bfloat16()
+    seeds = torch.arange(64, device="cuda") * 1_000_003
+    ids = torch.arange(151936, device="cuda")
+    step = torch.full((1,), 9, device="cuda")
+    args = (temperature, top_p, top_k, True)
+    want = draw(logits, seeds, 9, *args)
+    got = torch.compile(draw, dynamic=False, fullgraph=True)(logits, seeds, step, *args, ids)
+    assert torch.equal(want[0], got[0])
+    assert torch.allclose(want[1], got[1], atol=1e-4)
+    assert (want[2] is None) == (got[2] is None)
+    if want[2] is not None:
+        assert torch.equal(want[2], got[2])

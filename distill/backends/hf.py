@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from distill.chat.render_python import render_spans
 from distill.chat.template import ASSISTANT, CHAT_TEMPLATE
 from distill.errors import UserError
 from distill.messages import drop_old_reasoning, to_openai
+
+log = logging.getLogger(__name__)
 
 SMALL_MODEL = 20_000_000  # parameters under which CPU decoding uses one thread
 
@@ -66,6 +69,9 @@ class HFBackend:
         """``static``: decode with a static cache and CUDA graphs (default: on GPU)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from distill.dsa import register
+
+        register()  # a DSA student's model type (distill/dsa/)
         d = Path(model_dir)
         if not (d / "config.json").is_file():
             raise UserError(f"{d}: not a model directory (no config.json)")
@@ -100,7 +106,8 @@ class HFBackend:
         """Wrap a live model and its tokenizer, copying nothing: every decode reads the
         current parameters, so after an (in-place) optimizer step the next call samples
         from the new weights. A model in train mode is decoded in eval mode and handed
-        back in train mode."""
+        back in train mode. Pass the model itself, not a DDP or FSDP wrapper: the static
+        path reads whole parameters."""
         self = cls.__new__(cls)
         self._setup(
             model, tokenizer, name=name, revision=None, batch_size=batch_size, static=static
@@ -138,16 +145,20 @@ class HFBackend:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.static = None
         if static if static is not None else self.device.type == "cuda":
+            from distill.backends.llama_decode import supported
             from distill.backends.static_decode import StaticDecoder
 
             # on GPU a step costs the same for 1 row or 256: keep shapes fixed and graph it
-            self.static = StaticDecoder(
-                model,
-                pad_id=self.pad_id,
-                eos_ids=self.eos_ids,
-                compile=self.device.type == "cuda",
-                cache_kw=self._cache_kw,
-            )
+            if supported(model):
+                self.static = StaticDecoder(
+                    model,
+                    pad_id=self.pad_id,
+                    eos_ids=self.eos_ids,
+                    compile=self.device.type == "cuda",
+                )
+            else:
+                log.warning("%s: %s is decoded with a dynamic cache (no static path for it)",
+                            name, type(model).__name__)  # fmt: skip
 
     def _eos_ids(self) -> list[int]:
         ids: set[int] = set()
@@ -316,9 +327,9 @@ class HFBackend:
         lp = lp.tolist() if lp is not None else None
         kept = [[t for t in ids if t >= 0] for ids in kept.tolist()] if kept is not None else None
         if sampling.topk_logprobs:
-            lp = logits.log_softmax(-1)
-            top_v, top_i = lp.topk(sampling.topk_logprobs, dim=-1)
-            chosen = lp.gather(-1, nxt[:, None])[:, 0].tolist()
+            lsm = logits.log_softmax(-1)
+            top_v, top_i = lsm.topk(sampling.topk_logprobs, dim=-1)
+            chosen = lsm.gather(-1, nxt[:, None])[:, 0].tolist()
             top_v, top_i = top_v.tolist(), top_i.tolist()
         for b, i in enumerate(live):
             r = rows[i]
@@ -346,6 +357,8 @@ class HFBackend:
         return any(s in tail for s in stops)
 
     def close(self) -> None:
+        if self.static is not None:
+            self.static.free()
         self.model = None  # type: ignore[assignment]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -78,6 +78,7 @@ def draw(
     top_p: float = 1.0,
     top_k: int = 0,
     record: bool = False,
+    vocab_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Next token per row [B]; with ``record`` also its log-probability [B] (fp32) under the
     sampling distribution and the kept set [B, K] (token ids, -1 where dropped; None when
@@ -87,6 +88,10 @@ def draw(
     Gumbel-max over softmax(logits / temperature), truncated to the ``top_k`` most likely
     tokens first, then to the nucleus of ``top_p`` (renormalised over the top-k), as vLLM
     and transformers order them.
+
+    ``vocab_ids`` (``arange(vocab)``) is for compiled callers: built inside a compiled
+    graph, inductor folds the ids into an index expression times a 64-bit constant, which
+    it miscompiles (seen on CPU, torch 2.13: wrong noise, then a crash); as data it is fine.
     """
     if temperature <= 0:
         tok = logits.argmax(-1)
@@ -116,7 +121,9 @@ def draw(
         drop = probs.cumsum(-1) - probs >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
-    tok = (scaled + _gumbel(uniform_noise(seeds, step, scaled.shape[-1]))).argmax(-1)
+    if vocab_ids is None:
+        vocab_ids = torch.arange(scaled.shape[-1], device=scaled.device)
+    tok = (scaled + _gumbel(hash_uniform(seeds, step, vocab_ids))).argmax(-1)
     if not record:
         return tok, None, None
     return tok, scaled.gather(-1, tok[:, None])[:, 0] - scaled.logsumexp(-1), None

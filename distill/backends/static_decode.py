@@ -1,153 +1,284 @@
-"""GPU decoding for the ``hf`` backend: a static KV cache and a CUDA-graphed decode step.
+"""GPU decoding for the ``hf`` backend: static KV buffers and one decode step (forward,
+sampling, bookkeeping) captured as a CUDA graph and replayed.
 
-Everything a decode step needs stays on the device with fixed shapes (the batch padded to
-``batch_size``, the cache length and the attention mask bucketed), so ``torch.compile``
-with ``mode="reduce-overhead"`` captures the step once and replays it; sampling runs on
-the device too, and the host checks for finished rows only every few steps.
+Everything a step needs sits in fixed buffers on the device (the batch padded to
+``batch_size``, the KV length bucketed), so the step is captured once per shape and
+sampling setting and then replayed: no Python, no launches, no host syncs inside; the
+host looks at the finished flags every ``CHECK_EVERY`` steps. The forward is
+:mod:`distill.backends.llama_decode` (the live parameters, packed-GQA attention), its two
+per-layer halves and the sampler compiled by ``torch.compile`` (one compiled function
+serves every layer); the sampler's counter-based noise over the vocabulary then costs one
+fused pass instead of a dozen [rows, vocab] int64 tensors.
+
+The graph holds the parameters' addresses: an in-place optimizer step is decoded by the
+next replay; parameters replaced by new tensors are noticed and the graphs recaptured.
 """
 
 from __future__ import annotations
 
-import torch
+import logging
 
+import torch
+import torch.nn.functional as F
+
+from distill.backends import llama_decode as L
 from distill.backends.sample import draw, kept_width
 
+log = logging.getLogger(__name__)
+
 CHECK_EVERY = 16  # steps between host syncs to see whether every row has finished
-MAX_CACHES = 4  # static caches kept, one per (batch, length) shape
+MAX_SHAPES = 2  # (batch, length) buffer sets kept; each holds a KV cache and its graphs
 
 
 def _bucket(n: int, size: int) -> int:
     return -(-n // size) * size
 
 
-class StaticDecoder:
-    """Decodes batches of rows (``hf._Row``) in place with a reusable static cache."""
+class _Buffers:
+    """The state of one (batch, length) shape, at fixed addresses."""
 
-    def __init__(
-        self,
-        model,
-        *,
-        pad_id: int,
-        eos_ids: list[int],
-        compile: bool = True,
-        cache_kw: str = "cache",
-    ):
+    def __init__(self, model, batch: int, length: int):
+        dev, dt = model.device, model.model.embed_tokens.weight.dtype
+        d = L.dims(model)
+
+        def z(*shape, dtype=torch.long):
+            return torch.zeros(shape, dtype=dtype, device=dev)
+
+        self.k = [z(batch, d.kv_heads, length, d.head_dim, dtype=dt) for _ in range(d.layers)]
+        self.v = [z(batch, d.kv_heads, length, d.head_dim, dtype=dt) for _ in range(d.layers)]
+        self.cos, self.sin = L.rope_tables(model, length, dev, dt)
+        self.valid = z(batch, length, dtype=torch.bool)  # KV columns a row attends to
+        self.tok = z(batch)  # the last sampled token: the next step's input
+        self.pos0 = z(batch, 1)  # position of a row's first generated token
+        self.width = z(1)  # prompt columns (left-padded)
+        self.step = z(1)  # the token being sampled
+        self.seeds, self.limits = z(batch), z(batch)
+        self.finished = z(batch, dtype=torch.bool)
+        self.tokens = z(batch, length)
+        self.vocab_ids = torch.arange(model.lm_head.weight.shape[0], device=dev)  # see draw()
+        self.records: dict[tuple, dict] = {}  # per sampling setting: what draw records
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+
+    def record_buffers(self, key: tuple, vocab: int) -> dict:
+        if key not in self.records:
+            temperature, top_p, top_k, record, top_n = key
+            b, n = self.tokens.shape
+            kw = kept_width(vocab, temperature, top_p, top_k, record)
+            z = self.tokens.new_zeros
+            self.records[key] = {
+                "logprobs": z((b, n), dtype=torch.float32) if record else None,
+                "kept": z((b, n, kw), dtype=torch.int32) if kw else None,
+                "top_v": z((b, n, top_n), dtype=torch.float32) if top_n else None,
+                "top_i": z((b, n, top_n)) if top_n else None,
+                "chosen": z((b, n), dtype=torch.float32) if top_n else None,
+            }
+        return self.records[key]
+
+
+def head(x, norm_w, eps, lm_w, lm_b, seeds, step, vocab_ids, temperature, top_p, top_k, record,
+         top_n):  # fmt: skip
+    """Final norm, logits and :func:`draw`; with ``top_n`` also the top-n log-probabilities
+    of the raw logits and the sampled token's."""
+    logits = F.linear(L.rms_norm(x, norm_w, eps), lm_w, lm_b)
+    tok, lp, kept = draw(logits, seeds, step, temperature, top_p, top_k, record, vocab_ids)
+    if not top_n:
+        return tok, lp, kept, None, None, None
+    lsm = logits.float().log_softmax(-1)
+    top_v, top_i = lsm.topk(top_n, dim=-1)
+    return tok, lp, kept, top_v, top_i, lsm.gather(-1, tok[:, None])[:, 0]
+
+
+class StaticDecoder:
+    """Decodes batches of rows (``hf._Row``) in place with reusable static buffers."""
+
+    def __init__(self, model, *, pad_id: int, eos_ids: list[int], compile: bool = True,
+                 graphs: bool | None = None):  # fmt: skip
+        if not L.supported(model):
+            raise ValueError(f"static decoding supports {L.FAMILY} models with full attention")
         self.model = model
-        self.cache_kw = cache_kw  # "past_key_values" before transformers 5.2x
         self.pad_id = pad_id
         self.eos = torch.tensor(eos_ids, device=model.device)
-        self.step_fn = (
-            torch.compile(model.forward, mode="reduce-overhead", dynamic=False)
+        self.use_graphs = model.device.type == "cuda" if graphs is None else graphs
+        wrap = (
+            (lambda f: torch.compile(f, dynamic=False, fullgraph=True))
             if compile
-            else model.forward
+            else (lambda f: f)
         )
-        self.caches: dict[tuple[int, int], object] = {}
+        self.attn_in, self.attn_out, self.head = wrap(L.attn_in), wrap(L.attn_out), wrap(head)
+        self.shapes: dict[tuple[int, int], _Buffers] = {}
+        self._addresses: tuple = ()
 
-    def _cache(self, batch: int, length: int):
-        from transformers import StaticCache
+    def _params(self) -> tuple[list[L.Layer], tuple]:
+        """The live parameters, read now; graphs captured on others are dropped."""
+        m = self.model
+        layers = L.layers(m)
+        rest = (m.model.embed_tokens.weight.detach(), m.model.norm.weight.detach(),
+                m.model.norm.variance_epsilon, m.lm_head.weight.detach(),
+                None if m.lm_head.bias is None else m.lm_head.bias.detach())  # fmt: skip
+        addresses = tuple(
+            t.data_ptr()
+            for t in (*rest, *(a for lw in layers for a in (*lw.attn_in, *lw.attn_out)))
+            if isinstance(t, torch.Tensor)
+        )
+        if addresses != self._addresses:
+            for buf in self.shapes.values():
+                buf.graphs.clear()
+            self._addresses = addresses
+        return layers, rest
 
+    def _buffers(self, batch: int, length: int) -> _Buffers:
         key = (batch, length)
-        if key in self.caches:
-            cache = self.caches.pop(key)
-            cache.reset()
+        if key in self.shapes:
+            self.shapes[key] = self.shapes.pop(key)  # most recently used last
         else:
-            # a captured graph keeps its cache's addresses: reuse caches, keep a few shapes
-            while len(self.caches) >= MAX_CACHES:
-                self.caches.pop(next(iter(self.caches)))
-            cache = StaticCache(config=self.model.config, max_cache_len=length)
-        self.caches[key] = cache  # most recently used last
-        return cache
+            while len(self.shapes) >= MAX_SHAPES:
+                self.shapes.pop(next(iter(self.shapes)))
+            self.shapes[key] = _Buffers(self.model, batch, length)
+        return self.shapes[key]
 
-    @torch.inference_mode()
+    def free(self) -> None:
+        """Drop every buffer and graph (the KV caches: GPU memory a trainer may want)."""
+        self.shapes.clear()
+
     def decode(self, rows: list, sampling, batch: int) -> None:
-        dev = self.model.device
+        """Decode ``rows`` (at most ``batch``) in place; call under inference mode."""
         steps = max(r.limit for r in rows)
         width = _bucket(max(len(r.prompt) for r in rows), 64)
-        total = _bucket(width + steps, 256)
+        buf = self._buffers(batch, _bucket(width + steps, 256))
+        layers, rest = self._params()
+        key = (sampling.temperature, sampling.top_p, sampling.top_k, sampling.sampler_logprobs,
+               sampling.topk_logprobs)  # fmt: skip
+        rec = buf.record_buffers(key, rest[3].shape[0])
+        x = self._prefill(buf, rows, batch, width, layers)
+        self._eager(self._sample, buf, x, rest, key, rec)  # step 0, from the prompt
+        graph = buf.graphs.get(key)
+        for step in range(1, steps):
+            if step % CHECK_EVERY == 0 and bool(buf.finished.all()):
+                break
+            if graph is not None:
+                graph.replay()
+            elif self.use_graphs and step >= 2:  # step 1 ran eagerly: compiled and warm
+                graph = self._capture(buf, layers, rest, key, rec)
+            else:
+                self._eager(self._step, buf, layers, rest, key, rec)
+        self._unpack(rows, buf, rec, steps)
+
+    def _eager(self, fn, *args) -> None:
+        """Run a step eagerly; if compiling it fails, say why and go on uncompiled (a
+        failed step is safe to redo: what it wrote before failing, it writes again)."""
+        try:
+            fn(*args)
+        except Exception as e:
+            if self.head is head:
+                raise
+            log.warning("torch.compile failed, decoding uncompiled: %s", str(e)[:500])
+            self.attn_in, self.attn_out, self.head = L.attn_in, L.attn_out, head
+            fn(*args)
+
+    def _capture(self, buf, layers, rest, key, rec):
+        """Capture one step as a CUDA graph (capturing runs nothing: replay it once)."""
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        try:
+            with torch.cuda.graph(graph):
+                self._step(buf, layers, rest, key, rec)
+        except RuntimeError as e:  # decode on, eagerly, and say why
+            log.warning("CUDA graph capture failed, decoding without graphs: %s", e)
+            self.use_graphs = False
+            self._step(buf, layers, rest, key, rec)
+            return None
+        buf.graphs[key] = graph
+        graph.replay()
+        return graph
+
+    def _prefill(self, buf: _Buffers, rows: list, batch: int, width: int, layers) -> torch.Tensor:
+        """Fill the KV buffers with the left-padded prompts; the last position's hidden state."""
         ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((batch, total), dtype=torch.long)
+        valid = torch.zeros((batch, width), dtype=torch.bool)
+        pos0 = torch.zeros((batch, 1), dtype=torch.long)
         for b in range(batch):
             prompt = rows[b].prompt if b < len(rows) else [self.pad_id]  # filler rows
             ids[b, width - len(prompt) :] = torch.tensor(prompt)
-            mask[b, width - len(prompt) :] = 1  # future slots: the causal mask hides them
-        ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
-        seeds = torch.tensor([r.seed for r in rows] + [0] * (batch - len(rows)), device=dev)
-        limits = torch.tensor([r.limit for r in rows] + [1] * (batch - len(rows)), device=dev)
-        cache = self._cache(batch, total)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            logits_to_keep=1,
-            **{self.cache_kw: cache},
-        )
-        logits = out.logits[:, -1].float()
-        tokens = torch.full((batch, steps), self.pad_id, dtype=torch.long, device=dev)
-        k = sampling.topk_logprobs
-        top_i = torch.zeros((batch, steps, max(k, 1)), dtype=torch.long, device=dev)
-        top_v = torch.zeros((batch, steps, max(k, 1)), device=dev)
-        chosen = torch.zeros((batch, steps), device=dev)
-        record = sampling.sampler_logprobs
-        kw = kept_width(
-            logits.shape[-1], sampling.temperature, sampling.top_p, sampling.top_k, record
-        )
-        lps = torch.zeros((batch, steps if record else 0), device=dev)
-        kept = torch.full((batch, steps if record else 0, kw), -1, dtype=torch.int32, device=dev)
-        finished = torch.zeros(batch, dtype=torch.bool, device=dev)
-        next_pos = pos[:, -1:] + 1
-        for step in range(steps):
-            nxt, lp, kp = draw(logits, seeds, step, sampling.temperature, sampling.top_p,
-                               sampling.top_k, record)  # fmt: skip
-            tokens[:, step] = nxt
-            if lp is not None:
-                lps[:, step] = lp
-            if kp is not None:
-                kept[:, step] = kp.to(torch.int32)
-            if k:
-                lp = logits.log_softmax(-1)
-                top_v[:, step], top_i[:, step] = lp.topk(k, dim=-1)
-                chosen[:, step] = lp.gather(-1, nxt[:, None])[:, 0]
-            finished |= torch.isin(nxt, self.eos) | (step + 1 >= limits)
-            if step + 1 == steps or (
-                step % CHECK_EVERY == CHECK_EVERY - 1 and bool(finished.all())
-            ):
-                break
-            out = self.step_fn(
-                input_ids=nxt[:, None].clone(), attention_mask=mask, position_ids=next_pos.clone(),
-                logits_to_keep=1, **{self.cache_kw: cache},
-            )  # fmt: skip
-            logits = out.logits[:, -1].float()
-            next_pos = next_pos + 1
-        self._unpack(rows, tokens.cpu(), top_i.cpu(), top_v.cpu(), chosen.cpu(), k)
-        if record:
-            _unpack_record(rows, lps.cpu(), kept.cpu() if kw else None)
+            valid[b, width - len(prompt) :] = True
+            pos0[b] = len(prompt)
+        dev = buf.tokens.device
+        buf.valid.zero_()
+        buf.valid[:, :width] = valid.to(dev)
+        buf.pos0.copy_(pos0)
+        buf.width.fill_(width)
+        buf.step.zero_()
+        buf.finished.zero_()
+        seeds = [r.seed for r in rows] + [0] * (batch - len(rows))
+        buf.seeds.copy_(torch.tensor(seeds))
+        buf.limits.copy_(torch.tensor([r.limit for r in rows] + [1] * (batch - len(rows))))
+        valid = buf.valid[:, :width]
+        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        x = F.embedding(ids.to(dev), self.model.model.embed_tokens.weight)
+        cos, sin = buf.cos[pos], buf.sin[pos]
+        causal = torch.ones((width, width), dtype=torch.bool, device=dev).tril()
+        # a padding query attends to itself: no row without a key (NaN K/V in the buffers)
+        eye = torch.eye(width, dtype=torch.bool, device=dev)
+        mask = ((causal & valid[:, None, :]) | eye)[:, None]
+        for i, lw in enumerate(layers):
+            q, k, v = L.attn_in(x, cos, sin, *lw.attn_in)
+            buf.k[i][:, :, :width] = k
+            buf.v[i][:, :, :width] = v
+            x = L.attn_out(x, q, k, v, mask, *lw.attn_out)
+        return x[:, -1].contiguous()  # the step's layout: one compiled head serves both
 
-    def _unpack(self, rows, tokens, top_i, top_v, chosen, k: int) -> None:
+    def _step(self, buf: _Buffers, layers, rest, key, rec) -> None:
+        """Forward the last sampled token of every row, then sample the next (the graph)."""
+        col = buf.width + buf.step - 1
+        pos = buf.pos0 + (buf.step - 1)
+        x = F.embedding(buf.tok[:, None], rest[0])
+        cos, sin = buf.cos[pos], buf.sin[pos]
+        buf.valid.index_fill_(1, col, True)
+        mask = buf.valid[:, None, None, :]
+        for i, lw in enumerate(layers):
+            q, k, v = self.attn_in(x, cos, sin, *lw.attn_in)
+            buf.k[i].index_copy_(2, col, k)
+            buf.v[i].index_copy_(2, col, v)
+            x = self.attn_out(x, q, buf.k[i], buf.v[i], mask, *lw.attn_out)
+        self._sample(buf, x[:, -1], rest, key, rec)
+
+    def _sample(self, buf: _Buffers, x, rest, key, rec) -> None:
+        """Sample token ``buf.step`` from the hidden states ``x`` and write it down."""
+        _, norm_w, eps, lm_w, lm_b = rest
+        tok, lp, kept, top_v, top_i, chosen = self.head(
+            x, norm_w, eps, lm_w, lm_b, buf.seeds, buf.step, buf.vocab_ids, *key
+        )
+        s = buf.step
+        buf.tokens.index_copy_(1, s, tok[:, None])
+        for name, val in (("logprobs", lp), ("kept", kept), ("top_v", top_v), ("top_i", top_i),
+                          ("chosen", chosen)):  # fmt: skip
+            if val is not None:
+                rec[name].index_copy_(1, s, val[:, None].to(rec[name].dtype))
+        buf.finished.logical_or_((tok[:, None] == self.eos).any(-1) | (s + 1 >= buf.limits))
+        buf.tok.copy_(tok)
+        buf.step.add_(1)
+
+    def _unpack(self, rows: list, buf: _Buffers, rec: dict, steps: int) -> None:
+        n = len(rows)
+        tokens = buf.tokens[:n, :steps].cpu()
+        out = {k: v[:n, :steps] for k, v in rec.items() if v is not None}
+        if "kept" in out:  # only as wide as the widest kept set
+            out["kept"] = out["kept"][:, :, : max(1, int((out["kept"] >= 0).sum(-1).max()))]
+        out = {k: v.cpu() for k, v in out.items()}
+        kept = out.get("kept")
         eos = set(self.eos.tolist())
         for b, r in enumerate(rows):
             seq = tokens[b, : r.limit].tolist()
             end = next((t + 1 for t, tok in enumerate(seq) if tok in eos), None)
             r.tokens = seq[: end or r.limit]
             r.ended = end is not None
-            if k:
+            m = len(r.tokens)
+            if "logprobs" in out:
+                r.logprobs = out["logprobs"][b, :m].tolist()
+            if kept is not None:
+                r.kept = [[t for t in ids if t >= 0] for ids in kept[b, :m].tolist()]
+            if "top_v" in out:
                 r.topk = [
-                    {
-                        "ids": top_i[b, t].tolist(),
-                        "logprobs": top_v[b, t].tolist(),
-                        "token": seq[t],
-                        "logprob": float(chosen[b, t]),
-                    }
-                    for t in range(len(r.tokens))
-                ]
-
-
-def _unpack_record(rows, lps, kept) -> None:
-    """Each row's sampler log-probabilities and kept sets (only as wide as the widest)."""
-    if kept is not None:
-        kept = kept[:, :, : max(1, int((kept >= 0).sum(-1).max()))]
-    for b, r in enumerate(rows):
-        n = len(r.tokens)
-        r.logprobs = lps[b, :n].tolist()
-        if kept is not None:
-            r.kept = [[t for t in ids if t >= 0] for ids in kept[b, :n].tolist()]
+                    {"ids": out["top_i"][b, t].tolist(), "logprobs": out["top_v"][b, t].tolist(),
+                     "token": seq[t], "logprob": float(out["chosen"][b, t])}
+                    for t in range(m)
+                ]  # fmt: skip

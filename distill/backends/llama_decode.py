@@ -1,0 +1,158 @@
+"""The forward pass of a Llama-family decoder (Llama, Qwen2, Qwen3) for decoding, written
+against the live model's own parameters and our own KV buffers.
+
+transformers' forward is what the dynamic-cache path runs; the static path runs this one
+because decoding one token per row wants what that forward does not give under
+``torch.compile``: the query heads of a KV group packed as rows of one attention call (the
+compiled transformers path repeats the KV cache for every query head, every step), no
+cache or mask objects whose Python state breaks a captured graph, and plain functions of
+tensors, so one compiled function serves every layer. Each function mirrors the
+transformers module it replaces op for op (same fp32 result on CPU), and reads the
+parameters in place: an optimizer step on the live model is seen by the next decode.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FAMILY = ("llama", "qwen2", "qwen3")
+
+
+def supported(model) -> bool:
+    """Whether this forward reproduces ``model``'s: a Llama-family model with SiLU MLPs,
+    full attention in every layer and whole (unsharded) parameters."""
+    c = model.config
+    if getattr(c, "model_type", None) not in FAMILY or getattr(c, "hidden_act", None) != "silu":
+        return False
+    if getattr(c, "use_sliding_window", False) or any(
+        t != "full_attention" for t in getattr(c, "layer_types", None) or []
+    ):
+        return False
+    base = getattr(model, "model", None)
+    if base is None or not all(
+        hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")
+    ):
+        return False
+    a = base.layers[0].self_attn
+    return a.k_proj.weight.shape == (c.num_key_value_heads * a.head_dim, c.hidden_size)
+
+
+class Layer(NamedTuple):
+    """One decoder layer's parameters (detached views: same storage as the model's)."""
+
+    attn_in: tuple  # arguments of attn_in after (x, cos, sin)
+    attn_out: tuple  # arguments of attn_out after (x, q, k, v, mask)
+
+
+class Dims(NamedTuple):
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+
+
+def dims(model) -> Dims:
+    c, a = model.config, model.model.layers[0].self_attn
+    return Dims(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+                a.head_dim, float(a.scaling))  # fmt: skip
+
+
+def _t(p: Tensor | None) -> Tensor | None:
+    return None if p is None else p.detach()
+
+
+def layers(model) -> list[Layer]:
+    """Every layer's parameters, read from the model now (so the live ones)."""
+    d = dims(model)
+    out = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+        qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)  # Qwen3
+        out.append(
+            Layer(
+                attn_in=(
+                    _t(ln1.weight), ln1.variance_epsilon,
+                    _t(a.q_proj.weight), _t(a.q_proj.bias),
+                    _t(a.k_proj.weight), _t(a.k_proj.bias),
+                    _t(a.v_proj.weight), _t(a.v_proj.bias),
+                    _t(qn.weight) if qn is not None else None,
+                    _t(kn.weight) if kn is not None else None,
+                    qn.variance_epsilon if qn is not None else 0.0,
+                    d.heads, d.kv_heads, d.head_dim,
+                ),
+                attn_out=(
+                    d.scaling, _t(a.o_proj.weight), _t(a.o_proj.bias),
+                    _t(ln2.weight), ln2.variance_epsilon,
+                    _t(m.gate_proj.weight), _t(m.gate_proj.bias),
+                    _t(m.up_proj.weight), _t(m.up_proj.bias),
+                    _t(m.down_proj.weight), _t(m.down_proj.bias),
+                ),
+            )
+        )  # fmt: skip
+    return out
+
+
+def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, D]; cos, sin [B, T, D]."""
+    cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def attn_in(
+    x, cos, sin, ln_w, eps, q_w, q_b, k_w, k_b, v_w, v_b, qn_w, kn_w, qk_eps, heads, kv_heads, hd
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Input norm, q/k/v projections (Qwen3's q/k norms) and rotary: q [B, H, T, D],
+    k and v [B, Hkv, T, D]."""
+    b, t, _ = x.shape
+    h = rms_norm(x, ln_w, eps)
+    q = F.linear(h, q_w, q_b).view(b, t, heads, hd)
+    k = F.linear(h, k_w, k_b).view(b, t, kv_heads, hd)
+    v = F.linear(h, v_w, v_b).view(b, t, kv_heads, hd).transpose(1, 2)
+    if qn_w is not None:
+        q, k = rms_norm(q, qn_w, qk_eps), rms_norm(k, kn_w, qk_eps)
+    return _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin), v
+
+
+def attn_out(
+    x, q, k, v, mask, scaling, o_w, o_b, ln_w, eps, gate_w, gate_b, up_w, up_b, down_w, down_b
+) -> Tensor:
+    """Attention of q [B, H, T, D] over k, v [B, Hkv, S, D] (mask [B, 1, T, S], True =
+    attend), output projection, residual, and the MLP block."""
+    b, heads, t, hd = q.shape
+    rep = heads // k.shape[1]
+    if t == 1:  # one new token: a KV group's query heads are the rows of one attention
+        a = F.scaled_dot_product_attention(
+            q.reshape(b, k.shape[1], rep, hd), k, v, attn_mask=mask, scale=scaling
+        )
+        a = a.reshape(b, 1, heads * hd)
+    else:
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+        a = a.transpose(1, 2).reshape(b, t, heads * hd)
+    x = x + F.linear(a, o_w, o_b)
+    h = rms_norm(x, ln_w, eps)
+    return x + F.linear(
+        F.silu(F.linear(h, gate_w, gate_b)) * F.linear(h, up_w, up_b), down_w, down_b
+    )
+
+
+def rope_tables(model, length: int, device, dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin [length, D] of positions 0..length-1 (what the model's rotary module gives
+    for each position: one product per entry, so gathering rows is exact)."""
+    pos = torch.arange(length, device=device)[None]
+    cos, sin = model.model.rotary_emb(torch.empty(1, device=device, dtype=dtype), pos)
+    return cos[0], sin[0]
