@@ -20,6 +20,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
+from distill import layout
 from distill.errors import UserError, storage_errors
 from distill.files import atomic_write_json, atomic_write_text, json_hash
 from distill.recipe.schema import Recipe
@@ -56,12 +57,18 @@ STAGES = [s.name for s in TABLE]
 # and eval, never the teachers, generation or the filter.
 STUDENT_ONLY = ("sampling_weight", "loss_weight")
 RECORD = "_stage.json"
-RECIPE_FILE = "_recipe.yaml"  # the whole resolved recipe, beside every stage's outputs
+RECIPE_FILE = "_recipe.yaml"  # the whole resolved recipe, in every stage's run directory
 
 
 def stage_dir(recipe: Recipe, stage: str) -> Path:
     """Where ``stage`` writes: ``<output_dir>/<its out>``."""
     return recipe.out / BY_NAME[stage].out
+
+
+def record_dir(recipe: Recipe, stage: str) -> Path:
+    """Where ``stage`` keeps its record and resolved recipe: its run directory,
+    ``<output_dir>/runs/<its out>`` (a model directory holds the model alone)."""
+    return layout.run_dir(stage_dir(recipe, stage), recipe.out)
 
 
 def stage_fn(stage: str) -> Callable[..., Any]:
@@ -71,7 +78,7 @@ def stage_fn(stage: str) -> Callable[..., Any]:
 
 def record_of(recipe: Recipe, stage: str) -> dict[str, Any] | None:
     """The completion record of ``stage``; None if it never completed (or it is corrupt)."""
-    path = stage_dir(recipe, stage) / RECORD
+    path = record_dir(recipe, stage) / RECORD
     if not path.exists():
         return None
     try:
@@ -184,7 +191,7 @@ def header(recipe: Recipe, stage: str, force: bool = False) -> None:
         highlight=False,
     )
     d.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(d / RECIPE_FILE, show_yaml(recipe))
+    atomic_write_text(record_dir(recipe, stage) / RECIPE_FILE, show_yaml(recipe))
 
 
 def run_stage(recipe: Recipe, stage: str, force: bool = False) -> Any:
@@ -206,6 +213,7 @@ def run_stage(recipe: Recipe, stage: str, force: bool = False) -> Any:
         stage_lock(recipe, stage) if main else _no_lock(),
     ):
         if main:
+            check_upstream_weights(recipe, stage)
             header(recipe, stage, force=force)
         t0 = time.time()
         kwargs = {"force": force} if BY_NAME[stage].force_arg else {}
@@ -220,6 +228,23 @@ def run_stage(recipe: Recipe, stage: str, force: bool = False) -> Any:
             save_inputs(recipe, stage)  # what it read: the next run's header diffs against it
     _barrier()
     return result
+
+
+def check_upstream_weights(recipe: Recipe, stage: str) -> None:
+    """The model files ``stage`` reads must be the ones their stage recorded (sha256): a
+    weights file changed in place would otherwise be decoded or trained on silently.
+    Costs a hash of the upstream weights (about 1 s per GB) once per stage run."""
+    from distill.shards.read import file_sha256
+
+    for up in BY_NAME[stage].upstream:
+        rec = record_of(recipe, up) or {}
+        for name, sha in (rec.get("weights") or {}).items():
+            path = stage_dir(recipe, up) / name
+            if path.exists() and file_sha256(path) != sha:
+                raise UserError(
+                    f"{path}: changed since stage {up} completed (not the sha256 it recorded); "
+                    "restore it, or delete it and run again to rebuild it"
+                )
 
 
 @contextmanager
@@ -268,7 +293,7 @@ def _barrier() -> None:
 
 
 def mark_done(recipe: Recipe, stage: str, **info: Any) -> dict[str, Any]:
-    """Record a completed stage: ``<stage dir>/_stage.json``, written last, atomically."""
+    """Record a completed stage: ``runs/<stage dir>/_stage.json``, written last, atomically."""
     d = stage_dir(recipe, stage)
     d.mkdir(parents=True, exist_ok=True)
     rec = {
@@ -280,7 +305,7 @@ def mark_done(recipe: Recipe, stage: str, **info: Any) -> dict[str, Any]:
     if weights := weights_digest(d):
         rec["weights"] = weights
     rec["outputs"] = _manifests(recipe, stage)  # deleted or changed later: it runs again
-    atomic_write_json(d / RECORD, rec)
+    atomic_write_json(record_dir(recipe, stage) / RECORD, rec)
     return rec
 
 
@@ -305,4 +330,4 @@ def peak_rss_mb() -> float:
 
 def invalidate(recipe: Recipe, stage: str) -> None:
     """Forget a stage's completion (it starts writing anew)."""
-    (stage_dir(recipe, stage) / RECORD).unlink(missing_ok=True)
+    (record_dir(recipe, stage) / RECORD).unlink(missing_ok=True)

@@ -114,14 +114,34 @@ def test_tokenize_cache_is_reused_and_keyed(tok, tmp_path):
     assert len(short) + short.dropped == 22
 
 
-def test_kd_topk_count_mismatch_is_a_clear_error(tok, tmp_path):
+def test_kd_teacher_tokens_merged_otherwise_are_aligned_and_never_stop_the_run(tok, tmp_path):
+    """A teacher that sampled pieces the student's tokenizer merges (``}`` ``}`` where
+    the render has ``}}``; issue #16 item 8): its entries are aligned to the render by
+    their text, the merged token gets no KD target; a trace that cannot be aligned at all
+    trains without KD. Both are counted; neither raises."""
+    from distill.chat.render import render_trace
+
+    trace = [
+        {"role": "user", "content": "What is 12 * 7?"},
+        {"role": "assistant", "reasoning_content": "The calculator said 84.", "content": "84"},
+    ]
+    exs = render_trace(tok, trace)
+    loss = [t for e in exs for t, m in zip(e.input_ids, e.loss_mask, strict=True) if m]
+    pieces = tok.convert_ids_to_tokens(loss)
+    k = next(i for i, p in enumerate(pieces) if len(p) > 1 and not p.startswith("<"))
+    split = tok.convert_tokens_to_ids(list(pieces[k]))  # the same text, one byte a token
+    teacher = loss[:k] + split + loss[k + 1 :]
+    entries = [{"ids": [t, 5], "logprobs": [-0.1, -3.0]} for t in teacher]
+    unalignable = [{"ids": [1], "logprobs": [-0.1]}] * 3
     shards = write_shards(
-        tmp_path / "clean", "math", [tool_trace()], topk=[[{"ids": [1], "logprobs": [-0.1]}] * 3]
+        tmp_path / "clean", "math", [trace, tool_trace()], topk=[entries, unalignable]
     )
-    with pytest.raises(
-        UserError, match=r"trace math-0: 3 teacher top-k entries but \d+ assistant tokens"
-    ):
-        tokenize_domain("math", shards, tok, 512, tmp_path / "cache", kd=True)
+    dd = tokenize_domain("math", shards, tok, 512, tmp_path / "cache", kd=True)
+    assert (dd.kd_realigned, dd.kd_unaligned) == (1, 1)
+    first = dd.kd_ids[dd.kd_offsets[0] : dd.kd_offsets[1]]
+    assert first[:, 0].tolist() == loss[:k] + [-1] + loss[k + 1 :]
+    assert (dd.kd_ids[dd.kd_offsets[1] :] == -1).all()  # the other trace: CE only
+    assert len(dd) == 3  # every example still trains
 
 
 def test_unmaskable_template_error_names_the_trace(tok, tmp_path):

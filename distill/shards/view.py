@@ -40,6 +40,22 @@ def shard_dirs(path: str | Path, below: bool = False) -> dict[str, Path]:
     return found
 
 
+def unfinished_dirs(path: str | Path, below: bool = False) -> list[Path]:
+    """Directories at ``path`` (or anywhere below) holding shards or journals but no
+    manifest: a stage cut short, or a manifest deleted. Never silently left out."""
+    p = Path(path)
+    if not p.is_dir() or (p / MANIFEST).exists():
+        return []
+    dirs = [p, *(p.rglob("*") if below else p.iterdir())]
+    return [
+        d
+        for d in sorted(dirs)
+        if d.is_dir()
+        and not (d / MANIFEST).exists()
+        and any(f.suffix == ".arrow" or f.name.startswith("_journal-") for f in d.iterdir())
+    ]
+
+
 def summarize(path: str | Path, verify: bool = False) -> dict[str, Any]:
     """Counts per shard directory: rows, shards, bytes, rows per domain, verdicts."""
     out: dict[str, Any] = {"dirs": {}, "schema": None}
@@ -78,6 +94,8 @@ def print_inspect(
     """Print a summary table, the schema and ``rows`` rendered rows per directory."""
     console = console or Console()
     summary = summarize(path, verify)
+    for d in unfinished_dirs(path, below=True):  # shown, not hidden: its rows are not here
+        console.print(f"[yellow]warning:[/] {d}: shards without a {MANIFEST} (not finished)")
     t = Table(title=f"shards in {path}")
     for col in ("dir", "rows", "shards", "MB", "domains", "passed", "failed", "unverified"):
         t.add_column(col, justify="left" if col in ("dir", "domains") else "right")
@@ -135,12 +153,27 @@ def export(path: str | Path, fmt: str, out: str | Path) -> int:
     if fmt not in FORMATS:
         raise ShardError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     out = Path(out)
+    if unfinished := unfinished_dirs(path):
+        raise ShardError(
+            f"{unfinished[0]}: shards without a {MANIFEST} (its stage did not finish, or the "
+            "manifest was deleted); rerun that stage, or export the other directories one by one"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     files = [f for d in shard_dirs(path).values() for f in shard_files(d)]
     tmp = out.with_name(out.name + ".tmp")
-    n = 0
+    try:
+        n = _write(files, fmt, out, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed export leaves nothing behind
+        raise
+    os.replace(tmp, out)
+    return n
+
+
+def _write(files: list[Path], fmt: str, out: Path, tmp: Path) -> int:
     from distill.progress import track
 
+    n = 0
     if fmt == "parquet":
         writer = None
         for f in track(files, f"export {out.name}", unit="shards"):
@@ -161,5 +194,4 @@ def export(path: str | Path, fmt: str, out: str | Path) -> int:
                         row.update(json_values(row))  # tools and reference as JSON, not text
                         fh.write(json.dumps(row, ensure_ascii=False) + "\n")
                         n += 1
-    os.replace(tmp, out)
     return n

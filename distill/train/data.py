@@ -40,6 +40,8 @@ class DomainData:
     kd_lp: np.ndarray | None = None  # float32 [loss tokens, K]
     kd_offsets: np.ndarray | None = None  # int64, n + 1: first loss token of each example
     dropped: int = 0  # examples longer than max_seq_len
+    kd_realigned: int = 0  # traces whose teacher tokens were aligned to the student's
+    kd_unaligned: int = 0  # traces that could not be: trained without the KL term
 
     @property
     def lengths(self) -> np.ndarray:
@@ -85,11 +87,12 @@ def tokenize_domain(
 def _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd):
     from distill.progress import progress
 
-    table = read_table(shard_dir)
+    table = read_table(shard_dir, verify=True)  # a shard changed in place fails here
     if table.num_rows == 0:
         raise UserError(f"{shard_dir}: no traces of domain {domain} to train on (empty shards)")
     ids, masks, lens, kd_rows, kd_counts = [], [], [], [], []
     dropped = 0
+    kd_counts_by = {"realigned": 0, "unaligned": 0}
     cols = ["id", "messages", "tools"] + (["topk"] if kd else [])
     with progress(transient=True) as bar:
         task = bar.add_task(f"tokenize {domain}", total=table.num_rows, unit="traces")
@@ -97,7 +100,7 @@ def _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd):
             rows = batch.to_pylist()
             texts = [_render_row(tokenizer, row, shard_dir) for row in rows]
             for row, exs in zip(rows, _encode_rows(tokenizer, rows, texts, shard_dir), strict=True):
-                topk = _topk_for(row, exs, len(tokenizer)) if kd else None
+                topk = _topk_for(row, exs, tokenizer, kd_counts_by) if kd else None
                 start = 0
                 for ex in exs:
                     n_loss = sum(ex.loss_mask)
@@ -123,7 +126,16 @@ def _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd):
     }
     if kd:
         arrays.update(_kd_arrays(kd_rows, kd_counts))
-    return arrays, {"dropped": dropped, "examples": len(lens)}
+    if kd_counts_by["unaligned"]:
+        from distill.progress import console
+
+        console.print(
+            f"warning: {kd_counts_by['unaligned']} {domain} traces train without logit KD: "
+            "their teacher tokens could not be aligned with the student's rendering"
+        )
+    meta = {"dropped": dropped, "examples": len(lens)}
+    meta.update({f"kd_{k}": v for k, v in kd_counts_by.items()})
+    return arrays, meta
 
 
 def _render_row(tokenizer, row: dict, shard_dir: Path) -> list:
@@ -149,25 +161,73 @@ def _encode_rows(tokenizer, rows: list[dict], texts: list, shard_dir: Path) -> l
         raise
 
 
-def _topk_for(row, examples, vocab: int) -> list[dict]:
-    """The trace's top-k entries, checked against its assistant loss tokens."""
+def _topk_for(row, examples, tokenizer, counts: dict[str, int]) -> list[dict]:
+    """The trace's top-k entries, one per assistant loss token. A teacher that sampled a
+    token sequence the tokenizer would merge differently (``}`` ``}`` where the render
+    has ``}}``) gave entries that do not match the loss tokens one to one: they are
+    aligned by their text (:func:`align_topk`), and a trace that cannot be aligned trains
+    without the KL term (never stopping the run); ``counts`` counts both."""
     topk = row.get("topk")
-    n_loss = sum(sum(ex.loss_mask) for ex in examples)
+    loss_ids = [t for ex in examples for t, m in zip(ex.input_ids, ex.loss_mask, strict=True) if m]
     if topk is None:
         raise UserError(
             f"trace {row['id']}: train.kd is on but the trace has no teacher top-k logprobs"
         )
-    if len(topk) != n_loss:
-        raise UserError(
-            f"trace {row['id']}: {len(topk)} teacher top-k entries but {n_loss} assistant tokens "
-            "after rendering (teacher and student tokenizations differ)"
-        )
+    if len(topk) != len(loss_ids):
+        aligned = align_topk(tokenizer, loss_ids, topk)
+        counts["realigned" if aligned is not None else "unaligned"] += 1
+        topk = aligned if aligned is not None else [_NO_ENTRY] * len(loss_ids)
+    vocab = len(tokenizer)
     for e in topk:
         if e["ids"] and max(e["ids"]) >= vocab:
             raise UserError(
                 f"trace {row['id']}: teacher top-k id {max(e['ids'])} is outside the student vocabulary ({vocab})"
             )
     return topk
+
+
+_NO_ENTRY = {"ids": [], "logprobs": []}  # a loss token without a KD target (KL term 0)
+ALIGN_WORK = 200_000  # text positions an alignment may visit (repetitive text): then none
+
+
+def align_topk(tokenizer, student_ids: list[int], topk: list[dict]) -> list[dict] | None:
+    """Teacher entries re-indexed to the student's loss tokens, or None.
+
+    The teacher's own tokens are recovered from its entries: a sequence, one token of
+    each entry's top-k ids, whose text is the student's loss text (a search over text
+    positions). A student token whose text span is exactly one teacher token's gets that
+    entry (same text before it, same token boundary after it); the others (the merged
+    ``}}``) get none."""
+    pieces = tokenizer.convert_ids_to_tokens(list(student_ids))
+    text = "".join(pieces)
+    reach: list[dict[int, tuple[int, int]]] = [{0: (-1, -1)}]  # position -> (previous, id)
+    work = 0
+    for entry in topk:
+        nxt: dict[int, tuple[int, int]] = {}
+        cands = entry["ids"]
+        strs = tokenizer.convert_ids_to_tokens(list(cands))
+        for p in reach[-1]:
+            for tid, piece in zip(cands, strs, strict=True):
+                if piece and text.startswith(piece, p):
+                    nxt.setdefault(p + len(piece), (p, tid))
+        work += len(nxt)
+        if not nxt or work > ALIGN_WORK:
+            return None
+        reach.append(nxt)
+    if len(text) not in reach[-1]:
+        return None
+    starts, p = [], len(text)  # each teacher token's text span, walked back from the end
+    for j in range(len(topk), 0, -1):
+        prev = reach[j][p][0]
+        starts.append((prev, p))
+        p = prev
+    span_of = {span: j for j, span in enumerate(reversed(starts))}
+    out, at = [], 0
+    for piece in pieces:
+        j = span_of.get((at, at + len(piece)))
+        out.append(topk[j] if j is not None else _NO_ENTRY)
+        at += len(piece)
+    return out
 
 
 def _kd_arrays(rows: list[dict], counts: list[int]) -> dict[str, np.ndarray]:
@@ -210,6 +270,8 @@ def _load_cache(domain: str, path: Path) -> DomainData:
         load("kd_lp"),
         load("kd_offsets"),
         meta["dropped"],
+        meta.get("kd_realigned", 0),
+        meta.get("kd_unaligned", 0),
     )
 
 

@@ -28,9 +28,33 @@ class StepStats:
         )
         self.tokens = self.loss_tokens = 0
         self.sq_sum, self.seconds = 0.0, 0.0
+        self.offset = 0.0  # seconds of the steps before a resume
+
+    def state_dict(self) -> dict:
+        """The statistics of the steps so far, kept in checkpoints: a resumed run reports
+        every step of the run, not only its own."""
+        return {
+            "losses": self.losses,
+            "elapsed": self.elapsed,
+            "dom_loss": self.dom_loss.tolist(),
+            "dom_tok": self.dom_tok.tolist(),
+            "tokens": self.tokens,
+            "loss_tokens": self.loss_tokens,
+            "sq_sum": self.sq_sum,
+            "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses, self.elapsed = list(state["losses"]), list(state["elapsed"])
+        self.dom_loss = torch.tensor(state["dom_loss"], dtype=torch.float64)
+        self.dom_tok = torch.tensor(state["dom_tok"], dtype=torch.float64)
+        self.tokens, self.loss_tokens = int(state["tokens"]), int(state["loss_tokens"])
+        self.sq_sum = float(state["sq_sum"])
+        self.seconds = self.offset = float(state["seconds"])
 
     def add(self, step: int, row: torch.Tensor, elapsed: float) -> None:
         n = len(self.names)
+        elapsed += self.offset
         row = row.double()
         self.losses.append(float(row[0]))
         self.elapsed.append(elapsed)
@@ -101,6 +125,9 @@ def build_report(acc, model, domains: dict, stats: StepStats, plan: dict, out: P
         "domains": stats.domain_report(),
         "examples": {d: len(dd) for d, dd in domains.items()},
         "dropped_too_long": {d: dd.dropped for d, dd in domains.items()},
+        # KD traces whose teacher tokens were aligned to the render, or trained without KD
+        "kd_realigned": {d: dd.kd_realigned for d, dd in domains.items()},
+        "kd_unaligned": {d: dd.kd_unaligned for d, dd in domains.items()},
         "tokens": stats.tokens,
         "loss_tokens": stats.loss_tokens,
         "attention_sq_sum": stats.sq_sum,
