@@ -91,6 +91,11 @@ class PolicyLogprobs(nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        # FSDP wraps the model's own decoder layers (see distill.train.loss.Objective)
+        return getattr(self.model, "_no_split_modules", None)
+
     def forward(self, mb: MicroBatch, temperature: float) -> tuple[Tensor, Tensor]:
         body = self.model.get_decoder()
         head = self.model.get_output_embeddings()

@@ -183,6 +183,12 @@ class Objective(nn.Module):
         self.max_seqlen = max_seqlen
         self.ce_fn = ce_and_grad  # the trainer swaps in a compiled one under train.torch_compile
 
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        # FSDP's transformer wrap policy reads the prepared module's layer classes: the
+        # wrapped model's (Llama, Qwen2, DSA ... layers), not a name fixed in a config file
+        return getattr(self.model, "_no_split_modules", None)
+
     def forward(
         self,
         input_ids,
