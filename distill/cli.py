@@ -336,8 +336,9 @@ def train(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Distill every enabled domain's clean traces into the student (Accelerate).
 
     Reads <out>/clean/<domain>/ shards and the run tokenizer (or student.path); writes the
-    HF model dir <out>/student/ with train_report.json, checkpoints/ (resumed when
-    present) and cache/. Several processes: `accelerate launch -m distill train RECIPE`."""
+    HF model dir <out>/student/ (with its model card), and train_report.json,
+    checkpoints/ (resumed when present), cache/ and logs/ to <out>/runs/student/. Several
+    processes: `accelerate launch -m distill train RECIPE`."""
     _stage("train", recipe, set_)
 
 
@@ -361,8 +362,9 @@ def rl(
 ) -> None:
     """Mixed RL (GRPO) on the distilled student over every domain, rewards from the verifiers.
 
-    Reads <out>/student/; writes the RL-trained student to <out>/rl/ with rl_log.jsonl (one
-    line of metrics per step) and rl_report.json. With --model DIR: RL on any HF causal LM
+    Reads <out>/student/; writes the RL-trained student to <out>/rl/, and rl_log.jsonl (one
+    line of metrics per step), rl_report.json and checkpoints/ to <out>/runs/rl/ (a one-off
+    to runs/<name>/ beside its output). With --model DIR: RL on any HF causal LM
     directory; the recipe's `rl` section (or its defaults) and --set rl.KEY=VALUE apply."""
     if model is None:
         if recipe is None:

@@ -15,6 +15,7 @@ def atomic_write_text(path: str | Path, text: str, *, sync: bool = False) -> Non
     the old file or the new one, never half of one. ``sync`` also fsyncs the data first
     (for records whose loss after a power cut would lose committed work)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # a run directory is made on first use
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)

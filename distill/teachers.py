@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distill import layout
 from distill.errors import UserError
 from distill.files import atomic_write_json, json_hash
 from distill.messages import Lineage, Trace, Verdict
@@ -84,7 +85,7 @@ def build_tokenizer(recipe: Recipe, force: bool = False) -> Path:
             raise UserError(f"tokenizer.path: {out} is not a tokenizer directory")
         return out
     fp = _corpus_fingerprint(recipe)
-    rec = _read_json(out / TOKENIZER_RECORD)
+    rec = _read_json(layout.run_dir(out, recipe.out) / TOKENIZER_RECORD)
     if rec and rec.get("fingerprint") == fp and not force:
         console.print(f"tokenizer: up to date in {out}")
         return out
@@ -96,7 +97,8 @@ def build_tokenizer(recipe: Recipe, force: bool = False) -> Path:
         for task in dom.tasks("train", n, recipe.seed, recipe.domains[d].difficulty):
             texts.append(render_text(dom.oracle(task), task.tools))
     tok = train_tokenizer(texts, recipe.tokenizer.vocab_size, out)
-    _write_json(out / TOKENIZER_RECORD, {"fingerprint": fp, "texts": len(texts), "vocab": len(tok)})
+    record = {"fingerprint": fp, "texts": len(texts), "vocab": len(tok)}
+    _write_json(layout.run_dir(out, recipe.out) / TOKENIZER_RECORD, record)
     console.print(
         f"tokenizer: {len(tok)} tokens from {len(texts)} oracle conversations in {time.time() - t0:.0f} s → {out}"
     )
@@ -162,21 +164,23 @@ def train_bootstrap(recipe: Recipe, d: str, tok_dir: Path, force: bool = False) 
 
     t = recipe.teachers[d]
     out = recipe.out / "teachers" / d
-    tok_rec = _read_json(tok_dir / TOKENIZER_RECORD) or {}
+    run = layout.run_dir(out, recipe.out)  # oracle shards, checkpoints, logs, the record
+    tok_rec = _read_json(layout.run_dir(tok_dir, recipe.out) / TOKENIZER_RECORD) or {}
     fp = teacher_fingerprint(recipe, d, tok_rec.get("fingerprint", str(tok_dir)))
-    rec = _read_json(out / TEACHER_RECORD)
+    rec = _read_json(run / TEACHER_RECORD)
     if rec and rec.get("fingerprint") == fp and (out / "config.json").exists() and not force:
         console.print(f"teacher {d}: up to date in {out}")
         return rec
-    (out / TEACHER_RECORD).unlink(missing_ok=True)
-    rows = write_oracle_shards(recipe, d, out / "oracle", fp)
+    (run / TEACHER_RECORD).unlink(missing_ok=True)
+    rows = write_oracle_shards(recipe, d, run / "oracle", fp)
     console.print(f"teacher {d}: training on {rows} oracle traces → {out}")
     t0 = time.time()
     report = train(
         init=t.arch,
         tokenizer_dir=tok_dir,
-        shards={d: out / "oracle"},
+        shards={d: run / "oracle"},
         out_dir=out,
+        run_dir=run,
         cfg=t.train,
         seed=recipe.seed,
         desc=f"teacher {d}",
@@ -193,7 +197,7 @@ def train_bootstrap(recipe: Recipe, d: str, tok_dir: Path, force: bool = False) 
         "train_s": time.time() - t0,
         "train": report,
     }
-    _write_json(out / TEACHER_RECORD, rec)
+    _write_json(run / TEACHER_RECORD, rec)
     return rec
 
 
@@ -274,11 +278,11 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
             info[d] = check_hf(d, t.path)
         else:
             info[d] = check_openai(d, t)
-    from distill.rl.specialist import sharpen
+    from distill.rl.specialist import sharpen, sharpened_dir
 
     for d in recipe.active_domains():  # specialist RL after every supervised phase
         if (rl := sharpen(recipe, d, force)) is not None:
-            info[d]["rl"] = {"path": str(recipe.out / "teachers" / d / "rl"), **rl}
+            info[d]["rl"] = {"path": str(sharpened_dir(recipe, d)), **rl}
     return {"teachers": info, "record": {"teachers": info}}
 
 
@@ -307,7 +311,7 @@ def _workers(n: int) -> tuple[int, int]:
 
 def _train_parallel(recipe: Recipe, domains: list[str], tok: Path, force: bool) -> dict[str, Any]:
     """Each teacher in its own spawned process on one CPU thread (and, with GPUs, one GPU
-    given round-robin); output goes to ``teachers/<domain>/train.log`` so the progress
+    given round-robin); output goes to ``runs/teachers/<domain>/train.log`` so the progress
     bars do not interleave."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
@@ -316,7 +320,7 @@ def _train_parallel(recipe: Recipe, domains: list[str], tok: Path, force: bool) 
     where = f" on {gpus} GPU{'s' if gpus > 1 else ''}" if gpus else ""
     console.print(
         f"teachers: training {', '.join(domains)} in {workers} processes{where} "
-        f"(logs in {recipe.out / 'teachers'}/<domain>/train.log)"
+        f"(logs in {recipe.out / layout.RUNS / 'teachers'}/<domain>/train.log)"
     )
     out: dict[str, Any] = {}
     from distill.launch import die_with_parent
@@ -340,7 +344,7 @@ def _train_parallel(recipe: Recipe, domains: list[str], tok: Path, force: bool) 
             except UserError:
                 raise
             except Exception as e:  # a crashed worker names its teacher and its log
-                log = recipe.out / "teachers" / d / "train.log"
+                log = layout.run_dir(recipe.out / "teachers" / d, recipe.out) / "train.log"
                 raise UserError(f"teachers.{d}: training failed ({e}); see {log}") from None
             rep = out[d].get("train", {})
             console.print(
@@ -361,7 +365,7 @@ def _train_in_worker(
     import torch
 
     torch.set_num_threads(1)
-    log = recipe.out / "teachers" / d / "train.log"
+    log = layout.run_dir(recipe.out / "teachers" / d, recipe.out) / "train.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         os.dup2(f.fileno(), 1)

@@ -68,7 +68,8 @@ def test_tokenizer_learns_the_rendered_oracle_text_and_is_reused(tmp_path):
     r2 = micro_recipe(tmp_path, domains=("math", "agents")).model_copy(deep=True)
     r2.tokenizer.vocab_size = 330
     bootstrap.build_tokenizer(r2)
-    assert json.loads((out / "_tokenizer.json").read_text())["vocab"] > 320
+    record = r2.out / "runs" / "tokenizer" / "_tokenizer.json"  # its record: in the run dir
+    assert json.loads(record.read_text())["vocab"] > 320
 
 
 def test_oracle_shards_load_with_datasets_and_verify(tmp_path):
@@ -160,7 +161,7 @@ def test_teachers_trained_in_parallel_processes_equal_one_by_one(tmp_path, monke
     par = micro_recipe(tmp_path / "par")
     monkeypatch.setattr(bootstrap, "_parallel_ok", lambda domains: True)
     bootstrap.run(par)
-    assert (par.out / "teachers" / "math" / "train.log").stat().st_size > 0
+    assert (par.out / "runs" / "teachers" / "math" / "train.log").stat().st_size > 0
     seq = micro_recipe(tmp_path / "seq")
     monkeypatch.setattr(bootstrap, "_parallel_ok", lambda domains: False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers' thread count, here too
@@ -211,7 +212,7 @@ def test_teachers_train_side_by_side_on_a_gpu(tmp_path):
     assert bootstrap._parallel_ok(["math", "logic"])
     bootstrap.run(recipe)
     for d in ("math", "logic"):
-        out = recipe.out / "teachers" / d
+        out = recipe.out / "runs" / "teachers" / d
         report = json.loads((out / "train_report.json").read_text())
         assert report["mfu"] is not None and report["peak_memory_bytes"] > 0  # a CUDA run
         assert (out / "train.log").stat().st_size > 0

@@ -124,10 +124,20 @@ def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed
     recipe = write_recipe(tmp_path / "micro.yaml", micro_recipe(out))
     first = run_stages(recipe)
     assert [s["status"] for s in first.values()] == ["ran"] * 6
-    assert (out / "teachers" / "math" / "rl" / "config.json").exists()  # specialist RL
-    assert not (out / "teachers" / "logic" / "rl").exists()
-    rl_log = (out / "rl" / "rl_log.jsonl").read_text().splitlines()
+    assert (out / "teachers" / "math-rl" / "config.json").exists()  # specialist RL
+    assert not (out / "teachers" / "logic-rl").exists()
+    rl_log = (out / "runs" / "rl" / "rl_log.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rl_log] == [1, 2]  # mixed RL on the student
+    # a model directory holds an HF model repo and its card; what runs leave is in runs/
+    repo = {"config.json", "generation_config.json", "model.safetensors", "README.md",
+            "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}  # fmt: skip
+    for m in ("teachers/math", "teachers/math-rl", "teachers/logic", "student", "rl"):
+        assert {p.name for p in (out / m).iterdir()} == repo, m
+    assert (out / "runs" / "teachers" / "math" / "oracle" / "_manifest.json").exists()
+    assert (out / "runs" / "student" / "train_report.json").exists()
+    for m in ("student", "rl", "teachers/math-rl"):  # eval put each model's scores in its card
+        card = (out / m / "README.md").read_text()
+        assert "## Evaluation" in card and "| math | " in card, m
 
     for d in DOMAINS:
         assert (out / "teachers" / d / "config.json").exists()
@@ -223,7 +233,7 @@ def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed
 
     # one teacher's RL section reruns that teacher's RL (not its supervised phase, not the
     # other teachers), then everything downstream
-    math_rl = out / "teachers" / "math" / "rl" / "model.safetensors"
+    math_rl = out / "teachers" / "math-rl" / "model.safetensors"
     logic_w = out / "teachers" / "logic" / "model.safetensors"
     before = {p: p.stat().st_mtime_ns for p in (teacher_w, math_rl, logic_w)}
     cli("recipe", "set", str(recipe), "teachers.math.rl.learning_rate=0.0002")
@@ -371,7 +381,7 @@ def test_hf_teachers_recipe_with_a_model_dir_and_distill_serve(tmp_path):
         ]
         args = [a for s in sets for a in ("--set", s)]
         cli("teachers", "recipes/hf-teachers.yaml", *args)
-        record = json.loads((tmp_path / "run" / "teachers" / "_stage.json").read_text())
+        record = json.loads((tmp_path / "run" / "runs" / "teachers" / "_stage.json").read_text())
         assert (
             record["teachers"]["math"]["kind"] == "hf" and record["teachers"]["math"]["params"] > 0
         )

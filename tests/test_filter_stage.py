@@ -157,7 +157,7 @@ def test_planted_rows_dropped_for_the_right_reason(tmp_path):
     on_disk = json.loads((recipe.out / "clean" / "filter_report.json").read_text())
     assert on_disk["domains"]["math"]["steps"] == d["steps"]
     assert "| malformed |" in (recipe.out / "clean" / "filter_report.md").read_text()
-    assert json.loads((recipe.out / "clean" / "_stage.json").read_text())["rows"] == {
+    assert json.loads((recipe.out / "runs" / "clean" / "_stage.json").read_text())["rows"] == {
         "math": len(kept),
         "logic": 3,
     }

@@ -78,7 +78,7 @@ def test_generate_all_domains_then_rerun_is_a_no_op(tmp_path, model_dir):
     assert all(x["tools"] for x in agents)  # agent rows carry their tool schemas
     ds = load_dataset(tmp_path / "out" / "raw" / "math")
     assert ds.num_rows == 12 and set(ds.column_names) >= {"messages", "lineage", "topk"}
-    assert (tmp_path / "out" / "raw" / "_stage.json").exists()
+    assert (tmp_path / "out" / "runs" / "raw" / "_stage.json").exists()
     cli = subprocess.run(
         [sys.executable, "-m", "distill", "shards", "inspect", str(tmp_path / "out" / "raw")],
         capture_output=True,
@@ -112,7 +112,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, model_dir):
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "out" / "raw" / "_stage.json").exists(), "run finished before the kill"
+    assert not (tmp_path / "out" / "runs" / "raw" / "_stage.json").exists(), "run finished before the kill"
     partial = len(list((tmp_path / "out" / "raw" / "math").glob("part-*.arrow")))
     assert partial >= 3  # killed after committing some rows, before the manifest
     run(load_recipe(recipe))  # the rerun continues where the killed run stopped

@@ -12,7 +12,7 @@ import distill.stages
 from distill import pipeline
 from distill.pipeline import Why, diff, why_run
 from distill.recipe.schema import load_recipe, validate
-from distill.stages import STAGES, fingerprint, header, invalidate, mark_done, run_stage, stage_dir
+from distill.stages import STAGES, fingerprint, header, invalidate, mark_done, record_dir, run_stage
 
 ROOT = Path(__file__).parents[1]
 
@@ -35,7 +35,7 @@ def test_first_run_header_is_short_and_the_whole_recipe_goes_to_a_file(tmp_path,
     assert lines[0] == "── train · first run (never completed here)"
     assert len(lines) == 2 and fingerprint(r, "train") in lines[1] and "_recipe.yaml" in err
     assert "learning_rate" not in err and "{" not in err  # no section dumps
-    saved = YAML(typ="safe").load((stage_dir(r, "train") / "_recipe.yaml").read_text())
+    saved = YAML(typ="safe").load((record_dir(r, "train") / "_recipe.yaml").read_text())
     assert validate(saved) == r and validate(saved).train.learning_rate == 0.0007
 
 

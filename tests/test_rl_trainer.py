@@ -11,6 +11,7 @@ import pytest
 import torch
 from gen_fixtures import tiny_model_dir
 
+from distill.layout import run_dir
 from distill.recipe.rl import RLConfig
 from distill.rl.rewards import overlong_penalty, shaped_reward
 from distill.rl.rollout import step_prompts
@@ -43,7 +44,7 @@ def run(out: Path, policy: Path, **kw) -> dict:
 
 
 def log_rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / LOG).read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir(out) / LOG).read_text().splitlines()]
 
 
 def test_steps_log_every_metric_and_save_the_model(tmp_path, policy_dir):
@@ -68,7 +69,9 @@ def test_steps_log_every_metric_and_save_the_model(tmp_path, policy_dir):
     assert any(
         not torch.equal(a, b) for a, b in zip(saved.parameters(), before.parameters(), strict=True)
     ), "the policy never changed"
-    assert json.loads((tmp_path / "rl" / REPORT).read_text())["steps"] == 2
+    assert json.loads((run_dir(tmp_path / "rl") / REPORT).read_text())["steps"] == 2
+    card = (tmp_path / "rl" / "README.md").read_text()  # the model card, beside the weights
+    assert "GRPO" in card and "| math | " in card and "num_generations: 4" in card
 
 
 def test_later_updates_are_off_policy_and_kl_needs_a_reference(tmp_path, policy_dir):
@@ -85,7 +88,7 @@ def test_resume_from_a_checkpoint_gives_the_same_weights(tmp_path, policy_dir):
 
     run(tmp_path / "a", policy_dir, steps=3)
     run(tmp_path / "b", policy_dir, steps=2, save_steps=1)  # checkpoint after step 1
-    assert (tmp_path / "b" / "checkpoints" / "step-000001").is_dir()
+    assert (run_dir(tmp_path / "b") / "checkpoints" / "step-000001").is_dir()
     report = run(tmp_path / "b", policy_dir, steps=3, save_steps=1)  # resumes at step 1
     assert report["steps"] == 3
     assert [r["step"] for r in log_rows(tmp_path / "b")][-2:] == [2, 3]
@@ -144,7 +147,7 @@ def test_rl_stage_on_two_cpu_ranks_equals_one(tmp_path, monkeypatch):
         report = run_stage(load_recipe(recipe), "rl")
         assert report["world_size"] == int(procs) and report["steps"] == 2
         weights[procs] = load_file(out / "rl" / "model.safetensors")
-        assert json.loads((out / "rl" / "_stage.json").read_text())["steps"] == 2
+        assert json.loads((out / "runs" / "rl" / "_stage.json").read_text())["steps"] == 2
     changed = False
     for k, w in weights["1"].items():
         torch.testing.assert_close(weights["2"][k], w, rtol=1e-4, atol=1e-5)

@@ -20,6 +20,7 @@ from distill.stages import (
     header,
     invalidate,
     mark_done,
+    record_dir,
     record_of,
     run_stage,
     stage_dir,
@@ -116,7 +117,7 @@ def test_track_yields_everything(capsys):
 def test_header_keeps_the_resolved_recipe(tmp_path):
     r = recipe(tmp_path, "eval.pass_k=3")
     header(r, "eval")
-    saved = YAML(typ="safe").load((stage_dir(r, "eval") / "_recipe.yaml").read_text())
+    saved = YAML(typ="safe").load((record_dir(r, "eval") / "_recipe.yaml").read_text())
     assert validate(saved).eval.pass_k == 3
 
 
@@ -151,7 +152,7 @@ def test_run_stage_records_a_completed_stage_with_its_seconds_and_memory(tmp_pat
     rec = record_of(r, "filter")
     assert rec["rows"] == 1 and rec["seconds"] >= 0 and rec["peak_rss_mb"] > 10
     assert up_to_date(r, "filter")  # the figures are not part of the fingerprint
-    assert (stage_dir(r, "filter") / "_recipe.yaml").exists()
+    assert (record_dir(r, "filter") / "_recipe.yaml").exists()
     before = record_of(r, "filter")
     for stopped in (None, {"complete": False, "record": {"rows": 2}}):
         monkeypatch.setattr(distill.stages, "stage_fn", lambda stage, s=stopped: lambda r: s)

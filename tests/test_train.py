@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.chat.render import render_trace
 from distill.errors import UserError
+from distill.layout import run_dir
 from distill.train.loop import train
 
 
@@ -68,8 +69,16 @@ def test_train_writes_a_loadable_hf_model(data, tmp_path):
         and report["domains"]["agents"]["loss_tokens"] > 0
     )
     assert report["tokens_per_s"] > 0 and report["peak_memory_bytes"] > 0
-    saved = json.loads((tmp_path / "out" / "train_report.json").read_text())
-    assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents*"))  # per-domain curves
+    run = run_dir(tmp_path / "out")  # the run's files, beside the model: runs/out/
+    saved = json.loads((run / "train_report.json").read_text())
+    assert list((run / "logs").rglob("events.out.tfevents*"))  # per-domain curves
+    # the model directory holds what an HF model repo holds, and a model card
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert files == {"config.json", "generation_config.json", "model.safetensors", "README.md",
+                     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}  # fmt: skip
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "library_name: transformers" in card and "| math | `" in card
+    assert "learning_rate: 0.003" in card and "8 optimizer steps" in card
     assert saved["losses"] == report["losses"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     end = tok.convert_tokens_to_ids("<|end|>")
@@ -101,7 +110,7 @@ def test_resume_reproduces_the_uninterrupted_losses(data, tmp_path):
     full = run_train(data, tmp_path / "a")
     first = run_train(data, tmp_path / "b", stop_after_steps=3)
     assert not first["finished"] and first["losses"] == pytest.approx(full["losses"][:3], abs=1e-6)
-    ckpts = tmp_path / "b" / "checkpoints"
+    ckpts = run_dir(tmp_path / "b") / "checkpoints"
     assert [p.name for p in ckpts.iterdir()] == ["step-000003"]
     # a later checkpoint whose writing was killed: never renamed, so never trusted
     (ckpts / "step-000005.tmp").mkdir()
@@ -141,6 +150,9 @@ def test_kd_and_its_errors(data, tmp_path):
 
 
 def test_lora_trains_adapters_and_merges(data, tmp_path):
+    """merge: false also writes the adapter as its own repo, naming a base that exists."""
+    from peft import PeftModel
+
     _, tok, _ = data
     cfg = small_cfg(max_steps=2)
     cfg.lora.enabled = True
@@ -154,14 +166,21 @@ def test_lora_trains_adapters_and_merges(data, tmp_path):
     assert not torch.allclose(merged[q], base[q])  # adapters merged in
     up = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(merged[up], base[up])  # not a target module: frozen
-    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    adapter, base_dir = tmp_path / "out-adapter", tmp_path / "out-base"
+    named = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert named == str(base_dir.resolve())
+    saved_base = AutoModelForCausalLM.from_pretrained(named)
+    assert torch.equal(saved_base.state_dict()[q], base[q])  # the untrained scratch base
+    with_adapter = PeftModel.from_pretrained(saved_base, adapter).merge_and_unload()
+    assert torch.allclose(with_adapter.state_dict()[q], merged[q], atol=1e-6)
 
 
 def test_max_time_stops_early_with_a_saved_model_and_checkpoint(data, tmp_path):
     report = run_train(data, tmp_path / "out", cfg=small_cfg(max_steps=6, max_time_s=1e-6))
     assert report["finished"] and report["stopped_by"] == "max_time_s" and report["steps"] == 1
     assert (tmp_path / "out" / "model.safetensors").exists()
-    assert (tmp_path / "out" / "checkpoints" / "step-000001" / "trainer_state.json").exists()
+    ckpt = run_dir(tmp_path / "out") / "checkpoints" / "step-000001"
+    assert (ckpt / "trainer_state.json").exists()
 
 
 def test_time_limit_moves_the_lr_schedule_ahead(tmp_path):
@@ -197,11 +216,11 @@ def test_deferred_bookkeeping_changes_no_loss_checkpoint_or_resume(data, tmp_pat
     late = run_train(data, tmp_path / "late", cfg=cfg)
     assert late["finished"] and late["losses"] == sync["losses"] and late["steps"] == 6
     assert len(late["step_elapsed_s"]) == 6
-    names = sorted(p.name for p in (tmp_path / "late" / "checkpoints").iterdir())
+    names = sorted(p.name for p in (run_dir(tmp_path / "late") / "checkpoints").iterdir())
     assert names == ["step-000002", "step-000004", "step-000006"]
     first = run_train(data, tmp_path / "b", stop_after_steps=3)
     assert not first["finished"] and first["losses"] == sync["losses"][:3]
-    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-000003"]
+    assert [p.name for p in (run_dir(tmp_path / "b") / "checkpoints").iterdir()] == ["step-000003"]
     rest = run_train(data, tmp_path / "b")
     assert rest["finished"] and rest["losses"] == sync["losses"][3:]
     timed = run_train(data, tmp_path / "t", cfg=small_cfg(max_steps=6, max_time_s=1e-6))

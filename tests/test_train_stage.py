@@ -118,9 +118,9 @@ def test_distill_train_stage(tmp_path):
     recipe.write_text(RECIPE.format(out=out))
     res = CliRunner().invoke(app, ["train", str(recipe), "--set", "train.max_steps=4"])
     assert res.exit_code == 0, res.output
-    report = json.loads((out / "student" / "train_report.json").read_text())
+    report = json.loads((out / "runs" / "student" / "train_report.json").read_text())
     assert report["steps"] == 4 and set(report["domains"]) == {"math", "agents"}
-    stage = json.loads((out / "student" / "_stage.json").read_text())
+    stage = json.loads((out / "runs" / "student" / "_stage.json").read_text())
     assert stage["stage"] == "train" and stage["steps"] == 4
     assert (out / "student" / "model.safetensors").exists()
 
@@ -154,9 +154,9 @@ def test_a_domain_with_no_clean_traces_is_left_out(tmp_path):
     res = CliRunner().invoke(app, ["train", str(recipe), "--set", "train.max_steps=2"])
     assert res.exit_code == 0, res.output
     assert "without domain agents" in res.output
-    report = json.loads((out / "student" / "train_report.json").read_text())
+    report = json.loads((out / "runs" / "student" / "train_report.json").read_text())
     assert set(report["domains"]) == {"math"}
-    assert json.loads((out / "student" / "_stage.json").read_text())["skipped_domains"] == [
+    assert json.loads((out / "runs" / "student" / "_stage.json").read_text())["skipped_domains"] == [
         "agents"
     ]
 
@@ -176,7 +176,7 @@ def test_train_stage_spawns_cpu_ranks_with_the_same_result(tmp_path, monkeypatch
         monkeypatch.setenv("DISTILL_CPU_PROCS", procs)
         report = run_stage(load_recipe(recipe, ["train.max_steps=4"]), "train")
         losses[procs] = (report["world_size"], report["losses"])
-        assert json.loads((out / "student" / "_stage.json").read_text())["steps"] == 4
+        assert json.loads((out / "runs" / "student" / "_stage.json").read_text())["steps"] == 4
     assert losses["1"][0] == 1 and losses["2"][0] == 2
     torch.testing.assert_close(
         torch.tensor(losses["2"][1]), torch.tensor(losses["1"][1]), rtol=1e-5, atol=1e-6

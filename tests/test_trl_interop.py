@@ -80,11 +80,17 @@ def test_sft_trainer_trains_on_a_clean_shard_as_is(clean, tmp_path, source):
         save_strategy="no",
         report_to="none",
         use_cpu=True,
+        bf16=False,  # what our trainer's Accelerator uses on CPU: one process-wide state
         max_length=512,
     )
     model = build_model(ARCH, tok)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
-    out = trainer.train()
+    try:
+        out = trainer.train()
+    finally:  # the Trainer's accelerate state is process-wide: later tests make their own
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert out.global_step == 2 and math.isfinite(out.training_loss)
     # what TRL trained on is the render our trainer uses: tool signatures, nested calls
     # as <tool_call> JSON, the tool result, reasoning of the last user turn only

@@ -22,6 +22,7 @@ from distill.progress import StageBar, console
 from distill.recipe.schema import DomainConfig, EvalConfig, GenerateConfig, Recipe, TeacherConfig
 from distill.rl.specialist import base_dir, teacher_dir
 from distill.tasks import tasks_for
+from distill.train.save import add_eval, eval_markdown
 from teachers.base import Task, get_domain
 
 
@@ -284,6 +285,10 @@ def run(recipe: Recipe) -> dict[str, Any]:
         },
     )
     paths = rep.write(report, out)
+    for spec, _ in specs:  # a model this run wrote carries its scores in its model card
+        if spec.path is not None and spec.path.is_relative_to(recipe.out):
+            own = [s for s in scores if s.model == spec.name]
+            add_eval(spec.path, eval_markdown(own, paths["md"]))
     rep.print_table(report)
     console.print(f"report: {paths['md']} (chart {paths['png']})")
     return {**report, "record": {"report": str(paths["json"])}}

@@ -36,6 +36,13 @@ def show_yaml(recipe: Recipe, source: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def section_yaml(section: BaseModel) -> str:
+    """One recipe section as YAML, each field preceded by its description."""
+    lines: list[str] = []
+    _emit_model(section, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
 def _emit_model(model: BaseModel, indent: int, lines: list[str]) -> None:
     pad = " " * indent
     for name, info in type(model).model_fields.items():

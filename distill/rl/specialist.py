@@ -1,7 +1,8 @@
 """Specialist RL: a teacher sharpened by GRPO on its own domain after its supervised phase
 (``teachers.<domain>.rl``), as DeepSeek-V3.2 trains each specialist before distilling.
 
-The sharpened teacher lands in ``<out>/teachers/<domain>/rl/``; ``generate`` samples from
+The sharpened teacher lands in ``<out>/teachers/<domain>-rl/`` (its run files in
+``<out>/runs/teachers/<domain>-rl/``); ``generate`` samples from
 it and ``eval`` scores it beside the supervised one. It is skipped while its record
 matches: the supervised teacher's weights and the RL section (a change to one teacher's
 RL reruns that teacher's RL only, never its supervised phase).
@@ -14,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from distill import layout
 from distill.files import atomic_write_json, json_hash
 from distill.recipe import Recipe
 from distill.rl.stage import limits_for, prompt_pools
@@ -27,13 +29,18 @@ def base_dir(recipe: Recipe, d: str) -> Path:
     return Path(t.path) if t.kind == "hf" else recipe.out / "teachers" / d
 
 
+def sharpened_dir(recipe: Recipe, d: str) -> Path:
+    """Where teacher ``d`` sharpened by RL is saved: a model directory of its own."""
+    return recipe.out / "teachers" / f"{d}-rl"
+
+
 def teacher_dir(recipe: Recipe, d: str) -> Path | None:
     """The teacher ``generate`` samples from: the sharpened one when its RL is on, else
     the supervised one; None for an openai teacher."""
     t = recipe.teachers[d]
     if t.kind == "openai":
         return None
-    return recipe.out / "teachers" / d / "rl" if t.rl.enabled else base_dir(recipe, d)
+    return sharpened_dir(recipe, d) if t.rl.enabled else base_dir(recipe, d)
 
 
 def _weights_id(model_dir: Path) -> str:
@@ -49,7 +56,8 @@ def sharpen(recipe: Recipe, d: str, force: bool = False) -> dict[str, Any] | Non
     from distill.progress import console
 
     t = recipe.teachers[d]
-    out = recipe.out / "teachers" / d / "rl"
+    out = sharpened_dir(recipe, d)
+    run = layout.run_dir(out, recipe.out)
     if not t.rl.enabled or t.kind == "openai":
         if out.exists():
             shutil.rmtree(out)
@@ -60,13 +68,13 @@ def sharpen(recipe: Recipe, d: str, force: bool = False) -> dict[str, Any] | Non
          "domain": recipe.domains[d].model_dump(mode="json"), "generate": recipe.generate.model_dump(mode="json")}
     )  # fmt: skip
     try:
-        rec = json.loads((out / RECORD).read_text())
+        rec = json.loads((run / RECORD).read_text())
     except (OSError, json.JSONDecodeError):
         rec = None
     if rec and rec.get("fingerprint") == fp and (out / "config.json").exists() and not force:
         console.print(f"teacher {d}: RL up to date in {out}")
         return rec
-    (out / RECORD).unlink(missing_ok=True)
+    (run / RECORD).unlink(missing_ok=True)
     console.print(f"teacher {d}: RL on its own domain ({t.rl.steps} steps) → {out}")
     args = (recipe, d, base, out)
     report = (
@@ -76,7 +84,7 @@ def sharpen(recipe: Recipe, d: str, force: bool = False) -> dict[str, Any] | Non
     )
     rec = {"fingerprint": fp, "domain": d, "steps": report["steps"], "seconds": report["seconds"],
            "last": report["last"]}  # fmt: skip
-    atomic_write_json(out / RECORD, rec)
+    atomic_write_json(run / RECORD, rec)
     return rec
 
 
@@ -90,6 +98,7 @@ def _train(recipe: Recipe, d: str, base: Path, out: Path) -> dict[str, Any]:
         cfg=cfg,
         limits={d: limits_for(recipe, d, cfg)},
         out_dir=out,
+        run_dir=layout.run_dir(out, recipe.out),
         seed=recipe.seed,
         desc=f"teacher {d} rl",
     )

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from distill import layout
 from distill.errors import UserError
 from distill.recipe import Recipe
 from distill.recipe.rl import RLConfig, RLDomainConfig
@@ -60,6 +61,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         cfg=recipe.rl,
         limits={d: limits_for(recipe, d, recipe.rl) for d in domains},
         out_dir=out,
+        run_dir=layout.run_dir(out, recipe.out),
         seed=recipe.seed,
         desc="student rl",
     )

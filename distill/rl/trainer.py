@@ -19,12 +19,14 @@ from typing import Any
 
 import torch
 
+from distill import layout
 from distill.files import atomic_write_json, json_hash
 from distill.recipe.rl import RLConfig, RLDomainConfig
 from distill.rl.loss import RL_LOSS_VERSION, global_denominator, group_advantages, grpo_loss
 from distill.rl.policy import MicroBatch, PolicyLogprobs, make_micro_batch
 from distill.rl.rewards import REWARD_VERSION
 from distill.rl.rollout import Outcome, Sample, rollout_step, step_prompts
+from distill.train.save import rl_card
 from teachers.base import Task
 
 LOG = "rl_log.jsonl"
@@ -40,10 +42,13 @@ def train_rl(
     out_dir: str | Path,
     seed: int = 0,
     desc: str = "rl",
+    run_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """GRPO on the policy in ``init`` (an HF causal LM directory with a chat template)
-    over ``tasks`` (training prompts per domain); writes the trained model, ``rl_log.jsonl``
-    (one line per step) and ``rl_report.json`` to ``out_dir``. ``limits[domain]`` is
+    over ``tasks`` (training prompts per domain); writes the trained model (with its
+    model card) to ``out_dir``, and ``rl_log.jsonl`` (one line per step),
+    ``rl_report.json``, checkpoints and logs to ``run_dir`` (default
+    :func:`distill.layout.run_dir`). ``limits[domain]`` is
     (max_new_tokens, max_turns, max_episode_tokens). Resumes from its checkpoints."""
     from accelerate.utils import set_seed
 
@@ -53,9 +58,11 @@ def train_rl(
     from distill.train.setup import make_accelerator, make_optimizer, set_cpu_threads
 
     out = Path(out_dir)
+    run = layout.run_dir(out) if run_dir is None else Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
+    run.mkdir(parents=True, exist_ok=True)
     tcfg = _train_config(cfg)
-    acc = make_accelerator(tcfg, out)
+    acc = make_accelerator(tcfg, run)
     set_seed(seed)
     gpu = acc.device.type == "cuda"
     dtype = torch.bfloat16 if gpu and cfg.precision != "fp32" else torch.float32
@@ -80,7 +87,7 @@ def train_rl(
          "tasks": {d: [t.id for t in ts] for d, ts in tasks.items()}, "limits": limits,
          "seed": seed, "loss": RL_LOSS_VERSION, "reward": REWARD_VERSION}
     )  # fmt: skip
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = run / "checkpoints"
     start = 0
     if acc.is_main_process:
         checkpoint.drop_incomplete(ckpt_dir)
@@ -90,7 +97,7 @@ def train_rl(
         start = found[1]["step"]
     if cfg.report_to:
         acc.init_trackers(desc.replace("/", "-"), config={"rl": json.dumps(cfg.model_dump())})
-    log_path = out / LOG
+    log_path = run / LOG
     if acc.is_main_process and start == 0:
         log_path.unlink(missing_ok=True)
 
@@ -134,7 +141,8 @@ def train_rl(
         set_generation_config(live, tokenizer)
         live.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
-        atomic_write_json(out / REPORT, report)
+        atomic_write_json(run / REPORT, report)
+        rl_card(out, run, desc, init, cfg, tasks, report)
     if cfg.report_to:
         acc.end_training()
     acc.wait_for_everyone()

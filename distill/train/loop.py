@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distill import layout
 from distill.errors import UserError
 from distill.files import short_hash
 from distill.models import (
@@ -36,7 +37,7 @@ from distill.train import checkpoint
 from distill.train.data import RowStream, cache_key, collate, tokenize_domain
 from distill.train.loss import Objective
 from distill.train.metrics import StepStats, build_report, progress
-from distill.train.save import save_model
+from distill.train.save import save_model, train_card
 from distill.train.setup import compile_model, make_accelerator, make_optimizer, set_cpu_threads
 
 # book each step's losses one step late (see _Loop.run); None: on a GPU only. Tests set it.
@@ -58,10 +59,13 @@ def train(
     loss_weights: dict[str, float] | None = None,
     desc: str = "train",
     stop_after_steps: int | None = None,
+    run_dir: str | Path | None = None,
 ) -> dict:
     """Train from ``init`` (an arch for a scratch model or an HF directory) on the clean
-    shards of each domain; write an HF model directory and ``train_report.json`` to
-    ``out_dir``. Resumes from the newest matching checkpoint in ``out_dir/checkpoints``.
+    shards of each domain; write an HF model directory (with its model card) to
+    ``out_dir``, and ``train_report.json``, checkpoints, caches and logs to ``run_dir``
+    (default :func:`distill.layout.run_dir`). Resumes from the newest matching checkpoint
+    in ``run_dir/checkpoints``.
     ``stop_after_steps`` checkpoints and returns early (a planned preemption)."""
     threads = torch.get_num_threads()
     try:
@@ -70,6 +74,7 @@ def train(
             tokenizer_dir,
             shards,
             Path(out_dir),
+            layout.run_dir(out_dir) if run_dir is None else Path(run_dir),
             cfg,
             seed,
             sampling_weights,
@@ -86,6 +91,7 @@ def _train(
     tokenizer_dir,
     shards,
     out: Path,
+    run: Path,
     cfg: TrainConfig,
     seed,
     sampling_weights,
@@ -93,13 +99,13 @@ def _train(
     desc,
     stop_after_steps,
 ) -> dict:
-    acc = make_accelerator(cfg, out)
+    acc = make_accelerator(cfg, run)
     tokenizer = load_tokenizer(tokenizer_dir)
     sw = {d: (sampling_weights or {}).get(d, 1.0) for d in shards}
     lw = {d: (loss_weights or {}).get(d, 1.0) for d in shards}
     with acc.main_process_first():  # rank 0 tokenizes, the others read its cache
         domains = {
-            d: tokenize_domain(d, p, tokenizer, cfg.max_length, out / "cache", cfg.kd.enabled)
+            d: tokenize_domain(d, p, tokenizer, cfg.max_length, run / "cache", cfg.kd.enabled)
             for d, p in sorted(shards.items())
         }
     fp = _fingerprint(init, tokenizer_dir, tokenizer, shards, cfg, seed, sw, lw)
@@ -119,7 +125,7 @@ def _train(
     # the scheduler stays unprepared: accelerate would step it once per rank per step
     objective, opt = acc.prepare(objective, opt)
     acc.register_for_checkpointing(sched)
-    start = _resume(acc, out / "checkpoints", fp, stream)
+    start = _resume(acc, run / "checkpoints", fp, stream)
     loop = _Loop(
         acc, objective, opt, sched, stream, domains, lw, cfg, plan, pad_token_id(tokenizer)
     )
@@ -135,16 +141,17 @@ def _train(
                 }
             )
         acc.init_trackers(desc.replace("/", "-"), config=flat)
-    stats = loop.run(start, desc, out / "checkpoints", fp, stop_after_steps)
+    stats = loop.run(start, desc, run / "checkpoints", fp, stop_after_steps)
     report = build_report(acc, model, domains, stats, plan, out)
     for d, r in report["domains"].items():
         loss = "n/a" if r["mean_loss"] is None else f"{r['mean_loss']:.4f}"
         if acc.is_main_process:  # human output: stderr, like the bar
             console.print(f"{desc} {d}: mean loss {loss} over {r['loss_tokens']} loss tokens")
     if stats.finished:
-        save_model(acc, objective, tokenizer, cfg, out)
+        save_model(acc, objective, tokenizer, cfg, out, init)
         if acc.is_main_process:
-            (out / "train_report.json").write_text(json.dumps(report, indent=1))
+            (run / "train_report.json").write_text(json.dumps(report, indent=1))
+            train_card(out, run, desc, init, cfg, shards, report, sw, lw)
     acc.end_training()
     return report
 
@@ -452,6 +459,7 @@ def run(recipe: Recipe) -> dict:
         tokenizer_dir=tok_dir,
         shards=shards,
         out_dir=out / "student",
+        run_dir=layout.run_dir(out / "student", out),
         cfg=recipe.train,
         seed=recipe.seed,
         desc="student",
