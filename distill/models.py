@@ -91,6 +91,9 @@ def load_model(
     """An HF causal LM directory; a clear error when it is missing or not a causal LM."""
     from transformers import AutoModelForCausalLM
 
+    from distill.dsa import register
+
+    register()  # a DSA student's model type (distill/dsa/)
     p = Path(path)
     if not (p / "config.json").exists():
         raise UserError(f"{p}: not an HF model directory (no config.json)")

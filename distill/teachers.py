@@ -212,6 +212,9 @@ def check_hf(d: str, path: str) -> dict[str, Any]:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from distill.dsa import register
+
+        register()  # a DSA model directory loads too
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
         ids = tok("ping", return_tensors="pt", add_special_tokens=False)["input_ids"][:, :8]

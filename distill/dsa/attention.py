@@ -37,12 +37,23 @@ def index_scores(qi: Tensor, ki: Tensor, w: Tensor) -> Tensor:
     return torch.einsum("bths,bth->bts", logits, _wide(w))
 
 
+def rank_key(scores: Tensor) -> Tensor:
+    """int64 keys ordered as the scores (rounded to fp32), equal scores by key position,
+    the later first. ``topk`` of these picks the same keys whatever the layout of the
+    scores (one padded matrix, chunks, another device): an untrained indexer ties often
+    (every ReLU at 0), and a tie broken by layout would make two paths disagree."""
+    s = scores.float() + 0.0  # -0.0 -> +0.0: one zero
+    bits = s.view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # IEEE order
+    pos = torch.arange(s.shape[-1], device=s.device)
+    return (ordered << 32) | pos
+
+
 def topk_indices(scores: Tensor, allowed: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     """Each query's ``min(top_k, Tk)`` best keys [B, Tq, K] and which of them are allowed
     (a query with fewer allowed keys than K gets some disallowed ones, marked False)."""
     k = min(top_k, scores.shape[-1])
-    masked = scores.masked_fill(~allowed, NEG)
-    idx = masked.topk(k, dim=-1).indices
+    idx = rank_key(scores.masked_fill(~allowed, NEG)).topk(k, dim=-1).indices
     return idx, allowed.gather(-1, idx)
 
 
@@ -130,15 +141,25 @@ def dsa_attention(
 
 def allowed_from_mask(attention_mask: Tensor | None, b: int, tq: int, tk: int, device) -> Tensor:
     """[B, Tq, Tk] bool from what transformers hands an attention layer: a 4D boolean or
-    additive mask, or None for plain causal attention (the queries are the last ``tq``
-    of the ``tk`` keys, as with a cache)."""
+    additive mask, a 2D padding mask, or None for plain causal attention (the queries are
+    the last ``tq`` of the ``tk`` keys, as with a cache)."""
     if attention_mask is None:
         i = torch.arange(tq, device=device)[:, None] + (tk - tq)
         return (torch.arange(tk, device=device)[None, :] <= i).expand(b, tq, tk)
+    if attention_mask.dim() == 2:  # [B, Tk] padding mask (flash-attention style): add causality
+        causal = allowed_from_mask(None, b, tq, tk, device)
+        return causal & attention_mask[:, None, -tk:].bool()
     m = attention_mask[:, 0] if attention_mask.dim() == 4 else attention_mask
     m = m[..., -tq:, :tk]
     allowed = m if m.dtype == torch.bool else m == 0
     return allowed.expand(b, tq, tk)
+
+
+def same_trace(position_ids: Tensor) -> Tensor:
+    """[B, T, T] bool: both tokens in one trace of a packed row (positions restart at 0
+    at each trace; a padding token at position 0 is a trace of its own)."""
+    seg = (position_ids == 0).cumsum(-1)
+    return seg[:, :, None] == seg[:, None, :]
 
 
 def segment_groups(cu: Tensor) -> list[tuple[Tensor, Tensor]]:

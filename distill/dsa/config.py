@@ -37,4 +37,4 @@ class DSAConfig(LlamaConfig):
         head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.index_rope_dim is not None:
             return self.index_rope_dim
-        return min(self.index_head_dim // 2, head_dim)
+        return 2 * min(self.index_head_dim // 4, head_dim // 2)

@@ -70,8 +70,9 @@ def index_topk(
             b, lo = min(t, a + chunk), firsts[n]
             scores = _chunk_scores(qi, ki, w, starts, a, b, lo)
             kk = min(k_out, b - lo)
-            val, j = scores.topk(kk, dim=-1)
-            idx[a:b, :kk] = torch.where(val > float("-inf"), j + lo, -1)
+            j = A.rank_key(scores).topk(kk, dim=-1).indices
+            ok = scores.gather(-1, j) > float("-inf")
+            idx[a:b, :kk] = torch.where(ok, j + lo, -1)
     return idx
 
 

@@ -56,12 +56,13 @@ class Indexer(nn.Module):
             config.rope_dim,
         )
         r = self.rope_dim
-        if r % 2 or r > self.head_dim or r > hd or (hd // 2) % max(1, r // 2):
+        if r % 2 or r > self.head_dim or r > hd:
             raise ValueError(
-                f"index_rope_dim {r}: must be even, at most index_head_dim ({self.head_dim}) "
-                f"and head_dim ({hd}), and divide head_dim"
+                f"index_rope_dim {r}: must be even and at most index_head_dim "
+                f"({self.head_dim}) and head_dim ({hd})"
             )
-        self.step = (hd // 2) // max(1, r // 2)  # every step-th frequency: the whole spectrum
+        # every step-th of the model's RoPE frequencies: r/2 of them spanning its spectrum
+        self.step = (hd // 2) // max(1, r // 2)
         h = config.hidden_size
         self.wq = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(h, self.head_dim, bias=False)
@@ -126,12 +127,19 @@ class DSAAttention(LlamaAttention):
             ki = _update_indexer(cache, ki, self.layer_idx)
         loss = self.want_loss and self.training
         cu = kwargs.get("cu_seq_lens_q")
-        if cu is not None and cache is None:
+        fresh = k.shape[2] == t  # no earlier keys in a cache: positions restart per trace
+        if cu is not None and fresh:
             if b != 1:
                 raise RuntimeError("DSA with cu_seq_lens_q needs one flattened row")
             out, kl = self._varlen(q, k, v, qi, ki, w, cu, kwargs.get("max_length_q"), loss)
         else:
-            out, kl = self._rows(q, k, v, qi, ki, w, attention_mask, loss)
+            allowed = A.allowed_from_mask(attention_mask, b, t, k.shape[2], q.device)
+            pos = kwargs.get("position_ids")
+            if fresh and pos is not None:
+                # packed rows under any mask (or none, as flash attention gets): no attention
+                # and no top-k across a trace boundary
+                allowed = allowed & A.same_trace(pos.expand(b, t))
+            out, kl = self._rows(q, k, v, qi, ki, w, allowed, loss)
         self.index_loss = kl
         out = out.reshape(b, t, -1).contiguous()
         return self.o_proj(out), None
@@ -154,11 +162,11 @@ class DSAAttention(LlamaAttention):
             out, kl = dsa_varlen(*args, dense=self.dense, loss=loss, max_len=max_len)
         return out.unsqueeze(0), kl
 
-    def _rows(self, q, k, v, qi, ki, w, attention_mask, loss):
-        """Rows with a mask (and maybe a cache): [B, H, Tq, D] -> [B, Tq, H, D]."""
+    def _rows(self, q, k, v, qi, ki, w, allowed, loss):
+        """Rows (maybe with a cache) and what each query may read [B, Tq, Tk]:
+        [B, H, Tq, D] -> [B, Tq, H, D]."""
         b, _, tq, _ = q.shape
         tk = k.shape[2]
-        allowed = A.allowed_from_mask(attention_mask, b, tq, tk, q.device)
         if loss:
             out, kl = A.dsa_attention(
                 q, k, v, qi, ki, w, allowed, self.top_k, self.scaling, dense=self.dense, loss=True
@@ -202,8 +210,8 @@ class DSAPreTrainedModel(LlamaPreTrainedModel):
     config_class = DSAConfig
     config: DSAConfig
     _no_split_modules = ["DSADecoderLayer"]
-    # attention is this file's own: no flash / flex kernels behind it, no full-graph compile
-    _supports_flash_attn = False
+    # attention is this file's own whatever attn_implementation says (it only shapes the
+    # mask transformers builds, which the layer reads); no full-graph compile
     _supports_flex_attn = False
     _can_compile_fullgraph = False
     _can_record_outputs = {"hidden_states": DSADecoderLayer, "attentions": DSAAttention}

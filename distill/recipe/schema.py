@@ -48,6 +48,22 @@ class ModelArch(Section):
     tie_word_embeddings: bool = Field(
         True, description="Share input and output embeddings (saves parameters at tiny sizes)."
     )
+    attention: Literal["dense", "dsa"] = Field(
+        "dense",
+        description="dsa = DeepSeek Sparse Attention: the student is trained dense, then a "
+        "lightning indexer per layer picks each query's index_top_k keys (phases in train.dsa; "
+        "docs/dsa.md). Student only; with student.kind hf it converts that model.",
+    )
+    index_heads: int = Field(4, ge=1, description="Indexer query heads (attention: dsa).")
+    index_head_dim: int = Field(
+        32, ge=2, multiple_of=2, description="Width of an indexer head (attention: dsa)."
+    )
+    index_top_k: int = Field(
+        2048,
+        ge=1,
+        description="Keys each query reads (attention: dsa); at or above the sequence length "
+        "DSA is dense attention plus the indexer's cost.",
+    )
 
     @model_validator(mode="after")
     def _heads(self) -> ModelArch:
@@ -62,6 +78,29 @@ class ModelArch(Section):
                 f"num_heads: {self.num_heads} is not a multiple of num_kv_heads ({kv})"
             )
         return self
+
+
+class DSATrainConfig(Section):
+    """The phases that turn the dense student into a DSA one (student.arch.attention: dsa)."""
+
+    warmup_steps: int = Field(
+        100,
+        ge=0,
+        description="Dense warm-up steps: only the indexer trains, toward the main attention "
+        "(KL); 0 = none.",
+    )
+    warmup_learning_rate: float = Field(
+        1e-3, gt=0, description="Learning rate of the warm-up (the indexer alone)."
+    )
+    sparse_steps: int = Field(
+        200,
+        ge=1,
+        description="Sparse training steps: every weight, CE plus the indexer's KL over the "
+        "selected keys.",
+    )
+    sparse_learning_rate: float | None = Field(
+        None, gt=0, description="Learning rate of sparse training; null = learning_rate."
+    )
 
 
 class LoraConfig(Section):
@@ -177,6 +216,10 @@ class TrainConfig(Section):
     )
     kd: KDConfig = Field(default_factory=KDConfig, description="Logit distillation.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")
+    dsa: DSATrainConfig = Field(
+        default_factory=DSATrainConfig,
+        description="DSA phases after the dense student (student.arch.attention: dsa).",
+    )
 
 
 # --------------------------------------------------------------------------- stages
@@ -282,6 +325,8 @@ class TeacherConfig(Section):
             raise ValueError("path: required for kind=hf")
         if self.kind == "openai" and not (self.base_url and self.model):
             raise ValueError("base_url and model: required for kind=openai")
+        if self.arch.attention != "dense":
+            raise ValueError("arch.attention: dsa is for the student only (student.arch)")
         return self
 
 

@@ -111,7 +111,9 @@ def _train(
     fp = _fingerprint(init, tokenizer_dir, tokenizer, shards, cfg, seed, sw, lw)
     model = _init_model(init, tokenizer, seed, cfg, acc.device)
     set_cpu_threads(acc, sum(p.numel() for p in model.parameters()))
-    objective = Objective(
+    from distill.dsa.train import objective_class  # a DSA model adds its indexer's loss
+
+    objective = objective_class(model)(
         model,
         cfg.kd.alpha if cfg.kd.enabled else 0.0,
         cfg.kd.temperature,
@@ -454,7 +456,12 @@ def run(recipe: Recipe) -> dict:
     domains = list(shards)
     if recipe.train.kd.enabled:
         _check_kd_tokenizers(recipe, tok_dir)
-    report = train(
+    fit = train
+    if st.arch.attention == "dsa":  # the dense student, then its DSA phases (distill/dsa/)
+        from distill.dsa.train import phases
+
+        fit = phases(st.arch)
+    report = fit(
         init=init,
         tokenizer_dir=tok_dir,
         shards=shards,

@@ -1,0 +1,437 @@
+"""DeepSeek Sparse Attention students (distill/dsa/): the attention against dense attention
+and against its own reference, causal per-trace selection, which weights each phase's
+loss reaches, save/load through AutoModelForCausalLM, the cache, and the train stage
+end to end into eval's backend, serve and the RL policy's forward."""
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny_artifacts import ARCH, make_tokenizer, math_trace, one_thread, write_shards
+
+from distill.dsa import attention as A
+from distill.dsa import kernels as K
+from distill.dsa import register
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    yield from one_thread()
+
+
+def _llama(seed=0, dtype=F64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def _dsa(dense, top_k, warmup=False):
+    from distill.dsa.model import from_dense
+
+    return from_dense(
+        dense, index_n_heads=2, index_head_dim=8, index_top_k=top_k, seed=1, warmup=warmup
+    ).eval()
+
+
+def _set_top_k(model, top_k):
+    for layer in model.attention_layers():
+        layer.top_k = top_k
+    model.config.index_top_k = top_k
+
+
+def _qkv(t, seed=0, dtype=F64, grad=False):
+    """Main and indexer inputs of a flat row; the indexer's are positive, so no two
+    scores tie and every implementation selects the same keys."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s, pos=False):
+        x = torch.randn(*s, generator=g, dtype=dtype)
+        return (x.abs() if pos else x).requires_grad_(grad)
+
+    return (
+        r(t, 4, 16), r(t, 2, 16), r(t, 2, 16), r(t, 3, 8, pos=True), r(t, 8, pos=True),
+        r(t, 3, pos=True),
+    )  # fmt: skip
+
+
+CU = torch.tensor([0, 37, 38, 100, 161], dtype=torch.int32)  # a lone token, unequal traces
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def test_top_k_at_least_the_length_is_dense_attention():
+    """fp64: with top_k >= the sequence length every allowed key is read, so the DSA
+    model's logits are the dense model's, on padded rows and on a packed flat row; with
+    a small top_k they are not."""
+    dense = _llama()
+    model = _dsa(dense, top_k=64)
+    ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding, as eval's backend decodes
+    with torch.no_grad():
+        want = dense(input_ids=ids, attention_mask=mask).logits
+        got = model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()])
+        # the reference on a flat row: the sparse machinery itself, top_k = the row
+        q, k, v, qi, ki, w = _qkv(161)
+        sparse, _ = A.dsa_varlen_reference(q, k, v, qi, ki, w, CU, 161, 0.25)
+        full, _ = A.dsa_varlen_reference(q, k, v, qi, ki, w, CU, 161, 0.25, dense=True)
+        torch.testing.assert_close(sparse, full)
+        from distill.models import _varlen_kernel
+
+        torch.testing.assert_close(full, _varlen_kernel(q, k, v, CU, 64, 0.25))
+        small, _ = A.dsa_varlen_reference(q, k, v, qi, ki, w, CU, 4, 0.25)
+        assert (small - full).abs().max() > 1e-3
+        _set_top_k(model, 4)
+        assert (model(input_ids=ids, attention_mask=mask).logits - want).abs().max() > 1e-3
+
+
+def test_packed_rows_attend_within_their_trace():
+    """A packed row through the trainer's flat path (cu_seq_lens) and through a plain
+    forward with restarting position_ids both equal each trace run alone."""
+    model = _dsa(_llama(), top_k=5)
+    g = torch.Generator().manual_seed(1)
+    lens = [9, 14, 6]
+    traces = [torch.randint(0, 61, (1, n), generator=g) for n in lens]
+    row = torch.cat(traces, 1)
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    cu = torch.tensor([0, 9, 23, 29], dtype=torch.int32)
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=t).logits for t in traces], 1)
+        flat = model(
+            input_ids=row, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+            max_length_q=14, max_length_k=14,
+        ).logits  # fmt: skip
+        plain = model(input_ids=row, position_ids=pos).logits
+    torch.testing.assert_close(flat, alone)
+    torch.testing.assert_close(plain, alone)
+
+
+def test_selection_is_causal_and_stays_in_its_trace():
+    """Scores that grow with the key's position (every future key would win): no
+    selected key is after its query or before its trace, and each query reads exactly
+    min(top_k, keys so far) of them; batch and flat paths alike."""
+    t, top_k = 161, 6
+    starts = K.segment_starts(CU, t)
+    qi = torch.ones(t, 1, 4, dtype=F64)
+    ki = torch.arange(t, dtype=F64)[:, None].repeat(1, 4)  # score grows with the key
+    w = torch.ones(t, 1, dtype=F64)
+    idx = K.index_topk(qi, ki, w, starts, top_k, max_len=62)
+    pos = torch.arange(t)[:, None]
+    ok = idx >= 0
+    assert ((idx <= pos) | ~ok).all() and ((idx >= starts[:, None]) | ~ok).all()
+    assert (ok.sum(1) == torch.clamp(pos[:, 0] - starts + 1, max=top_k)).all()
+    # the latest keys win, the query itself among them
+    assert (idx.max(1).values == torch.arange(t)).all()
+    scores = A.index_scores(qi[None], ki[None], w[None])
+    allowed = A.allowed_from_mask(None, 1, t, t, "cpu")
+    sel = A.select(scores, allowed, top_k)[0]
+    assert not sel.triu(1).any() and (sel.sum(1) == torch.clamp(pos[:, 0] + 1, max=top_k)).all()
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("top_k", [5, 200])
+def test_gpu_path_in_torch_matches_the_reference(dense, top_k):
+    """fp64 on CPU: the chunked O(T·top_k) path (gathered keys, chunked KL) against the
+    whole-matrix reference: outputs, the KL and every gradient."""
+    q, k, v, qi, ki, w = _qkv(161, grad=True)
+    ref, kl_ref = A.dsa_varlen_reference(q, k, v, qi, ki, w, CU, top_k, 0.3, dense=dense, loss=True)
+    got, kl_got = K.dsa_varlen(q, k, v, qi, ki, w, CU, top_k, 0.3, dense=dense, loss=True)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(kl_got, kl_ref)
+    ins = (q, k, v, qi, ki, w)
+    g_ref = torch.autograd.grad((ref * ref.detach().cos()).sum() + kl_ref, ins)
+    g_got = torch.autograd.grad((got * got.detach().cos()).sum() + kl_got, ins)
+    for a, b in zip(g_got, g_ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_decode_path_gathers_the_same_keys():
+    """The batch path's gathered attention (eval, serve, decode) equals masking the
+    selection."""
+    q, k, v, qi, ki, w = _qkv(30)
+    qb, kb, vb = (x.transpose(0, 1)[None] for x in (q, k, v))
+    allowed = A.allowed_from_mask(None, 1, 30, 30, "cpu")
+    scores = A.index_scores(qi[None], ki[None], w[None])
+    idx, ok = A.topk_indices(scores, allowed, 7)
+    masked = A.attend(qb, kb, vb, A.select(scores, allowed, 7), 0.3)
+    torch.testing.assert_close(A.attend_gathered(qb, kb, vb, idx, ok, 0.3), masked)
+
+
+TRITON_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+from test_dsa import _qkv, CU
+from distill.dsa import attention as A, kernels as K
+assert K.use_triton(torch.zeros(1))
+cu = torch.tensor([0, 20, 21, 50, 70], dtype=torch.int32)
+q, k, v, qi, ki, w = _qkv(70, dtype=torch.float32, grad=True)
+ins = (q, k, v, qi, ki, w)
+for top_k in (5, 70):
+    ref, kl_ref = A.dsa_varlen_reference(q, k, v, qi, ki, w, cu, top_k, 0.3, loss=True)
+    got, kl_got = K.dsa_varlen(q, k, v, qi, ki, w, cu, top_k, 0.3, loss=True)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    g_ref = torch.autograd.grad((ref * ref.detach().cos()).sum() + kl_ref, ins)
+    g_got = torch.autograd.grad((got * got.detach().cos()).sum() + kl_got, ins)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_TRITON, reason="triton is not installed")
+def test_triton_kernels_match_the_reference_interpreted(tmp_path):
+    """The Triton kernels (index scores; sparse attention forward and backward with
+    atomic dK/dV) on CPU under TRITON_INTERPRET=1, in a fresh process (the interpreter
+    is chosen when the kernels are defined)."""
+    script = tmp_path / "tri.py"
+    script.write_text(TRITON_SCRIPT.format(tests=os.path.dirname(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not K.HAVE_TRITON, reason="needs CUDA")
+def test_triton_kernels_match_the_reference_on_gpu():
+    """bf16 on the GPU: the layer's GPU path against the fp64 reference."""
+    q, k, v, qi, ki, w = (x.cuda() for x in _qkv(161))
+    for top_k in (5, 64):
+        ref, kl_ref = A.dsa_varlen_reference(q, k, v, qi, ki, w, CU.cuda(), top_k, 0.3, loss=True)
+        half = [x.bfloat16().requires_grad_() for x in (q, k, v, qi, ki, w)]
+        got, kl_got = K.dsa_varlen(*half, CU.cuda(), top_k, 0.3, loss=True)
+        torch.testing.assert_close(got.double(), ref, atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(kl_got.double(), kl_ref, atol=5e-2, rtol=3e-2)
+        (got.float().square().sum() + kl_got).backward()
+        assert all(torch.isfinite(x.grad).all() for x in half)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _objective(model):
+    from distill.dsa.train import DSAObjective
+
+    return DSAObjective(model.train(), max_seqlen=64)
+
+
+def _batch(n_rows=3, seed=0):
+    """A flat micro-batch as the trainer collates it (3 traces, loss on the back half)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [12, 20, 9][:n_rows]
+    ids = torch.randint(0, 61, (1, sum(lens)), generator=g)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    loss_pos = torch.cat(
+        [torch.arange(s + n // 2, s + n - 1) for s, n in zip(cu[:-1], lens, strict=True)]
+    )
+    n = len(loss_pos)
+    return dict(
+        input_ids=ids, position_ids=pos, loss_pos=loss_pos, targets=ids[0, loss_pos + 1],
+        weights=torch.ones(n), domain=torch.zeros(n, dtype=torch.long), n_domains=1,
+        norm=torch.tensor(float(n)), cu_seqlens=cu,
+    )  # fmt: skip
+
+
+def _split(model):
+    indexer = {id(p) for p in model.indexer_parameters()}
+    main = [p for p in model.parameters() if id(p) not in indexer]
+    return main, [p for p in model.parameters() if id(p) in indexer]
+
+
+def test_warmup_trains_the_indexer_alone():
+    """Warm-up: dense attention, only the indexer's parameters are trainable and get a
+    gradient; the loss is the KL, which a few steps lower; the saved config no longer
+    asks for a warm-up."""
+    from distill.dsa.model import DSAForCausalLM
+
+    dense = _llama(dtype=torch.float32)
+    with torch.no_grad():  # peaked attention: a target the fresh indexer is far from
+        for layer in dense.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6)
+            layer.self_attn.k_proj.weight.mul_(6)
+    model = _dsa(dense, top_k=3, warmup=True)
+    obj = _objective(model)
+    main, index = _split(model)
+    assert not any(p.requires_grad for p in main) and all(p.requires_grad for p in index)
+    assert not model.config.index_warmup
+    batch = _batch()
+    with torch.no_grad():  # attention is dense: the dense model's hidden states, per trace
+        ids, cu = batch["input_ids"], batch["cu_seqlens"].tolist()
+        h = model.model(input_ids=ids, position_ids=batch["position_ids"]).last_hidden_state
+        hd = [
+            dense.model(input_ids=ids[:, a:b]).last_hidden_state
+            for a, b in zip(cu[:-1], cu[1:], strict=True)
+        ]
+    torch.testing.assert_close(h, torch.cat(hd, 1))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        total, *_ = obj(**batch)
+        total.backward()
+        opt.step()
+        losses.append(float(total.detach()))
+    assert all(p.grad is None for p in main)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in index)
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert isinstance(model, DSAForCausalLM)
+
+
+def test_sparse_phase_keeps_the_two_losses_apart():
+    """Sparse phase: the indexer's KL reaches the indexer alone (its input is detached);
+    the CE reaches the main model alone (top-k has no gradient)."""
+    model = _dsa(_llama(dtype=torch.float32), top_k=3)
+    obj = _objective(model)
+    main, index = _split(model)
+    assert all(p.requires_grad for p in model.parameters())
+    batch = _batch()
+    total, _, _ = obj(**batch)
+    kl = sum(a.index_loss for a in model.attention_layers())
+    assert kl > 0
+    kl.backward(retain_graph=True)
+    assert all(p.grad is None or not p.grad.any() for p in main)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in index)
+    model.zero_grad(set_to_none=True)
+    (total - kl / (batch["norm"] * len(model.attention_layers()))).backward()  # the CE alone
+    assert all(p.grad is None or not p.grad.any() for p in index)
+    assert sum(p.grad.abs().sum() for p in main if p.grad is not None) > 0
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def test_save_and_load_through_auto_model_same_logits(tmp_path):
+    """save_pretrained -> AutoModelForCausalLM (registered model type, no remote code)
+    and distill.models.load_model -> the same fp64 logits, sparse (top_k 4)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from distill.models import load_model
+
+    model = _dsa(_llama(), top_k=4)
+    model.save_pretrained(tmp_path)
+    register()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "distill_dsa"
+    ids = torch.randint(0, 61, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        for loaded in (
+            AutoModelForCausalLM.from_pretrained(tmp_path, dtype=F64),
+            load_model(tmp_path, dtype=F64),
+        ):
+            assert type(loaded) is type(model) and loaded.config.index_top_k == 4
+            torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, want)
+
+
+def test_cached_decoding_matches_the_full_forward():
+    """Prefill then one token at a time through DynamicCache (the indexer's keys cached
+    beside K/V): the logits of one forward over the whole sequence."""
+    from transformers import DynamicCache
+
+    model = _dsa(_llama(), top_k=4)
+    ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(4))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        parts = [model(input_ids=ids[:, :10], cache=cache, use_cache=True).logits]
+        for i in range(10, 24):
+            parts.append(model(input_ids=ids[:, i : i + 1], cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(parts, 1), want)
+
+
+@pytest.mark.integration
+def test_train_stage_converts_and_eval_serve_rl_run_unchanged(tmp_path):
+    """`distill train` with student.arch.attention: dsa (dense, warm-up, sparse phases),
+    then the student through eval's backend (greedy = a manual greedy loop), serve's app
+    (one chat completion) and the RL policy's forward and backward."""
+    from fastapi.testclient import TestClient
+
+    import distill.train.loop as loop
+    from distill.backends import Sampling
+    from distill.backends.hf import HFBackend
+    from distill.models import load_model
+    from distill.recipe.schema import validate
+    from distill.serve import create_app
+
+    make_tokenizer(tmp_path / "tok")
+    rng = random.Random(0)
+    write_shards(tmp_path / "clean" / "math", "math", [math_trace(i, rng) for i in range(40)])
+    arch = ARCH.model_dump() | {"attention": "dsa", "index_top_k": 8, "index_head_dim": 8}
+    recipe = validate(
+        {
+            "name": "dsa",
+            "output_dir": str(tmp_path),
+            "tokenizer": {"kind": "pretrained", "path": str(tmp_path / "tok")},
+            "domains": {"math": {}},
+            "teachers": {"math": {}},
+            "student": {"arch": arch},
+            "train": {
+                "max_steps": 4, "batch_tokens": 512, "micro_batch_tokens": 256,
+                "max_length": 128, "precision": "fp32", "warmup_steps": 1,
+                "dsa": {"warmup_steps": 3, "sparse_steps": 3},
+            },
+        }
+    )  # fmt: skip
+    loop.DEFER = False
+    out = loop.run(recipe)
+    assert out["complete"] and set(out["dsa"]) == {"dense", "warmup", "sparse"}
+    student = tmp_path / "student"
+    phases = tmp_path / "runs" / "student" / "dsa"
+    assert (phases / "dense" / "model" / "model.safetensors").exists()
+    assert len(list(phases.glob("warmup-*/model/model.safetensors"))) == 1
+    assert not (student / "dense").exists()  # the model directory holds the model alone
+    # eval's backend: greedy decoding through the cache equals greedy over full forwards
+    backend = HFBackend(student, batch_size=2)
+    assert backend.model.config.model_type == "distill_dsa"
+    msgs = [[{"role": "user", "content": f"Problem {i}: what is 3 + {i}?"}] for i in range(2)]
+    greedy = Sampling(temperature=0.0, max_new_tokens=12)
+    got = backend.complete(msgs, [None, None], greedy)
+    for conv, (c,) in zip(msgs, got, strict=True):
+        ids = backend.render(conv)
+        with torch.no_grad():
+            for _ in range(c.completion_tokens):
+                ids.append(int(backend.model(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert backend.tokenizer.decode(ids[-c.completion_tokens :]) == c.text
+    # serve: one chat completion (the context manager runs the app's batcher)
+    with TestClient(create_app(student, batch_size=2)) as client:
+        body = {"messages": msgs[0], "max_tokens": 8, "temperature": 0}
+        r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"] is not None
+    # the RL policy: get_decoder() over right-padded rows, then the output embeddings
+    model = load_model(student).train()
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    att = torch.ones_like(ids)
+    att[1, 15:] = 0
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=att).last_hidden_state
+    logits = model.get_output_embeddings()(hidden)
+    logits[att.bool()].logsumexp(-1).sum().backward()
+    assert model.lm_head.weight.grad is not None and torch.isfinite(logits).all()
+
+
+def test_indexer_rope_uses_the_model_frequencies():
+    """The indexer's RoPE: the score of a query and a key depends only on their distance
+    (a shift of both positions leaves it unchanged)."""
+    model = _dsa(_llama(), top_k=4)
+    layer = model.attention_layers()[0]
+    x = torch.randn(1, 2, 32, dtype=F64)
+    scores = []
+    for shift in (0, 17):
+        pos = torch.tensor([[3 + shift, 10 + shift]])
+        cos, sin = model.model.rotary_emb(x, pos)
+        qi, ki, w = layer.indexer(x, cos, sin)
+        scores.append(A.index_scores(qi, ki, w)[0, 1, 0])
+    torch.testing.assert_close(scores[0], scores[1])
+    assert layer.indexer.rope_dim == 4  # 2 * min(8 // 4, 8 // 2)
