@@ -322,6 +322,21 @@ def test_a_rank_that_fills_the_disk_is_a_user_error_not_a_crash(disk):
             launch.spawn(_write_big, str(d / "big"), procs=2, what="test")
 
 
+def test_training_on_a_full_disk_is_named(disk, tmp_path):
+    from tiny_artifacts import ARCH, corpus, make_tokenizer, small_cfg, write_shards
+
+    from distill.errors import storage_errors
+    from distill.train.loop import train
+
+    make_tokenizer(tmp_path / "tok")
+    shards = {"math": write_shards(tmp_path / "clean", "math", corpus(8))}
+    d = disk("256k")
+    with pytest.raises(UserError, match=rf"^no space left on {d}"):
+        with storage_errors(d):  # as run_stage runs the train stage
+            train(init=ARCH, tokenizer_dir=tmp_path / "tok", shards=shards,
+                  out_dir=d / "student", cfg=small_cfg(max_steps=2, save_steps=1))  # fmt: skip
+
+
 def test_torch_checkpoint_writer_on_a_full_disk_is_named(disk):
     import torch
 
