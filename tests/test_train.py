@@ -117,9 +117,17 @@ def test_resume_reproduces_the_uninterrupted_losses(data, tmp_path):
     (ckpts / "step-000005.tmp" / "model.safetensors").write_bytes(b"trunc")
     rest = run_train(data, tmp_path / "b")
     assert rest["finished"]
+    # the report covers the whole run, the steps before the resume included (#16 item 11)
     torch.testing.assert_close(
-        torch.tensor(rest["losses"]), torch.tensor(full["losses"][3:]), rtol=0, atol=1e-6
+        torch.tensor(rest["losses"]), torch.tensor(full["losses"]), rtol=0, atol=1e-6
     )
+    saved = json.loads((run_dir(tmp_path / "b") / "train_report.json").read_text())
+    assert saved["losses"] == rest["losses"] and len(saved["losses"]) == saved["steps"]
+    assert saved["tokens"] == full["tokens"]
+    for d, r in full["domains"].items():
+        assert saved["domains"][d]["loss_tokens"] == r["loss_tokens"]
+        assert saved["domains"][d]["mean_loss"] == pytest.approx(r["mean_loss"], abs=1e-6)
+    assert saved["step_elapsed_s"] == sorted(saved["step_elapsed_s"])
     assert not (ckpts / "step-000005.tmp").exists()
 
 
@@ -222,6 +230,6 @@ def test_deferred_bookkeeping_changes_no_loss_checkpoint_or_resume(data, tmp_pat
     assert not first["finished"] and first["losses"] == sync["losses"][:3]
     assert [p.name for p in (run_dir(tmp_path / "b") / "checkpoints").iterdir()] == ["step-000003"]
     rest = run_train(data, tmp_path / "b")
-    assert rest["finished"] and rest["losses"] == sync["losses"][3:]
+    assert rest["finished"] and rest["losses"] == sync["losses"]  # the whole run's steps
     timed = run_train(data, tmp_path / "t", cfg=small_cfg(max_steps=6, max_time_s=1e-6))
     assert timed["stopped_by"] == "max_time_s" and timed["steps"] == 1

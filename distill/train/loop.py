@@ -35,7 +35,6 @@ from distill.progress import console
 from distill.recipe.schema import ModelArch, Recipe, TrainConfig
 from distill.train import checkpoint
 from distill.train.data import RowStream, cache_key, collate, tokenize_domain
-from distill.train.loss import Objective
 from distill.train.metrics import StepStats, build_report, progress
 from distill.train.save import save_model, train_card
 from distill.train.setup import compile_model, make_accelerator, make_optimizer, set_cpu_threads
@@ -127,7 +126,7 @@ def _train(
     # the scheduler stays unprepared: accelerate would step it once per rank per step
     objective, opt = acc.prepare(objective, opt)
     acc.register_for_checkpointing(sched)
-    start = _resume(acc, run / "checkpoints", fp, stream)
+    start, prior = _resume(acc, run / "checkpoints", fp, stream)
     loop = _Loop(
         acc, objective, opt, sched, stream, domains, lw, cfg, plan, pad_token_id(tokenizer)
     )
@@ -143,7 +142,7 @@ def _train(
                 }
             )
         acc.init_trackers(desc.replace("/", "-"), config=flat)
-    stats = loop.run(start, desc, run / "checkpoints", fp, stop_after_steps)
+    stats = loop.run(start, desc, run / "checkpoints", fp, stop_after_steps, prior)
     report = build_report(acc, model, domains, stats, plan, out)
     for d, r in report["domains"].items():
         loss = "n/a" if r["mean_loss"] is None else f"{r['mean_loss']:.4f}"
@@ -265,19 +264,20 @@ def _even_split(rows: float) -> int:
     return 8 * max(1, round(rows / 8))
 
 
-def _resume(acc, ckpt_dir: Path, fp: str, stream: RowStream) -> int:
+def _resume(acc, ckpt_dir: Path, fp: str, stream: RowStream) -> tuple[int, dict | None]:
+    """The step to go on from and the statistics of the steps before it (none: 0)."""
     if acc.is_main_process:
         checkpoint.drop_incomplete(ckpt_dir)
     acc.wait_for_everyone()
     found = checkpoint.latest(ckpt_dir, fp)
     if found is None:
-        return 0
+        return 0, None
     path, state = found
     acc.load_state(str(path))
     stream.load_state_dict(state["data"])
     if acc.is_main_process:
         console.print(f"resumed from {path} (step {state['step']})")
-    return int(state["step"])
+    return int(state["step"]), state.get("stats")
 
 
 class _Loop:
@@ -353,7 +353,13 @@ class _Loop:
         return torch.cat([(loss / acc.num_processes).reshape(1), counts, dom])
 
     def run(
-        self, start: int, desc: str, ckpt_dir: Path, fp: str, stop_after: int | None
+        self,
+        start: int,
+        desc: str,
+        ckpt_dir: Path,
+        fp: str,
+        stop_after: int | None,
+        prior: dict | None = None,
     ) -> StepStats:
         """The steps from ``start + 1``. On a GPU the loop runs one step ahead of its
         bookkeeping: step k's losses are read (a device sync) only after step k+1 has been
@@ -362,6 +368,8 @@ class _Loop:
         ranks (their all-reduced flag) ends the run one step later than on one."""
         acc, cfg = self.acc, self.cfg
         stats = StepStats(self.names, start)
+        if prior:  # resumed: the report covers the steps before too
+            stats.load_state_dict(prior)
         last = self.plan["max_steps"]
         t0 = time.perf_counter()
         with progress(acc, desc, last, start) as bar:
@@ -382,7 +390,12 @@ class _Loop:
                 stop = self._record(step, row, stats, bar, t0) or stop or step == stop_after
                 pending = None
                 if saves or stop:
-                    state = {"step": step, "data": self.stream.state_dict(), "fingerprint": fp}
+                    state = {
+                        "step": step,
+                        "data": self.stream.state_dict(),
+                        "fingerprint": fp,
+                        "stats": stats.state_dict(),
+                    }
                     checkpoint.save(acc, ckpt_dir, step, state, cfg.save_total_limit)
                 if stop:
                     # out of time: a finished (shorter) run; stop_after: a preemption
