@@ -296,3 +296,41 @@ def test_stream_errors_are_plain_http_errors_before_the_stream(server):
     assert r.status_code == 400 and "logprobs" in r.json()["error"]["message"]
     r = _post(server, {**GOOD, "stream": True, "tools": [{"type": "function"}]})
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("tools.0.function")
+
+
+_USER = [{"role": "user", "content": "hi"}]
+BAD_BODIES = [  # (body, status, what the message starts with)
+    ("{not json", 400, "body: not valid JSON"),
+    ("[1, 2]", 400, "body: Input should be a valid dictionary"),
+    ({}, 400, "messages: Field required"),
+    ({"messages": []}, 400, "messages: List should have at least 1 item"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     400, "messages.0.content"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"function": {}}]}]}, 400,
+     "messages.0.tool_calls.0.function.name: Field required"),
+    ({"messages": _USER, "n": 0}, 400, "n: Input should be greater than or equal to 1"),
+    ({"messages": _USER, "temperature": 5}, 400, "temperature"),
+    ({"messages": _USER, "top_p": 0}, 400, "top_p"),
+    ({"messages": _USER, "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": _USER, "stop": 3}, 400, "stop"),
+    ({"messages": _USER, "seed": "x"}, 400, "seed"),
+    ({"messages": _USER, "tools": {"type": "function"}}, 400, "tools: Input should be a valid list"),
+    ({"messages": _USER, "tools": [{"type": "web", "function": {"name": "f"}}]}, 400,
+     "tools.0.type"),
+    ({"messages": _USER, "stream": True, "stream_options": 1}, 400, "stream_options"),
+    ({"messages": _USER, "model": "other"}, 404, "model 'other' is not served here"),
+]  # fmt: skip
+
+
+def test_bad_bodies_are_4xx_naming_the_field_and_the_server_keeps_serving(server):
+    for body, status, start in BAD_BODIES:
+        kw = {"content": body} if isinstance(body, str) else {"json": body}
+        r = httpx.post(f"{server}/chat/completions", timeout=30, **kw)
+        assert r.status_code == status, (body, r.text)
+        assert r.json()["error"]["message"].startswith(start), (body, r.text)
+    assert httpx.get(f"{server}/chat/completions").status_code == 405
+    assert httpx.post(f"{server}/models").status_code == 405
+    assert httpx.get(f"{server}/nowhere").status_code == 404
+    assert _post(server, GOOD).status_code == 200
