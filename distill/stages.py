@@ -317,7 +317,6 @@ def weights_digest(d: Path) -> dict[str, str]:
     from distill.shards.read import file_sha256  # pyarrow: not at import time of the CLI
 
     files = sorted(d.glob("*.safetensors")) + sorted(d.glob("*/*.safetensors"))
-    files += sorted(d.glob("*/rl/*.safetensors"))  # RL-sharpened teachers
     return {str(f.relative_to(d)): file_sha256(f) for f in files}
 
 
