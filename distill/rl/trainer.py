@@ -128,7 +128,8 @@ def train_rl(
     acc.wait_for_everyone()
     report = {
         "steps": done,
-        "finished": done >= cfg.steps,
+        # out of time is a planned, shorter run (as in the SFT trainer): the model is saved
+        "finished": True,
         "stopped_by": "steps" if done >= cfg.steps else "max_time_s",
         "world_size": acc.num_processes,
         "seconds": round(time.time() - t_start, 2),
