@@ -335,14 +335,19 @@ def test_save_and_load_through_auto_model_same_logits(tmp_path):
             torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, want)
 
 
-def test_cached_decoding_matches_the_full_forward():
-    """Prefill then one token at a time through DynamicCache (the indexer's keys cached
-    beside K/V): the logits of one forward over the whole sequence."""
-    from transformers import DynamicCache
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_cached_decoding_matches_the_full_forward(kind):
+    """Prefill then one token at a time through a DynamicCache or a StaticCache (the
+    indexer's keys cached beside K/V; the static one longer than the sequence): the
+    logits of one forward over the whole sequence."""
+    from transformers import DynamicCache, StaticCache
 
     model = _dsa(_llama(), top_k=4)
     ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(4))
-    cache = DynamicCache(config=model.config)
+    if kind == "static":
+        cache = StaticCache(config=model.config, max_cache_len=40)
+    else:
+        cache = DynamicCache(config=model.config)
     with torch.no_grad():
         want = model(input_ids=ids).logits
         parts = [model(input_ids=ids[:, :10], cache=cache, use_cache=True).logits]

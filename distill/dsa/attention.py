@@ -32,9 +32,10 @@ def _wide(x: Tensor) -> Tensor:
 
 
 def index_scores(qi: Tensor, ki: Tensor, w: Tensor) -> Tensor:
-    """``I`` [B, Tq, Tk] in fp32 (fp64 for fp64 inputs)."""
-    logits = torch.einsum("bthd,bsd->bths", _wide(qi), _wide(ki)).relu()
-    return torch.einsum("bths,bth->bts", logits, _wide(w))
+    """``I`` [B, Tq, Tk] in fp32 (fp64 for fp64 inputs). The dot products run in the
+    inputs' dtype (a bf16 key cache is not copied to fp32 at every decoding step)."""
+    logits = torch.einsum("bthd,bsd->bths", qi, ki.to(qi.dtype)).relu()
+    return torch.einsum("bths,bth->bts", _wide(logits), _wide(w))
 
 
 def rank_key(scores: Tensor) -> Tensor:
@@ -141,10 +142,14 @@ def dsa_attention(
 
 def allowed_from_mask(attention_mask: Tensor | None, b: int, tq: int, tk: int, device) -> Tensor:
     """[B, Tq, Tk] bool from what transformers hands an attention layer: a 4D boolean or
-    additive mask, a 2D padding mask, or None for plain causal attention (the queries are
-    the last ``tq`` of the ``tk`` keys, as with a cache)."""
+    additive mask, a 2D padding mask, or None. None means what it means to SDPA, for
+    which transformers leaves it out: one query reads every key (decoding), several are
+    causal from the first key (``is_causal``: a prefill, also into a static cache whose
+    later slots are empty)."""
     if attention_mask is None:
-        i = torch.arange(tq, device=device)[:, None] + (tk - tq)
+        if tq == 1:
+            return torch.ones(b, 1, tk, dtype=torch.bool, device=device)
+        i = torch.arange(tq, device=device)[:, None]
         return (torch.arange(tk, device=device)[None, :] <= i).expand(b, tq, tk)
     if attention_mask.dim() == 2:  # [B, Tk] padding mask (flash-attention style): add causality
         causal = allowed_from_mask(None, b, tq, tk, device)

@@ -1,0 +1,199 @@
+"""DeepSeek Sparse Attention against dense attention, side by side in one process.
+
+1. **Attention forward + backward** of one layer of a Qwen2-0.5B-shaped model on one
+   packed row of one trace, at each length: dense = PyTorch's varlen flash attention (the
+   trainer's dense path); DSA = the trainer's sparse path (indexer scores and top-k,
+   attention over the selected keys, the indexer's KL, and the backward of all of it),
+   with its parts timed alone too. Peak memory of each.
+2. **Decoding** at a long context: tokens/s of the whole model, batch B, one token per
+   row per step, on a StaticCache pre-filled with random keys (and indexer keys), dense
+   Llama against the DSA model of the same shape, both through transformers' forward.
+
+    python bench/dsa.py --preset h100          # the issue's figures: one H100/H200
+    python bench/dsa.py --preset cpu           # a small run of the same code on a CPU
+    python bench/dsa.py --preset h100 --skip-decode --lengths 32768 --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PRESETS = {
+    "h100": dict(
+        hidden=896, layers=24, heads=14, kv=2, head_dim=64, inter=4864, vocab=151936,
+        index_heads=4, index_head_dim=64, top_k=2048, lengths=[16384, 32768, 65536],
+        decode_ctx=32768, decode_batch=32, decode_steps=16, dtype="bf16", reps=5,
+    ),
+    "cpu": dict(
+        hidden=64, layers=2, heads=4, kv=2, head_dim=16, inter=128, vocab=512,
+        index_heads=2, index_head_dim=16, top_k=64, lengths=[512, 1024],
+        decode_ctx=1024, decode_batch=4, decode_steps=4, dtype="fp32", reps=2,
+    ),
+}  # fmt: skip
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, dev, reps: int) -> tuple[float, float | None]:
+    """Median seconds of ``fn()`` over ``reps`` runs after one warm-up, and peak GB."""
+    fn()
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else None
+    return statistics.median(times), peak
+
+
+def attention(p: dict, t: int, dev, dtype) -> dict:
+    """One layer's attention forward + backward at ``t`` tokens: dense and DSA."""
+    from distill.dsa import kernels as K
+    from distill.models import _varlen_kernel
+
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def r(*s):
+        return torch.randn(*s, generator=g, device=dev, dtype=dtype).requires_grad_()
+
+    h, kv, d, hi, di = p["heads"], p["kv"], p["head_dim"], p["index_heads"], p["index_head_dim"]
+    q, k, v = r(t, h, d), r(t, kv, d), r(t, kv, d)
+    qi, ki, w = r(t, hi, di), r(t, di), r(t, hi)
+    cu = torch.tensor([0, t], dtype=torch.int32, device=dev)
+    grad = torch.randn(t, h, d, generator=g, device=dev, dtype=dtype)
+    scale = d**-0.5
+
+    def dense():
+        out = _varlen_kernel(q, k, v, cu, t, scale)
+        torch.autograd.backward(out, grad)
+
+    def dsa():
+        out, kl = K.dsa_varlen(q, k, v, qi, ki, w, cu, p["top_k"], scale, loss=True, max_len=t)
+        torch.autograd.backward([out, kl], [grad, torch.ones_like(kl)])
+
+    starts = K.segment_starts(cu, t)
+    idx = K.index_topk(qi.detach(), ki.detach(), w.detach(), starts, p["top_k"], t)
+
+    def select():
+        K.index_topk(qi.detach(), ki.detach(), w.detach(), starts, p["top_k"], t)
+
+    def sparse():
+        torch.autograd.backward(K.sparse_attention(q, k, v, idx, scale), grad)
+
+    def kl():
+        K.sparse_kl(q, k, qi, ki, w, idx, scale).backward()
+
+    row = {"tokens": t, "top_k": p["top_k"], "triton": K.use_triton(q)}
+    for name, fn in (("dense", dense), ("dsa", dsa), ("select", select), ("sparse", sparse),
+                     ("kl", kl)):  # fmt: skip
+        s, gb = _timed(fn, dev, p["reps"])
+        row[f"{name}_ms"], row[f"{name}_peak_gb"] = round(s * 1e3, 2), gb and round(gb, 2)
+    row["speedup"] = round(row["dense_ms"] / row["dsa_ms"], 2)
+    return row
+
+
+def decode(p: dict, dev, dtype) -> dict:
+    """Tokens/s of the dense and the DSA model at ``decode_ctx`` context, batch B."""
+    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+    from distill.dsa.config import DSAConfig
+    from distill.dsa.model import DSAForCausalLM
+
+    shape = dict(
+        vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=p["inter"],
+        num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
+        num_key_value_heads=p["kv"], head_dim=p["head_dim"],
+        max_position_embeddings=p["decode_ctx"] + p["decode_steps"] + 8,
+    )  # fmt: skip
+    b, ctx, steps = p["decode_batch"], p["decode_ctx"], p["decode_steps"]
+    row = {"context": ctx, "batch": b, "top_k": p["top_k"]}
+    for name in ("dense", "dsa"):
+        if name == "dense":
+            model = LlamaForCausalLM(LlamaConfig(**shape))
+        else:
+            cfg = DSAConfig(
+                **shape, index_n_heads=p["index_heads"], index_head_dim=p["index_head_dim"],
+                index_top_k=p["top_k"],
+            )  # fmt: skip
+            model = DSAForCausalLM(cfg)
+        model = model.to(dev, dtype).eval()
+        cache = StaticCache(config=model.config, max_cache_len=ctx + steps + 1)
+        g = torch.Generator(device=dev).manual_seed(0)
+        with torch.no_grad():
+            for i in range(p["layers"]):  # a filled context of random keys and values
+                kv = [torch.randn(b, p["kv"], ctx, p["head_dim"], generator=g, device=dev,
+                                  dtype=dtype) for _ in range(2)]  # fmt: skip
+                cache.update(kv[0], kv[1], i)
+                if name == "dsa":
+                    ki = torch.randn(b, ctx, p["index_head_dim"], generator=g, device=dev)
+                    cache.update_indexer(ki.to(dtype), i)
+        ids = torch.randint(0, p["vocab"], (b, 1), device=dev)
+        state = {"at": ctx}
+
+        def step(model=model, cache=cache, ids=ids, state=state):
+            at = state["at"]
+            mask = torch.ones(b, at + 1, dtype=torch.long, device=dev)
+            pos = torch.full((b, 1), at, device=dev)
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
+                      use_cache=True, logits_to_keep=1)  # fmt: skip
+            state["at"] = at + 1
+
+        s, gb = _timed(step, dev, steps - 1)
+        row[f"{name}_tok_s"], row[f"{name}_peak_gb"] = round(b / s, 1), gb and round(gb, 2)
+        del model, cache
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    row["speedup"] = round(row["dsa_tok_s"] / row["dense_tok_s"], 2)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    ap.add_argument("--lengths", default=None, help="comma-separated token counts")
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    p = dict(PRESETS[args.preset or ("h100" if dev.type == "cuda" else "cpu")])
+    if args.lengths:
+        p["lengths"] = [int(x) for x in args.lengths.split(",")]
+    if args.top_k:
+        p["top_k"] = args.top_k
+    dtype = torch.bfloat16 if p["dtype"] == "bf16" else torch.float32
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}, preset {p}", flush=True)
+    results = {"device": name, "preset": p, "attention": [], "decode": None}
+    for t in p["lengths"]:
+        row = attention(p, t, dev, dtype)
+        results["attention"].append(row)
+        print(json.dumps(row), flush=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    if not args.skip_decode:
+        results["decode"] = decode(p, dev, dtype)
+        print(json.dumps(results["decode"]), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
