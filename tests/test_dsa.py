@@ -205,17 +205,29 @@ def test_triton_kernels_match_the_reference_interpreted(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not K.HAVE_TRITON, reason="needs CUDA")
-def test_triton_kernels_match_the_reference_on_gpu():
-    """bf16 on the GPU: the layer's GPU path against the fp64 reference."""
-    q, k, v, qi, ki, w = (x.cuda() for x in _qkv(161))
-    for top_k in (5, 64):
-        ref, kl_ref = A.dsa_varlen_reference(q, k, v, qi, ki, w, CU.cuda(), top_k, 0.3, loss=True)
-        half = [x.bfloat16().requires_grad_() for x in (q, k, v, qi, ki, w)]
-        got, kl_got = K.dsa_varlen(*half, CU.cuda(), top_k, 0.3, loss=True)
-        torch.testing.assert_close(got.double(), ref, atol=3e-2, rtol=3e-2)
-        torch.testing.assert_close(kl_got.double(), kl_ref, atol=5e-2, rtol=3e-2)
-        (got.float().square().sum() + kl_got).backward()
-        assert all(torch.isfinite(x.grad).all() for x in half)
+def test_triton_kernels_match_torch_on_gpu():
+    """bf16 on the GPU, each kernel on the same selection as torch in fp32 (a whole-path
+    comparison would let bf16 rounding flip near-tied selections): index scores, and
+    sparse attention forward and backward."""
+    q, k, v, qi, ki, w = (x.cuda().float() for x in _qkv(161))
+    cu = CU.cuda()
+    starts = K.segment_starts(cu, 161)
+    got = K._triton_scores(qi.bfloat16(), ki.bfloat16(), w.bfloat16(), starts, 20, 161, 0)
+    want = K._span(starts, 20, 161, 0)
+    ref = A.index_scores(qi[None, 20:], ki[None], w[None, 20:])[0]
+    assert torch.equal(torch.isfinite(got), want)
+    torch.testing.assert_close(got[want], ref[want], atol=5e-2, rtol=5e-2)
+    idx = K.index_topk(qi, ki, w, starts, 16, 62)
+    half = [x.bfloat16().requires_grad_() for x in (q, k, v)]
+    full = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = K._SparseAttention.apply(*half, idx, 0.3)
+    ref = K._gathered(*full, idx, 0.3)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    grad = torch.randn_like(ref)
+    out.backward(grad.bfloat16())
+    ref.backward(grad)
+    for a, b in zip(half, full, strict=True):
+        torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
 
 
 # --------------------------------------------------------------------------- training
@@ -357,7 +369,7 @@ def test_cached_decoding_matches_the_full_forward(kind):
 
 
 @pytest.mark.integration
-def test_train_stage_converts_and_eval_serve_rl_run_unchanged(tmp_path):
+def test_train_stage_converts_and_eval_serve_rl_run_unchanged(tmp_path, monkeypatch):
     """`distill train` with student.arch.attention: dsa (dense, warm-up, sparse phases),
     then the student through eval's backend (greedy = a manual greedy loop), serve's app
     (one chat completion) and the RL policy's forward and backward."""
@@ -389,7 +401,7 @@ def test_train_stage_converts_and_eval_serve_rl_run_unchanged(tmp_path):
             },
         }
     )  # fmt: skip
-    loop.DEFER = False
+    monkeypatch.setattr(loop, "DEFER", False)
     out = loop.run(recipe)
     assert out["complete"] and set(out["dsa"]) == {"dense", "warmup", "sparse"}
     student = tmp_path / "student"
