@@ -26,18 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from presets import PRESETS  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from distill.backends import Sampling, mix_seed  # noqa: E402
 from distill.backends.hf import HFBackend, _Row  # noqa: E402
 from distill.chat.template import train_tokenizer  # noqa: E402
 
-PRESETS = {
-    # the teacher: Qwen2-shaped ~0.5B
-    "qwen05b": dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                    num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=4096),
-    # the demo's bootstrap teacher shape (recipes/demo.yaml)
-    "tiny": dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=4, intermediate_size=320, max_position_embeddings=512),
-}  # fmt: skip
 RESULTS: list[dict] = []
 
 

@@ -29,12 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PRESETS = {
-    "qwen05b": dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                    num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=4096),
-    "tiny": dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=4, intermediate_size=320, max_position_embeddings=1024),
-}  # fmt: skip
+from presets import PRESETS  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 WORDS = ["alpha", "beta", "gamma", "delta", "sum", "of", "the", "tool", "call", "answer"]
 
 

@@ -70,17 +70,14 @@ def rollout_pairs(
     pairs: list[tuple[Task, int]],
     *,
     sampling: Sampling,
-    max_turns: int = 8,
-    max_episode_tokens: int = 2048,
     teacher: str = "",
     split: str = "train",
+    **limits: int,
 ) -> list[Trace]:
     """Traces of the given (task, sample index) pairs, in that order (resume rolls out
-    only the samples still missing)."""
-    episodes = run_episodes(
-        backend, domain, pairs, sampling=sampling, max_turns=max_turns,
-        max_episode_tokens=max_episode_tokens,
-    )  # fmt: skip
+    only the samples still missing). ``limits``: :func:`run_episodes`' turn and token
+    budgets."""
+    episodes = run_episodes(backend, domain, pairs, sampling=sampling, **limits)
     lineage = json.dumps(sampling.to_json(), sort_keys=True)
     return [_trace(e, backend, domain, teacher, split, lineage, sampling) for e in episodes]
 
