@@ -24,6 +24,10 @@ app.add_typer(recipe_app, name="recipe")
 app.add_typer(shards_app, name="shards")
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.")]
+# eval and rl take a recipe, or run one-off on a model given by option
+OneOffRecipeArg = Annotated[
+    Path | None, typer.Argument(help="Recipe YAML file (optional for a one-off: --model ...).")
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a recipe key: a.b.c=value (repeatable)."),
@@ -90,9 +94,7 @@ def teachers(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 @app.command("eval")
 def eval_(
-    recipe: Annotated[
-        Path | None, typer.Argument(help="Recipe YAML file (optional with --model/--base-url).")
-    ] = None,
+    recipe: OneOffRecipeArg = None,
     set_: SetOpt = None,
     model: Annotated[
         str | None, typer.Option(help="One-off: evaluate this HF model directory.")
@@ -347,9 +349,7 @@ def train(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 @app.command()
 def rl(
-    recipe: Annotated[
-        Path | None, typer.Argument(help="Recipe YAML file (optional with --model).")
-    ] = None,
+    recipe: OneOffRecipeArg = None,
     set_: SetOpt = None,
     model: Annotated[
         Path | None, typer.Option(help="One-off: GRPO on this HF model directory.")
