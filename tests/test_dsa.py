@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from tiny_artifacts import ARCH, make_tokenizer, math_trace, one_thread, write_shards
+from tiny_artifacts import ARCH, make_tokenizer, math_trace, write_shards
 
 from distill.dsa import attention as A
 from distill.dsa import kernels as K
@@ -19,9 +19,7 @@ from distill.dsa import register
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _llama(seed=0, dtype=F64):

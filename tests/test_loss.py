@@ -10,7 +10,6 @@ from tiny_artifacts import (
     domain_data,
     make_tokenizer,
     math_trace,
-    one_thread,
     tensors,
     tiny_model,
     tool_trace,
@@ -19,10 +18,7 @@ from tiny_artifacts import (
 from distill.train.data import collate
 from distill.train.loss import Objective, token_ce, topk_kl
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_reference(logits, ids, lps, temperature):

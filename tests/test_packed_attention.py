@@ -13,7 +13,6 @@ from tiny_artifacts import (
     domain_data,
     make_tokenizer,
     math_trace,
-    one_thread,
     segment_sdpa,
     small_cfg,
     tensors,
@@ -28,10 +27,7 @@ from distill.models import VARLEN, use_varlen_attention
 from distill.train.data import collate
 from distill.train.loss import LinearCE, Objective, ce_and_grad
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

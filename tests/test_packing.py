@@ -10,7 +10,6 @@ from tiny_artifacts import (
     domain_data,
     make_tokenizer,
     math_trace,
-    one_thread,
     tensors,
     tiny_model,
     tool_trace,
@@ -21,10 +20,7 @@ from distill.errors import UserError
 from distill.train.data import collate, mixture_order, pack_rows, tokenize_domain
 from distill.train.loss import Objective, token_ce
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

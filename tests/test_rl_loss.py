@@ -18,12 +18,7 @@ TEMP = 0.7
 MAX_LEN = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def top_p_kept(logits, temperature, top_p):

@@ -131,16 +131,6 @@ def tensors(batch: dict):
     return {k: torch.from_numpy(v) for k, v in batch.items()}
 
 
-def one_thread():
-    """Generator body of an autouse fixture: tiny models are fastest on one thread."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def segment_sdpa(q, k, v, cu, max_len, scale):
     """What torch.nn.attention.varlen computes: causal attention inside each segment."""
     import torch
