@@ -13,10 +13,11 @@ from tiny_artifacts import (
     tensors,
     tiny_model,
     tool_trace,
+    trace_ce,
 )
 
 from distill.train.data import collate
-from distill.train.loss import Objective, token_ce, topk_kl
+from distill.train.loss import Objective, topk_kl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,11 +111,7 @@ def test_loss_is_weighted_mean_over_all_loss_tokens(setup):
     with torch.no_grad():
         for row in rows:
             for d, i in row:
-                dd = domains[d]
-                s, e = dd.offsets[i], dd.offsets[i + 1]
-                ids = torch.tensor(dd.ids[s:e], dtype=torch.long)[None]
-                mask = torch.tensor(dd.mask[s:e][1:], dtype=torch.bool)
-                ce = token_ce(model(ids).logits[0, :-1][mask], ids[0, 1:][mask])
+                ce = trace_ce(model, domains[d], i)
                 num += w[d] * ce.sum().item()
                 den += w[d] * len(ce)
     assert abs(got - num / den) < 1e-5

@@ -13,6 +13,7 @@ from tiny_artifacts import (
     domain_data,
     make_tokenizer,
     math_trace,
+    per_trace_loss_sum,
     segment_sdpa,
     small_cfg,
     tensors,
@@ -63,17 +64,6 @@ def setup(tmp_path_factory):
         [("math", 2), ("math", 3), ("math", 4), ("math", 6)],
     ]
     return tok, dd, rows
-
-
-def per_trace_loss_sum(model, dd, idx):
-    total = 0.0
-    for i in idx:
-        s, e = dd.offsets[i], dd.offsets[i + 1]
-        ids = torch.tensor(dd.ids[s:e], dtype=torch.long)[None]
-        mask = torch.tensor(dd.mask[s:e][1:], dtype=torch.bool)
-        logits = model(ids).logits[0, :-1][mask]
-        total += F.cross_entropy(logits, ids[0, 1:][mask], reduction="sum").item()
-    return total
 
 
 def test_flat_collate_is_one_row_with_its_segments(setup):

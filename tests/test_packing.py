@@ -10,6 +10,7 @@ from tiny_artifacts import (
     domain_data,
     make_tokenizer,
     math_trace,
+    per_trace_loss_sum,
     tensors,
     tiny_model,
     tool_trace,
@@ -18,7 +19,7 @@ from tiny_artifacts import (
 
 from distill.errors import UserError
 from distill.train.data import collate, mixture_order, pack_rows, tokenize_domain
-from distill.train.loss import Objective, token_ce
+from distill.train.loss import Objective
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,16 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     return make_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-def per_trace_loss_sum(model, dd, idx):
-    total = 0.0
-    for i in idx:
-        s, e = dd.offsets[i], dd.offsets[i + 1]
-        ids = torch.tensor(dd.ids[s:e], dtype=torch.long)[None]
-        mask = torch.tensor(dd.mask[s:e][1:], dtype=torch.bool)
-        total += token_ce(model(ids).logits[0, :-1][mask], ids[0, 1:][mask]).sum().item()
-    return total
 
 
 def test_packed_loss_equals_sum_of_per_trace_losses(tok):

@@ -131,6 +131,24 @@ def tensors(batch: dict):
     return {k: torch.from_numpy(v) for k, v in batch.items()}
 
 
+def trace_ce(model, dd, i: int):
+    """Per-token cross-entropy of example ``i`` of ``dd`` run through ``model`` alone: the
+    reference a packed or flattened batch must reproduce."""
+    import torch
+    import torch.nn.functional as F
+
+    s, e = dd.offsets[i], dd.offsets[i + 1]
+    ids = torch.tensor(dd.ids[s:e], dtype=torch.long)[None]
+    mask = torch.tensor(dd.mask[s:e][1:], dtype=torch.bool)
+    logits = model(ids).logits[0, :-1][mask].float()
+    return F.cross_entropy(logits, ids[0, 1:][mask], reduction="none")
+
+
+def per_trace_loss_sum(model, dd, idx) -> float:
+    """Summed cross-entropy of the examples ``idx``, each run alone."""
+    return sum(trace_ce(model, dd, i).sum().item() for i in idx)
+
+
 def segment_sdpa(q, k, v, cu, max_len, scale):
     """What torch.nn.attention.varlen computes: causal attention inside each segment."""
     import torch
