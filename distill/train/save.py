@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.models import set_generation_config
+from distill.recipe.base import Section
 from distill.recipe.schema import ModelArch, TrainConfig
 
 CARD = "README.md"
@@ -73,7 +74,6 @@ def _save_adapter(model, tokenizer, out: Path, init) -> dict[str, Any] | None:
 
 def train_card(out: Path, run: Path, desc: str, init, cfg: TrainConfig, shards, report, sw, lw):
     """The card of a model ``train`` wrote: where it started, its data, how it trained."""
-    from distill.recipe.doc import section_yaml
     from distill.shards import read_manifest
 
     scratch = isinstance(init, ModelArch)
@@ -96,19 +96,12 @@ def train_card(out: Path, run: Path, desc: str, init, cfg: TrainConfig, shards, 
         f"{report['seconds']:.0f} s on {report['world_size']} process(es); final loss "
         f"{'n/a' if loss is None else f'{loss:.4f}'}."
     )
-    sections = [
-        ("Model", intro),
-        ("Data", "\n".join(rows)),
-        ("Training", trained),
-        ("Recipe", f"```yaml\n{section_yaml(cfg)}```"),
-    ]
-    write_card(out, f"{out.name} ({desc})", sections, None if scratch else str(init))
+    sections = [("Data", "\n".join(rows)), ("Training", trained)]
+    write_card(out, desc, intro, sections, cfg, None if scratch else str(init))
 
 
 def rl_card(out: Path, run: Path, desc: str, init, cfg, tasks: dict, report: dict) -> None:
     """The card of a model the RL trainer wrote: its start, prompts, steps, settings."""
-    from distill.recipe.doc import section_yaml
-
     intro = (
         f"`{init}` trained further by `distill` ({desc}) with GRPO as DeepSeek-V3.2 runs it, "
         f"rewards from the domains' verifiers. Run files (`rl_log.jsonl`, `rl_report.json`, "
@@ -124,18 +117,25 @@ def rl_card(out: Path, run: Path, desc: str, init, cfg, tasks: dict, report: dic
         if {"reward", "pass"} <= last.keys()
         else "."
     )
-    sections = [
-        ("Model", intro),
-        ("Prompts", "\n".join(rows)),
-        ("Training", trained),
-        ("Recipe", f"```yaml\n{section_yaml(cfg)}```"),
-    ]
-    write_card(out, f"{out.name} ({desc})", sections, str(init))
+    sections = [("Prompts", "\n".join(rows)), ("Training", trained)]
+    write_card(out, desc, intro, sections, cfg, str(init))
 
 
-def write_card(out: Path, title: str, sections: list[tuple[str, str]], base: str | None) -> None:
-    """The model card ``README.md``: front matter, then ``sections`` (heading, Markdown);
-    an evaluation added later (:func:`add_eval`) is kept when the card is rewritten."""
+def write_card(
+    out: Path,
+    desc: str,
+    intro: str,
+    sections: list[tuple[str, str]],
+    cfg: Section,
+    base: str | None,
+) -> None:
+    """The model card ``README.md``: front matter, ``intro`` under Model, then ``sections``
+    (heading, Markdown), then the recipe section ``cfg`` as YAML; an evaluation added later
+    (:func:`add_eval`) is kept when the card is rewritten."""
+    from distill.recipe.doc import section_yaml
+
+    title = f"{out.name} ({desc})"
+    sections = [("Model", intro), *sections, ("Recipe", f"```yaml\n{section_yaml(cfg)}```")]
     path = out / CARD
     old = path.read_text() if path.exists() else ""
     evals = (
