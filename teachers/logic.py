@@ -44,18 +44,27 @@ def _items(answer: str) -> list[str]:
     return [x.strip() for x in re.split(r"[,;]|\s+then\s+", answer.strip().strip(".")) if x.strip()]
 
 
-def _assignment(answer: str, values: dict[str, bool]) -> dict[str, bool] | str:
-    """``X=v, Y=w`` parsed with ``values`` mapping words to booleans; or an error text."""
+class _Unreadable(ValueError):
+    """An answer a check cannot read; its text is the failed verdict's reason."""
+
+
+def _assignment(
+    answer: str, values: dict[str, bool], names: list[str], verb: str
+) -> dict[str, bool]:
+    """``X=v, Y=w`` parsed with ``values`` mapping words to booleans, giving exactly
+    ``names`` (``verb``: what the answer does with them, for the error text)."""
     out: dict[str, bool] = {}
     for part in _items(answer):
         m = re.fullmatch(r"(\w+)\s*(?:=|:|is an?|is)\s*(\w+)", part, re.IGNORECASE)
         if not m or m.group(2).lower() not in values:
-            return f"cannot read assignment {part!r}"
+            raise _Unreadable(f"cannot read assignment {part!r}")
         name = m.group(1)
         value = values[m.group(2).lower()]
         if out.get(name, value) != value:
-            return f"{name} assigned twice"
+            raise _Unreadable(f"{name} assigned twice")
         out[name] = value
+    if set(out) != set(names):
+        raise _Unreadable(f"assignment must {verb} exactly {', '.join(names)}")
     return out
 
 
@@ -83,12 +92,7 @@ def check_order(ref: dict[str, Any], answer: str) -> Verdict:
 
 
 def check_sat(ref: dict[str, Any], answer: str) -> Verdict:
-    assign = _assignment(answer, _TRUTH)
-    if isinstance(assign, str):
-        return Verdict.fail(assign)
-    missing = [v for v in ref["vars"] if v not in assign]
-    if missing or set(assign) - set(ref["vars"]):
-        return Verdict.fail(f"assignment must give exactly {', '.join(ref['vars'])}")
+    assign = _assignment(answer, _TRUTH, ref["vars"], "give")
     for clause in ref["clauses"]:
         if not any(assign[v] == p for v, p in clause):
             return Verdict.fail(f"clause {lp.clause_text(clause)} is false")
@@ -96,11 +100,7 @@ def check_sat(ref: dict[str, Any], answer: str) -> Verdict:
 
 
 def check_knights(ref: dict[str, Any], answer: str) -> Verdict:
-    assign = _assignment(answer, _ROLE)
-    if isinstance(assign, str):
-        return Verdict.fail(assign)
-    if set(assign) != set(ref["people"]):
-        return Verdict.fail(f"assignment must name exactly {', '.join(ref['people'])}")
+    assign = _assignment(answer, _ROLE, ref["people"], "name")
     why = lp.consistent(ref["people"], ref["says"], assign)
     return Verdict.fail(f"inconsistent: {why}") if why else Verdict.ok()
 
@@ -127,7 +127,10 @@ def verify_answer(reference: dict[str, Any], messages: list[dict[str, Any]]) -> 
     answer = read_answer(messages, MAX_ANSWER_CHARS)
     if isinstance(answer, Verdict):
         return answer
-    return CHECKS[reference["kind"]](reference, answer)
+    try:
+        return CHECKS[reference["kind"]](reference, answer)
+    except _Unreadable as e:
+        return Verdict.fail(str(e))
 
 
 # Both real-record forms, with a right answer (``distill verify`` input); the contract
