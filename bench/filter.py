@@ -1,5 +1,5 @@
-"""Benchmark of the filter stage's steps, and of near-duplicate detection against
-datasketch's MinHash LSH on the same texts.
+"""Benchmark of the filter stage's steps (the stage's own ``filter_traces``), and of
+near-duplicate detection against datasketch's MinHash LSH on the same texts.
 
     .venv/bin/python bench/filter.py [--rows 100000]
 
@@ -18,22 +18,16 @@ import argparse
 import os
 import random
 import time
+from itertools import pairwise
 
 import numpy as np
 
 from distill.filter.decontam import NgramIndex, eval_texts
 from distill.filter.dedup import minhash, near_duplicates_from_signatures
-from distill.filter.steps import (
-    assistant_text,
-    decontaminate,
-    dedup_exact,
-    dedup_near,
-    drop_failed,
-    drop_malformed,
-    pass_rates,
-    select,
-)
+from distill.filter.stage import filter_traces
+from distill.filter.steps import assistant_text
 from distill.messages import Trace
+from distill.recipe.schema import FilterConfig
 from teachers.base import get_domain, task_from_trace
 
 THRESHOLD, NUM_PERM, SHINGLE = 0.9, 128, 5
@@ -93,11 +87,15 @@ def make_traces(rows: int, seed: int = 0) -> tuple[list[Trace], list, list[tuple
     return traces, evals, near
 
 
+def rate(label: str, n: int, dt: float) -> None:
+    print(f"{label:<28} {n:>8} rows {dt:8.2f} s {n / dt:>12,.0f} rows/s", flush=True)
+
+
 def timed(label: str, n: int, fn):
     t = time.perf_counter()
     out = fn()
     dt = time.perf_counter() - t
-    print(f"{label:<28} {n:>8} rows {dt:8.2f} s {n / dt:>12,.0f} rows/s", flush=True)
+    rate(label, n, dt)
     return out, dt
 
 
@@ -110,22 +108,21 @@ def bench_steps(traces: list[Trace], evals: list) -> None:
     )
     for t, v in zip(traces, verdicts, strict=True):
         t.verdict = v
-    alive = traces
-    rates = pass_rates(traces)
     index, _ = timed(
         "decontam index (eval)", len(evals), lambda: NgramIndex(eval_texts(evals, "math"))
     )
-    steps = [
-        ("malformed", lambda ts: drop_malformed(ts)),
-        ("failed", lambda ts: drop_failed(ts)),
-        ("dedup_exact", dedup_exact),
-        ("dedup_near", lambda ts: dedup_near(ts, THRESHOLD, NUM_PERM, SHINGLE)),
-        ("decontaminate", lambda ts: decontaminate(ts, index)),
-        ("select", lambda ts: select(ts, rates, max_per_task=2)),
-    ]
-    for name, step in steps:
-        (alive, dropped), _ = timed(name, len(alive), lambda s=step, a=alive: s(a))
-        print(f"{'':<28} dropped {', '.join(f'{r} {len(v)}' for r, v in dropped.items()) or '-'}")
+    cfg = FilterConfig(
+        near_threshold=THRESHOLD, num_perm=NUM_PERM, shingle_size=SHINGLE, max_per_task=2
+    )
+    starts: list[float] = []  # the stage calls on_step as each step starts
+    _, funnel, _ = filter_traces(
+        "math", traces, cfg, index, on_step=lambda name: starts.append(time.perf_counter())
+    )
+    starts.append(time.perf_counter())
+    for step, (t0, t1) in zip(funnel.steps[1:], pairwise(starts), strict=True):  # [0]: verify
+        rate(step["step"], step["in"], t1 - t0)
+        dropped = ", ".join(f"{r} {n}" for r, n in step["dropped"].items()) or "-"
+        print(f"{'':<28} dropped {dropped}")
 
 
 def ours(texts: list[str]) -> np.ndarray:
