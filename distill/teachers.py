@@ -168,7 +168,8 @@ def train_bootstrap(recipe: Recipe, d: str, tok_dir: Path, force: bool = False) 
     tok_rec = _read_json(layout.run_dir(tok_dir, recipe.out) / TOKENIZER_RECORD) or {}
     fp = teacher_fingerprint(recipe, d, tok_rec.get("fingerprint", str(tok_dir)))
     rec = _read_json(run / TEACHER_RECORD)
-    if rec and rec.get("fingerprint") == fp and (out / "config.json").exists() and not force:
+    whole = (out / "config.json").exists() and any(out.glob("*.safetensors"))  # none deleted
+    if rec and rec.get("fingerprint") == fp and whole and not force:
         console.print(f"teacher {d}: up to date in {out}")
         return rec
     (run / TEACHER_RECORD).unlink(missing_ok=True)

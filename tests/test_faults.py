@@ -268,7 +268,8 @@ def disk(tmp_path):
                 f.write(b"x" * max(0, free))
 
     yield Disk()
-    subprocess.run(["umount", str(d)], capture_output=True)
+    # lazily: a file a failed writer left open (torch's, until collected) keeps it busy
+    subprocess.run(["umount", "--lazy", str(d)], capture_output=True)
 
 
 def distill(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -593,3 +594,10 @@ def test_kills_in_every_stage_then_resume_give_the_uninterrupted_result(tmp_path
     _, err = p.communicate(timeout=1200)
     assert p.returncode == 0, err[-3000:]
     assert _outcome(tmp_path / "run") == want
+    # a teacher's weights deleted: the teachers stage rebuilds that teacher (and only it)
+    (tmp_path / "run" / "teachers" / "math" / "model.safetensors").unlink()
+    p = _run(killed)
+    _, err = p.communicate(timeout=1200)
+    assert p.returncode == 0, err[-3000:]
+    assert f"its outputs are incomplete ({tmp_path / 'run' / 'teachers' / 'math'}" in err
+    assert _outcome(tmp_path / "run") == want  # the same weights again: nothing else reran
