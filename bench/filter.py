@@ -28,7 +28,7 @@ from distill.filter.stage import filter_traces
 from distill.filter.steps import assistant_text
 from distill.messages import Trace
 from distill.recipe.schema import FilterConfig
-from teachers.base import get_domain, task_from_trace
+from teachers.base import get_domain, task_from_trace, trace_from_task
 
 THRESHOLD, NUM_PERM, SHINGLE = 0.9, 128, 5
 
@@ -62,26 +62,13 @@ def make_traces(rows: int, seed: int = 0) -> tuple[list[Trace], list, list[tuple
             ans = {**traces[-1].messages[-1], "reasoning_content": " ".join(words)}
             near.append((len(traces) - 1, len(traces)))
         toks = len(ans["reasoning_content"].split()) + 5
-        traces.append(
-            Trace(
-                id=f"r{i}",
-                task_id=task.id,
-                domain="math",
-                messages=[*msgs[:-1], ans],
-                reference=task.reference,
-                finish_reason=finish,
-                completion_tokens=toks,
-            )
+        row = trace_from_task(
+            task, f"r{i}", [*msgs[:-1], ans], finish_reason=finish, completion_tokens=toks
         )
+        traces.append(row)
     for j, task in enumerate(evals):  # contaminated rows: eval tasks in the training data
-        leak = Trace(
-            id=f"leak{j}",
-            task_id=task.id,
-            domain="math",
-            messages=math.oracle(task),
-            reference=task.reference,
-            finish_reason="stop",
-            completion_tokens=20,
+        leak = trace_from_task(
+            task, f"leak{j}", math.oracle(task), finish_reason="stop", completion_tokens=20
         )
         traces.append(leak)
     return traces, evals, near

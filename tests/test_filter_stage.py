@@ -14,7 +14,7 @@ from distill.messages import Trace, Verdict, tool_call
 from distill.recipe.schema import validate
 from distill.shards import ShardWriter, iter_traces, read_manifest
 from distill.stages import run_stage
-from teachers.base import get_domain
+from teachers.base import get_domain, trace_from_task
 
 MATH = get_domain("math")
 
@@ -49,15 +49,7 @@ def _trace(id_, task, extra="", content=None, reasoning=None, **kw) -> Trace:
     words = len((answer.get("reasoning_content") or "").split())
     kw.setdefault("finish_reason", "stop")
     kw.setdefault("completion_tokens", words + 3)
-    return Trace(
-        id=id_,
-        task_id=task.id,
-        domain="math",
-        messages=messages,
-        reference=task.reference,
-        teacher="math",
-        **kw,
-    )
+    return trace_from_task(task, id_, messages, teacher="math", **kw)
 
 
 def _planted(tasks, eval_task, logic_eval=None):
@@ -110,18 +102,7 @@ def _write_raw(recipe, rows):
     logic = get_domain("logic")
     with ShardWriter(recipe.out / "raw" / "logic") as w:
         for i, task in enumerate(logic.tasks("train", 3, 0, 1)):
-            w.write(
-                [
-                    Trace(
-                        id=f"l{i}",
-                        task_id=task.id,
-                        domain="logic",
-                        messages=logic.oracle(task),
-                        reference=task.reference,
-                        finish_reason="stop",
-                    )
-                ]
-            )
+            w.write([trace_from_task(task, f"l{i}", logic.oracle(task), finish_reason="stop")])
 
 
 def test_planted_rows_dropped_for_the_right_reason(tmp_path):
