@@ -72,6 +72,7 @@ def build_model(arch: ModelArch, tokenizer, seed: int = 0, attn_implementation: 
         num_key_value_heads=kv,
         max_position_embeddings=arch.max_position_embeddings,
         tie_word_embeddings=arch.tie_word_embeddings,
+        initializer_range=arch.initializer_range,
         pad_token_id=pad_token_id(tokenizer),
         eos_token_id=end_token_id(tokenizer),
         bos_token_id=tokenizer.bos_token_id,

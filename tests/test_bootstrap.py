@@ -93,6 +93,45 @@ def test_oracle_shards_load_with_datasets_and_verify(tmp_path):
     assert bootstrap.write_oracle_shards(r, "logic", d, "fp1") == 24
 
 
+def test_short_prompt_share_cuts_system_and_tools_from_that_share_of_the_oracle(tmp_path):
+    from distill.shards import iter_traces
+
+    r = micro_recipe(tmp_path, domains=("agents",), oracle_short_prompt_share=0.25)
+    d = tmp_path / "oracle"
+    assert bootstrap.write_oracle_shards(r, "agents", d, "fp1") == 24
+    dom = get_domain("agents")
+    tasks = {t.id: t for t in dom.tasks("train", 24, 0, 1)}
+    short = 0
+    for tr in iter_traces(d):
+        roles = [m["role"] for m in tr.messages]
+        if tr.tools is None:  # short: the user turn first, the rest as the oracle wrote it
+            short += 1
+            assert roles[0] == "user" and "system" not in roles
+        else:
+            assert roles[0] == "system" and tr.tools == tasks[tr.task_id].tools
+        assert dom.verify(tasks[tr.task_id], tr.messages).passed
+    assert short == 6
+    assert [bootstrap.short_prompt_at(i, 0.25) for i in range(8)] == [False, False, False, True] * 2
+    assert not any(bootstrap.short_prompt_at(i, 0.0) for i in range(8))
+    assert all(bootstrap.short_prompt_at(i, 1.0) for i in range(8))
+
+
+def test_arch_initializer_range_sets_the_initial_weights(tmp_path):
+    from distill.chat.template import train_tokenizer
+    from distill.models import build_model
+    from distill.recipe.schema import ModelArch
+
+    tok = train_tokenizer(["What is 1 + 2? Answer: 3"] * 20, 300, tmp_path / "tok")
+    stds = [
+        build_model(ModelArch(hidden_size=32, num_layers=1, num_heads=2, initializer_range=r), tok)
+        .get_input_embeddings()
+        .weight.std()
+        .item()
+        for r in (0.02, 0.1)
+    ]
+    assert stds[0] == pytest.approx(0.02, rel=0.15) and stds[1] == pytest.approx(0.1, rel=0.15)
+
+
 def test_hf_teacher_check_loads_a_real_directory_and_names_a_broken_one(tmp_path):
     d = tiny_model_dir(tmp_path / "hf", corpus=["What is 1 + 2? \\boxed{3}"])
     info = bootstrap.check_hf("math", str(d))

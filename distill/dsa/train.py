@@ -155,6 +155,7 @@ _DENSE_FIELDS = {
     "intermediate_size",
     "max_position_embeddings",
     "tie_word_embeddings",
+    "initializer_range",
 }
 
 

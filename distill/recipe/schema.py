@@ -48,6 +48,13 @@ class ModelArch(Section):
     tie_word_embeddings: bool = Field(
         True, description="Share input and output embeddings (saves parameters at tiny sizes)."
     )
+    initializer_range: float = Field(
+        0.02,
+        gt=0,
+        description="Standard deviation of the initial weights (transformers' default 0.02). "
+        "A tiny model that must copy names from a long prompt leaves its plateau sooner at 0.1 "
+        "(recipes/demo.yaml, agents teacher).",
+    )
     attention: Literal["dense", "dsa"] = Field(
         "dense",
         description="dsa = DeepSeek Sparse Attention: the student is trained dense, then a "
@@ -309,6 +316,15 @@ class TeacherConfig(Section):
     arch: ModelArch = Field(default_factory=ModelArch, description="Model shape (kind=bootstrap).")
     oracle_tasks: int = Field(
         3000, ge=1, description="Oracle traces the bootstrap teacher trains on."
+    )
+    oracle_short_prompt_share: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of the oracle traces whose prompt is cut to the user turns (no "
+        "system prompt, no tool list): a curriculum for a tiny teacher, which learns to copy "
+        "from a short prompt first; the others keep the whole prompt, as generate and eval "
+        "give it.",
     )
     train: TrainConfig = Field(
         default_factory=TrainConfig, description="Training of the bootstrap teacher."
