@@ -94,6 +94,13 @@ class RLConfig(Section):
         1e-4, gt=0, description="Learning rate (AdamW, constant after warmup)."
     )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    adam_beta2: float = Field(
+        0.999,
+        gt=0,
+        lt=1,
+        description="AdamW's second-moment decay: RL's gradients are small and noisy, and "
+        "a short memory (train's 0.95) turns the noise into full-size steps.",
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(
         1.0, gt=0, description="Global gradient norm clip; null = off."

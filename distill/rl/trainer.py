@@ -336,5 +336,5 @@ def _train_config(cfg: RLConfig):
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_steps, lr_scheduler_type="constant",
         max_steps=cfg.steps * cfg.steps_per_generation, max_grad_norm=cfg.max_grad_norm,
-        precision=cfg.precision, report_to=cfg.report_to,
+        precision=cfg.precision, report_to=cfg.report_to, adam_beta2=cfg.adam_beta2,
     )  # fmt: skip
