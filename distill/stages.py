@@ -55,7 +55,7 @@ BY_NAME = {s.name: s for s in TABLE}
 STAGES = [s.name for s in TABLE]
 # Per-domain settings only the student's training reads: tuning the mixture reruns train
 # and eval, never the teachers, generation or the filter.
-STUDENT_ONLY = ("sampling_weight", "loss_weight")
+STUDENT_ONLY = ("sampling_weight", "loss_weight", "short_prompt_share")
 RECORD = "_stage.json"
 RECIPE_FILE = "_recipe.yaml"  # the whole resolved recipe, in every stage's run directory
 

@@ -9,7 +9,6 @@ Writes ``<out>/tokenizer/`` (when the recipe trains one) and, per bootstrap teac
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from distill.files import atomic_write_json, json_hash
 from distill.messages import Lineage, Trace, Verdict
 from distill.progress import console
 from distill.recipe.schema import Recipe, TeacherConfig
+from distill.train.data import short_prompt_at
 from teachers.base import get_domain
 
 TOKENIZER_RECORD = "_tokenizer.json"
@@ -131,12 +131,6 @@ def oracle_trace(domain: Any, task: Any, fingerprint: str, short_prompt: bool = 
             recipe_fingerprint=fingerprint,
         ),
     )
-
-
-def short_prompt_at(i: int, share: float) -> bool:
-    """Whether oracle trace ``i`` gets the short prompt: ``share`` of every run of traces,
-    spread evenly (trace i when floor((i + 1) * share) passes an integer)."""
-    return math.floor((i + 1) * share) > math.floor(i * share)
 
 
 def write_oracle_shards(recipe: Recipe, d: str, out: Path, fingerprint: str) -> int:

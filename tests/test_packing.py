@@ -146,3 +146,20 @@ def test_unmaskable_template_error_names_the_trace(tok, tmp_path):
             tokenize_domain("agents", shards, tok, 512, tmp_path / "cache")
     finally:
         tok.chat_template = old
+
+
+def test_short_prompt_share_renders_that_share_without_system_prompt(tmp_path):
+    """domains.<d>.short_prompt_share: every other trace (share 0.5) loses its system
+    message, and the cache keeps the two renderings apart."""
+    from distill.train.data import short_prompt_at
+
+    tok = make_tokenizer(tmp_path / "tok")
+    shards = write_shards(tmp_path / "agents", "agents", [tool_trace() for _ in range(6)])
+    full = tokenize_domain("agents", shards, tok, 512, tmp_path / "cache")
+    half = tokenize_domain("agents", shards, tok, 512, tmp_path / "cache", short_share=0.5)
+    assert [short_prompt_at(i, 0.5) for i in range(6)] == [False, True] * 3
+    assert len(full) == len(half) == 6 * 2  # two user turns: two examples per trace
+    lf, lh = full.lengths.tolist(), half.lengths.tolist()
+    shorter = [i for i in range(len(lf)) if lh[i] < lf[i]]
+    assert len(shorter) == 6 and all(lh[i] == lf[i] for i in range(len(lf)) if i not in shorter)
+    assert sorted({p.name for p in (tmp_path / "cache").iterdir()}).__len__() == 2

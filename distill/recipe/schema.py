@@ -281,6 +281,14 @@ class DomainConfig(Section):
     loss_weight: float = Field(
         1.0, ge=0, description="Per-token loss weight w_d in the student's objective."
     )
+    short_prompt_share: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Student training: this share of the domain's clean traces is rendered "
+        "without system prompt and tool list, a curriculum for copying from the prompt (the "
+        "student's side of teachers.<d>.oracle_short_prompt_share).",
+    )
     difficulty: int = Field(1, ge=1, le=5, description="Task generator difficulty (1 = easiest).")
     source: TaskSource = Field(default_factory=TaskSource, description="Where tasks come from.")
     train_tasks: int = Field(

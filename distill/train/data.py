@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -51,19 +52,27 @@ class DomainData:
         return len(self.offsets) - 1
 
 
-def cache_key(shard_dir: Path, tokenizer, max_seq_len: int, kd: bool) -> str:
+def short_prompt_at(i: int, share: float) -> bool:
+    """Whether trace ``i`` of a run of traces gets the short prompt (no system message, no
+    tool list): ``share`` of them, spread evenly (i when floor((i + 1) * share) passes an
+    integer)."""
+    return math.floor((i + 1) * share) > math.floor(i * share)
+
+
+def cache_key(
+    shard_dir: Path, tokenizer, max_seq_len: int, kd: bool, short_share: float = 0.0
+) -> str:
     manifest = read_manifest(shard_dir)
-    blob = json.dumps(
-        {
-            "shards": [s["sha256"] for s in manifest["shards"]],
-            "tokenizer": tokenizer_fingerprint(tokenizer),
-            "max_seq_len": max_seq_len,
-            "render": RENDER_VERSION,
-            "kd": kd,
-        },
-        sort_keys=True,
-    )
-    return short_hash(blob)
+    data = {
+        "shards": [s["sha256"] for s in manifest["shards"]],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_seq_len": max_seq_len,
+        "render": RENDER_VERSION,
+        "kd": kd,
+    }
+    if short_share:  # absent when off: caches of earlier runs keep their keys
+        data["short_share"] = short_share
+    return short_hash(json.dumps(data, sort_keys=True))
 
 
 def tokenize_domain(
@@ -73,18 +82,20 @@ def tokenize_domain(
     max_seq_len: int,
     cache_root: str | Path,
     kd: bool = False,
+    short_share: float = 0.0,
 ) -> DomainData:
-    """The domain's examples, from the cache when the shards and tokenizer are unchanged."""
+    """The domain's examples, from the cache when the shards and tokenizer are unchanged;
+    ``short_share`` of its traces without system prompt and tool list (:func:`short_prompt_at`)."""
     shard_dir = Path(shard_dir)
-    key = cache_key(shard_dir, tokenizer, max_seq_len, kd)
+    key = cache_key(shard_dir, tokenizer, max_seq_len, kd, short_share)
     path = Path(cache_root) / f"{domain}-{key}"
     if not (path / "meta.json").exists():
-        arrays, meta = _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd)
+        arrays, meta = _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd, short_share)
         _save_cache(path, arrays, meta)
     return _load_cache(domain, path)
 
 
-def _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd):
+def _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd, short_share=0.0):
     from distill.progress import progress
 
     table = read_table(shard_dir, verify=True)  # a shard changed in place fails here
@@ -96,8 +107,15 @@ def _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd):
     cols = ["id", "messages", "tools"] + (["topk"] if kd else [])
     with progress(transient=True) as bar:
         task = bar.add_task(f"tokenize {domain}", total=table.num_rows, unit="traces")
+        seen = 0
         for batch in table.select(cols).to_batches(max_chunksize=256):
             rows = batch.to_pylist()
+            if short_share:
+                for i, row in enumerate(rows, start=seen):
+                    if short_prompt_at(i, short_share):
+                        row["messages"] = [m for m in row["messages"] if m["role"] != "system"]
+                        row["tools"] = None
+            seen += len(rows)
             texts = [_render_row(tokenizer, row, shard_dir) for row in rows]
             for row, exs in zip(rows, _encode_rows(tokenizer, rows, texts, shard_dir), strict=True):
                 topk = _topk_for(row, exs, tokenizer, kd_counts_by) if kd else None

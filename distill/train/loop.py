@@ -59,6 +59,7 @@ def train(
     desc: str = "train",
     stop_after_steps: int | None = None,
     run_dir: str | Path | None = None,
+    short_prompt_shares: dict[str, float] | None = None,
 ) -> dict:
     """Train from ``init`` (an arch for a scratch model or an HF directory) on the clean
     shards of each domain; write an HF model directory (with its model card) to
@@ -80,6 +81,7 @@ def train(
             loss_weights,
             desc,
             stop_after_steps,
+            short_prompt_shares or {},
         )
     finally:
         torch.set_num_threads(threads)  # the caller's setting, whatever training used
@@ -97,6 +99,7 @@ def _train(
     loss_weights,
     desc,
     stop_after_steps,
+    short_prompt_shares,
 ) -> dict:
     acc = make_accelerator(cfg, run)
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -104,10 +107,19 @@ def _train(
     lw = {d: (loss_weights or {}).get(d, 1.0) for d in shards}
     with acc.main_process_first():  # rank 0 tokenizes, the others read its cache
         domains = {
-            d: tokenize_domain(d, p, tokenizer, cfg.max_length, run / "cache", cfg.kd.enabled)
+            d: tokenize_domain(
+                d,
+                p,
+                tokenizer,
+                cfg.max_length,
+                run / "cache",
+                cfg.kd.enabled,
+                short_prompt_shares.get(d, 0.0),
+            )  # fmt: skip
             for d, p in sorted(shards.items())
         }
-    fp = _fingerprint(init, tokenizer_dir, tokenizer, shards, cfg, seed, sw, lw)
+    short = {d: s for d, s in short_prompt_shares.items() if s}
+    fp = _fingerprint(init, tokenizer_dir, tokenizer, shards, cfg, seed, sw, lw, short)
     model = _init_model(init, tokenizer, seed, cfg, acc.device)
     set_cpu_threads(acc, sum(p.numel() for p in model.parameters()))
     from distill.dsa.train import objective_class  # a DSA model adds its indexer's loss
@@ -157,7 +169,9 @@ def _train(
     return report
 
 
-def _fingerprint(init, tokenizer_dir, tok, shards, cfg: TrainConfig, seed, sw, lw) -> str:
+def _fingerprint(
+    init, tokenizer_dir, tok, shards, cfg: TrainConfig, seed, sw, lw, short=None
+) -> str:
     init_s = (
         init.model_dump(mode="json") if isinstance(init, ModelArch) else str(Path(init).resolve())
     )
@@ -174,6 +188,7 @@ def _fingerprint(init, tokenizer_dir, tok, shards, cfg: TrainConfig, seed, sw, l
             "seed": seed,
             "sw": sw,
             "lw": lw,
+            **({"short": short} if short else {}),  # absent when off: old checkpoints resume
         },
         sort_keys=True,
     )
@@ -485,6 +500,7 @@ def run(recipe: Recipe) -> dict:
         desc="student",
         sampling_weights={d: recipe.domains[d].sampling_weight for d in domains},
         loss_weights={d: recipe.domains[d].loss_weight for d in domains},
+        short_prompt_shares={d: recipe.domains[d].short_prompt_share for d in domains},
     )
     record = {
         "steps": report["steps"],
