@@ -112,7 +112,9 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, model_dir):
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "out" / "runs" / "raw" / "_stage.json").exists(), "run finished before the kill"
+    assert not (tmp_path / "out" / "runs" / "raw" / "_stage.json").exists(), (
+        "run finished before the kill"
+    )
     partial = len(list((tmp_path / "out" / "raw" / "math").glob("part-*.arrow")))
     assert partial >= 3  # killed after committing some rows, before the manifest
     run(load_recipe(recipe))  # the rerun continues where the killed run stopped

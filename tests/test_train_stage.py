@@ -156,9 +156,9 @@ def test_a_domain_with_no_clean_traces_is_left_out(tmp_path):
     assert "clean/agents has no traces; training without agents" in res.output
     report = json.loads((out / "runs" / "student" / "train_report.json").read_text())
     assert set(report["domains"]) == {"math"}
-    assert json.loads((out / "runs" / "student" / "_stage.json").read_text())["skipped_domains"] == [
-        "agents"
-    ]
+    assert json.loads((out / "runs" / "student" / "_stage.json").read_text())[
+        "skipped_domains"
+    ] == ["agents"]
 
 
 def test_train_stage_spawns_cpu_ranks_with_the_same_result(tmp_path, monkeypatch):
