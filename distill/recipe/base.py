@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from teachers.base import REGISTRY
@@ -57,3 +57,7 @@ class Section(BaseModel):
         if isinstance(v, bool) and cls.model_fields[info.field_name].annotation in _NUMBERS:
             raise PydanticCustomError("float_type", "expected a number")
         return v
+
+
+# a fraction of something (traces, tokens): 0 to 1
+Share = Annotated[float, Field(ge=0, le=1)]

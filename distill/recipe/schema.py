@@ -18,7 +18,7 @@ from ruamel.yaml.error import YAMLError
 
 from distill.errors import UserError
 from distill.files import json_hash
-from distill.recipe.base import DomainName, Section, Trackers
+from distill.recipe.base import DomainName, Section, Share, Trackers
 from distill.recipe.errors import format_error as _format_error
 from distill.recipe.rl import RLConfig
 
@@ -281,13 +281,10 @@ class DomainConfig(Section):
     loss_weight: float = Field(
         1.0, ge=0, description="Per-token loss weight w_d in the student's objective."
     )
-    short_prompt_share: float = Field(
+    # the student's side of teachers.<d>.oracle_short_prompt_share (a copying curriculum)
+    short_prompt_share: Share = Field(
         0.0,
-        ge=0,
-        le=1,
-        description="Student training: this share of the domain's clean traces is rendered "
-        "without system prompt and tool list, a curriculum for copying from the prompt (the "
-        "student's side of teachers.<d>.oracle_short_prompt_share).",
+        description="Share of the clean traces the student trains on without system prompt and tools.",
     )
     difficulty: int = Field(1, ge=1, le=5, description="Task generator difficulty (1 = easiest).")
     source: TaskSource = Field(default_factory=TaskSource, description="Where tasks come from.")
@@ -325,10 +322,8 @@ class TeacherConfig(Section):
     oracle_tasks: int = Field(
         3000, ge=1, description="Oracle traces the bootstrap teacher trains on."
     )
-    oracle_short_prompt_share: float = Field(
+    oracle_short_prompt_share: Share = Field(
         0.0,
-        ge=0,
-        le=1,
         description="Share of the oracle traces whose prompt is cut to the user turns (no "
         "system prompt, no tool list): a curriculum for a tiny teacher, which learns to copy "
         "from a short prompt first; the others keep the whole prompt, as generate and eval "
