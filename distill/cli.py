@@ -355,7 +355,9 @@ def rl(
         Path | None, typer.Option(help="One-off: GRPO on this HF model directory.")
     ] = None,
     domains: DomainsOpt = None,
-    steps: Annotated[int, typer.Option(help="One-off: RL steps.")] = 20,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="One-off: RL steps (default: the rl section's).")
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="One-off: output model directory (default data/rl/<model>).")
     ] = None,
@@ -371,24 +373,23 @@ def rl(
             raise UserError("rl: give a RECIPE, or --model DIR for a one-off")
         _stage("rl", recipe, set_)
         return
-    from distill.recipe.rl import RLConfig
     from distill.rl import one_off
 
     if recipe is not None:
-        cfg = load(recipe, set_).rl.model_copy(update={"steps": steps})
-    else:
-        from distill.recipe.schema import validate
+        cfg = load(recipe, set_).rl
+    else:  # the rl section's defaults, with --set rl.KEY=VALUE validated like a recipe's
+        from distill.recipe.schema import apply_override, validate
 
-        data = {"name": "rl", "rl": {}}
+        data: dict = {"name": "rl", "rl": {}}
         for s in set_ or []:
-            from distill.recipe.schema import apply_override
-
             apply_override(data, s)
-        cfg = validate(data, source="--set").rl.model_copy(update={"steps": steps})
+        cfg = validate(data, source="--set").rl
+    if steps is not None:
+        cfg = cfg.model_copy(update={"steps": steps})
     names = domain_list(domains)
     dest = out or Path("data") / "rl" / model.name
-    report = one_off(model, names, dest, RLConfig.model_validate(cfg.model_dump()))
-    typer.echo(f"wrote {dest} ({report['steps']} steps)")
+    report = one_off(model, names, dest, cfg)
+    typer.echo(f"wrote {dest} ({report['steps']} steps)", err=True)
 
 
 def _stage(stage: str, recipe: Path, set_: list[str] | None) -> None:

@@ -91,7 +91,7 @@ def test_resume_from_a_checkpoint_gives_the_same_weights(tmp_path, policy_dir):
     assert (run_dir(tmp_path / "b") / "checkpoints" / "step-000001").is_dir()
     report = run(tmp_path / "b", policy_dir, steps=3, save_steps=1)  # resumes at step 1
     assert report["steps"] == 3
-    assert [r["step"] for r in log_rows(tmp_path / "b")][-2:] == [2, 3]
+    assert [r["step"] for r in log_rows(tmp_path / "b")] == [1, 2, 3]  # step 2 once
     a = load_file(tmp_path / "a" / "model.safetensors")
     b = load_file(tmp_path / "b" / "model.safetensors")
     for k in a:
@@ -171,5 +171,14 @@ def test_one_off_cli_on_any_model_directory(tmp_path, policy_dir):
     assert res.exit_code == 0, res.output
     assert (out / "config.json").exists() and len(log_rows(out)) == 1
     assert log_rows(out)[0]["episodes"] == 4
+    # with a recipe, its rl section applies, steps included, unless --steps says otherwise
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: r\nrl: {steps: 2, prompts_per_step: 2, num_generations: 2, max_new_tokens: 8}\n"
+    )
+    res = CliRunner().invoke(app, ["rl", str(recipe), "--model", str(policy_dir), "--domains",
+                                   "logic", "--out", str(tmp_path / "out2")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert [r["step"] for r in log_rows(tmp_path / "out2")] == [1, 2]
     bad = CliRunner().invoke(app, ["rl", "--model", str(policy_dir), "--domains", "nope"])
     assert "unknown domain nope" in str(bad.exception)  # a UserError: main() exits 2 with it

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from distill.backends import Sampling, mix_seed
-from distill.recipe.rl import RLConfig
+from distill.recipe.rl import RewardConfig, RLConfig, RLDomainConfig
 from distill.rl.rewards import shaped_reward
 from distill.rollout import Episode, run_episodes
 from distill.verify import verify_many
@@ -38,7 +38,6 @@ class Outcome:
     """One episode's result: what the logs and the advantages are made of."""
 
     domain: str
-    group: int  # episodes of one prompt share a group
     passed: bool
     reward: float
     tokens: int  # completion tokens over all its turns
@@ -114,26 +113,20 @@ def rollout_step(
         verdicts = verify_many(d, [(e.task, e.messages) for e in episodes], workers=1)
         times["generate"] += t1 - t0
         times["score"] += time.perf_counter() - t1
-        shaping = cfg.domains[d].reward if d in cfg.domains else None
+        shaping = cfg.domains.get(d, RLDomainConfig()).reward
         for k, (e, v) in enumerate(zip(episodes, verdicts, strict=True)):
             slot = idx[k // cfg.num_generations] * cfg.num_generations + k % cfg.num_generations
-            outcomes[slot] = _outcome(
-                e, v, d, slot // cfg.num_generations, new_tokens, turns, shaping
-            )
+            outcomes[slot] = _outcome(e, v, d, new_tokens, turns, shaping)
             samples += _samples(e, d, slot, outcomes[slot].loss)
     return samples, outcomes, times  # type: ignore[return-value]
 
 
-def _outcome(e: Episode, v, domain: str, group: int, new_tokens: int, turns: int, shaping):
-    from distill.recipe.rl import RewardConfig
-
+def _outcome(e: Episode, v, domain: str, new_tokens: int, turns: int, shaping: RewardConfig):
     # an agent episode may use up to max_turns turns of max_new_tokens each
     limit = new_tokens * (turns if e.task.tools else 1)
     truncated = e.finish_reason in ("length", "turn_limit")
-    r = shaped_reward(
-        v.score, v.passed, e.completion_tokens, limit, truncated, shaping or RewardConfig()
-    )
-    return Outcome(domain, group, v.passed, r.value, e.completion_tokens, truncated, r.loss)
+    r = shaped_reward(v.score, v.passed, e.completion_tokens, limit, truncated, shaping)
+    return Outcome(domain, v.passed, r.value, e.completion_tokens, truncated, r.loss)
 
 
 def _samples(e: Episode, domain: str, slot: int, loss: bool) -> list[Sample]:

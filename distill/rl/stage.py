@@ -66,7 +66,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         desc="student rl",
     )
     record = {"enabled": True, "steps": report["steps"], "last": report["last"]}
-    return {**report, "complete": report["finished"], "record": record}
+    return {**report, "record": record}
 
 
 def one_off(

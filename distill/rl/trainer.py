@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from distill import layout
-from distill.files import atomic_write_json, json_hash
+from distill.files import atomic_write_json, atomic_write_text, json_hash
 from distill.recipe.rl import RLConfig, RLDomainConfig
 from distill.rl.loss import RL_LOSS_VERSION, global_denominator, group_advantages, grpo_loss
 from distill.rl.policy import MicroBatch, PolicyLogprobs, make_micro_batch
@@ -98,8 +98,8 @@ def train_rl(
     if cfg.report_to:
         acc.init_trackers(desc.replace("/", "-"), config={"rl": json.dumps(cfg.model_dump())})
     log_path = run / LOG
-    if acc.is_main_process and start == 0:
-        log_path.unlink(missing_ok=True)
+    if acc.is_main_process:
+        _truncate_log(log_path, start)
 
     weights = {d: c.weight for d, c in doms.items()}
     t_start, step, rows = time.time(), start, []
@@ -148,6 +148,15 @@ def train_rl(
         acc.end_training()
     acc.wait_for_everyone()
     return report
+
+
+def _truncate_log(path: Path, steps: int) -> None:
+    """Keep the log lines of the first ``steps`` steps: a resumed run repeats the steps
+    after its checkpoint, and their lines must not stand twice."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= steps]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _step(acc, policy, ref, opt, sched, backend, tasks, weights, doms, cfg: RLConfig,
