@@ -165,6 +165,31 @@ def test_time_and_memory_targets_add_up_the_stages_and_say_by_how_much(tmp_path)
     assert "Targets: 0 of 0 met (1 not applicable)" in rep.to_markdown(r)
 
 
+def test_token_target_compares_the_student_with_the_supervised_teacher(tmp_path):
+    # teacher:math 40 tokens per correct, student 44 (1.1x); teacher:logic 20, student 18
+    r = rep.build(_scores(), name="demo", models={}, target_tokens_ratio=0.95)
+    t = {x["target"]: x for x in r["targets"]}
+    math_t = t["student tokens per correct / supervised teacher:math's on math"]
+    assert math_t["value"] == pytest.approx(1.1) and math_t["met"] is False
+    assert math_t["gap"] == pytest.approx(0.15)
+    assert t["student tokens per correct / supervised teacher:logic's on logic"]["met"] is True
+    md = rep.write(r, tmp_path)["md"].read_text()
+    assert "| <= 0.95x | 1.10x | **MISSED** by 0.15x |" in md
+    # after specialist RL the goal is against the supervised teacher, not the sharpened one
+    scores = _scores()
+    sup = rep.score("teacher:math:supervised", "math", [rep.Outcome("m", True, 60)], k=1)
+    r = rep.build(scores + [sup], name="demo", models={}, target_tokens_ratio=0.8)
+    t = {x["target"]: x for x in r["targets"]}
+    assert t["student tokens per correct / supervised teacher:math's on math"]["value"] == (
+        pytest.approx(44 / 60)
+    )
+    # a student that solved nothing has no tokens per correct answer: not measured
+    none = [rep.score("teacher:code", "code", [rep.Outcome("a", True, 5)], 1)]
+    none += [rep.score("student", "code", [rep.Outcome("a", False, 5)], 1)]
+    (t,) = rep.build(none, name="t", models={}, target_tokens_ratio=0.8)["targets"]
+    assert t["met"] is None and "not measured" in t["note"]
+
+
 def _bar_labels(ax) -> list[str]:
     return [t.get_text() for t in ax.texts]
 

@@ -127,6 +127,7 @@ def build(
     models: dict[str, dict[str, Any]],
     target_teacher_acc: float | None = None,
     target_recovery: float | None = None,
+    target_tokens_ratio: float | None = None,
     cost: dict[str, dict[str, Any]] | None = None,
     target_wall_s: float | None = None,
     target_peak_gb: float | None = None,
@@ -165,7 +166,8 @@ def build(
         "domains": domains,
         "scores": [{**asdict(s), "stderr": stderr(s.pass1, s.tasks)} for s in scores],
         "recovery": rec,
-        "targets": check_targets(scores, rec, target_teacher_acc, target_recovery),
+        "targets": check_targets(scores, rec, target_teacher_acc, target_recovery)
+        + token_targets(rec, target_tokens_ratio),
     }
     if cost is not None:
         report["cost"] = cost
@@ -226,6 +228,25 @@ def check_targets(
                 )
             else:
                 out.append(_target(what, r["ratio"], target_recovery))
+    return out
+
+
+def token_targets(rec: dict[str, dict[str, Any]], goal: float | None) -> list[dict[str, Any]]:
+    """Tokens per correct answer (lower is better): the student's over the supervised
+    teacher's (the teacher before specialist RL, or the teacher when it had none), per
+    domain. Not measured where either solved nothing (no correct answer to count)."""
+    out = []
+    for d, r in rec.items() if goal is not None else ():
+        teacher = r.get("teacher_supervised_tokens_per_correct", r["teacher_tokens_per_correct"])
+        student = r["student_tokens_per_correct"]
+        what = f"student tokens per correct / supervised teacher:{d}'s on {d}"
+        t = {"target": what, "goal": goal, "unit": "x", "value": None, "met": None, "gap": None}
+        if not teacher or student is None:
+            t["note"] = "not measured: no correct answer to count"
+        else:
+            value = student / teacher
+            t.update(value=value, met=value <= goal, gap=max(0.0, value - goal))
+        out.append(t)
     return out
 
 
@@ -390,9 +411,11 @@ def _status(t: dict[str, Any], missed: str) -> str:
 
 
 def _amount(x: float | None, unit: str | None) -> str:
-    """A target's value: a percentage, or seconds / GB for the cost targets."""
+    """A target's value: a percentage, or seconds / GB / a ratio for the lower-is-better targets."""
     if unit is None or x is None:
         return _pct(x)
+    if unit == "x":  # a ratio
+        return f"{x:.2f}x"
     return f"{x:.0f} s" if unit == "s" else f"{x:.2f} {unit}"
 
 

@@ -276,6 +276,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         models=models,
         target_teacher_acc=recipe.eval.target_teacher_acc,
         target_recovery=recipe.eval.target_recovery,
+        target_tokens_ratio=recipe.eval.target_tokens_ratio,
         cost=stage_costs(recipe, time.time() - t0),
         target_wall_s=recipe.eval.target_wall_s,
         target_peak_gb=recipe.eval.target_peak_gb,

@@ -463,6 +463,11 @@ class EvalConfig(Section):
         ge=0,
         description="Target the report checks: student pass@1 / teacher pass@1 on each teacher's domain; null = none.",
     )
+    target_tokens_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="Target the report checks: the student's tokens per correct answer / the supervised teacher's (before specialist RL), on each teacher's domain, at most this; null = none.",
+    )
     target_wall_s: float | None = Field(
         None,
         gt=0,
