@@ -92,7 +92,7 @@ def run_ours(a, model_dir: Path) -> dict:
     from distill.rl.trainer import _train_config
 
     opt, sched = make_optimizer(model, _train_config(cfg), cfg.steps, fused=gpu)
-    policy = PolicyLogprobs(model)
+    policy = PolicyLogprobs(model, checkpointing=a.checkpointing)
     policy, opt, sched = acc.prepare(policy, opt, sched)
     backend = HFBackend.from_model(model, tok, batch_size=a.prompts * a.group)
     convs = conversations(a.prompts, a.prompt_len, tok)
@@ -205,6 +205,10 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=200)
     p.add_argument("--micro", type=int, default=16, help="completions per micro-batch")
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    p.add_argument(
+        "--checkpointing", action="store_true",
+        help="ours with rl.gradient_checkpointing (TRL's GRPOConfig has it on by default)",
+    )  # fmt: skip
     p.add_argument("--sides", default="trl,ours")
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -221,8 +225,9 @@ def main() -> None:
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
     for side in a.sides.split(","):
         argv = [sys.executable, __file__, "--side", side, "--model", str(work)]
-        argv += [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-                 if k not in ("side", "model", "out", "sides")]  # fmt: skip
+        for k, v in vars(a).items():
+            if k not in ("side", "model", "out", "sides") and v is not False:
+                argv.append(f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}"))
         t0 = time.time()
         proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ})
         sys.stderr.write(proc.stderr[-4000:])

@@ -182,3 +182,46 @@ def test_one_off_cli_on_any_model_directory(tmp_path, policy_dir):
     assert [r["step"] for r in log_rows(tmp_path / "out2")] == [1, 2]
     bad = CliRunner().invoke(app, ["rl", "--model", str(policy_dir), "--domains", "nope"])
     assert "unknown domain nope" in str(bad.exception)  # a UserError: main() exits 2 with it
+
+
+def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_gradients(
+    tmp_path, policy_dir
+):
+    """rl.gradient_checkpointing: each decoder layer runs again in backward (so its
+    activations were not kept), the gradients are the same, and the model stays in eval
+    mode outside the policy's forward (generate keeps its KV cache)."""
+    from distill.models import load_model
+    from distill.rl.policy import PolicyLogprobs, make_micro_batch
+    from distill.rl.rollout import Sample
+
+    g = torch.Generator().manual_seed(0)
+    samples = [
+        Sample(torch.randint(3, 60, (5 + i,), generator=g).tolist(),
+               torch.randint(3, 60, (4 + i,), generator=g).tolist(), [0.0] * (4 + i), None,
+               "math", i, advantage=1.0 - i)
+        for i in range(3)
+    ]  # fmt: skip
+    mb = make_micro_batch(samples, 0, torch.device("cpu"))
+    grads, calls = [], []
+    for on in (False, True):
+        model = load_model(policy_dir, dtype=torch.float32)
+        count = [0]
+        # counted inside the layer's forward (the recompute in backward runs no module hooks)
+        mlp = model.get_decoder().layers[0].mlp
+        mlp.forward = lambda *a, f=mlp.forward, c=count, **k: (
+            c.__setitem__(0, c[0] + 1),
+            f(*a, **k),
+        )[1]
+        policy = PolicyLogprobs(model, checkpointing=on)
+        logp, _ = policy(mb, 0.7)
+        (logp * mb.mask).sum().backward()
+        assert not model.training
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        calls.append(count[0])
+        with torch.no_grad():  # no backward: no recompute, and no training mode
+            policy(mb, 0.7)
+    assert calls == [1, 2]  # with: once more in backward
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 3
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
+    assert run(tmp_path / "ckpt", policy_dir, gradient_checkpointing=True)["steps"] == 2

@@ -138,6 +138,11 @@ class RLConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 on GPU, fp32 on CPU."
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in backward: far less "
+        "memory per micro-batch for one more forward (TRL's GRPO default is on).",
+    )
     save_steps: int = Field(0, ge=0, description="Checkpoint every N steps; 0 = only at the end.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
     logging_steps: int = Field(1, ge=1, description="Print a log line every N steps.")

@@ -87,9 +87,14 @@ def make_micro_batch(samples: list[Sample], pad_id: int, device: torch.device) -
 class PolicyLogprobs(nn.Module):
     """``forward(mb, temperature)`` → (logp [S, Tc], entropy [S, Tc]) of the sampled tokens."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, checkpointing: bool = False):
         super().__init__()
         self.model = model
+        self.checkpointing = checkpointing
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
 
     @property
     def _no_split_modules(self) -> list[str] | None:
@@ -99,7 +104,17 @@ class PolicyLogprobs(nn.Module):
     def forward(self, mb: MicroBatch, temperature: float) -> tuple[Tensor, Tensor]:
         body = self.model.get_decoder()
         head = self.model.get_output_embeddings()
-        hidden = body(input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
+        # transformers checkpoints its layers only in training mode; the model stays in eval
+        # mode otherwise, so that generate() on it keeps its KV cache
+        recompute = self.checkpointing and torch.is_grad_enabled()
+        mode = body.training
+        body.train(recompute or mode)
+        try:
+            hidden = body(
+                input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False
+            ).last_hidden_state
+        finally:
+            body.train(mode)
         h = hidden[mb.rows, mb.cols]  # [N, H]: only positions that predict a completion token
         logps, ents = [], []
         for a in range(0, h.shape[0], HEAD_CHUNK):

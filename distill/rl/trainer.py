@@ -74,7 +74,7 @@ def train_rl(
     if any(c.beta > 0 for c in doms.values()):  # β = 0 everywhere: no reference model
         ref = PolicyLogprobs(load_model(init, dtype=dtype).to(acc.device).eval())
         ref.requires_grad_(False)
-    policy = PolicyLogprobs(model)
+    policy = PolicyLogprobs(model, checkpointing=cfg.gradient_checkpointing)
     opt, sched = make_optimizer(model, tcfg, cfg.steps * cfg.steps_per_generation, fused=gpu)
     policy, opt, sched = acc.prepare(policy, opt, sched)
     live = acc.unwrap_model(policy).model
