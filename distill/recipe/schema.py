@@ -443,6 +443,11 @@ class StudentConfig(Section):
     arch: ModelArch = Field(default_factory=ModelArch, description="Model shape (kind=scratch).")
 
 
+def _target(default: float | None, what: str, **bounds):
+    """A target the report checks (met or missed, with the gap); null = none."""
+    return Field(default, **bounds, description=f"Target the report checks: {what}; null = none.")
+
+
 class EvalConfig(Section):
     pass_k: int = Field(4, ge=1, description="Samples per task for pass@k.")
     temperature: float = Field(
@@ -452,31 +457,23 @@ class EvalConfig(Section):
         False, description="Also evaluate every teacher on every domain."
     )
     batch_size: int = Field(64, ge=1, description="Sequences decoded together.")
-    target_teacher_acc: float | None = Field(
-        0.5,
-        ge=0,
-        le=1,
-        description="Target the report checks: every teacher's greedy pass@1 on its own domain (far above chance); null = none.",
+    target_teacher_acc: float | None = _target(
+        0.5, "every teacher's greedy pass@1 on its own domain (far above chance)", ge=0, le=1
     )
-    target_recovery: float | None = Field(
-        0.9,
-        ge=0,
-        description="Target the report checks: student pass@1 / teacher pass@1 on each teacher's domain; null = none.",
+    target_recovery: float | None = _target(
+        0.9, "student pass@1 / teacher pass@1 on each teacher's domain", ge=0
     )
-    target_tokens_ratio: float | None = Field(
+    target_tokens_ratio: float | None = _target(
         None,
+        "the student's tokens per correct answer / the supervised teacher's (before "
+        "specialist RL), on each teacher's domain, at most this",
         gt=0,
-        description="Target the report checks: the student's tokens per correct answer / the supervised teacher's (before specialist RL), on each teacher's domain, at most this; null = none.",
     )
-    target_wall_s: float | None = Field(
-        None,
-        gt=0,
-        description="Target the report checks: the whole pipeline's seconds (each stage's last run, added up); null = none.",
+    target_wall_s: float | None = _target(
+        None, "the whole pipeline's seconds (each stage's last run, added up)", gt=0
     )
-    target_peak_gb: float | None = Field(
-        None,
-        gt=0,
-        description="Target the report checks: the largest peak resident memory of any stage, in GB; null = none.",
+    target_peak_gb: float | None = _target(
+        None, "the largest peak resident memory of any stage, in GB", gt=0
     )
 
 
