@@ -184,6 +184,19 @@ for top_k in (5, 70):
     g_got = torch.autograd.grad((got * got.detach().cos()).sum() + kl_got, ins)
     for a, b in zip(g_got, g_ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+# the fused KL token by token against torch's, indexer queries of both signs (ReLUs off)
+from distill.dsa.kl_kernel import sparse_kl_triton
+qs = torch.randn(70, 3, 8, generator=torch.Generator().manual_seed(5), requires_grad=True)
+idx = K.index_topk(qs.detach(), ki.detach(), w.detach(), K.segment_starts(cu, 70), 6, 30)
+assert (idx < 0).any()  # queries with fewer than 6 keys in their trace
+got = sparse_kl_triton(q, k, qs, ki, w, idx, 0.3)
+want = torch.stack([K._sparse_kl_chunk(q[i : i + 1].detach(), k.detach(), qs[i : i + 1], ki,
+                                       w[i : i + 1], idx[i : i + 1], 0.3) for i in range(70)])
+torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-4)
+c = torch.rand(70)
+for a, b in zip(torch.autograd.grad((got * c).sum(), (qs, ki, w)),
+                torch.autograd.grad((want * c).sum(), (qs, ki, w))):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 print("ok")
 """
 
@@ -191,7 +204,7 @@ print("ok")
 @pytest.mark.skipif(not K.HAVE_TRITON, reason="triton is not installed")
 def test_triton_kernels_match_the_reference_interpreted(tmp_path):
     """The Triton kernels (index scores; sparse attention forward and backward with
-    atomic dK/dV) on CPU under TRITON_INTERPRET=1, in a fresh process (the interpreter
+    atomic dK/dV; the fused sparse KL and its gradient) on CPU under TRITON_INTERPRET=1, in a fresh process (the interpreter
     is chosen when the kernels are defined)."""
     script = tmp_path / "tri.py"
     script.write_text(TRITON_SCRIPT.format(tests=os.path.dirname(__file__)))
@@ -205,8 +218,8 @@ def test_triton_kernels_match_the_reference_interpreted(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available() or not K.HAVE_TRITON, reason="needs CUDA")
 def test_triton_kernels_match_torch_on_gpu():
     """bf16 on the GPU, each kernel on the same selection as torch in fp32 (a whole-path
-    comparison would let bf16 rounding flip near-tied selections): index scores, and
-    sparse attention forward and backward."""
+    comparison would let bf16 rounding flip near-tied selections): index scores, sparse
+    attention forward and backward, the fused sparse KL and its gradient."""
     q, k, v, qi, ki, w = (x.cuda().float() for x in _qkv(161))
     cu = CU.cuda()
     starts = K.segment_starts(cu, 161)
@@ -226,6 +239,15 @@ def test_triton_kernels_match_torch_on_gpu():
     ref.backward(grad)
     for a, b in zip(half, full, strict=True):
         torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
+    from distill.dsa.kl_kernel import sparse_kl_triton
+
+    qs = torch.randn(161, 3, 8, device="cuda", requires_grad=True)  # both signs: ReLUs off
+    ins = (qs, ki.requires_grad_(), w.requires_grad_())
+    got = sparse_kl_triton(q.bfloat16(), k.bfloat16(), *ins, idx, 0.3).sum()
+    want = K._sparse_kl_chunk(q, k, *ins, idx, 0.3)
+    torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
+    for a, b in zip(torch.autograd.grad(got, ins), torch.autograd.grad(want, ins), strict=True):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
 
 
 # --------------------------------------------------------------------------- training

@@ -10,8 +10,9 @@ Per layer, for a row of T tokens with trace boundaries ``cu``:
    keys, one program per token and KV head, the heads of a GQA group together) and
    backward (dQ per program; dK and dV scattered with fp32 atomic adds); without Triton,
    torch gathers the selected keys chunk by chunk (checkpointed);
-3. the indexer's KL, chunk by chunk and checkpointed: over the selected keys (sparse
-   phase), or over every key of the trace with dense attention (warm-up).
+3. the indexer's KL: over the selected keys (sparse phase) a fused Triton kernel
+   (:mod:`distill.dsa.kl_kernel`), without Triton torch chunk by chunk, checkpointed; over
+   every key of the trace with dense attention (warm-up), torch chunk by chunk.
 
 The torch code here is device-agnostic, so the tests check it against the reference on
 CPU; the Triton kernels run on CUDA, or on CPU under ``TRITON_INTERPRET=1`` in the tests.
@@ -131,6 +132,10 @@ def _gathered(q, k, v, idx, scale):
 def sparse_kl(q, k, qi, ki, w, idx: Tensor, scale: float) -> Tensor:
     """Σ_t KL(p_t ‖ softmax(I_t)) over each token's selected keys; the gradient reaches
     the indexer's ``qi``, ``ki``, ``w`` only."""
+    if use_triton(q):  # fused: nothing [T, K]-sized is gathered or kept
+        from distill.dsa.kl_kernel import sparse_kl_triton
+
+        return sparse_kl_triton(q, k, qi, ki, w, idx, scale).sum()
     t, h = q.shape[:2]
     chunk = max(1, BUDGET // max(1, idx.shape[1] * max(h, qi.shape[1], ki.shape[1])))
     total = None
