@@ -110,6 +110,10 @@ def _worker(
             results.put((rank, "user", str(disk)))
             return
         results.put((rank, "crash", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:  # a spawned process runs no atexit handlers: end its group here
+        from distill.train.setup import end_process_group
+
+        end_process_group()
 
 
 def spawn(fn: Callable[..., Any], *args: Any, procs: int, what: str) -> Any:

@@ -119,3 +119,34 @@ def test_ranks_die_with_the_process_that_spawned_them(tmp_path, sig):
     assert not any(_alive(p) for p in pids)
     time.sleep(2.5)  # long enough for a surviving rank to have finished
     assert not list(tmp_path.glob("finished-*"))
+
+
+def _train_twice(root: str) -> list[bool]:
+    """Two trainings in one process, as the DSA phases run (dense, warm-up, sparse)."""
+    from tiny_artifacts import ARCH
+
+    from distill.recipe.schema import TrainConfig
+    from distill.train import train
+
+    cfg = TrainConfig(max_steps=2, batch_tokens=512, micro_batch_tokens=256, max_length=128,
+                      precision="fp32", warmup_steps=1)  # fmt: skip
+    done = []
+    for phase in ("first", "second"):
+        rep = train(init=ARCH, tokenizer_dir=f"{root}/tok", shards={"math": f"{root}/math"},
+                    out_dir=f"{root}/{phase}/model", run_dir=f"{root}/{phase}", cfg=cfg)  # fmt: skip
+        done.append(rep["finished"])
+    return done
+
+
+def test_two_trainings_in_one_group_of_ranks(tmp_path):
+    """accelerate's end_training destroys the process group that every Accelerator of the
+    process shares: a second training on two ranks then failed ('Default process group
+    has not been initialized'). The trainer keeps the group until the process ends."""
+    import random
+
+    from tiny_artifacts import make_tokenizer, math_trace, write_shards
+
+    make_tokenizer(tmp_path / "tok")
+    rng = random.Random(0)
+    write_shards(tmp_path / "math", "math", [math_trace(i, rng) for i in range(24)])
+    assert launch.spawn(_train_twice, str(tmp_path), procs=2, what="test") == [True, True]

@@ -55,7 +55,7 @@ def train_rl(
     from distill.backends.hf import HFBackend
     from distill.models import load_model, load_tokenizer
     from distill.train import checkpoint
-    from distill.train.setup import make_accelerator, make_optimizer, set_cpu_threads
+    from distill.train.setup import end_training, make_accelerator, make_optimizer, set_cpu_threads
 
     out = Path(out_dir)
     run = layout.run_dir(out) if run_dir is None else Path(run_dir)
@@ -144,8 +144,7 @@ def train_rl(
         tokenizer.save_pretrained(out)
         atomic_write_json(run / REPORT, report)
         rl_card(out, run, desc, init, cfg, tasks, report)
-    if cfg.report_to:
-        acc.end_training()
+    end_training(acc)
     acc.wait_for_everyone()
     return report
 

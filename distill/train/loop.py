@@ -37,7 +37,13 @@ from distill.train import checkpoint
 from distill.train.data import RowStream, cache_key, collate, tokenize_domain
 from distill.train.metrics import StepStats, build_report, progress
 from distill.train.save import save_model, train_card
-from distill.train.setup import compile_model, make_accelerator, make_optimizer, set_cpu_threads
+from distill.train.setup import (
+    compile_model,
+    end_training,
+    make_accelerator,
+    make_optimizer,
+    set_cpu_threads,
+)
 
 # book each step's losses one step late (see _Loop.run); None: on a GPU only. Tests set it.
 DEFER: bool | None = None
@@ -165,7 +171,7 @@ def _train(
         if acc.is_main_process:
             (run / "train_report.json").write_text(json.dumps(report, indent=1))
             train_card(out, run, desc, init, cfg, shards, report, sw, lw)
-    acc.end_training()
+    end_training(acc)
     return report
 
 

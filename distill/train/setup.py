@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import math
 import os
 from pathlib import Path
@@ -15,6 +17,8 @@ def make_accelerator(cfg: TrainConfig, out: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    _end_group_at_exit()
+
     cuda = torch.cuda.is_available()
     mp = "bf16" if cfg.precision == "bf16" or (cfg.precision == "auto" and cuda) else "no"
     acc = Accelerator(
@@ -24,6 +28,28 @@ def make_accelerator(cfg: TrainConfig, out: Path):
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     return acc
+
+
+def end_training(acc) -> None:
+    """Finish ``acc``'s trackers and keep the process group. Accelerate's own
+    ``end_training`` destroys the group, but every Accelerator of a process shares one
+    state: the next training in this process (the DSA phases; the next stage under
+    ``accelerate launch``) would find the group gone. The group ends with the process."""
+    for tracker in acc.trackers:
+        tracker.finish()
+
+
+@functools.cache
+def _end_group_at_exit() -> None:
+    atexit.register(end_process_group)
+
+
+def end_process_group() -> None:
+    """Destroy this process's torch.distributed group, if it has one (at its exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def set_cpu_threads(acc, n_params: int) -> None:
