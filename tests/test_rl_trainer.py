@@ -157,6 +157,45 @@ def test_rl_stage_on_two_cpu_ranks_equals_one(tmp_path, monkeypatch):
     assert changed
 
 
+def test_rl_stage_trains_a_dsa_student_on_two_ranks_and_leaves_its_indexer(tmp_path, monkeypatch):
+    """A DSA student (the train stage's output with attention: dsa) through the RL stage
+    on 2 gloo ranks: the policy loss never reaches the indexer, which DDP would wait for;
+    the indexer stays as trained and the rest learns."""
+    from safetensors.torch import load_file
+
+    from distill.dsa import register
+    from distill.dsa.model import from_dense
+    from distill.models import load_model
+    from distill.recipe import load_recipe
+    from distill.stages import run_stage
+
+    register()
+    tiny_model_dir(tmp_path / "dense")
+    dense = load_model(tmp_path / "dense", dtype=torch.float32)
+    dsa = from_dense(dense, index_n_heads=2, index_head_dim=8, index_top_k=4, warmup=False)
+    dsa.save_pretrained(tmp_path / "student")
+    for f in (tmp_path / "dense").iterdir():  # the tokenizer's files
+        if f.is_file() and not (tmp_path / "student" / f.name).exists():
+            (tmp_path / "student" / f.name).write_bytes(f.read_bytes())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"name: r\noutput_dir: '{tmp_path}'\ndomains: {{math: {{}}}}\n"
+        "teachers: {math: {kind: bootstrap}}\n"
+        # two updates a step: DDP's missing-gradient error shows at the second backward
+        "rl: {enabled: true, steps: 2, prompts_per_step: 4, num_generations: 3, learning_rate: 0.01,\n"
+        "     max_new_tokens: 10, micro_batch_seqs: 2, steps_per_generation: 2,\n"
+        "     domains: {math: {tasks: 8, reward: {overlong_buffer: 10}}}}\n"
+    )
+    monkeypatch.setenv("DISTILL_CPU_PROCS", "2")
+    report = run_stage(load_recipe(recipe), "rl")
+    assert report["world_size"] == 2 and report["steps"] == 2
+    before = load_file(tmp_path / "student" / "model.safetensors")
+    after = load_file(tmp_path / "rl" / "model.safetensors")
+    index = [k for k in before if ".indexer." in k]
+    assert index and all(torch.equal(after[k], before[k]) for k in index)
+    assert any(not torch.equal(after[k], before[k]) for k in before if k not in index)
+
+
 def test_one_off_cli_on_any_model_directory(tmp_path, policy_dir):
     """`distill rl --model DIR`: no recipe, --set for the rl section, a model dir out."""
     from typer.testing import CliRunner

@@ -53,6 +53,7 @@ def train_rl(
     from accelerate.utils import set_seed
 
     from distill.backends.hf import HFBackend
+    from distill.dsa.train import is_dsa
     from distill.models import load_model, load_tokenizer
     from distill.train import checkpoint
     from distill.train.setup import end_training, make_accelerator, make_optimizer, set_cpu_threads
@@ -69,6 +70,11 @@ def train_rl(
     tokenizer = load_tokenizer(init)
     model = load_model(init, dtype=dtype).to(acc.device)
     set_cpu_threads(acc, sum(p.numel() for p in model.parameters()))
+    if is_dsa(model):
+        # the policy loss never reaches a DSA model's indexer (top-k has no gradient; its
+        # KL is the trainer's): it stays as trained, and DDP would wait for its gradients
+        for p in model.indexer_parameters():
+            p.requires_grad_(False)
     doms = {d: cfg.domains.get(d, RLDomainConfig()) for d in tasks}
     ref = None
     if any(c.beta > 0 for c in doms.values()):  # β = 0 everywhere: no reference model
