@@ -53,12 +53,39 @@ if HAVE_TRITON:
         return tl.where(ok[None, :], s, float("-inf"))
 
     @triton.jit
-    def _index_logits(qi, KI, safe, ok, re, me, s_kit):
-        """ReLU's input [BHI, BN] and the block's index keys [BN, BDI]."""
+    def _query(Q, QI, W, t, rh, rd, rj, re, mh, md, mj, me, s_qt, s_qh, s_qit, s_qih, s_wt):
+        """The query's main heads [BH, BD], index heads [BHI, BDI] and weights [BHI]."""
+        q = tl.load(
+            Q + t * s_qt + rh[:, None] * s_qh + rd[None, :],
+            mask=mh[:, None] & md[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        qi = tl.load(
+            QI + t * s_qit + rj[:, None] * s_qih + re[None, :],
+            mask=mj[:, None] & me[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        w = tl.load(W + t * s_wt + rj, mask=mj, other=0.0).to(tl.float32)
+        return q, qi, w
+
+    @triton.jit
+    def _block(q, qi, w, K, KI, IDX, t, start, n_sel, grp, rn, rd, md, re, me,
+               s_it, s_kt, s_kh, s_kit, scale,
+               HKV: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+        """One block of the query's selected keys: which are selected (``ok``) and where
+        (``safe``), the main logits [BH, BN], ReLU's input [BHI, BN], the index keys
+        [BN, BDI] and the index scores [BN]; -inf logits and scores where not selected."""
+        cols = start + rn
+        ids = tl.load(IDX + t * s_it + cols, mask=cols < n_sel, other=-1)
+        ok = ids >= 0
+        safe = tl.where(ok, ids, 0)
+        s = _main_scores(q, K, safe, ok, grp, rd, md, s_kt, s_kh, scale, HKV, BH, BN)
         kib = tl.load(
             KI + safe[:, None] * s_kit + re[None, :], mask=ok[:, None] & me[None, :], other=0.0
         ).to(tl.float32)
-        return tl.dot(qi, tl.trans(kib)), kib
+        z = tl.dot(qi, tl.trans(kib))
+        idx_s = tl.where(ok, tl.sum(tl.maximum(z, 0.0) * w[:, None], 0), float("-inf"))
+        return ok, safe, s, z, kib, idx_s
 
     @triton.jit
     def _kl_fwd_kernel(
@@ -73,34 +100,21 @@ if HAVE_TRITON:
         rj, re = tl.arange(0, BHI), tl.arange(0, BDI)
         mh, md, mj, me = rh < H, rd < D, rj < HI, re < DI
         grp = tl.where(mh, rh // G, -1)
-        q = tl.load(
-            Q + t * s_qt + rh[:, None] * s_qh + rd[None, :],
-            mask=mh[:, None] & md[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        qi = tl.load(
-            QI + t * s_qit + rj[:, None] * s_qih + re[None, :],
-            mask=mj[:, None] & me[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        w = tl.load(W + t * s_wt + rj, mask=mj, other=0.0).to(tl.float32)
+        q, qi, w = _query(Q, QI, W, t, rh, rd, rj, re, mh, md, mj, me,
+                          s_qt, s_qh, s_qit, s_qih, s_wt)  # fmt: skip
         m = tl.full((BH,), float("-inf"), tl.float32)
         l_h = tl.zeros((BH,), tl.float32)
         mi = tl.max(tl.full((BN,), float("-inf"), tl.float32), 0)
         li = tl.sum(tl.zeros((BN,), tl.float32), 0)
         for start in range(0, n_sel, BN):  # pass 1: log-sum-exps
-            cols = start + rn
-            ids = tl.load(IDX + t * s_it + cols, mask=cols < n_sel, other=-1)
-            ok = ids >= 0
-            safe = tl.where(ok, ids, 0)
-            s = _main_scores(q, K, safe, ok, grp, rd, md, s_kt, s_kh, scale, HKV, BH, BN)
+            ok, safe, s, z, kib, idx_s = _block(
+                q, qi, w, K, KI, IDX, t, start, n_sel, grp, rn, rd, md, re, me,
+                s_it, s_kt, s_kh, s_kit, scale, HKV, BH, BN,
+            )  # fmt: skip
             m_new = tl.maximum(m, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_h = l_h * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
             m = m_new
-            z, kib = _index_logits(qi, KI, safe, ok, re, me, s_kit)
-            idx_s = tl.sum(tl.maximum(z, 0.0) * w[:, None], 0)
-            idx_s = tl.where(ok, idx_s, float("-inf"))
             mi_new = tl.maximum(mi, tl.max(idx_s, 0))
             mi_safe = tl.where(mi_new == float("-inf"), 0.0, mi_new)
             li = li * tl.exp(mi - mi_safe) + tl.sum(tl.exp(idx_s - mi_safe), 0)
@@ -110,15 +124,12 @@ if HAVE_TRITON:
         lsei = tl.where(li > 0, mi + tl.log(tl.where(li > 0, li, 1.0)), float("inf"))
         kl = tl.sum(tl.zeros((BN,), tl.float32), 0)
         for start in range(0, n_sel, BN):  # pass 2: the KL
-            cols = start + rn
-            ids = tl.load(IDX + t * s_it + cols, mask=cols < n_sel, other=-1)
-            ok = ids >= 0
-            safe = tl.where(ok, ids, 0)
-            s = _main_scores(q, K, safe, ok, grp, rd, md, s_kt, s_kh, scale, HKV, BH, BN)
+            ok, safe, s, z, kib, idx_s = _block(
+                q, qi, w, K, KI, IDX, t, start, n_sel, grp, rn, rd, md, re, me,
+                s_it, s_kt, s_kh, s_kit, scale, HKV, BH, BN,
+            )  # fmt: skip
             p = tl.sum(tl.exp(s - lse[:, None]), 0) / H
-            z, kib = _index_logits(qi, KI, safe, ok, re, me, s_kit)
-            logq = tl.sum(tl.maximum(z, 0.0) * w[:, None], 0) - lsei
-            term = tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0) - p * logq
+            term = tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0) - p * (idx_s - lsei)
             kl += tl.sum(tl.where(ok & (p > 0), term, 0.0), 0)
         tl.store(KL + t, kl)
         tl.store(LSE + t * s_lt + rh, lse, mask=mh)
@@ -137,32 +148,20 @@ if HAVE_TRITON:
         rj, re = tl.arange(0, BHI), tl.arange(0, BDI)
         mh, md, mj, me = rh < H, rd < D, rj < HI, re < DI
         grp = tl.where(mh, rh // G, -1)
-        q = tl.load(
-            Q + t * s_qt + rh[:, None] * s_qh + rd[None, :],
-            mask=mh[:, None] & md[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        qi = tl.load(
-            QI + t * s_qit + rj[:, None] * s_qih + re[None, :],
-            mask=mj[:, None] & me[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        w = tl.load(W + t * s_wt + rj, mask=mj, other=0.0).to(tl.float32)
+        q, qi, w = _query(Q, QI, W, t, rh, rd, rj, re, mh, md, mj, me,
+                          s_qt, s_qh, s_qit, s_qih, s_wt)  # fmt: skip
         lse = tl.load(LSE + t * s_lt + rh, mask=mh, other=float("inf"))
         lsei = tl.load(LSEI + t)
         g = tl.load(GOUT + t)
         dqi = tl.zeros((BHI, BDI), tl.float32)
         dw = tl.zeros((BHI,), tl.float32)
         for start in range(0, n_sel, BN):
-            cols = start + rn
-            ids = tl.load(IDX + t * s_it + cols, mask=cols < n_sel, other=-1)
-            ok = ids >= 0
-            safe = tl.where(ok, ids, 0)
-            s = _main_scores(q, K, safe, ok, grp, rd, md, s_kt, s_kh, scale, HKV, BH, BN)
+            ok, safe, s, z, kib, idx_s = _block(
+                q, qi, w, K, KI, IDX, t, start, n_sel, grp, rn, rd, md, re, me,
+                s_it, s_kt, s_kh, s_kit, scale, HKV, BH, BN,
+            )  # fmt: skip
             p = tl.sum(tl.exp(s - lse[:, None]), 0) / H
-            z, kib = _index_logits(qi, KI, safe, ok, re, me, s_kit)
-            soft = tl.exp(tl.sum(tl.maximum(z, 0.0) * w[:, None], 0) - lsei)
-            di = tl.where(ok, g * (soft - p), 0.0)  # [BN]
+            di = tl.where(ok, g * (tl.exp(idx_s - lsei) - p), 0.0)  # dKL/dI [BN]
             dw += tl.sum(tl.maximum(z, 0.0) * di[None, :], 1)
             dz = tl.where(z > 0, w[:, None] * di[None, :], 0.0)  # [BHI, BN]
             dqi += tl.dot(dz, kib)
