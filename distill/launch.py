@@ -111,9 +111,15 @@ def _worker(
             return
         results.put((rank, "crash", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
     finally:  # a spawned process runs no atexit handlers: end its group here
-        from distill.train.setup import end_process_group
-
         end_process_group()
+
+
+def end_process_group() -> None:
+    """Destroy this process's torch.distributed group, if it has one (at its exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def spawn(fn: Callable[..., Any], *args: Any, procs: int, what: str) -> Any:

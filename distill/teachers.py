@@ -20,7 +20,6 @@ from distill.files import atomic_write_json, json_hash
 from distill.messages import Lineage, Trace, Verdict
 from distill.progress import console
 from distill.recipe.schema import Recipe, TeacherConfig
-from distill.train.data import short_prompt_at
 from teachers.base import get_domain
 
 TOKENIZER_RECORD = "_tokenizer.json"
@@ -145,6 +144,7 @@ def write_oracle_shards(recipe: Recipe, d: str, out: Path, fingerprint: str) -> 
     learns that within ~200 steps, and then does it under the whole prompt too
     (docs/teachers.md)."""
     from distill.shards import ShardWriter
+    from distill.train.data import short_prompt_at  # here: distill.train imports torch
 
     dom = get_domain(d)
     t = recipe.teachers[d]

@@ -158,6 +158,9 @@ def test_short_prompt_share_renders_that_share_without_system_prompt(tmp_path):
     full = tokenize_domain("agents", shards, tok, 512, tmp_path / "cache")
     half = tokenize_domain("agents", shards, tok, 512, tmp_path / "cache", short_share=0.5)
     assert [short_prompt_at(i, 0.5) for i in range(6)] == [False, True] * 3
+    assert [short_prompt_at(i, 0.25) for i in range(8)] == [False, False, False, True] * 2
+    assert not any(short_prompt_at(i, 0.0) for i in range(8))
+    assert all(short_prompt_at(i, 1.0) for i in range(8))
     assert len(full) == len(half) == 6 * 2  # two user turns: two examples per trace
     lf, lh = full.lengths.tolist(), half.lengths.tolist()
     shorter = [i for i in range(len(lf)) if lh[i] < lf[i]]

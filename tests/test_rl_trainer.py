@@ -165,7 +165,7 @@ def test_rl_stage_trains_a_dsa_student_on_two_ranks_and_leaves_its_indexer(tmp_p
 
     from distill.dsa import register
     from distill.dsa.model import from_dense
-    from distill.models import load_model
+    from distill.models import load_model, load_tokenizer
     from distill.recipe import load_recipe
     from distill.stages import run_stage
 
@@ -174,9 +174,7 @@ def test_rl_stage_trains_a_dsa_student_on_two_ranks_and_leaves_its_indexer(tmp_p
     dense = load_model(tmp_path / "dense", dtype=torch.float32)
     dsa = from_dense(dense, index_n_heads=2, index_head_dim=8, index_top_k=4, warmup=False)
     dsa.save_pretrained(tmp_path / "student")
-    for f in (tmp_path / "dense").iterdir():  # the tokenizer's files
-        if f.is_file() and not (tmp_path / "student" / f.name).exists():
-            (tmp_path / "student" / f.name).write_bytes(f.read_bytes())
+    load_tokenizer(tmp_path / "dense").save_pretrained(tmp_path / "student")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"name: r\noutput_dir: '{tmp_path}'\ndomains: {{math: {{}}}}\n"
@@ -247,10 +245,12 @@ def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_gradients(
         count = [0]
         # counted inside the layer's forward (the recompute in backward runs no module hooks)
         mlp = model.get_decoder().layers[0].mlp
-        mlp.forward = lambda *a, f=mlp.forward, c=count, **k: (
+        modes = []
+        mlp.forward = lambda *a, f=mlp.forward, c=count, m=mlp, ms=modes, **k: (
             c.__setitem__(0, c[0] + 1),
+            ms.append(m.training),
             f(*a, **k),
-        )[1]
+        )[2]
         policy = PolicyLogprobs(model, checkpointing=on)
         logp, _ = policy(mb, 0.7)
         (logp * mb.mask).sum().backward()
@@ -259,6 +259,8 @@ def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_gradients(
         calls.append(count[0])
         with torch.no_grad():  # no backward: no recompute, and no training mode
             policy(mb, 0.7)
+        assert count[0] == calls[-1] + 1 and modes[-1] is False
+        assert modes[0] is on  # training mode (for the recompute) only when checkpointing
     assert calls == [1, 2]  # with: once more in backward
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 3
     for n in grads[0]:

@@ -357,8 +357,8 @@ class HFBackend:
         return any(s in tail for s in stops)
 
     def close(self) -> None:
-        if self.static is not None:
-            self.static.free()
+        # the static decoder holds the model too, besides its buffers and graphs
+        self.static = None
         self.model = None  # type: ignore[assignment]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -7,8 +7,10 @@ because decoding one token per row wants what that forward does not give under
 compiled transformers path repeats the KV cache for every query head, every step), no
 cache or mask objects whose Python state breaks a captured graph, and plain functions of
 tensors, so one compiled function serves every layer. Each function mirrors the
-transformers module it replaces op for op (same fp32 result on CPU), and reads the
-parameters in place: an optimizer step on the live model is seen by the next decode.
+transformers module it replaces op for op, and reads the parameters in place: an
+optimizer step on the live model is seen by the next decode. Tested against transformers
+(fp32, CPU) on a Llama with as many KV heads as query heads; the packed-GQA branch, Qwen2's
+q/k/v biases and Qwen3's q/k norms are not compared against it in a test.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ FAMILY = ("llama", "qwen2", "qwen3")
 
 
 def supported(model) -> bool:
-    """Whether this forward reproduces ``model``'s: a Llama-family model with SiLU MLPs,
-    full attention in every layer and whole (unsharded) parameters."""
+    """Whether this forward can run ``model``: a Llama-family model with SiLU MLPs, full
+    attention in every layer, and a K projection of the config's full shape (a
+    tensor-parallel shard fails that; an FSDP2 DTensor, which reports its global shape,
+    does not)."""
     c = model.config
     if getattr(c, "model_type", None) not in FAMILY or getattr(c, "hidden_act", None) != "silu":
         return False

@@ -136,10 +136,6 @@ class StaticDecoder:
             self.shapes[key] = _Buffers(self.model, batch, length)
         return self.shapes[key]
 
-    def free(self) -> None:
-        """Drop every buffer and graph (the KV caches: GPU memory a trainer may want)."""
-        self.shapes.clear()
-
     def decode(self, rows: list, sampling, batch: int) -> None:
         """Decode ``rows`` (at most ``batch``) in place; call under inference mode."""
         steps = max(r.limit for r in rows)

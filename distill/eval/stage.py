@@ -22,7 +22,6 @@ from distill.progress import StageBar, console
 from distill.recipe.schema import DomainConfig, EvalConfig, GenerateConfig, Recipe, TeacherConfig
 from distill.rl.specialist import base_dir, teacher_dir
 from distill.tasks import tasks_for
-from distill.train.save import add_eval, eval_markdown
 from teachers.base import Task, get_domain
 
 
@@ -241,6 +240,7 @@ def models_of(recipe: Recipe) -> list[tuple[ModelSpec, list[str]]]:
 def run(recipe: Recipe) -> dict[str, Any]:
     """The eval stage (``distill eval RECIPE``): writes and prints the recovery report."""
     from distill.rollout import turn_budget_warning
+    from distill.train.save import add_eval, eval_markdown  # here: it imports torch
 
     t0 = time.time()
     active = recipe.active_domains()

@@ -106,15 +106,16 @@ class PolicyLogprobs(nn.Module):
         head = self.model.get_output_embeddings()
         # transformers checkpoints its layers only in training mode; the model stays in eval
         # mode otherwise, so that generate() on it keeps its KV cache
-        recompute = self.checkpointing and torch.is_grad_enabled()
-        mode = body.training
-        body.train(recompute or mode)
+        recompute = self.checkpointing and torch.is_grad_enabled() and not body.training
+        if recompute:
+            body.train()
         try:
             hidden = body(
                 input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False
             ).last_hidden_state
         finally:
-            body.train(mode)
+            if recompute:
+                body.eval()
         h = hidden[mb.rows, mb.cols]  # [N, H]: only positions that predict a completion token
         logps, ents = [], []
         for a in range(0, h.shape[0], HEAD_CHUNK):

@@ -41,15 +41,9 @@ def end_training(acc) -> None:
 
 @functools.cache
 def _end_group_at_exit() -> None:
+    from distill.launch import end_process_group
+
     atexit.register(end_process_group)
-
-
-def end_process_group() -> None:
-    """Destroy this process's torch.distributed group, if it has one (at its exit)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def set_cpu_threads(acc, n_params: int) -> None:
