@@ -99,9 +99,16 @@ def attention(p: dict, t: int, dev, dtype) -> dict:
     def kl():
         K.sparse_kl(q, k, qi, ki, w, idx, scale).backward()
 
+    def kl_fused():
+        from distill.dsa.kl_kernel import sparse_kl_triton
+
+        sparse_kl_triton(q, k, qi, ki, w, idx, scale).sum().backward()
+
     row = {"tokens": t, "top_k": p["top_k"], "triton": K.use_triton(q)}
-    for name, fn in (("dense", dense), ("dsa", dsa), ("select", select), ("sparse", sparse),
-                     ("kl", kl)):  # fmt: skip
+    parts = [("dense", dense), ("dsa", dsa), ("select", select), ("sparse", sparse), ("kl", kl)]
+    if K.use_triton(q):  # the opt-in fused KL (DISTILL_DSA_FUSED_KL=1) beside the default
+        parts.append(("kl_fused", kl_fused))
+    for name, fn in parts:
         s, gb = _timed(fn, dev, p["reps"])
         row[f"{name}_ms"], row[f"{name}_peak_gb"] = round(s * 1e3, 2), gb and round(gb, 2)
     row["speedup"] = round(row["dense_ms"] / row["dsa_ms"], 2)

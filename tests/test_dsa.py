@@ -208,7 +208,7 @@ def test_triton_kernels_match_the_reference_interpreted(tmp_path):
     is chosen when the kernels are defined)."""
     script = tmp_path / "tri.py"
     script.write_text(TRITON_SCRIPT.format(tests=os.path.dirname(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", DISTILL_DSA_FUSED_KL="1")
     proc = subprocess.run(
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
     )
@@ -460,7 +460,7 @@ def test_train_stage_converts_and_eval_serve_rl_run_unchanged(tmp_path, monkeypa
 
 def test_indexer_rope_uses_the_model_frequencies():
     """The indexer's RoPE: the score of a query and a key depends only on their distance
-    (a shift of both positions leaves it unchanged)."""
+    (a shift of both positions leaves it unchanged), and does depend on it."""
     model = _dsa(_llama(), top_k=4)
     layer = model.attention_layers()[0]
     x = torch.randn(1, 2, 32, dtype=F64)
@@ -471,4 +471,7 @@ def test_indexer_rope_uses_the_model_frequencies():
         qi, ki, w = layer.indexer(x, cos, sin)
         scores.append(A.index_scores(qi, ki, w)[0, 1, 0])
     torch.testing.assert_close(scores[0], scores[1])
+    cos, sin = model.model.rotary_emb(x, torch.tensor([[3, 5]]))
+    qi, ki, w = layer.indexer(x, cos, sin)
+    assert (A.index_scores(qi, ki, w)[0, 1, 0] - scores[0]).abs() > 1e-6  # distance 2, not 7
     assert layer.indexer.rope_dim == 4  # 2 * min(8 // 4, 8 // 2)

@@ -9,8 +9,10 @@ The torch path (:func:`distill.dsa.kernels.sparse_kl`) gathers ``k[idx]`` and ``
 as [T, K, ...] tensors and recomputes them in backward: on one H100 at 16k tokens and
 K = 2,048 that was 1.8 s of a 1.86 s layer (BENCHMARKS.md). Here one program per query
 walks its selected keys in blocks, twice (the heads' log-sum-exps and the index
-softmax's, then the KL), and nothing [T, K]-sized is stored: the backward walks them
-again with the saved log-sum-exps, and scatters ``dki`` with fp32 atomic adds.
+softmax's, then the KL); no [T, K, ...] keys are gathered and only the int32 ``idx``
+[T, K] is kept: the backward walks the keys again with the saved log-sum-exps, and
+scatters ``dki`` with fp32 atomic adds. Opt-in (``DISTILL_DSA_FUSED_KL=1``) until timed
+on a GPU.
 """
 
 from __future__ import annotations

@@ -36,12 +36,13 @@ from pathlib import Path
 
 import torch
 
+from distill.dsa.config import MODEL_TYPE
 from distill.recipe.schema import DSATrainConfig, ModelArch, TrainConfig
 from distill.train.loss import Objective
 
 
 def is_dsa(model) -> bool:
-    return getattr(model.config, "model_type", None) == "distill_dsa"
+    return getattr(model.config, "model_type", None) == MODEL_TYPE
 
 
 def objective_class(model) -> type[Objective]:
@@ -216,7 +217,7 @@ def convert(source: Path, parent: Path, arch: ModelArch, seed: int, warmup: bool
         return target
     register()
     dense = load_model(source)
-    if getattr(dense.config, "model_type", None) == "distill_dsa":
+    if is_dsa(dense):
         raise ValueError(f"{source}: already a DSA model; train it with student.kind: hf")
     model = from_dense(
         dense,
