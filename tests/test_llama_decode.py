@@ -1,0 +1,122 @@
+"""llama_decode's forward against transformers' own (CPU, float64 and float32) on tiny random models
+with grouped-query attention (two query heads per KV head, so one-token steps take the
+packed-GQA branch): a Qwen2 (q/k/v biases), a Qwen3 (q/k norms, head_dim wider than
+hidden / heads) and a Llama with attention and MLP biases. Every parameter is drawn at
+random, biases and norm weights included: at their init (zeros, ones) a wrong bias or a
+missing norm would go unseen."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.backends import Sampling
+from distill.backends import llama_decode as L
+from distill.backends.hf import _Row
+from distill.backends.static_decode import StaticDecoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PAD, EOS, STEPS = 0, 1, 10
+PROMPTS = [[5, 17, 3, 40, 22, 9, 61], [8, 2], [33, 70, 12, 4]]  # left-padded to 7
+
+
+@pytest.fixture(scope="module", params=["qwen2", "qwen3", "llama"])
+def model(request):
+    return _random_model(request.param)
+
+
+def _random_model(family: str):
+    import transformers as T
+
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None,
+    )  # fmt: skip
+    cfg, cls = {
+        "qwen2": (T.Qwen2Config(**common), T.Qwen2ForCausalLM),
+        "qwen3": (T.Qwen3Config(**common, head_dim=16), T.Qwen3ForCausalLM),
+        "llama": (T.LlamaConfig(**common, attention_bias=True, mlp_bias=True), T.LlamaForCausalLM),
+    }[family]
+    m = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.3)
+    assert L.supported(m)
+    d = L.dims(m)
+    assert d.heads == 2 * d.kv_heads
+    return m
+
+
+def _logits(model, x):
+    return F.linear(L.rms_norm(x, model.model.norm.weight, model.model.norm.variance_epsilon),
+                    model.lm_head.weight)  # fmt: skip
+
+
+def _decode_logits(model, prompts: list[list[int]], fed: torch.Tensor) -> torch.Tensor:
+    """Logits [rows, 1 + steps, vocab] from each row's last prompt token on, as
+    StaticDecoder computes them: one prefill of the left-padded prompts, then one token
+    per row per step (``fed`` [rows, steps]) over a growing KV cache."""
+    layers, embed = L.layers(model), model.model.embed_tokens.weight
+    n, width = len(prompts), max(map(len, prompts))
+    ids = torch.full((n, width), PAD)
+    valid = torch.zeros((n, width), dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = torch.tensor(p)
+        valid[b, width - len(p) :] = True
+    cos, sin = L.rope_tables(model, width + fed.shape[1], "cpu", embed.dtype)
+    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    mask = ((causal & valid[:, None]) | torch.eye(width, dtype=torch.bool))[:, None]
+    x, ks, vs = F.embedding(ids, embed), [], []
+    for lw in layers:
+        q, k, v = L.attn_in(x, cos[pos], sin[pos], *lw.attn_in)
+        x = L.attn_out(x, q, k, v, mask, *lw.attn_out)
+        ks.append(k)
+        vs.append(v)
+    out, pos = [_logits(model, x[:, -1])], pos[:, -1:]
+    for tok in fed.T:
+        pos, valid = pos + 1, torch.cat([valid, torch.ones((n, 1), dtype=torch.bool)], 1)
+        x = F.embedding(tok[:, None], embed)
+        for i, lw in enumerate(layers):
+            q, k, v = L.attn_in(x, cos[pos], sin[pos], *lw.attn_in)
+            ks[i], vs[i] = torch.cat([ks[i], k], 2), torch.cat([vs[i], v], 2)
+            x = L.attn_out(x, q, ks[i], vs[i], valid[:, None, None], *lw.attn_out)
+        out.append(_logits(model, x[:, -1]))
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float64, 1e-10), (torch.float32, 5e-5)])
+@torch.no_grad()
+def test_prefill_and_steps_match_transformers(model, dtype, atol):
+    """Each row's logits equal transformers' forward over that row alone, unpadded: to
+    rounding in float64 (the two mirror each other op for op), and in float32 to what
+    float32 rounding leaves after ten steps of these large random weights (~2e-5)."""
+    model = copy.deepcopy(model).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    fed = torch.randint(2, model.config.vocab_size, (len(PROMPTS), STEPS), generator=g)
+    got = _decode_logits(model, PROMPTS, fed)
+    for b, p in enumerate(PROMPTS):
+        seq = torch.tensor([p + fed[b].tolist()])
+        want = model(input_ids=seq).logits[0, len(p) - 1 :]
+        assert want.std() > 1  # logits far apart: a wrong term shows
+        torch.testing.assert_close(got[b], want, atol=atol, rtol=0)
+
+
+def test_static_decoder_greedy_matches_generate(model):
+    """The whole StaticDecoder (uncompiled, no graphs; a filler row in the batch) decodes
+    the tokens of transformers' greedy generate on each prompt alone."""
+    dec = StaticDecoder(model, pad_id=PAD, eos_ids=[EOS], compile=False, graphs=False)
+    rows = [_Row(conv=i, sample=0, prompt=p, seed=0, limit=STEPS) for i, p in enumerate(PROMPTS)]
+    with torch.inference_mode():
+        dec.decode(rows, Sampling(temperature=0, max_new_tokens=STEPS), batch=4)
+        for r in rows:
+            ids = torch.tensor([r.prompt])
+            want = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=STEPS,
+                do_sample=False, eos_token_id=EOS, pad_token_id=PAD,
+            )[0, ids.shape[1] :].tolist()  # fmt: skip
+            assert r.tokens == want
+    assert sum(len(r.tokens) for r in rows) > STEPS  # not all cut short by the eos
