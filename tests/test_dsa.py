@@ -342,6 +342,36 @@ def test_sparse_phase_keeps_the_two_losses_apart():
     assert sum(p.grad.abs().sum() for p in main if p.grad is not None) > 0
 
 
+def test_dense_arch_carries_every_dense_field_of_the_schema():
+    """The dense phase's arch: every ModelArch field but attention and index_* as the
+    recipe set it (taken from the schema, so a field added later is carried too), those
+    at their defaults: a changed indexer setting leaves the dense student's fingerprint."""
+    from distill.dsa.train import dense_arch
+    from distill.recipe.schema import ModelArch
+
+    dense_fields = dict(
+        hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=2, intermediate_size=80,
+        max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.05,
+    )  # fmt: skip
+    dsa = [
+        ModelArch(**dense_fields, attention="dsa", index_heads=2, index_head_dim=8, index_top_k=16),
+        ModelArch(**dense_fields, attention="dsa", index_top_k=64),
+    ]
+    default = ModelArch()
+    assert all(getattr(default, f) != v for f, v in dense_fields.items())
+    for arch in dsa:
+        got = dense_arch(arch)
+        assert got.attention == "dense"
+        for f in ModelArch.model_fields:
+            want = getattr(default if f == "attention" or f.startswith("index_") else arch, f)
+            assert getattr(got, f) == want, f
+        # every other field is passed on explicitly, whatever the schema holds
+        assert got.model_fields_set == {
+            f for f in ModelArch.model_fields if f != "attention" and not f.startswith("index_")
+        }
+    assert dense_arch(dsa[0]) == dense_arch(dsa[1])
+
+
 # --------------------------------------------------------------------------- the model
 
 

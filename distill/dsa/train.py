@@ -117,7 +117,7 @@ def train_dsa(
     if isinstance(init, ModelArch):
         phase = where / "dense"
         _share_cache(phase, run)
-        dense = ModelArch(**init.model_dump(include=_DENSE_FIELDS))
+        dense = dense_arch(init)
         rep = train(
             init=dense, out_dir=phase / "model", run_dir=phase, cfg=plain, desc=f"{desc} dense",
             **common,
@@ -148,16 +148,18 @@ def train_dsa(
     return {**rep, "dsa": done}
 
 
-_DENSE_FIELDS = {
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "intermediate_size",
-    "max_position_embeddings",
-    "tie_word_embeddings",
-    "initializer_range",
-}
+def _dsa_only(field: str) -> bool:
+    """``attention`` and the ``index_*`` fields: read by the conversion, not by a dense model."""
+    return field == "attention" or field.startswith("index_")
+
+
+def dense_arch(arch: ModelArch) -> ModelArch:
+    """The dense student of ``arch``: every field of :class:`ModelArch` but the DSA-only
+    ones, which keep their defaults. Derived from the schema, so a field added to
+    ``ModelArch`` reaches the dense student; and a changed indexer setting leaves the
+    dense phase's fingerprint (and so its checkpoints) as they were."""
+    keep = {f for f in ModelArch.model_fields if not _dsa_only(f)}
+    return ModelArch(**arch.model_dump(include=keep))
 
 
 def _phase_cfg(cfg: TrainConfig, steps: int, lr: float, kd: bool) -> TrainConfig:
