@@ -116,6 +116,32 @@ def test_packed_rows_attend_within_their_trace():
     torch.testing.assert_close(plain, alone)
 
 
+def test_mask_is_built_once_per_forward(monkeypatch):
+    """Every layer of one forward reads the same [B, T, T] mask of what a query may read:
+    the first layer builds it, the others reuse it (a layer called without the model's
+    dict builds its own, the same bits); the next forward builds its own."""
+    model = _dsa(_llama(), top_k=5)
+    calls = {"allowed": 0, "trace": 0}
+    for name, key in (("allowed_from_mask", "allowed"), ("same_trace", "trace")):
+        real = getattr(A, name)
+
+        def counted(*args, _real=real, _key=key):
+            calls[_key] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(A, name, counted)
+    ids = torch.randint(0, 61, (2, 23), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    pos = torch.cat([torch.arange(9), torch.arange(14)])[None].expand(2, -1)
+    with torch.no_grad():
+        shared = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        assert calls == {"allowed": 1, "trace": 1}
+        per_layer = model(input_ids=ids, attention_mask=mask, position_ids=pos, dsa_masks=None)
+    assert calls == {"allowed": 3, "trace": 3}  # two layers, each its own
+    assert torch.equal(shared, per_layer.logits)
+
+
 def test_selection_is_causal_and_stays_in_its_trace():
     """Scores that grow with the key's position (every future key would win): no
     selected key is after its query or before its trace, and each query reads exactly

@@ -133,12 +133,7 @@ class DSAAttention(LlamaAttention):
                 raise RuntimeError("DSA with cu_seq_lens_q needs one flattened row")
             out, kl = self._varlen(q, k, v, qi, ki, w, cu, kwargs.get("max_length_q"), loss)
         else:
-            allowed = A.allowed_from_mask(attention_mask, b, t, k.shape[2], q.device)
-            pos = kwargs.get("position_ids")
-            if fresh and pos is not None:
-                # packed rows under any mask (or none, as flash attention gets): no attention
-                # and no top-k across a trace boundary
-                allowed = allowed & A.same_trace(pos.expand(b, t))
+            allowed = _allowed(attention_mask, kwargs, b, t, k.shape[2], q.device)
             out, kl = self._rows(q, k, v, qi, ki, w, allowed, loss)
         self.index_loss = kl
         out = out.reshape(b, t, -1).contiguous()
@@ -187,6 +182,24 @@ class DSAAttention(LlamaAttention):
         return torch.cat(outs, dim=2).transpose(1, 2), None
 
 
+def _allowed(attention_mask, kwargs: dict, b: int, t: int, tk: int, device) -> Tensor:
+    """What each query may read [B, Tq, Tk], built once per forward: every layer gets the
+    same mask and positions, and :class:`DSAModel` hands them all one dict
+    (``dsa_masks``) where the first layer leaves it for the others."""
+    masks = kwargs.get("dsa_masks")
+    if masks is not None and tk in masks:
+        return masks[tk]
+    allowed = A.allowed_from_mask(attention_mask, b, t, tk, device)
+    pos = kwargs.get("position_ids")
+    if tk == t and pos is not None:
+        # no earlier keys in a cache: packed rows under any mask (or none, as flash
+        # attention gets), so no attention and no top-k across a trace boundary
+        allowed = allowed & A.same_trace(pos.expand(b, t))
+    if masks is not None:
+        masks[tk] = allowed
+    return allowed
+
+
 def _update_indexer(cache, ki: Tensor, layer_idx: int) -> Tensor:
     if not hasattr(cache, "update_indexer"):
         raise RuntimeError(
@@ -230,6 +243,12 @@ class DSAModel(DSAPreTrainedModel, LlamaModel):
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()
+
+    def forward(self, *args, **kwargs):
+        # one dict per forward, passed through to every attention layer: the [B, Tq, Tk]
+        # mask of what each query may read is built by the first layer, not by each
+        kwargs.setdefault("dsa_masks", {})
+        return super().forward(*args, **kwargs)
 
 
 class DSAForCausalLM(DSAPreTrainedModel, LlamaForCausalLM):
