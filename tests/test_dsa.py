@@ -3,10 +3,12 @@ and against its own reference, causal per-trace selection, which weights each ph
 loss reaches, save/load through AutoModelForCausalLM, the cache, and the train stage
 end to end into eval's backend, serve and the RL policy's forward."""
 
+import json
 import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -396,6 +398,44 @@ def test_dense_arch_carries_every_dense_field_of_the_schema():
             f for f in ModelArch.model_fields if f != "attention" and not f.startswith("index_")
         }
     assert dense_arch(dsa[0]) == dense_arch(dsa[1])
+
+
+def _convert_on_rank(root: str) -> str:
+    """One rank of the test below: convert root/dense, leaving a file for each rank that
+    hashed the dense weights or built the DSA model, and one with the path it got."""
+    import distill.dsa.model as M
+    import distill.dsa.train as T
+    from distill.recipe.schema import ModelArch
+
+    rank, where = os.environ["RANK"], Path(root)
+
+    def noted(what, fn):
+        def call(*args, **kwargs):
+            (where / f"{what}-{rank}").touch()
+            return fn(*args, **kwargs)
+
+        return call
+
+    T._digest, M.from_dense = noted("hashed", T._digest), noted("built", M.from_dense)
+    arch = ModelArch(index_heads=2, index_head_dim=8, index_top_k=4)
+    out = T.convert(where / "dense", where / "dsa", arch, seed=0, warmup=True)
+    (where / f"got-{rank}").write_text(str(out))
+    return str(out)
+
+
+def test_conversion_hashes_and_builds_on_the_main_process_alone(tmp_path):
+    """Two ranks convert one dense model: rank 0 alone hashes its files and builds and
+    saves the DSA model; rank 1 gets the same path; one directory, no leftovers."""
+    from distill import launch
+
+    _llama(dtype=torch.float32).save_pretrained(tmp_path / "dense")
+    got = launch.spawn(_convert_on_rank, str(tmp_path), procs=2, what="test")
+    marks = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
+    assert marks == ["built-0", "got-0", "got-1", "hashed-0"]
+    assert {(tmp_path / f"got-{r}").read_text() for r in (0, 1)} == {got}
+    assert [p.name for p in (tmp_path / "dsa").iterdir()] == [Path(got).name]
+    assert (Path(got) / "model.safetensors").exists()
+    assert json.loads((Path(got) / "config.json").read_text())["index_warmup"]
 
 
 # --------------------------------------------------------------------------- the model

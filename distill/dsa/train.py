@@ -28,8 +28,6 @@ layers, so its gradient does not depend on how the batch is split.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -37,6 +35,7 @@ from pathlib import Path
 import torch
 
 from distill.dsa.config import MODEL_TYPE
+from distill.files import json_hash
 from distill.recipe.schema import DSATrainConfig, ModelArch, TrainConfig
 from distill.train.loss import Objective
 
@@ -194,14 +193,26 @@ def _summary(rep: dict, where: Path) -> dict:
 
 
 def _named(parent: Path, prefix: str, what: dict) -> Path:
-    blob = json.dumps(what, sort_keys=True, default=str)
-    return parent / f"{prefix}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    return parent / f"{prefix}-{json_hash(what, default=str)[:12]}"
 
 
 def convert(source: Path, parent: Path, arch: ModelArch, seed: int, warmup: bool) -> Path:
     """``source`` (a dense HF directory) with a new indexer, saved once under ``parent``
-    as ``init-<hash of source weights and indexer settings>``. Every rank may call it:
-    each builds the same model (seeded) and the first rename wins."""
+    as ``init-<hash of source files and indexer settings>``. Every rank calls it: the
+    main process alone hashes the source and builds and saves the model; the other
+    ranks wait for it and get the path."""
+    from accelerate import PartialState
+
+    # the trainer's process group (as make_accelerator makes it): with student.kind hf no
+    # training has made it yet
+    state = PartialState(cpu=not torch.cuda.is_available())
+    target = [_convert(source, parent, arch, seed, warmup) if state.is_main_process else None]
+    if state.num_processes > 1:  # a failing main rank stops the others (distill/launch.py)
+        torch.distributed.broadcast_object_list(target, src=0, device=state.device)
+    return target[0]
+
+
+def _convert(source: Path, parent: Path, arch: ModelArch, seed: int, warmup: bool) -> Path:
     from distill.dsa import register
     from distill.dsa.model import from_dense
     from distill.models import load_model, load_tokenizer
@@ -229,25 +240,21 @@ def convert(source: Path, parent: Path, arch: ModelArch, seed: int, warmup: bool
         seed=seed,
         warmup=warmup,
     )
+    # written beside it and renamed: a crash leaves no half directory under its name
     tmp = parent / f".{target.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     if (source / "tokenizer_config.json").exists():
         load_tokenizer(source).save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another rank renamed its identical copy first
-        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)  # a leftover without config.json
+    os.replace(tmp, target)
     return target
 
 
 def _digest(model_dir: Path) -> str:
-    """sha256 of a model directory's config and weight files (their bytes)."""
-    h = hashlib.sha256()
+    """A hash of a model directory's config and weight files (their bytes, not the
+    loaded tensors)."""
+    from distill.shards.read import file_sha256
+
     files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
-    for p in [model_dir / "config.json", *files]:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+    return json_hash({p.name: file_sha256(p) for p in [model_dir / "config.json", *files]})
