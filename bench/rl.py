@@ -105,6 +105,8 @@ def run_ours(a, model_dir: Path) -> dict:
         sampling = Sampling(temperature=1.0, max_new_tokens=a.completion, seed=step,
                             sampler_logprobs=True)  # fmt: skip
         groups = backend.complete(convs, [None] * len(convs), sampling, n=a.group)
+        if not a.keep_decoder_memory:
+            backend.release_cache()  # as the trainer does (rl.release_decoder_memory)
         sync()
         t1 = time.perf_counter()
         samples = []
@@ -124,7 +126,33 @@ def run_ours(a, model_dir: Path) -> dict:
                       "logprobs_s": t_ref, "update_s": t3 - t2, "completion_tokens": toks,
                       "ratio_p95": stats["ratio_p95"]})  # fmt: skip
         print(json.dumps({"side": "ours", "step": step, **steps[-1]}), file=sys.stderr, flush=True)
-    return _summary("ours", steps[1:], a)
+        if a.profile and step == a.steps:  # one more update, under the profiler
+            out = _profile_update(lambda s=samples: _update(acc, policy, None, opt, sched, s, doms, cfg,
+                                  {"bench": (a.completion, 1, 1 << 20)}, backend.pad_id))  # fmt: skip
+    summary = _summary("ours", steps[1:], a)
+    if a.profile:
+        summary["update_profile"] = out
+    return summary
+
+
+def _profile_update(fn) -> list[dict]:
+    """The update's 15 costliest GPU kernels (total ms, calls, share of GPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    ev = [
+        e
+        for e in prof.key_averages()
+        if e.device_type.name == "CUDA" or e.self_device_time_total > 0
+    ]
+    total = sum(e.self_device_time_total for e in ev) or 1
+    top = sorted(ev, key=lambda e: -e.self_device_time_total)[:15]
+    rows = [{"kernel": e.key[:90], "ms": round(e.self_device_time_total / 1e3, 1), "calls": e.count,
+             "share": round(e.self_device_time_total / total, 3)} for e in top]  # fmt: skip
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25), file=sys.stderr)
+    return [{"gpu_ms_total": round(total / 1e3, 1)}, *rows]
 
 
 def run_trl(a, model_dir: Path) -> dict:
@@ -209,6 +237,11 @@ def main() -> None:
         "--checkpointing", action="store_true",
         help="ours with rl.gradient_checkpointing (TRL's GRPOConfig has it on by default)",
     )  # fmt: skip
+    p.add_argument(
+        "--keep-decoder-memory", action="store_true",
+        help="ours without rl.release_decoder_memory (the KV cache stays through the update)",
+    )  # fmt: skip
+    p.add_argument("--profile", action="store_true", help="ours: profile one more update")
     p.add_argument("--sides", default="trl,ours")
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)

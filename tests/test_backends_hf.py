@@ -106,6 +106,26 @@ def test_static_cache_path_gives_the_same_rows(backend):
     assert [[len(c.topk) for c in r] for r in a] == [[len(c.topk) for c in r] for r in b]
 
 
+def test_static_prefill_in_row_chunks_and_release_change_nothing(backend, monkeypatch):
+    """A prefill split into chunks of rows (bounded memory), and a decode after release()
+    (the RL trainer frees the caches for its update), give the same rows and log-probs."""
+    from distill.backends import static_decode
+    from distill.backends.hf import HFBackend
+
+    static = HFBackend(backend.name, batch_size=4, static=True)
+    s = Sampling(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=5, sampler_logprobs=True)
+    convs, tools = CONVS * 2, [TOOLS, None, None] * 2
+    whole = static.complete(convs, tools, s, n=2)
+    static.release_cache()
+    assert not static.static.shapes
+    monkeypatch.setattr(static_decode, "PREFILL_TOKENS", 1)  # one row per chunk
+    rows = static.complete(convs, tools, s, n=2)
+    assert [[c.token_ids for c in r] for r in rows] == [[c.token_ids for c in r] for r in whole]
+    for r, w in zip(rows, whole, strict=True):
+        for c, d in zip(r, w, strict=True):
+            assert c.logprobs == pytest.approx(d.logprobs, abs=1e-5)
+
+
 def test_prompt_render_without_jinja_matches_the_template(backend):
     """Our template's prompts are rendered in Python; the token ids are the template's."""
     from distill.chat.template import CHAT_TEMPLATE

@@ -356,6 +356,12 @@ class HFBackend:
         tail = self.tokenizer.decode(tokens[-32:], skip_special_tokens=False)
         return any(s in tail for s in stops)
 
+    def release_cache(self) -> None:
+        """Free the static decoder's KV caches and CUDA graphs (the RL trainer's update
+        reuses their memory); the next decode rebuilds them."""
+        if self.static is not None:
+            self.static.release()
+
     def close(self) -> None:
         # the static decoder holds the model too, besides its buffers and graphs
         self.static = None

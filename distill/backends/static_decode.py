@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 CHECK_EVERY = 16  # steps between host syncs to see whether every row has finished
 MAX_SHAPES = 2  # (batch, length) buffer sets kept; each holds a KV cache and its graphs
+PREFILL_TOKENS = 16384  # prompt tokens per prefill chunk: bounds its activations (the MLP's
+# [rows, width, 4.9k] of a 0.5B model at 512 rows x 256 columns would be 1.3 GB each)
 
 
 def _bucket(n: int, size: int) -> int:
@@ -136,6 +138,11 @@ class StaticDecoder:
             self.shapes[key] = _Buffers(self.model, batch, length)
         return self.shapes[key]
 
+    def release(self) -> None:
+        """Drop every KV cache and CUDA graph (the RL trainer frees them for its update;
+        the next decode allocates and captures again, at the cost of one capture)."""
+        self.shapes.clear()
+
     def decode(self, rows: list, sampling, batch: int) -> None:
         """Decode ``rows`` (at most ``batch``) in place; call under inference mode."""
         steps = max(r.limit for r in rows)
@@ -207,20 +214,26 @@ class StaticDecoder:
         seeds = [r.seed for r in rows] + [0] * (batch - len(rows))
         buf.seeds.copy_(torch.tensor(seeds))
         buf.limits.copy_(torch.tensor([r.limit for r in rows] + [1] * (batch - len(rows))))
-        valid = buf.valid[:, :width]
-        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        x = F.embedding(ids.to(dev), self.model.model.embed_tokens.weight)
-        cos, sin = buf.cos[pos], buf.sin[pos]
         causal = torch.ones((width, width), dtype=torch.bool, device=dev).tril()
         # a padding query attends to itself: no row without a key (NaN K/V in the buffers)
         eye = torch.eye(width, dtype=torch.bool, device=dev)
-        mask = ((causal & valid[:, None, :]) | eye)[:, None]
-        for i, lw in enumerate(layers):
-            q, k, v = L.attn_in(x, cos, sin, *lw.attn_in)
-            buf.k[i][:, :, :width] = k
-            buf.v[i][:, :, :width] = v
-            x = L.attn_out(x, q, k, v, mask, *lw.attn_out)
-        return x[:, -1].contiguous()  # the step's layout: one compiled head serves both
+        ids = ids.to(dev)
+        step = max(1, PREFILL_TOKENS // width)
+        last = []
+        for a in range(0, batch, step):  # rows in chunks: the same values, bounded memory
+            rs = slice(a, a + step)
+            valid = buf.valid[rs, :width]
+            pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+            x = F.embedding(ids[rs], self.model.model.embed_tokens.weight)
+            cos, sin = buf.cos[pos], buf.sin[pos]
+            mask = ((causal & valid[:, None, :]) | eye)[:, None]
+            for i, lw in enumerate(layers):
+                q, k, v = L.attn_in(x, cos, sin, *lw.attn_in)
+                buf.k[i][rs, :, :width] = k
+                buf.v[i][rs, :, :width] = v
+                x = L.attn_out(x, q, k, v, mask, *lw.attn_out)
+            last.append(x[:, -1])
+        return torch.cat(last)  # [batch, H], contiguous: one compiled head serves both
 
     def _step(self, buf: _Buffers, layers, rest, key, rec) -> None:
         """Forward the last sampled token of every row, then sample the next (the graph)."""

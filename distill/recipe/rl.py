@@ -143,6 +143,12 @@ class RLConfig(Section):
         description="Recompute each decoder layer's activations in backward: far less "
         "memory per micro-batch for one more forward (TRL's GRPO default is on).",
     )
+    release_decoder_memory: bool = Field(
+        True,
+        description="Free the GPU decoder's KV cache and CUDA graphs before each update, so "
+        "the update reuses their memory (peak memory falls by the cache's size; each rollout "
+        "captures its graph again).",
+    )
     save_steps: int = Field(0, ge=0, description="Checkpoint every N steps; 0 = only at the end.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
     logging_steps: int = Field(1, ge=1, description="Print a log line every N steps.")

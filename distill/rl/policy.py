@@ -4,8 +4,9 @@
 completion token of a micro-batch, log π_θ(token) under the sampling temperature and
 renormalised over the sampler's kept set. It is the module accelerate prepares (DDP
 sees one forward), while decoding uses the bare model: both read the same parameters.
-The LM head runs only on completion positions, in chunks recomputed in backward, so the
-[tokens, vocab] logits never exist for a whole micro-batch at once.
+The LM head runs only on completion positions, in chunks whose logits are recomputed in
+backward (:mod:`distill.rl.head`, the gradient written by hand), so the [tokens, vocab]
+logits never exist for a whole micro-batch at once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from distill.rl.head import head_logprobs
 from distill.rl.loss import token_logprobs
 from distill.rl.rollout import Sample
 
@@ -87,10 +89,13 @@ def make_micro_batch(samples: list[Sample], pad_id: int, device: torch.device) -
 class PolicyLogprobs(nn.Module):
     """``forward(mb, temperature)`` → (logp [S, Tc], entropy [S, Tc]) of the sampled tokens."""
 
-    def __init__(self, model: nn.Module, checkpointing: bool = False):
+    def __init__(self, model: nn.Module, checkpointing: bool = False, fused_head: bool = True):
         super().__init__()
         self.model = model
         self.checkpointing = checkpointing
+        # the hand-written head reads the head's weight directly; FSDP, which gathers a
+        # sharded weight in the head module's own hooks, takes the autograd path (False)
+        self.fused_head = fused_head
         if checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -118,12 +123,20 @@ class PolicyLogprobs(nn.Module):
                 body.eval()
         h = hidden[mb.rows, mb.cols]  # [N, H]: only positions that predict a completion token
         logps, ents = [], []
+        fused = self.fused_head and type(head) is nn.Linear
         for a in range(0, h.shape[0], HEAD_CHUNK):
             sl = slice(a, a + HEAD_CHUNK)
             kept = mb.kept[sl] if mb.kept is not None else None
-            args = (h[sl], mb.targets[sl], kept)
-            fn = _HeadChunk(head, temperature)
-            lp, ent = checkpoint(fn, *args, use_reentrant=False) if h.requires_grad else fn(*args)
+            if fused:
+                lp, ent = head_logprobs(
+                    h[sl], head.weight, head.bias, mb.targets[sl], kept, temperature
+                )
+            else:
+                args = (h[sl], mb.targets[sl], kept)
+                fn = _HeadChunk(head, temperature)
+                lp, ent = (
+                    checkpoint(fn, *args, use_reentrant=False) if h.requires_grad else fn(*args)
+                )
             logps.append(lp)
             ents.append(ent)
         flat_lp, flat_ent = torch.cat(logps), torch.cat(ents)

@@ -80,7 +80,9 @@ def train_rl(
     if any(c.beta > 0 for c in doms.values()):  # β = 0 everywhere: no reference model
         ref = PolicyLogprobs(load_model(init, dtype=dtype).to(acc.device).eval())
         ref.requires_grad_(False)
-    policy = PolicyLogprobs(model, checkpointing=cfg.gradient_checkpointing)
+    policy = PolicyLogprobs(
+        model, checkpointing=cfg.gradient_checkpointing, fused_head=not _is_fsdp(acc)
+    )
     opt, sched = make_optimizer(model, tcfg, cfg.steps * cfg.steps_per_generation, fused=gpu)
     policy, opt, sched = acc.prepare(policy, opt, sched)
     live = acc.unwrap_model(policy).model
@@ -89,7 +91,8 @@ def train_rl(
 
     fp = json_hash(
         {"init": str(Path(init).resolve()), "cfg": cfg.model_dump(mode="json", exclude={
-            "steps", "save_steps", "save_total_limit", "logging_steps", "report_to", "max_time_s"}),
+            "steps", "save_steps", "save_total_limit", "logging_steps", "report_to", "max_time_s",
+            "release_decoder_memory"}),
          "tasks": {d: [t.id for t in ts] for d, ts in tasks.items()}, "limits": limits,
          "seed": seed, "loss": RL_LOSS_VERSION, "reward": REWARD_VERSION}
     )  # fmt: skip
@@ -171,6 +174,8 @@ def _step(acc, policy, ref, opt, sched, backend, tasks, weights, doms, cfg: RLCo
     prompts = step_prompts(tasks, weights, cfg.prompts_per_step, step, seed)
     mine = prompts[acc.process_index :: acc.num_processes]  # each rank its share of groups
     samples, outcomes, times = rollout_step(backend, mine, cfg, limits=limits, seed=seed, step=step)
+    if cfg.release_decoder_memory:
+        backend.release_cache()  # the update reuses the KV cache's memory
     # advantage: reward − group mean, per prompt (a group never spans ranks)
     rewards = torch.tensor([o.reward for o in outcomes], dtype=torch.float64)
     scale = cfg.scale_rewards
@@ -207,7 +212,9 @@ def _update(acc, policy, ref, opt, sched, samples: list[Sample], doms, cfg: RLCo
     """``steps_per_generation`` optimizer updates over ``samples`` (this rank's), each over
     its share of the batch with a global denominator. Returns summed stats, the seconds
     spent on reference log-probs and on the updates."""
-    sums: dict[str, float] = {}
+    # stats stay on the device until the end: a float() per micro-batch would wait for the
+    # GPU each time and leave it idle while the next micro-batch's kernels are launched
+    sums: dict[str, Any] = {}
     ratios: list[torch.Tensor] = []
     t_ref = t_upd = 0.0
     samples = sorted(samples, key=lambda s: len(s.prompt_ids) + len(s.token_ids))
@@ -231,6 +238,8 @@ def _update(acc, policy, ref, opt, sched, samples: list[Sample], doms, cfg: RLCo
         t = time.perf_counter()
         refs = [_ref_logp(ref, mb, cfg.temperature) for mb in mbs] if ref is not None else None
         t_ref += time.perf_counter() - t
+        # built before the loop: a host-to-device copy waits for the GPU
+        betas = [torch.tensor([doms[d].beta for d in mb.domains], device=acc.device) for mb in mbs]
         t = time.perf_counter()
         for k, mb in enumerate(mbs):
             # gradients all-reduce once, on each rank's last micro-batch (ranks hold
@@ -238,26 +247,28 @@ def _update(acc, policy, ref, opt, sched, samples: list[Sample], doms, cfg: RLCo
             sync = k == len(mbs) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(policy):
                 logp, ent = policy(mb, cfg.temperature)
-                beta = torch.tensor([doms[d].beta for d in mb.domains], device=acc.device)
                 loss, st = grpo_loss(
                     logp, mb.old_logp, mb.adv, mb.mask, ref_logp=refs[k] if refs else None,
-                    kl_coef=beta if refs else 0.0, clip_low=cfg.epsilon,
+                    kl_coef=betas[k] if refs else 0.0, clip_low=cfg.epsilon,
                     clip_high=cfg.epsilon_high, offpolicy_delta=cfg.off_policy_mask_threshold,
                     agg=cfg.loss_agg, denom=denom / world,
                 )  # fmt: skip
                 acc.backward(loss)
-            ratios.append(st.pop("ratios").float().cpu())
+            ratios.append(st.pop("ratios").float())
             st["entropy_sum"] = torch.where(mb.mask, ent, 0.0).sum()
             st["loss_sum"] = loss.detach() / world
             for key, v in st.items():
-                sums[key] = sums.get(key, 0.0) + float(v)
+                sums[key] = sums.get(key, 0.0) + v.detach().double()
         if cfg.max_grad_norm:
             sums["grad_norm"] = float(acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if acc.device.type == "cuda":  # the time split counts the kernels, not their launch
+            torch.cuda.synchronize(acc.device)
         t_upd += time.perf_counter() - t
-    return _loss_stats(acc, sums, ratios), t_ref, t_upd
+    sums = {k: float(v) for k, v in sums.items()}
+    return _loss_stats(acc, sums, [r.cpu() for r in ratios]), t_ref, t_upd
 
 
 @torch.no_grad()
@@ -312,6 +323,12 @@ def _outcome_stats(acc, outcomes: list[Outcome], zero_var, cfg: RLConfig) -> dic
     out["completion_tokens"] = sum(r[3] for r in rows)
     out["episodes"] = len(rows)
     return out
+
+
+def _is_fsdp(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.FSDP
 
 
 def _all_sum(acc, x):

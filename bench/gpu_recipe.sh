@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# recipes/gpu.yaml for the given seeds, one after the other, each under its own output
+# dir (data/gpu-sN); the reports and logs go to $OUT. One seed fills a device call (the
+# recipe's target is 9 minutes; a call ends at 10). Run on the GPU host from the
+# repository root: OUT=dir bash bench/gpu_recipe.sh [SEEDS...]   (default: 0)
+set -u
+OUT=${OUT:-bench/results/gpu-recipe}
+mkdir -p "$OUT"
+seeds=("$@")
+[ ${#seeds[@]} -eq 0 ] && seeds=(0)
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+t0=$SECONDS
+for s in "${seeds[@]}"; do
+    rm -rf "data/gpu-s$s"
+    PYTHONUNBUFFERED=1 timeout "${RECIPE_TIMEOUT:-570}" python3 -m distill run recipes/gpu.yaml --set seed="$s" \
+        --set output_dir="data/gpu-s$s" >"$OUT/gpu-s$s.log" 2>&1
+    echo "seed $s rc=$? at $((SECONDS - t0)) s"
+    cp "data/gpu-s$s/eval/report.json" "$OUT/report-s$s.json" 2>/dev/null
+    cp "data/gpu-s$s/eval/report.md" "$OUT/report-s$s.md" 2>/dev/null
+    cp "data/gpu-s$s/eval/report.png" "$OUT/report-s$s.png" 2>/dev/null
+    echo "== seed $s"; grep -iE "MISSED|met|recovery|wall" "data/gpu-s$s/eval/report.md" | head -40
+    tail -n 5 "$OUT/gpu-s$s.log"
+done
