@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # The GPU figures of issues #14 and #19 that one device call (10 minutes) can hold, in the
-# order the issues need them (on an H100, 2026-12-05: tests 44 s, generate 98 s, rl both
-# sides ~170 s). Each step has its own time box so one slow step cannot eat the rest.
+# order the issues need them. Each step has its own time box so one slow step cannot eat
+# the rest; every log goes to one file ($OUT/run.log: a device call brings back 8 files).
 # Run on the GPU host from the repository root: OUT=dir bash bench/gpu_figures.sh
+# (on an H100, 2026-12-05: GPU tests 44 s, TRL's side ~110 s, each of ours 50-80 s)
 set -u
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
+LOG=$OUT/run.log
 step() {  # step NAME SECONDS CMD...
     local name=$1 secs=$2; shift 2
     local t0=$SECONDS
-    timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
-    echo "$name rc=$? ${SECONDS}s total, $((SECONDS - t0))s"
+    echo "===== $name" >>"$LOG"
+    timeout "$secs" "$@" >>"$LOG" 2>&1
+    echo "$name rc=$? ${SECONDS}s total, $((SECONDS - t0))s" | tee -a "$LOG"
 }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-step tests-gpu 60 python3 -m pytest -q tests/test_sampler_logprobs.py tests/test_dsa.py tests/test_bootstrap.py -k "gpu or cuda"
-step generate 100 python3 bench/generate.py --batches 256,64 --skip plain,cb,serve --profile --out "$OUT/generate.json"
-step rl 230 python3 bench/rl.py --out "$OUT/rl.json"
-step rl-checkpointing 80 python3 bench/rl.py --sides ours --checkpointing --out "$OUT/rl-checkpointing.json"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
+step tests-gpu 90 python3 -m pytest -q tests/test_rl_head.py tests/test_sampler_logprobs.py tests/test_dsa.py tests/test_bootstrap.py -k "gpu or cuda"
+step rl-trl 170 python3 bench/rl.py --sides trl --out "$OUT/rl-trl.json"
+step rl-ours-ckpt 110 python3 bench/rl.py --sides ours --checkpointing --profile --out "$OUT/rl-ours-ckpt.json"
+step rl-ours-ckpt-micro32 90 python3 bench/rl.py --sides ours --checkpointing --micro 32 --out "$OUT/rl-ours-ckpt32.json"
+step rl-ours 90 python3 bench/rl.py --sides ours --out "$OUT/rl-ours.json"
 step dsa 90 python3 bench/dsa.py --preset h100 --out "$OUT/dsa.json"
-tail -n 3 "$OUT"/*.log
+grep -h '"step_s_median"\|step_rate\|peak' "$OUT"/rl-*.json | head -20

@@ -134,3 +134,28 @@ def test_policy_forward_fused_head_equals_autograd_head(policy_dir):
     assert g1.keys() == g0.keys() and len(g1) > 3
     for n in g1:
         torch.testing.assert_close(g1[n], g0[n], msg=n)
+
+
+def test_right_padded_rows_need_no_attention_mask(policy_dir):
+    """The policy's forward runs causal attention with no padding mask: each row of a
+    right-padded micro-batch gets exactly what it gets alone (padding only follows it)."""
+    from distill.models import load_model
+    from distill.rl import policy as P
+    from distill.rl.rollout import Sample
+
+    g = torch.Generator().manual_seed(1)
+    samples = [
+        Sample(torch.randint(3, 60, (3 + 4 * i,), generator=g).tolist(),
+               torch.randint(3, 60, (9 - 3 * i,), generator=g).tolist(), [0.0] * (9 - 3 * i),
+               None, "math", i, advantage=0.5)
+        for i in range(3)
+    ]  # fmt: skip
+    model = load_model(policy_dir, dtype=torch.float64)
+    policy = P.PolicyLogprobs(model)
+    mb = P.make_micro_batch(samples, 0, torch.device("cpu"))
+    assert policy._mask(mb) is None and not mb.attention_mask.all()  # rows were padded
+    together = policy(mb, 0.7)[0]
+    for i, s in enumerate(samples):
+        alone = policy(P.make_micro_batch([s], 0, torch.device("cpu")), 0.7)[0][0]
+        n = len(s.token_ids)
+        torch.testing.assert_close(together[i, :n], alone[:n], rtol=1e-10, atol=1e-10)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from distill.dsa.config import MODEL_TYPE as DSA_MODEL_TYPE
 from distill.rl.head import head_logprobs
 from distill.rl.loss import token_logprobs
 from distill.rl.rollout import Sample
@@ -116,7 +117,7 @@ class PolicyLogprobs(nn.Module):
             body.train()
         try:
             hidden = body(
-                input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False
+                input_ids=mb.input_ids, attention_mask=self._mask(mb), use_cache=False
             ).last_hidden_state
         finally:
             if recompute:
@@ -141,6 +142,14 @@ class PolicyLogprobs(nn.Module):
             ents.append(ent)
         flat_lp, flat_ent = torch.cat(logps), torch.cat(ents)
         return flat_lp[mb.slots], flat_ent[mb.slots]
+
+    def _mask(self, mb: MicroBatch) -> Tensor | None:
+        """None for a standard decoder: rows are right-padded, so causal attention alone
+        gives every real position exactly its row's keys (padding only ever follows them),
+        and SDPA takes its causal flash kernel instead of a masked one. A DSA model builds
+        its selection from the mask, and gets it."""
+        dsa = getattr(self.model.config, "model_type", None) == DSA_MODEL_TYPE
+        return mb.attention_mask if dsa else None
 
 
 class _HeadChunk:
