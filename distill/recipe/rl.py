@@ -162,3 +162,9 @@ class RLConfig(Section):
         description="Per-domain prompt weight, KL coefficient and reward shaping; a domain "
         "left out gets the defaults (weight 1).",
     )
+
+    def domain(self, name: str) -> RLDomainConfig:
+        """Domain ``name``'s RL settings: its entry under ``domains``, else the defaults
+        (weight 1, β 0, no reward shaping). Every reader of a domain's weight, β, pool
+        size or shaping asks here, so the fallback is one rule."""
+        return self.domains.get(name, RLDomainConfig())

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from distill.backends import Sampling, mix_seed
-from distill.recipe.rl import RewardConfig, RLConfig, RLDomainConfig
+from distill.recipe.rl import RewardConfig, RLConfig
 from distill.rl.rewards import shaped_reward
 from distill.rollout import Episode, run_episodes
 from distill.verify import verify_many
@@ -113,7 +113,7 @@ def rollout_step(
         verdicts = verify_many(d, [(e.task, e.messages) for e in episodes], workers=1)
         times["generate"] += t1 - t0
         times["score"] += time.perf_counter() - t1
-        shaping = cfg.domains.get(d, RLDomainConfig()).reward
+        shaping = cfg.domain(d).reward
         for k, (e, v) in enumerate(zip(episodes, verdicts, strict=True)):
             slot = idx[k // cfg.num_generations] * cfg.num_generations + k % cfg.num_generations
             outcomes[slot] = _outcome(e, v, d, new_tokens, turns, shaping)

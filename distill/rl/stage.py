@@ -13,7 +13,7 @@ from typing import Any
 from distill import layout
 from distill.errors import UserError
 from distill.recipe import Recipe
-from distill.recipe.rl import RLConfig, RLDomainConfig
+from distill.recipe.rl import RLConfig
 from distill.stages import stage_dir
 from distill.tasks import tasks_for
 
@@ -30,7 +30,7 @@ def prompt_pools(recipe: Recipe, cfg: RLConfig, domains: list[str]) -> dict[str,
     """Training-split tasks of every domain with a positive RL weight."""
     pools = {}
     for d in domains:
-        dcfg = cfg.domains.get(d, RLDomainConfig())
+        dcfg = cfg.domain(d)
         if dcfg.weight > 0:
             pools[d] = tasks_for(d, recipe.domains[d], recipe.seed, "train", n=dcfg.tasks)
     if not pools:
@@ -84,10 +84,7 @@ def one_off(
             f"--domains: unknown domain {', '.join(unknown)} (known: {', '.join(REGISTRY)})"
         )
     dcfg = DomainConfig(difficulty=difficulty)
-    pools = {
-        d: tasks_for(d, dcfg, seed, "train", n=cfg.domains.get(d, RLDomainConfig()).tasks)
-        for d in domains
-    }
+    pools = {d: tasks_for(d, dcfg, seed, "train", n=cfg.domain(d).tasks) for d in domains}
     gen = GenerateConfig()  # what generate would use: the recipe defaults
     new = cfg.max_new_tokens or gen.max_new_tokens
     limits = {d: (new, cfg.max_turns or gen.max_turns, gen.max_episode_tokens) for d in domains}

@@ -21,7 +21,7 @@ import torch
 
 from distill import layout
 from distill.files import atomic_write_json, atomic_write_text, json_hash
-from distill.recipe.rl import RLConfig, RLDomainConfig
+from distill.recipe.rl import RLConfig
 from distill.rl.loss import RL_LOSS_VERSION, global_denominator, group_advantages, grpo_loss
 from distill.rl.policy import MicroBatch, PolicyLogprobs, make_micro_batch
 from distill.rl.rewards import REWARD_VERSION
@@ -75,7 +75,7 @@ def train_rl(
         # KL is the trainer's): it stays as trained, and DDP would wait for its gradients
         for p in model.indexer_parameters():
             p.requires_grad_(False)
-    doms = {d: cfg.domains.get(d, RLDomainConfig()) for d in tasks}
+    doms = {d: cfg.domain(d) for d in tasks}
     ref = None
     if any(c.beta > 0 for c in doms.values()):  # β = 0 everywhere: no reference model
         ref = PolicyLogprobs(load_model(init, dtype=dtype).to(acc.device).eval())

@@ -109,7 +109,7 @@ def rl_card(out: Path, run: Path, desc: str, init, cfg, tasks: dict, report: dic
     )
     rows = ["| domain | prompt tasks | weight |", "|---|---|---|"]
     for d, ts in sorted(tasks.items()):
-        w = cfg.domains[d].weight if d in cfg.domains else 1.0
+        w = cfg.domain(d).weight
         rows.append(f"| {d} | {len(ts)} | {w} |")
     last = report.get("last") or {}
     trained = f"{report['steps']} RL steps in {report['seconds']:.0f} s" + (
