@@ -188,15 +188,10 @@ def cost_targets(
     ):
         if goal is None:
             continue
+        missing = [s for s, c in cost.items() if c.get(key) is None]
         values = [c.get(key) for c in cost.values()]
-        t = {"target": what, "goal": goal, "unit": unit, "value": None, "met": None, "gap": None}
-        if any(v is None for v in values):
-            missing = [s for s, c in cost.items() if c.get(key) is None]
-            t["note"] = "not measured: no figure for " + ", ".join(missing)
-        else:
-            value = (sum(values) if key == "seconds" else max(values)) * scale
-            t.update(value=value, met=value <= goal, gap=max(0.0, value - goal))
-        out.append(t)
+        value = None if missing else (sum(values) if key == "seconds" else max(values)) * scale
+        out.append(_at_most(what, goal, unit, value, "no figure for " + ", ".join(missing)))
     return out
 
 
@@ -239,15 +234,23 @@ def token_targets(rec: dict[str, dict[str, Any]], goal: float | None) -> list[di
     for d, r in rec.items() if goal is not None else ():
         teacher = r.get("teacher_supervised_tokens_per_correct", r["teacher_tokens_per_correct"])
         student = r["student_tokens_per_correct"]
+        value = None if not teacher or student is None else student / teacher
         what = f"student tokens per correct / supervised teacher:{d}'s on {d}"
-        t = {"target": what, "goal": goal, "unit": "x", "value": None, "met": None, "gap": None}
-        if not teacher or student is None:
-            t["note"] = "not measured: no correct answer to count"
-        else:
-            value = student / teacher
-            t.update(value=value, met=value <= goal, gap=max(0.0, value - goal))
-        out.append(t)
+        out.append(_at_most(what, goal, "x", value, "no correct answer to count"))
     return out
+
+
+def _at_most(
+    what: str, goal: float, unit: str, value: float | None, missing: str
+) -> dict[str, Any]:
+    """A lower-is-better target (time, memory, tokens): met when ``value`` <= ``goal``;
+    ``value`` None = not measured, neither met nor missed, and the note says why."""
+    t = {"target": what, "goal": goal, "unit": unit, "value": value, "met": None, "gap": None}
+    if value is None:
+        t["note"] = "not measured: " + missing
+    else:
+        t.update(met=value <= goal, gap=max(0.0, value - goal))
+    return t
 
 
 def _target(what: str, value: float, goal: float) -> dict[str, Any]:
