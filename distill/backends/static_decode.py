@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 CHECK_EVERY = 16  # steps between host syncs to see whether every row has finished
 MAX_SHAPES = 2  # (batch, length) buffer sets kept; each holds a KV cache and its graphs
+MAX_SETTINGS = 2  # sampling settings a shape keeps record buffers (and a graph) for: each
+# set is [batch, length] floats, plus [batch, length, kept width] ints when kept sets are
+# recorded; two let a caller alternate between two settings without reallocating them
 PREFILL_TOKENS = 16384  # prompt tokens per prefill chunk: bounds its activations (the MLP's
 # [rows, width, 4.9k] of a 0.5B model at 512 rows x 256 columns would be 1.3 GB each)
 
@@ -59,21 +62,30 @@ class _Buffers:
         self.tokens = z(batch, length)
         self.vocab_ids = torch.arange(model.lm_head.weight.shape[0], device=dev)  # see draw()
         self.records: dict[tuple, dict] = {}  # per sampling setting: what draw records
-        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}  # keys: some of records' keys
 
     def record_buffers(self, key: tuple, vocab: int) -> dict:
-        if key not in self.records:
-            temperature, top_p, top_k, record, top_n = key
-            b, n = self.tokens.shape
-            kw = kept_width(vocab, temperature, top_p, top_k, record)
-            z = self.tokens.new_zeros
-            self.records[key] = {
-                "logprobs": z((b, n), dtype=torch.float32) if record else None,
-                "kept": z((b, n, kw), dtype=torch.int32) if kw else None,
-                "top_v": z((b, n, top_n), dtype=torch.float32) if top_n else None,
-                "top_i": z((b, n, top_n)) if top_n else None,
-                "chosen": z((b, n), dtype=torch.float32) if top_n else None,
-            }
+        """What :func:`draw` records under sampling setting ``key``, at fixed addresses.
+        Beyond ``MAX_SETTINGS`` the least recently used setting is dropped, and its graph
+        with it: a captured graph writes into the buffers it was captured with."""
+        if key in self.records:
+            self.records[key] = self.records.pop(key)  # most recently used last
+            return self.records[key]
+        while len(self.records) >= MAX_SETTINGS:
+            old = next(iter(self.records))
+            self.graphs.pop(old, None)
+            del self.records[old]
+        temperature, top_p, top_k, record, top_n = key
+        b, n = self.tokens.shape
+        kw = kept_width(vocab, temperature, top_p, top_k, record)
+        z = self.tokens.new_zeros
+        self.records[key] = {
+            "logprobs": z((b, n), dtype=torch.float32) if record else None,
+            "kept": z((b, n, kw), dtype=torch.int32) if kw else None,
+            "top_v": z((b, n, top_n), dtype=torch.float32) if top_n else None,
+            "top_i": z((b, n, top_n)) if top_n else None,
+            "chosen": z((b, n), dtype=torch.float32) if top_n else None,
+        }
         return self.records[key]
 
 
