@@ -225,6 +225,21 @@ c = torch.rand(70)
 for a, b in zip(torch.autograd.grad((got * c).sum(), (qs, ki, w)),
                 torch.autograd.grad((want * c).sum(), (qs, ki, w))):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+# other layouts of the main heads (kl_kernel._slots): 3 KV heads in one slot, 4 in two
+# slots of 2, and 3 in slots of one (a fourth slot padding)
+from distill.dsa.kl_kernel import _slots
+assert [_slots(h, hkv) for h, hkv in ((6, 3), (32, 4), (48, 3))] == [
+    dict(R=3, NS=1, BR=16), dict(R=2, NS=2, BR=16), dict(R=1, NS=4, BR=16)]
+for h, hkv in ((6, 3), (32, 4), (48, 3)):
+    gen = torch.Generator().manual_seed(h)
+    qh, kh = torch.randn(70, h, 16, generator=gen), torch.randn(70, hkv, 16, generator=gen)
+    got = sparse_kl_triton(qh, kh, qs, ki, w, idx, 0.3)
+    want = torch.stack([K._sparse_kl_chunk(qh[i : i + 1], kh, qs[i : i + 1], ki, w[i : i + 1],
+                                           idx[i : i + 1], 0.3) for i in range(70)])
+    torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-4)
+    for a, b in zip(torch.autograd.grad((got * c).sum(), (qs, ki, w)),
+                    torch.autograd.grad((want * c).sum(), (qs, ki, w))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 print("ok")
 """
 
@@ -232,8 +247,9 @@ print("ok")
 @pytest.mark.skipif(not K.HAVE_TRITON, reason="triton is not installed")
 def test_triton_kernels_match_the_reference_interpreted(tmp_path):
     """The Triton kernels (index scores; sparse attention forward and backward with
-    atomic dK/dV; the fused sparse KL and its gradient) on CPU under TRITON_INTERPRET=1, in a fresh process (the interpreter
-    is chosen when the kernels are defined)."""
+    atomic dK/dV; the fused sparse KL and its gradient, for three groupings of the main
+    heads) on CPU under TRITON_INTERPRET=1, in a fresh process (the interpreter is chosen
+    when the kernels are defined)."""
     script = tmp_path / "tri.py"
     script.write_text(TRITON_SCRIPT.format(tests=os.path.dirname(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", DISTILL_DSA_FUSED_KL="1")
@@ -241,6 +257,29 @@ def test_triton_kernels_match_the_reference_interpreted(tmp_path):
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not K.HAVE_TRITON, reason="triton is not installed")
+def test_kl_kernel_multiplies_each_key_head_by_its_own_query_heads():
+    """The fused KL's layout of the main query heads: no more rows (softmax work) and no
+    more dot products than one 16-row-padded block of every head against every KV head
+    (the kernel before), and fewer dot products for every GQA shape of more than 16
+    heads in powers of two; the Qwen2-0.5B and Llama-3-8B shapes."""
+    from distill.dsa.kl_kernel import _slots
+
+    def p2(x):
+        return 1 << (x - 1).bit_length()
+
+    for hkv in range(1, 17):
+        for g in range(1, 33):
+            h, sl = hkv * g, _slots(hkv * g, hkv)
+            rows, dots = sl["NS"] * sl["BR"], sl["NS"] * sl["R"] * sl["BR"]
+            assert sl["NS"] * sl["R"] >= hkv and sl["R"] * g <= sl["BR"]
+            assert rows <= max(16, p2(h)) and dots <= hkv * max(16, p2(h))
+            if hkv > 1 and h > 16 and p2(g) == g and p2(hkv) == hkv:
+                assert dots < hkv * max(16, p2(h))
+    assert _slots(14, 2) == dict(R=2, NS=1, BR=16)  # 2 x 16 dot rows per key, as before
+    assert _slots(32, 8) == dict(R=4, NS=2, BR=16)  # 128 dot rows per key, was 256
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not K.HAVE_TRITON, reason="needs CUDA")

@@ -39,27 +39,32 @@ def sparse_kl_triton(q, k, qi, ki, w, idx: Tensor, scale: float) -> Tensor:
 if HAVE_TRITON:
 
     @triton.jit
-    def _main_scores(q, K, safe, ok, grp, rd, md, s_kt, s_kh, scale,
-                     HKV: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr):  # fmt: skip
-        """[BH, BN] attention logits of every query head against the block's keys, each
-        head against its own KV head; -inf for keys that are not selected."""
-        s = tl.full((BH, BN), float("-inf"), tl.float32)
-        for hk in tl.static_range(HKV):
+    def _main_scores(q, K, safe, ok, rs, sub, mhead, rd, md, s_kt, s_kh, scale,
+                     HKV: tl.constexpr, R: tl.constexpr, NS: tl.constexpr, BR: tl.constexpr,
+                     BN: tl.constexpr):  # fmt: skip
+        """[NS, BR, BN] attention logits of the query heads (``q`` [NS, BR, BD], see
+        ``_slots``) against the block's keys, each head against its own KV head: the r-th
+        KV head of every slot in one batched dot with its slot's rows (``sub``: each row's
+        r); -inf for keys not selected and padded rows."""
+        s = tl.zeros((NS, BR, BN), tl.float32)
+        for r in tl.static_range(R):
+            hk = rs * R + r  # [NS]
             kb = tl.load(
-                K + safe[:, None] * s_kt + hk * s_kh + rd[None, :],
-                mask=ok[:, None] & md[None, :],
+                K + safe[None, :, None] * s_kt + hk[:, None, None] * s_kh + rd[None, None, :],
+                mask=(hk < HKV)[:, None, None] & ok[None, :, None] & md[None, None, :],
                 other=0.0,
-            ).to(tl.float32)
-            sh = tl.dot(q, tl.trans(kb)) * scale
-            s = tl.where((grp == hk)[:, None], sh, s)
-        return tl.where(ok[None, :], s, float("-inf"))
+            ).to(tl.float32)  # [NS, BN, BD]
+            s = tl.where((sub == r)[None, :, None], tl.dot(q, tl.trans(kb, 0, 2, 1)), s)
+        return tl.where(mhead[:, :, None] & ok[None, None, :], s * scale, float("-inf"))
 
     @triton.jit
-    def _query(Q, QI, W, t, rh, rd, rj, re, mh, md, mj, me, s_qt, s_qh, s_qit, s_qih, s_wt):
-        """The query's main heads [BH, BD], index heads [BHI, BDI] and weights [BHI]."""
+    def _query(Q, QI, W, t, heads, mhead, rd, rj, re, md, mj, me,
+               s_qt, s_qh, s_qit, s_qih, s_wt):  # fmt: skip
+        """The query's main heads in slots [NS, BR, BD] (``heads``: their numbers), index
+        heads [BHI, BDI] and weights [BHI]."""
         q = tl.load(
-            Q + t * s_qt + rh[:, None] * s_qh + rd[None, :],
-            mask=mh[:, None] & md[None, :],
+            Q + t * s_qt + heads[:, :, None] * s_qh + rd[None, None, :],
+            mask=mhead[:, :, None] & md[None, None, :],
             other=0.0,
         ).to(tl.float32)
         qi = tl.load(
@@ -71,17 +76,18 @@ if HAVE_TRITON:
         return q, qi, w
 
     @triton.jit
-    def _block(q, qi, w, K, KI, IDX, t, start, n_sel, grp, rn, rd, md, re, me,
-               s_it, s_kt, s_kh, s_kit, scale,
-               HKV: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    def _block(q, qi, w, K, KI, IDX, t, start, n_sel, rs, sub, mhead, rn, rd, md, re, me,
+               s_it, s_kt, s_kh, s_kit, scale, HKV: tl.constexpr, R: tl.constexpr,
+               NS: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):  # fmt: skip
         """One block of the query's selected keys: which are selected (``ok``) and where
-        (``safe``), the main logits [BH, BN], ReLU's input [BHI, BN], the index keys
+        (``safe``), the main logits [NS, BR, BN], ReLU's input [BHI, BN], the index keys
         [BN, BDI] and the index scores [BN]; -inf logits and scores where not selected."""
         cols = start + rn
         ids = tl.load(IDX + t * s_it + cols, mask=cols < n_sel, other=-1)
         ok = ids >= 0
         safe = tl.where(ok, ids, 0)
-        s = _main_scores(q, K, safe, ok, grp, rd, md, s_kt, s_kh, scale, HKV, BH, BN)
+        s = _main_scores(q, K, safe, ok, rs, sub, mhead, rd, md, s_kt, s_kh, scale,
+                         HKV, R, NS, BR, BN)  # fmt: skip
         kib = tl.load(
             KI + safe[:, None] * s_kit + re[None, :], mask=ok[:, None] & me[None, :], other=0.0
         ).to(tl.float32)
@@ -93,29 +99,32 @@ if HAVE_TRITON:
     def _kl_fwd_kernel(
         Q, K, QI, KI, W, IDX, KL, LSE, LSEI, scale, n_sel,
         s_qt, s_qh, s_kt, s_kh, s_qit, s_qih, s_kit, s_wt, s_it, s_lt,
-        H: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, BH: tl.constexpr,
-        D: tl.constexpr, BD: tl.constexpr, HI: tl.constexpr, BHI: tl.constexpr,
+        H: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, R: tl.constexpr,
+        NS: tl.constexpr, BR: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+        HI: tl.constexpr, BHI: tl.constexpr,
         DI: tl.constexpr, BDI: tl.constexpr, BN: tl.constexpr,
     ):  # fmt: skip
         t = tl.program_id(0)
-        rh, rd, rn = tl.arange(0, BH), tl.arange(0, BD), tl.arange(0, BN)
-        rj, re = tl.arange(0, BHI), tl.arange(0, BDI)
-        mh, md, mj, me = rh < H, rd < D, rj < HI, re < DI
-        grp = tl.where(mh, rh // G, -1)
-        q, qi, w = _query(Q, QI, W, t, rh, rd, rj, re, mh, md, mj, me,
+        rs, rr = tl.arange(0, NS), tl.arange(0, BR)
+        rd, rn, rj, re = tl.arange(0, BD), tl.arange(0, BN), tl.arange(0, BHI), tl.arange(0, BDI)
+        md, mj, me = rd < D, rj < HI, re < DI
+        heads = rs[:, None] * (R * G) + rr[None, :]  # [NS, BR]: slot s holds R groups
+        mhead = (rr < R * G)[None, :] & (heads < H)
+        sub = rr // G  # which of its slot's R KV heads a row reads
+        q, qi, w = _query(Q, QI, W, t, heads, mhead, rd, rj, re, md, mj, me,
                           s_qt, s_qh, s_qit, s_qih, s_wt)  # fmt: skip
-        m = tl.full((BH,), float("-inf"), tl.float32)
-        l_h = tl.zeros((BH,), tl.float32)
+        m = tl.full((NS, BR), float("-inf"), tl.float32)
+        l_h = tl.zeros((NS, BR), tl.float32)
         mi = tl.max(tl.full((BN,), float("-inf"), tl.float32), 0)
         li = tl.sum(tl.zeros((BN,), tl.float32), 0)
         for start in range(0, n_sel, BN):  # pass 1: log-sum-exps
             ok, safe, s, z, kib, idx_s = _block(
-                q, qi, w, K, KI, IDX, t, start, n_sel, grp, rn, rd, md, re, me,
-                s_it, s_kt, s_kh, s_kit, scale, HKV, BH, BN,
+                q, qi, w, K, KI, IDX, t, start, n_sel, rs, sub, mhead, rn, rd, md, re, me,
+                s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN,
             )  # fmt: skip
-            m_new = tl.maximum(m, tl.max(s, 1))
+            m_new = tl.maximum(m, tl.max(s, 2))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_h = l_h * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+            l_h = l_h * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, :, None]), 2)
             m = m_new
             mi_new = tl.maximum(mi, tl.max(idx_s, 0))
             mi_safe = tl.where(mi_new == float("-inf"), 0.0, mi_new)
@@ -127,42 +136,45 @@ if HAVE_TRITON:
         kl = tl.sum(tl.zeros((BN,), tl.float32), 0)
         for start in range(0, n_sel, BN):  # pass 2: the KL
             ok, safe, s, z, kib, idx_s = _block(
-                q, qi, w, K, KI, IDX, t, start, n_sel, grp, rn, rd, md, re, me,
-                s_it, s_kt, s_kh, s_kit, scale, HKV, BH, BN,
+                q, qi, w, K, KI, IDX, t, start, n_sel, rs, sub, mhead, rn, rd, md, re, me,
+                s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN,
             )  # fmt: skip
-            p = tl.sum(tl.exp(s - lse[:, None]), 0) / H
+            p = tl.sum(tl.sum(tl.exp(s - lse[:, :, None]), 1), 0) / H
             term = tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0) - p * (idx_s - lsei)
             kl += tl.sum(tl.where(ok & (p > 0), term, 0.0), 0)
         tl.store(KL + t, kl)
-        tl.store(LSE + t * s_lt + rh, lse, mask=mh)
+        tl.store(LSE + t * s_lt + heads, lse, mask=mhead)
         tl.store(LSEI + t, lsei)
 
     @triton.jit
     def _kl_bwd_kernel(
         Q, K, QI, KI, W, IDX, LSE, LSEI, GOUT, DQI, DKI, DW, scale, n_sel,
         s_qt, s_qh, s_kt, s_kh, s_qit, s_qih, s_kit, s_wt, s_it, s_lt,
-        H: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, BH: tl.constexpr,
-        D: tl.constexpr, BD: tl.constexpr, HI: tl.constexpr, BHI: tl.constexpr,
+        H: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, R: tl.constexpr,
+        NS: tl.constexpr, BR: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+        HI: tl.constexpr, BHI: tl.constexpr,
         DI: tl.constexpr, BDI: tl.constexpr, BN: tl.constexpr,
     ):  # fmt: skip
         t = tl.program_id(0)
-        rh, rd, rn = tl.arange(0, BH), tl.arange(0, BD), tl.arange(0, BN)
-        rj, re = tl.arange(0, BHI), tl.arange(0, BDI)
-        mh, md, mj, me = rh < H, rd < D, rj < HI, re < DI
-        grp = tl.where(mh, rh // G, -1)
-        q, qi, w = _query(Q, QI, W, t, rh, rd, rj, re, mh, md, mj, me,
+        rs, rr = tl.arange(0, NS), tl.arange(0, BR)
+        rd, rn, rj, re = tl.arange(0, BD), tl.arange(0, BN), tl.arange(0, BHI), tl.arange(0, BDI)
+        md, mj, me = rd < D, rj < HI, re < DI
+        heads = rs[:, None] * (R * G) + rr[None, :]  # [NS, BR]: slot s holds R groups
+        mhead = (rr < R * G)[None, :] & (heads < H)
+        sub = rr // G  # which of its slot's R KV heads a row reads
+        q, qi, w = _query(Q, QI, W, t, heads, mhead, rd, rj, re, md, mj, me,
                           s_qt, s_qh, s_qit, s_qih, s_wt)  # fmt: skip
-        lse = tl.load(LSE + t * s_lt + rh, mask=mh, other=float("inf"))
+        lse = tl.load(LSE + t * s_lt + heads, mask=mhead, other=float("inf"))
         lsei = tl.load(LSEI + t)
         g = tl.load(GOUT + t)
         dqi = tl.zeros((BHI, BDI), tl.float32)
         dw = tl.zeros((BHI,), tl.float32)
         for start in range(0, n_sel, BN):
             ok, safe, s, z, kib, idx_s = _block(
-                q, qi, w, K, KI, IDX, t, start, n_sel, grp, rn, rd, md, re, me,
-                s_it, s_kt, s_kh, s_kit, scale, HKV, BH, BN,
+                q, qi, w, K, KI, IDX, t, start, n_sel, rs, sub, mhead, rn, rd, md, re, me,
+                s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN,
             )  # fmt: skip
-            p = tl.sum(tl.exp(s - lse[:, None]), 0) / H
+            p = tl.sum(tl.sum(tl.exp(s - lse[:, :, None]), 1), 0) / H
             di = tl.where(ok, g * (tl.exp(idx_s - lsei) - p), 0.0)  # dKL/dI [BN]
             dw += tl.sum(tl.maximum(z, 0.0) * di[None, :], 1)
             dz = tl.where(z > 0, w[:, None] * di[None, :], 0.0)  # [BHI, BN]
@@ -176,12 +188,30 @@ if HAVE_TRITON:
         )
         tl.store(DW + t * s_wt + rj, dw, mask=mj)
 
+    def _slots(h: int, hkv: int) -> dict:
+        """How the kernels lay out the main query heads: ``NS`` slots of ``BR`` rows, slot
+        s holding the heads of ``R`` KV heads (R · G rows, padded). Each KV head's keys are
+        multiplied against its slot's rows only. A dot takes at least 16 rows: one slot of
+        every head (R = HKV) multiplies each key by HKV · max(16, H) rows where H are needed;
+        one slot per KV head (R = 1) pads a small group to 16 rows, which the softmaxes
+        then run over. R is the one with the fewest rows (the elementwise work), then
+        the fewest dot rows: never more of either than R = HKV (e.g. H = 32, HKV = 8: R = 4,
+        half the dot products, the same 32 rows)."""
+        g, p2 = h // hkv, triton.next_power_of_2
+
+        def cost(r: int) -> tuple[int, int]:
+            ns, br = p2(triton.cdiv(hkv, r)), max(16, p2(r * g))
+            return ns * br, ns * r * br
+
+        r = min(range(1, hkv + 1), key=cost)
+        return dict(R=r, NS=p2(triton.cdiv(hkv, r)), BR=max(16, p2(r * g)))
+
     def _meta(q: Tensor, k: Tensor, qi: Tensor) -> dict:
         h, d = q.shape[1], q.shape[2]
         hkv, hi, di = k.shape[1], qi.shape[1], qi.shape[2]
         p2 = triton.next_power_of_2
         return dict(
-            H=h, G=h // hkv, HKV=hkv, BH=max(16, p2(h)), D=d, BD=max(16, p2(d)),
+            H=h, G=h // hkv, HKV=hkv, **_slots(h, hkv), D=d, BD=max(16, p2(d)),
             HI=hi, BHI=max(16, p2(hi)), DI=di, BDI=max(16, p2(di)), BN=BLOCK_N,
         )  # fmt: skip
 
