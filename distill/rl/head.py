@@ -29,21 +29,27 @@ def _dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    z = logits.to(_dtype(logits))  # no copy when already fp32/fp64
+    return z / temperature if temperature != 1.0 else z
+
+
 def _dense_stats(logits: Tensor, targets: Tensor, temperature: float):
-    z = logits.to(_dtype(logits)) / temperature
+    z = _scaled(logits, temperature)
     lse = torch.logsumexp(z, -1)
     logp = z.gather(1, targets[:, None]).squeeze(1) - lse
-    p = torch.exp(z - lse[:, None])
-    entropy = lse - (p * z).sum(-1)
+    p = (z - lse[:, None]).exp_()
+    entropy = torch.special.entr(p, out=p).sum(-1)
     return logp, entropy, lse
 
 
 def _dense_grad(logits: Tensor, targets: Tensor, lse: Tensor, g: Tensor, temperature: float):
-    """d(Σ g · logp)/d logits = g · (onehot(target) − softmax(z)) / T, in the logits' dtype."""
-    z = logits.to(_dtype(logits)) / temperature
-    p = torch.exp(z - lse[:, None])
-    hit = torch.arange(z.shape[1], device=z.device)[None, :] == targets[:, None]
-    return ((hit.to(p.dtype) - p) * (g[:, None] / temperature)).to(logits.dtype)
+    """d(Σ g · logp)/d logits = g · (onehot(target) − softmax(z)) / T, in the logits' dtype
+    (written in place: one [N, V] buffer besides the logits)."""
+    gt = g / temperature
+    p = (_scaled(logits, temperature) - lse[:, None]).exp_().mul_(-gt[:, None])
+    p.scatter_add_(1, targets[:, None], gt[:, None].to(p.dtype))
+    return p.to(logits.dtype)
 
 
 def _kept_stats(logits: Tensor, targets: Tensor, kept: Tensor, temperature: float):
