@@ -23,6 +23,7 @@ from typing import Any
 from distill import layout
 from distill.errors import UserError, storage_errors
 from distill.files import atomic_write_json, atomic_write_text, json_hash
+from distill.recipe.base import without_run_only
 from distill.recipe.schema import Recipe
 
 
@@ -132,8 +133,9 @@ def missing_outputs(recipe: Recipe, stage: str) -> str | None:
 
 def sections_read(recipe: Recipe, stage: str) -> dict[str, Any]:
     """The recipe sections ``stage`` reads, as JSON data (``domains`` without the
-    student-only weights, except for train)."""
-    data = recipe.model_dump(mode="json")
+    student-only weights, except for train; no run-only field: ``distill.recipe.base.RUN_ONLY``)."""
+    # run-only fields (logging, checkpoints, memory savers) change how, not what: left out
+    data = without_run_only(recipe, recipe.model_dump(mode="json"))
     parts = {s: data[s] for s in BY_NAME[stage].sections}
     if stage != "train" and "domains" in parts:
         parts["domains"] = {

@@ -159,3 +159,19 @@ def test_run_stage_records_a_completed_stage_with_its_seconds_and_memory(tmp_pat
         run_stage(r, "filter")  # did not complete now: record untouched
         assert record_of(r, "filter") == before
     assert BY_NAME["teachers"].force_arg and not BY_NAME["filter"].force_arg
+
+
+def test_run_only_fields_rerun_nothing(tmp_path):
+    """Logging, checkpoint and memory settings change how a stage runs, not what it
+    writes: setting them leaves every stage up to date; a real setting of the same section
+    still reruns."""
+    r = recipe(tmp_path)
+    for stage in STAGES:
+        mark_done(r, stage)
+    for change in ("train.logging_steps=7", "train.save_steps=50", "train.gradient_checkpointing=true",
+                   "rl.release_decoder_memory=false", "rl.logging_steps=3",
+                   "teachers.math.train.save_total_limit=5"):  # fmt: skip
+        tuned = recipe(tmp_path, change)
+        assert [s for s in STAGES if not up_to_date(tuned, s)] == [], change
+    assert not up_to_date(recipe(tmp_path, "train.learning_rate=0.1"), "train")
+    assert not up_to_date(recipe(tmp_path, "rl.learning_rate=0.001"), "rl")

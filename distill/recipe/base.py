@@ -43,6 +43,35 @@ Trackers = Annotated[list[Literal["tensorboard", "wandb"]], AfterValidator(_inst
 _NUMBERS = (int, float, int | None, float | None)
 
 
+# A field that changes how a stage runs (memory, logs, checkpoints), not what it writes:
+# left out of stage fingerprints, so setting it, or a new field of this kind appearing
+# with its default, reruns nothing. ``Field(..., json_schema_extra=RUN_ONLY)``.
+RUN_ONLY = {"run_only": True}
+
+
+def without_run_only(model: BaseModel, data: dict) -> dict:
+    """``data`` (``model``'s JSON dump, or part of it) without the run-only fields of
+    ``model`` and of every section nested in it."""
+    fields = type(model).model_fields
+    out = {}
+    for key, value in data.items():
+        field = fields.get(key)
+        if field is not None and (field.json_schema_extra or {}).get("run_only"):
+            continue
+        out[key] = _strip(getattr(model, key, None), value)
+    return out
+
+
+def _strip(obj: Any, data: Any) -> Any:
+    if isinstance(obj, BaseModel) and isinstance(data, dict):
+        return without_run_only(obj, data)
+    if isinstance(obj, dict) and isinstance(data, dict):
+        return {k: _strip(obj.get(k), v) for k, v in data.items()}
+    if isinstance(obj, list | tuple) and isinstance(data, list):
+        return [_strip(o, d) for o, d in zip(obj, data, strict=False)]
+    return data
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from distill.recipe.base import DomainName, Section, Trackers
+from distill.recipe.base import RUN_ONLY, DomainName, Section, Trackers
 
 
 class RewardConfig(Section):
@@ -142,20 +142,30 @@ class RLConfig(Section):
         False,
         description="Recompute each decoder layer's activations in backward: far less "
         "memory per micro-batch for one more forward (TRL's GRPO default is on).",
+        json_schema_extra=RUN_ONLY,
     )
     release_decoder_memory: bool = Field(
         True,
         description="Free the GPU decoder's KV cache and CUDA graphs before each update, so "
         "the update reuses their memory (peak memory falls by the cache's size; each rollout "
         "captures its graph again).",
+        json_schema_extra=RUN_ONLY,
     )
-    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps; 0 = only at the end.")
-    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
-    logging_steps: int = Field(1, ge=1, description="Print a log line every N steps.")
+    save_steps: int = Field(
+        0, ge=0, description="Checkpoint every N steps; 0 = only at the end.",
+        json_schema_extra=RUN_ONLY,
+    )  # fmt: skip
+    save_total_limit: int = Field(
+        2, ge=1, description="Checkpoints kept.", json_schema_extra=RUN_ONLY
+    )
+    logging_steps: int = Field(
+        1, ge=1, description="Print a log line every N steps.", json_schema_extra=RUN_ONLY
+    )
     report_to: Trackers = Field(
         default_factory=list,
         description="Accelerate trackers (every step's metrics; tensorboard, wandb); each "
         "must be installed.",
+        json_schema_extra=RUN_ONLY,
     )
     domains: dict[DomainName, RLDomainConfig] = Field(
         default_factory=dict,

@@ -18,7 +18,7 @@ from ruamel.yaml.error import YAMLError
 
 from distill.errors import UserError
 from distill.files import json_hash
-from distill.recipe.base import DomainName, Section, Share, Trackers
+from distill.recipe.base import RUN_ONLY, DomainName, Section, Share, Trackers
 from distill.recipe.errors import format_error as _format_error
 from distill.recipe.rl import RLConfig
 
@@ -209,17 +209,27 @@ class TrainConfig(Section):
         "auto", description="auto = bf16 on GPU, fp32 on CPU."
     )
     gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward to save memory."
+        False,
+        description="Recompute activations in backward to save memory.",
+        json_schema_extra=RUN_ONLY,
     )
     torch_compile: bool = Field(False, description="torch.compile the model.")
     save_steps: int = Field(
-        0, ge=0, description="Checkpoint every N optimizer steps; 0 = only at the end."
+        0,
+        ge=0,
+        description="Checkpoint every N optimizer steps; 0 = only at the end.",
+        json_schema_extra=RUN_ONLY,
     )
-    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
-    logging_steps: int = Field(10, ge=1, description="Log losses every N steps.")
+    save_total_limit: int = Field(
+        2, ge=1, description="Checkpoints kept.", json_schema_extra=RUN_ONLY
+    )
+    logging_steps: int = Field(
+        10, ge=1, description="Log losses every N steps.", json_schema_extra=RUN_ONLY
+    )
     report_to: Trackers = Field(
         default_factory=list,
         description="Accelerate trackers (tensorboard, wandb); each must be installed.",
+        json_schema_extra=RUN_ONLY,
     )
     kd: KDConfig = Field(default_factory=KDConfig, description="Logit distillation.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")
