@@ -20,7 +20,7 @@ from distill.files import atomic_write_json, json_hash
 from distill.messages import Lineage, Trace, Verdict
 from distill.progress import console
 from distill.recipe.schema import Recipe, TeacherConfig
-from teachers.base import get_domain
+from teachers.base import get_domain, short_prompt_at, shorten_prompt
 
 TOKENIZER_RECORD = "_tokenizer.json"
 TEACHER_RECORD = "_teacher.json"
@@ -108,18 +108,19 @@ def build_tokenizer(recipe: Recipe, force: bool = False) -> Path:
 def oracle_trace(domain: Any, task: Any, fingerprint: str, short_prompt: bool = False) -> Trace:
     """The oracle's conversation of ``task`` as a shard row (verdict: correct by
     construction, so the trainer can treat it like clean data). ``short_prompt`` leaves
-    out the system messages and the tool list (``teachers.<d>.oracle_short_prompt_share``)."""
-    messages = domain.oracle(task)
+    out the system messages and the tool list (``teachers.<d>.oracle_short_prompt_share``;
+    the cut is :func:`teachers.base.shorten_prompt`, the student's too)."""
+    conversation = {"messages": domain.oracle(task), "tools": task.tools}
     if short_prompt:
-        messages = [m for m in messages if m.get("role") != "system"]
+        conversation = shorten_prompt(conversation)
     return Trace(
         id=f"{task.id}-oracle",
         task_id=task.id,
         domain=domain.name,
-        messages=messages,
+        messages=conversation["messages"],
         split="train",
         teacher="oracle",
-        tools=None if short_prompt else task.tools,
+        tools=conversation["tools"],
         reference=task.reference,
         finish_reason="stop",
         verdict=Verdict.ok("oracle"),
@@ -144,7 +145,6 @@ def write_oracle_shards(recipe: Recipe, d: str, out: Path, fingerprint: str) -> 
     learns that within ~200 steps, and then does it under the whole prompt too
     (docs/teachers.md)."""
     from distill.shards import ShardWriter
-    from distill.train.data import short_prompt_at  # here: distill.train imports torch
 
     dom = get_domain(d)
     t = recipe.teachers[d]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -203,3 +204,20 @@ def trace_from_task(task: Task, id_: str, messages: list[dict[str, Any]], **fiel
         reference=task.reference,
         **fields,
     )
+
+
+def short_prompt_at(i: int, share: float) -> bool:
+    """Whether trace ``i`` of a run of traces gets the short prompt (no system message, no
+    tool list): ``share`` of them, spread evenly (i when floor((i + 1) * share) passes an
+    integer)."""
+    return math.floor((i + 1) * share) > math.floor(i * share)
+
+
+def shorten_prompt(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` (a trace's fields: a shard row, or a :class:`Trace`'s being built) with the
+    short prompt: no system message, no tool list. The one cut of the copying curriculum,
+    for the teachers' oracle shards (``teachers.<d>.oracle_short_prompt_share``) and the
+    student's tokenized rows (``domains.<d>.short_prompt_share``); docs/teachers.md says
+    why it exists."""
+    messages = [m for m in row["messages"] if m.get("role") != "system"]
+    return {**row, "messages": messages, "tools": None}

@@ -113,6 +113,29 @@ def test_short_prompt_share_cuts_system_and_tools_from_that_share_of_the_oracle(
     assert short == 6  # which rows: tests/test_packing.py checks short_prompt_at
 
 
+def test_teacher_and_student_short_prompts_are_the_same_cut(tmp_path):
+    """oracle_short_prompt_share cuts the oracle shards where the student's
+    short_prompt_share cuts its tokenized rows (both call teachers.base.shorten_prompt):
+    short shards tokenize exactly as full shards tokenized with the same share."""
+    import numpy as np
+    from tiny_artifacts import make_tokenizer
+
+    from distill.train.data import tokenize_domain
+
+    cut, full = tmp_path / "cut", tmp_path / "full"
+    share = 0.25
+    short = micro_recipe(tmp_path, domains=("agents",), oracle_short_prompt_share=share)
+    bootstrap.write_oracle_shards(short, "agents", cut, "fp1")
+    whole = micro_recipe(tmp_path, domains=("agents",))
+    bootstrap.write_oracle_shards(whole, "agents", full, "fp1")
+    tok = make_tokenizer(tmp_path / "tok")
+    a = tokenize_domain("agents", cut, tok, 4096, tmp_path / "cache")
+    b = tokenize_domain("agents", full, tok, 4096, tmp_path / "cache", short_share=share)
+    c = tokenize_domain("agents", full, tok, 4096, tmp_path / "cache")
+    assert np.array_equal(a.ids, b.ids) and np.array_equal(a.mask, b.mask)
+    assert len(a.ids) < len(c.ids)  # the cut took something out
+
+
 def test_arch_initializer_range_sets_the_initial_weights(tmp_path):
     from distill.chat.template import train_tokenizer
     from distill.models import build_model

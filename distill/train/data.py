@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from distill.files import short_hash
 from distill.messages import decode_tools
 from distill.models import tokenizer_fingerprint
 from distill.shards import read_manifest, read_table
+from teachers.base import short_prompt_at, shorten_prompt
 
 
 @dataclass
@@ -50,13 +50,6 @@ class DomainData:
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
-
-
-def short_prompt_at(i: int, share: float) -> bool:
-    """Whether trace ``i`` of a run of traces gets the short prompt (no system message, no
-    tool list): ``share`` of them, spread evenly (i when floor((i + 1) * share) passes an
-    integer)."""
-    return math.floor((i + 1) * share) > math.floor(i * share)
 
 
 def cache_key(
@@ -85,7 +78,8 @@ def tokenize_domain(
     short_share: float = 0.0,
 ) -> DomainData:
     """The domain's examples, from the cache when the shards and tokenizer are unchanged;
-    ``short_share`` of its traces without system prompt and tool list (:func:`short_prompt_at`)."""
+    ``short_share`` of its traces without system prompt and tool list
+    (:func:`teachers.base.shorten_prompt`)."""
     shard_dir = Path(shard_dir)
     key = cache_key(shard_dir, tokenizer, max_seq_len, kd, short_share)
     path = Path(cache_root) / f"{domain}-{key}"
@@ -111,10 +105,10 @@ def _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd, short_share=0.0):
         for batch in table.select(cols).to_batches(max_chunksize=256):
             rows = batch.to_pylist()
             if short_share:
-                for i, row in enumerate(rows, start=seen):
-                    if short_prompt_at(i, short_share):
-                        row["messages"] = [m for m in row["messages"] if m["role"] != "system"]
-                        row["tools"] = None
+                rows = [
+                    shorten_prompt(row) if short_prompt_at(i, short_share) else row
+                    for i, row in enumerate(rows, start=seen)
+                ]
             seen += len(rows)
             texts = [_render_row(tokenizer, row, shard_dir) for row in rows]
             for row, exs in zip(rows, _encode_rows(tokenizer, rows, texts, shard_dir), strict=True):
