@@ -15,7 +15,7 @@ from typing import Any
 
 from distill.backends import Backend, Completion, Sampling, mix_seed
 from distill.messages import Lineage, Trace
-from teachers.base import Domain, Task, ToolEnv
+from teachers.base import Domain, Task, ToolEnv, trace_from_task
 
 
 @dataclass
@@ -79,7 +79,7 @@ def rollout_pairs(
     budgets."""
     episodes = run_episodes(backend, domain, pairs, sampling=sampling, **limits)
     lineage = json.dumps(sampling.to_json(), sort_keys=True)
-    return [_trace(e, backend, domain, teacher, split, lineage, sampling) for e in episodes]
+    return [_trace(e, backend, teacher, split, lineage, sampling) for e in episodes]
 
 
 def run_episodes(
@@ -193,18 +193,14 @@ def _run_tool(env: ToolEnv | None, call: dict[str, Any]) -> str:
 
 
 def _trace(
-    e: Episode, backend: Backend, domain: Domain, teacher: str, split: str,
-    sampling_json: str, sampling: Sampling,
-) -> Trace:  # fmt: skip
-    return Trace(
-        id=f"{e.task.id}-s{e.j}",
-        task_id=e.task.id,
-        domain=domain.name,
+    e: Episode, backend: Backend, teacher: str, split: str, sampling_json: str, sampling: Sampling
+) -> Trace:
+    return trace_from_task(
+        e.task,
+        f"{e.task.id}-s{e.j}",
+        e.messages,
         split=split,
         teacher=teacher or backend.name,
-        messages=e.messages,
-        tools=e.task.tools,
-        reference=e.task.reference,
         finish_reason=e.finish_reason,
         prompt_tokens=e.prompt_tokens,
         completion_tokens=e.completion_tokens,

@@ -20,7 +20,7 @@ from distill.files import atomic_write_json, json_hash
 from distill.messages import Lineage, Trace, Verdict
 from distill.progress import console
 from distill.recipe.schema import Recipe, TeacherConfig
-from teachers.base import get_domain, short_prompt_at, shorten_prompt
+from teachers.base import get_domain, short_prompt_at, shorten_prompt, trace_from_task
 
 TOKENIZER_RECORD = "_tokenizer.json"
 TEACHER_RECORD = "_teacher.json"
@@ -113,15 +113,12 @@ def oracle_trace(domain: Any, task: Any, fingerprint: str, short_prompt: bool = 
     conversation = {"messages": domain.oracle(task), "tools": task.tools}
     if short_prompt:
         conversation = shorten_prompt(conversation)
-    return Trace(
-        id=f"{task.id}-oracle",
-        task_id=task.id,
-        domain=domain.name,
-        messages=conversation["messages"],
+    return trace_from_task(
+        task,
+        f"{task.id}-oracle",
+        **conversation,
         split="train",
         teacher="oracle",
-        tools=conversation["tools"],
-        reference=task.reference,
         finish_reason="stop",
         verdict=Verdict.ok("oracle"),
         lineage=Lineage(

@@ -194,16 +194,15 @@ def task_from_trace(trace: Trace) -> Task:
 def trace_from_task(task: Task, id_: str, messages: list[dict[str, Any]], **fields: Any) -> Trace:
     """A shard row of ``task`` answered with ``messages``: the task's id, domain, tools and
     reference carried over (what :func:`task_from_trace` reads back); ``fields`` sets the
-    rest of :class:`~distill.messages.Trace`."""
-    return Trace(
-        id=id_,
-        task_id=task.id,
-        domain=task.domain,
-        messages=messages,
-        tools=task.tools,
-        reference=task.reference,
-        **fields,
-    )
+    rest of :class:`~distill.messages.Trace`, or replaces what is carried over (``tools``
+    of a short prompt, :func:`shorten_prompt`)."""
+    carried = {
+        "task_id": task.id,
+        "domain": task.domain,
+        "tools": task.tools,
+        "reference": task.reference,
+    }
+    return Trace(id=id_, messages=messages, **(carried | fields))
 
 
 def short_prompt_at(i: int, share: float) -> bool:

@@ -320,3 +320,22 @@ def test_micro_pipeline_with_a_registered_domain(echo, tmp_path):
     assert {("teacher:echo", "echo"), ("student", "echo")} <= cells
     assert {d for _, d in cells} == {"echo"}
     assert set(report["recovery"]) == {"echo"}
+
+
+def test_trace_from_task_carries_the_task_over_and_fields_replace_it():
+    """The shard row every stage builds (generate's rollouts, the teachers' oracle): the
+    task's id, domain, tools and reference carried over; a short prompt replaces tools."""
+    from teachers.base import shorten_prompt, trace_from_task
+
+    task = next(get_domain("agents").tasks("train", 1, 0))
+    messages = get_domain("agents").oracle(task)
+    tr = trace_from_task(task, "r0", messages, teacher="t", finish_reason="stop")
+    assert (tr.id, tr.task_id, tr.domain, tr.teacher) == ("r0", task.id, "agents", "t")
+    assert tr.tools == task.tools and tr.reference == task.reference and tr.messages == messages
+    short = trace_from_task(
+        task, "r1", **shorten_prompt({"messages": messages, "tools": task.tools})
+    )
+    assert short.tools is None and short.reference == task.reference
+    assert [m["role"] for m in short.messages] == [m["role"] for m in messages][1:]
+    rebuilt = task_from_trace(short)  # what verification reads back: no system, no tools
+    assert rebuilt.tools is None and rebuilt.messages == [task.messages[1]]
