@@ -16,11 +16,11 @@ step() {  # step NAME SECONDS CMD...
     echo "$name rc=$? ${SECONDS}s total, $((SECONDS - t0))s" | tee -a "$LOG"
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
-step tests-gpu 60 python3 -m pytest -q tests/test_rl_head.py tests/test_sampler_logprobs.py tests/test_dsa.py -k "gpu or cuda"
-step rl-head 40 python3 bench/rl_head.py
-step rl-trl 170 python3 bench/rl.py --sides trl --out "$OUT/rl-trl.json"
-step rl-ours-ckpt 110 python3 bench/rl.py --sides ours --checkpointing --profile --out "$OUT/rl-ours-ckpt.json"
-if [ -z "${QUICK:-}" ]; then  # QUICK=1: the #14 target's figures alone (~380 s)
+step tests-gpu 50 python3 -m pytest -q tests/test_rl_head.py tests/test_sampler_logprobs.py tests/test_dsa.py -k "gpu or cuda"
+step rl-head 30 python3 bench/rl_head.py
+step rl-trl 150 python3 bench/rl.py --sides trl --out "$OUT/rl-trl.json"
+step rl-ours-ckpt 100 python3 bench/rl.py --sides ours --checkpointing --profile --out "$OUT/rl-ours-ckpt.json"
+if [ -z "${QUICK:-}" ]; then  # QUICK=1: the #14 target's figures alone (<= 330 s)
     step rl-ours-ckpt-micro32 70 python3 bench/rl.py --sides ours --checkpointing --micro 32 --out "$OUT/rl-ours-ckpt32.json"
     step rl-ours 70 python3 bench/rl.py --sides ours --out "$OUT/rl-ours.json"
     step dsa 70 python3 bench/dsa.py --preset h100 --out "$OUT/dsa.json"
