@@ -308,13 +308,18 @@ def test_triton_kernels_match_torch_on_gpu():
         torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
     from distill.dsa.kl_kernel import sparse_kl_triton
 
-    qs = torch.randn(161, 3, 8, device="cuda", requires_grad=True)  # both signs: ReLUs off
-    ins = (qs, ki.requires_grad_(), w.requires_grad_())
-    got = sparse_kl_triton(q.bfloat16(), k.bfloat16(), *ins, idx, 0.3).sum()
-    want = K._sparse_kl_chunk(q, k, *ins, idx, 0.3)
-    torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
-    for a, b in zip(torch.autograd.grad(got, ins), torch.autograd.grad(want, ins), strict=True):
-        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+    # seeded, several draws: on an H100 (2026-12-06) one of three runs with an unseeded
+    # draw failed this test (which assertion was not captured) and two passed
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        qs = torch.randn(161, 3, 8, generator=g).cuda().requires_grad_()  # both signs
+        ins = (qs, ki.requires_grad_(), w.requires_grad_())
+        got = sparse_kl_triton(q.bfloat16(), k.bfloat16(), *ins, idx, 0.3).sum()
+        want = K._sparse_kl_chunk(q, k, *ins, idx, 0.3)
+        torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2, msg=f"KL, seed {seed}")
+        grads = zip(torch.autograd.grad(got, ins), torch.autograd.grad(want, ins), strict=True)
+        for name, (a, b) in zip(("qs", "ki", "w"), grads, strict=True):
+            torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2, msg=f"d{name}, seed {seed}")
 
 
 # --------------------------------------------------------------------------- training
