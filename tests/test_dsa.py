@@ -316,10 +316,14 @@ def test_triton_kernels_match_torch_on_gpu():
         ins = (qs, ki.requires_grad_(), w.requires_grad_())
         got = sparse_kl_triton(q.bfloat16(), k.bfloat16(), *ins, idx, 0.3).sum()
         want = K._sparse_kl_chunk(q, k, *ins, idx, 0.3)
-        torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2, msg=f"KL, seed {seed}")
+        torch.testing.assert_close(
+            got, want, atol=5e-2, rtol=2e-2, msg=lambda m, s=seed: f"{m}\n(KL, seed {s})"
+        )
         grads = zip(torch.autograd.grad(got, ins), torch.autograd.grad(want, ins), strict=True)
         for name, (a, b) in zip(("qs", "ki", "w"), grads, strict=True):
-            torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2, msg=f"d{name}, seed {seed}")
+            torch.testing.assert_close(
+                a, b, atol=5e-2, rtol=5e-2, msg=lambda m, n=name, s=seed: f"{m}\n(d{n}, seed {s})"
+            )
 
 
 # --------------------------------------------------------------------------- training
