@@ -262,10 +262,11 @@ def main() -> None:
             if k not in ("side", "model", "out", "sides") and v is not False:
                 argv.append(f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}"))
         t0 = time.time()
-        proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ})
-        sys.stderr.write(proc.stderr[-4000:])
+        # the child's stderr (one line per step) goes straight to ours: a run cut off by a
+        # time box still shows how far each side got
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, env={**os.environ})
         if proc.returncode != 0:
-            results[side] = {"error": proc.stderr.strip().splitlines()[-1:]}
+            results[side] = {"error": f"exit status {proc.returncode} (its stderr is above)"}
             continue
         results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
         results[side]["process_s"] = round(time.time() - t0, 1)
