@@ -23,7 +23,7 @@ from typing import Any
 from distill import layout
 from distill.errors import UserError, storage_errors
 from distill.files import atomic_write_json, atomic_write_text, json_hash
-from distill.recipe.base import without_run_only
+from distill.recipe.base import fingerprint_data
 from distill.recipe.schema import Recipe
 
 
@@ -135,7 +135,7 @@ def sections_read(recipe: Recipe, stage: str) -> dict[str, Any]:
     """The recipe sections ``stage`` reads, as JSON data (``domains`` without the
     student-only weights, except for train; no run-only field: ``distill.recipe.base.RUN_ONLY``)."""
     # run-only fields (logging, checkpoints, memory savers) change how, not what: left out
-    data = without_run_only(recipe, recipe.model_dump(mode="json"))
+    data = fingerprint_data(recipe)
     parts = {s: data[s] for s in BY_NAME[stage].sections}
     if stage != "train" and "domains" in parts:
         parts["domains"] = {

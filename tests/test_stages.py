@@ -175,3 +175,19 @@ def test_run_only_fields_rerun_nothing(tmp_path):
         assert [s for s in STAGES if not up_to_date(tuned, s)] == [], change
     assert not up_to_date(recipe(tmp_path, "train.learning_rate=0.1"), "train")
     assert not up_to_date(recipe(tmp_path, "rl.learning_rate=0.001"), "rl")
+
+
+def test_resume_fingerprints_leave_out_the_same_run_only_fields():
+    """The trainers' checkpoint fingerprints read the same marks as the stages'."""
+    from distill.recipe.base import fingerprint_data
+    from distill.recipe.rl import RLConfig
+    from distill.recipe.schema import TrainConfig
+
+    base = fingerprint_data(TrainConfig(), ignore=("max_time_s",))
+    for change in ({"logging_steps": 3}, {"report_to": []}, {"save_steps": 7},
+                   {"gradient_checkpointing": True}, {"max_time_s": 60}):  # fmt: skip
+        assert fingerprint_data(TrainConfig(**change), ignore=("max_time_s",)) == base, change
+    assert fingerprint_data(TrainConfig(learning_rate=0.1), ignore=("max_time_s",)) != base
+    rl = fingerprint_data(RLConfig())
+    assert fingerprint_data(RLConfig(release_decoder_memory=False)) == rl
+    assert fingerprint_data(RLConfig(temperature=0.3)) != rl

@@ -49,6 +49,13 @@ _NUMBERS = (int, float, int | None, float | None)
 RUN_ONLY = {"run_only": True}
 
 
+def fingerprint_data(model: BaseModel, ignore: tuple[str, ...] = ()) -> dict:
+    """``model``'s JSON dump without its run-only fields (nested ones too) and the top-level
+    ``ignore`` keys: what a stage's or a resumed run's fingerprint hashes."""
+    data = without_run_only(model, model.model_dump(mode="json"))
+    return {k: v for k, v in data.items() if k not in ignore}
+
+
 def without_run_only(model: BaseModel, data: dict) -> dict:
     """``data`` (``model``'s JSON dump, or part of it) without the run-only fields of
     ``model`` and of every section nested in it."""

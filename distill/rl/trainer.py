@@ -21,6 +21,7 @@ import torch
 
 from distill import layout
 from distill.files import atomic_write_json, atomic_write_text, json_hash
+from distill.recipe.base import fingerprint_data
 from distill.recipe.rl import RLConfig
 from distill.rl.loss import RL_LOSS_VERSION, global_denominator, group_advantages, grpo_loss
 from distill.rl.policy import MicroBatch, PolicyLogprobs, make_micro_batch
@@ -90,9 +91,9 @@ def train_rl(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     fp = json_hash(
-        {"init": str(Path(init).resolve()), "cfg": cfg.model_dump(mode="json", exclude={
-            "steps", "save_steps", "save_total_limit", "logging_steps", "report_to", "max_time_s",
-            "release_decoder_memory"}),
+        # a resume may also extend the run or change its time guard
+        {"init": str(Path(init).resolve()),
+         "cfg": fingerprint_data(cfg, ignore=("steps", "max_time_s")),
          "tasks": {d: [t.id for t in ts] for d, ts in tasks.items()}, "limits": limits,
          "seed": seed, "loss": RL_LOSS_VERSION, "reward": REWARD_VERSION}
     )  # fmt: skip

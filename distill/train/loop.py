@@ -32,6 +32,7 @@ from distill.models import (
     varlen_supported,
 )
 from distill.progress import console
+from distill.recipe.base import fingerprint_data
 from distill.recipe.schema import ModelArch, Recipe, TrainConfig
 from distill.train import checkpoint
 from distill.train.data import RowStream, cache_key, collate, tokenize_domain
@@ -48,8 +49,9 @@ from distill.train.setup import (
 # book each step's losses one step late (see _Loop.run); None: on a GPU only. Tests set it.
 DEFER: bool | None = None
 
-# config fields that do not change the trained weights: a resume may change them
-_RUN_ONLY = {"max_time_s", "save_steps", "save_total_limit", "logging_steps", "report_to"}
+# besides the run-only fields (distill.recipe.base.RUN_ONLY), a resume may change the time
+# guard: the weights so far do not depend on it
+_RESUMABLE = ("max_time_s",)
 
 
 def train(
@@ -190,7 +192,7 @@ def _fingerprint(
                 d: cache_key(Path(p), tok, cfg.max_length, cfg.kd.enabled)
                 for d, p in shards.items()
             },
-            "cfg": cfg.model_dump(mode="json", exclude=_RUN_ONLY),
+            "cfg": fingerprint_data(cfg, ignore=_RESUMABLE),
             "seed": seed,
             "sw": sw,
             "lw": lw,
