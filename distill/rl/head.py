@@ -9,9 +9,10 @@ once and turns them in place into their gradient, (onehot(target) − softmax) �
 (over the kept set when the sampler truncated), before the two matmuls. On CUDA the
 elementwise parts are compiled, so each is one pass over the bf16 logits.
 
-Same values as :func:`distill.rl.loss.token_logprobs` (tested in fp64, gradients too):
-log π(target) under softmax(logits / T), renormalised over ``kept`` when given, and the
-(detached) entropy of that distribution.
+The values are :func:`distill.rl.loss.logprob_stats` (the same function as
+``token_logprobs``): log π(target) under softmax(logits / T), renormalised over ``kept``
+when given, and the (detached) entropy of that distribution; the gradients equal
+autograd's through it (tested in fp64).
 """
 
 from __future__ import annotations
@@ -22,25 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.rl.loss import compute_dtype, logprob_stats
+
 log = logging.getLogger(__name__)
 
 
-def _dtype(t: Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
-
-
 def _scaled(logits: Tensor, temperature: float) -> Tensor:
-    z = logits.to(_dtype(logits))  # no copy when already fp32/fp64
+    z = logits.to(compute_dtype(logits))  # no copy when already fp32/fp64
     return z / temperature if temperature != 1.0 else z
-
-
-def _dense_stats(logits: Tensor, targets: Tensor, temperature: float):
-    z = _scaled(logits, temperature)
-    lse = torch.logsumexp(z, -1)
-    logp = z.gather(1, targets[:, None]).squeeze(1) - lse
-    p = (z - lse[:, None]).exp_()
-    entropy = torch.special.entr(p, out=p).sum(-1)
-    return logp, entropy, lse
 
 
 def _dense_grad(logits: Tensor, targets: Tensor, lse: Tensor, g: Tensor, temperature: float):
@@ -52,23 +42,10 @@ def _dense_grad(logits: Tensor, targets: Tensor, lse: Tensor, g: Tensor, tempera
     return p.to(logits.dtype)
 
 
-def _kept_stats(logits: Tensor, targets: Tensor, kept: Tensor, temperature: float):
-    valid = kept >= 0
-    zk = logits.gather(1, kept.clamp(min=0)).to(_dtype(logits)) / temperature
-    zk = zk.masked_fill(~valid, float("-inf"))
-    lse = torch.logsumexp(zk, -1)
-    zt = logits.gather(1, targets[:, None]).to(zk.dtype).squeeze(1) / temperature
-    in_kept = ((kept == targets[:, None]) & valid).any(-1)
-    logp = torch.where(in_kept, zt - lse, float("-inf"))
-    # a row with no kept id (padding) has lse = -inf: entropy 0, not nan
-    entropy = torch.special.entr((zk - lse[:, None]).exp()).sum(-1).nan_to_num(0.0)
-    return logp, entropy, lse
-
-
 def _kept_grad(logits: Tensor, targets: Tensor, kept: Tensor, lse: Tensor, g: Tensor,
                temperature: float) -> Tensor:  # fmt: skip
     valid = kept >= 0
-    zk = logits.gather(1, kept.clamp(min=0)).to(_dtype(logits)) / temperature
+    zk = logits.gather(1, kept.clamp(min=0)).to(compute_dtype(logits)) / temperature
     pk = torch.where(valid, torch.exp(zk - lse[:, None]), 0.0).nan_to_num(0.0)
     hit = ((kept == targets[:, None]) & valid).to(pk.dtype)
     # a target outside the kept set has logp = -inf and no gradient (the sampler never draws one)
@@ -78,13 +55,15 @@ def _kept_grad(logits: Tensor, targets: Tensor, kept: Tensor, lse: Tensor, g: Te
     return out.scatter_add_(1, kept.clamp(min=0), gk).to(logits.dtype)
 
 
+# the values are token_logprobs' own (logprob_stats); only the gradient is written here
+_EAGER = {"stats": logprob_stats, "dense_grad": _dense_grad, "kept_grad": _kept_grad}
 _compiled: dict[str, object] = {}
 
 
 def _fn(name: str, device: torch.device):
     """The elementwise helper ``name``, compiled on CUDA (once per process; eager if
     compiling fails, with a warning)."""
-    eager = globals()[name]
+    eager = _EAGER[name]
     if device.type != "cuda" or _compiled.get(name) is False:
         return eager
     if name not in _compiled:
@@ -94,7 +73,7 @@ def _fn(name: str, device: torch.device):
     def run(*args):
         try:
             return compiled(*args)
-        except Exception as e:  # noqa: BLE001 (any compiler failure: decode on, eagerly)
+        except Exception as e:  # noqa: BLE001 (any compiler failure: go on, eagerly)
             log.warning("torch.compile of %s failed, running it eagerly: %s", name, str(e)[:300])
             _compiled[name] = False
             return eager(*args)
@@ -107,10 +86,7 @@ class _HeadLogprobs(torch.autograd.Function):
     def forward(ctx, h, weight, bias, targets, kept, temperature):
         with torch.no_grad():
             logits = F.linear(h, weight, bias)
-            if kept is None:
-                logp, ent, lse = _fn("_dense_stats", h.device)(logits, targets, temperature)
-            else:
-                logp, ent, lse = _fn("_kept_stats", h.device)(logits, targets, kept, temperature)
+            logp, ent, lse = _fn("stats", h.device)(logits, targets, temperature, kept)
         ctx.save_for_backward(h, weight, bias, targets, kept, lse)
         ctx.temperature = temperature
         ctx.mark_non_differentiable(ent)
@@ -124,9 +100,9 @@ class _HeadLogprobs(torch.autograd.Function):
             logits = F.linear(h, weight, bias)
             g = g_logp.to(lse.dtype)
             if kept is None:
-                gz = _fn("_dense_grad", h.device)(logits, targets, lse, g, t)
+                gz = _fn("dense_grad", h.device)(logits, targets, lse, g, t)
             else:
-                gz = _fn("_kept_grad", h.device)(logits, targets, kept, lse, g, t)
+                gz = _fn("kept_grad", h.device)(logits, targets, kept, lse, g, t)
             del logits
             need = ctx.needs_input_grad
             gh = gz @ weight if need[0] else None

@@ -43,7 +43,7 @@ AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_sum_const")
 ADVANTAGE_SCALES = ("none", "group", "batch")
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
+def compute_dtype(t: Tensor) -> torch.dtype:
     """fp32, or fp64 where the input already is (the tests)."""
     return torch.promote_types(t.dtype, torch.float32)
 
@@ -52,7 +52,19 @@ def token_logprobs(
     logits: Tensor, targets: Tensor, temperature: float = 1.0, kept: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Log-probability [N] of ``targets`` [N] under softmax(``logits`` [N, V] / temperature),
-    and that distribution's entropy [N], in fp32 whatever the logits' dtype.
+    and that distribution's entropy [N], in fp32 whatever the logits' dtype
+    (:func:`logprob_stats` without the normaliser)."""
+    logp, entropy, _ = logprob_stats(logits, targets, temperature, kept)
+    return logp, entropy
+
+
+def logprob_stats(
+    logits: Tensor, targets: Tensor, temperature: float = 1.0, kept: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probability [N] of ``targets`` [N] under softmax(``logits`` [N, V] / temperature),
+    that distribution's entropy [N], and its log-normaliser (log-sum-exp) [N], in fp32
+    whatever the logits' dtype. The LM head's hand-written backward
+    (:mod:`distill.rl.head`) keeps the normaliser instead of the logits.
 
     ``kept`` [N, K] (distinct token ids, padded with -1) is the set the sampler's top-k/top-p
     truncation kept at each position: the distribution is then renormalised over it, from
@@ -61,7 +73,7 @@ def token_logprobs(
 
     The entropy is detached (a statistic): taking its gradient would keep another [N, V].
     """
-    dt = _compute_dtype(logits)
+    dt = compute_dtype(logits)
     t = targets[:, None].long()
     if kept is None:
         z = logits.to(dt)
@@ -73,7 +85,7 @@ def token_logprobs(
         with torch.no_grad():
             p = (z - lse[:, None]).exp_()
             entropy = torch.special.entr(p, out=p).sum(-1)  # entr(0) = 0 where a logit is -inf
-        return logp, entropy
+        return logp, entropy, lse
     valid = kept >= 0
     zk = logits.gather(1, kept.clamp(min=0).long()).to(dt) / temperature
     zk = zk.masked_fill(~valid, float("-inf"))
@@ -84,7 +96,7 @@ def token_logprobs(
     with torch.no_grad():
         # a row with no kept id (padding) has lse = -inf: entropy 0, not nan
         entropy = torch.special.entr((zk - lse[:, None]).exp()).sum(-1).nan_to_num(0.0)
-    return logp, entropy
+    return logp, entropy, lse
 
 
 def global_denominator(masks: list[Tensor], agg: str, max_len: int | None = None) -> float:
@@ -137,7 +149,7 @@ def grpo_loss(
         raise ValueError(f"unknown aggregation {agg!r}; expected one of {AGGREGATIONS}")
     if ref_logp is None and (isinstance(kl_coef, Tensor) or kl_coef != 0.0):
         raise ValueError("kl_coef is set but ref_logp is None")
-    dt = _compute_dtype(logp)
+    dt = compute_dtype(logp)
     m = mask.bool()
     n_tok = m.sum(-1)
     # padding is zeroed before exp, so neither inf nor nan reaches the backward pass
@@ -196,7 +208,7 @@ def group_advantages(
         raise ValueError(f"unknown scale {scale!r}; expected one of {ADVANTAGE_SCALES}")
     if group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    g = rewards.detach().to(_compute_dtype(rewards)).reshape(-1, group_size)
+    g = rewards.detach().to(compute_dtype(rewards)).reshape(-1, group_size)
     adv = g - g.mean(-1, keepdim=True)
     zero_var = (g == g[:, :1]).all(-1)
     if scale == "group":
