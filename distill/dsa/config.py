@@ -8,6 +8,11 @@ from transformers import LlamaConfig
 MODEL_TYPE = "distill_dsa"
 
 
+def is_dsa(model) -> bool:
+    """Whether ``model`` (any HF model) is a DSA student."""
+    return getattr(model.config, "model_type", None) == MODEL_TYPE
+
+
 class DSAConfig(LlamaConfig):
     """:class:`~transformers.LlamaConfig` plus the indexer's shape and ``index_top_k``.
 

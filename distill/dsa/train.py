@@ -34,14 +34,10 @@ from pathlib import Path
 
 import torch
 
-from distill.dsa.config import MODEL_TYPE
+from distill.dsa.config import is_dsa
 from distill.files import json_hash
 from distill.recipe.schema import DSATrainConfig, ModelArch, TrainConfig
 from distill.train.loss import Objective
-
-
-def is_dsa(model) -> bool:
-    return getattr(model.config, "model_type", None) == MODEL_TYPE
 
 
 def objective_class(model) -> type[Objective]:

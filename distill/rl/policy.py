@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from distill.dsa.config import MODEL_TYPE as DSA_MODEL_TYPE
+from distill.dsa.config import is_dsa
 from distill.rl.head import head_logprobs
 from distill.rl.loss import token_logprobs
 from distill.rl.rollout import Sample
@@ -148,8 +148,7 @@ class PolicyLogprobs(nn.Module):
         gives every real position exactly its row's keys (padding only ever follows them),
         and SDPA takes its causal flash kernel instead of a masked one. A DSA model builds
         its selection from the mask, and gets it."""
-        dsa = getattr(self.model.config, "model_type", None) == DSA_MODEL_TYPE
-        return mb.attention_mask if dsa else None
+        return mb.attention_mask if is_dsa(self.model) else None
 
 
 class _HeadChunk:

@@ -54,7 +54,7 @@ def train_rl(
     from accelerate.utils import set_seed
 
     from distill.backends.hf import HFBackend
-    from distill.dsa.train import is_dsa
+    from distill.dsa.config import is_dsa
     from distill.models import load_model, load_tokenizer
     from distill.train import checkpoint
     from distill.train.setup import end_training, make_accelerator, make_optimizer, set_cpu_threads
