@@ -5,8 +5,8 @@ The policy: a 2-layer model trained on the "repeat the word" domain of
 docs/adding-a-domain.md just long enough to copy most 3-letter words (77.5% greedy on
 200 held-out words, calibrated 2026-12-05; its errors are single letters miscopied).
 120 GRPO steps (64 prompts x 8, temperature 0.5, lr 3e-4, a pool of 400 prompts) then
-reach 86-87.5% on the same words (86.0%, 30 fixed and 13 broken, since the hand-written
-LM-head gradient changed the fp32 rounding). Seeds are fixed, so the run is the same each time on a
+reach 87.5% on the same words (2026-12-06; a first version of the hand-written LM-head
+gradient, rounding its fp32 sums otherwise, gave 86.0%: 30 fixed, 13 broken). Seeds are fixed, so the run is the same each time on a
 CPU. The gain is real but not robust to every setting: with a pool of 2,000 prompts the
 same run gave 77.5 -> 80.5% (23 fixed, 17 broken); see BENCHMARKS.md on RL at this size.
 """
