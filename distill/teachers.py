@@ -20,7 +20,14 @@ from distill.files import atomic_write_json, json_hash
 from distill.messages import Lineage, Trace, Verdict
 from distill.progress import console
 from distill.recipe.schema import Recipe, TeacherConfig
-from teachers.base import get_domain, short_prompt_at, shorten_prompt, trace_from_task
+from teachers.base import (
+    check_at,
+    get_domain,
+    oracle_messages,
+    short_prompt_at,
+    shorten_prompt,
+    trace_from_task,
+)
 
 TOKENIZER_RECORD = "_tokenizer.json"
 TEACHER_RECORD = "_teacher.json"
@@ -64,14 +71,16 @@ def tokenizer_dir(recipe: Recipe) -> Path:
 def _corpus_fingerprint(recipe: Recipe) -> str:
     domains = {d: recipe.domains[d].difficulty for d in recipe.active_domains()}
     versions = {d: get_domain(d).verifier_version for d in domains}
-    return _hash(
-        {
-            "seed": recipe.seed,
-            "tokenizer": recipe.tokenizer.model_dump(),
-            "domains": domains,
-            "v": versions,
-        }
-    )
+    data = {
+        "seed": recipe.seed,
+        "tokenizer": recipe.tokenizer.model_dump(),
+        "domains": domains,
+        "v": versions,
+    }
+    checks = {d: t.oracle_check_share for d, t in recipe.teachers.items() if t.oracle_check_share}
+    if checks:  # only when set: the corpora (and fingerprints) of other recipes stay as they were
+        data["checks"] = checks
+    return _hash(data)
 
 
 def build_tokenizer(recipe: Recipe, force: bool = False) -> Path:
@@ -94,8 +103,10 @@ def build_tokenizer(recipe: Recipe, force: bool = False) -> Path:
     for d in recipe.active_domains():
         dom = get_domain(d)
         n = recipe.tokenizer.corpus_tasks
+        share = recipe.teachers[d].oracle_check_share if d in recipe.teachers else 0.0
         for task in dom.tasks("train", n, recipe.seed, recipe.domains[d].difficulty):
-            texts.append(render_text(dom.oracle(task), task.tools))
+            msgs = oracle_messages(dom, task, check_at(task.id, share))
+            texts.append(render_text(msgs, task.tools))
     tok = train_tokenizer(texts, recipe.tokenizer.vocab_size, out)
     record = {"fingerprint": fp, "texts": len(texts), "vocab": len(tok)}
     _write_json(layout.run_dir(out, recipe.out) / TOKENIZER_RECORD, record)
@@ -105,12 +116,15 @@ def build_tokenizer(recipe: Recipe, force: bool = False) -> Path:
     return out
 
 
-def oracle_trace(domain: Any, task: Any, fingerprint: str, short_prompt: bool = False) -> Trace:
+def oracle_trace(
+    domain: Any, task: Any, fingerprint: str, short_prompt: bool = False, check: bool = False
+) -> Trace:
     """The oracle's conversation of ``task`` as a shard row (verdict: correct by
     construction, so the trainer can treat it like clean data). ``short_prompt`` leaves
     out the system messages and the tool list (``teachers.<d>.oracle_short_prompt_share``;
-    the cut is :func:`teachers.base.shorten_prompt`, the student's too)."""
-    conversation = {"messages": domain.oracle(task), "tools": task.tools}
+    the cut is :func:`teachers.base.shorten_prompt`, the student's too); ``check`` adds the
+    oracle's self-check (``teachers.<d>.oracle_check_share``)."""
+    conversation = {"messages": oracle_messages(domain, task, check), "tools": task.tools}
     if short_prompt:
         conversation = shorten_prompt(conversation)
     return trace_from_task(
@@ -152,7 +166,8 @@ def write_oracle_shards(recipe: Recipe, d: str, out: Path, fingerprint: str) -> 
         for i, task in enumerate(tasks):
             if f"{task.id}-oracle" not in done:
                 short = short_prompt_at(i, t.oracle_short_prompt_share)
-                writer.write([oracle_trace(dom, task, fingerprint, short_prompt=short)])
+                check = check_at(task.id, t.oracle_check_share)
+                writer.write([oracle_trace(dom, task, fingerprint, short, check)])
     return writer.committed_rows
 
 

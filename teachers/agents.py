@@ -280,11 +280,12 @@ class AgentsDomain:
             turns = task.reference["turns"]
             yield dataclasses.replace(task, tools=TOOLS, followups=turns[1:])
 
-    def oracle(self, task: Task) -> list[dict[str, Any]]:
+    def oracle(self, task: Task, check: bool = False) -> list[dict[str, Any]]:
         if "ops" not in task.meta:
             raise UserError(f"agents: task {task.id} has no oracle (not made by tasks())")
         messages = [dict(m) for m in task.messages]
-        play(self.environment(task), task.meta["ops"], messages, task.reference["turns"])
+        env = self.environment(task)
+        play(env, task.meta["ops"], messages, task.reference["turns"], check=check)
         return messages
 
     def verify(self, task: Task, messages: list[dict[str, Any]]) -> Verdict:

@@ -22,13 +22,18 @@ NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi",
 class Script:
     """Writes an oracle trajectory while really executing its calls against ``env``."""
 
-    def __init__(self, env: BankEnv, messages: list[dict[str, Any]]):
+    def __init__(self, env: BankEnv, messages: list[dict[str, Any]], check: bool = False):
         self.env, self.messages, self.n_calls = env, messages, 0
+        self.check = check  # read every account the turn touched again before answering
+        self.touched: list[str] = []  # accounts named in this turn's calls, in order
 
     def call(self, reasoning: str, *calls: tuple[str, dict[str, Any]]) -> list[str]:
         """One assistant message with ``calls``, then their tool results."""
         made = []
         for name, args in calls:
+            for key in ("account", "from", "to"):
+                if args.get(key) and args[key] not in self.touched:
+                    self.touched.append(args[key])
             self.n_calls += 1
             made.append(tool_call(f"call_{self.n_calls}", name, json.dumps(args)))
         self.messages.append(
@@ -41,6 +46,10 @@ class Script:
         return results
 
     def answer(self, reasoning: str, value: Any) -> str:
+        if self.check and self.touched:
+            names = self.touched
+            self.call(f"Check {' and '.join(names)} again.", *[_look(a) for a in names])
+        self.touched = []
         self.messages.append(
             {"role": "assistant", "reasoning_content": reasoning, "content": f"Answer: {value}"}
         )
@@ -216,10 +225,13 @@ def _choose(rng: random.Random, level: Level, budget: int, acc: dict, prev: dict
     return None
 
 
-def play(env: BankEnv, specs: list[dict], messages: list[dict], turns: list[str]) -> list[str]:
+def play(
+    env: BankEnv, specs: list[dict], messages: list[dict], turns: list[str], check: bool = False
+) -> list[str]:
     """Run ``specs`` as the oracle would; appends to ``messages``; returns the answers.
-    ``messages`` already holds the first user turn."""
-    script, answers = Script(env, messages), []
+    ``messages`` already holds the first user turn. ``check``: re-read the accounts of each
+    turn before its answer (the oracle's redundant self-check)."""
+    script, answers = Script(env, messages, check), []
     for i, spec in enumerate(specs):
         if i > 0:
             messages.append({"role": "user", "content": turns[i]})

@@ -76,9 +76,12 @@ class Domain(Protocol):
         """``n`` deterministic tasks of ``split`` ("train" or "eval")."""
         ...
 
-    def oracle(self, task: Task) -> list[dict[str, Any]]:
+    def oracle(self, task: Task, check: bool = False) -> list[dict[str, Any]]:
         """A correct trace: the full conversation (prompt included), reasoning in
-        ``reasoning_content`` and the final answer in ``content`` of assistant turns."""
+        ``reasoning_content`` and the final answer in ``content`` of assistant turns.
+        ``check``: the same trace with a redundant self-check before each answer (work
+        redone, a test run in the head, balances read again): correct, and longer than it
+        needs to be (``teachers.<d>.oracle_check_share``; docs/teachers.md)."""
         ...
 
     def verify(self, task: Task, messages: list[dict[str, Any]]) -> Verdict:
@@ -203,6 +206,33 @@ def trace_from_task(task: Task, id_: str, messages: list[dict[str, Any]], **fiel
         "reference": task.reference,
     }
     return Trace(id=id_, messages=messages, **(carried | fields))
+
+
+def oracle_messages(domain: Domain, task: Task, check: bool = False) -> list[dict[str, Any]]:
+    """``domain.oracle(task)``, with its self-check when ``check``; a domain whose oracle
+    takes no ``check`` (written before it existed) is asked only for the plain trace, and
+    is refused one with a check by name."""
+    if not check:
+        return domain.oracle(task)
+    try:
+        return domain.oracle(task, check=True)
+    except TypeError as e:
+        if "check" not in str(e):
+            raise
+        raise UserError(
+            f"teachers.{domain.name}.oracle_check_share: the {domain.name} domain's oracle "
+            "takes no 'check' argument (it cannot write self-checked traces); set it to 0"
+        ) from None
+
+
+def check_at(task_id: str, share: float) -> bool:
+    """Whether the oracle trace of ``task_id`` gets a self-check
+    (``teachers.<d>.oracle_check_share``): a hash of the id, so the choice is the same on
+    every run and independent of the short-prompt spread."""
+    if share <= 0:
+        return False
+    h = int(hashlib.sha256(f"check:{task_id}".encode()).hexdigest()[:8], 16)
+    return h < share * 2**32
 
 
 def short_prompt_at(i: int, share: float) -> bool:

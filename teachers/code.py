@@ -160,11 +160,15 @@ class CodeDomain:
     def tasks(self, split: str, n: int, seed: int, difficulty: int = 1) -> Iterator[Task]:
         return generate_tasks(self.name, code_tasks.make, split, n, seed, difficulty)
 
-    def oracle(self, task: Task) -> list[dict[str, Any]]:
+    def oracle(self, task: Task, check: bool = False) -> list[dict[str, Any]]:
         solution = task.meta.get("solution")
         if not solution:
             raise UserError(f"{task.id}: the record has no reference solution for an oracle")
         plan = task.meta.get("plan") or f"Write `{task.reference['entry_point']}` as asked."
+        asserts = [t for t in task.reference.get("tests") or [] if t.startswith("assert ")]
+        if check and asserts:  # the two shortest tests, run in the head
+            runs = [a.removeprefix("assert ") for a in sorted(asserts, key=len)[:2]]
+            plan += f"\nCheck: {'; '.join(runs)}. Holds."
         answer = {"role": "assistant", "reasoning_content": plan, "content": fenced(solution)}
         return [*task.messages, answer]
 

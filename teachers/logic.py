@@ -160,12 +160,15 @@ class LogicDomain:
     def tasks(self, split: str, n: int, seed: int, difficulty: int = 1) -> Iterator[Task]:
         return generate_tasks(self.name, lp.make, split, n, seed, difficulty)
 
-    def oracle(self, task: Task) -> list[dict[str, Any]]:
+    def oracle(self, task: Task, check: bool = False) -> list[dict[str, Any]]:
         steps = task.meta.get("steps") or []
         answer = task.meta.get("answer") or task.reference.get("answer")
+        reasoning = "\n".join(steps)
+        if check and steps:  # the deduction again, on one line
+            reasoning += f"\nCheck: {'; '.join(steps)}. Same answer."
         turn = {
             "role": "assistant",
-            "reasoning_content": "\n".join(steps),
+            "reasoning_content": reasoning,
             "content": f"Answer: {answer}",
         }
         return [*task.messages, turn]

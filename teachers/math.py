@@ -201,9 +201,11 @@ class MathDomain:
     def tasks(self, split: str, n: int, seed: int, difficulty: int = 1) -> Iterator[Task]:
         return generate_tasks(self.name, math_tasks.make, split, n, seed, difficulty)
 
-    def oracle(self, task: Task) -> list[dict[str, Any]]:
+    def oracle(self, task: Task, check: bool = False) -> list[dict[str, Any]]:
         steps = task.meta.get("steps")
         reasoning = "\n".join(steps) if steps else task.meta.get("solution") or ""
+        if check and steps:  # the work again, on one line
+            reasoning += f"\nCheck: {'; '.join(steps)}. Same answer."
         answer = {"role": "assistant", "reasoning_content": reasoning}
         answer["content"] = f"\\boxed{{{task.reference['answer']}}}"
         return [*task.messages, answer]

@@ -113,6 +113,47 @@ def test_short_prompt_share_cuts_system_and_tools_from_that_share_of_the_oracle(
     assert short == 6  # which rows: tests/test_packing.py checks short_prompt_at
 
 
+@pytest.mark.parametrize("domain", ["math", "code", "logic", "agents"])
+def test_the_oracle_self_check_is_correct_longer_and_only_where_asked(domain):
+    from teachers.base import check_at
+
+    dom = get_domain(domain)
+    for task in dom.tasks("train", 40, 0, 3):
+        plain, checked = dom.oracle(task), dom.oracle(task, check=True)
+        assert dom.verify(task, checked).passed
+        said = [m for m in checked if m["role"] == "assistant"]
+        assert len(str(checked)) > len(str(plain)) and "Check" in str(said)
+        assert dom.oracle(task, check=False) == plain  # the default trace is unchanged
+    ids = [f"t{i}" for i in range(4000)]
+    share = sum(check_at(i, 0.6) for i in ids) / len(ids)
+    assert abs(share - 0.6) < 0.03 and [check_at(i, 0.6) for i in ids[:50]] == [
+        check_at(i, 0.6) for i in ids[:50]
+    ]
+    assert not any(check_at(i, 0.0) for i in ids) and all(check_at(i, 1.0) for i in ids)
+
+
+def test_oracle_check_share_writes_that_share_of_checked_traces(tmp_path):
+    from distill.shards import iter_traces
+    from teachers.base import check_at
+
+    r = micro_recipe(tmp_path, domains=("logic",), oracle_tasks=60, oracle_check_share=0.5)
+    d = tmp_path / "oracle"
+    assert bootstrap.write_oracle_shards(r, "logic", d, "fp1") == 60
+    dom = get_domain("logic")
+    tasks = {t.id: t for t in dom.tasks("train", 60, 0, 1)}
+    checked = 0
+    for tr in iter_traces(d):
+        has = "\nCheck: " in tr.messages[-1]["reasoning_content"]
+        assert (
+            has == check_at(tr.task_id, 0.5) and dom.verify(tasks[tr.task_id], tr.messages).passed
+        )
+        checked += has
+    assert 15 <= checked <= 45
+    # the tokenizer's corpus follows the share, and its fingerprint changes with it
+    plain = micro_recipe(tmp_path, domains=("logic",), oracle_tasks=60)
+    assert bootstrap._corpus_fingerprint(r) != bootstrap._corpus_fingerprint(plain)
+
+
 def test_teacher_and_student_short_prompts_are_the_same_cut(tmp_path):
     """oracle_short_prompt_share cuts the oracle shards where the student's
     short_prompt_share cuts its tokenized rows (both call teachers.base.shorten_prompt):
@@ -275,3 +316,17 @@ def test_teachers_train_side_by_side_on_a_gpu(tmp_path):
         report = json.loads((out / "train_report.json").read_text())
         assert report["mfu"] is not None and report["peak_memory_bytes"] > 0  # a CUDA run
         assert (out / "train.log").stat().st_size > 0
+
+
+def test_a_plugin_oracle_without_check_is_asked_plainly_and_refused_a_check_by_name():
+    from teachers.base import oracle_messages
+
+    class Plain:
+        name = "plain"
+
+        def oracle(self, task):
+            return [{"role": "user", "content": task}]
+
+    assert oracle_messages(Plain(), "hi") == [{"role": "user", "content": "hi"}]
+    with pytest.raises(UserError, match=r"^teachers\.plain\.oracle_check_share: .*set it to 0"):
+        oracle_messages(Plain(), "hi", check=True)

@@ -12,9 +12,9 @@ import torch
 from gen_fixtures import tiny_model_dir
 
 from distill.layout import run_dir
-from distill.recipe.rl import RLConfig
-from distill.rl.rewards import overlong_penalty, shaped_reward
-from distill.rl.rollout import step_prompts
+from distill.recipe.rl import RewardConfig, RLConfig
+from distill.rl.rewards import group_length_rewards, overlong_penalty, shaped_reward
+from distill.rl.rollout import Outcome, _add_length_rewards, step_prompts
 from distill.rl.trainer import LOG, REPORT, train_rl
 from teachers.base import get_domain
 
@@ -109,8 +109,6 @@ def test_step_prompts_follow_weights_and_are_deterministic():
 
 
 def test_reward_shaping():
-    from distill.recipe.rl import RewardConfig
-
     assert overlong_penalty(80, 100, 20, 1.0) == 0.0
     assert overlong_penalty(90, 100, 20, 1.0) == pytest.approx(0.5)
     assert overlong_penalty(130, 100, 20, 1.0) == 1.0
@@ -120,6 +118,35 @@ def test_reward_shaping():
     assert shaped_reward(0.0, False, 20, 100, False, eff).value == 0.0  # no pay for brevity
     cut = shaped_reward(1.0, True, 100, 100, True, RewardConfig(truncated="mask"))
     assert not cut.loss and shaped_reward(1.0, True, 100, 100, True, eff).value == 0.0
+
+
+def test_group_length_reward_is_kimis_and_never_pays_a_wrong_answer_for_brevity():
+    # λ = 0.5 − (len − min)/(max − min): 10 → 0.5, 20 → 0, 30 → −0.5, 15 → 0.25
+    got = group_length_rewards([10, 20, 30, 15], [True, True, True, False], 0.4)
+    assert got == pytest.approx([0.2, 0.0, -0.2, 0.0])  # the short wrong one gets min(0, λ)=0
+    assert group_length_rewards([10, 30], [False, False], 1.0) == pytest.approx([0.0, -0.5])
+    assert group_length_rewards([12, 12, 12], [True] * 3, 1.0) == [0.0] * 3  # no spread
+    assert group_length_rewards([10, 30], [True, True], 0.0) == [0.0, 0.0]  # off
+
+
+def test_length_rewards_are_added_per_group_and_spare_zeroed_truncations():
+    def outcome(tokens, passed, truncated=False):
+        return Outcome("math", passed, float(passed), tokens, truncated, True)
+
+    two_groups = [outcome(10, True), outcome(30, True), outcome(50, False, True), outcome(5, True),
+                  outcome(40, True), outcome(40, True)]  # fmt: skip
+    cfg = RewardConfig(length_group=1.0)
+    _add_length_rewards(two_groups, 0, 3, cfg)
+    _add_length_rewards(two_groups, 3, 3, cfg)
+    rewards = [o.reward for o in two_groups]
+    # group 1: lengths 10..50; the truncated one keeps its 0 (truncated: zero)
+    assert rewards[:3] == pytest.approx([1.5, 1.0, 0.0])
+    assert rewards[3:] == pytest.approx([1.5, 0.5, 0.5])  # group 2 by its own min and max
+    # the advantage it makes: the short correct answer above the long one by the weight
+    mask = RewardConfig(length_group=1.0, truncated="mask")
+    cut = [outcome(10, True), outcome(50, False, True)]
+    _add_length_rewards(cut, 0, 2, mask)
+    assert [o.reward for o in cut] == pytest.approx([1.5, -0.5])
 
 
 def test_rl_stage_on_two_cpu_ranks_equals_one(tmp_path, monkeypatch):

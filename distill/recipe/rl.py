@@ -32,6 +32,13 @@ class RewardConfig(Section):
         description="Token efficiency: a passing answer loses efficiency × its tokens / the "
         "length limit, so within a group shorter correct answers get the larger advantage.",
     )
+    length_group: float = Field(
+        0.0,
+        ge=0,
+        description="Token efficiency relative to the group (Kimi k1.5's length reward): "
+        "each completion gets length_group × (0.5 − (len − min) / (max − min)) over its "
+        "group's lengths, a wrong one only when that is negative; 0 = off.",
+    )
     truncated: Literal["mask", "zero"] = Field(
         "zero",
         description="Completions cut at the length limit: zero = reward 0 (they still count "

@@ -339,6 +339,15 @@ class TeacherConfig(Section):
         "from a short prompt first; the others keep the whole prompt, as generate and eval "
         "give it.",
     )
+    oracle_check_share: Share = Field(
+        0.0,
+        description="Share of the oracle traces that redo their work as a self-check before "
+        "answering (math and logic restate their steps, code runs two tests in its head, "
+        "agents read the accounts they touched again): correct, and longer than needed, as "
+        "real teachers' traces are. A teacher trained on them has a habit that token "
+        "efficiency (the filter's shortest-correct selection, the RL length rewards) can "
+        "remove; the report's tokens ratio says whether it did. 0 = the shortest traces.",
+    )
     train: TrainConfig = Field(
         default_factory=TrainConfig, description="Training of the bootstrap teacher."
     )

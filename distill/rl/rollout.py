@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from distill.backends import Sampling, mix_seed
 from distill.recipe.rl import RewardConfig, RLConfig
-from distill.rl.rewards import shaped_reward
+from distill.rl.rewards import group_length_rewards, shaped_reward
 from distill.rollout import Episode, run_episodes
 from distill.verify import verify_many
 from teachers.base import Task, get_domain
@@ -118,7 +118,22 @@ def rollout_step(
             slot = idx[k // cfg.num_generations] * cfg.num_generations + k % cfg.num_generations
             outcomes[slot] = _outcome(e, v, d, new_tokens, turns, shaping)
             samples += _samples(e, d, slot, outcomes[slot].loss)
+        if shaping.length_group:
+            for i in idx:
+                _add_length_rewards(outcomes, i * cfg.num_generations, cfg.num_generations, shaping)
     return samples, outcomes, times  # type: ignore[return-value]
+
+
+def _add_length_rewards(outcomes: list, start: int, g: int, shaping: RewardConfig) -> None:
+    """The group-relative length reward of group ``outcomes[start:start + g]``, added in
+    place; completions scored 0 for truncation (``truncated: zero``) keep their 0."""
+    group = outcomes[start : start + g]
+    bonus = group_length_rewards(
+        [o.tokens for o in group], [o.passed for o in group], shaping.length_group
+    )
+    for o, b in zip(group, bonus, strict=True):
+        if not (o.truncated and shaping.truncated == "zero"):
+            o.reward += b
 
 
 def _outcome(e: Episode, v, domain: str, new_tokens: int, turns: int, shaping: RewardConfig):
