@@ -165,10 +165,10 @@ class CodeDomain:
         if not solution:
             raise UserError(f"{task.id}: the record has no reference solution for an oracle")
         plan = task.meta.get("plan") or f"Write `{task.reference['entry_point']}` as asked."
-        asserts = [t for t in task.reference.get("tests") or [] if t.startswith("assert ")]
-        if check and asserts:  # the two shortest tests, run in the head
-            runs = [a.removeprefix("assert ") for a in sorted(asserts, key=len)[:2]]
-            plan += f"\nCheck: {'; '.join(runs)}. Holds."
+        if check:  # the plan again, against the code (a test run in the head would be a
+            # computation a tiny teacher fails at: the code teacher of the demo fell from
+            # 75% to 32% of its generate tasks with one)
+            plan += f"\nCheck: {plan} The code does that."
         answer = {"role": "assistant", "reasoning_content": plan, "content": fenced(solution)}
         return [*task.messages, answer]
 
