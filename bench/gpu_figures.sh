@@ -21,9 +21,9 @@ step tests-gpu 50 python3 -m pytest -q tests/test_rl_head.py tests/test_sampler_
 step rl-head 30 python3 bench/rl_head.py
 step rl-trl 170 python3 bench/rl.py --sides trl --out "$OUT/rl-trl.json"
 step rl-ours-ckpt 170 python3 bench/rl.py --sides ours --checkpointing --profile --out "$OUT/rl-ours-ckpt.json"
-if [ -z "${QUICK:-}" ]; then  # QUICK=1: the #14 target's figures alone (<= 420 s)
+step dsa 70 python3 bench/dsa.py --preset h100 --out "$OUT/dsa.json"
+if [ -z "${QUICK:-}" ]; then  # QUICK=1: the #14 target's figures and #19's layer (<= 490 s)
     step rl-ours-ckpt-micro32 70 python3 bench/rl.py --sides ours --checkpointing --micro 32 --out "$OUT/rl-ours-ckpt32.json"
     step rl-ours 70 python3 bench/rl.py --sides ours --out "$OUT/rl-ours.json"
-    step dsa 70 python3 bench/dsa.py --preset h100 --out "$OUT/dsa.json"
 fi
 grep -h '"step_s_median"\|step_rate\|peak' "$OUT"/rl-*.json | head -20
