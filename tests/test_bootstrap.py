@@ -93,16 +93,22 @@ def test_oracle_shards_load_with_datasets_and_verify(tmp_path):
     assert bootstrap.write_oracle_shards(r, "logic", d, "fp1") == 24
 
 
-def test_short_prompt_share_cuts_system_and_tools_from_that_share_of_the_oracle(tmp_path):
+def oracle_rows(tmp_path, domain: str, n: int = 24, **teacher):
+    """The oracle shard rows of ``n`` tasks of a micro recipe, and those tasks by id."""
     from distill.shards import iter_traces
 
-    r = micro_recipe(tmp_path, domains=("agents",), oracle_short_prompt_share=0.25)
+    r = micro_recipe(tmp_path, domains=(domain,), oracle_tasks=n, **teacher)
     d = tmp_path / "oracle"
-    assert bootstrap.write_oracle_shards(r, "agents", d, "fp1") == 24
+    assert bootstrap.write_oracle_shards(r, domain, d, "fp1") == n
+    tasks = {t.id: t for t in get_domain(domain).tasks("train", n, 0, 1)}
+    return list(iter_traces(d)), tasks
+
+
+def test_short_prompt_share_cuts_system_and_tools_from_that_share_of_the_oracle(tmp_path):
+    rows, tasks = oracle_rows(tmp_path, "agents", oracle_short_prompt_share=0.25)
     dom = get_domain("agents")
-    tasks = {t.id: t for t in dom.tasks("train", 24, 0, 1)}
     short = 0
-    for tr in iter_traces(d):
+    for tr in rows:
         roles = [m["role"] for m in tr.messages]
         if tr.tools is None:  # short: the user turn first, the rest as the oracle wrote it
             short += 1
@@ -133,16 +139,13 @@ def test_the_oracle_self_check_is_correct_longer_and_only_where_asked(domain):
 
 
 def test_oracle_check_share_writes_that_share_of_checked_traces(tmp_path):
-    from distill.shards import iter_traces
     from teachers.base import check_at
 
+    rows, tasks = oracle_rows(tmp_path, "logic", 60, oracle_check_share=0.5)
     r = micro_recipe(tmp_path, domains=("logic",), oracle_tasks=60, oracle_check_share=0.5)
-    d = tmp_path / "oracle"
-    assert bootstrap.write_oracle_shards(r, "logic", d, "fp1") == 60
     dom = get_domain("logic")
-    tasks = {t.id: t for t in dom.tasks("train", 60, 0, 1)}
     checked = 0
-    for tr in iter_traces(d):
+    for tr in rows:
         has = "\nCheck: " in tr.messages[-1]["reasoning_content"]
         assert (
             has == check_at(tr.task_id, 0.5) and dom.verify(tasks[tr.task_id], tr.messages).passed
