@@ -92,7 +92,7 @@ def run_ours(a, model_dir: Path) -> dict:
     from distill.rl.trainer import _train_config
 
     opt, sched = make_optimizer(model, _train_config(cfg), cfg.steps, fused=gpu)
-    policy = PolicyLogprobs(model, checkpointing=a.checkpointing)
+    policy = PolicyLogprobs(model, checkpointing=a.checkpointing, compile_layers=a.compile)
     policy, opt, sched = acc.prepare(policy, opt, sched)
     backend = HFBackend.from_model(model, tok, batch_size=a.prompts * a.group)
     convs = conversations(a.prompts, a.prompt_len, tok)
@@ -242,6 +242,9 @@ def main() -> None:
         help="ours without rl.release_decoder_memory (the KV cache stays through the update)",
     )  # fmt: skip
     p.add_argument("--profile", action="store_true", help="ours: profile one more update")
+    p.add_argument(
+        "--compile", action="store_true", help="ours with rl.torch_compile (decoder layers)"
+    )
     p.add_argument("--sides", default="trl,ours")
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)

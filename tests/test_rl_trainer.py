@@ -293,3 +293,57 @@ def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_gradients(
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
     assert run(tmp_path / "ckpt", policy_dir, gradient_checkpointing=True)["steps"] == 2
+
+
+@pytest.mark.slow
+def test_compiled_decoder_layers_give_the_eager_logprobs_and_gradients(policy_dir):
+    """rl.torch_compile (the decoder layers compiled, as train.torch_compile does), with and
+    without checkpointing: the policy's log-probabilities and gradients equal eager ones
+    on micro-batches of two shapes."""
+    from distill.models import load_model
+    from distill.rl.policy import PolicyLogprobs, make_micro_batch
+    from distill.rl.rollout import Sample
+
+    g = torch.Generator().manual_seed(1)
+
+    def batch(n):
+        return make_micro_batch(
+            [Sample(torch.randint(3, 60, (5 + i,), generator=g).tolist(),
+                    torch.randint(3, 60, (4 + i,), generator=g).tolist(), [0.0] * (4 + i),
+                    None, "math", i, advantage=1.0 - i) for i in range(n)],
+            0, torch.device("cpu"),
+        )  # fmt: skip
+
+    batches = [batch(3), batch(2)]
+    kept = {}
+    for ckpt in (False, True):
+        out = {}
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            model = load_model(policy_dir, dtype=torch.float32)
+            policy = PolicyLogprobs(model, checkpointing=ckpt, compile_layers=compiled)
+            logps, saved = [], []
+            for mb in batches:
+                with torch.autograd.graph.saved_tensors_hooks(
+                    lambda t, s=saved: s.append(t.numel()) or t, lambda t: t
+                ):
+                    logp, _ = policy(mb, 0.7)
+                (logp * mb.mask).sum().backward()
+                logps.append(logp.detach())
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            out[compiled] = logps, grads
+            kept[ckpt, compiled] = sum(saved)  # what the forward keeps for backward
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            assert (graphs > 0) is compiled  # the layers really ran compiled (or not at all)
+            assert not torch._dynamo.utils.counters["graph_break"]  # whole layers, no breaks
+        for a, b in zip(out[False][0], out[True][0], strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        assert out[False][1].keys() == out[True][1].keys()
+        for n in out[False][1]:
+            torch.testing.assert_close(
+                out[True][1][n], out[False][1][n], rtol=1e-3, atol=1e-5, msg=n
+            )
+    # checkpointed layers keep their inputs only, compiled or not
+    assert kept[True, True] < 0.6 * kept[False, True]
+    assert kept[True, False] < 0.6 * kept[False, False]

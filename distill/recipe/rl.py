@@ -151,6 +151,13 @@ class RLConfig(Section):
         "memory per micro-batch for one more forward (TRL's GRPO default is on).",
         json_schema_extra=RUN_ONLY,
     )
+    torch_compile: bool = Field(
+        False,
+        description="torch.compile each decoder layer for the update's forward and backward "
+        "(as train.torch_compile; GPU only: decoding there has its own compiled code). The "
+        "first update pays the compile (tens of seconds): for long runs.",
+        json_schema_extra=RUN_ONLY,
+    )
     release_decoder_memory: bool = Field(
         True,
         description="Free the GPU decoder's KV cache and CUDA graphs before each update, so "

@@ -21,6 +21,7 @@ from distill.dsa.config import is_dsa
 from distill.rl.head import head_logprobs
 from distill.rl.loss import token_logprobs
 from distill.rl.rollout import Sample
+from distill.train.setup import compile_decoder_layers
 
 HEAD_CHUNK = 2048  # completion tokens per LM-head chunk
 
@@ -90,14 +91,23 @@ def make_micro_batch(samples: list[Sample], pad_id: int, device: torch.device) -
 class PolicyLogprobs(nn.Module):
     """``forward(mb, temperature)`` → (logp [S, Tc], entropy [S, Tc]) of the sampled tokens."""
 
-    def __init__(self, model: nn.Module, checkpointing: bool = False, fused_head: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        checkpointing: bool = False,
+        fused_head: bool = True,
+        compile_layers: bool = False,
+    ):
         super().__init__()
         self.model = model
-        self.checkpointing = checkpointing
         # the hand-written head reads the head's weight directly; FSDP, which gathers a
         # sharded weight in the head module's own hooks, takes the autograd path (False)
         self.fused_head = fused_head
-        if checkpointing:
+        # compiled layers checkpoint themselves (distill.train.setup.compile_decoder_layers);
+        # otherwise transformers' checkpointing, which runs in training mode only
+        compiled = compile_layers and compile_decoder_layers(model, checkpointing)
+        self.checkpointing = checkpointing and not compiled
+        if self.checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )

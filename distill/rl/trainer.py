@@ -82,7 +82,11 @@ def train_rl(
         ref = PolicyLogprobs(load_model(init, dtype=dtype).to(acc.device).eval())
         ref.requires_grad_(False)
     policy = PolicyLogprobs(
-        model, checkpointing=cfg.gradient_checkpointing, fused_head=not _is_fsdp(acc)
+        model,
+        checkpointing=cfg.gradient_checkpointing,
+        fused_head=not _is_fsdp(acc),
+        # on CPU, HF generate decodes through these layers: compiled, it would recompile
+        compile_layers=cfg.torch_compile and gpu,
     )
     opt, sched = make_optimizer(model, tcfg, cfg.steps * cfg.steps_per_generation, fused=gpu)
     policy, opt, sched = acc.prepare(policy, opt, sched)

@@ -83,22 +83,57 @@ def compile_model(objective: torch.nn.Module) -> torch.nn.Module:
     30 ms a step on the H200 benchmark); the loop around them stays eager, so the loss's
     chunk loop and the varlen attention (which changes shape every batch) cause no
     recompiles. A model without transformers' decoder layers is compiled whole."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in objective.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
+    if not compile_decoder_layers(objective):
         return torch.compile(objective)
-    limit = max(8, 2 * len(layers))  # room for one graph per layer if guards tell them apart
-    for name in ("cache_size_limit", "recompile_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
-    for layer in layers:
-        layer.compile()
     from distill.train.loss import ce_and_grad_pointwise
 
     # dynamic: a batch's last chunk is shorter (automatic dynamic shapes measured the same)
     objective.ce_fn = torch.compile(ce_and_grad_pointwise, dynamic=True)
     return objective
+
+
+def compile_decoder_layers(module: torch.nn.Module, checkpointing: bool = False) -> bool:
+    """torch.compile every transformers decoder layer in ``module`` (regional compilation:
+    the layers share one graph, compiled once). False when it has none (not a
+    transformers model).
+
+    ``checkpointing``: each layer's compiled forward also runs under activation
+    checkpointing while gradients are on (its activations recomputed in backward), which
+    replaces transformers' own: theirs checkpoints inside the layer's forward, where
+    dynamo meets the checkpoint and breaks the graph (an "unsafe side effect"), so the
+    layer would run uncompiled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        return False
+    limit = max(8, 2 * len(layers))  # room for one graph per layer if guards tell them apart
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
+    for layer in layers:
+        if checkpointing:
+            layer.forward = _CheckpointedForward(layer)  # an instance attribute: the call uses it
+        else:
+            layer.compile()
+    return True
+
+
+class _CheckpointedForward:
+    """A layer's own forward (not transformers' checkpointing wrapper), compiled, and
+    checkpointed outside the compiled region while gradients are on."""
+
+    def __init__(self, layer: torch.nn.Module):
+        fn = type(layer).forward
+        fn = getattr(fn, "__wrapped__", fn)  # transformers wraps forward for its checkpointing
+        self.compiled = torch.compile(fn.__get__(layer))
+
+    def __call__(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.compiled(*args, **kwargs)
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.compiled, *args, use_reentrant=False, **kwargs)
 
 
 class LRFactor:
