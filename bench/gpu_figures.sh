@@ -22,7 +22,7 @@ step tests-gpu 50 python3 -m pytest -q tests/test_rl_head.py tests/test_sampler_
 step rl-head 30 python3 bench/rl_head.py
 step rl-trl 150 python3 bench/rl.py --sides trl --out "$OUT/rl-trl.json"
 step rl-ours-ckpt-compile 170 python3 bench/rl.py --sides ours --checkpointing --compile --profile --out "$OUT/rl-ours-ckpt-compile.json"
-step rl-ours-ckpt 120 python3 bench/rl.py --sides ours --checkpointing --out "$OUT/rl-ours-ckpt.json"
+step rl-ours-ckpt-compile-rows256 120 python3 bench/rl.py --sides ours --checkpointing --compile --decode-rows 256 --out "$OUT/rl-ours-ckpt-compile-rows256.json"
 if [ -z "${QUICK:-}" ]; then  # QUICK=1: the #14 target's figures alone (<= 530 s)
     step dsa 70 python3 bench/dsa.py --preset h100 --out "$OUT/dsa.json"
     step rl-ours-ckpt-micro32 70 python3 bench/rl.py --sides ours --checkpointing --compile --micro 32 --out "$OUT/rl-ours-ckpt32.json"

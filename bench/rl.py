@@ -94,7 +94,8 @@ def run_ours(a, model_dir: Path) -> dict:
     opt, sched = make_optimizer(model, _train_config(cfg), cfg.steps, fused=gpu)
     policy = PolicyLogprobs(model, checkpointing=a.checkpointing, compile_layers=a.compile)
     policy, opt, sched = acc.prepare(policy, opt, sched)
-    backend = HFBackend.from_model(model, tok, batch_size=a.prompts * a.group)
+    rows = a.prompts * a.group
+    backend = HFBackend.from_model(model, tok, batch_size=min(rows, a.decode_rows or rows))
     convs = conversations(a.prompts, a.prompt_len, tok)
     doms = {"bench": RLDomainConfig()}
     rng = random.Random(0)
@@ -244,6 +245,9 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="ours: profile one more update")
     p.add_argument(
         "--compile", action="store_true", help="ours with rl.torch_compile (decoder layers)"
+    )
+    p.add_argument(
+        "--decode-rows", type=int, default=0, help="ours with rl.decode_rows (0: all rows at once)"
     )
     p.add_argument("--sides", default="trl,ours")
     p.add_argument("--side", help=argparse.SUPPRESS)

@@ -347,3 +347,13 @@ def test_compiled_decoder_layers_give_the_eager_logprobs_and_gradients(policy_di
     # checkpointed layers keep their inputs only, compiled or not
     assert kept[True, True] < 0.6 * kept[False, True]
     assert kept[True, False] < 0.6 * kept[False, False]
+
+
+def test_decode_rows_caps_the_gpu_decode_batch():
+    from distill.rl.trainer import _decode_batch
+
+    cfg = RLConfig(prompts_per_step=64, num_generations=8)
+    assert _decode_batch(cfg, gpu=True) == 512  # a step's rollouts at once
+    assert _decode_batch(cfg.model_copy(update={"decode_rows": 256}), gpu=True) == 256
+    assert _decode_batch(cfg.model_copy(update={"decode_rows": 4096}), gpu=True) == 512
+    assert _decode_batch(cfg.model_copy(update={"decode_rows": 256}), gpu=False) == 64

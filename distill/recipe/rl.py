@@ -121,6 +121,16 @@ class RLConfig(Section):
     micro_batch_seqs: int = Field(
         16, ge=1, description="Sequences per forward/backward on one device."
     )
+    decode_rows: int | None = Field(
+        None,
+        ge=1,
+        description="Rollouts decoded at once on a GPU; null = all of a step's (on CPU: 64). "
+        "The decoder's KV cache is sized for them and is most of a rollout's memory (4.5 "
+        "GB for 512 rows of 712 positions on a 0.5B Qwen2): fewer rows, less peak memory; a "
+        "decode step costs about the same for 256 rows as for 512, so each batch is nearly "
+        "as fast.",
+        json_schema_extra=RUN_ONLY,
+    )
     epsilon: float = Field(0.2, ge=0, lt=1, description="ε_lo: ratio clipped below 1 − ε_lo.")
     epsilon_high: float = Field(
         0.28, ge=0, description="ε_hi: ratio clipped above 1 + ε_hi (DAPO clip-higher)."

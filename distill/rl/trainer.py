@@ -359,8 +359,10 @@ def _bar_info(row: dict[str, Any]) -> str:
 
 def _decode_batch(cfg: RLConfig, gpu: bool) -> int:
     """Rows decoded together: every rollout of a step at once on a GPU (a decode step costs
-    about the same for 1 row or 512); 64 on CPU, where cost grows with the rows."""
-    return cfg.prompts_per_step * cfg.num_generations if gpu else 64
+    about the same for 1 row or 512), or ``rl.decode_rows`` of them (a smaller KV cache);
+    64 on CPU, where cost grows with the rows."""
+    rows = cfg.prompts_per_step * cfg.num_generations
+    return min(rows, cfg.decode_rows or rows) if gpu else 64
 
 
 def _train_config(cfg: RLConfig):
