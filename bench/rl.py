@@ -67,8 +67,23 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+_PEAK = [0.0]  # the largest phase peak so far (phase_peak_gb resets the device's counter)
+
+
 def peak_gb() -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    if not torch.cuda.is_available():
+        return None
+    return max(_PEAK[0], torch.cuda.max_memory_allocated() / 2**30)
+
+
+def phase_peak_gb() -> float | None:
+    """The peak since the last call (a phase's: rollout, update), then a fresh counter."""
+    if not torch.cuda.is_available():
+        return None
+    p = torch.cuda.max_memory_allocated() / 2**30
+    _PEAK[0] = max(_PEAK[0], p)
+    torch.cuda.reset_peak_memory_stats()
+    return round(p, 2)
 
 
 def run_ours(a, model_dir: Path) -> dict:
@@ -110,6 +125,7 @@ def run_ours(a, model_dir: Path) -> dict:
             backend.release_cache()  # as the trainer does (rl.release_decoder_memory)
         sync()
         t1 = time.perf_counter()
+        peak_rollout = phase_peak_gb()
         samples = []
         for g, comps in enumerate(groups):
             rewards = [rng.random() for _ in comps]
@@ -125,7 +141,8 @@ def run_ours(a, model_dir: Path) -> dict:
         toks = sum(len(s.token_ids) for s in samples)
         steps.append({"step_s": t3 - t0, "generate_s": t1 - t0, "score_s": t2 - t1,
                       "logprobs_s": t_ref, "update_s": t3 - t2, "completion_tokens": toks,
-                      "ratio_p95": stats["ratio_p95"]})  # fmt: skip
+                      "ratio_p95": stats["ratio_p95"], "peak_rollout_gb": peak_rollout,
+                      "peak_update_gb": phase_peak_gb()})  # fmt: skip
         print(json.dumps({"side": "ours", "step": step, **steps[-1]}), file=sys.stderr, flush=True)
         if a.profile and step == a.steps:  # one more update, under the profiler
             out = _profile_update(lambda s=samples: _update(acc, policy, None, opt, sched, s, doms, cfg,
