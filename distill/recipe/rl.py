@@ -164,8 +164,8 @@ class RLConfig(Section):
     torch_compile: bool = Field(
         False,
         description="torch.compile each decoder layer for the update's forward and backward "
-        "(as train.torch_compile; GPU only: decoding there has its own compiled code). The "
-        "first update pays the compile (tens of seconds): for long runs.",
+        "(as train.torch_compile; GPU only, not DSA models: their decoding goes through the "
+        "same layers). The first update pays the compile (tens of seconds): for long runs.",
         json_schema_extra=RUN_ONLY,
     )
     release_decoder_memory: bool = Field(

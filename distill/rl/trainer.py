@@ -85,8 +85,10 @@ def train_rl(
         model,
         checkpointing=cfg.gradient_checkpointing,
         fused_head=not _is_fsdp(acc),
-        # on CPU, HF generate decodes through these layers: compiled, it would recompile
-        compile_layers=cfg.torch_compile and gpu,
+        # where transformers' generate decodes through these layers (CPU, a DSA model on a
+        # GPU), compiled ones would recompile at every new cache length: only the static
+        # decoder's models, which decode with their own compiled code, get them
+        compile_layers=cfg.torch_compile and gpu and not is_dsa(model),
     )
     opt, sched = make_optimizer(model, tcfg, cfg.steps * cfg.steps_per_generation, fused=gpu)
     policy, opt, sched = acc.prepare(policy, opt, sched)
