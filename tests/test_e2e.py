@@ -86,7 +86,7 @@ def micro_recipe(
 # limit gives a random model's groups reward variance, so updates really happen)
 MICRO_RL = {
     "steps": 2, "prompts_per_step": 4, "num_generations": 2, "max_new_tokens": 12,
-    "micro_batch_seqs": 8, "domains": {d: {"reward": {"overlong_buffer": 12}} for d in DOMAINS},
+    "micro_batch_seqs": 8, "domains": {d: {"reward": {"overlong_buffer": 12, "length_group": 0.5}} for d in DOMAINS},
 }  # fmt: skip
 
 
