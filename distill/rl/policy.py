@@ -103,14 +103,14 @@ class PolicyLogprobs(nn.Module):
         # the hand-written head reads the head's weight directly; FSDP, which gathers a
         # sharded weight in the head module's own hooks, takes the autograd path (False)
         self.fused_head = fused_head
-        # compiled layers checkpoint themselves (distill.train.setup.compile_decoder_layers);
-        # otherwise transformers' checkpointing, which runs in training mode only
-        compiled = compile_layers and compile_decoder_layers(model, checkpointing)
-        self.checkpointing = checkpointing and not compiled
-        if self.checkpointing:
+        if checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+        compiled = compile_layers and compile_decoder_layers(model)
+        # transformers' checkpointing runs in training mode only (forward switches to it);
+        # compiled layers checkpoint themselves in any mode (compile_decoder_layers)
+        self.checkpointing = checkpointing and not compiled
 
     @property
     def _no_split_modules(self) -> list[str] | None:

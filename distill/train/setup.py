@@ -92,16 +92,16 @@ def compile_model(objective: torch.nn.Module) -> torch.nn.Module:
     return objective
 
 
-def compile_decoder_layers(module: torch.nn.Module, checkpointing: bool = False) -> bool:
+def compile_decoder_layers(module: torch.nn.Module) -> bool:
     """torch.compile every transformers decoder layer in ``module`` (regional compilation:
     the layers share one graph, compiled once). False when it has none (not a
     transformers model).
 
-    ``checkpointing``: each layer's compiled forward also runs under activation
-    checkpointing while gradients are on (its activations recomputed in backward), which
-    replaces transformers' own: theirs checkpoints inside the layer's forward, where
-    dynamo meets the checkpoint and breaks the graph (an "unsafe side effect"), so the
-    layer would run uncompiled."""
+    A layer with transformers' gradient checkpointing on gets it replaced: theirs
+    checkpoints inside the layer's forward, where dynamo meets the checkpoint and breaks
+    the graph (an "unsafe side effect"), so the layer ran uncompiled. Instead its compiled
+    forward is checkpointed from outside whenever gradients are on (train.torch_compile
+    with train.gradient_checkpointing, rl.torch_compile with rl.gradient_checkpointing)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -112,7 +112,8 @@ def compile_decoder_layers(module: torch.nn.Module, checkpointing: bool = False)
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
     for layer in layers:
-        if checkpointing:
+        if layer.gradient_checkpointing:
+            layer.gradient_checkpointing = False  # ours, outside the compiled region
             layer.forward = _CheckpointedForward(layer)  # an instance attribute: the call uses it
         else:
             layer.compile()
