@@ -103,7 +103,7 @@ def build_tokenizer(recipe: Recipe, force: bool = False) -> Path:
     for d in recipe.active_domains():
         dom = get_domain(d)
         n = recipe.tokenizer.corpus_tasks
-        share = recipe.teachers[d].oracle_check_share if d in recipe.teachers else 0.0
+        share = recipe.teachers[d].oracle_check_share  # every active domain has a teacher
         for task in dom.tasks("train", n, recipe.seed, recipe.domains[d].difficulty):
             msgs = oracle_messages(dom, task, check_at(task.id, share))
             texts.append(render_text(msgs, task.tools))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import math
 import os
 from collections.abc import Iterator
@@ -214,15 +215,12 @@ def oracle_messages(domain: Domain, task: Task, check: bool = False) -> list[dic
     is refused one with a check by name."""
     if not check:
         return domain.oracle(task)
-    try:
-        return domain.oracle(task, check=True)
-    except TypeError as e:
-        if "check" not in str(e):
-            raise
+    if "check" not in inspect.signature(domain.oracle).parameters:
         raise UserError(
             f"teachers.{domain.name}.oracle_check_share: the {domain.name} domain's oracle "
             "takes no 'check' argument (it cannot write self-checked traces); set it to 0"
-        ) from None
+        )
+    return domain.oracle(task, check=True)
 
 
 def check_at(task_id: str, share: float) -> bool:

@@ -127,8 +127,11 @@ def test_the_oracle_self_check_is_correct_longer_and_only_where_asked(domain):
     for task in dom.tasks("train", 40, 0, 3):
         plain, checked = dom.oracle(task), dom.oracle(task, check=True)
         assert dom.verify(task, checked).passed
-        said = [m for m in checked if m["role"] == "assistant"]
-        assert len(str(checked)) > len(str(plain)) and "Check" in str(said)
+
+        def checks(trace):
+            return str([m for m in trace if m["role"] == "assistant"]).count("Check")
+
+        assert len(str(checked)) > len(str(plain)) and checks(checked) > checks(plain)
         assert dom.oracle(task, check=False) == plain  # the default trace is unchanged
     ids = [f"t{i}" for i in range(4000)]
     share = sum(check_at(i, 0.6) for i in ids) / len(ids)

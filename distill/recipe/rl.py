@@ -126,9 +126,8 @@ class RLConfig(Section):
         ge=1,
         description="Rollouts decoded at once on a GPU; null = all of a step's (on CPU: 64). "
         "The decoder's KV cache is sized for them and is most of a rollout's memory (4.5 "
-        "GB for 512 rows of 712 positions on a 0.5B Qwen2): fewer rows, less peak memory; a "
-        "decode step costs about the same for 256 rows as for 512, so each batch is nearly "
-        "as fast.",
+        "GB for 512 rows of 712 positions on a 0.5B Qwen2): fewer rows, less peak memory, "
+        "more decode steps (what that costs in an RL step is not yet measured).",
         json_schema_extra=RUN_ONLY,
     )
     epsilon: float = Field(0.2, ge=0, lt=1, description="ε_lo: ratio clipped below 1 − ε_lo.")
