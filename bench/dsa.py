@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -96,8 +97,16 @@ def attention(p: dict, t: int, dev, dtype) -> dict:
     def sparse():
         torch.autograd.backward(K.sparse_attention(q, k, v, idx, scale), grad)
 
-    def kl():
-        K.sparse_kl(q, k, qi, ki, w, idx, scale).backward()
+    def kl():  # the torch path, whatever the layer's default
+        before = os.environ.get(K.FUSED_KL)
+        os.environ[K.FUSED_KL] = "0"
+        try:
+            K.sparse_kl(q, k, qi, ki, w, idx, scale).backward()
+        finally:
+            if before is None:
+                del os.environ[K.FUSED_KL]
+            else:
+                os.environ[K.FUSED_KL] = before
 
     def kl_fused():
         from distill.dsa.kl_kernel import sparse_kl_triton
@@ -106,7 +115,7 @@ def attention(p: dict, t: int, dev, dtype) -> dict:
 
     row = {"tokens": t, "top_k": p["top_k"], "triton": K.use_triton(q)}
     parts = [("dense", dense), ("dsa", dsa), ("select", select), ("sparse", sparse), ("kl", kl)]
-    if K.use_triton(q):  # the opt-in fused KL (DISTILL_DSA_FUSED_KL=1) beside the default
+    if K.use_triton(q):  # the fused KL alone (the layer's default on CUDA; "kl" follows the env)
         parts.append(("kl_fused", kl_fused))
     for name, fn in parts:
         s, gb = _timed(fn, dev, p["reps"])

@@ -532,6 +532,32 @@ def test_cached_decoding_matches_the_full_forward(kind):
     torch.testing.assert_close(torch.cat(parts, 1), want)
 
 
+def test_layer_type_is_the_installed_transformers_name(monkeypatch):
+    """transformers 5.17 calls the indexer-keeping cache layer deepseek_sparse_attention,
+    later versions indexed_attention: a config, new or saved under either name, takes the
+    installed version's name, so its caches keep indexer keys."""
+    from transformers import cache_utils
+
+    from distill.dsa.config import DSAConfig, indexed_layer_type
+
+    shape = dict(vocab_size=61, hidden_size=16, num_hidden_layers=2, num_attention_heads=2)
+    installed = cache_utils.DYNAMIC_LAYER_TYPE_MAPPING
+    for saved in (None, ["deepseek_sparse_attention"] * 2, ["indexed_attention"] * 2):
+        types = DSAConfig(**shape, layer_types=saved).layer_types
+        assert len(types) == 2 and all(
+            installed[t].__name__ == "DynamicIndexedLayer" for t in types
+        )
+    # 5.17's mapping (later versions' configs rename the old name themselves, so only the
+    # choice of name can be replayed here)
+    old = {k: v for k, v in installed.items() if k != "indexed_attention"}
+    old["deepseek_sparse_attention"] = installed["indexed_attention"]
+    monkeypatch.setattr(cache_utils, "DYNAMIC_LAYER_TYPE_MAPPING", old)
+    assert indexed_layer_type() == "deepseek_sparse_attention"
+    monkeypatch.setattr(cache_utils, "DYNAMIC_LAYER_TYPE_MAPPING", {})
+    with pytest.raises(RuntimeError, match="no cache layer for indexer keys"):
+        DSAConfig(**shape)
+
+
 @pytest.mark.integration
 def test_train_stage_converts_and_eval_serve_rl_run_unchanged(tmp_path, monkeypatch):
     """`distill train` with student.arch.attention: dsa (dense, warm-up, sparse phases),

@@ -7,6 +7,31 @@ from transformers import LlamaConfig
 
 MODEL_TYPE = "distill_dsa"
 
+# What transformers calls a layer whose cache keeps indexer keys beside K/V: 5.17 knows
+# "deepseek_sparse_attention" (and "qwen_sparse_attention"), later versions "indexed_attention".
+# A saved config may carry any of them; the installed version's own name is used.
+INDEXED_LAYER_NAMES = ("indexed_attention", "deepseek_sparse_attention", "qwen_sparse_attention")
+
+
+def indexed_layer_type() -> str:
+    """The installed transformers' name for a cache layer with indexer keys."""
+    from transformers import cache_utils
+
+    known = getattr(cache_utils, "DYNAMIC_LAYER_TYPE_MAPPING", {})
+    for name in INDEXED_LAYER_NAMES:
+        if name in known:
+            return name
+    raise RuntimeError(
+        f"transformers {_version()} has no cache layer for indexer keys: a DSA student needs "
+        "transformers >= 5.17"
+    )
+
+
+def _version() -> str:
+    import transformers
+
+    return transformers.__version__
+
 
 def is_dsa(model) -> bool:
     """Whether ``model`` (any HF model) is a DSA student."""
@@ -32,8 +57,8 @@ class DSAConfig(LlamaConfig):
     def __post_init__(self, **kwargs):
         # every layer keeps indexer keys in its cache: transformers' DynamicCache builds
         # DynamicIndexedLayer for this layer type (and generate() and our backend use it)
-        if self.layer_types is None:
-            self.layer_types = ["indexed_attention"] * self.num_hidden_layers
+        if self.layer_types is None or set(self.layer_types) <= set(INDEXED_LAYER_NAMES):
+            self.layer_types = [indexed_layer_type()] * self.num_hidden_layers
         super().__post_init__(**kwargs)
 
     @property

@@ -11,8 +11,9 @@ K = 2,048 that was 1.8 s of a 1.86 s layer (BENCHMARKS.md). Here one program per
 walks its selected keys in blocks, twice (the heads' log-sum-exps and the index
 softmax's, then the KL); no [T, K, ...] keys are gathered and only the int32 ``idx``
 [T, K] is kept: the backward walks the keys again with the saved log-sum-exps, and
-scatters ``dki`` with fp32 atomic adds. Opt-in (``DISTILL_DSA_FUSED_KL=1``) until timed
-on a GPU.
+scatters ``dki`` with fp32 atomic adds. On by default with Triton on CUDA: on one H100,
+39.8 ms forward + backward at 16k tokens against 1,807 ms for the torch path
+(``DISTILL_DSA_FUSED_KL=0`` selects that one).
 """
 
 from __future__ import annotations

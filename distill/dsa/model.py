@@ -11,7 +11,7 @@ An attention layer works on what the caller hands it:
   :mod:`distill.dsa.kernels` on CUDA (``DISTILL_DSA_IMPL=reference|chunked`` overrides);
 - rows with a mask and maybe a cache (eval, serve, RL, ``generate``): queries in chunks,
   each reading the gathered top-k keys; the indexer's keys live in the cache beside K/V
-  (transformers' ``DynamicIndexedLayer``, chosen by ``layer_types: indexed_attention``).
+  (transformers' ``DynamicIndexedLayer``, chosen by ``layer_types``: see ``indexed_layer_type``).
 """
 
 from __future__ import annotations
