@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # recipes/gpu.yaml for the given seeds, one after the other, each under its own output
-# dir (data/gpu-sN); the reports and logs go to $OUT (5 files a seed; a call brings back
+# dir (data/gpu-sN); the reports and logs go to $OUT (6 files a seed; a call brings back
 # 8). One seed fills a device call (the
 # recipe's target is 9 minutes; a call ends at 10). Run on the GPU host from the
 # repository root: OUT=dir bash bench/gpu_recipe.sh [SEEDS...]   (default: 0)
@@ -21,6 +21,10 @@ for s in "${seeds[@]}"; do
     cp "data/gpu-s$s/eval/report.png" "$OUT/report-s$s.png" 2>/dev/null
     # the RL stage's per-step log: its time split (generate / score / update) and rewards
     cp "data/gpu-s$s/runs/rl/rl_log.jsonl" "$OUT/rl_log-s$s.jsonl" 2>/dev/null
+    # every training's report (steps, per-step losses and times, tokens/s) and the eval's
+    # rollouts, in one file
+    (cd "data/gpu-s$s" && find runs eval/samples -name 'train_report.json' -o -name 'train.log' \
+        -o -name '*.jsonl' -path 'eval/samples/*' | tar -czf "$OUT/runs-s$s.tgz" -T -) 2>/dev/null
     echo "== seed $s"; grep -iE "MISSED|met|recovery|wall" "data/gpu-s$s/eval/report.md" | head -40
     tail -n 5 "$OUT/gpu-s$s.log"
 done
