@@ -8,13 +8,7 @@ set -u
 OUT=${OUT:-bench/results/gpu-dsa}
 mkdir -p "$OUT"
 LOG=$OUT/run.log
-step() {  # step NAME SECONDS CMD...
-    local name=$1 secs=$2; shift 2
-    local t0=$SECONDS
-    echo "===== $name" >>"$LOG"
-    timeout "$secs" "$@" >>"$LOG" 2>&1
-    echo "$name rc=$? ${SECONDS}s total, $((SECONDS - t0))s" | tee -a "$LOG"
-}
+. "$(dirname "$0")/gpu_steps.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
 python3 -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)" | tee -a "$LOG"
 step tests-dsa 70 python3 -m pytest -q -x tests/test_dsa.py -m "not slow"

@@ -11,13 +11,7 @@ set -u
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
 LOG=$OUT/run.log
-step() {  # step NAME SECONDS CMD...
-    local name=$1 secs=$2; shift 2
-    local t0=$SECONDS
-    echo "===== $name" >>"$LOG"
-    timeout "$secs" "$@" >>"$LOG" 2>&1
-    echo "$name rc=$? ${SECONDS}s total, $((SECONDS - t0))s" | tee -a "$LOG"
-}
+. "$(dirname "$0")/gpu_steps.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
 step tests-gpu 50 python3 -m pytest -q tests/test_rl_head.py tests/test_sampler_logprobs.py tests/test_dsa.py -k "gpu or cuda"
 step rl-head 30 python3 bench/rl_head.py
