@@ -539,6 +539,7 @@ def test_layer_type_is_the_installed_transformers_name(monkeypatch):
     from transformers import cache_utils
 
     from distill.dsa.config import DSAConfig, indexed_layer_type
+    from distill.errors import UserError
 
     shape = dict(vocab_size=61, hidden_size=16, num_hidden_layers=2, num_attention_heads=2)
     installed = cache_utils.DYNAMIC_LAYER_TYPE_MAPPING
@@ -554,7 +555,7 @@ def test_layer_type_is_the_installed_transformers_name(monkeypatch):
     monkeypatch.setattr(cache_utils, "DYNAMIC_LAYER_TYPE_MAPPING", old)
     assert indexed_layer_type() == "deepseek_sparse_attention"
     monkeypatch.setattr(cache_utils, "DYNAMIC_LAYER_TYPE_MAPPING", {})
-    with pytest.raises(RuntimeError, match="no cache layer for indexer keys"):
+    with pytest.raises(UserError, match="no cache layer for indexer keys"):
         DSAConfig(**shape)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from transformers import LlamaConfig
 
+from distill.errors import UserError
+
 MODEL_TYPE = "distill_dsa"
 
 # What transformers calls a layer whose cache keeps indexer keys beside K/V: 5.17 knows
@@ -21,7 +23,7 @@ def indexed_layer_type() -> str:
     for name in INDEXED_LAYER_NAMES:
         if name in known:
             return name
-    raise RuntimeError(
+    raise UserError(
         f"transformers {_version()} has no cache layer for indexer keys: a DSA student needs "
         "transformers >= 5.17"
     )
