@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -98,15 +97,7 @@ def attention(p: dict, t: int, dev, dtype) -> dict:
         torch.autograd.backward(K.sparse_attention(q, k, v, idx, scale), grad)
 
     def kl():  # the torch path, whatever the layer's default
-        before = os.environ.get(K.FUSED_KL)
-        os.environ[K.FUSED_KL] = "0"
-        try:
-            K.sparse_kl(q, k, qi, ki, w, idx, scale).backward()
-        finally:
-            if before is None:
-                del os.environ[K.FUSED_KL]
-            else:
-                os.environ[K.FUSED_KL] = before
+        K.sparse_kl_torch(q, k, qi, ki, w, idx, scale).backward()
 
     def kl_fused():
         from distill.dsa.kl_kernel import sparse_kl_triton

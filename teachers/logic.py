@@ -29,7 +29,7 @@ from typing import Any
 from distill.errors import UserError
 from distill.messages import Verdict
 from teachers import logic_puzzles as lp
-from teachers.base import Task, task_id
+from teachers.base import Task, self_check, task_id
 from teachers.common import generate_tasks, load_split, read_answer, split_key
 
 VERIFIER_NAME = "logic-constraints"
@@ -164,8 +164,8 @@ class LogicDomain:
         steps = task.meta.get("steps") or []
         answer = task.meta.get("answer") or task.reference.get("answer")
         reasoning = "\n".join(steps)
-        if check and steps:  # the deduction again, on one line
-            reasoning += f"\nCheck: {'; '.join(steps)}. Same answer."
+        if check and steps:
+            reasoning += "\n" + self_check(steps)
         turn = {
             "role": "assistant",
             "reasoning_content": reasoning,

@@ -28,7 +28,7 @@ from typing import Any
 from distill.errors import UserError
 from distill.messages import Verdict
 from teachers import math_tasks
-from teachers.base import Task, task_id
+from teachers.base import Task, self_check, task_id
 from teachers.common import final_answer, generate_tasks, load_split, read_answer, split_key
 
 VERIFIER_NAME = "math-equiv"
@@ -204,8 +204,8 @@ class MathDomain:
     def oracle(self, task: Task, check: bool = False) -> list[dict[str, Any]]:
         steps = task.meta.get("steps")
         reasoning = "\n".join(steps) if steps else task.meta.get("solution") or ""
-        if check and steps:  # the work again, on one line
-            reasoning += f"\nCheck: {'; '.join(steps)}. Same answer."
+        if check and steps:
+            reasoning += "\n" + self_check(steps)
         answer = {"role": "assistant", "reasoning_content": reasoning}
         answer["content"] = f"\\boxed{{{task.reference['answer']}}}"
         return [*task.messages, answer]

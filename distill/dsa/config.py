@@ -23,16 +23,12 @@ def indexed_layer_type() -> str:
     for name in INDEXED_LAYER_NAMES:
         if name in known:
             return name
-    raise UserError(
-        f"transformers {_version()} has no cache layer for indexer keys: a DSA student needs "
-        "transformers >= 5.17"
-    )
-
-
-def _version() -> str:
     import transformers
 
-    return transformers.__version__
+    raise UserError(
+        f"transformers {transformers.__version__} has no cache layer for indexer keys: a DSA "
+        "student needs transformers >= 5.17"
+    )
 
 
 def is_dsa(model) -> bool:

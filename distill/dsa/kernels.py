@@ -139,6 +139,12 @@ def sparse_kl(q, k, qi, ki, w, idx: Tensor, scale: float) -> Tensor:
         from distill.dsa.kl_kernel import sparse_kl_triton
 
         return sparse_kl_triton(q, k, qi, ki, w, idx, scale).sum()
+    return sparse_kl_torch(q, k, qi, ki, w, idx, scale)
+
+
+def sparse_kl_torch(q, k, qi, ki, w, idx: Tensor, scale: float) -> Tensor:
+    """:func:`sparse_kl` in torch: the selected keys gathered chunk by chunk, each chunk
+    checkpointed (recomputed in backward)."""
     t, h = q.shape[:2]
     chunk = max(1, BUDGET // max(1, idx.shape[1] * max(h, qi.shape[1], ki.shape[1])))
     total = None

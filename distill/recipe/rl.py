@@ -127,8 +127,8 @@ class RLConfig(Section):
         description="Rollouts decoded at once on a GPU; null = all of a step's (on CPU: 64). "
         "The decoder's KV cache is sized for them and is most of a rollout's memory (4.5 "
         "GB for 512 rows of 712 positions on a 0.5B Qwen2): fewer rows, less peak memory, "
-        "more decode passes (on one H100, 256 of 512 rows: peak 9.78 -> 8.87 GB, the step "
-        "7.57 -> 7.99 s; BENCHMARKS.md).",
+        "more decode passes (one H100 run, 2 timed steps each, 256 of 512 rows: peak 9.78 -> "
+        "8.87 GB, the step 7.57 -> 7.99 s; BENCHMARKS.md).",
         json_schema_extra=RUN_ONLY,
     )
     epsilon: float = Field(0.2, ge=0, lt=1, description="ε_lo: ratio clipped below 1 − ε_lo.")
