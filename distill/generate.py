@@ -63,8 +63,21 @@ def run(recipe: Recipe) -> dict[str, Any]:
             rows[d] = finalize(out / d, fp)["rows"]
         per = ", ".join(f"{d} {n:,}" for d, n in rows.items())
         console.print(f"generate: {sum(rows.values()):,} rows in {out} ({per})")
+        for d, st in stats.items():
+            if st["rows"]:
+                console.print(f"  {d}: {domain_speed(st)}")
     state.wait_for_everyone()
-    return {"rows": rows, "stats": stats, "record": {"rows": rows}}
+    # the stage record keeps where the time went (this rank's share of each domain)
+    return {"rows": rows, "stats": stats, "record": {"rows": rows, "domains": stats}}
+
+
+def domain_speed(st: dict[str, Any]) -> str:
+    """One line of a domain's generation time: loading the teacher, then decoding."""
+    rate = st["tokens"] / st["seconds"] if st["seconds"] else 0.0
+    return (
+        f"{st['rows']:,} rows, {st['tokens']:,} completion tokens in {st['seconds']:.1f} s "
+        f"({rate:,.0f} tokens/s) after {st['setup_s']:.1f} s loading the teacher"
+    )
 
 
 def sampling_for(recipe: Recipe, domain: str) -> Sampling:
@@ -118,9 +131,11 @@ def generate_domain(
     k = gen.samples_per_task
     todo = [(t, j) for t in tasks for j in range(k) if f"{t.id}-s{j}" not in done]
     bar.advance(len(tasks) - len({t.id for t, _ in todo}), what=domain)  # done before
-    stats = {"rows": 0, "tokens": 0, "seconds": 0.0}
+    stats = {"rows": 0, "tokens": 0, "seconds": 0.0, "setup_s": 0.0}
     if todo:
+        t0 = time.time()
         backend = teacher_backend(recipe, domain, device)
+        stats["setup_s"] = round(time.time() - t0, 2)
         chunk = 4 * max(gen.batch_size, teacher.max_concurrency if teacher.kind == "openai" else 1)
         try:
             _roll_chunks(recipe, domain, backend, todo, chunk, writer, fp, bar, stats)
@@ -153,7 +168,7 @@ def _roll_chunks(recipe, domain, backend, todo, chunk, writer, fp, bar, stats) -
         tokens = sum(tr.completion_tokens or 0 for tr in traces)
         stats["rows"] += len(traces)
         stats["tokens"] += tokens
-        stats["seconds"] = time.time() - start
+        stats["seconds"] = round(time.time() - start, 2)
         bar.advance(len({t.id for t, _ in todo[i:end]}), tokens=tokens)
         i = end
 

@@ -217,15 +217,19 @@ def filter_domain(
     src = recipe.out / "raw" / domain
     if not (src / "_manifest.json").exists():
         raise UserError(f"{src}: no raw shards for domain {domain} (run `distill generate` first)")
+    clock = _Clock()
     traces = list(iter_traces(src, verify=True))  # a shard changed in place fails here
+    clock.lap("read")
     for t in traces:
         if t.domain != domain:
             raise UserError(f"{src}: row {t.id} belongs to domain {t.domain!r}, not {domain!r}")
     if bar is not None:
         bar.step(domain, "verify")
     verify(domain, traces, cfg.workers, bar.tick if bar is not None else False)
+    clock.lap("verify")
     on_step = (lambda name: bar.step(domain, name)) if bar is not None else (lambda name: None)
     kept, funnel, dropped = filter_traces(domain, traces, cfg, index, on_step)
+    clock.lap("steps")
     dom = get_domain(domain)
     entry = summary(
         funnel,
@@ -241,6 +245,8 @@ def filter_domain(
     with ShardWriter(dst, max_rows=recipe.generate.shard_rows, fingerprint=fp) as w:
         w.write(_with_settings(t, recorded) for t in kept)
     (dst / DROPPED).write_text("".join(json.dumps(d) + "\n" for d in dropped))
+    clock.lap("write")
+    entry["seconds"] = clock.laps  # where the domain's time went (the stage record keeps it)
     (dst / DONE).write_text(json.dumps({"fingerprint": fp, "summary": entry}, indent=1))
     return entry
 
@@ -265,4 +271,18 @@ def run(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         if e["raw"] and not e["kept"]:
             console.print(f"[yellow]warning:[/] clean/{d} is empty: every raw trace was dropped")
     rows = {d: e["kept"] for d, e in report["domains"].items()}
-    return {**report, "record": {"rows": rows, "report": "filter_report.json"}}
+    seconds = {d: e.get("seconds") for d, e in report["domains"].items()}
+    return {**report, "record": {"rows": rows, "report": "filter_report.json", "domain_seconds": seconds}}
+
+
+class _Clock:
+    """Seconds between laps, by name."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._t, 3)
+        self._t = now
