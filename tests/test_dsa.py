@@ -256,7 +256,19 @@ def test_triton_kernels_match_the_reference_interpreted(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
     )
+    if OLD_INTERPRETER in proc.stderr:  # the GPU test runs the compiled kernels there
+        import triton
+
+        pytest.skip(
+            f"triton {triton.__version__}'s interpreter cannot loop to a bound given at launch "
+            "(3.9's can); the GPU test runs the compiled kernels"
+        )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+# what an older Triton interpreter raises at `range(0, n, BN)` with `n` a launch argument (it
+# hands scalars to the kernel as 1-element arrays): seen on the device image, 2026-12-06
+OLD_INTERPRETER = "only 0-dimensional arrays can be converted to Python scalars"
 
 
 @pytest.mark.skipif(not K.HAVE_TRITON, reason="triton is not installed")

@@ -272,7 +272,10 @@ def run(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             console.print(f"[yellow]warning:[/] clean/{d} is empty: every raw trace was dropped")
     rows = {d: e["kept"] for d, e in report["domains"].items()}
     seconds = {d: e.get("seconds") for d, e in report["domains"].items()}
-    return {**report, "record": {"rows": rows, "report": "filter_report.json", "domain_seconds": seconds}}
+    return {
+        **report,
+        "record": {"rows": rows, "report": "filter_report.json", "domain_seconds": seconds},
+    }
 
 
 class _Clock:
