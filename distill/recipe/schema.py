@@ -342,7 +342,7 @@ class TeacherConfig(Section):
     oracle_check_share: Share = Field(
         0.0,
         description="Share of the oracle traces that redo their work as a self-check before "
-        "answering (math and logic restate their steps, code restates its plan against its code, "
+        "answering (math and logic restate their steps, code drafts its code in the reasoning first, "
         "agents read the accounts they touched again): correct, and longer than needed, as "
         "real teachers' traces are. A teacher trained on them has a habit that token "
         "efficiency (the filter's shortest-correct selection, the RL length rewards) can "
