@@ -176,19 +176,36 @@ class HFBackend:
 
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Prompt token ids of a conversation, ending with the generation prompt."""
-        msgs = to_openai(drop_old_reasoning(messages))
-        if self.tokenizer.chat_template == CHAT_TEMPLATE and (
-            fast := render_spans(msgs, tools or None)
-        ):  # our template without Jinja (distill/chat/render_python.py)
-            return self.tokenizer(fast[0] + ASSISTANT, add_special_tokens=False)["input_ids"]
-        ids = self.tokenizer.apply_chat_template(
-            msgs,
-            tools=tools or None,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-        )
-        return list(ids)
+        return self.render_many([messages], [tools])[0]
+
+    def render_many(
+        self, conversations: list[list[dict]], tools: list[list[dict] | None] | None = None
+    ) -> list[list[int]]:
+        """:meth:`render` of many conversations. With our template the texts are rendered
+        in Python and tokenized in one batched call, which the Rust tokenizer spreads over
+        the cores: one call per conversation was most of an agents turn's host time (0.23
+        ms for a difficulty-3 episode's ~1,200 characters on a 2-core CPU; 0.14 ms batched
+        there, less with more cores)."""
+        tools = tools or [None] * len(conversations)
+        out: list[list[int] | None] = [None] * len(conversations)
+        texts: dict[int, str] = {}
+        for i, (messages, t) in enumerate(zip(conversations, tools, strict=True)):
+            msgs = to_openai(drop_old_reasoning(messages))
+            if self.tokenizer.chat_template == CHAT_TEMPLATE and (
+                fast := render_spans(msgs, t or None)
+            ):  # our template without Jinja (distill/chat/render_python.py)
+                texts[i] = fast[0] + ASSISTANT
+                continue
+            ids = self.tokenizer.apply_chat_template(
+                msgs, tools=t or None, add_generation_prompt=True, tokenize=True,
+                return_dict=False,
+            )  # fmt: skip
+            out[i] = list(ids)
+        if texts:
+            enc = self.tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"]
+            for i, ids in zip(texts, enc, strict=True):
+                out[i] = ids
+        return out  # type: ignore[return-value]
 
     def complete(
         self,
@@ -201,8 +218,8 @@ class HFBackend:
     ) -> list[list[Completion]]:
         """``n`` completions per conversation, decoded in length-sorted batches."""
         rows = []
-        for i, conv in enumerate(conversations):
-            prompt = self.render(conv, tools[i] if tools else None)
+        prompts = self.render_many(conversations, tools)
+        for i, prompt in enumerate(prompts):
             base = seeds[i] if seeds is not None else mix_seed(sampling.seed, *prompt)
             limit = max(0, min(sampling.max_new_tokens, self.max_positions - len(prompt)))
             for j in range(n):
