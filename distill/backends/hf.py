@@ -183,9 +183,9 @@ class HFBackend:
     ) -> list[list[int]]:
         """:meth:`render` of many conversations. With our template the texts are rendered
         in Python and tokenized in one batched call, which the Rust tokenizer spreads over
-        the cores: one call per conversation was most of an agents turn's host time (0.23
-        ms for a difficulty-3 episode's ~1,200 characters on a 2-core CPU; 0.14 ms batched
-        there, less with more cores)."""
+        the cores. Tokenizing is most of a render's time: 0.23 ms of 0.24 for a difficulty-3
+        agents episode's ~1,200 characters on a 2-core CPU, 0.14 ms batched there (less with
+        more cores), and an agents rollout renders its whole conversation every turn."""
         tools = tools or [None] * len(conversations)
         out: list[list[int] | None] = [None] * len(conversations)
         texts: dict[int, str] = {}
