@@ -63,9 +63,10 @@ def run(recipe: Recipe) -> dict[str, Any]:
             rows[d] = finalize(out / d, fp)["rows"]
         per = ", ".join(f"{d} {n:,}" for d, n in rows.items())
         console.print(f"generate: {sum(rows.values()):,} rows in {out} ({per})")
+        share = f" (process 0 of {world}: its share)" if world > 1 else ""
         for d, st in stats.items():
             if st["rows"]:
-                console.print(f"  {d}: {domain_speed(st)}")
+                console.print(f"  {d}{share}: {domain_speed(st)}")
     state.wait_for_everyone()
     # the stage record keeps where the time went (this rank's share of each domain)
     return {"rows": rows, "stats": stats, "record": {"rows": rows, "domains": stats}}
