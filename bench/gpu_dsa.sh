@@ -13,6 +13,6 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
 python3 -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)" | tee -a "$LOG"
 step tests-dsa 70 python3 -m pytest -q -rs tests/test_dsa.py -m "not slow"
 step dsa 150 python3 bench/dsa.py --preset h100 --out "$OUT/dsa.json"
-# the preset's 240 s dense phase and 150 + 150 DSA steps do not fit beside the rest
-step retrieval 320 python3 bench/dsa_retrieval.py --preset h100 --set dense_s=150 warmup_steps=50 sparse_steps=50 --out "$OUT/dsa-retrieval.json"
+# the h100 preset: copy at 16k, dense 150 s, then 50 warm-up and 50 sparse steps
+step retrieval 320 python3 bench/dsa_retrieval.py --preset h100 --out "$OUT/dsa-retrieval.json"
 tail -n 3 "$OUT"/*.json 2>/dev/null | head -40
