@@ -27,10 +27,11 @@ for s in "${seeds[@]}"; do
     # the RL stage's per-step log: its time split (generate / score / update) and rewards
     cp "data/gpu-s$s/runs/rl/rl_log.jsonl" "$OUT/rl_log-s$s.jsonl" 2>/dev/null
     # every training's report (steps, per-step losses and times, tokens/s), each finished
-    # stage's record (its seconds, also when the time box ends the run) and the eval's
+    # stage's record (its seconds, also when the time box ends the run; generate's per
+    # domain), the filter's report (its seconds per domain and step) and the eval's
     # rollouts, in one file
-    (cd "data/gpu-s$s" && find runs eval/samples -name 'train_report.json' -o -name 'train.log' \
-        -o -name '_stage.json' \
+    (cd "data/gpu-s$s" && find runs clean eval/samples -name 'train_report.json' -o -name 'train.log' \
+        -o -name '_stage.json' -o -name 'filter_report.json' \
         -o -name '*.jsonl' -path 'eval/samples/*' | tar -czf "$OUT/runs-s$s.tgz" -T -) 2>/dev/null
     echo "== seed $s"; grep -iE "MISSED|met|recovery|wall" "data/gpu-s$s/eval/report.md" | head -40
     tail -n 5 "$OUT/gpu-s$s.log"

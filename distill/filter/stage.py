@@ -246,7 +246,7 @@ def filter_domain(
         w.write(_with_settings(t, recorded) for t in kept)
     (dst / DROPPED).write_text("".join(json.dumps(d) + "\n" for d in dropped))
     clock.lap("write")
-    entry["seconds"] = clock.laps  # where the domain's time went (the stage record keeps it)
+    entry["seconds"] = clock.laps  # where the domain's time went (filter_report.json)
     (dst / DONE).write_text(json.dumps({"fingerprint": fp, "summary": entry}, indent=1))
     return entry
 
@@ -271,11 +271,7 @@ def run(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         if e["raw"] and not e["kept"]:
             console.print(f"[yellow]warning:[/] clean/{d} is empty: every raw trace was dropped")
     rows = {d: e["kept"] for d, e in report["domains"].items()}
-    seconds = {d: e.get("seconds") for d, e in report["domains"].items()}
-    return {
-        **report,
-        "record": {"rows": rows, "report": "filter_report.json", "domain_seconds": seconds},
-    }
+    return {**report, "record": {"rows": rows, "report": "filter_report.json"}}
 
 
 class _Clock:
