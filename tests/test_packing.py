@@ -151,7 +151,7 @@ def test_unmaskable_template_error_names_the_trace(tok, tmp_path):
 def test_short_prompt_share_renders_that_share_without_system_prompt(tmp_path):
     """domains.<d>.short_prompt_share: every other trace (share 0.5) loses its system
     message, and the cache keeps the two renderings apart."""
-    from distill.train.data import short_prompt_at
+    from teachers.base import short_prompt_at
 
     tok = make_tokenizer(tmp_path / "tok")
     shards = write_shards(tmp_path / "agents", "agents", [tool_trace() for _ in range(6)])
@@ -166,3 +166,36 @@ def test_short_prompt_share_renders_that_share_without_system_prompt(tmp_path):
     shorter = [i for i in range(len(lf)) if lh[i] < lf[i]]
     assert len(shorter) == 6 and all(lh[i] == lf[i] for i in range(len(lf)) if i not in shorter)
     assert sorted({p.name for p in (tmp_path / "cache").iterdir()}).__len__() == 2
+
+
+def test_parallel_tokenize_writes_the_single_process_cache(tok, tmp_path, monkeypatch):
+    """Many-core hosts tokenize a large domain in spawned processes, by contiguous
+    chunks (distill/tokenize.py): the arrays and the short-prompt choice (by a row's
+    place in the table) come out as one process makes them."""
+    import distill.tokenize as data
+
+    rng = random.Random(0)
+    traces = [math_trace(i, rng) for i in range(9)] + [tool_trace() for _ in range(4)]
+    shards = write_shards(tmp_path / "clean", "agents", traces)
+    monkeypatch.setattr(data, "PARALLEL_MIN_ROWS", 1)
+    runs = {}
+    for workers in ("1", "3"):
+        monkeypatch.setenv("DISTILL_TOKENIZE_WORKERS", workers)
+        assert data.tokenize_workers(13) == int(workers)
+        runs[workers] = tokenize_domain(
+            "agents", shards, tok, 512, tmp_path / f"cache{workers}", short_share=0.5
+        )
+    one, three = runs["1"], runs["3"]
+    assert len(one) == 9 + 4 * 2
+    for name in ("ids", "mask", "offsets"):
+        assert np.array_equal(getattr(one, name), getattr(three, name)), name
+
+
+def test_tokenize_workers_by_host_size(monkeypatch):
+    import distill.tokenize as data
+
+    monkeypatch.delenv("DISTILL_TOKENIZE_WORKERS", raising=False)
+    for cores, want in ((2, 1), (4, 1), (8, 4), (16, 8), (64, 8)):
+        monkeypatch.setattr(data.os, "sched_getaffinity", lambda _, c=cores: set(range(c)))
+        assert data.tokenize_workers(100_000) == want
+        assert data.tokenize_workers(10) == 1  # small domains: one process

@@ -4,7 +4,9 @@ Per domain, in order (each step configurable in ``recipe.filter`` and counted):
 verify (the domain's verifier, worker pool) -> drop malformed -> drop failed -> exact
 dedup -> near dedup (MinHash LSH) -> decontaminate (n-grams of every enabled domain's eval
 tasks) -> select (pass-rate window, ``max_per_task``, ``max_per_domain``). Writes
-``clean/<domain>/`` shards, ``clean/filter_report.{json,md}``, prints the funnel.
+``clean/<domain>/`` shards, ``clean/filter_report.{json,md}``, prints the funnel. On a
+host of 8 cores or more the domains run side by side, one spawned process each, with the
+same result (:func:`_parallel_domains`; ``DISTILL_FILTER_PARALLEL`` overrides).
 
 Resumable per domain: a domain whose clean shards and funnel were completed with the same
 stage fingerprint is kept as is; any other leftover of a previous run is replaced whole,
@@ -14,7 +16,9 @@ so a rerun on the same inputs writes the same shards.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,6 +49,8 @@ from teachers.base import REGISTRY, get_domain, task_from_trace
 
 DONE = "_filter.json"  # per domain, written after its manifest: the domain is complete
 DROPPED = "_dropped.jsonl"  # per domain: every dropped row's id, step and reason
+PARALLEL_ENV = "DISTILL_FILTER_PARALLEL"
+PARALLEL_MIN_CORES = 8
 
 
 def settings(cfg: FilterConfig) -> dict[str, Any]:
@@ -172,6 +178,10 @@ class _Bar:
         self.bar.update(self.task, description=f"filter {domain}: {name}")
         self.bar.refresh()
 
+    def say(self, description: str, advance: int = 0) -> None:
+        self.bar.update(self.task, description=description, advance=advance)
+        self.bar.refresh()
+
 
 @contextmanager
 def _stage_bar(recipe: Recipe, domains: list[str], enabled: bool) -> Iterator[_Bar | None]:
@@ -259,9 +269,11 @@ def run(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     todo = [d for d in domains if _complete(out / d, fp) is None]
     index = build_index(recipe) if recipe.filter.decontaminate and todo else None
     report = {"fingerprint": fp, "settings": settings(recipe.filter), "domains": {}}
+    procs = _parallel_domains(len(todo))
     with _stage_bar(recipe, todo, progress) as bar:
-        for d in domains:
-            report["domains"][d] = filter_domain(recipe, d, index, bar)
+        done = _filter_parallel(recipe, todo, index, procs, bar) if procs > 1 else {}
+        for d in domains:  # in the recipe's order whichever way they ran; cached ones read here
+            report["domains"][d] = done[d] if d in done else filter_domain(recipe, d, index, bar)
     for stale in out.iterdir():  # clean data of domains no longer enabled must not be trained on
         if stale.is_dir() and stale.name in REGISTRY and stale.name not in domains:
             shutil.rmtree(stale)
@@ -272,6 +284,115 @@ def run(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             console.print(f"[yellow]warning:[/] clean/{d} is empty: every raw trace was dropped")
     rows = {d: e["kept"] for d, e in report["domains"].items()}
     return {**report, "record": {"rows": rows, "report": "filter_report.json"}}
+
+
+def _parallel_domains(n_todo: int) -> int:
+    """Processes to filter ``n_todo`` domains in at once; 1 = one after the other in this
+    process (with the per-row progress bar).
+
+    Several only on a host of at least 8 cores, and then at most half of them: each
+    domain's verifier runs its own worker pool (``filter.workers``, every core by default;
+    the code verifier forks sandboxes), and on a 2-core CI or demo machine domains side by
+    side would only fight those pools for the cores. ``DISTILL_FILTER_PARALLEL=0`` keeps
+    the stage sequential on any host; ``DISTILL_FILTER_PARALLEL=N`` uses N processes (at
+    most one per domain) on any host; ``auto`` or unset decides as above."""
+    value = os.environ.get(PARALLEL_ENV, "auto").strip().lower()
+    if value not in ("", "auto"):
+        try:
+            n = int(value)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise UserError(
+                f"{PARALLEL_ENV}: expected 'auto' or a process count (0 = sequential), "
+                f"got {value!r}"
+            )
+        return max(1, min(n_todo, n))
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this process may use (containers)
+    except (AttributeError, OSError):  # not on every platform
+        cores = os.cpu_count() or 1
+    if cores < PARALLEL_MIN_CORES:
+        return 1
+    return max(1, min(n_todo, cores // 2))
+
+
+def _filter_parallel(
+    recipe: Recipe, todo: list[str], index: NgramIndex | None, procs: int, bar: _Bar | None
+) -> dict[str, dict[str, Any]]:
+    """Filter ``todo`` in ``procs`` spawned processes, one domain each; their report
+    entries. Each domain writes only ``clean/<domain>/`` and its result does not depend on
+    the others, so the shards are the same as a sequential run's. The bar advances by a
+    domain's rows when it is done (workers cannot drive it row by row). If domains fail,
+    those not started are cancelled, those running finish (their output is complete and
+    kept for the rerun), and the error of the first failed one in recipe order is raised,
+    as a sequential run would."""
+    import multiprocessing as mp
+    from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
+
+    from distill.errors import storage_error
+
+    if bar is not None:
+        bar.say(f"filter: {', '.join(todo)} in {procs} processes")
+    out: dict[str, dict[str, Any]] = {}
+    failed: dict[str, BaseException] = {}
+    # spawn, not fork: this process may hold torch's threads and locks. The Recipe
+    # (pydantic) and the NgramIndex (lists and numpy arrays: ~1 MB and a few ms to pickle
+    # for recipes/gpu.yaml) pickle cheaply, so the index is built once, here.
+    with ProcessPoolExecutor(
+        procs,
+        mp_context=mp.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(os.getpid(),),
+    ) as pool:
+        jobs = {pool.submit(_filter_in_worker, recipe, d, index): d for d in todo}
+        try:
+            for job in as_completed(jobs):
+                d = jobs[job]
+                try:
+                    out[d] = job.result()
+                except CancelledError:
+                    continue
+                except Exception as e:  # noqa: BLE001 - raised below, in recipe order
+                    failed[d] = e
+                    for other in jobs:  # not started yet: not worth starting now
+                        other.cancel()
+                    continue
+                if bar is not None:
+                    bar.say(f"filter: {d} done", advance=out[d]["raw"])
+        except BaseException:  # Ctrl-C: start no other domain on the way out
+            for other in jobs:
+                other.cancel()
+            raise
+    for d in todo:
+        if (e := failed.get(d)) is None:
+            continue
+        if isinstance(e, UserError):
+            raise e  # as a sequential run raises it: the same one line
+        if (disk := storage_error(e, stage_dir(recipe, "filter") / d)) is not None:
+            raise disk from e  # a full or read-only disk: the user's to fix, as in this process
+        raise UserError(f"filter.{d}: failed in its worker process ({e})") from e
+    return out
+
+
+def _worker_init(parent: int) -> None:
+    """A domain's worker process: it dies with ``parent`` (left running, it would go on
+    writing clean/<domain>/ under a rerun), and Ctrl-C reaches it only while it filters.
+    An idle worker killed by Ctrl-C would break the pool, which then terminates the busy
+    ones mid-verification and orphans their verifier workers, waiting forever."""
+    from distill.launch import die_with_parent
+
+    die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _filter_in_worker(recipe: Recipe, domain: str, index: NgramIndex | None) -> dict[str, Any]:
+    # interrupted, it unwinds as the sequential stage does: its verifier pool shuts down
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return filter_domain(recipe, domain, index, None)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _Clock:

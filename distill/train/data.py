@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.chat.render import RENDER_VERSION, encode_texts, trace_texts
+from distill.chat.render import RENDER_VERSION
 from distill.errors import UserError
 from distill.files import short_hash
-from distill.messages import decode_tools
 from distill.models import tokenizer_fingerprint
-from distill.shards import read_manifest, read_table
-from teachers.base import short_prompt_at, shorten_prompt
+from distill.shards import read_manifest
+from distill.tokenize import tokenize_table
 
 
 @dataclass
@@ -84,173 +83,9 @@ def tokenize_domain(
     key = cache_key(shard_dir, tokenizer, max_seq_len, kd, short_share)
     path = Path(cache_root) / f"{domain}-{key}"
     if not (path / "meta.json").exists():
-        arrays, meta = _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd, short_share)
+        arrays, meta = tokenize_table(domain, shard_dir, tokenizer, max_seq_len, kd, short_share)
         _save_cache(path, arrays, meta)
     return _load_cache(domain, path)
-
-
-def _tokenize(domain, shard_dir, tokenizer, max_seq_len, kd, short_share=0.0):
-    from distill.progress import progress
-
-    table = read_table(shard_dir, verify=True)  # a shard changed in place fails here
-    if table.num_rows == 0:
-        raise UserError(f"{shard_dir}: no traces of domain {domain} to train on (empty shards)")
-    ids, masks, lens, kd_rows, kd_counts = [], [], [], [], []
-    dropped = 0
-    kd_counts_by = {"realigned": 0, "unaligned": 0}
-    cols = ["id", "messages", "tools"] + (["topk"] if kd else [])
-    with progress(transient=True) as bar:
-        task = bar.add_task(f"tokenize {domain}", total=table.num_rows, unit="traces")
-        seen = 0
-        for batch in table.select(cols).to_batches(max_chunksize=256):
-            rows = batch.to_pylist()
-            if short_share:
-                rows = [
-                    shorten_prompt(row) if short_prompt_at(i, short_share) else row
-                    for i, row in enumerate(rows, start=seen)
-                ]
-            seen += len(rows)
-            texts = [_render_row(tokenizer, row, shard_dir) for row in rows]
-            for row, exs in zip(rows, _encode_rows(tokenizer, rows, texts, shard_dir), strict=True):
-                topk = _topk_for(row, exs, tokenizer, kd_counts_by) if kd else None
-                start = 0
-                for ex in exs:
-                    n_loss = sum(ex.loss_mask)
-                    if len(ex.input_ids) > max_seq_len:
-                        dropped += 1
-                    else:
-                        ids.append(ex.input_ids)
-                        masks.append(ex.loss_mask)
-                        lens.append(len(ex.input_ids))
-                        if kd:
-                            kd_rows.extend(topk[start : start + n_loss])
-                            kd_counts.append(n_loss)
-                    start += n_loss
-            bar.advance(task, batch.num_rows)
-    if not lens:
-        raise UserError(
-            f"{shard_dir}: no trace of domain {domain} renders to at most max_length={max_seq_len} tokens"
-        )
-    arrays = {
-        "ids": np.fromiter((t for x in ids for t in x), np.int32),
-        "mask": np.fromiter((t for x in masks for t in x), np.uint8),
-        "offsets": np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
-    }
-    if kd:
-        arrays.update(_kd_arrays(kd_rows, kd_counts))
-    if kd_counts_by["unaligned"]:
-        from distill.progress import console
-
-        console.print(
-            f"warning: {kd_counts_by['unaligned']} {domain} traces train without logit KD: "
-            "their teacher tokens could not be aligned with the student's rendering"
-        )
-    meta = {"dropped": dropped, "examples": len(lens)}
-    meta.update({f"kd_{k}": v for k, v in kd_counts_by.items()})
-    return arrays, meta
-
-
-def _render_row(tokenizer, row: dict, shard_dir: Path) -> list:
-    """A row's rendered examples (text, spans); a bad row is an error naming the trace
-    and its shards."""
-    try:
-        tools = decode_tools(row["tools"]) or None
-        return trace_texts(tokenizer, row["messages"], tools)
-    except (UserError, ValueError, TypeError) as e:
-        raise UserError(f"{shard_dir}: trace {row['id']}: {e}") from None
-
-
-def _encode_rows(tokenizer, rows: list[dict], texts: list, shard_dir: Path) -> list:
-    """The batch tokenized at once; on a bad row, the error names it."""
-    try:
-        return encode_texts(tokenizer, texts)
-    except UserError:
-        for row, t in zip(rows, texts, strict=True):
-            try:
-                encode_texts(tokenizer, [t])
-            except UserError as e:
-                raise UserError(f"{shard_dir}: trace {row['id']}: {e}") from None
-        raise
-
-
-def _topk_for(row, examples, tokenizer, counts: dict[str, int]) -> list[dict]:
-    """The trace's top-k entries, one per assistant loss token. A teacher that sampled a
-    token sequence the tokenizer would merge differently (``}`` ``}`` where the render
-    has ``}}``) gave entries that do not match the loss tokens one to one: they are
-    aligned by their text (:func:`align_topk`), and a trace that cannot be aligned trains
-    without the KL term (never stopping the run); ``counts`` counts both."""
-    topk = row.get("topk")
-    loss_ids = [t for ex in examples for t, m in zip(ex.input_ids, ex.loss_mask, strict=True) if m]
-    if topk is None:
-        raise UserError(
-            f"trace {row['id']}: train.kd is on but the trace has no teacher top-k logprobs"
-        )
-    if len(topk) != len(loss_ids):
-        aligned = align_topk(tokenizer, loss_ids, topk)
-        counts["realigned" if aligned is not None else "unaligned"] += 1
-        topk = aligned if aligned is not None else [_NO_ENTRY] * len(loss_ids)
-    vocab = len(tokenizer)
-    for e in topk:
-        if e["ids"] and max(e["ids"]) >= vocab:
-            raise UserError(
-                f"trace {row['id']}: teacher top-k id {max(e['ids'])} is outside the student vocabulary ({vocab})"
-            )
-    return topk
-
-
-_NO_ENTRY = {"ids": [], "logprobs": []}  # a loss token without a KD target (KL term 0)
-ALIGN_WORK = 200_000  # text positions an alignment may visit (repetitive text): then none
-
-
-def align_topk(tokenizer, student_ids: list[int], topk: list[dict]) -> list[dict] | None:
-    """Teacher entries re-indexed to the student's loss tokens, or None.
-
-    The teacher's own tokens are recovered from its entries: a sequence, one token of
-    each entry's top-k ids, whose text is the student's loss text (a search over text
-    positions). A student token whose text span is exactly one teacher token's gets that
-    entry (same text before it, same token boundary after it); the others (the merged
-    ``}}``) get none."""
-    pieces = tokenizer.convert_ids_to_tokens(list(student_ids))
-    text = "".join(pieces)
-    reach: list[dict[int, tuple[int, int]]] = [{0: (-1, -1)}]  # position -> (previous, id)
-    work = 0
-    for entry in topk:
-        nxt: dict[int, tuple[int, int]] = {}
-        cands = entry["ids"]
-        strs = tokenizer.convert_ids_to_tokens(list(cands))
-        for p in reach[-1]:
-            for tid, piece in zip(cands, strs, strict=True):
-                if piece and text.startswith(piece, p):
-                    nxt.setdefault(p + len(piece), (p, tid))
-        work += len(nxt)
-        if not nxt or work > ALIGN_WORK:
-            return None
-        reach.append(nxt)
-    if len(text) not in reach[-1]:
-        return None
-    starts, p = [], len(text)  # each teacher token's text span, walked back from the end
-    for j in range(len(topk), 0, -1):
-        prev = reach[j][p][0]
-        starts.append((prev, p))
-        p = prev
-    span_of = {span: j for j, span in enumerate(reversed(starts))}
-    out, at = [], 0
-    for piece in pieces:
-        j = span_of.get((at, at + len(piece)))
-        out.append(topk[j] if j is not None else _NO_ENTRY)
-        at += len(piece)
-    return out
-
-
-def _kd_arrays(rows: list[dict], counts: list[int]) -> dict[str, np.ndarray]:
-    k = max((len(r["ids"]) for r in rows), default=1) or 1
-    kd_ids = np.full((len(rows), k), -1, np.int32)
-    kd_lp = np.full((len(rows), k), -np.inf, np.float32)
-    for i, r in enumerate(rows):
-        kd_ids[i, : len(r["ids"])] = r["ids"]
-        kd_lp[i, : len(r["logprobs"])] = r["logprobs"]
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return {"kd_ids": kd_ids, "kd_lp": kd_lp, "kd_offsets": offsets}
 
 
 def _save_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
