@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,22 +190,42 @@ def teacher_fingerprint(recipe: Recipe, d: str, tok_fp: str) -> str:
     )
 
 
-def train_bootstrap(recipe: Recipe, d: str, tok_dir: Path, force: bool = False) -> dict[str, Any]:
-    """Oracle shards then single-domain training; skipped when already done."""
+def _tokenizer_key(recipe: Recipe, tok_dir: Path) -> str:
+    """What a teacher's fingerprint takes of the tokenizer. A trained one's is its corpus
+    fingerprint, known before it is built (the teachers' oracle shards are written while
+    it is); a pretrained one's is its record's, or its path."""
+    if recipe.tokenizer.kind == "train":
+        return _corpus_fingerprint(recipe)
+    tok_rec = _read_json(layout.run_dir(tok_dir, recipe.out) / TOKENIZER_RECORD) or {}
+    return tok_rec.get("fingerprint", str(tok_dir))
+
+
+def train_bootstrap(
+    recipe: Recipe,
+    d: str,
+    tok_dir: Path,
+    force: bool = False,
+    tokenizer_ready: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """Oracle shards then single-domain training; skipped when already done.
+    ``tokenizer_ready()`` returns once the tokenizer in ``tok_dir`` is built (it is
+    called between the two)."""
     from distill.train.loop import train
 
     t = recipe.teachers[d]
     out = recipe.out / "teachers" / d
     run = layout.run_dir(out, recipe.out)  # oracle shards, checkpoints, logs, the record
-    tok_rec = _read_json(layout.run_dir(tok_dir, recipe.out) / TOKENIZER_RECORD) or {}
-    fp = teacher_fingerprint(recipe, d, tok_rec.get("fingerprint", str(tok_dir)))
+    fp = teacher_fingerprint(recipe, d, _tokenizer_key(recipe, tok_dir))
     rec = _read_json(run / TEACHER_RECORD)
     whole = (out / "config.json").exists() and any(out.glob("*.safetensors"))  # none deleted
     if rec and rec.get("fingerprint") == fp and whole and not force:
         console.print(f"teacher {d}: up to date in {out}")
         return rec
     (run / TEACHER_RECORD).unlink(missing_ok=True)
+    t0 = time.time()
     rows = write_oracle_shards(recipe, d, run / "oracle", fp)
+    oracle_s = time.time() - t0
+    tokenizer_ready()
     console.print(f"teacher {d}: training on {rows} oracle traces → {out}")
     t0 = time.time()
     report = train(
@@ -226,6 +247,7 @@ def train_bootstrap(recipe: Recipe, d: str, tok_dir: Path, force: bool = False) 
         "fingerprint": fp,
         "domain": d,
         "oracle_rows": rows,
+        "oracle_s": round(oracle_s, 2),  # writing the oracle shards (the stage's record has it)
         "train_s": time.time() - t0,
         "train": report,
     }
@@ -296,10 +318,15 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
     """The teachers stage (``distill teachers``); ``force`` retrains what is up to date."""
     bootstrap = [d for d in recipe.active_domains() if recipe.teachers[d].kind == "bootstrap"]
     info: dict[str, Any] = {}
-    tok = (
-        build_tokenizer(recipe, force) if (bootstrap or recipe.tokenizer.kind == "train") else None
-    )
-    trained = _train_parallel(recipe, bootstrap, tok, force) if _parallel_ok(bootstrap) else {}
+    if _parallel_ok(bootstrap):  # the tokenizer is built while the teachers write their data
+        trained, tok = _train_parallel(recipe, bootstrap, force)
+    else:
+        trained = {}
+        tok = (
+            build_tokenizer(recipe, force)
+            if (bootstrap or recipe.tokenizer.kind == "train")
+            else None
+        )
     for d in recipe.active_domains():
         t = recipe.teachers[d]
         if t.kind == "bootstrap":
@@ -307,6 +334,7 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
             info[d] = {
                 "kind": "bootstrap",
                 "path": str(recipe.out / "teachers" / d),
+                "oracle_s": rec.get("oracle_s"),
                 "train_s": rec.get("train_s"),
             }
         elif t.kind == "hf":
@@ -344,28 +372,33 @@ def _workers(n: int) -> tuple[int, int]:
     return (n if gpus else min(n, os.cpu_count() or 1)), gpus
 
 
-def _train_parallel(recipe: Recipe, domains: list[str], tok: Path, force: bool) -> dict[str, Any]:
+def _train_parallel(recipe: Recipe, domains: list[str], force: bool) -> tuple[dict[str, Any], Path]:
     """Each teacher in its own spawned process on one CPU thread (and, with GPUs, one GPU
     given round-robin); output goes to ``runs/teachers/<domain>/train.log`` so the progress
-    bars do not interleave."""
+    bars do not interleave. This process builds the tokenizer meanwhile: the teachers
+    write their oracle shards (which do not need it) and wait for it before training.
+    On an H100 host (2026-12-06) the tokenizer took 11 s, then ~31 s passed before the
+    agents teacher, the stage's last, began its training call (spawning, its 30,000
+    oracle conversations), one after the other."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     workers, gpus = _workers(len(domains))
+    ctx = mp.get_context("spawn")
+    ready, failed = ctx.Event(), ctx.Value("b", 0)
+    tok = tokenizer_dir(recipe)
     where = f" on {gpus} GPU{'s' if gpus > 1 else ''}" if gpus else ""
     console.print(
         f"teachers: training {', '.join(domains)} in {workers} processes{where} "
         f"(logs in {recipe.out / layout.RUNS / 'teachers'}/<domain>/train.log)"
     )
     out: dict[str, Any] = {}
-    from distill.launch import die_with_parent
-
     # a worker must not outlive this process: it would finish its teacher after a kill
     with ProcessPoolExecutor(
         workers,
-        mp_context=mp.get_context("spawn"),
-        initializer=die_with_parent,
-        initargs=(os.getpid(),),
+        mp_context=ctx,
+        initializer=_worker_init,
+        initargs=(os.getpid(), ready, failed),
     ) as pool:
         # longest first, so the last teachers to start are the short ones
         order = sorted(domains, key=lambda d: -(recipe.teachers[d].train.max_steps or 0))
@@ -376,6 +409,13 @@ def _train_parallel(recipe: Recipe, domains: list[str], tok: Path, force: bool) 
             )
             for i, d in enumerate(order)
         }
+        try:
+            tok = build_tokenizer(recipe, force)
+        except BaseException:
+            failed.value = 1  # the teachers stop before training; this error is the one told
+            raise
+        finally:
+            ready.set()
         for d, job in jobs.items():
             try:
                 out[d] = job.result()
@@ -389,7 +429,28 @@ def _train_parallel(recipe: Recipe, domains: list[str], tok: Path, force: bool) 
                 f"teacher {d}: done in {out[d].get('train_s') or 0:.0f} s, "
                 f"{rep.get('steps', '?')} steps, final loss {rep.get('final_loss') or float('nan'):.4f}"
             )
-    return out
+    return out, tok
+
+
+_TOKENIZER: tuple[Any, Any] | None = None  # a teacher worker's (ready, failed) from its parent
+
+
+def _worker_init(parent: int, ready: Any, failed: Any) -> None:
+    from distill.launch import die_with_parent
+
+    die_with_parent(parent)
+    global _TOKENIZER
+    _TOKENIZER = (ready, failed)
+
+
+def _tokenizer_ready() -> None:
+    """Return once the parent has built the tokenizer; raise if it could not."""
+    if _TOKENIZER is None:
+        return
+    ready, failed = _TOKENIZER
+    ready.wait()
+    if failed.value:
+        raise UserError("tokenizer: not built (the stage's error says why)")
 
 
 def _tokenize_share(workers: int) -> int:
@@ -418,4 +479,4 @@ def _train_in_worker(
     with open(log, "w") as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
-        return train_bootstrap(recipe, d, tok, force)
+        return train_bootstrap(recipe, d, tok, force, _tokenizer_ready)

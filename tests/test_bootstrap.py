@@ -280,6 +280,27 @@ def test_teachers_trained_in_parallel_processes_equal_one_by_one(tmp_path, monke
     assert weights(par) == weights(seq)
 
 
+def test_a_tokenizer_that_fails_while_teachers_write_their_data_stops_the_stage(
+    tmp_path, monkeypatch
+):
+    """The parallel stage builds the tokenizer while the teachers write their oracle
+    shards: when it fails, its error is the one told and no teacher trains."""
+    recipe = micro_recipe(tmp_path)
+    monkeypatch.setattr(bootstrap, "_parallel_ok", lambda domains: True)
+
+    def broken(recipe, force=False):
+        raise UserError("tokenizer.vocab_size: too small (planted)")
+
+    monkeypatch.setattr(bootstrap, "build_tokenizer", broken)
+    with pytest.raises(UserError, match="planted"):
+        bootstrap.run(recipe)
+    for d in ("math", "logic"):
+        run = recipe.out / "runs" / "teachers" / d
+        assert (run / "oracle" / "_manifest.json").exists()  # written meanwhile
+        assert "training on" not in (run / "train.log").read_text()
+        assert not (recipe.out / "teachers" / d / "model.safetensors").exists()
+
+
 def test_teacher_processes_share_the_gpus_round_robin(tmp_path, monkeypatch):
     """With GPUs every teacher gets its own process, each on one GPU in turn (within what
     CUDA_VISIBLE_DEVICES already allows); on CPU one process per core."""
@@ -298,7 +319,7 @@ def test_teacher_processes_share_the_gpus_round_robin(tmp_path, monkeypatch):
     monkeypatch.setattr(
         bootstrap,
         "train_bootstrap",
-        lambda recipe, d, tok, force: seen.setdefault(d, os.environ["CUDA_VISIBLE_DEVICES"]),
+        lambda recipe, d, tok, force, ready: seen.setdefault(d, os.environ["CUDA_VISIBLE_DEVICES"]),
     )
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
