@@ -34,6 +34,19 @@ ENV = "DISTILL_CPU_PROCS"
 MAX_AUTO = 8  # beyond this, gloo's all-reduce of a small model costs more than it saves
 
 
+MANY_CORES = 8  # host work (filter domains, tokenizing) spreads over processes from here;
+# below it (the 2-core demo and CI machines) it stays in one, where workers would only
+# fight the verifier pools and training processes for the cores
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or taskset's share), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on every platform
+        return os.cpu_count() or 1
+
+
 def cpu_procs() -> int:
     """Processes a CPU stage should run in (1 = this process)."""
     import torch

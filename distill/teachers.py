@@ -458,8 +458,10 @@ def _tokenize_share(workers: int) -> int:
     cores split between the teachers that start at once. On a 16-core GPU host the agents
     teacher, the stage's last to finish, spent ~30 s tokenizing its 30,000 traces in one
     process before its first step. Hosts under 8 cores tokenize in the teacher's own."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // workers) if (cores or 1) >= 8 else 1
+    from distill.launch import MANY_CORES, usable_cores
+
+    cores = usable_cores()
+    return max(1, cores // workers) if cores >= MANY_CORES else 1
 
 
 def _train_in_worker(

@@ -30,12 +30,14 @@ def tokenize_workers(rows: int) -> int:
     (``distill teachers`` sets it per teacher, so teachers training at once share the
     cores), else one per two cores on hosts of 8 or more (at most 8), else 1. Small
     domains and small machines (the 2-core demo) keep the single process."""
+    from distill.launch import MANY_CORES, usable_cores
+
     env = os.environ.get("DISTILL_TOKENIZE_WORKERS")
     if env is not None:
         n = int(env)
     else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        n = min(8, (cores or 1) // 2) if (cores or 1) >= 8 else 1
+        cores = usable_cores()
+        n = min(8, cores // 2) if cores >= MANY_CORES else 1
     return max(1, n) if rows >= PARALLEL_MIN_ROWS else 1
 
 

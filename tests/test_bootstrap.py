@@ -357,3 +357,13 @@ def test_a_plugin_oracle_without_check_is_asked_plainly_and_refused_a_check_by_n
     assert oracle_messages(Plain(), "hi") == [{"role": "user", "content": "hi"}]
     with pytest.raises(UserError, match=r"^teachers\.plain\.oracle_check_share: .*set it to 0"):
         oracle_messages(Plain(), "hi", check=True)
+
+
+def test_teachers_split_the_cores_for_tokenizing(monkeypatch):
+    """Four teachers on a 16-core GPU host tokenize with 4 processes each; the 2-core demo
+    machine tokenizes in each teacher's own process (distill/tokenize.py)."""
+    import os
+
+    for cores, teachers, want in ((16, 4, 4), (16, 3, 5), (2, 2, 1), (4, 1, 1)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _, c=cores: set(range(c)))
+        assert bootstrap._tokenize_share(teachers) == want

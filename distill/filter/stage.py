@@ -50,7 +50,6 @@ from teachers.base import REGISTRY, get_domain, task_from_trace
 DONE = "_filter.json"  # per domain, written after its manifest: the domain is complete
 DROPPED = "_dropped.jsonl"  # per domain: every dropped row's id, step and reason
 PARALLEL_ENV = "DISTILL_FILTER_PARALLEL"
-PARALLEL_MIN_CORES = 8
 
 
 def settings(cfg: FilterConfig) -> dict[str, Any]:
@@ -308,11 +307,10 @@ def _parallel_domains(n_todo: int) -> int:
                 f"got {value!r}"
             )
         return max(1, min(n_todo, n))
-    try:
-        cores = len(os.sched_getaffinity(0))  # the cores this process may use (containers)
-    except (AttributeError, OSError):  # not on every platform
-        cores = os.cpu_count() or 1
-    if cores < PARALLEL_MIN_CORES:
+    from distill.launch import MANY_CORES, usable_cores
+
+    cores = usable_cores()
+    if cores < MANY_CORES:
         return 1
     return max(1, min(n_todo, cores // 2))
 
