@@ -34,5 +34,6 @@ for s in "${seeds[@]}"; do
         -o -name '_stage.json' -o -name 'filter_report.json' \
         -o -name '*.jsonl' -path 'eval/samples/*' | tar -czf "$OUT/runs-s$s.tgz" -T -) 2>/dev/null
     echo "== seed $s"; grep -iE "MISSED|met|recovery|wall" "data/gpu-s$s/eval/report.md" | head -40
+    python3 bench/gpu_summary.py "data/gpu-s$s"  # where the time went, stage by stage
     tail -n 5 "$OUT/gpu-s$s.log"
 done

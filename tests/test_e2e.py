@@ -172,6 +172,7 @@ def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed
         assert (f"teacher:{d}", d) in cells and ("student", d) in cells
         assert 0.0 <= report["scores"][0]["pass1"] <= 1.0
     assert set(report["recovery"]) == set(DOMAINS)
+    _check_time_summary(out)
     for d in DOMAINS:  # recovery before and after mixed RL
         assert {"ratio", "distilled_ratio"} <= set(report["recovery"][d])
     assert "teacher_supervised" in report["recovery"]["math"]
@@ -404,3 +405,19 @@ def test_hf_teachers_recipe_with_a_model_dir_and_distill_serve(tmp_path):
     ]
     bad = CliRunner().invoke(app, ["teachers", "recipes/hf-teachers.yaml", *broken])
     assert isinstance(bad.exception, UserError) and "teachers.math.path" in str(bad.exception)
+
+
+def _check_time_summary(out):
+    """bench/gpu_summary.py (printed after each GPU recipe run) reads every stage's
+    records of a finished run: each stage's line, each teacher's oracle and train time."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "bench" / "gpu_summary.py"
+    spec = importlib.util.spec_from_file_location("gpu_summary", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.summary(out)
+    assert "targets" in text.splitlines()[0]
+    for stage in ("teachers", "generate", "filter", "train", "rl", "eval"):
+        assert any(line.strip().startswith(stage + " ") for line in text.splitlines()), stage
+    assert "oracle" in text and "train call" in text and "steps in" in text
