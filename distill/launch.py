@@ -92,6 +92,45 @@ def die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
+def spawn_pool(workers: int, init: Callable | None = None, initargs: tuple = ()):
+    """A process pool whose workers are spawned (a fork of a process holding torch's
+    threads and locks can deadlock) and die with this process (left running, they would
+    go on writing what a rerun writes); ``init(*initargs)`` then runs in each. The
+    initargs travel with the spawn, so multiprocessing events and values may be among
+    them."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=mp.get_context("spawn"),
+        initializer=_pool_init,
+        initargs=(os.getpid(), init, initargs),
+    )
+
+
+def _pool_init(parent: int, init: Callable | None, initargs: tuple) -> None:
+    die_with_parent(parent)
+    if init is not None:
+        init(*initargs)
+
+
+def env_count(name: str) -> int | None:
+    """A process count from the environment variable ``name``: None when unset or
+    ``auto``; a clear error for anything but a whole number >= 0."""
+    value = os.environ.get(name, "auto").strip().lower()
+    if value in ("", "auto"):
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise UserError(
+            f"{name}: expected 'auto' or a process count (0 or 1 = one process), got {value!r}"
+        )
+    return n
+
+
 def _worker(
     fn: Callable, args: tuple, rank: int, world: int, port: int, results, parent: int
 ) -> None:

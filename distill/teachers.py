@@ -382,7 +382,8 @@ def _train_parallel(recipe: Recipe, domains: list[str], force: bool) -> tuple[di
     agents teacher, the stage's last, began its training call (spawning, its 30,000
     oracle conversations), one after the other."""
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+
+    from distill.launch import spawn_pool
 
     workers, gpus = _workers(len(domains))
     ctx = mp.get_context("spawn")
@@ -394,13 +395,7 @@ def _train_parallel(recipe: Recipe, domains: list[str], force: bool) -> tuple[di
         f"(logs in {recipe.out / layout.RUNS / 'teachers'}/<domain>/train.log)"
     )
     out: dict[str, Any] = {}
-    # a worker must not outlive this process: it would finish its teacher after a kill
-    with ProcessPoolExecutor(
-        workers,
-        mp_context=ctx,
-        initializer=_worker_init,
-        initargs=(os.getpid(), ready, failed),
-    ) as pool:
+    with spawn_pool(workers, _worker_init, (ready, failed)) as pool:
         # longest first, so the last teachers to start are the short ones
         order = sorted(domains, key=lambda d: -(recipe.teachers[d].train.max_steps or 0))
         share = _tokenize_share(workers)
@@ -436,10 +431,7 @@ def _train_parallel(recipe: Recipe, domains: list[str], force: bool) -> tuple[di
 _TOKENIZER: tuple[Any, Any] | None = None  # a teacher worker's (ready, failed) from its parent
 
 
-def _worker_init(parent: int, ready: Any, failed: Any) -> None:
-    from distill.launch import die_with_parent
-
-    die_with_parent(parent)
+def _worker_init(ready: Any, failed: Any) -> None:
     global _TOKENIZER
     _TOKENIZER = (ready, failed)
 
@@ -455,7 +447,7 @@ def _tokenizer_ready() -> None:
 
 
 def _tokenize_share(workers: int) -> int:
-    """Tokenizing processes each teacher may start (distill/train/data.py): the host's
+    """Tokenizing processes each teacher may start (distill/tokenize.py): the host's
     cores split between the teachers that start at once (the agents teacher, the GPU
     recipe's last to finish, tokenizes 30,000 multi-turn traces before its first step).
     Hosts under 8 cores tokenize in the teacher's own."""

@@ -12,7 +12,6 @@ This module imports no torch: a worker starts in a fraction of a second.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +30,10 @@ def tokenize_workers(rows: int) -> int:
     (``distill teachers`` sets it per teacher, so teachers training at once share the
     cores), else one per two cores on hosts of 8 or more (at most 8), else 1. Small
     domains and small machines (the 2-core demo) keep the single process."""
-    from distill.launch import MANY_CORES, usable_cores
+    from distill.launch import MANY_CORES, env_count, usable_cores
 
-    env = os.environ.get("DISTILL_TOKENIZE_WORKERS")
-    if env is not None:
-        n = int(env)
-    else:
+    n = env_count("DISTILL_TOKENIZE_WORKERS")
+    if n is None:
         cores = usable_cores()
         n = min(8, cores // 2) if cores >= MANY_CORES else 1
     return max(1, n) if rows >= PARALLEL_MIN_ROWS else 1
@@ -87,23 +84,15 @@ def tokenize_table(domain, shard_dir, tokenizer, max_seq_len, kd, short_share=0.
 
 
 def _tokenize_parallel(n_rows, tokenizer, args, workers, advance) -> list[dict]:
-    """Rows ``[0, n_rows)`` in contiguous chunks over ``workers`` spawned processes (a
-    fork of a process holding torch's threads is unsafe); the parts come back in row
-    order, so the cache is the one a single process writes."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    from distill.launch import die_with_parent
+    """Rows ``[0, n_rows)`` in contiguous chunks over ``workers`` spawned processes; the
+    parts come back in row order, so the cache is the one a single process writes. The
+    tokenizer goes to each worker once, with its start, not with every chunk."""
+    from distill.launch import spawn_pool
 
     chunk = -(-n_rows // (workers * 4))  # 4 chunks a worker: the bar moves, the load evens
     bounds = [(lo, min(lo + chunk, n_rows)) for lo in range(0, n_rows, chunk)]
-    with ProcessPoolExecutor(
-        workers,
-        mp_context=mp.get_context("spawn"),
-        initializer=die_with_parent,
-        initargs=(os.getpid(),),
-    ) as pool:
-        jobs = [pool.submit(_tokenize_chunk, tokenizer, args, lo, hi) for lo, hi in bounds]
+    with spawn_pool(workers, _worker_init, (tokenizer,)) as pool:
+        jobs = [pool.submit(_tokenize_chunk, args, lo, hi) for lo, hi in bounds]
         parts = []
         for job, (lo, hi) in zip(jobs, bounds, strict=True):
             try:
@@ -119,14 +108,19 @@ def _tokenize_parallel(n_rows, tokenizer, args, workers, advance) -> list[dict]:
     return parts
 
 
-_TABLES: dict[str, object] = {}  # a worker's memory-mapped table, read once for its chunks
+_WORKER: dict[str, object] = {}  # a worker's tokenizer and memory-mapped tables
 
 
-def _tokenize_chunk(tokenizer, args, lo: int, hi: int) -> dict:
+def _worker_init(tokenizer) -> None:
+    _WORKER["tokenizer"] = tokenizer
+
+
+def _tokenize_chunk(args, lo: int, hi: int) -> dict:
     shard_dir = args[1]
-    if shard_dir not in _TABLES:
-        _TABLES[shard_dir] = read_table(shard_dir)  # verified by the parent
-    return _tokenize_rows(_TABLES[shard_dir], tokenizer, *args, lo, hi, lambda n: None)
+    if shard_dir not in _WORKER:
+        _WORKER[shard_dir] = read_table(shard_dir)  # verified by the parent; read once
+    tok = _WORKER["tokenizer"]
+    return _tokenize_rows(_WORKER[shard_dir], tok, *args, lo, hi, lambda n: None)
 
 
 def _tokenize_rows(

@@ -10,6 +10,7 @@ import shutil
 import pytest
 from test_filter_stage import MATH, _planted, _recipe, _trace, _write_raw
 
+from distill import launch
 from distill.errors import UserError
 from distill.filter import stage
 from distill.filter.stage import DONE, DROPPED, PARALLEL_ENV, _parallel_domains, run
@@ -100,10 +101,10 @@ def test_parallel_domains(monkeypatch):
         _parallel_domains(4)
 
     monkeypatch.delenv(PARALLEL_ENV)
-    monkeypatch.setattr(stage.os, "sched_getaffinity", lambda pid: set(range(2)))
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(2)))
     assert [_parallel_domains(n) for n in (1, 4)] == [1, 1]  # a 2-core CI or demo machine
-    monkeypatch.setattr(stage.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(16)))
     assert [_parallel_domains(n) for n in (0, 1, 2, 4, 12)] == [1, 1, 2, 4, 8]
-    monkeypatch.delattr(stage.os, "sched_getaffinity")  # not on every platform
-    monkeypatch.setattr(stage.os, "cpu_count", lambda: 16)
+    monkeypatch.delattr(launch.os, "sched_getaffinity")  # not on every platform
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 16)
     assert _parallel_domains(4) == 4

@@ -192,10 +192,15 @@ def test_parallel_tokenize_writes_the_single_process_cache(tok, tmp_path, monkey
 
 
 def test_tokenize_workers_by_host_size(monkeypatch):
+    import os
+
     import distill.tokenize as data
 
     monkeypatch.delenv("DISTILL_TOKENIZE_WORKERS", raising=False)
     for cores, want in ((2, 1), (4, 1), (8, 4), (16, 8), (64, 8)):
-        monkeypatch.setattr(data.os, "sched_getaffinity", lambda _, c=cores: set(range(c)))
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _, c=cores: set(range(c)))
         assert data.tokenize_workers(100_000) == want
         assert data.tokenize_workers(10) == 1  # small domains: one process
+    monkeypatch.setenv("DISTILL_TOKENIZE_WORKERS", "four")
+    with pytest.raises(UserError, match="DISTILL_TOKENIZE_WORKERS: expected 'auto'"):
+        data.tokenize_workers(100_000)

@@ -184,8 +184,8 @@ class HFBackend:
         """:meth:`render` of many conversations. With our template the texts are rendered
         in Python and tokenized in one batched call, which the Rust tokenizer spreads over
         the cores. Tokenizing is most of a render's time: 0.23 ms of 0.24 for a difficulty-3
-        agents episode's ~1,200 characters on a 2-core CPU (load 0.3), 0.14 ms batched there (less with
-        more cores), and an agents rollout renders its whole conversation every turn."""
+        agents episode's ~1,200 characters on a 2-core CPU (load 0.3, one run), 0.14 ms
+        batched there, and an agents rollout renders its whole conversation every turn."""
         tools = tools or [None] * len(conversations)
         out: list[list[int] | None] = [None] * len(conversations)
         texts: dict[int, str] = {}

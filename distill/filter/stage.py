@@ -16,7 +16,6 @@ so a rerun on the same inputs writes the same shards.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import time
@@ -295,19 +294,10 @@ def _parallel_domains(n_todo: int) -> int:
     side would only fight those pools for the cores. ``DISTILL_FILTER_PARALLEL=0`` keeps
     the stage sequential on any host; ``DISTILL_FILTER_PARALLEL=N`` uses N processes (at
     most one per domain) on any host; ``auto`` or unset decides as above."""
-    value = os.environ.get(PARALLEL_ENV, "auto").strip().lower()
-    if value not in ("", "auto"):
-        try:
-            n = int(value)
-        except ValueError:
-            n = -1
-        if n < 0:
-            raise UserError(
-                f"{PARALLEL_ENV}: expected 'auto' or a process count (0 = sequential), "
-                f"got {value!r}"
-            )
+    from distill.launch import MANY_CORES, env_count, usable_cores
+
+    if (n := env_count(PARALLEL_ENV)) is not None:
         return max(1, min(n_todo, n))
-    from distill.launch import MANY_CORES, usable_cores
 
     cores = usable_cores()
     if cores < MANY_CORES:
@@ -325,24 +315,18 @@ def _filter_parallel(
     those not started are cancelled, those running finish (their output is complete and
     kept for the rerun), and the error of the first failed one in recipe order is raised,
     as a sequential run would."""
-    import multiprocessing as mp
-    from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
+    from concurrent.futures import CancelledError, as_completed
 
     from distill.errors import storage_error
+    from distill.launch import spawn_pool
 
     if bar is not None:
         bar.say(f"filter: {', '.join(todo)} in {procs} processes")
     out: dict[str, dict[str, Any]] = {}
     failed: dict[str, BaseException] = {}
-    # spawn, not fork: this process may hold torch's threads and locks. The Recipe
-    # (pydantic) and the NgramIndex (lists and numpy arrays: ~1 MB and a few ms to pickle
-    # for recipes/gpu.yaml) pickle cheaply, so the index is built once, here.
-    with ProcessPoolExecutor(
-        procs,
-        mp_context=mp.get_context("spawn"),
-        initializer=_worker_init,
-        initargs=(os.getpid(),),
-    ) as pool:
+    # The Recipe (pydantic) and the NgramIndex (lists and numpy arrays: ~1 MB and a few ms
+    # to pickle for recipes/gpu.yaml) pickle cheaply, so the index is built once, here.
+    with spawn_pool(procs, _ignore_sigint) as pool:
         jobs = {pool.submit(_filter_in_worker, recipe, d, index): d for d in todo}
         try:
             for job in as_completed(jobs):
@@ -373,14 +357,10 @@ def _filter_parallel(
     return out
 
 
-def _worker_init(parent: int) -> None:
-    """A domain's worker process: it dies with ``parent`` (left running, it would go on
-    writing clean/<domain>/ under a rerun), and Ctrl-C reaches it only while it filters.
-    An idle worker killed by Ctrl-C would break the pool, which then terminates the busy
-    ones mid-verification and orphans their verifier workers, waiting forever."""
-    from distill.launch import die_with_parent
-
-    die_with_parent(parent)
+def _ignore_sigint() -> None:
+    """A domain's worker process: Ctrl-C reaches it only while it filters. An idle worker
+    killed by Ctrl-C would break the pool, which then terminates the busy ones
+    mid-verification and orphans their verifier workers, waiting forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
