@@ -115,10 +115,13 @@ def attention(p: dict, t: int, dev, dtype) -> dict:
     return row
 
 
-def decode(p: dict, dev, dtype) -> dict:
-    """Tokens/s of the dense and the DSA model at ``decode_ctx`` context, batch B."""
+def decode(p: dict, dev, dtype, profile: bool = False) -> dict:
+    """Tokens/s of the dense and the DSA model at ``decode_ctx`` context, batch B. With
+    ``profile``, then each model's ops over two more steps, by device time (where a step's
+    time goes: the figure alone does not say)."""
     from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
+    from distill.backends.hf import cache_kwarg
     from distill.dsa.config import DSAConfig
     from distill.dsa.model import DSAForCausalLM
 
@@ -140,7 +143,7 @@ def decode(p: dict, dev, dtype) -> dict:
             )  # fmt: skip
             model = DSAForCausalLM(cfg)
         model = model.to(dev, dtype).eval()
-        cache = StaticCache(config=model.config, max_cache_len=ctx + steps + 1)
+        cache = StaticCache(config=model.config, max_cache_len=ctx + steps + 3)  # +2: profile
         g = torch.Generator(device=dev).manual_seed(0)
         with torch.no_grad():
             for i in range(p["layers"]):  # a filled context of random keys and values
@@ -158,17 +161,32 @@ def decode(p: dict, dev, dtype) -> dict:
             mask = torch.ones(b, at + 1, dtype=torch.long, device=dev)
             pos = torch.full((b, 1), at, device=dev)
             with torch.no_grad():
-                model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
-                      use_cache=True, logits_to_keep=1)  # fmt: skip
+                model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                      logits_to_keep=1, **{cache_kwarg(model): cache})  # fmt: skip
             state["at"] = at + 1
 
         s, gb = _timed(step, dev, steps - 1)
         row[f"{name}_tok_s"], row[f"{name}_peak_gb"] = round(b / s, 1), gb and round(gb, 2)
+        if profile:
+            _profile(step, dev, f"{name} decode, 2 steps")
         del model, cache
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     row["speedup"] = round(row["dsa_tok_s"] / row["dense_tok_s"], 2)
     return row
+
+
+def _profile(fn, dev, title: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            fn()
+        _sync(dev)
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    print(f"== profile: {title}", flush=True)
+    print(prof.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=60))
 
 
 def main() -> None:
@@ -177,6 +195,8 @@ def main() -> None:
     ap.add_argument("--lengths", default=None, help="comma-separated token counts")
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--decode-only", action="store_true", help="skip the attention rows")
+    ap.add_argument("--profile-decode", action="store_true", help="print each model's ops")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -189,14 +209,14 @@ def main() -> None:
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, preset {p}", flush=True)
     results = {"device": name, "preset": p, "attention": [], "decode": None}
-    for t in p["lengths"]:
+    for t in [] if args.decode_only else p["lengths"]:
         row = attention(p, t, dev, dtype)
         results["attention"].append(row)
         print(json.dumps(row), flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     if not args.skip_decode:
-        results["decode"] = decode(p, dev, dtype)
+        results["decode"] = decode(p, dev, dtype, args.profile_decode)
         print(json.dumps(results["decode"]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

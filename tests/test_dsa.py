@@ -483,10 +483,14 @@ def _convert_on_rank(root: str) -> str:
     return str(out)
 
 
-def test_conversion_hashes_and_builds_on_the_main_process_alone(tmp_path):
+def test_conversion_hashes_and_builds_on_the_main_process_alone(tmp_path, monkeypatch):
     """Two ranks convert one dense model: rank 0 alone hashes its files and builds and
     saves the DSA model; rank 1 gets the same path; one directory, no leftovers."""
     from distill import launch
+
+    # two CPU ranks (what launch.spawn is for): on a one-GPU host both would take cuda:0,
+    # which NCCL refuses ("Duplicate GPU detected")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
     _llama(dtype=torch.float32).save_pretrained(tmp_path / "dense")
     got = launch.spawn(_convert_on_rank, str(tmp_path), procs=2, what="test")
@@ -530,6 +534,8 @@ def test_cached_decoding_matches_the_full_forward(kind):
     logits of one forward over the whole sequence."""
     from transformers import DynamicCache, StaticCache
 
+    from distill.backends.hf import cache_kwarg
+
     model = _dsa(_llama(), top_k=4)
     ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(4))
     if kind == "static":
@@ -538,9 +544,10 @@ def test_cached_decoding_matches_the_full_forward(kind):
         cache = DynamicCache(config=model.config)
     with torch.no_grad():
         want = model(input_ids=ids).logits
-        parts = [model(input_ids=ids[:, :10], cache=cache, use_cache=True).logits]
+        kw = {cache_kwarg(model): cache, "use_cache": True}  # transformers 5.17 / later names
+        parts = [model(input_ids=ids[:, :10], **kw).logits]
         for i in range(10, 24):
-            parts.append(model(input_ids=ids[:, i : i + 1], cache=cache, use_cache=True).logits)
+            parts.append(model(input_ids=ids[:, i : i + 1], **kw).logits)
     torch.testing.assert_close(torch.cat(parts, 1), want)
 
 
@@ -550,7 +557,7 @@ def test_layer_type_is_the_installed_transformers_name(monkeypatch):
     installed version's name, so its caches keep indexer keys."""
     from transformers import cache_utils
 
-    from distill.dsa.config import DSAConfig, indexed_layer_type
+    from distill.dsa.config import INDEXED_LAYER_NAMES, DSAConfig, indexed_layer_type
     from distill.errors import UserError
 
     shape = dict(vocab_size=61, hidden_size=16, num_hidden_layers=2, num_attention_heads=2)
@@ -562,8 +569,8 @@ def test_layer_type_is_the_installed_transformers_name(monkeypatch):
         )
     # 5.17's mapping (later versions' configs rename the old name themselves, so only the
     # choice of name can be replayed here)
-    old = {k: v for k, v in installed.items() if k != "indexed_attention"}
-    old["deepseek_sparse_attention"] = installed["indexed_attention"]
+    old = {k: v for k, v in installed.items() if k not in INDEXED_LAYER_NAMES}
+    old["deepseek_sparse_attention"] = installed[indexed_layer_type()]
     monkeypatch.setattr(cache_utils, "DYNAMIC_LAYER_TYPE_MAPPING", old)
     assert indexed_layer_type() == "deepseek_sparse_attention"
     monkeypatch.setattr(cache_utils, "DYNAMIC_LAYER_TYPE_MAPPING", {})

@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 SMALL_MODEL = 20_000_000  # parameters under which CPU decoding uses one thread
 
 
+def cache_kwarg(model) -> str:
+    """The name ``model.forward`` takes its KV cache by: ``cache`` (recent transformers, 5.25 here) or
+    ``past_key_values`` (5.17, the device image's). The other name is not an error there: it slips
+    through ``**kwargs`` to the attention layers while the model builds a fresh empty cache
+    for itself, so positions restart at 0 and a dense layer attends to the new token alone."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 @dataclass
 class _Row:
     conv: int
@@ -141,8 +150,7 @@ class HFBackend:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids)
         self.max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_kwarg(model)
         self.static = None
         if static if static is not None else self.device.type == "cuda":
             from distill.backends.llama_decode import supported
