@@ -4,6 +4,8 @@
 # 8). One seed fills a device call (the
 # recipe's target is 9 minutes; a call ends at 10). Run on the GPU host from the
 # repository root: OUT=dir bash bench/gpu_recipe.sh [SEEDS...]   (default: 0)
+# RECIPE_SET="key=value ..." adds --set overrides to every seed's run (a variant of the
+# recipe tried before it is committed), e.g. RECIPE_SET="rl.domains.logic.beta=0.05"
 set -u
 OUT=${OUT:-bench/results/gpu-recipe}
 mkdir -p "$OUT"
@@ -19,7 +21,7 @@ t0=$SECONDS
 for s in "${seeds[@]}"; do
     rm -rf "data/gpu-s$s"
     PYTHONUNBUFFERED=1 timeout "${RECIPE_TIMEOUT:-570}" python3 -m distill run recipes/gpu.yaml --set seed="$s" \
-        --set output_dir="data/gpu-s$s" >"$OUT/gpu-s$s.log" 2>&1
+        --set output_dir="data/gpu-s$s" ${RECIPE_SET:+$(printf -- '--set %s ' $RECIPE_SET)} >"$OUT/gpu-s$s.log" 2>&1
     echo "seed $s rc=$? at $((SECONDS - t0)) s"
     cp "data/gpu-s$s/eval/report.json" "$OUT/report-s$s.json" 2>/dev/null
     cp "data/gpu-s$s/eval/report.md" "$OUT/report-s$s.md" 2>/dev/null
