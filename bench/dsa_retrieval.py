@@ -10,8 +10,33 @@ comes from attending to one earlier position, so a wrong top-k selection is a wr
 answer. Accuracy is the argmax at every answer position in one teacher-forced forward
 pass, on held-out sequences.
 
+The fixed-length copy (``copy_vary=0``) has a shortcut: every answer sits ``half``
+positions back, so one RoPE head learns that offset without matching tokens; a head
+learned so at one length does nothing at another. ``copy_vary=1`` draws each row's source
+length from [half / 2, half] (distinct tokens where the vocabulary allows), which leaves
+only the induction head (find this token earlier, take the next one), and that head
+carries across lengths. That is what the length curriculum needs (``short_length``,
+``short_s``; 0: off): the dense phase first trains ``short_s`` seconds at
+``short_length`` tokens, the batch scaled to keep the tokens a step
+(batch * length // short_length), then at the full length for the rest of ``dense_s``.
+
+Measured on the 2-core CPU, 2026-12-06 (load 1.5-2.0; one run each), 1,024 tokens:
+- fixed copy, keys=512 top_k=128, lr 1e-3, batch 16: in 40 s (65 steps) neither learned
+  (0.15% without, 0.10% with 20 s at 256 first); in 120 s the plain run learned (99.98%,
+  the jump at step ~200) but the curriculum (60 s at 256, 100% there, then 60 s at 1,024)
+  ended at 0.09%: the offset head did not transfer, the shortcut above;
+- varied copy, keys=32 (vocabulary 321, so repeats at 1,024: the ceiling is under 100%),
+  lr 3e-3, batch 4: plain, 100 s (1,111 steps) at 1,024: 0.50% (chance 0.3%); curriculum,
+  60 s at 256 (batch 16; the induction head formed at step ~600, 99.9% there) then 40 s
+  at 1,024: 56% after 50 steps, 86.7% at the end (DSA 67.5% after 2 + 2 steps);
+- varied copy, keys=512 (vocabulary 1,281), lr 3e-3: 800 steps at 256 did not form the
+  head (1.3%), nor did 180 steps at lr 1e-3 and batch 64: a larger vocabulary is slower.
+Not run at 16k: whether the h100 preset's short phase (vocabulary 8,449) forms the head
+in its time is not known.
+
 Phases, as the train stage runs them (``distill/dsa/train.py``), on the same data:
-1. dense: a small Llama learns the task from scratch (time-boxed);
+1. dense: a small Llama learns the task from scratch (time-boxed; the curriculum's short
+   phase first where ``short_length`` is set);
 2. convert (:func:`distill.dsa.model.from_dense`), then warm-up: only the indexer trains,
    on the KL to the dense attention;
 3. sparse: everything trains, CE + the indexer's KL over the selected keys.
@@ -39,26 +64,34 @@ from distill.dsa.model import from_dense
 
 PRESETS = {
     # the pairs task's h100 sizes (4 layers, 128 pairs) left the dense model at 0.6% after
-    # 2,210 steps in 150 s (H100, 2026-12-06; chance 0.2%): it decided nothing. The copy
-    # task gives ~8,000 answers a sequence and a dense model learns it at once (CPU: 256
-    # tokens by step ~200, 1,024 by step ~400); 4,096 keys make a 16k sequence's first half
-    # mostly distinct tokens (the vocabulary is 2 x keys + 257) (not run at 16k)
+    # 2,210 steps in 150 s (H100, 2026-12-06; chance 0.2%): it decided nothing. The fixed
+    # copy at 16k, 150 s (H100, 2026-12-06 09:58): CE at ln(vocab) = 9.04 for ~1,150 steps,
+    # 6.9 by step 3,055, dense 0.45%: nothing decided either. Hence the varied copy with
+    # a length curriculum (module docstring): 60 s at 1,024 tokens (batch 64), 90 s at
+    # 16k. 60 rather than 40: on the CPU the short phase was the slow part (the head
+    # formed after ~600 steps at 256) and the long one recovered within 50-100 steps; at
+    # 16k's ~20 steps/s (the fixed copy's) 90 s is ~1,800. lr 3e-3: the only rate at which
+    # the CPU runs formed an induction head. 4,096 keys: vocabulary 8,449 >= 8,192, so a
+    # 16k source can be all distinct tokens (not run at 16k)
     "h100": dict(
         length=16384, batch=4, pairs=128, queries=128, keys=4096, hidden=256, layers=2,
-        heads=8, kv=2, index_heads=4, index_head_dim=32, top_k=2048, lr=1e-3,
+        heads=8, kv=2, index_heads=4, index_head_dim=32, top_k=2048, lr=3e-3,
         dense_s=150, warmup_steps=50, sparse_steps=50, eval_batches=8, dtype="bf16",
-        task="copy",
+        task="copy", copy_vary=1, short_length=1024, short_s=60,
     ),
-    # 2-core CPU (load 1.6), 2026-12-06, one run each: copy, the dense model at 100% in
-    # 30 s, the converted one 13.2% before the warm-up (its indexer untrained, top-k 32 of
-    # 256), 89.0% after 10 warm-up steps, 99.9% after 10 sparse ones (60 + 60: 100%); at
-    # 1,024 tokens (top-k 128, 512 keys) dense 100% by step ~400, DSA 100% after 30 + 30.
-    # The pairs task (task=pairs) reached 14-18% dense in 60-90 s whatever the lr
+    # the h100 preset's path at small scale: varied copy, 30 s at 128 tokens (batch 32),
+    # then 15 s at 256. 2-core CPU (load 1.6-1.8), 2026-12-06, two runs: the head formed
+    # at step ~500 of the short phase (95.9 / 96.6% there), dense 98.6 / 98.5% at 256, the
+    # converted one 10.8 / 11.4% before the warm-up, 78.3 / 62.5% after 10 warm-up steps,
+    # 92.2 / 91.5% after 10 sparse; 52-53 s in all. The curriculum is not needed at 256: without it (60 s, lr 3e-3) the head
+    # formed at step ~600 (99.9%). Earlier, fixed copy (copy_vary=0, lr 1e-3, 30 s, no
+    # curriculum): dense 100%, DSA 13.2% / 89.0% / 99.9%. The pairs task (task=pairs)
+    # reached 14-18% dense in 60-90 s whatever the lr
     "cpu": dict(
         length=256, batch=16, pairs=8, queries=16, keys=32, hidden=64, layers=2,
-        heads=4, kv=2, index_heads=2, index_head_dim=16, top_k=32, lr=1e-3,
-        dense_s=30, warmup_steps=10, sparse_steps=10, eval_batches=4, dtype="fp32",
-        task="copy",
+        heads=4, kv=2, index_heads=2, index_head_dim=16, top_k=32, lr=3e-3,
+        dense_s=45, warmup_steps=10, sparse_steps=10, eval_batches=4, dtype="fp32",
+        task="copy", copy_vary=1, short_length=128, short_s=30,
     ),
 }  # fmt: skip
 
@@ -105,10 +138,33 @@ def copy_batch(p: dict, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]
     head), and far more answers a sequence than the pairs task gives."""
     b, t = p["batch"], p["length"]
     half = (t - 1) // 2
+    if p.get("copy_vary"):
+        return copy_vary_batch(p, g)
     src = torch.randint(1, vocab(p)[3], (b, half), generator=g)
     ids = torch.cat([src, torch.full((b, 1), SEP), src, torch.full((b, t - 2 * half - 1), SEP)], 1)
     answer = torch.zeros(b, t, dtype=torch.bool)
     answer[:, half : 2 * half] = True  # at SEP predict src[0], ..., at src[-2] predict src[-1]
+    return ids, answer
+
+
+def copy_vary_batch(p: dict, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The copy task with each row's source length drawn from [half / 2, half]: with a fixed
+    length every answer sits exactly ``half`` positions back, a relative offset that RoPE
+    lets one head learn without matching any token, and a head learned so at one length
+    is useless at another. Varying the offset leaves only the induction head (find the
+    current token earlier, take the next), which does not depend on the length. Source
+    tokens are distinct where the vocabulary allows, so every answer is unambiguous; the
+    tail after the copy is random tokens, not answers."""
+    b, t = p["batch"], p["length"]
+    half, n_vocab = (t - 1) // 2, vocab(p)[3]
+    ids = torch.randint(1, n_vocab, (b, t), generator=g)
+    answer = torch.zeros(b, t, dtype=torch.bool)
+    for r, n in enumerate(torch.randint(half // 2, half + 1, (b,), generator=g).tolist()):
+        if n < n_vocab - 1:
+            ids[r, :n] = 1 + torch.randperm(n_vocab - 1, generator=g)[:n]
+        ids[r, n] = SEP
+        ids[r, n + 1 : 2 * n + 1] = ids[r, :n]
+        answer[r, n : 2 * n] = True  # at SEP predict ids[0], ..., at ids[n - 2] ids[n - 1]
     return ids, answer
 
 
@@ -153,9 +209,12 @@ def _autocast(p: dict, dev):
 
 
 def train(model, p: dict, dev, *, dsa: bool, steps: int | None, seconds: float | None,
-          warmup: bool = False, seed: int = 0, log=print) -> dict:  # fmt: skip
+          warmup: bool = False, seed: int = 0, opt=None, phase: str | None = None,
+          log=print) -> dict:  # fmt: skip
     """Train ``model`` for ``steps`` or ``seconds``; the DSA phases add the indexer's KL
-    (warm-up: the KL alone, only the indexer trains)."""
+    (warm-up: the KL alone, only the indexer trains). ``opt``: an AdamW to go on with (the
+    dense curriculum's two lengths share one, so the long phase does not restart from
+    empty moments, whose first steps move every weight by ~lr); ``phase`` names the log."""
     layers = model.attention_layers() if dsa else []
     for a in layers:
         a.want_loss, a.dense = True, warmup
@@ -164,7 +223,9 @@ def train(model, p: dict, dev, *, dsa: bool, steps: int | None, seconds: float |
         q.requires_grad_(not warmup)
     for q in params:
         q.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=p["lr"], weight_decay=0.0)
+    if opt is None:
+        opt = torch.optim.AdamW(params, lr=p["lr"], weight_decay=0.0)
+    phase = phase or ("warmup" if warmup else ("sparse" if dsa else "dense"))
     g = torch.Generator().manual_seed(seed)
     t0, step, last = time.time(), 0, {}
     while (steps is None or step < steps) and (seconds is None or time.time() - t0 < seconds):
@@ -186,11 +247,7 @@ def train(model, p: dict, dev, *, dsa: bool, steps: int | None, seconds: float |
         step += 1
         last = dict(step=step, ce=round(ce.item(), 4), kl=round(kl.item(), 4), acc=round(acc, 3))
         if step % 50 == 0:
-            log(
-                json.dumps(
-                    {"phase": "warmup" if warmup else ("sparse" if dsa else "dense"), **last}
-                )
-            )
+            log(json.dumps({"phase": phase, **last}))
     for a in layers:
         a.want_loss, a.dense = False, False
     for q in model.parameters():
@@ -221,7 +278,24 @@ def main() -> None:
     print(json.dumps({"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                       "preset": p, "params": sum(x.numel() for x in dense.parameters())}))  # fmt: skip
     res: dict = {"preset": p, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    res["dense_train"] = train(dense, p, dev, dsa=False, steps=None, seconds=p["dense_s"])
+    opt = torch.optim.AdamW(dense.parameters(), lr=p["lr"], weight_decay=0.0)
+    long_s = p["dense_s"]
+    if p.get("short_length"):
+        # length curriculum: the induction head is learned at short length, where attention
+        # spreads over fewer keys so the pull toward the right one is stronger, then carried
+        # to the full length (a head that looks up "after the earlier occurrence of this
+        # token" is not tied to a length; with copy_vary=0 the head learned is an offset,
+        # which is, and the CPU runs lost it at 1,024). Tokens a step as the long phase's
+        short = dict(p, length=p["short_length"],
+                     batch=max(1, p["batch"] * p["length"] // p["short_length"]))  # fmt: skip
+        res["dense_short"] = train(dense, short, dev, dsa=False, steps=None,
+                                   seconds=p["short_s"], seed=3, opt=opt,
+                                   phase="dense_short")  # fmt: skip
+        res["dense_short"]["length"], res["dense_short"]["batch"] = short["length"], short["batch"]
+        res["dense_short"]["eval_acc"] = evaluate(dense, short, dev, dsa=False)
+        print(json.dumps({"dense_short_acc": res["dense_short"]["eval_acc"], **res["dense_short"]}))
+        long_s = p["dense_s"] - p["short_s"]
+    res["dense_train"] = train(dense, p, dev, dsa=False, steps=None, seconds=long_s, opt=opt)
     res["dense_acc"] = evaluate(dense, p, dev, dsa=False)
     print(json.dumps({"dense_acc": res["dense_acc"], **res["dense_train"]}))
     model = from_dense(

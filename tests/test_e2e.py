@@ -173,6 +173,7 @@ def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed
         assert 0.0 <= report["scores"][0]["pass1"] <= 1.0
     assert set(report["recovery"]) == set(DOMAINS)
     _check_time_summary(out)
+    _check_dsa_vs_dense(out)
     for d in DOMAINS:  # recovery before and after mixed RL
         assert {"ratio", "distilled_ratio"} <= set(report["recovery"][d])
     assert "teacher_supervised" in report["recovery"]["math"]
@@ -407,16 +408,37 @@ def test_hf_teachers_recipe_with_a_model_dir_and_distill_serve(tmp_path):
     assert isinstance(bad.exception, UserError) and "teachers.math.path" in str(bad.exception)
 
 
+def _bench_module(name):
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _check_dsa_vs_dense(out):
+    """bench/dsa_vs_dense.py (issue #19's quality check) reads two real reports: a report
+    against itself is within 1 point everywhere; a student 2 points lower on one domain
+    misses there, and only there."""
+    import copy
+
+    rows = _bench_module("dsa_vs_dense").rows
+    report = json.loads((out / "eval" / "report.json").read_text())
+    same = rows(report, report, 1.0)
+    assert same and all(r["met"] and r["gap"] == 0 for r in same)
+    base, worse = copy.deepcopy(report), copy.deepcopy(report)
+    d = report["domains"][0]
+    base["recovery"][d]["student"], worse["recovery"][d]["student"] = 0.5, 0.48
+    missed = [(r["domain"], r["stage"]) for r in rows(base, worse, 1.0) if not r["met"]]
+    assert missed == [(d, "final")]
+
+
 def _check_time_summary(out):
     """bench/gpu_summary.py (printed after each GPU recipe run) reads every stage's
     records of a finished run: each stage's line, each teacher's oracle and train time."""
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "bench" / "gpu_summary.py"
-    spec = importlib.util.spec_from_file_location("gpu_summary", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    text = mod.summary(out)
+    text = _bench_module("gpu_summary").summary(out)
     assert "targets" in text.splitlines()[0]
     for stage in ("teachers", "generate", "filter", "train", "rl", "eval"):
         assert any(line.strip().startswith(stage + " ") for line in text.splitlines()), stage

@@ -1,0 +1,60 @@
+"""Issue #19's quality check from two eval reports: the DSA student against the dense one
+it was converted from (same teachers and data), per domain, distilled and after mixed RL.
+
+The target: the DSA student's held-out pass@1 within 1 point of the dense student's on
+every domain. A difference of two scores on n tasks each has a standard error of
+sqrt(p1(1-p1)/n + p2(1-p2)/n); the table gives it, so a gap is read against its noise.
+
+    python bench/dsa_vs_dense.py DENSE/report.json DSA/report.json [--within 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def rows(dense: dict, dsa: dict, within: float) -> list[dict]:
+    out = []
+    for d in dense["domains"]:
+        a, b = dense["recovery"].get(d), dsa["recovery"].get(d)
+        if a is None or b is None:
+            continue
+        n = next(s["tasks"] for s in dsa["scores"] if s["domain"] == d)
+        for stage, key in (("distilled", "distilled"), ("final", "student")):
+            p1, p2 = a.get(key), b.get(key)
+            if p1 is None or p2 is None:
+                continue
+            gap = 100 * (p2 - p1)
+            se = 100 * math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / n)
+            out.append(dict(domain=d, stage=stage, dense=100 * p1, dsa=100 * p2, gap=gap,
+                            se=se, tasks=n, met=round(gap, 6) >= -within))  # fmt: skip
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dense", type=Path)
+    ap.add_argument("dsa", type=Path)
+    ap.add_argument("--within", type=float, default=1.0, help="points the DSA student may lose")
+    a = ap.parse_args()
+    try:
+        dense, dsa = (json.loads(p.read_text()) for p in (a.dense, a.dsa))
+    except (OSError, ValueError) as e:
+        print(f"dsa_vs_dense: cannot read a report: {e}", file=sys.stderr)
+        return 2
+    got = rows(dense, dsa, a.within)
+    print("| domain | stage | dense pass@1 | DSA pass@1 | DSA - dense (± 1 s.e.) | within "
+          f"{a.within:g} point |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for r in got:
+        print(f"| {r['domain']} | {r['stage']} | {r['dense']:.1f}% | {r['dsa']:.1f}% | "
+              f"{r['gap']:+.1f} ± {r['se']:.1f} | {'met' if r['met'] else 'MISSED'} |")  # fmt: skip
+    return 0 if got and all(r["met"] for r in got) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
