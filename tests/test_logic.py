@@ -137,3 +137,16 @@ def test_records(tmp_path):
     path.write_text(json.dumps({"question": "q", "reference": {"kind": "chess"}}) + "\n")
     with pytest.raises(UserError, match=r"logic.jsonl:1: .*reference"):
         list(LOGIC.load_records(str(path), split="all"))
+
+
+def test_sat_puzzles_that_need_a_backtrack_are_their_own_kind():
+    """The eval's per-kind counts show the SAT puzzles whose solution needs a backtrack
+    apart: the ones a model that answers before checking its last assignment gets wrong."""
+    sats = [
+        t for t in LOGIC.tasks("eval", 400, seed=0, difficulty=3) if t.reference["kind"] == "sat"
+    ]
+    kinds = {t.meta["kind"] for t in sats}
+    assert kinds == {"sat", "sat-backtrack"}
+    for t in sats:
+        backtracks = any("backtrack" in s for s in t.meta["steps"])
+        assert (t.meta["kind"] == "sat-backtrack") == backtracks
