@@ -8,23 +8,28 @@
 # Run from the repository root: OUT=dir bash bench/gpu_dsa_student.sh [SEED]
 # TOP_K (default 64: traces are 100-400 tokens, so a larger top-k would read every key),
 # SPARSE_STEPS (default 800: the demo's DSA student needed 800 to match the dense one),
-# RECIPE_SET as in gpu_recipe.sh.
+# RECIPE_SET as in gpu_recipe.sh. RECIPE and DATA (default recipes/gpu.yaml and
+# data/gpu-sSEED) run the same check on another recipe's finished run, e.g. the demo's on
+# a CPU: RECIPE=recipes/demo.yaml DATA=data/demo bash bench/gpu_dsa_student.sh 0
 set -u
 OUT=${OUT:-bench/results/gpu-dsa-student}
 mkdir -p "$OUT"
 s=${1:-0}
-if [ ! -f "data/gpu-s$s/eval/report.json" ]; then
-    echo "no data/gpu-s$s/eval/report.json: run bench/gpu_recipe.sh $s on this machine first" >&2
+RECIPE=${RECIPE:-recipes/gpu.yaml}
+DATA=${DATA:-data/gpu-s$s}
+PY=${PYTHON:-python3}
+if [ ! -f "$DATA/eval/report.json" ]; then
+    echo "no $DATA/eval/report.json: run $RECIPE (seed $s) into $DATA on this machine first" >&2
     exit 2
 fi
-cp "data/gpu-s$s/eval/report.json" "$OUT/dense-report-s$s.json"
-PYTHONUNBUFFERED=1 timeout "${RECIPE_TIMEOUT:-570}" python3 -m distill run recipes/gpu.yaml \
-    --set seed="$s" --set output_dir="data/gpu-s$s" --set student.arch.attention=dsa \
+cp "$DATA/eval/report.json" "$OUT/dense-report-s$s.json"
+PYTHONUNBUFFERED=1 timeout "${RECIPE_TIMEOUT:-570}" $PY -m distill run "$RECIPE" \
+    --set seed="$s" --set output_dir="$DATA" --set student.arch.attention=dsa \
     --set student.arch.index_top_k="${TOP_K:-64}" --set train.dsa.sparse_steps="${SPARSE_STEPS:-800}" \
     ${RECIPE_SET:+$(printf -- '--set %s ' $RECIPE_SET)} >"$OUT/dsa-s$s.log" 2>&1
 echo "dsa run rc=$?"
-cp "data/gpu-s$s/eval/report.json" "$OUT/dsa-report-s$s.json" 2>/dev/null
-cp "data/gpu-s$s/eval/report.md" "$OUT/dsa-report-s$s.md" 2>/dev/null
-python3 bench/dsa_vs_dense.py "$OUT/dense-report-s$s.json" "$OUT/dsa-report-s$s.json"
-python3 bench/gpu_summary.py "data/gpu-s$s"
+cp "$DATA/eval/report.json" "$OUT/dsa-report-s$s.json" 2>/dev/null
+cp "$DATA/eval/report.md" "$OUT/dsa-report-s$s.md" 2>/dev/null
+$PY bench/dsa_vs_dense.py "$OUT/dense-report-s$s.json" "$OUT/dsa-report-s$s.json"
+$PY bench/gpu_summary.py "$DATA"
 tail -n 8 "$OUT/dsa-s$s.log"
