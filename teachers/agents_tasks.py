@@ -105,10 +105,33 @@ def _pick_half(rng, acc, prev):
     return {"a": a, "b": b, "x": acc[a] // 2} if acc[a] >= 2 else None
 
 
+def compare_steps(x: int, y: int) -> str:
+    """``x`` against ``y`` written out digit by digit (digits are single tokens): the digit
+    counts when they differ, else the leading digits up to the first that differs, e.g.
+    ``74 vs 79: 7 = 7, 4 < 9``. Said in one step ("ivan has more") the comparison of two
+    numbers was what the GPU student and the demo's agents teacher got wrong most (the
+    student 42-46 of 55-58 such tasks against its teacher's 53-55; the demo's teacher 11 of
+    36, BENCHMARKS.md): one digit pair at a time is what a small model can learn."""
+    sx, sy = str(x), str(y)
+    if len(sx) != len(sy):
+        sign = ">" if len(sx) > len(sy) else "<"
+        return f"{x} vs {y}: {_digits(len(sx))} {sign} {_digits(len(sy))}"
+    parts = []
+    for dx, dy in zip(sx, sy, strict=True):
+        parts.append(f"{dx} {'=' if dx == dy else '>' if dx > dy else '<'} {dy}")
+        if dx != dy:
+            break
+    return f"{x} vs {y}: " + ", ".join(parts)
+
+
+def _digits(n: int) -> str:
+    return f"{n} digit" if n == 1 else f"{n} digits"
+
+
 def _run_richer(s: Script, a: str, b: str) -> str:
     x, y = map(int, s.call(f"Check {a} and {b}.", _look(a), _look(b)))
     w = a if x > y else b
-    return s.answer(f"{a} has {x}, {b} has {y}. {w} has more.", w)
+    return s.answer(f"{a} has {x}, {b} has {y}. {compare_steps(x, y)}. {w} has more.", w)
 
 
 def _run_total(s: Script, a: str, b: str) -> str:

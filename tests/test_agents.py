@@ -375,3 +375,30 @@ def test_record_schema_is_enforced_and_never_crashes():
     schema["parameters"]["properties"]["account"] = {"type": "string", "minimum": "x"}
     env = DOMAIN.environment(DOMAIN.from_record(rec))
     assert env.execute("balance", '{"account": 3}').startswith("error:")
+
+
+@given(st.integers(0, 999), st.integers(0, 999))
+def test_compare_steps_say_which_is_larger_digit_by_digit(x, y):
+    """The richer op's comparison, written out: its last sign is the order of x and y,
+    and each step compares one digit (or the digit counts)."""
+    from teachers.agents_tasks import compare_steps
+
+    text = compare_steps(x, y)
+    head, steps = text.split(": ")
+    assert head == f"{x} vs {y}"
+    last = steps.split(", ")[-1]
+    want = "=" if x == y else (">" if x > y else "<")
+    assert f" {want} " in last
+    if len(str(x)) == len(str(y)):
+        for step in steps.split(", "):
+            a, _, b = step.split(" ")
+            assert len(a) == len(b) == 1
+
+
+def test_richer_oracle_compares_before_it_names_the_richer():
+    t = first(lambda t: ops(t) == ["richer"])
+    msgs = DOMAIN.oracle(t)
+    last = msgs[-1]
+    think = last.get("reasoning_content") or last.get("content")
+    assert " vs " in think and think.rstrip().endswith("has more.")
+    assert DOMAIN.verify(t, msgs).passed
