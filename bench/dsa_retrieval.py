@@ -20,7 +20,7 @@ carries across lengths. That is what the length curriculum needs (``short_length
 ``short_length`` tokens, the batch scaled to keep the tokens a step
 (batch * length // short_length), then at the full length for the rest of ``dense_s``.
 
-Measured on the 2-core CPU, 2026-12-06 (load 1.5-2.0; one run each), 1,024 tokens:
+Measured on the 2-core CPU, 2026-12-06 (load 0.3-2.0; one run each), 1,024 tokens:
 - fixed copy, keys=512 top_k=128, lr 1e-3, batch 16: in 40 s (65 steps) neither learned
   (0.15% without, 0.10% with 20 s at 256 first); in 120 s the plain run learned (99.98%,
   the jump at step ~200) but the curriculum (60 s at 256, 100% there, then 60 s at 1,024)

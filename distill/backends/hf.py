@@ -32,10 +32,11 @@ SMALL_MODEL = 20_000_000  # parameters under which CPU decoding uses one thread
 
 
 def cache_kwarg(model) -> str:
-    """The name ``model.forward`` takes its KV cache by: ``cache`` (recent transformers, 5.25 here) or
-    ``past_key_values`` (5.17, the device image's). The other name is not an error there: it slips
-    through ``**kwargs`` to the attention layers while the model builds a fresh empty cache
-    for itself, so positions restart at 0 and a dense layer attends to the new token alone."""
+    """The name ``model.forward`` takes its KV cache by: ``cache`` (recent transformers,
+    5.25 here) or ``past_key_values`` (5.17, the device image's). The other name is not an
+    error there: it slips through ``**kwargs`` to the attention layers while the model
+    builds a fresh empty cache for itself, so positions restart at 0 and a dense layer
+    attends to the new token alone."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
