@@ -8,15 +8,26 @@
 2. **Decoding** at a long context: tokens/s of the whole model, batch B, one token per
    row per step, on a StaticCache pre-filled with random keys (and indexer keys), dense
    Llama against the DSA model of the same shape, both through transformers' forward.
+   Not for ``h100-mqa`` (``--set decode=1`` asks for it).
+
+With Triton, the attention rows also time the sparse attention's forward alone
+(``sparse_fwd``) and a floor for it (``gather``): a kernel that only reads each token's
+selected K and V rows, as any exact gather-based sparse forward must, with its effective
+GB/s. ``--sweep`` times the sparse attention under every launch configuration
+(``kernels.SPARSE_LAUNCH``: keys a step, warps, stages) at the first length;
+``--profile-layer`` prints the DSA layer's ops (forward + backward) at the first length.
 
     python bench/dsa.py --preset h100          # the issue's figures: one H100/H200
     python bench/dsa.py --preset cpu           # a small run of the same code on a CPU
     python bench/dsa.py --preset h100 --skip-decode --lengths 32768 --out results.json
+    python bench/dsa.py --preset h100-mqa --sweep --profile-layer --out mqa.json
+    python bench/dsa.py --preset cpu --skip-decode --set lengths=256,512 top_k=32 reps=1
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -27,18 +38,32 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
 PRESETS = {
     "h100": dict(
         hidden=896, layers=24, heads=14, kv=2, head_dim=64, inter=4864, vocab=151936,
         index_heads=4, index_head_dim=64, top_k=2048, lengths=[16384, 32768, 65536],
-        decode_ctx=32768, decode_batch=32, decode_steps=16, dtype="bf16", reps=5,
+        decode_ctx=32768, decode_batch=32, decode_steps=16, dtype="bf16", reps=5, decode=True,
     ),
     "cpu": dict(
         hidden=64, layers=2, heads=4, kv=2, head_dim=16, inter=128, vocab=512,
         index_heads=2, index_head_dim=16, top_k=64, lengths=[512, 1024],
-        decode_ctx=1024, decode_batch=4, decode_steps=4, dtype="fp32", reps=2,
+        decode_ctx=1024, decode_batch=4, decode_steps=4, dtype="fp32", reps=2, decode=True,
     ),
 }  # fmt: skip
+# an MQA/MLA-like layer: every query head shares one KV head, so all 64 heads attend over the
+# same selected keys (DeepSeek-V3.2's setting, where DSA is meant to pay); attention rows only
+PRESETS["h100-mqa"] = dict(
+    PRESETS["h100"], heads=64, kv=1, head_dim=128, lengths=[16384, 32768], decode=False
+)
+SWEEP = dict(BN=(32, 64, 128), num_warps=(2, 4, 8), num_stages=(1, 2, 3))
 
 
 def _sync(dev):
@@ -62,8 +87,51 @@ def _timed(fn, dev, reps: int) -> tuple[float, float | None]:
     return statistics.median(times), peak
 
 
-def attention(p: dict, t: int, dev, dtype) -> dict:
-    """One layer's attention forward + backward at ``t`` tokens: dense and DSA."""
+if HAVE_TRITON:
+
+    @triton.jit
+    def _gather_floor_kernel(
+        K, V, IDX, OUT, n_sel, s_kt, s_kh, s_it, s_ot, s_oh,
+        D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    ):  # fmt: skip
+        """The K and V reads of ``kernels._sparse_fwd_kernel`` alone (same program grid,
+        block loop and masks), summed into [BD] fp32 and stored so that none is elided."""
+        t, hk = tl.program_id(0), tl.program_id(1)
+        rd, rn = tl.arange(0, BD), tl.arange(0, BN)
+        md = rd < D
+        acc = tl.zeros((BD,), tl.float32)
+        for start in range(0, n_sel, BN):
+            cols = start + rn
+            ids = tl.load(IDX + t * s_it + cols, mask=cols < n_sel, other=-1)
+            ok = ids >= 0
+            off = tl.where(ok, ids, 0)[:, None] * s_kt + hk * s_kh + rd[None, :]
+            kmask = ok[:, None] & md[None, :]
+            kb = tl.load(K + off, mask=kmask, other=0.0)
+            vb = tl.load(V + off, mask=kmask, other=0.0)
+            acc += tl.sum(kb.to(tl.float32) + vb.to(tl.float32), 0)
+        tl.store(OUT + t * s_ot + hk * s_oh + rd, acc, mask=md)
+
+
+def gather_floor(k, v, idx, out=None):
+    """Σ over each token's selected keys of its K and V rows, [T, Hkv, D] fp32: the bytes an
+    exact gather-based sparse attention forward reads, and nothing else. ``k``, ``v``
+    [T, Hkv, D] contiguous, ``idx`` [T, K] int32 contiguous (-1 = none)."""
+    from distill.dsa import kernels as K
+
+    t, hkv, d = k.shape
+    if out is None:
+        out = torch.empty(t, hkv, d, dtype=torch.float32, device=k.device)
+    _gather_floor_kernel[(t, hkv)](
+        k, v, idx, out, idx.shape[1], k.stride(0), k.stride(1), idx.stride(0),
+        out.stride(0), out.stride(1), D=d, BD=max(16, triton.next_power_of_2(d)),
+        **K.SPARSE_LAUNCH,
+    )  # fmt: skip
+    return out
+
+
+def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
+    """One layer's attention forward + backward at ``t`` tokens: dense and DSA. Returns the
+    row and the timed closures by name (on this layer's tensors: for the sweep, profile)."""
     from distill.dsa import kernels as K
     from distill.models import _varlen_kernel
 
@@ -96,6 +164,17 @@ def attention(p: dict, t: int, dev, dtype) -> dict:
     def sparse():
         torch.autograd.backward(K.sparse_attention(q, k, v, idx, scale), grad)
 
+    def sparse_fwd():
+        with torch.no_grad():
+            return K.sparse_attention(q, k, v, idx, scale)
+
+    kc, vc = k.detach().contiguous(), v.detach().contiguous()
+    idx32 = idx.to(torch.int32).contiguous()
+    floor_out = torch.empty(t, kv, d, dtype=torch.float32, device=dev)
+
+    def gather():
+        gather_floor(kc, vc, idx32, floor_out)
+
     def kl():  # the torch path, whatever the layer's default
         K.sparse_kl_torch(q, k, qi, ki, w, idx, scale).backward()
 
@@ -104,15 +183,62 @@ def attention(p: dict, t: int, dev, dtype) -> dict:
 
         sparse_kl_triton(q, k, qi, ki, w, idx, scale).sum().backward()
 
-    row = {"tokens": t, "top_k": p["top_k"], "triton": K.use_triton(q)}
-    parts = [("dense", dense), ("dsa", dsa), ("select", select), ("sparse", sparse), ("kl", kl)]
+    # the K and V bytes the sparse forward must read: every valid entry, each KV head's rows
+    n_valid = int((idx >= 0).sum())
+    nbytes = n_valid * kv * d * 2 * k.element_size()
+    row = {
+        "tokens": t,
+        "top_k": p["top_k"],
+        "triton": K.use_triton(q),
+        "kv_read_gb": round(nbytes / 1e9, 3),
+    }
+    parts = [("dense", dense), ("dsa", dsa), ("select", select), ("sparse", sparse)]
+    parts += [("sparse_fwd", sparse_fwd), ("kl", kl)]
     if K.use_triton(q):  # the fused KL alone (the layer's default on CUDA; "kl" follows the env)
-        parts.append(("kl_fused", kl_fused))
+        parts += [("kl_fused", kl_fused), ("gather", gather)]
     for name, fn in parts:
+        if name in p.get("skip_parts", ()):
+            continue
         s, gb = _timed(fn, dev, p["reps"])
         row[f"{name}_ms"], row[f"{name}_peak_gb"] = round(s * 1e3, 2), gb and round(gb, 2)
-    row["speedup"] = round(row["dense_ms"] / row["dsa_ms"], 2)
-    return row
+        if name in ("gather", "sparse_fwd"):
+            row[f"{name}_gbs"] = round(nbytes / s / 1e9, 1)
+    if "dense_ms" in row and "dsa_ms" in row:
+        row["speedup"] = round(row["dense_ms"] / row["dsa_ms"], 2)
+    return row, dict(parts)
+
+
+def _sweep(sparse, sparse_fwd, dev, reps: int, t: int) -> dict:
+    """``sparse`` (forward + backward) and ``sparse_fwd`` under every launch configuration
+    in ``SWEEP``, with the forward's largest difference from the default configuration's
+    output; a configuration that fails (e.g. out of shared memory) is recorded, not fatal."""
+    from distill.dsa import kernels as K
+
+    default = K.SPARSE_LAUNCH
+    ref = sparse_fwd().float()
+    configs = []
+    try:
+        for values in itertools.product(*SWEEP.values()):
+            K.SPARSE_LAUNCH = dict(zip(SWEEP, values, strict=True))
+            row = {"tokens": t, **K.SPARSE_LAUNCH}
+            try:
+                row["fwd_max_diff"] = float((sparse_fwd().float() - ref).abs().max())
+                row["sparse_fwd_ms"] = round(_timed(sparse_fwd, dev, reps)[0] * 1e3, 2)
+                row["sparse_ms"] = round(_timed(sparse, dev, reps)[0] * 1e3, 2)
+            except Exception as e:  # any failure of one configuration
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            configs.append(row)
+            print(json.dumps({"sweep": row}), flush=True)
+    finally:
+        K.SPARSE_LAUNCH = default
+    ok = [c for c in configs if "sparse_ms" in c]
+    best = {
+        "fastest": min(ok, key=lambda c: c["sparse_ms"]) if ok else None,
+        "fastest_fwd": min(ok, key=lambda c: c["sparse_fwd_ms"]) if ok else None,
+        "default": default,
+    }
+    print(json.dumps({"sweep_best": best}), flush=True)
+    return {"tokens": t, "configs": configs, **best}
 
 
 def decode(p: dict, dev, dtype, profile: bool = False) -> dict:
@@ -189,6 +315,21 @@ def _profile(fn, dev, title: str) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=60))
 
 
+def _override(p: dict, items: list[str]) -> None:
+    """``--set key=value``: each value typed like the preset's (lists comma-separated)."""
+    for item in items:
+        key, _, val = item.partition("=")
+        if key not in p:
+            raise SystemExit(f"--set {item}: no preset key {key!r} (keys: {', '.join(p)})")
+        old = p[key]
+        if isinstance(old, bool):
+            p[key] = val.lower() in ("1", "true", "yes", "on")
+        elif isinstance(old, list):
+            p[key] = [type(old[0])(x) for x in val.split(",")]
+        else:
+            p[key] = type(old)(val)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
@@ -197,6 +338,20 @@ def main() -> None:
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--decode-only", action="store_true", help="skip the attention rows")
     ap.add_argument("--profile-decode", action="store_true", help="print each model's ops")
+    ap.add_argument(
+        "--profile-layer", action="store_true", help="print the DSA layer's ops, first length"
+    )
+    ap.add_argument(
+        "--sweep", action="store_true",
+        help="time the sparse attention under each launch configuration, first length",
+    )  # fmt: skip
+    ap.add_argument(
+        "--skip-parts", default="", help="comma-separated attention parts not to time, e.g. kl"
+    )
+    ap.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE",
+        help="override preset keys, typed like the preset's value (lists comma-separated)",
+    )  # fmt: skip
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -205,21 +360,39 @@ def main() -> None:
         p["lengths"] = [int(x) for x in args.lengths.split(",")]
     if args.top_k:
         p["top_k"] = args.top_k
+    _override(p, args.set)
+    if args.skip_parts:
+        p["skip_parts"] = args.skip_parts.split(",")
     dtype = torch.bfloat16 if p["dtype"] == "bf16" else torch.float32
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
-    print(f"device {name}, torch {torch.__version__}, preset {p}", flush=True)
-    results = {"device": name, "preset": p, "attention": [], "decode": None}
-    for t in [] if args.decode_only else p["lengths"]:
-        row = attention(p, t, dev, dtype)
+    tv = triton.__version__ if HAVE_TRITON else None
+    print(f"device {name}, torch {torch.__version__}, triton {tv}, preset {p}", flush=True)
+    results = {"device": name, "triton": tv, "preset": p, "attention": [], "decode": None}
+
+    def save():  # after each step: a run cut short still leaves what it measured
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+
+    for n, t in enumerate([] if args.decode_only else p["lengths"]):
+        row, fns = attention(p, t, dev, dtype)
         results["attention"].append(row)
         print(json.dumps(row), flush=True)
+        save()
+        if n == 0 and args.sweep:
+            if row["triton"]:
+                results["sweep"] = _sweep(fns["sparse"], fns["sparse_fwd"], dev, p["reps"], t)
+                save()
+            else:
+                print("--sweep: no Triton here, nothing to sweep", flush=True)
+        if n == 0 and args.profile_layer:
+            _profile(fns["dsa"], dev, f"DSA layer forward + backward, {t} tokens, 2 runs")
+        del fns
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    if not args.skip_decode:
+    if not args.skip_decode and (p["decode"] or args.decode_only):
         results["decode"] = decode(p, dev, dtype, args.profile_decode)
         print(json.dumps(results["decode"]), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+    save()
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 # Issue #19's quality check on the GPU student: recipes/gpu.yaml's student converted to
 # DSA against the dense one, on the same teachers and data. Run on a warm device machine
 # right after `bench/gpu_recipe.sh SEED` in an earlier call (its data/gpu-sSEED is still
-# there: teachers, generate and filter are up to date and skip; train reruns, the dense
-# student then the DSA phases, and rl and eval after it). The dense run's report is kept
-# as $OUT/dense-report-sSEED.json before the DSA run replaces it.
+# there: teachers, generate and filter are up to date and skip; train converts the dense
+# run's distilled student (copied to $DATA/dense-student: student.kind hf) and runs the
+# DSA phases, warm-up then sparse, and rl and eval after it; FROM_DENSE=0 trains the dense
+# phase again from scratch instead, as a recipe with attention dsa does). The dense run's
+# report is kept as $OUT/dense-report-sSEED.json before the DSA run replaces it.
 # Run from the repository root: OUT=dir bash bench/gpu_dsa_student.sh [SEED]
 # TOP_K (default 64: traces are 100-400 tokens, so a larger top-k would read every key),
 # SPARSE_STEPS (default 800: the demo's DSA student needed 800 to match the dense one),
@@ -23,9 +25,14 @@ if [ ! -f "$DATA/eval/report.json" ]; then
     exit 2
 fi
 cp "$DATA/eval/report.json" "$OUT/dense-report-s$s.json"
+init=()
+if [ "${FROM_DENSE:-1}" = 1 ]; then
+    rm -rf "$DATA/dense-student" && cp -r "$DATA/student" "$DATA/dense-student" || exit 2
+    init=(--set student.kind=hf --set "student.path=$DATA/dense-student")
+fi
 PYTHONUNBUFFERED=1 timeout "${RECIPE_TIMEOUT:-570}" $PY -m distill run "$RECIPE" \
     --set seed="$s" --set output_dir="$DATA" --set student.arch.attention=dsa \
-    --set student.arch.index_top_k="${TOP_K:-64}" --set train.dsa.sparse_steps="${SPARSE_STEPS:-800}" \
+    --set student.arch.index_top_k="${TOP_K:-64}" --set train.dsa.sparse_steps="${SPARSE_STEPS:-800}" "${init[@]}" \
     ${RECIPE_SET:+$(printf -- '--set %s ' $RECIPE_SET)} >"$OUT/dsa-s$s.log" 2>&1
 echo "dsa run rc=$?"
 cp "$DATA/eval/report.json" "$OUT/dsa-report-s$s.json" 2>/dev/null

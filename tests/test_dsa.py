@@ -665,3 +665,33 @@ def test_indexer_rope_uses_the_model_frequencies():
     qi, ki, w = layer.indexer(x, cos, sin)
     assert (A.index_scores(qi, ki, w)[0, 1, 0] - scores[0]).abs() > 1e-6  # distance 2, not 7
     assert layer.indexer.rope_dim == 4  # 2 * min(8 // 4, 8 // 2)
+
+
+def test_compiled_layers_compile_no_graph_per_packing():
+    """train.torch_compile compiles each decoder layer; the DSA attention inside runs eager
+    (as the dense varlen attention does), so a new packing of the flat row, with its own
+    trace boundaries and longest trace, compiles no new graph after the first two batches
+    (the second marks the row's length dynamic) and gives the eager model's logits."""
+    from torch._dynamo.utils import counters
+
+    from distill.train.setup import compile_decoder_layers
+
+    eager = _dsa(_llama(dtype=torch.float32), top_k=5).train()
+    model = _dsa(_llama(dtype=torch.float32), top_k=5).train()
+    torch._dynamo.reset()
+    counters.clear()
+    compile_decoder_layers(model)
+    g = torch.Generator().manual_seed(0)
+    graphs = []
+    for lens in ([9, 14, 9], [20, 6, 6], [3, 3, 26], [10, 10, 12], [7, 7, 18]):
+        row = torch.randint(0, 61, (1, sum(lens)), generator=g)
+        pos = torch.cat([torch.arange(n) for n in lens])[None]
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        kw = dict(input_ids=row, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                  max_length_q=max(lens), max_length_k=max(lens))  # fmt: skip
+        out = model(**kw).logits
+        out.sum().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+        with torch.no_grad():
+            torch.testing.assert_close(out.detach(), eager(**kw).logits, rtol=1e-4, atol=1e-5)
+    assert graphs[1] > 0 and graphs[-1] == graphs[1], graphs

@@ -39,6 +39,9 @@ except ImportError:  # CPU-only machines: the torch paths below
 
 BUDGET = 1 << 26  # elements of the largest per-chunk temporary (256 MB in fp32)
 BLOCK_N = 64  # selected keys per step of the attention kernels
+# the sparse-attention kernels' launch, read at each launch: BLOCK_N keys a step and
+# Triton's default warps and stages; bench/dsa.py --sweep sets it to time others
+SPARSE_LAUNCH = {"BN": BLOCK_N, "num_warps": 4, "num_stages": 3}
 FUSED_KL = "DISTILL_DSA_FUSED_KL"  # "0": the sparse phase's KL in torch, not kl_kernel.py
 
 
@@ -350,7 +353,6 @@ if HAVE_TRITON:
             BG=max(16, triton.next_power_of_2(g)),
             D=d,
             BD=max(16, triton.next_power_of_2(d)),
-            BN=BLOCK_N,
         )
 
     def _triton_scores(qi, ki, w, starts, a: int, b: int, lo: int) -> Tensor:
@@ -383,7 +385,7 @@ if HAVE_TRITON:
             _sparse_fwd_kernel[(t, hkv)](
                 q, k, v, idx, out, lse, scale, idx.shape[1],
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), idx.stride(0), lse.stride(0),
-                **_blocks(h // hkv, d),
+                **_blocks(h // hkv, d), **SPARSE_LAUNCH,
             )  # fmt: skip
             ctx.save_for_backward(q, k, v, idx, out, lse)
             ctx.scale = scale
@@ -402,6 +404,6 @@ if HAVE_TRITON:
             _sparse_bwd_kernel[(t, hkv)](
                 q, k, v, idx, do, lse, delta, dq, dk, dv, ctx.scale, idx.shape[1],
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), idx.stride(0), lse.stride(0),
-                **_blocks(h // hkv, d),
+                **_blocks(h // hkv, d), **SPARSE_LAUNCH,
             )  # fmt: skip
             return dq, dk.to(k.dtype), dv.to(v.dtype), None, None

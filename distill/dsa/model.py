@@ -139,6 +139,11 @@ class DSAAttention(LlamaAttention):
         out = out.reshape(b, t, -1).contiguous()
         return self.o_proj(out), None
 
+    # eager inside a compiled layer (train.torch_compile compiles each decoder layer), as
+    # the dense varlen attention is: the selection reads the trace boundaries and lengths
+    # on the host, so a traced one compiled a new graph for every batch's packing (on one
+    # H100 the GPU student's DSA phases did not finish in 440 s)
+    @torch.compiler.disable
     def _varlen(self, q, k, v, qi, ki, w, cu, max_len, loss):
         """One flat row: [1, H, T, D] -> [1, T, H, D]."""
         impl = os.environ.get("DISTILL_DSA_IMPL") or ("chunked" if q.is_cuda else "reference")
@@ -157,6 +162,7 @@ class DSAAttention(LlamaAttention):
             out, kl = dsa_varlen(*args, dense=self.dense, loss=loss, max_len=max_len)
         return out.unsqueeze(0), kl
 
+    @torch.compiler.disable  # the same for rows: chunk counts and top-k follow the shapes
     def _rows(self, q, k, v, qi, ki, w, allowed, loss):
         """Rows (maybe with a cache) and what each query may read [B, Tq, Tk]:
         [B, H, Tq, D] -> [B, Tq, H, D]."""
