@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Issue #19's GPU figures that one device call (10 minutes) can hold: the DSA tests on the
 # device's own transformers (the CPU ones too: the image's version names the indexed cache
-# layer differently), the attention and decode benchmark, and the 16k retrieval check,
-# each in its own time box; every log goes to $OUT/run.log.
+# layer differently), the layer at 32k with the sparse kernels' launch sweep and the gather
+# floor (what any gathered sparse attention must read), the MQA-shaped layer (64 query
+# heads over one KV head: where DSA is meant to pay), and the 16k retrieval check, each in
+# its own time box; every log goes to $OUT/run.log. The full preset (16k / 32k / 64k and
+# decoding, measured 2026-12-06): python3 bench/dsa.py --preset h100
 # Run on the GPU host from the repository root: OUT=dir bash bench/gpu_dsa.sh
 set -u
 OUT=${OUT:-bench/results/gpu-dsa}
@@ -12,7 +15,10 @@ LOG=$OUT/run.log
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
 python3 -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)" | tee -a "$LOG"
 step tests-dsa 70 python3 -m pytest -q -rs tests/test_dsa.py -m "not slow"
-step dsa 150 python3 bench/dsa.py --preset h100 --out "$OUT/dsa.json"
+# kl: the torch KL (1.8 s a call at 16k), replaced by the fused one on CUDA
+step layer 110 python3 bench/dsa.py --preset h100 --lengths 32768 --skip-decode --skip-parts kl \
+    --sweep --out "$OUT/dsa-layer.json"
+step mqa 70 python3 bench/dsa.py --preset h100-mqa --lengths 32768 --skip-parts kl --out "$OUT/dsa-mqa.json"
 # the h100 preset: copy at 16k, dense 150 s, then 50 warm-up and 50 sparse steps
-step retrieval 320 python3 bench/dsa_retrieval.py --preset h100 --out "$OUT/dsa-retrieval.json"
+step retrieval 280 python3 bench/dsa_retrieval.py --preset h100 --out "$OUT/dsa-retrieval.json"
 tail -n 3 "$OUT"/*.json 2>/dev/null | head -40

@@ -24,6 +24,11 @@ def load_tokenizer(path: str | Path):
     """The tokenizer of an HF directory; it must be fast and carry a chat template."""
     from transformers import AutoTokenizer
 
+    from distill.dsa import register
+
+    # AutoTokenizer reads the directory's config.json: an unregistered model type there (a
+    # DSA student's) makes transformers fall back to a base config with a warning
+    register()
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: tokenizer directory not found")

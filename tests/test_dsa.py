@@ -527,6 +527,23 @@ def test_save_and_load_through_auto_model_same_logits(tmp_path):
             torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, want)
 
 
+def test_tokenizer_of_a_dsa_student_loads_without_a_config_warning(tmp_path):
+    """A fresh process loading a DSA student's tokenizer first (the rl and eval stages do)
+    registers the model type before AutoTokenizer reads config.json: no fallback to a base
+    config ("a model of type `distill_dsa` to instantiate a model of type ``")."""
+    _dsa(_llama(dtype=torch.float32), top_k=4).save_pretrained(tmp_path)
+    make_tokenizer(tmp_path)
+    code = (  # warnings on, as the stages' workers have them
+        "import sys, transformers; transformers.logging.set_verbosity_warning(); "
+        "from distill.models import load_tokenizer; load_tokenizer(sys.argv[1])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "distill_dsa" not in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 def test_cached_decoding_matches_the_full_forward(kind):
     """Prefill then one token at a time through a DynamicCache or a StaticCache (the
