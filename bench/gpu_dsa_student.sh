@@ -34,9 +34,18 @@ PYTHONUNBUFFERED=1 timeout "${RECIPE_TIMEOUT:-570}" $PY -m distill run "$RECIPE"
     --set seed="$s" --set output_dir="$DATA" --set student.arch.attention=dsa \
     --set student.arch.index_top_k="${TOP_K:-64}" --set train.dsa.sparse_steps="${SPARSE_STEPS:-800}" "${init[@]}" \
     ${RECIPE_SET:+$(printf -- '--set %s ' $RECIPE_SET)} >"$OUT/dsa-s$s.log" 2>&1
-echo "dsa run rc=$?"
-cp "$DATA/eval/report.json" "$OUT/dsa-report-s$s.json" 2>/dev/null
-cp "$DATA/eval/report.md" "$OUT/dsa-report-s$s.md" 2>/dev/null
-$PY bench/dsa_vs_dense.py "$OUT/dense-report-s$s.json" "$OUT/dsa-report-s$s.json"
+rc=$?
+echo "dsa run rc=$rc"
+if [ "$rc" = 0 ]; then
+    cp "$DATA/eval/report.json" "$OUT/dsa-report-s$s.json"
+    cp "$DATA/eval/report.md" "$OUT/dsa-report-s$s.md"
+    $PY bench/dsa_vs_dense.py "$OUT/dense-report-s$s.json" "$OUT/dsa-report-s$s.json"
+else  # eval/report.json is still the dense run's (2026-12-06: a table of +0.0 everywhere)
+    echo "the DSA run did not finish: no comparison (its log: $OUT/dsa-s$s.log)"
+fi
+# every finished phase's report (its steps, per-step losses and times) and the stage's
+# record: where the time went (a phase the box ends leaves none)
+(cd "$DATA" && find runs/student -name train_report.json -o -name _stage.json \
+    | tar -czf "$OUT/dsa-runs-s$s.tgz" -T -) 2>/dev/null
 $PY bench/gpu_summary.py "$DATA"
 tail -n 8 "$OUT/dsa-s$s.log"
