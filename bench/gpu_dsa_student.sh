@@ -24,6 +24,11 @@ if [ ! -f "$DATA/eval/report.json" ]; then
     echo "no $DATA/eval/report.json: run $RECIPE (seed $s) into $DATA on this machine first" >&2
     exit 2
 fi
+if grep -q '"distill_dsa"' "$DATA/student/config.json" 2>/dev/null; then
+    # a second run on the same data: student/ and eval/ are the DSA run's now
+    echo "$DATA/student is already a DSA student: rerun $RECIPE (seed $s) into $DATA first" >&2
+    exit 2
+fi
 cp "$DATA/eval/report.json" "$OUT/dense-report-s$s.json"
 init=()
 if [ "${FROM_DENSE:-1}" = 1 ]; then

@@ -140,9 +140,10 @@ class DSAAttention(LlamaAttention):
         return self.o_proj(out), None
 
     # eager inside a compiled layer (train.torch_compile compiles each decoder layer), as
-    # the dense varlen attention is: the selection reads the trace boundaries and lengths
-    # on the host, so a traced one compiled a new graph for every batch's packing (on one
-    # H100 the GPU student's DSA phases did not finish in 440 s)
+    # the dense varlen attention is: the selection reads trace boundaries and lengths on
+    # the host; traced, the reference path compiled a new graph for every batch's packing
+    # and the interpreted Triton kernels could not be traced (likely why the GPU student's
+    # DSA phases had not finished after 440 s on one H100, 2026-12-06)
     @torch.compiler.disable
     def _varlen(self, q, k, v, qi, ki, w, cu, max_len, loss):
         """One flat row: [1, H, T, D] -> [1, T, H, D]."""
