@@ -3,7 +3,8 @@
 # dir (data/gpu-sN); the reports and logs go to $OUT (6 files a seed; a call brings back
 # 8). One seed fills a device call (the
 # recipe's target is 9 minutes; a call ends at 10). Run on the GPU host from the
-# repository root: OUT=dir bash bench/gpu_recipe.sh [SEEDS...]   (default: 0)
+# repository root: OUT=dir bash bench/gpu_recipe.sh [SEEDS...]   (default: 0); the wheels
+# the image lacks: bench/device_wheels.sh
 # RECIPE_SET="key=value ..." adds --set overrides to every seed's run (a variant of the
 # recipe tried before it is committed), e.g. RECIPE_SET="rl.domains.logic.beta=0.05"
 set -u
