@@ -10,6 +10,9 @@
 # Run from the repository root: OUT=dir bash bench/gpu_dsa_student.sh [SEED]
 # TOP_K (default 64: traces are 100-400 tokens, so a larger top-k would read every key),
 # SPARSE_STEPS (default 800: the demo's DSA student needed 800 to match the dense one),
+# SPARSE_LR (default 5e-4: converting the demo's finished student, the sparse phase at the
+# recipe's 3e-3 left agents 6.0 points under the dense student, at 5e-4 no domain was more
+# than 1 point under; one run each, 2026-12-06; empty: the recipe's learning rate),
 # RECIPE_SET as in gpu_recipe.sh. RECIPE and DATA (default recipes/gpu.yaml and
 # data/gpu-sSEED) run the same check on another recipe's finished run, e.g. the demo's on
 # a CPU: RECIPE=recipes/demo.yaml DATA=data/demo bash bench/gpu_dsa_student.sh 0
@@ -30,6 +33,8 @@ if grep -q '"distill_dsa"' "$DATA/student/config.json" 2>/dev/null; then
     exit 2
 fi
 cp "$DATA/eval/report.json" "$OUT/dense-report-s$s.json"
+lr=()
+[ -n "${SPARSE_LR-5e-4}" ] && lr=(--set "train.dsa.sparse_learning_rate=${SPARSE_LR-5e-4}")
 init=()
 if [ "${FROM_DENSE:-1}" = 1 ]; then
     rm -rf "$DATA/dense-student" && cp -r "$DATA/student" "$DATA/dense-student" || exit 2
@@ -37,7 +42,7 @@ if [ "${FROM_DENSE:-1}" = 1 ]; then
 fi
 PYTHONUNBUFFERED=1 timeout "${RECIPE_TIMEOUT:-570}" $PY -m distill run "$RECIPE" \
     --set seed="$s" --set output_dir="$DATA" --set student.arch.attention=dsa \
-    --set student.arch.index_top_k="${TOP_K:-64}" --set train.dsa.sparse_steps="${SPARSE_STEPS:-800}" "${init[@]}" \
+    --set student.arch.index_top_k="${TOP_K:-64}" --set train.dsa.sparse_steps="${SPARSE_STEPS:-800}" "${init[@]}" "${lr[@]}" \
     ${RECIPE_SET:+$(printf -- '--set %s ' $RECIPE_SET)} >"$OUT/dsa-s$s.log" 2>&1
 rc=$?
 echo "dsa run rc=$rc"
