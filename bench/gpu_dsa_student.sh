@@ -10,9 +10,10 @@
 # Run from the repository root: OUT=dir bash bench/gpu_dsa_student.sh [SEED]
 # TOP_K (default 64: traces are 100-400 tokens, so a larger top-k would read every key),
 # SPARSE_STEPS (default 800: the demo's DSA student needed 800 to match the dense one),
-# SPARSE_LR (default 5e-4: converting the demo's finished student, the sparse phase at the
-# recipe's 3e-3 left agents 6.0 points under the dense student, at 5e-4 no domain was more
-# than 1 point under; one run each, 2026-12-06; empty: the recipe's learning rate),
+# SPARSE_LR (default 5e-4; empty: the recipe's learning rate. Converting the demo's
+# finished student on 2 seeds, 2026-12-06: DSA 0.2 points under the dense student on
+# average at 5e-4, 1.1 under at the recipe's 3e-3, every difference within ~2 standard
+# errors: the better average, not a settled choice),
 # RECIPE_SET as in gpu_recipe.sh. RECIPE and DATA (default recipes/gpu.yaml and
 # data/gpu-sSEED) run the same check on another recipe's finished run, e.g. the demo's on
 # a CPU: RECIPE=recipes/demo.yaml DATA=data/demo bash bench/gpu_dsa_student.sh 0
