@@ -11,7 +11,7 @@
 # TOP_K (default 64: traces are 100-400 tokens, so a larger top-k would read every key),
 # SPARSE_STEPS (default 800: the demo's DSA student needed 800 to match the dense one),
 # SPARSE_LR (default 5e-4; empty: the recipe's learning rate. Converting the demo's
-# finished student on 2 seeds, 2026-12-06: DSA 0.2 points under the dense student on
+# finished student on 2 seeds, 2-core CPU at load 0.4-2.3, 2026-12-06: DSA 0.2 points under the dense student on
 # average at 5e-4, 1.1 under at the recipe's 3e-3, every difference within ~2 standard
 # errors: the better average, not a settled choice),
 # RECIPE_SET as in gpu_recipe.sh. RECIPE and DATA (default recipes/gpu.yaml and

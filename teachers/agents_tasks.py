@@ -110,8 +110,9 @@ def compare_steps(x: int, y: int) -> str:
     counts when they differ, else the leading digits up to the first that differs, e.g.
     ``74 vs 79: 7 = 7, 4 < 9``. Said in one step ("ivan has more") the comparison of two
     numbers was what the GPU student and the demo's agents teacher got wrong most (the
-    student 42-46 of 55-58 such tasks against its teacher's 53-55; the demo's teacher 11 of
-    36, BENCHMARKS.md): one digit pair at a time is what a small model can learn."""
+    student 42-46 of 55-58 such tasks against its teacher's 53-55 on one H100, runs H and
+    I; the demo's teacher 11 of 36 on the 2-core CPU, BENCHMARKS.md): one digit pair at a
+    time is what a small model can learn."""
     sx, sy = str(x), str(y)
     if len(sx) != len(sy):
         sign = ">" if len(sx) > len(sy) else "<"
