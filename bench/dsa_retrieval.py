@@ -31,8 +31,14 @@ Measured on the 2-core CPU, 2026-12-06 (load 0.3-2.0; one run each), 1,024 token
   at 1,024: 56% after 50 steps, 86.7% at the end (DSA 67.5% after 2 + 2 steps);
 - varied copy, keys=512 (vocabulary 1,281), lr 3e-3: 800 steps at 256 did not form the
   head (1.3%), nor did 180 steps at lr 1e-3 and batch 64: a larger vocabulary is slower.
+- varied copy, keys=512, 128 then 256 tokens (batch 32 then 16), lr 3e-3, 2026-12-06
+  (load 0.7-1.1): the head formed at step ~950 of the short phase (20% at 900, 98.3% at
+  1,050; 99.7% at 1,350), after each token had been seen ~3,000 times. With the embedding
+  fixed (random rows of ~unit norm, untrained: one query-key map would then match every
+  token, whatever the vocabulary) it had not formed by step 1,500 (3.6%): dropped.
 Not run at 16k: whether the h100 preset's short phase (vocabulary 8,449) forms the head
-in its time is not known.
+in its time is not known; by tokens seen it should (at ~20 ms a step, 60 s of 65,536
+tokens see each token ~15,000 times: not measured).
 
 Phases, as the train stage runs them (``distill/dsa/train.py``), on the same data:
 1. dense: a small Llama learns the task from scratch (time-boxed; the curriculum's short

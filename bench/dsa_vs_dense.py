@@ -1,5 +1,7 @@
 """Issue #19's quality check from two eval reports: the DSA student against the dense one
 it was converted from (same teachers and data), per domain, distilled and after mixed RL.
+A DSA report without mixed RL (``rl.enabled: false``: its student is the distilled one) is
+compared on the distilled stage alone.
 
 The target: the DSA student's held-out pass@1 within 1 point of the dense student's on
 every domain. A difference of two scores on n tasks each has a standard error of
@@ -24,8 +26,9 @@ def rows(dense: dict, dsa: dict, within: float) -> list[dict]:
         if a is None or b is None:
             continue
         n = next(s["tasks"] for s in dsa["scores"] if s["domain"] == d)
-        for stage, key in (("distilled", "distilled"), ("final", "student")):
-            p1, p2 = a.get(key), b.get(key)
+        sa, sb = stages(a), stages(b)
+        for stage in ("distilled", "final"):
+            p1, p2 = sa.get(stage), sb.get(stage)
             if p1 is None or p2 is None:
                 continue
             gap = 100 * (p2 - p1)
@@ -33,6 +36,14 @@ def rows(dense: dict, dsa: dict, within: float) -> list[dict]:
             out.append(dict(domain=d, stage=stage, dense=100 * p1, dsa=100 * p2, gap=gap,
                             se=se, tasks=n, met=round(gap, 6) >= -within))  # fmt: skip
     return out
+
+
+def stages(rec: dict) -> dict[str, float]:
+    """A domain's pass@1 by stage: with mixed RL the report holds both (``distilled`` and
+    the final ``student``); without it, ``student`` is the distilled one."""
+    if "distilled" in rec:
+        return {"distilled": rec["distilled"], "final": rec["student"]}
+    return {"distilled": rec["student"]}
 
 
 def main() -> int:

@@ -17,7 +17,9 @@ python3 -c "import transformers, torch; print('transformers', transformers.__ver
 step tests-dsa 100 python3 -m pytest -q -rs tests/test_dsa.py -m "not slow"
 # the 16k retrieval first: the quality figure the issue still lacks (h100 preset: copy
 # at 16k, dense 150 s with its curriculum, then 50 warm-up and 50 sparse steps)
-step retrieval 280 python3 bench/dsa_retrieval.py --preset h100 --out "$OUT/dsa-retrieval.json"
+# RETRIEVAL_SET="key=value ...": the preset's keys to change (bench/dsa_retrieval.py --set)
+step retrieval 280 python3 bench/dsa_retrieval.py --preset h100 ${RETRIEVAL_SET:+--set $RETRIEVAL_SET} \
+    --out "$OUT/dsa-retrieval.json"
 # kl: the torch KL (1.8 s a call at 16k), replaced by the fused one on CUDA
 step mqa 70 python3 bench/dsa.py --preset h100-mqa --lengths 32768 --skip-parts kl --out "$OUT/dsa-mqa.json"
 # last: the sweep streams a line per launch configuration, so a cut keeps what ran

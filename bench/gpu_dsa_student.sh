@@ -14,6 +14,11 @@
 # finished student on 2 seeds, 2-core CPU at load 0.4-2.3, 2026-12-06: DSA 0.2 points under the dense student on
 # average at 5e-4, 1.1 under at the recipe's 3e-3, every difference within ~2 standard
 # errors: the better average, not a settled choice),
+# WITH_RL (default 0: the DSA run skips mixed RL and its eval scores the distilled DSA
+# student, compared with the dense run's distilled one: the conversion is what is
+# measured, and on the GPU the DSA student decodes without the dense student's CUDA-graph
+# decoder, so scoring two DSA students (distilled and + RL) and RL's rollouts would not fit
+# the 10-minute call after two 110 s phases; 1: mixed RL as the recipe has it),
 # RECIPE_SET as in gpu_recipe.sh. RECIPE and DATA (default recipes/gpu.yaml and
 # data/gpu-sSEED) run the same check on another recipe's finished run, e.g. the demo's on
 # a CPU: RECIPE=recipes/demo.yaml DATA=data/demo bash bench/gpu_dsa_student.sh 0
@@ -36,6 +41,8 @@ fi
 cp "$DATA/eval/report.json" "$OUT/dense-report-s$s.json"
 lr=()
 [ -n "${SPARSE_LR-5e-4}" ] && lr=(--set "train.dsa.sparse_learning_rate=${SPARSE_LR-5e-4}")
+rl=()
+[ "${WITH_RL:-0}" = 1 ] || rl=(--set rl.enabled=false)
 init=()
 if [ "${FROM_DENSE:-1}" = 1 ]; then
     rm -rf "$DATA/dense-student" && cp -r "$DATA/student" "$DATA/dense-student" || exit 2
@@ -43,7 +50,7 @@ if [ "${FROM_DENSE:-1}" = 1 ]; then
 fi
 PYTHONUNBUFFERED=1 timeout "${RECIPE_TIMEOUT:-570}" $PY -m distill run "$RECIPE" \
     --set seed="$s" --set output_dir="$DATA" --set student.arch.attention=dsa \
-    --set student.arch.index_top_k="${TOP_K:-64}" --set train.dsa.sparse_steps="${SPARSE_STEPS:-800}" "${init[@]}" "${lr[@]}" \
+    --set student.arch.index_top_k="${TOP_K:-64}" --set train.dsa.sparse_steps="${SPARSE_STEPS:-800}" "${init[@]}" "${lr[@]}" "${rl[@]}" \
     ${RECIPE_SET:+$(printf -- '--set %s ' $RECIPE_SET)} >"$OUT/dsa-s$s.log" 2>&1
 rc=$?
 echo "dsa run rc=$rc"

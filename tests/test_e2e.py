@@ -433,6 +433,17 @@ def _check_dsa_vs_dense(out):
     base["recovery"][d]["student"], worse["recovery"][d]["student"] = 0.5, 0.48
     missed = [(r["domain"], r["stage"]) for r in rows(base, worse, 1.0) if not r["met"]]
     assert missed == [(d, "final")]
+    # a DSA run without mixed RL: its student is the distilled one, read against the
+    # dense run's distilled student; 2 points under it misses there alone
+    no_rl = copy.deepcopy(report)
+    for rec in no_rl["recovery"].values():
+        rec["student"] = rec.pop("distilled")
+    assert [(r["stage"], r["gap"]) for r in rows(report, no_rl, 1.0)][:1] == [("distilled", 0)]
+    no_rl["recovery"][d]["student"] = report["recovery"][d]["distilled"] - 0.02
+    got = [(r["domain"], r["stage"]) for r in rows(report, no_rl, 1.0) if not r["met"]]
+    assert got == [(d, "distilled")] and {r["stage"] for r in rows(report, no_rl, 1.0)} == {
+        "distilled"
+    }
 
 
 def _check_time_summary(out):
