@@ -7,22 +7,25 @@
 # its own time box; every log goes to $OUT/run.log. The full preset (16k / 32k / 64k and
 # decoding, measured 2026-12-06): python3 bench/dsa.py --preset h100
 # Run on the GPU host from the repository root: OUT=dir bash bench/gpu_dsa.sh
+# STEPS="tests retrieval mqa layer" (the default: all, in this order) runs some of them.
 set -u
+STEPS=" ${STEPS:-tests retrieval mqa layer} "
+want() { [[ $STEPS == *" $1 "* ]]; }
 OUT=${OUT:-bench/results/gpu-dsa}
 mkdir -p "$OUT"
 LOG=$OUT/run.log
 . "$(dirname "$0")/gpu_steps.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
 python3 -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)" | tee -a "$LOG"
-step tests-dsa 100 python3 -m pytest -q -rs tests/test_dsa.py -m "not slow"
+want tests && step tests-dsa 100 python3 -m pytest -q -rs tests/test_dsa.py -m "not slow"
 # the 16k retrieval first: the quality figure the issue still lacks (h100 preset: copy
 # at 16k, dense 150 s with its curriculum, then 50 warm-up and 50 sparse steps)
 # RETRIEVAL_SET="key=value ...": the preset's keys to change (bench/dsa_retrieval.py --set)
-step retrieval 280 python3 bench/dsa_retrieval.py --preset h100 ${RETRIEVAL_SET:+--set $RETRIEVAL_SET} \
+want retrieval && step retrieval 280 python3 bench/dsa_retrieval.py --preset h100 ${RETRIEVAL_SET:+--set $RETRIEVAL_SET} \
     --out "$OUT/dsa-retrieval.json"
 # kl: the torch KL (1.8 s a call at 16k), replaced by the fused one on CUDA
-step mqa 70 python3 bench/dsa.py --preset h100-mqa --lengths 32768 --skip-parts kl --out "$OUT/dsa-mqa.json"
+want mqa && step mqa 70 python3 bench/dsa.py --preset h100-mqa --lengths 32768 --skip-parts kl --out "$OUT/dsa-mqa.json"
 # last: the sweep streams a line per launch configuration, so a cut keeps what ran
-step layer 120 python3 bench/dsa.py --preset h100 --lengths 32768 --skip-decode --skip-parts kl \
+want layer && step layer 120 python3 bench/dsa.py --preset h100 --lengths 32768 --skip-decode --skip-parts kl \
     --sweep --out "$OUT/dsa-layer.json"
 tail -n 3 "$OUT"/*.json 2>/dev/null | head -40
