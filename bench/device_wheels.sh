@@ -9,7 +9,8 @@
 set -eu
 names="datasets dill multiprocess xxhash pydantic pydantic_core annotated-types
 typing-inspection jsonlines ruamel.yaml math-verify latex2sympy2_extended
-antlr4-python3-runtime fastapi starlette uvicorn annotated-doc h11 openai distro jiter sniffio"
+antlr4-python3-runtime fastapi starlette uvicorn annotated-doc h11 opentelemetry-api openai distro
+jiter sniffio"
 # WITH_TRL=1: the TRL anchors of bench/train_throughput.py and bench/rl.py too (liger-kernel
 # 0.8.5 ran with TRL 1.16.0 there; it is not in .venv, hence pinned here)
 [ "${WITH_TRL:-0}" = 1 ] && names="$names trl"
