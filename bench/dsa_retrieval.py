@@ -15,10 +15,10 @@ positions back, so one RoPE head learns that offset without matching tokens; a h
 learned so at one length does nothing at another. ``copy_vary=1`` draws each row's source
 length from [half / 2, half] (distinct tokens where the vocabulary allows), which leaves
 only the induction head (find this token earlier, take the next one), and that head
-carries across lengths. That is what the length curriculum needs (``short_length``,
-``short_s``; 0: off): the dense phase first trains ``short_s`` seconds at
-``short_length`` tokens, the batch scaled to keep the tokens a step
-(batch * length // short_length), then at the full length for the rest of ``dense_s``.
+carries across lengths. That is what the length curriculum needs (``curriculum``:
+"LENGTH:SECONDS,..."; empty: off): the dense phase first trains each stage's seconds at
+its length, the batch scaled to keep the tokens a step (batch * length // stage length),
+then at the full length for the rest of ``dense_s``. One AdamW goes through every stage.
 
 Measured on the 2-core CPU, 2026-12-06 (load 0.3-2.0; one run each), 1,024 tokens:
 - fixed copy, keys=512 top_k=128, lr 1e-3, batch 16: in 40 s (65 steps) neither learned
@@ -36,13 +36,28 @@ Measured on the 2-core CPU, 2026-12-06 (load 0.3-2.0; one run each), 1,024 token
   1,050; 99.7% at 1,350), after each token had been seen ~3,000 times. With the embedding
   fixed (random rows of ~unit norm, untrained: one query-key map would then match every
   token, whatever the vocabulary) it had not formed by step 1,500 (3.6%): dropped.
-Not run at 16k: whether the h100 preset's short phase (vocabulary 8,449) forms the head
-in its time is not known; by tokens seen it should (at ~20 ms a step, 60 s of 65,536
-tokens see each token ~15,000 times: not measured).
+- H100, 2026-12-06 (h100 preset then: 8 heads of 32, 60 s at 1,024 then 90 s at 16k):
+  the head formed at 1,024 (step ~500; 99.98%, and 99.99% at lr 1e-3 with 90 s), then at
+  16k the loss sat at ln(vocabulary) from the first logged step to the last (~1,750 steps):
+  dense 0.01%, nothing decided. The same on the CPU at 16x (head dim 16; 128 -> 2,048):
+  the 128-token head read 34% at 256, 5% at 512, 0% at 1,024; 4x steps (128 -> 512 ->
+  2,048, 200 steps each) recovered at 512 (99.1%) and died at 2,048 (the loss at
+  ln(vocabulary), the short lengths lost too), with the optimizer carried or fresh and
+  warmed up. With head dim 64 (hidden 128, 2 heads) the same steps reached 98.0% at 512
+  and **99.2% at 2,048** (2,048 read 33.9% before its own stage): a head of 16 or 32
+  dimensions cannot tell one token from the other ~1,000-8,000 of a long source sharply
+  enough, so its attention spreads and the copy is noise. Hence the h100 preset's 2 heads
+  of 128 and stages at 1,024 and 4,096 before 16k (not run on a GPU yet).
+- this script at the h100 preset's shape scaled to 2,048 tokens (`--preset cpu --set
+  keys=512 hidden=128 heads=2 length=2048 batch=2 curriculum=128:200,512:50 dense_s=300
+  eval_batches=2 top_k=256`: top-k an eighth of the length, as 2,048 of 16k; load
+  1.2-1.8, 2026-12-06 15:34 UTC, one run): 99.4% at 128 (1,228 steps), 99.3% at 512,
+  dense 99.7% at 2,048; converted 21.6%, after 10 warm-up steps 88.9%, after 10 sparse
+  97.9% (1.7 points under dense).
 
 Phases, as the train stage runs them (``distill/dsa/train.py``), on the same data:
-1. dense: a small Llama learns the task from scratch (time-boxed; the curriculum's short
-   phase first where ``short_length`` is set);
+1. dense: a small Llama learns the task from scratch (time-boxed; the curriculum's
+   stages first where ``curriculum`` is set);
 2. convert (:func:`distill.dsa.model.from_dense`), then warm-up: only the indexer trains,
    on the KL to the dense attention;
 3. sparse: everything trains, CE + the indexer's KL over the selected keys.
@@ -72,18 +87,19 @@ PRESETS = {
     # the pairs task's h100 sizes (4 layers, 128 pairs) left the dense model at 0.6% after
     # 2,210 steps in 150 s (H100, 2026-12-06; chance 0.2%): it decided nothing. The fixed
     # copy at 16k, 150 s (H100, 2026-12-06 09:58): CE at ln(vocab) = 9.04 for ~1,150 steps,
-    # 6.9 by step 3,055, dense 0.45%: nothing decided either. Hence the varied copy with
-    # a length curriculum (module docstring): 60 s at 1,024 tokens (batch 64), 90 s at
-    # 16k. 60 rather than 40: on the CPU the short phase was the slow part (the head
-    # formed after ~600 steps at 256) and the long one recovered within 50-100 steps; at
-    # 16k's ~20 steps/s (the fixed copy's) 90 s is ~1,800. lr 3e-3: the only rate at which
-    # the CPU runs formed an induction head. 4,096 keys: vocabulary 8,449 >= 8,192, so a
-    # 16k source can be all distinct tokens (not run at 16k)
+    # 6.9 by step 3,055, dense 0.45%: nothing decided either. Then the varied copy, 60 s at
+    # 1,024 and 90 s at 16k with 8 heads of 32: the head formed at 1,024 and did not carry
+    # to 16k (module docstring). Now 2 heads of 128 (a sharp lookup among 8k distinct
+    # tokens) and 4x stages: 40 s at 1,024 (the head formed by step ~500 of ~1,280 in 60 s
+    # there), 40 s at 4,096, the last 70 s at 16k. lr 3e-3: the only rate at which the CPU
+    # runs formed an induction head. 4,096 keys: vocabulary 8,449 >= 8,192, so a 16k
+    # source can be all distinct tokens. 30 warm-up steps: 50 took 77 s at 16k (the warm-up
+    # reads the dense attention's probabilities), 50 sparse 22 s
     "h100": dict(
         length=16384, batch=4, pairs=128, queries=128, keys=4096, hidden=256, layers=2,
-        heads=8, kv=2, index_heads=4, index_head_dim=32, top_k=2048, lr=3e-3,
-        dense_s=150, warmup_steps=50, sparse_steps=50, eval_batches=8, dtype="bf16",
-        task="copy", copy_vary=1, short_length=1024, short_s=60,
+        heads=2, kv=2, index_heads=4, index_head_dim=64, top_k=2048, lr=3e-3,
+        dense_s=150, warmup_steps=30, sparse_steps=50, eval_batches=8, dtype="bf16",
+        task="copy", copy_vary=1, curriculum="1024:40,4096:40",
     ),
     # the h100 preset's path at small scale: varied copy, 30 s at 128 tokens (batch 32),
     # then 15 s at 256. 2-core CPU (load 1.6-1.8), 2026-12-06, two runs: the head formed
@@ -97,7 +113,7 @@ PRESETS = {
         length=256, batch=16, pairs=8, queries=16, keys=32, hidden=64, layers=2,
         heads=4, kv=2, index_heads=2, index_head_dim=16, top_k=32, lr=3e-3,
         dense_s=45, warmup_steps=10, sparse_steps=10, eval_batches=4, dtype="fp32",
-        task="copy", copy_vary=1, short_length=128, short_s=30,
+        task="copy", copy_vary=1, curriculum="128:30",
     ),
 }  # fmt: skip
 
@@ -286,21 +302,21 @@ def main() -> None:
     res: dict = {"preset": p, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     opt = torch.optim.AdamW(dense.parameters(), lr=p["lr"], weight_decay=0.0)
     long_s = p["dense_s"]
-    if p.get("short_length"):
+    for i, stage in enumerate(filter(None, p.get("curriculum", "").split(","))):
         # length curriculum: the induction head is learned at short length, where attention
         # spreads over fewer keys so the pull toward the right one is stronger, then carried
-        # to the full length (a head that looks up "after the earlier occurrence of this
-        # token" is not tied to a length; with copy_vary=0 the head learned is an offset,
-        # which is, and the CPU runs lost it at 1,024). Tokens a step as the long phase's
-        short = dict(p, length=p["short_length"],
-                     batch=max(1, p["batch"] * p["length"] // p["short_length"]))  # fmt: skip
-        res["dense_short"] = train(dense, short, dev, dsa=False, steps=None,
-                                   seconds=p["short_s"], seed=3, opt=opt,
-                                   phase="dense_short")  # fmt: skip
-        res["dense_short"]["length"], res["dense_short"]["batch"] = short["length"], short["batch"]
-        res["dense_short"]["eval_acc"] = evaluate(dense, short, dev, dsa=False)
-        print(json.dumps({"dense_short_acc": res["dense_short"]["eval_acc"], **res["dense_short"]}))
-        long_s = p["dense_s"] - p["short_s"]
+        # up by 4x steps (a head that looks up "after the earlier occurrence of this token"
+        # is not tied to a length; with copy_vary=0 the head learned is an offset, which is,
+        # and the CPU runs lost it at 1,024). Tokens a step as the long phase's
+        length, secs = (int(x) for x in stage.split(":"))
+        short = dict(p, length=length, batch=max(1, p["batch"] * p["length"] // length))
+        name = f"dense_{length}"
+        res[name] = train(dense, short, dev, dsa=False, steps=None, seconds=secs, seed=3 + i,
+                          opt=opt, phase=name)  # fmt: skip
+        res[name]["length"], res[name]["batch"] = short["length"], short["batch"]
+        res[name]["eval_acc"] = evaluate(dense, short, dev, dsa=False)
+        print(json.dumps({f"{name}_acc": res[name]["eval_acc"], **res[name]}))
+        long_s -= secs
     res["dense_train"] = train(dense, p, dev, dsa=False, steps=None, seconds=long_s, opt=opt)
     res["dense_acc"] = evaluate(dense, p, dev, dsa=False)
     print(json.dumps({"dense_acc": res["dense_acc"], **res["dense_train"]}))
