@@ -40,8 +40,9 @@ Measured on the 2-core CPU, 2026-12-06 (load 0.3-2.0; one run each), 1,024 token
   the head formed at 1,024 (step ~500; 99.98%, and 99.99% at lr 1e-3 with 90 s), then at
   16k the loss sat at ln(vocabulary) from the first logged step to the last (~1,750 steps):
   dense 0.01%, nothing decided. The same on the CPU at 16x (head dim 16; 128 -> 2,048):
-  the 128-token head read 34% at 256, 5% at 512, 0% at 1,024; 4x steps (128 -> 512 ->
-  2,048, 200 steps each) recovered at 512 (99.1%) and died at 2,048 (the loss at
+  the 128-token head read 34% at 256, 5% at 512, 0.1% at 1,024; 4x steps (128 -> 512 ->
+  2,048, 200 steps each; 150 with a fresh optimizer) recovered at 512 (99.1-99.7%) and
+  died at 2,048 (the loss at
   ln(vocabulary), the short lengths lost too), with the optimizer carried or fresh and
   warmed up. With head dim 64 (hidden 128, 2 heads) the same steps reached 98.0% at 512
   and **99.2% at 2,048** (2,048 read 33.9% before its own stage): a head of 16 or 32
