@@ -62,7 +62,8 @@ PRESETS = {
 # same selected keys (DeepSeek-V3.2's setting, where DSA is meant to pay); attention rows only.
 # The Triton kernels at this shape (64 heads of 128 over one KV head) equal the torch path
 # under TRITON_INTERPRET=1 (48 tokens, top-k 16: outputs and gradients within 1.2e-5, fp32;
-# 2026-12-06); not yet compiled or timed on a GPU
+# 2026-12-06); on one H100 (2026-12-06, one run, 32k) DSA 447 ms against dense 187 ms
+# forward + backward (BENCHMARKS.md)
 PRESETS["h100-mqa"] = dict(
     PRESETS["h100"], heads=64, kv=1, head_dim=128, lengths=[16384, 32768], decode=False
 )
@@ -93,6 +94,7 @@ def _timed(fn, dev, reps: int) -> tuple[float, float | None]:
 
 
 if HAVE_TRITON:
+    from distill.dsa.kernels import _selected_kv
 
     @triton.jit
     def _gather_floor_kernel(
@@ -100,19 +102,16 @@ if HAVE_TRITON:
         D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     ):  # fmt: skip
         """The K and V reads of ``kernels._sparse_fwd_kernel`` alone (same program grid,
-        block loop and masks), summed into [BD] fp32 and stored so that none is elided."""
+        and the same block loop: ``kernels._selected_kv``), summed into [BD] fp32 and
+        stored so that none is elided."""
         t, hk = tl.program_id(0), tl.program_id(1)
         rd, rn = tl.arange(0, BD), tl.arange(0, BN)
         md = rd < D
         acc = tl.zeros((BD,), tl.float32)
         for start in range(0, n_sel, BN):
-            cols = start + rn
-            ids = tl.load(IDX + t * s_it + cols, mask=cols < n_sel, other=-1)
-            ok = ids >= 0
-            off = tl.where(ok, ids, 0)[:, None] * s_kt + hk * s_kh + rd[None, :]
-            kmask = ok[:, None] & md[None, :]
-            kb = tl.load(K + off, mask=kmask, other=0.0)
-            vb = tl.load(V + off, mask=kmask, other=0.0)
+            _, _, _, kb, vb = _selected_kv(
+                K, V, IDX, t, hk, start, n_sel, s_kt, s_kh, s_it, rd, rn, md
+            )
             acc += tl.sum(kb.to(tl.float32) + vb.to(tl.float32), 0)
         tl.store(OUT + t * s_ot + hk * s_oh + rd, acc, mask=md)
 

@@ -271,6 +271,21 @@ if HAVE_TRITON:
         tl.store(OUT + rm[:, None] * s_ot + rn[None, :], acc, mask=mq[:, None] & mk[None, :])
 
     @triton.jit
+    def _selected_kv(K, V, IDX, t, hk, start, n_sel, s_kt, s_kh, s_it, rd, rn, md):
+        """Token ``t``'s selected keys ``start`` to ``start + BN`` of key head ``hk``: which
+        are real (``ok``; -1 pads), their [BN, BD] offsets and mask, and their K and V rows.
+        One loop body for the forward, the backward (which adds dK, dV back at ``off``) and
+        bench/dsa.py's gather floor, so the floor reads exactly what the forward reads."""
+        cols = start + rn
+        ids = tl.load(IDX + t * s_it + cols, mask=cols < n_sel, other=-1)
+        ok = ids >= 0
+        off = tl.where(ok, ids, 0)[:, None] * s_kt + hk * s_kh + rd[None, :]
+        kmask = ok[:, None] & md[None, :]
+        kb = tl.load(K + off, mask=kmask, other=0.0)
+        vb = tl.load(V + off, mask=kmask, other=0.0)
+        return ok, off, kmask, kb, vb
+
+    @triton.jit
     def _sparse_fwd_kernel(
         Q, K, V, IDX, OUT, LSE, scale, n_sel,
         s_qt, s_qh, s_kt, s_kh, s_it, s_lt,
@@ -287,13 +302,9 @@ if HAVE_TRITON:
         l_i = tl.zeros((BG,), tl.float32)
         acc = tl.zeros((BG, BD), tl.float32)
         for start in range(0, n_sel, BN):
-            cols = start + rn
-            ids = tl.load(IDX + t * s_it + cols, mask=cols < n_sel, other=-1)
-            ok = ids >= 0
-            off = tl.where(ok, ids, 0)[:, None] * s_kt + hk * s_kh + rd[None, :]
-            kmask = ok[:, None] & md[None, :]
-            kb = tl.load(K + off, mask=kmask, other=0.0)
-            vb = tl.load(V + off, mask=kmask, other=0.0)
+            ok, off, kmask, kb, vb = _selected_kv(
+                K, V, IDX, t, hk, start, n_sel, s_kt, s_kh, s_it, rd, rn, md
+            )
             s = tl.dot(q, tl.trans(kb)) * scale
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -328,13 +339,9 @@ if HAVE_TRITON:
         delta = tl.load(DELTA + t * s_lt + heads, mask=mg, other=0.0)
         dq = tl.zeros((BG, BD), tl.float32)
         for start in range(0, n_sel, BN):
-            cols = start + rn
-            ids = tl.load(IDX + t * s_it + cols, mask=cols < n_sel, other=-1)
-            ok = ids >= 0
-            off = tl.where(ok, ids, 0)[:, None] * s_kt + hk * s_kh + rd[None, :]
-            kmask = ok[:, None] & md[None, :]
-            kb = tl.load(K + off, mask=kmask, other=0.0)
-            vb = tl.load(V + off, mask=kmask, other=0.0)
+            ok, off, kmask, kb, vb = _selected_kv(
+                K, V, IDX, t, hk, start, n_sel, s_kt, s_kh, s_it, rd, rn, md
+            )
             s = tl.dot(q, tl.trans(kb)) * scale
             p = tl.exp(s - lse[:, None])
             p = tl.where(ok[None, :] & mg[:, None], p, 0.0)
