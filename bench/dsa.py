@@ -200,6 +200,10 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
     parts += [("sparse_fwd", sparse_fwd), ("kl", kl)]
     if K.use_triton(q):  # the fused KL alone (the layer's default on CUDA; "kl" follows the env)
         parts += [("kl_fused", kl_fused), ("gather", gather)]
+        # the backward kernels' atomic adds under Triton's default memory order, side by
+        # side with the layer's (kernels.ATOMIC_SEM, "relaxed")
+        parts += [("sparse_acq_rel", _with_sem(sparse, "acq_rel"))]
+        parts += [("kl_fused_acq_rel", _with_sem(kl_fused, "acq_rel"))]
     for name, fn in parts:
         if name in p.get("skip_parts", ()):
             continue
@@ -217,6 +221,20 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
     if "dense_ms" in row and "dsa_ms" in row:
         row["speedup"] = round(row["dense_ms"] / row["dsa_ms"], 2)
     return row, dict(parts)
+
+
+def _with_sem(fn, sem: str):
+    """``fn`` with the backward kernels' atomic adds in memory order ``sem``."""
+    from distill.dsa import kernels as K
+
+    def run():
+        default, K.ATOMIC_SEM = K.ATOMIC_SEM, sem
+        try:
+            fn()
+        finally:
+            K.ATOMIC_SEM = default
+
+    return run
 
 
 def _sweep(sparse, sparse_fwd, dev, reps: int, t: int) -> dict:

@@ -21,6 +21,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# the atomic adds' memory order, read at each launch (bench/dsa.py times both); kernels.py
+# imports this module only inside a call, so no cycle
+from distill.dsa import kernels
+
 try:
     import triton
     import triton.language as tl
@@ -154,7 +158,7 @@ if HAVE_TRITON:
         H: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, R: tl.constexpr,
         NS: tl.constexpr, BR: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
         HI: tl.constexpr, BHI: tl.constexpr,
-        DI: tl.constexpr, BDI: tl.constexpr, BN: tl.constexpr,
+        DI: tl.constexpr, BDI: tl.constexpr, BN: tl.constexpr, SEM: tl.constexpr,
     ):  # fmt: skip
         t = tl.program_id(0)
         rs, rr = tl.arange(0, NS), tl.arange(0, BR)
@@ -182,7 +186,10 @@ if HAVE_TRITON:
             dqi += tl.dot(dz, kib)
             dkib = tl.dot(tl.trans(dz), qi)  # [BN, BDI]
             tl.atomic_add(
-                DKI + safe[:, None] * s_kit + re[None, :], dkib, mask=ok[:, None] & me[None, :]
+                DKI + safe[:, None] * s_kit + re[None, :],
+                dkib,
+                mask=ok[:, None] & me[None, :],
+                sem=SEM,
             )
         tl.store(
             DQI + t * s_qit + rj[:, None] * s_qih + re[None, :], dqi, mask=mj[:, None] & me[None, :]
@@ -248,7 +255,7 @@ if HAVE_TRITON:
                 ctx.scale, idx.shape[1],
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi.stride(0),
                 qi.stride(1), ki.stride(0), w.stride(0), idx.stride(0), lse.stride(0),
-                **_meta(q, k, qi),
+                **_meta(q, k, qi), SEM=kernels.ATOMIC_SEM,
             )  # fmt: skip
             dq_i, dk_i, d_w = ctx.dtypes
             return None, None, dqi.to(dq_i), dki.to(dk_i), dw.to(d_w), None, None
