@@ -14,7 +14,10 @@ With Triton, the attention rows also time the sparse attention's forward alone
 (``sparse_fwd``) and a floor for it (``gather``): a kernel that only reads each token's
 selected K and V rows, as any exact gather-based sparse forward must, with its effective
 GB/s. ``--sweep`` times the sparse attention under every launch configuration
-(``kernels.SPARSE_LAUNCH``: keys a step, warps, stages) at the first length;
+(``kernels.SPARSE_LAUNCH``: keys a step, warps, stages) at the first length, and
+``--sweep-kl`` the fused KL (``kl_kernel.KL_LAUNCH``: warps, stages). The backward kernels'
+atomic adds are timed in Triton's default memory order too (``sparse_acq_rel``,
+``kl_fused_acq_rel``: the layer uses "relaxed", ``kernels.ATOMIC_SEM``).
 ``--profile-layer`` prints the DSA layer's ops (forward + backward) at the first length.
 
     python bench/dsa.py --preset h100          # the issue's figures: one H100/H200
@@ -70,6 +73,7 @@ PRESETS["h100-mqa"] = dict(
 # today's launch first, then its neighbours: a time box that ends the sweep early has
 # measured the likelier configurations (each prints its own line as it finishes)
 SWEEP = dict(BN=(64, 32, 128), num_warps=(4, 8, 2), num_stages=(3, 2, 1))
+KL_SWEEP = dict(num_warps=(4, 8, 2), num_stages=(3, 2))  # the fused KL's (kl_kernel.KL_LAUNCH)
 
 
 def _sync(dev):
@@ -187,6 +191,12 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
 
         sparse_kl_triton(q, k, qi, ki, w, idx, scale).sum().backward()
 
+    def kl_fwd():  # the fused KL's forward alone (its sweep's output check)
+        from distill.dsa.kl_kernel import sparse_kl_triton
+
+        with torch.no_grad():
+            return sparse_kl_triton(q, k, qi, ki, w, idx, scale)
+
     # the K and V bytes the sparse forward must read: every valid entry, each KV head's rows
     n_valid = int((idx >= 0).sum())
     nbytes = n_valid * kv * d * 2 * k.element_size()
@@ -220,7 +230,7 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
             row[f"{name}_gbs"] = round(nbytes / s / 1e9, 1)
     if "dense_ms" in row and "dsa_ms" in row:
         row["speedup"] = round(row["dense_ms"] / row["dsa_ms"], 2)
-    return row, dict(parts)
+    return row, dict(parts, kl_fwd=kl_fwd)
 
 
 def _with_sem(fn, sem: str):
@@ -237,36 +247,35 @@ def _with_sem(fn, sem: str):
     return run
 
 
-def _sweep(sparse, sparse_fwd, dev, reps: int, t: int) -> dict:
-    """``sparse`` (forward + backward) and ``sparse_fwd`` under every launch configuration
-    in ``SWEEP``, with the forward's largest difference from the default configuration's
-    output; a configuration that fails (e.g. out of shared memory) is recorded, not fatal."""
-    from distill.dsa import kernels as K
-
-    default = K.SPARSE_LAUNCH
-    ref = sparse_fwd().float()
+def _sweep(name, owner, attr, grid, fwd, full, dev, reps: int, t: int) -> dict:
+    """``full`` (forward + backward) and ``fwd`` under every launch configuration in
+    ``grid`` (set as ``owner.attr``, which the kernels read at each launch), with the
+    forward's largest difference from the default configuration's output; a configuration
+    that fails (e.g. out of shared memory) is recorded, not fatal."""
+    default = getattr(owner, attr)
+    ref = fwd().float()
     configs = []
     try:
-        for values in itertools.product(*SWEEP.values()):
-            K.SPARSE_LAUNCH = dict(zip(SWEEP, values, strict=True))
-            row = {"tokens": t, **K.SPARSE_LAUNCH}
+        for values in itertools.product(*grid.values()):
+            setattr(owner, attr, dict(zip(grid, values, strict=True)))
+            row = {"tokens": t, **getattr(owner, attr)}
             try:
-                row["fwd_max_diff"] = float((sparse_fwd().float() - ref).abs().max())
-                row["sparse_fwd_ms"] = round(_timed(sparse_fwd, dev, reps)[0] * 1e3, 2)
-                row["sparse_ms"] = round(_timed(sparse, dev, reps)[0] * 1e3, 2)
+                row["fwd_max_diff"] = float((fwd().float() - ref).abs().max())
+                row[f"{name}_fwd_ms"] = round(_timed(fwd, dev, reps)[0] * 1e3, 2)
+                row[f"{name}_ms"] = round(_timed(full, dev, reps)[0] * 1e3, 2)
             except Exception as e:  # any failure of one configuration
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             configs.append(row)
-            print(json.dumps({"sweep": row}), flush=True)
+            print(json.dumps({f"sweep_{name}": row}), flush=True)
     finally:
-        K.SPARSE_LAUNCH = default
-    ok = [c for c in configs if "sparse_ms" in c]
+        setattr(owner, attr, default)
+    ok = [c for c in configs if f"{name}_ms" in c]
     best = {
-        "fastest": min(ok, key=lambda c: c["sparse_ms"]) if ok else None,
-        "fastest_fwd": min(ok, key=lambda c: c["sparse_fwd_ms"]) if ok else None,
+        "fastest": min(ok, key=lambda c: c[f"{name}_ms"]) if ok else None,
+        "fastest_fwd": min(ok, key=lambda c: c[f"{name}_fwd_ms"]) if ok else None,
         "default": default,
     }
-    print(json.dumps({"sweep_best": best}), flush=True)
+    print(json.dumps({f"sweep_{name}_best": best}), flush=True)
     return {"tokens": t, "configs": configs, **best}
 
 
@@ -375,6 +384,10 @@ def main() -> None:
         help="time the sparse attention under each launch configuration, first length",
     )  # fmt: skip
     ap.add_argument(
+        "--sweep-kl", action="store_true",
+        help="time the fused KL under each launch configuration (KL_SWEEP), first length",
+    )  # fmt: skip
+    ap.add_argument(
         "--skip-parts", default="", help="comma-separated attention parts not to time, e.g. kl"
     )
     ap.add_argument(
@@ -407,14 +420,28 @@ def main() -> None:
         results["attention"].append(row)
         print(json.dumps(row), flush=True)
         save()
-        if n == 0 and args.sweep:
-            if row["triton"]:
-                results["sweep"] = _sweep(fns["sparse"], fns["sparse_fwd"], dev, p["reps"], t)
-                save()
-            else:
-                print("--sweep: no Triton here, nothing to sweep", flush=True)
-        if n == 0 and args.profile_layer:
+        if n == 0 and args.profile_layer:  # before the sweeps, which a time box may end
             _profile(fns["dsa"], dev, f"DSA layer forward + backward, {t} tokens, 2 runs")
+        sweeps = {"sweep": args.sweep, "sweep_kl": args.sweep_kl}
+        for key in [key for key, on in sweeps.items() if on and n == 0]:
+            if not row["triton"]:
+                print(f"--{key.replace('_', '-')}: no Triton here, nothing to sweep", flush=True)
+                continue
+            from distill.dsa import kernels, kl_kernel
+
+            if key == "sweep":
+                where = (
+                    "sparse",
+                    kernels,
+                    "SPARSE_LAUNCH",
+                    SWEEP,
+                    fns["sparse_fwd"],
+                    fns["sparse"],
+                )
+            else:
+                where = ("kl", kl_kernel, "KL_LAUNCH", KL_SWEEP, fns["kl_fwd"], fns["kl_fused"])
+            results[key] = _sweep(*where, dev, p["reps"], t)
+            save()
         del fns
         if dev.type == "cuda":
             torch.cuda.empty_cache()

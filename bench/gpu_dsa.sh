@@ -7,8 +7,8 @@
 # its own time box; every log goes to $OUT/run.log. The full preset (16k / 32k / 64k and
 # decoding, measured 2026-12-06): python3 bench/dsa.py --preset h100
 # Run on the GPU host from the repository root: OUT=dir bash bench/gpu_dsa.sh
-# STEPS picks the boxes, run in this order: tests retrieval mqa layer (150 + 300 + 70 +
-# 120 s: all four do not fit one call; the default leaves out mqa, measured 2026-12-06).
+# STEPS picks the boxes, run in this order: tests retrieval mqa mqa-kl full layer (150 +
+# 300 + 70 + 110 + 180 + 120 s: not all fit one call; the default runs three).
 set -u
 STEPS=" ${STEPS:-tests retrieval layer} "
 want() { [[ $STEPS == *" $1 "* ]]; }
@@ -28,6 +28,13 @@ want retrieval && step retrieval 300 python3 bench/dsa_retrieval.py --preset h10
     --out "$OUT/dsa-retrieval.json"
 # kl: the torch KL (1.8 s a call at 16k), replaced by the fused one on CUDA
 want mqa && step mqa 70 python3 bench/dsa.py --preset h100-mqa --lengths 32768 --skip-parts kl --out "$OUT/dsa-mqa.json"
+# the MQA shape's fused KL (136 ms of its 233 ms DSA layer at 32k, H100 2026-12-06): its
+# whole layer's ops (profile), then its launch sweep: where that time goes
+want mqa-kl && step mqa-kl 110 python3 bench/dsa.py --preset h100-mqa --lengths 32768 \
+    --skip-parts kl,dsa,select,sparse,sparse_fwd,gather,sparse_acq_rel,kl_fused_acq_rel \
+    --sweep-kl --profile-layer --out "$OUT/dsa-mqa-kl.json"
+# the table: 16k, 32k, 64k and decoding at 32k (batch 32)
+want full && step full 180 python3 bench/dsa.py --preset h100 --skip-parts kl --out "$OUT/dsa-full.json"
 # last: the sweep streams a line per launch configuration, so a cut keeps what ran
 want layer && step layer 120 python3 bench/dsa.py --preset h100 --lengths 32768 --skip-decode --skip-parts kl \
     --sweep --out "$OUT/dsa-layer.json"

@@ -642,11 +642,12 @@ def test_train_stage_converts_and_eval_serve_rl_run_unchanged(tmp_path, monkeypa
     msgs = [[{"role": "user", "content": f"Problem {i}: what is 3 + {i}?"}] for i in range(2)]
     greedy = Sampling(temperature=0.0, max_new_tokens=12)
     got = backend.complete(msgs, [None, None], greedy)
+    dev = backend.model.device  # cuda on a GPU host
     for conv, (c,) in zip(msgs, got, strict=True):
         ids = backend.render(conv)
         with torch.no_grad():
             for _ in range(c.completion_tokens):
-                ids.append(int(backend.model(torch.tensor([ids])).logits[0, -1].argmax()))
+                ids.append(int(backend.model(torch.tensor([ids], device=dev)).logits[0, -1].argmax()))
         assert backend.tokenizer.decode(ids[-c.completion_tokens :]) == c.text
     # serve: one chat completion (the context manager runs the app's batcher)
     with TestClient(create_app(student, batch_size=2)) as client:

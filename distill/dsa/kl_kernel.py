@@ -34,6 +34,9 @@ except ImportError:
     HAVE_TRITON = False
 
 BLOCK_N = 64  # selected keys per step
+# both kernels' launch (Triton's defaults), read at each launch: bench/dsa.py --sweep-kl
+# times others
+KL_LAUNCH = {"num_warps": 4, "num_stages": 3}
 
 
 def sparse_kl_triton(q, k, qi, ki, w, idx: Tensor, scale: float) -> Tensor:
@@ -238,7 +241,7 @@ if HAVE_TRITON:
                 q, k, qi32, ki32, w32, idx, kl, lse, lsei, scale, idx.shape[1],
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi32.stride(0),
                 qi32.stride(1), ki32.stride(0), w32.stride(0), idx.stride(0), lse.stride(0),
-                **_meta(q, k, qi32),
+                **_meta(q, k, qi32), **KL_LAUNCH,
             )  # fmt: skip
             ctx.save_for_backward(q, k, qi32, ki32, w32, idx, lse, lsei)
             ctx.scale = scale
@@ -255,7 +258,7 @@ if HAVE_TRITON:
                 ctx.scale, idx.shape[1],
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi.stride(0),
                 qi.stride(1), ki.stride(0), w.stride(0), idx.stride(0), lse.stride(0),
-                **_meta(q, k, qi), SEM=kernels.ATOMIC_SEM,
+                **_meta(q, k, qi), SEM=kernels.ATOMIC_SEM, **KL_LAUNCH,
             )  # fmt: skip
             dq_i, dk_i, d_w = ctx.dtypes
             return None, None, dqi.to(dq_i), dki.to(dk_i), dw.to(d_w), None, None
