@@ -17,7 +17,9 @@ GB/s. ``--sweep`` times the sparse attention under every launch configuration
 (``kernels.SPARSE_LAUNCH``: keys a step, warps, stages) at the first length, and
 ``--sweep-kl`` the fused KL (``kl_kernel.KL_LAUNCH``: warps, stages). The backward kernels'
 atomic adds are timed in Triton's default memory order too (``sparse_acq_rel``,
-``kl_fused_acq_rel``: the layer uses "relaxed", ``kernels.ATOMIC_SEM``).
+``kl_fused_acq_rel``: the layer uses "relaxed", ``kernels.ATOMIC_SEM``), and the fused
+KL with its main logits from the inputs' dtype (``kl_fused_native``; the layer's default,
+``kl_kernel.MAIN_DOT_FP32``, widens them to fp32 first).
 ``--profile-layer`` prints the DSA layer's ops (forward + backward) at the first length.
 
     python bench/dsa.py --preset h100          # the issue's figures: one H100/H200
@@ -214,6 +216,8 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         # side with the layer's (kernels.ATOMIC_SEM, "relaxed")
         parts += [("sparse_acq_rel", _with_sem(sparse, "acq_rel"))]
         parts += [("kl_fused_acq_rel", _with_sem(kl_fused, "acq_rel"))]
+        # the fused KL's main logits from the inputs' dtype (kl_kernel.MAIN_DOT_FP32 off)
+        parts += [("kl_fused_native", _with_native_dots(kl_fused))]
     for name, fn in parts:
         if name in p.get("skip_parts", ()):
             continue
@@ -243,6 +247,20 @@ def _with_sem(fn, sem: str):
             fn()
         finally:
             K.ATOMIC_SEM = default
+
+    return run
+
+
+def _with_native_dots(fn):
+    """``fn`` with the fused KL's main logits computed from the inputs' dtype."""
+    from distill.dsa import kl_kernel
+
+    def run():
+        default, kl_kernel.MAIN_DOT_FP32 = kl_kernel.MAIN_DOT_FP32, False
+        try:
+            fn()
+        finally:
+            kl_kernel.MAIN_DOT_FP32 = default
 
     return run
 

@@ -37,6 +37,13 @@ BLOCK_N = 64  # selected keys per step
 # both kernels' launch (Triton's defaults), read at each launch: bench/dsa.py --sweep-kl
 # times others
 KL_LAUNCH = {"num_warps": 4, "num_stages": 3}
+# the main attention's logits from fp32 copies of q and each key block (True, measured) or
+# from the inputs' own dtype (False: bf16 on a GPU, exact products and fp32 sums, as the
+# sparse attention's kernel computes them, with half the registers). At 32k for the MQA
+# shape on one H100 (2026-12-06) the forward took 90 ms against 9 ms for the attention's
+# forward over the same keys; False is tested under the interpreter (fp16), not yet
+# compiled or timed on a GPU: bench/dsa.py times it beside the default (kl_fused_native).
+MAIN_DOT_FP32 = True
 
 
 def sparse_kl_triton(q, k, qi, ki, w, idx: Tensor, scale: float) -> Tensor:
@@ -49,7 +56,7 @@ if HAVE_TRITON:
     @triton.jit
     def _main_scores(q, K, safe, ok, rs, sub, mhead, rd, md, s_kt, s_kh, scale,
                      HKV: tl.constexpr, R: tl.constexpr, NS: tl.constexpr, BR: tl.constexpr,
-                     BN: tl.constexpr):  # fmt: skip
+                     BN: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
         """[NS, BR, BN] attention logits of the query heads (``q`` [NS, BR, BD], see
         ``_slots``) against the block's keys, each head against its own KV head: the r-th
         KV head of every slot in one batched dot with its slot's rows (``sub``: each row's
@@ -61,20 +68,22 @@ if HAVE_TRITON:
                 K + safe[None, :, None] * s_kt + hk[:, None, None] * s_kh + rd[None, None, :],
                 mask=(hk < HKV)[:, None, None] & ok[None, :, None] & md[None, None, :],
                 other=0.0,
-            ).to(tl.float32)  # [NS, BN, BD]
+            ).to(q.dtype)  # [NS, BN, BD]
             s = tl.where((sub == r)[None, :, None], tl.dot(q, tl.trans(kb, 0, 2, 1)), s)
         return tl.where(mhead[:, :, None] & ok[None, None, :], s * scale, float("-inf"))
 
     @triton.jit
     def _query(Q, QI, W, t, heads, mhead, rd, rj, re, md, mj, me,
-               s_qt, s_qh, s_qit, s_qih, s_wt):  # fmt: skip
-        """The query's main heads in slots [NS, BR, BD] (``heads``: their numbers), index
-        heads [BHI, BDI] and weights [BHI]."""
+               s_qt, s_qh, s_qit, s_qih, s_wt, FP32: tl.constexpr):  # fmt: skip
+        """The query's main heads in slots [NS, BR, BD] (``heads``: their numbers; fp32
+        with ``FP32``, else the input's dtype), index heads [BHI, BDI] and weights [BHI]."""
         q = tl.load(
             Q + t * s_qt + heads[:, :, None] * s_qh + rd[None, None, :],
             mask=mhead[:, :, None] & md[None, None, :],
             other=0.0,
-        ).to(tl.float32)
+        )
+        if FP32:
+            q = q.to(tl.float32)
         qi = tl.load(
             QI + t * s_qit + rj[:, None] * s_qih + re[None, :],
             mask=mj[:, None] & me[None, :],
@@ -86,7 +95,8 @@ if HAVE_TRITON:
     @triton.jit
     def _block(q, qi, w, K, KI, IDX, t, start, n_sel, rs, sub, mhead, rn, rd, md, re, me,
                s_it, s_kt, s_kh, s_kit, scale, HKV: tl.constexpr, R: tl.constexpr,
-               NS: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+               NS: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
+               FP32: tl.constexpr):  # fmt: skip
         """One block of the query's selected keys: which are selected (``ok``) and where
         (``safe``), the main logits [NS, BR, BN], ReLU's input [BHI, BN], the index keys
         [BN, BDI] and the index scores [BN]; -inf logits and scores where not selected."""
@@ -95,7 +105,7 @@ if HAVE_TRITON:
         ok = ids >= 0
         safe = tl.where(ok, ids, 0)
         s = _main_scores(q, K, safe, ok, rs, sub, mhead, rd, md, s_kt, s_kh, scale,
-                         HKV, R, NS, BR, BN)  # fmt: skip
+                         HKV, R, NS, BR, BN, FP32)  # fmt: skip
         kib = tl.load(
             KI + safe[:, None] * s_kit + re[None, :], mask=ok[:, None] & me[None, :], other=0.0
         ).to(tl.float32)
@@ -110,7 +120,7 @@ if HAVE_TRITON:
         H: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, R: tl.constexpr,
         NS: tl.constexpr, BR: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
         HI: tl.constexpr, BHI: tl.constexpr,
-        DI: tl.constexpr, BDI: tl.constexpr, BN: tl.constexpr,
+        DI: tl.constexpr, BDI: tl.constexpr, BN: tl.constexpr, FP32: tl.constexpr,
     ):  # fmt: skip
         t = tl.program_id(0)
         rs, rr = tl.arange(0, NS), tl.arange(0, BR)
@@ -120,7 +130,7 @@ if HAVE_TRITON:
         mhead = (rr < R * G)[None, :] & (heads < H)
         sub = rr // G  # which of its slot's R KV heads a row reads
         q, qi, w = _query(Q, QI, W, t, heads, mhead, rd, rj, re, md, mj, me,
-                          s_qt, s_qh, s_qit, s_qih, s_wt)  # fmt: skip
+                          s_qt, s_qh, s_qit, s_qih, s_wt, FP32)  # fmt: skip
         m = tl.full((NS, BR), float("-inf"), tl.float32)
         l_h = tl.zeros((NS, BR), tl.float32)
         mi = tl.max(tl.full((BN,), float("-inf"), tl.float32), 0)
@@ -128,7 +138,7 @@ if HAVE_TRITON:
         for start in range(0, n_sel, BN):  # pass 1: log-sum-exps
             ok, safe, s, z, kib, idx_s = _block(
                 q, qi, w, K, KI, IDX, t, start, n_sel, rs, sub, mhead, rn, rd, md, re, me,
-                s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN,
+                s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN, FP32,
             )  # fmt: skip
             m_new = tl.maximum(m, tl.max(s, 2))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -145,7 +155,7 @@ if HAVE_TRITON:
         for start in range(0, n_sel, BN):  # pass 2: the KL
             ok, safe, s, z, kib, idx_s = _block(
                 q, qi, w, K, KI, IDX, t, start, n_sel, rs, sub, mhead, rn, rd, md, re, me,
-                s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN,
+                s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN, FP32,
             )  # fmt: skip
             p = tl.sum(tl.sum(tl.exp(s - lse[:, :, None]), 1), 0) / H
             term = tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0) - p * (idx_s - lsei)
@@ -162,6 +172,7 @@ if HAVE_TRITON:
         NS: tl.constexpr, BR: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
         HI: tl.constexpr, BHI: tl.constexpr,
         DI: tl.constexpr, BDI: tl.constexpr, BN: tl.constexpr, SEM: tl.constexpr,
+        FP32: tl.constexpr,
     ):  # fmt: skip
         t = tl.program_id(0)
         rs, rr = tl.arange(0, NS), tl.arange(0, BR)
@@ -171,7 +182,7 @@ if HAVE_TRITON:
         mhead = (rr < R * G)[None, :] & (heads < H)
         sub = rr // G  # which of its slot's R KV heads a row reads
         q, qi, w = _query(Q, QI, W, t, heads, mhead, rd, rj, re, md, mj, me,
-                          s_qt, s_qh, s_qit, s_qih, s_wt)  # fmt: skip
+                          s_qt, s_qh, s_qit, s_qih, s_wt, FP32)  # fmt: skip
         lse = tl.load(LSE + t * s_lt + heads, mask=mhead, other=float("inf"))
         lsei = tl.load(LSEI + t)
         g = tl.load(GOUT + t)
@@ -180,7 +191,7 @@ if HAVE_TRITON:
         for start in range(0, n_sel, BN):
             ok, safe, s, z, kib, idx_s = _block(
                 q, qi, w, K, KI, IDX, t, start, n_sel, rs, sub, mhead, rn, rd, md, re, me,
-                s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN,
+                s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN, FP32,
             )  # fmt: skip
             p = tl.sum(tl.sum(tl.exp(s - lse[:, :, None]), 1), 0) / H
             di = tl.where(ok, g * (tl.exp(idx_s - lsei) - p), 0.0)  # dKL/dI [BN]
@@ -224,6 +235,7 @@ if HAVE_TRITON:
         return dict(
             H=h, G=h // hkv, HKV=hkv, **_slots(h, hkv), D=d, BD=max(16, p2(d)),
             HI=hi, BHI=max(16, p2(hi)), DI=di, BDI=max(16, p2(di)), BN=BLOCK_N,
+            FP32=MAIN_DOT_FP32,
         )  # fmt: skip
 
     class _SparseKL(torch.autograd.Function):
