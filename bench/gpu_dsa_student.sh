@@ -7,6 +7,9 @@
 # DSA phases, warm-up then sparse, and rl and eval after it; FROM_DENSE=0 trains the dense
 # phase again from scratch instead, as a recipe with attention dsa does). The dense run's
 # report is kept as $OUT/dense-report-sSEED.json before the DSA run replaces it.
+# On one H100 (2026-12-06 16:54 UTC, seed 0, after gpu_recipe.sh 0 with rl.enabled=false;
+# 280 s): DSA - dense +2.5 / +0.5 / +1.5 / +2.5 points on math / code / logic / agents
+# (± 1.1-2.0 s.e., 200 tasks each; BENCHMARKS.md).
 # Run from the repository root: OUT=dir bash bench/gpu_dsa_student.sh [SEED]
 # TOP_K (default 64: traces are 100-400 tokens, so a larger top-k would read every key),
 # SPARSE_STEPS (default 800: the demo's DSA student needed 800 to match the dense one),

@@ -8,7 +8,8 @@ Per layer, for a row of T tokens with trace boundaries ``cu``:
    [T, K] with -1 where a query has fewer than K earlier keys in its trace;
 2. attention over ``idx``: a Triton kernel, forward (online softmax over the gathered
    keys, one program per token and KV head, the heads of a GQA group together) and
-   backward (dQ per program; dK and dV scattered with fp32 atomic adds); without Triton,
+   backward (dQ per program; dK and dV scattered with fp32 atomic adds, relaxed:
+   ``ATOMIC_SEM``); without Triton,
    torch gathers the selected keys chunk by chunk (checkpointed);
 3. the indexer's KL: over the selected keys (sparse phase) a fused Triton kernel
    (:mod:`distill.dsa.kl_kernel`), without Triton torch chunk by chunk, checkpointed; over
