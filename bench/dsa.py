@@ -19,7 +19,8 @@ GB/s. ``--sweep`` times the sparse attention under every launch configuration
 atomic adds are timed in Triton's default memory order too (``sparse_acq_rel``,
 ``kl_fused_acq_rel``: the layer uses "relaxed", ``kernels.ATOMIC_SEM``), and the fused
 KL with its main logits from the inputs' dtype (``kl_fused_native``; the layer's default,
-``kl_kernel.MAIN_DOT_FP32``, widens them to fp32 first).
+``kl_kernel.MAIN_DOT_FP32``, widens them to fp32 first), and the whole layer with that and
+the KL reading the attention's log-sum-exps (``dsa_next``; ``kernels.SHARE_LSE``).
 ``--profile-layer`` prints the DSA layer's ops (forward + backward) at the first length.
 
     python bench/dsa.py --preset h100          # the issue's figures: one H100/H200
@@ -212,12 +213,16 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
     parts += [("sparse_fwd", sparse_fwd), ("kl", kl)]
     if K.use_triton(q):  # the fused KL alone (the layer's default on CUDA; "kl" follows the env)
         parts += [("kl_fused", kl_fused), ("gather", gather)]
+        from distill.dsa import kl_kernel as KL
+
         # the backward kernels' atomic adds under Triton's default memory order, side by
         # side with the layer's (kernels.ATOMIC_SEM, "relaxed")
-        parts += [("sparse_acq_rel", _with_sem(sparse, "acq_rel"))]
-        parts += [("kl_fused_acq_rel", _with_sem(kl_fused, "acq_rel"))]
-        # the fused KL's main logits from the inputs' dtype (kl_kernel.MAIN_DOT_FP32 off)
-        parts += [("kl_fused_native", _with_native_dots(kl_fused))]
+        parts += [("sparse_acq_rel", _with(sparse, (K, "ATOMIC_SEM", "acq_rel")))]
+        parts += [("kl_fused_acq_rel", _with(kl_fused, (K, "ATOMIC_SEM", "acq_rel")))]
+        # what is written but not yet the default: the fused KL's main logits from the
+        # inputs' dtype, then also reading the attention's log-sum-exps (the whole layer)
+        parts += [("kl_fused_native", _with(kl_fused, (KL, "MAIN_DOT_FP32", False)))]
+        parts += [("dsa_next", _with(dsa, (KL, "MAIN_DOT_FP32", False), (K, "SHARE_LSE", True)))]
     for name, fn in parts:
         if name in p.get("skip_parts", ()):
             continue
@@ -234,33 +239,23 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
             row[f"{name}_gbs"] = round(nbytes / s / 1e9, 1)
     if "dense_ms" in row and "dsa_ms" in row:
         row["speedup"] = round(row["dense_ms"] / row["dsa_ms"], 2)
+    if "dense_ms" in row and "dsa_next_ms" in row:
+        row["speedup_next"] = round(row["dense_ms"] / row["dsa_next_ms"], 2)
     return row, dict(parts, kl_fwd=kl_fwd)
 
 
-def _with_sem(fn, sem: str):
-    """``fn`` with the backward kernels' atomic adds in memory order ``sem``."""
-    from distill.dsa import kernels as K
+def _with(fn, *changes):
+    """``fn`` with each ``(module, attribute, value)`` of ``changes`` set while it runs."""
 
     def run():
-        default, K.ATOMIC_SEM = K.ATOMIC_SEM, sem
+        old = [getattr(m, a) for m, a, _ in changes]
+        for m, a, v in changes:
+            setattr(m, a, v)
         try:
             fn()
         finally:
-            K.ATOMIC_SEM = default
-
-    return run
-
-
-def _with_native_dots(fn):
-    """``fn`` with the fused KL's main logits computed from the inputs' dtype."""
-    from distill.dsa import kl_kernel
-
-    def run():
-        default, kl_kernel.MAIN_DOT_FP32 = kl_kernel.MAIN_DOT_FP32, False
-        try:
-            fn()
-        finally:
-            kl_kernel.MAIN_DOT_FP32 = default
+            for (m, a, _), o in zip(changes, old, strict=True):
+                setattr(m, a, o)
 
     return run
 

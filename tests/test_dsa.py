@@ -205,14 +205,18 @@ assert K.use_triton(torch.zeros(1))
 cu = torch.tensor([0, 20, 21, 50, 70], dtype=torch.int32)
 q, k, v, qi, ki, w = _qkv(70, dtype=torch.float32, grad=True)
 ins = (q, k, v, qi, ki, w)
-for top_k in (5, 70):
+# the KL walking the main keys for their log-sum-exps, then reading the attention's
+for share, top_k in [(False, 5), (False, 70), (True, 5), (True, 70)]:
+    K.SHARE_LSE = share
     ref, kl_ref = A.dsa_varlen_reference(q, k, v, qi, ki, w, cu, top_k, 0.3, loss=True)
     got, kl_got = K.dsa_varlen(q, k, v, qi, ki, w, cu, top_k, 0.3, loss=True)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kl_got, kl_ref, atol=1e-4, rtol=1e-4)
     g_ref = torch.autograd.grad((ref * ref.detach().cos()).sum() + kl_ref, ins)
     g_got = torch.autograd.grad((got * got.detach().cos()).sum() + kl_got, ins)
     for a, b in zip(g_got, g_ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+K.SHARE_LSE = False
 # the fused KL token by token against torch's, indexer queries of both signs (ReLUs off)
 from distill.dsa.kl_kernel import sparse_kl_triton
 qs = torch.randn(70, 3, 8, generator=torch.Generator().manual_seed(5), requires_grad=True)
@@ -324,7 +328,7 @@ def test_triton_kernels_match_torch_on_gpu():
     idx = K.index_topk(qi, ki, w, starts, 16, 62)
     half = [x.bfloat16().requires_grad_() for x in (q, k, v)]
     full = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = K._SparseAttention.apply(*half, idx, 0.3)
+    out, lse = K._SparseAttention.apply(*half, idx, 0.3)
     ref = K._gathered(*full, idx, 0.3)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     grad = torch.randn_like(ref)
@@ -356,6 +360,9 @@ def test_triton_kernels_match_torch_on_gpu():
                 torch.testing.assert_close(
                     a, b, atol=5e-2, rtol=5e-2, msg=lambda m, n=name, c=case: f"{m}\n(d{n}, {c})"
                 )
+            if fp32:  # the heads' log-sum-exps read from the attention's forward
+                shared = sparse_kl_triton(q.bfloat16(), k.bfloat16(), *ins, idx, 0.3, lse=lse)
+                torch.testing.assert_close(shared.sum(), got, atol=5e-3, rtol=5e-3)
     finally:
         kl_kernel.MAIN_DOT_FP32 = default
 

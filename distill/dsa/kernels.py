@@ -47,7 +47,12 @@ SPARSE_LAUNCH = {"BN": BLOCK_N, "num_warps": 4, "num_stages": 3}
 # their sums after the kernel are read, so nothing needs the fences of Triton's default
 # "acq_rel"; "relaxed" is CUDA's own default for atomicAdd. bench/dsa.py times both.
 ATOMIC_SEM = "relaxed"
-FUSED_KL = "DISTILL_DSA_FUSED_KL"  # "0": the sparse phase's KL in torch, not kl_kernel.py
+FUSED_KL = "DISTILL_DSA_FUSED_KL"
+# the sparse phase's fused KL reads the main heads' log-sum-exps from the sparse attention's
+# forward (the same keys, the same logits) instead of walking the main keys for them itself:
+# one walk of its forward's two. Tested under the interpreter, not yet compiled or timed on
+# a GPU (bench/dsa.py: dsa_next), hence off.
+SHARE_LSE = False  # "0": the sparse phase's KL in torch, not kl_kernel.py
 
 
 def use_triton(x: Tensor) -> bool:
@@ -109,7 +114,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float)
     """Attention of each token over its selected keys ``idx`` [T, K] (-1 = none):
     ``q`` [T, H, D], ``k`` and ``v`` [T, Hkv, D] -> [T, H, D]."""
     if use_triton(q):
-        return _SparseAttention.apply(q, k, v, idx, scale)
+        return _SparseAttention.apply(q, k, v, idx, scale)[0]
     t, h, d = q.shape
     chunk = max(1, BUDGET // max(1, idx.shape[1] * max(h, k.shape[1] * d)))
     outs = []
@@ -238,6 +243,11 @@ def dsa_varlen(
         kl = dense_kl(q, k, qi, ki, w, starts, scale, max_len) if loss else None
         return out, kl
     idx = index_topk(qi.detach(), ki.detach(), w.detach(), starts, top_k, max_len)
+    if loss and SHARE_LSE and use_triton(q) and os.environ.get(FUSED_KL) != "0":
+        from distill.dsa.kl_kernel import sparse_kl_triton
+
+        out, lse = _SparseAttention.apply(q, k, v, idx, scale)
+        return out, sparse_kl_triton(q, k, qi, ki, w, idx, scale, lse=lse).sum()
     out = sparse_attention(q, k, v, idx, scale)
     return out, (sparse_kl(q, k, qi, ki, w, idx, scale) if loss else None)
 
@@ -383,7 +393,9 @@ if HAVE_TRITON:
         return out
 
     class _SparseAttention(torch.autograd.Function):
-        """Triton attention over selected keys; q [T, H, D], k and v [T, Hkv, D]."""
+        """Triton attention over selected keys; q [T, H, D], k and v [T, Hkv, D] -> the
+        output [T, H, D] and each head's log-sum-exp over its keys [T, H] (fp32, +inf
+        where none; no gradient)."""
 
         @staticmethod
         def forward(ctx, q, k, v, idx, scale):
@@ -401,10 +413,11 @@ if HAVE_TRITON:
             )  # fmt: skip
             ctx.save_for_backward(q, k, v, idx, out, lse)
             ctx.scale = scale
-            return out
+            ctx.mark_non_differentiable(lse)
+            return out, lse
 
         @staticmethod
-        def backward(ctx, grad):
+        def backward(ctx, grad, _grad_lse):
             q, k, v, idx, out, lse = ctx.saved_tensors
             do = grad.to(q.dtype).contiguous()
             delta = (do.float() * out.float()).sum(-1)

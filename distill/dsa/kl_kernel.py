@@ -9,7 +9,9 @@ The torch path (:func:`distill.dsa.kernels.sparse_kl`) gathers ``k[idx]`` and ``
 as [T, K, ...] tensors and recomputes them in backward: on one H100 at 16k tokens and
 K = 2,048 that was 1.8 s of a 1.86 s layer (BENCHMARKS.md). Here one program per query
 walks its selected keys in blocks, twice (the heads' log-sum-exps and the index
-softmax's, then the KL); no [T, K, ...] keys are gathered and only the int32 ``idx``
+softmax's, then the KL; with the heads' log-sum-exps given, from the sparse attention's
+forward over the same keys, the first walk reads the index keys alone); no [T, K, ...]
+keys are gathered and only the int32 ``idx``
 [T, K] is kept: the backward walks the keys again with the saved log-sum-exps, and
 scatters ``dki`` with fp32 atomic adds. On by default with Triton on CUDA: on one H100,
 39.8 ms forward + backward at 16k tokens against 1,807 ms for the torch path
@@ -46,9 +48,12 @@ KL_LAUNCH = {"num_warps": 4, "num_stages": 3}
 MAIN_DOT_FP32 = True
 
 
-def sparse_kl_triton(q, k, qi, ki, w, idx: Tensor, scale: float) -> Tensor:
-    """Per-token KL [T] (fp32); ``q`` [T, H, D] and ``k`` [T, Hkv, D] carry no gradient."""
-    return _SparseKL.apply(q.detach(), k.detach(), qi, ki, w, idx, scale)
+def sparse_kl_triton(q, k, qi, ki, w, idx: Tensor, scale: float, lse=None) -> Tensor:
+    """Per-token KL [T] (fp32); ``q`` [T, H, D] and ``k`` [T, Hkv, D] carry no gradient.
+    ``lse`` [T, H]: the main heads' log-sum-exps over the same selected keys (the sparse
+    attention's, :func:`distill.dsa.kernels.sparse_attention_lse`), which spares the
+    kernel one of its two walks over the main keys."""
+    return _SparseKL.apply(q.detach(), k.detach(), qi, ki, w, idx, scale, lse)
 
 
 if HAVE_TRITON:
@@ -100,18 +105,26 @@ if HAVE_TRITON:
         """One block of the query's selected keys: which are selected (``ok``) and where
         (``safe``), the main logits [NS, BR, BN], ReLU's input [BHI, BN], the index keys
         [BN, BDI] and the index scores [BN]; -inf logits and scores where not selected."""
+        ok, safe, z, kib, idx_s = _index_block(qi, w, KI, IDX, t, start, n_sel, rn, re, me,
+                                               s_it, s_kit)  # fmt: skip
+        s = _main_scores(q, K, safe, ok, rs, sub, mhead, rd, md, s_kt, s_kh, scale,
+                         HKV, R, NS, BR, BN, FP32)  # fmt: skip
+        return ok, safe, s, z, kib, idx_s
+
+    @triton.jit
+    def _index_block(qi, w, KI, IDX, t, start, n_sel, rn, re, me, s_it, s_kit):
+        """:func:`_block` without the main logits: ``ok``, ``safe``, ReLU's input, the
+        index keys and the index scores."""
         cols = start + rn
         ids = tl.load(IDX + t * s_it + cols, mask=cols < n_sel, other=-1)
         ok = ids >= 0
         safe = tl.where(ok, ids, 0)
-        s = _main_scores(q, K, safe, ok, rs, sub, mhead, rd, md, s_kt, s_kh, scale,
-                         HKV, R, NS, BR, BN, FP32)  # fmt: skip
         kib = tl.load(
             KI + safe[:, None] * s_kit + re[None, :], mask=ok[:, None] & me[None, :], other=0.0
         ).to(tl.float32)
         z = tl.dot(qi, tl.trans(kib))
         idx_s = tl.where(ok, tl.sum(tl.maximum(z, 0.0) * w[:, None], 0), float("-inf"))
-        return ok, safe, s, z, kib, idx_s
+        return ok, safe, z, kib, idx_s
 
     @triton.jit
     def _kl_fwd_kernel(
@@ -121,7 +134,11 @@ if HAVE_TRITON:
         NS: tl.constexpr, BR: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
         HI: tl.constexpr, BHI: tl.constexpr,
         DI: tl.constexpr, BDI: tl.constexpr, BN: tl.constexpr, FP32: tl.constexpr,
+        HAS_LSE: tl.constexpr,
     ):  # fmt: skip
+        """With ``HAS_LSE`` the heads' log-sum-exps are read from ``LSE`` (the sparse
+        attention's forward computed them over the same keys), and the first walk reads
+        the index keys alone; without, it computes them and stores them there."""
         t = tl.program_id(0)
         rs, rr = tl.arange(0, NS), tl.arange(0, BR)
         rd, rn, rj, re = tl.arange(0, BD), tl.arange(0, BN), tl.arange(0, BHI), tl.arange(0, BDI)
@@ -136,20 +153,28 @@ if HAVE_TRITON:
         mi = tl.max(tl.full((BN,), float("-inf"), tl.float32), 0)
         li = tl.sum(tl.zeros((BN,), tl.float32), 0)
         for start in range(0, n_sel, BN):  # pass 1: log-sum-exps
-            ok, safe, s, z, kib, idx_s = _block(
-                q, qi, w, K, KI, IDX, t, start, n_sel, rs, sub, mhead, rn, rd, md, re, me,
-                s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN, FP32,
-            )  # fmt: skip
-            m_new = tl.maximum(m, tl.max(s, 2))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_h = l_h * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, :, None]), 2)
-            m = m_new
+            if HAS_LSE:
+                ok, safe, z, kib, idx_s = _index_block(
+                    qi, w, KI, IDX, t, start, n_sel, rn, re, me, s_it, s_kit
+                )
+            else:
+                ok, safe, s, z, kib, idx_s = _block(
+                    q, qi, w, K, KI, IDX, t, start, n_sel, rs, sub, mhead, rn, rd, md, re, me,
+                    s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN, FP32,
+                )  # fmt: skip
+                m_new = tl.maximum(m, tl.max(s, 2))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_h = l_h * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, :, None]), 2)
+                m = m_new
             mi_new = tl.maximum(mi, tl.max(idx_s, 0))
             mi_safe = tl.where(mi_new == float("-inf"), 0.0, mi_new)
             li = li * tl.exp(mi - mi_safe) + tl.sum(tl.exp(idx_s - mi_safe), 0)
             mi = mi_new
         # no key (or a padded head): +inf, so that exp(x - lse) = 0 everywhere below
-        lse = tl.where(l_h > 0, m + tl.log(tl.where(l_h > 0, l_h, 1.0)), float("inf"))
+        if HAS_LSE:
+            lse = tl.load(LSE + t * s_lt + heads, mask=mhead, other=float("inf"))
+        else:
+            lse = tl.where(l_h > 0, m + tl.log(tl.where(l_h > 0, l_h, 1.0)), float("inf"))
         lsei = tl.where(li > 0, mi + tl.log(tl.where(li > 0, li, 1.0)), float("inf"))
         kl = tl.sum(tl.zeros((BN,), tl.float32), 0)
         for start in range(0, n_sel, BN):  # pass 2: the KL
@@ -161,7 +186,8 @@ if HAVE_TRITON:
             term = tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0) - p * (idx_s - lsei)
             kl += tl.sum(tl.where(ok & (p > 0), term, 0.0), 0)
         tl.store(KL + t, kl)
-        tl.store(LSE + t * s_lt + heads, lse, mask=mhead)
+        if not HAS_LSE:
+            tl.store(LSE + t * s_lt + heads, lse, mask=mhead)
         tl.store(LSEI + t, lsei)
 
     @triton.jit
@@ -240,20 +266,24 @@ if HAVE_TRITON:
 
     class _SparseKL(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, q, k, qi, ki, w, idx, scale):
+        def forward(ctx, q, k, qi, ki, w, idx, scale, lse=None):
             q, k = q.contiguous(), k.contiguous()
             # fp32 copies of the indexer's (small) tensors: the gradients come back in fp32
             qi32, ki32, w32 = (x.float().contiguous() for x in (qi, ki, w))
             idx = idx.to(torch.int32).contiguous()
             t = q.shape[0]
             kl = torch.empty(t, dtype=torch.float32, device=q.device)
-            lse = torch.empty(t, q.shape[1], dtype=torch.float32, device=q.device)
+            has_lse = lse is not None  # read, not written: it is the attention's too
+            if has_lse:
+                lse = lse.float().contiguous()
+            else:
+                lse = torch.empty(t, q.shape[1], dtype=torch.float32, device=q.device)
             lsei = torch.empty(t, dtype=torch.float32, device=q.device)
             _kl_fwd_kernel[(t,)](
                 q, k, qi32, ki32, w32, idx, kl, lse, lsei, scale, idx.shape[1],
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi32.stride(0),
                 qi32.stride(1), ki32.stride(0), w32.stride(0), idx.stride(0), lse.stride(0),
-                **_meta(q, k, qi32), **KL_LAUNCH,
+                **_meta(q, k, qi32), **KL_LAUNCH, HAS_LSE=has_lse,
             )  # fmt: skip
             ctx.save_for_backward(q, k, qi32, ki32, w32, idx, lse, lsei)
             ctx.scale = scale
@@ -273,4 +303,4 @@ if HAVE_TRITON:
                 **_meta(q, k, qi), SEM=kernels.ATOMIC_SEM, **KL_LAUNCH,
             )  # fmt: skip
             dq_i, dk_i, d_w = ctx.dtypes
-            return None, None, dqi.to(dq_i), dki.to(dk_i), dw.to(d_w), None, None
+            return None, None, dqi.to(dq_i), dki.to(dk_i), dw.to(d_w), None, None, None
