@@ -47,12 +47,12 @@ SPARSE_LAUNCH = {"BN": BLOCK_N, "num_warps": 4, "num_stages": 3}
 # their sums after the kernel are read, so nothing needs the fences of Triton's default
 # "acq_rel"; "relaxed" is CUDA's own default for atomicAdd. bench/dsa.py times both.
 ATOMIC_SEM = "relaxed"
-FUSED_KL = "DISTILL_DSA_FUSED_KL"
+FUSED_KL = "DISTILL_DSA_FUSED_KL"  # "0": the sparse phase's KL in torch, not kl_kernel.py
 # the sparse phase's fused KL reads the main heads' log-sum-exps from the sparse attention's
 # forward (the same keys, the same logits) instead of walking the main keys for them itself:
 # one walk of its forward's two. Tested under the interpreter, not yet compiled or timed on
 # a GPU (bench/dsa.py: dsa_next), hence off.
-SHARE_LSE = False  # "0": the sparse phase's KL in torch, not kl_kernel.py
+SHARE_LSE = False
 
 
 def use_triton(x: Tensor) -> bool:

@@ -51,8 +51,8 @@ MAIN_DOT_FP32 = True
 def sparse_kl_triton(q, k, qi, ki, w, idx: Tensor, scale: float, lse=None) -> Tensor:
     """Per-token KL [T] (fp32); ``q`` [T, H, D] and ``k`` [T, Hkv, D] carry no gradient.
     ``lse`` [T, H]: the main heads' log-sum-exps over the same selected keys (the sparse
-    attention's, :func:`distill.dsa.kernels.sparse_attention_lse`), which spares the
-    kernel one of its two walks over the main keys."""
+    attention's forward: the second output of ``kernels._SparseAttention``), which spares
+    the kernel one of its two walks over the main keys."""
     return _SparseKL.apply(q.detach(), k.detach(), qi, ki, w, idx, scale, lse)
 
 
@@ -61,7 +61,7 @@ if HAVE_TRITON:
     @triton.jit
     def _main_scores(q, K, safe, ok, rs, sub, mhead, rd, md, s_kt, s_kh, scale,
                      HKV: tl.constexpr, R: tl.constexpr, NS: tl.constexpr, BR: tl.constexpr,
-                     BN: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
+                     BN: tl.constexpr):  # fmt: skip
         """[NS, BR, BN] attention logits of the query heads (``q`` [NS, BR, BD], see
         ``_slots``) against the block's keys, each head against its own KV head: the r-th
         KV head of every slot in one batched dot with its slot's rows (``sub``: each row's
@@ -100,15 +100,14 @@ if HAVE_TRITON:
     @triton.jit
     def _block(q, qi, w, K, KI, IDX, t, start, n_sel, rs, sub, mhead, rn, rd, md, re, me,
                s_it, s_kt, s_kh, s_kit, scale, HKV: tl.constexpr, R: tl.constexpr,
-               NS: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
-               FP32: tl.constexpr):  # fmt: skip
+               NS: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):  # fmt: skip
         """One block of the query's selected keys: which are selected (``ok``) and where
         (``safe``), the main logits [NS, BR, BN], ReLU's input [BHI, BN], the index keys
         [BN, BDI] and the index scores [BN]; -inf logits and scores where not selected."""
         ok, safe, z, kib, idx_s = _index_block(qi, w, KI, IDX, t, start, n_sel, rn, re, me,
                                                s_it, s_kit)  # fmt: skip
         s = _main_scores(q, K, safe, ok, rs, sub, mhead, rd, md, s_kt, s_kh, scale,
-                         HKV, R, NS, BR, BN, FP32)  # fmt: skip
+                         HKV, R, NS, BR, BN)  # fmt: skip
         return ok, safe, s, z, kib, idx_s
 
     @triton.jit
@@ -160,7 +159,7 @@ if HAVE_TRITON:
             else:
                 ok, safe, s, z, kib, idx_s = _block(
                     q, qi, w, K, KI, IDX, t, start, n_sel, rs, sub, mhead, rn, rd, md, re, me,
-                    s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN, FP32,
+                    s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN,
                 )  # fmt: skip
                 m_new = tl.maximum(m, tl.max(s, 2))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -180,7 +179,7 @@ if HAVE_TRITON:
         for start in range(0, n_sel, BN):  # pass 2: the KL
             ok, safe, s, z, kib, idx_s = _block(
                 q, qi, w, K, KI, IDX, t, start, n_sel, rs, sub, mhead, rn, rd, md, re, me,
-                s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN, FP32,
+                s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN,
             )  # fmt: skip
             p = tl.sum(tl.sum(tl.exp(s - lse[:, :, None]), 1), 0) / H
             term = tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0) - p * (idx_s - lsei)
@@ -217,7 +216,7 @@ if HAVE_TRITON:
         for start in range(0, n_sel, BN):
             ok, safe, s, z, kib, idx_s = _block(
                 q, qi, w, K, KI, IDX, t, start, n_sel, rs, sub, mhead, rn, rd, md, re, me,
-                s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN, FP32,
+                s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN,
             )  # fmt: skip
             p = tl.sum(tl.sum(tl.exp(s - lse[:, :, None]), 1), 0) / H
             di = tl.where(ok, g * (tl.exp(idx_s - lsei) - p), 0.0)  # dKL/dI [BN]
