@@ -8,6 +8,10 @@ every domain. A difference of two scores on n tasks each has a standard error of
 sqrt(p1(1-p1)/n + p2(1-p2)/n); the table gives it, so a gap is read against its noise.
 
     python bench/dsa_vs_dense.py DENSE/report.json DSA/report.json [--within 1.0]
+
+``--names`` labels the two columns, for other pairs of students: e.g. the dense student
+continued for as many steps as the DSA one's sparse phase (``bench/gpu_dsa_student.sh``
+with ``CONTROL=1``) against the DSA one, ``--names "dense continued,DSA"``.
 """
 
 from __future__ import annotations
@@ -51,15 +55,17 @@ def main() -> int:
     ap.add_argument("dense", type=Path)
     ap.add_argument("dsa", type=Path)
     ap.add_argument("--within", type=float, default=1.0, help="points the DSA student may lose")
+    ap.add_argument("--names", default="dense,DSA", help="the two columns' labels, comma-separated")
     a = ap.parse_args()
+    first, _, second = a.names.partition(",")
     try:
         dense, dsa = (json.loads(p.read_text()) for p in (a.dense, a.dsa))
     except (OSError, ValueError) as e:
         print(f"dsa_vs_dense: cannot read a report: {e}", file=sys.stderr)
         return 2
     got = rows(dense, dsa, a.within)
-    print("| domain | stage | dense pass@1 | DSA pass@1 | DSA - dense (± 1 s.e.) | within "
-          f"{a.within:g} point |")  # fmt: skip
+    print(f"| domain | stage | {first} pass@1 | {second} pass@1 | {second} - {first} (± 1 s.e.) "
+          f"| within {a.within:g} point |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for r in got:
         print(f"| {r['domain']} | {r['stage']} | {r['dense']:.1f}% | {r['dsa']:.1f}% | "

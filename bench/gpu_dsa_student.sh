@@ -22,6 +22,11 @@
 # measured, and on the GPU the DSA student decodes without the dense student's CUDA-graph
 # decoder, so scoring two DSA students (distilled and + RL) and RL's rollouts would not fit
 # the 10-minute call after two 110 s phases; 1: mixed RL as the recipe has it),
+# CONTROL (default 0; 1: a copy of the run, $DATA-ctl, continues the dense student for as
+# many steps as the DSA run's sparse phase took, at the same learning rate, and is scored:
+# the DSA student trains that much more than the dense one, so this separates what the
+# sparse attention costs from what the extra training gives. 2-core CPU, demo seeds 2 and 3,
+# 2026-12-06: the continued dense student gained as much as the DSA one; BENCHMARKS.md),
 # RECIPE_SET as in gpu_recipe.sh. RECIPE and DATA (default recipes/gpu.yaml and
 # data/gpu-sSEED) run the same check on another recipe's finished run, e.g. the demo's on
 # a CPU: RECIPE=recipes/demo.yaml DATA=data/demo bash bench/gpu_dsa_student.sh 0
@@ -31,6 +36,7 @@ mkdir -p "$OUT"
 s=${1:-0}
 RECIPE=${RECIPE:-recipes/gpu.yaml}
 DATA=${DATA:-data/gpu-s$s}
+DATA=${DATA%/}  # $DATA-ctl beside it, not inside
 PY=${PYTHON:-python3}
 if [ ! -f "$DATA/eval/report.json" ]; then
     echo "no $DATA/eval/report.json: run $RECIPE (seed $s) into $DATA on this machine first" >&2
@@ -51,6 +57,13 @@ if [ "${FROM_DENSE:-1}" = 1 ]; then
     rm -rf "$DATA/dense-student" && cp -r "$DATA/student" "$DATA/dense-student" || exit 2
     init=(--set student.kind=hf --set "student.path=$DATA/dense-student")
 fi
+if [ "${CONTROL:-0}" = 1 ] && [ "${FROM_DENSE:-1}" != 1 ]; then
+    echo "CONTROL=1 continues the dense run's student: it needs FROM_DENSE=1" >&2
+    exit 2
+fi
+if [ "${CONTROL:-0}" = 1 ]; then  # the dense run as it is now, for the control after
+    rm -rf "$DATA-ctl" && cp -r "$DATA" "$DATA-ctl" || exit 2
+fi
 PYTHONUNBUFFERED=1 timeout "${RECIPE_TIMEOUT:-570}" $PY -m distill run "$RECIPE" \
     --set seed="$s" --set output_dir="$DATA" --set student.arch.attention=dsa \
     --set student.arch.index_top_k="${TOP_K:-64}" --set train.dsa.sparse_steps="${SPARSE_STEPS:-800}" "${init[@]}" "${lr[@]}" "${rl[@]}" \
@@ -61,6 +74,26 @@ if [ "$rc" = 0 ]; then
     cp "$DATA/eval/report.json" "$OUT/dsa-report-s$s.json"
     cp "$DATA/eval/report.md" "$OUT/dsa-report-s$s.md"
     $PY bench/dsa_vs_dense.py "$OUT/dense-report-s$s.json" "$OUT/dsa-report-s$s.json"
+    if [ "${CONTROL:-0}" = 1 ]; then
+        # the sparse phase's steps (its report is the train stage's last)
+        steps=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['steps'])" \
+            "$DATA/runs/student/train_report.json")
+        ctl_lr=()
+        [ -n "${SPARSE_LR-5e-4}" ] && ctl_lr=(--set "train.learning_rate=${SPARSE_LR-5e-4}")
+        echo "control: the dense student continued for $steps steps"
+        PYTHONUNBUFFERED=1 timeout "${CONTROL_TIMEOUT:-300}" $PY -m distill run "$RECIPE" \
+            --set seed="$s" --set output_dir="$DATA-ctl" --set student.kind=hf \
+            --set "student.path=$DATA-ctl/dense-student" --set train.max_steps="$steps" \
+            "${ctl_lr[@]}" "${rl[@]}" ${RECIPE_SET:+$(printf -- '--set %s ' $RECIPE_SET)} \
+            >"$OUT/ctl-s$s.log" 2>&1
+        echo "control run rc=$?"
+        if cp "$DATA-ctl/eval/report.json" "$OUT/ctl-report-s$s.json"; then
+            $PY bench/dsa_vs_dense.py --names "dense,dense continued" \
+                "$OUT/dense-report-s$s.json" "$OUT/ctl-report-s$s.json"
+            $PY bench/dsa_vs_dense.py --names "dense continued,DSA" \
+                "$OUT/ctl-report-s$s.json" "$OUT/dsa-report-s$s.json"
+        fi
+    fi
 else  # eval/report.json is still the dense run's (2026-12-06: a table of +0.0 everywhere)
     echo "the DSA run did not finish: no comparison (its log: $OUT/dsa-s$s.log)"
 fi
