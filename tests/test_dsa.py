@@ -231,11 +231,13 @@ for a, b in zip(torch.autograd.grad((got * c).sum(), (qs, ki, w)),
                 torch.autograd.grad((want * c).sum(), (qs, ki, w))):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 # other layouts of the main heads (kl_kernel._slots): 3 KV heads in one slot, 4 in two
-# slots of 2, and 3 in slots of one (a fourth slot padding)
+# slots of 2, 3 in slots of one (a fourth slot padding), and 64 heads over one KV head
+# (one slot of 64 rows: the 2D dot)
 from distill.dsa.kl_kernel import _slots
-assert [_slots(h, hkv) for h, hkv in ((6, 3), (32, 4), (48, 3))] == [
-    dict(R=3, NS=1, BR=16), dict(R=2, NS=2, BR=16), dict(R=1, NS=4, BR=16)]
-for h, hkv in ((6, 3), (32, 4), (48, 3)):
+assert [_slots(h, hkv) for h, hkv in ((6, 3), (32, 4), (48, 3), (64, 1))] == [
+    dict(R=3, NS=1, BR=16), dict(R=2, NS=2, BR=16), dict(R=1, NS=4, BR=16),
+    dict(R=1, NS=1, BR=64)]
+for h, hkv in ((6, 3), (32, 4), (48, 3), (64, 1)):
     gen = torch.Generator().manual_seed(h)
     qh, kh = torch.randn(70, h, 16, generator=gen), torch.randn(70, hkv, 16, generator=gen)
     got = sparse_kl_triton(qh, kh, qs, ki, w, idx, 0.3)
@@ -282,6 +284,34 @@ def test_triton_kernels_match_the_reference_interpreted(tmp_path):
             "(3.9's can); the GPU test runs the compiled kernels"
         )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def _has_cuda_compiler() -> bool:
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not K.HAVE_TRITON or not _has_cuda_compiler(), reason="needs Triton")
+def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
+    """Every DSA kernel, with every setting it takes, compiles for sm_90 at the Qwen2-0.5B
+    and MQA shapes (Triton compiles with its own ptxas; no GPU), and the fused KL's main
+    logits take Hopper's warpgroup MMA at the MQA shape, as the attention's do."""
+    import importlib.util
+
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    path = Path(__file__).parents[1] / "bench" / "dsa_compile.py"
+    spec = importlib.util.spec_from_file_location("dsa_compile", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for shape in ("qwen2", "mqa"):
+        for name, fn, types, consts, launch in mod.kernels_at(shape):
+            row = mod.describe(mod.compile_kernel(fn, types, consts, launch, 90))
+            if shape == "mqa" and name.startswith("KL forward"):
+                assert row["wgmma"], f"{name} at the MQA shape: {row}"
 
 
 # what an older Triton interpreter raises at `range(0, n, BN)` with `n` a launch argument (it

@@ -61,20 +61,34 @@ if HAVE_TRITON:
     @triton.jit
     def _main_scores(q, K, safe, ok, rs, sub, mhead, rd, md, s_kt, s_kh, scale,
                      HKV: tl.constexpr, R: tl.constexpr, NS: tl.constexpr, BR: tl.constexpr,
-                     BN: tl.constexpr):  # fmt: skip
+                     BN: tl.constexpr, BD: tl.constexpr):  # fmt: skip
         """[NS, BR, BN] attention logits of the query heads (``q`` [NS, BR, BD], see
         ``_slots``) against the block's keys, each head against its own KV head: the r-th
         KV head of every slot in one batched dot with its slot's rows (``sub``: each row's
-        r); -inf for keys not selected and padded rows."""
+        r); -inf for keys not selected and padded rows. With one slot of 64 rows or more
+        (every head in it, e.g. MQA's 64) the dot is a plain 2D one: compiled for sm_90
+        (Triton 3.9, which needs no GPU for it), a batched 3D dot lowers to the pre-Hopper
+        MMA where this one takes Hopper's warpgroup MMA, as the attention's does. Smaller
+        slots (the Qwen2-0.5B shape's 16 rows) keep the 3D dot: their 2D one would take the
+        old MMA too, and spilled registers there."""
         s = tl.zeros((NS, BR, BN), tl.float32)
         for r in tl.static_range(R):
-            hk = rs * R + r  # [NS]
-            kb = tl.load(
-                K + safe[None, :, None] * s_kt + hk[:, None, None] * s_kh + rd[None, None, :],
-                mask=(hk < HKV)[:, None, None] & ok[None, :, None] & md[None, None, :],
-                other=0.0,
-            ).to(q.dtype)  # [NS, BN, BD]
-            s = tl.where((sub == r)[None, :, None], tl.dot(q, tl.trans(kb, 0, 2, 1)), s)
+            if NS == 1 and BR >= 64:  # hk = r < R = HKV; 64 rows: what a warpgroup MMA takes
+                kb = tl.load(
+                    K + safe[:, None] * s_kt + r * s_kh + rd[None, :],
+                    mask=ok[:, None] & md[None, :],
+                    other=0.0,
+                ).to(q.dtype)  # [BN, BD]
+                d2 = tl.dot(tl.reshape(q, (BR, BD)), tl.trans(kb))  # [BR, BN]
+                s = tl.where((sub == r)[None, :, None], d2[None, :, :], s)
+            else:
+                hk = rs * R + r  # [NS]
+                kb = tl.load(
+                    K + safe[None, :, None] * s_kt + hk[:, None, None] * s_kh + rd[None, None, :],
+                    mask=(hk < HKV)[:, None, None] & ok[None, :, None] & md[None, None, :],
+                    other=0.0,
+                ).to(q.dtype)  # [NS, BN, BD]
+                s = tl.where((sub == r)[None, :, None], tl.dot(q, tl.trans(kb, 0, 2, 1)), s)
         return tl.where(mhead[:, :, None] & ok[None, None, :], s * scale, float("-inf"))
 
     @triton.jit
@@ -100,14 +114,15 @@ if HAVE_TRITON:
     @triton.jit
     def _block(q, qi, w, K, KI, IDX, t, start, n_sel, rs, sub, mhead, rn, rd, md, re, me,
                s_it, s_kt, s_kh, s_kit, scale, HKV: tl.constexpr, R: tl.constexpr,
-               NS: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+               NS: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
+               BD: tl.constexpr):  # fmt: skip
         """One block of the query's selected keys: which are selected (``ok``) and where
         (``safe``), the main logits [NS, BR, BN], ReLU's input [BHI, BN], the index keys
         [BN, BDI] and the index scores [BN]; -inf logits and scores where not selected."""
         ok, safe, z, kib, idx_s = _index_block(qi, w, KI, IDX, t, start, n_sel, rn, re, me,
                                                s_it, s_kit)  # fmt: skip
         s = _main_scores(q, K, safe, ok, rs, sub, mhead, rd, md, s_kt, s_kh, scale,
-                         HKV, R, NS, BR, BN)  # fmt: skip
+                         HKV, R, NS, BR, BN, BD)  # fmt: skip
         return ok, safe, s, z, kib, idx_s
 
     @triton.jit
@@ -159,7 +174,7 @@ if HAVE_TRITON:
             else:
                 ok, safe, s, z, kib, idx_s = _block(
                     q, qi, w, K, KI, IDX, t, start, n_sel, rs, sub, mhead, rn, rd, md, re, me,
-                    s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN,
+                    s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN, BD,
                 )  # fmt: skip
                 m_new = tl.maximum(m, tl.max(s, 2))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -179,7 +194,7 @@ if HAVE_TRITON:
         for start in range(0, n_sel, BN):  # pass 2: the KL
             ok, safe, s, z, kib, idx_s = _block(
                 q, qi, w, K, KI, IDX, t, start, n_sel, rs, sub, mhead, rn, rd, md, re, me,
-                s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN,
+                s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN, BD,
             )  # fmt: skip
             p = tl.sum(tl.sum(tl.exp(s - lse[:, :, None]), 1), 0) / H
             term = tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0) - p * (idx_s - lsei)
@@ -216,7 +231,7 @@ if HAVE_TRITON:
         for start in range(0, n_sel, BN):
             ok, safe, s, z, kib, idx_s = _block(
                 q, qi, w, K, KI, IDX, t, start, n_sel, rs, sub, mhead, rn, rd, md, re, me,
-                s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN,
+                s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN, BD,
             )  # fmt: skip
             p = tl.sum(tl.sum(tl.exp(s - lse[:, :, None]), 1), 0) / H
             di = tl.where(ok, g * (tl.exp(idx_s - lsei) - p), 0.0)  # dKL/dI [BN]

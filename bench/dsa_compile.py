@@ -1,0 +1,142 @@
+"""Compile the DSA Triton kernels for a GPU target on a machine without one, and report
+what the compiler made of each: the matrix-multiply instructions (Hopper's warpgroup MMA,
+"wgmma", or the older "mma"), registers per thread and spilled bytes.
+
+Triton compiles to PTX and a cubin with its bundled ``ptxas`` and needs no GPU for that,
+so a kernel change can be checked for compile errors, register spills and the MMA it
+lowers to before device time is spent on it. Timing still needs the device
+(``bench/dsa.py``). Each kernel at the shapes of ``bench/dsa.py``'s presets (Qwen2-0.5B:
+14 heads of 64 over 2 KV heads; MQA: 64 heads of 128 over 1), bf16, with every setting
+the kernels take (``kl_kernel.MAIN_DOT_FP32``, the KL reading the attention's
+log-sum-exps), at the launch the layer uses.
+
+On this 2-core CPU, Triton 3.9, sm_90 (2026-12-06): the fused KL's forward at the MQA
+shape lowered its main logits to the old MMA (a batched 3D dot) while the sparse
+attention's forward took wgmma; the KL now takes a 2D dot where one slot holds 64 rows
+or more, and lowers to wgmma there.
+
+    pip install triton==3.9.0   # CPU machines: Triton is a CUDA torch's dependency
+    python bench/dsa_compile.py [--arch 90] [--shapes qwen2,mqa] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = {"qwen2": (14, 2, 64), "mqa": (64, 1, 128), "llama8b": (32, 8, 128)}
+INDEX = dict(HI=4, BHI=16, DI=64, BDI=64)  # bench/dsa.py's indexer: 4 heads of 64
+
+
+def compile_kernel(fn, types: dict, consts: dict, launch: dict, arch: int):
+    """``fn`` (a ``triton.jit`` function) compiled for ``cuda:arch``: pointer and scalar
+    arguments typed by ``types`` (the rest int32), ``consts`` as its constexprs."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(inspect.signature(fn.fn).parameters)
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in names}
+    src = ASTSource(fn, sig, constexprs=dict(consts))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch)
+
+
+def describe(kernel) -> dict:
+    """MMA kinds, registers and spill stack of a compiled kernel (from its TTGIR and
+    ``cuobjdump -res-usage`` of its cubin)."""
+    import triton
+
+    ir = kernel.asm["ttgir"]
+    mma = sorted(set(re.findall(r"nvidia_mma<\{versionMajor = (\d)", ir)))
+    row = {"wgmma": "warp_group_dot" in ir, "mma_versions": mma}
+    tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True)
+        m = re.search(r"REG:(\d+) STACK:(\d+)", out.stdout)
+        if m:
+            row.update(registers=int(m.group(1)), spill_stack_bytes=int(m.group(2)))
+    except OSError as e:  # no cuobjdump in this Triton: the MMA kinds alone
+        row["cuobjdump"] = str(e)
+    finally:
+        os.unlink(f.name)
+    return row
+
+
+def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
+    """(name, kernel, argument types, constexprs, launch) for every DSA kernel at ``shape``."""
+    import triton
+
+    from distill.dsa import kernels as K
+    from distill.dsa import kl_kernel as KL
+
+    h, hkv, d = SHAPES[shape]
+    bd = max(16, triton.next_power_of_2(d))
+    sparse_t = dict(Q="*bf16", K="*bf16", V="*bf16", IDX="*i32", OUT="*bf16", LSE="*fp32",
+                    DO="*bf16", DELTA="*fp32", DQ="*bf16", DK="*fp32", DV="*fp32",
+                    scale="fp32")  # fmt: skip
+    kl_t = dict(Q="*bf16", K="*bf16", QI="*fp32", KI="*fp32", W="*fp32", IDX="*i32",
+                KL="*fp32", LSE="*fp32", LSEI="*fp32", GOUT="*fp32", DQI="*fp32",
+                DKI="*fp32", DW="*fp32", scale="fp32")  # fmt: skip
+    score_t = dict(QI="*bf16", KI="*bf16", W="*bf16", SEG="*i64", OUT="*fp32")
+    launch = {k: v for k, v in K.SPARSE_LAUNCH.items() if k != "BN"}
+    sparse_c = dict(K._blocks(h // hkv, d), BN=K.SPARSE_LAUNCH["BN"])
+    kl_c = dict(H=h, G=h // hkv, HKV=hkv, **KL._slots(h, hkv), D=d, BD=bd, **INDEX,
+                BN=KL.BLOCK_N)  # fmt: skip
+    out = [
+        ("index scores", K._index_score_kernel, score_t,
+         dict(HI=INDEX["HI"], DI=INDEX["DI"], BD=INDEX["BDI"], BM=64, BN=64), {}),
+        ("sparse forward", K._sparse_fwd_kernel, sparse_t, sparse_c, launch),
+        ("sparse backward", K._sparse_bwd_kernel, sparse_t,
+         dict(sparse_c, SEM=K.ATOMIC_SEM), launch),
+    ]  # fmt: skip
+    for fp32 in (True, False):
+        for has_lse in (False, True):
+            out.append((f"KL forward, fp32 logits {fp32}, lse given {has_lse}", KL._kl_fwd_kernel,
+                        kl_t, dict(kl_c, FP32=fp32, HAS_LSE=has_lse), KL.KL_LAUNCH))  # fmt: skip
+        out.append((f"KL backward, fp32 logits {fp32}", KL._kl_bwd_kernel, kl_t,
+                    dict(kl_c, FP32=fp32, SEM=K.ATOMIC_SEM), KL.KL_LAUNCH))  # fmt: skip
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10")
+    ap.add_argument("--shapes", default="qwen2,mqa", help=f"of {', '.join(SHAPES)}")
+    ap.add_argument("--json", type=Path, default=None, help="write the rows here")
+    a = ap.parse_args()
+    try:
+        import triton
+    except ImportError:
+        print("dsa_compile: Triton is not installed (pip install triton)", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, quietly
+    rows, failed = [], 0
+    print(f"triton {triton.__version__}, target sm_{a.arch}")
+    for shape in a.shapes.split(","):
+        for name, fn, types, consts, launch in kernels_at(shape):
+            row = {"shape": shape, "kernel": name}
+            try:
+                row.update(describe(compile_kernel(fn, types, consts, launch, a.arch)))
+            except Exception as e:  # noqa: BLE001 - a compile error is the finding
+                failed += 1
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
