@@ -7,8 +7,8 @@
 # its own time box; every log goes to $OUT/run.log. The full preset (16k / 32k / 64k and
 # decoding, measured 2026-12-06): python3 bench/dsa.py --preset h100
 # Run on the GPU host from the repository root: OUT=dir bash bench/gpu_dsa.sh
-# STEPS picks the boxes, run in this order: tests retrieval mqa mqa-kl full layer (150 +
-# 300 + 70 + 110 + 180 + 120 s: not all fit one call; the default runs three).
+# STEPS picks the boxes, run in this order: tests retrieval mqa mqa-kl mqa-sweep full layer
+# (150 + 300 + 70 + 110 + 150 + 180 + 120 s: not all fit one call; the default runs three).
 set -u
 STEPS=" ${STEPS:-tests retrieval layer} "
 want() { [[ $STEPS == *" $1 "* ]]; }
@@ -33,6 +33,12 @@ want mqa && step mqa 70 python3 bench/dsa.py --preset h100-mqa --lengths 32768 -
 want mqa-kl && step mqa-kl 110 python3 bench/dsa.py --preset h100-mqa --lengths 32768 \
     --skip-parts kl,dsa,select,sparse,sparse_fwd,gather,sparse_acq_rel,kl_fused_acq_rel \
     --sweep-kl --profile-layer --out "$OUT/dsa-mqa-kl.json"
+# the MQA shape's launch sweeps, the attention's and the KL's (compiled for sm_90 on a CPU,
+# bench/dsa_compile.py: its sparse kernels spill registers at 4 warps, 272 and 680 bytes,
+# and not or barely at 8; 2026-12-06)
+want mqa-sweep && step mqa-sweep 150 python3 bench/dsa.py --preset h100-mqa --lengths 32768 \
+    --skip-parts kl,dsa,select,gather,sparse_acq_rel,kl_fused_acq_rel,kl_fused_native,dsa_next \
+    --sweep --sweep-kl --out "$OUT/dsa-mqa-sweep.json"
 # the table: 16k, 32k, 64k and decoding at 32k (batch 32)
 want full && step full 180 python3 bench/dsa.py --preset h100 --skip-parts kl --out "$OUT/dsa-full.json"
 # last: the sweep streams a line per launch configuration, so a cut keeps what ran
