@@ -93,9 +93,11 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
     sparse_c = dict(K._blocks(h // hkv, d), BN=K.SPARSE_LAUNCH["BN"])
     kl_c = dict(H=h, G=h // hkv, HKV=hkv, **KL._slots(h, hkv), D=d, BD=bd, **INDEX,
                 BN=KL.BLOCK_N)  # fmt: skip
+    score_c = dict(HI=INDEX["HI"], DI=INDEX["DI"], BD=INDEX["BDI"], BM=64, BN=64)
     out = [
-        ("index scores", K._index_score_kernel, score_t,
-         dict(HI=INDEX["HI"], DI=INDEX["DI"], BD=INDEX["BDI"], BM=64, BN=64), {}),
+        ("index scores", K._index_score_kernel, score_t, dict(score_c, RANKED=False), {}),
+        ("index rank keys", K._index_score_kernel, dict(score_t, OUT="*i64"),
+         dict(score_c, RANKED=True), {}),
         ("sparse forward", K._sparse_fwd_kernel, sparse_t, sparse_c, launch),
         ("sparse backward", K._sparse_bwd_kernel, sparse_t,
          dict(sparse_c, SEM=K.ATOMIC_SEM), launch),

@@ -217,6 +217,20 @@ for share, top_k in [(False, 5), (False, 70), (True, 5), (True, 70)]:
     for a, b in zip(g_got, g_ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 K.SHARE_LSE = False
+# the score kernel's rank keys are rank_key of its scores, bit for bit, ties included (an
+# untrained indexer: every ReLU at 0), and the selection equals the torch path's
+starts = K.segment_starts(cu, 70)
+for sign in (1.0, -1.0):
+    qx = (qi.detach().abs() * sign).contiguous()
+    keys = K._triton_scores(qx, ki.detach(), w.detach(), starts, 20, 70, 0, ranked=True)
+    assert keys.dtype == torch.int64
+    want = A.rank_key(K._triton_scores(qx, ki.detach(), w.detach(), starts, 20, 70, 0))
+    assert torch.equal(keys, want), (sign, (keys != want).sum())
+    got = K.index_topk(qx, ki.detach(), w.detach(), starts, 6, 30)
+    os.environ["DISTILL_DSA_TRITON"] = "0"
+    ref = K.index_topk(qx, ki.detach(), w.detach(), starts, 6, 30)
+    del os.environ["DISTILL_DSA_TRITON"]
+    assert torch.equal(got.sort(-1).values, ref.sort(-1).values), sign
 # the fused KL token by token against torch's, indexer queries of both signs (ReLUs off)
 from distill.dsa.kl_kernel import sparse_kl_triton
 qs = torch.randn(70, 3, 8, generator=torch.Generator().manual_seed(5), requires_grad=True)
@@ -355,6 +369,8 @@ def test_triton_kernels_match_torch_on_gpu():
     ref = A.index_scores(qi[None, 20:], ki[None], w[None, 20:])[0]
     assert torch.equal(torch.isfinite(got), want)
     torch.testing.assert_close(got[want], ref[want], atol=5e-2, rtol=5e-2)
+    keys = K._triton_scores(qi.bfloat16(), ki.bfloat16(), w.bfloat16(), starts, 20, 161, 0, True)
+    assert torch.equal(keys, A.rank_key(got))  # the selection's keys, written by the kernel
     idx = K.index_topk(qi, ki, w, starts, 16, 62)
     half = [x.bfloat16().requires_grad_() for x in (q, k, v)]
     full = [x.clone().requires_grad_() for x in (q, k, v)]
