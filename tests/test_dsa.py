@@ -411,12 +411,15 @@ def test_triton_kernels_match_torch_on_gpu():
                 torch.testing.assert_close(shared.sum(), got, atol=5e-3, rtol=5e-3)
         # 64 heads over one KV head: one slot of 64 rows, the 2D dot (Hopper's warpgroup MMA)
         gen = torch.Generator().manual_seed(7)
-        qm = torch.randn(161, 64, 16, generator=gen).cuda()
-        km = torch.randn(161, 1, 16, generator=gen).cuda()
-        ins = (qs, ki, w)
-        got = sparse_kl_triton(qm.bfloat16(), km.bfloat16(), *ins, idx, 0.3).sum()
-        want = K._sparse_kl_chunk(qm.bfloat16().float(), km.bfloat16().float(), *ins, idx, 0.3)
-        torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2, msg=lambda m: f"{m}\n(MQA)")
+        qm = torch.randn(161, 64, 16, generator=gen).cuda().bfloat16()
+        km = torch.randn(161, 1, 16, generator=gen).cuda().bfloat16()
+        want = K._sparse_kl_chunk(qm.float(), km.float(), qs, ki, w, idx, 0.3)
+        for fp32 in (True, False):
+            kl_kernel.MAIN_DOT_FP32 = fp32
+            got = sparse_kl_triton(qm, km, qs, ki, w, idx, 0.3).sum()
+            torch.testing.assert_close(
+                got, want, atol=5e-2, rtol=2e-2, msg=lambda m, f=fp32: f"{m}\n(MQA, fp32 {f})"
+            )
     finally:
         kl_kernel.MAIN_DOT_FP32 = default
 

@@ -50,8 +50,9 @@ ATOMIC_SEM = "relaxed"
 FUSED_KL = "DISTILL_DSA_FUSED_KL"  # "0": the sparse phase's KL in torch, not kl_kernel.py
 # the sparse phase's fused KL reads the main heads' log-sum-exps from the sparse attention's
 # forward (the same keys, the same logits) instead of walking the main keys for them itself:
-# one walk of its forward's two. Tested under the interpreter, not yet compiled or timed on
-# a GPU (bench/dsa.py: dsa_next), hence off.
+# one walk of its forward's two. Tested under the interpreter and compiled for sm_90 on a
+# CPU (bench/dsa_compile.py); not yet run or timed on a GPU (bench/dsa.py: dsa_next), hence
+# off.
 SHARE_LSE = False
 
 
@@ -107,9 +108,8 @@ def _chunk_keys(qi, ki, w, starts, a: int, b: int, lo: int) -> Tensor:
 
 def _chunk_scores(qi, ki, w, starts, a: int, b: int, lo: int) -> Tensor:
     """Scores of queries [a, b) against keys [lo, b), -inf outside each query's causal
-    span of its own trace: [b - a, b - lo] fp32."""
-    if use_triton(qi):
-        return _triton_scores(qi, ki, w, starts, a, b, lo)
+    span of its own trace: [b - a, b - lo] fp32, in torch (the Triton kernel's
+    counterpart: ``_triton_scores``)."""
     s = A.index_scores(qi[None, a:b], ki[None, lo:b], w[None, a:b])[0]
     return s.masked_fill(~_span(starts, a, b, lo), float("-inf"))
 
@@ -157,15 +157,21 @@ def _gathered(q, k, v, idx, scale):
 # --------------------------------------------------------------------------- losses
 
 
-def sparse_kl(q, k, qi, ki, w, idx: Tensor, scale: float) -> Tensor:
+def fused_kl(q: Tensor) -> bool:
+    """Whether the sparse phase's KL runs in the fused Triton kernel: 39.8 ms against
+    1,807 ms for the torch path at 16k tokens on one H100 (bench/dsa.py; BENCHMARKS.md);
+    DISTILL_DSA_FUSED_KL=0 goes back."""
+    return use_triton(q) and os.environ.get(FUSED_KL) != "0"
+
+
+def sparse_kl(q, k, qi, ki, w, idx: Tensor, scale: float, lse=None) -> Tensor:
     """Σ_t KL(p_t ‖ softmax(I_t)) over each token's selected keys; the gradient reaches
-    the indexer's ``qi``, ``ki``, ``w`` only."""
-    # the fused kernel (no [T, K, ...] gather): 39.8 ms against 1,807 ms for the torch path
-    # at 16k tokens on one H100 (bench/dsa.py; BENCHMARKS.md); DISTILL_DSA_FUSED_KL=0 goes back
-    if use_triton(q) and os.environ.get(FUSED_KL) != "0":
+    the indexer's ``qi``, ``ki``, ``w`` only. ``lse``: the main heads' log-sum-exps over
+    the same keys, which the fused kernel then reads instead of computing."""
+    if fused_kl(q):
         from distill.dsa.kl_kernel import sparse_kl_triton
 
-        return sparse_kl_triton(q, k, qi, ki, w, idx, scale).sum()
+        return sparse_kl_triton(q, k, qi, ki, w, idx, scale, lse=lse).sum()
     return sparse_kl_torch(q, k, qi, ki, w, idx, scale)
 
 
@@ -257,11 +263,9 @@ def dsa_varlen(
         kl = dense_kl(q, k, qi, ki, w, starts, scale, max_len) if loss else None
         return out, kl
     idx = index_topk(qi.detach(), ki.detach(), w.detach(), starts, top_k, max_len)
-    if loss and SHARE_LSE and use_triton(q) and os.environ.get(FUSED_KL) != "0":
-        from distill.dsa.kl_kernel import sparse_kl_triton
-
+    if loss and SHARE_LSE and fused_kl(q):
         out, lse = _SparseAttention.apply(q, k, v, idx, scale)
-        return out, sparse_kl_triton(q, k, qi, ki, w, idx, scale, lse=lse).sum()
+        return out, sparse_kl(q, k, qi, ki, w, idx, scale, lse=lse)
     out = sparse_attention(q, k, v, idx, scale)
     return out, (sparse_kl(q, k, qi, ki, w, idx, scale) if loss else None)
 

@@ -43,8 +43,9 @@ KL_LAUNCH = {"num_warps": 4, "num_stages": 3}
 # from the inputs' own dtype (False: bf16 on a GPU, exact products and fp32 sums, as the
 # sparse attention's kernel computes them, with half the registers). At 32k for the MQA
 # shape on one H100 (2026-12-06) the forward took 90 ms against 9 ms for the attention's
-# forward over the same keys; False is tested under the interpreter (fp16), not yet
-# compiled or timed on a GPU: bench/dsa.py times it beside the default (kl_fused_native).
+# forward over the same keys; False is tested under the interpreter (fp16) and compiled for
+# sm_90 on a CPU (bench/dsa_compile.py), not yet run or timed on a GPU: bench/dsa.py times
+# it beside the default (kl_fused_native).
 MAIN_DOT_FP32 = True
 
 
@@ -69,8 +70,9 @@ if HAVE_TRITON:
         (every head in it, e.g. MQA's 64) the dot is a plain 2D one: compiled for sm_90
         (Triton 3.9, which needs no GPU for it), a batched 3D dot lowers to the pre-Hopper
         MMA where this one takes Hopper's warpgroup MMA, as the attention's does. Smaller
-        slots (the Qwen2-0.5B shape's 16 rows) keep the 3D dot: their 2D one would take the
-        old MMA too, and spilled registers there."""
+        slots (the Qwen2-0.5B shape's 16 rows) keep the 3D dot: their 2D one took the old
+        MMA too, and spilled 32 bytes of registers with fp32 logits (225 registers, no
+        spill, with the 3D dot)."""
         s = tl.zeros((NS, BR, BN), tl.float32)
         for r in tl.static_range(R):
             if NS == 1 and BR >= 64:  # hk = r < R = HKV; 64 rows: what a warpgroup MMA takes
