@@ -32,9 +32,16 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SHAPES = {"qwen2": (14, 2, 64), "mqa": (64, 1, 128), "llama8b": (32, 8, 128)}
-INDEX = dict(HI=4, BHI=16, DI=64, BDI=64)  # bench/dsa.py's indexer: 4 heads of 64
+from dsa import PRESETS  # noqa: E402 - bench/dsa.py's layer shapes, indexer included
+
+# the layer shapes bench/dsa.py times, and Llama-3-8B's GQA (32 heads of 128 over 8)
+SHAPES = {
+    "qwen2": PRESETS["h100"],
+    "mqa": PRESETS["h100-mqa"],
+    "llama8b": dict(PRESETS["h100"], heads=32, kv=8, head_dim=128),
+}
 
 
 def compile_kernel(fn, types: dict, consts: dict, launch: dict, arch: int):
@@ -80,7 +87,10 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
     from distill.dsa import kernels as K
     from distill.dsa import kl_kernel as KL
 
-    h, hkv, d = SHAPES[shape]
+    p = SHAPES[shape]
+    h, hkv, d, hi, di = p["heads"], p["kv"], p["head_dim"], p["index_heads"], p["index_head_dim"]
+    p2 = triton.next_power_of_2
+    index = dict(HI=hi, BHI=max(16, p2(hi)), DI=di, BDI=max(16, p2(di)))
     bd = max(16, triton.next_power_of_2(d))
     sparse_t = dict(Q="*bf16", K="*bf16", V="*bf16", IDX="*i32", OUT="*bf16", LSE="*fp32",
                     DO="*bf16", DELTA="*fp32", DQ="*bf16", DK="*fp32", DV="*fp32",
@@ -91,9 +101,9 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
     score_t = dict(QI="*bf16", KI="*bf16", W="*bf16", SEG="*i64", OUT="*fp32")
     launch = {k: v for k, v in K.SPARSE_LAUNCH.items() if k != "BN"}
     sparse_c = dict(K._blocks(h // hkv, d), BN=K.SPARSE_LAUNCH["BN"])
-    kl_c = dict(H=h, G=h // hkv, HKV=hkv, **KL._slots(h, hkv), D=d, BD=bd, **INDEX,
+    kl_c = dict(H=h, G=h // hkv, HKV=hkv, **KL._slots(h, hkv), D=d, BD=bd, **index,
                 BN=KL.BLOCK_N)  # fmt: skip
-    score_c = dict(HI=INDEX["HI"], DI=INDEX["DI"], BD=INDEX["BDI"], BM=64, BN=64)
+    score_c = dict(HI=hi, DI=di, BD=index["BDI"], BM=64, BN=64)
     out = [
         ("index scores", K._index_score_kernel, score_t, dict(score_c, RANKED=False), {}),
         ("index rank keys", K._index_score_kernel, dict(score_t, OUT="*i64"),
