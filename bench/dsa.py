@@ -14,13 +14,15 @@ With Triton, the attention rows also time the sparse attention's forward alone
 (``sparse_fwd``) and a floor for it (``gather``): a kernel that only reads each token's
 selected K and V rows, as any exact gather-based sparse forward must, with its effective
 GB/s. ``--sweep`` times the sparse attention under every launch configuration
-(``kernels.SPARSE_LAUNCH``: keys a step, warps, stages) at the first length, and
+(``kernels.sparse_launch``: keys a step, warps, stages) at the first length, and
 ``--sweep-kl`` the fused KL (``kl_kernel.KL_LAUNCH``: warps, stages). The backward kernels'
 atomic adds are timed in Triton's default memory order too (``sparse_acq_rel``,
-``kl_fused_acq_rel``: the layer uses "relaxed", ``kernels.ATOMIC_SEM``), and the fused
-KL with its main logits from the inputs' dtype (``kl_fused_native``; the layer's default,
-``kl_kernel.MAIN_DOT_FP32``, widens them to fp32 first), and the whole layer with that and
-the KL reading the attention's log-sum-exps (``dsa_next``; ``kernels.SHARE_LSE``).
+``kl_fused_acq_rel``: the layer uses "relaxed", ``kernels.ATOMIC_SEM``), the fused KL with
+its main logits from fp32 copies (``kl_fused_fp32``; the default since 2026-12-06 19:00 UTC
+takes them from bf16, ``kl_kernel.MAIN_DOT_FP32``), and the whole layer as it was before
+that day's changes (``dsa_before``, ``speedup_before``: fp32 logits, the KL walking the
+keys for its own log-sum-exps rather than reading the attention's, ``kernels.SHARE_LSE``,
+and one sparse launch for every head group, ``kernels.SPARSE_LAUNCH_WIDE``).
 ``--profile-layer`` prints the DSA layer's ops (forward + backward) at the first length.
 
     python bench/dsa.py --preset h100          # the issue's figures: one H100/H200
@@ -219,10 +221,13 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         # side with the layer's (kernels.ATOMIC_SEM, "relaxed")
         parts += [("sparse_acq_rel", _with(sparse, (K, "ATOMIC_SEM", "acq_rel")))]
         parts += [("kl_fused_acq_rel", _with(kl_fused, (K, "ATOMIC_SEM", "acq_rel")))]
-        # what is written but not yet the default: the fused KL's main logits from the
-        # inputs' dtype, then also reading the attention's log-sum-exps (the whole layer)
-        parts += [("kl_fused_native", _with(kl_fused, (KL, "MAIN_DOT_FP32", False)))]
-        parts += [("dsa_next", _with(dsa, (KL, "MAIN_DOT_FP32", False), (K, "SHARE_LSE", True)))]
+        # the defaults before 2026-12-06 19:00 UTC, side by side with today's: the fused
+        # KL's main logits from fp32 copies, then also walking the keys for its own
+        # log-sum-exps and one launch for every head group (the whole layer)
+        parts += [("kl_fused_fp32", _with(kl_fused, (KL, "MAIN_DOT_FP32", True)))]
+        before = [(KL, "MAIN_DOT_FP32", True), (K, "SHARE_LSE", False)]
+        before += [(K, "SPARSE_LAUNCH_WIDE", K.SPARSE_LAUNCH)]
+        parts += [("dsa_before", _with(dsa, *before))]
     for name, fn in parts:
         if name in p.get("skip_parts", ()):
             continue
@@ -239,8 +244,8 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
             row[f"{name}_gbs"] = round(nbytes / s / 1e9, 1)
     if "dense_ms" in row and "dsa_ms" in row:
         row["speedup"] = round(row["dense_ms"] / row["dsa_ms"], 2)
-    if "dense_ms" in row and "dsa_next_ms" in row:
-        row["speedup_next"] = round(row["dense_ms"] / row["dsa_next_ms"], 2)
+    if "dense_ms" in row and "dsa_before_ms" in row:
+        row["speedup_before"] = round(row["dense_ms"] / row["dsa_before_ms"], 2)
     return row, dict(parts, kl_fwd=kl_fwd)
 
 
@@ -443,10 +448,11 @@ def main() -> None:
             from distill.dsa import kernels, kl_kernel
 
             if key == "sweep":
+                wide = p["heads"] // p["kv"] >= kernels.WIDE_GROUP  # the launch this shape takes
                 where = (
                     "sparse",
                     kernels,
-                    "SPARSE_LAUNCH",
+                    "SPARSE_LAUNCH_WIDE" if wide else "SPARSE_LAUNCH",
                     SWEEP,
                     fns["sparse_fwd"],
                     fns["sparse"],

@@ -99,8 +99,8 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
                 KL="*fp32", LSE="*fp32", LSEI="*fp32", GOUT="*fp32", DQI="*fp32",
                 DKI="*fp32", DW="*fp32", scale="fp32")  # fmt: skip
     score_t = dict(QI="*bf16", KI="*bf16", W="*bf16", SEG="*i64", OUT="*fp32")
-    launch = {k: v for k, v in K.SPARSE_LAUNCH.items() if k != "BN"}
-    sparse_c = dict(K._blocks(h // hkv, d), BN=K.SPARSE_LAUNCH["BN"])
+    launch = {k: v for k, v in K.sparse_launch(h // hkv).items() if k != "BN"}
+    sparse_c = dict(K._blocks(h // hkv, d), BN=K.sparse_launch(h // hkv)["BN"])
     kl_c = dict(H=h, G=h // hkv, HKV=hkv, **KL._slots(h, hkv), D=d, BD=bd, **index,
                 BN=KL.BLOCK_N)  # fmt: skip
     score_c = dict(HI=hi, DI=di, BD=index["BDI"], BM=64, BN=64)

@@ -406,9 +406,9 @@ def test_triton_kernels_match_torch_on_gpu():
                 torch.testing.assert_close(
                     a, b, atol=5e-2, rtol=5e-2, msg=lambda m, n=name, c=case: f"{m}\n(d{n}, {c})"
                 )
-            if fp32:  # the heads' log-sum-exps read from the attention's forward
-                shared = sparse_kl_triton(q.bfloat16(), k.bfloat16(), *ins, idx, 0.3, lse=lse)
-                torch.testing.assert_close(shared.sum(), got, atol=5e-3, rtol=5e-3)
+            # the heads' log-sum-exps read from the attention's forward (kernels.SHARE_LSE)
+            shared = sparse_kl_triton(q.bfloat16(), k.bfloat16(), *ins, idx, 0.3, lse=lse)
+            torch.testing.assert_close(shared.sum(), got, atol=5e-3, rtol=5e-3)
         # 64 heads over one KV head: one slot of 64 rows, the 2D dot (Hopper's warpgroup MMA)
         gen = torch.Generator().manual_seed(7)
         qm = torch.randn(161, 64, 16, generator=gen).cuda().bfloat16()
@@ -420,8 +420,33 @@ def test_triton_kernels_match_torch_on_gpu():
             torch.testing.assert_close(
                 got, want, atol=5e-2, rtol=2e-2, msg=lambda m, f=fp32: f"{m}\n(MQA, fp32 {f})"
             )
+        # the sparse attention at that shape: its own launch (kernels.SPARSE_LAUNCH_WIDE)
+        assert K.sparse_launch(64) is K.SPARSE_LAUNCH_WIDE
+        vm = torch.randn(161, 1, 16, generator=gen).cuda().bfloat16()
+        half = [x.clone().requires_grad_() for x in (qm, km, vm)]
+        full = [x.float().requires_grad_() for x in (qm, km, vm)]
+        out, _ = K._SparseAttention.apply(*half, idx, 0.3)
+        ref = K._gathered(*full, idx, 0.3)
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+        grad = torch.randn_like(ref)
+        out.backward(grad.bfloat16())
+        ref.backward(grad)
+        for a, b in zip(half, full, strict=True):
+            torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
     finally:
         kl_kernel.MAIN_DOT_FP32 = default
+    # the whole path in bf16, the KL walking the keys itself or reading the attention's
+    # log-sum-exps, every key selected (no near-tie for bf16 to flip) against fp32 torch
+    share = K.SHARE_LSE
+    try:
+        for K.SHARE_LSE in (False, True):
+            ref, kl_ref = A.dsa_varlen_reference(q, k, v, qi, ki, w, cu, 161, 0.3, loss=True)
+            half = [x.bfloat16() for x in (q, k, v, qi, ki, w)]
+            got, kl_got = K.dsa_varlen(*half, cu, 161, 0.3, loss=True)
+            torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(kl_got.float(), kl_ref, atol=5e-2, rtol=2e-2)
+    finally:
+        K.SHARE_LSE = share
 
 
 # --------------------------------------------------------------------------- training

@@ -41,8 +41,15 @@ except ImportError:  # CPU-only machines: the torch paths below
 BUDGET = 1 << 26  # elements of the largest per-chunk temporary (256 MB in fp32)
 BLOCK_N = 64  # selected keys per step of the attention kernels
 # the sparse-attention kernels' launch, read at each launch: BLOCK_N keys a step and
-# Triton's default warps and stages; bench/dsa.py --sweep sets it to time others
+# Triton's default warps and stages; bench/dsa.py --sweep sets it to time others. At the
+# Qwen2 shape (7 query heads a KV head) its sweep's best was 4% faster, within noise.
 SPARSE_LAUNCH = {"BN": BLOCK_N, "num_warps": 4, "num_stages": 3}
+# a head group of 64 rows or more (MQA: 64 heads over one KV head): at 4 warps the default
+# spills registers (bench/dsa_compile.py), and on one H100 (2026-12-06 18:55 UTC, 32k, one
+# sweep) 32 keys a step and 2 stages took 41.3 ms forward + backward against the default's
+# 49.8 (forward 6.6 against 9.1); bench/dsa.py --sweep sets this one at such shapes
+SPARSE_LAUNCH_WIDE = {"BN": 32, "num_warps": 4, "num_stages": 2}
+WIDE_GROUP = 64
 # the memory order of the backward kernels' dK, dV (and the KL's dki) atomic adds: only
 # their sums after the kernel are read, so nothing needs the fences of Triton's default
 # "acq_rel"; "relaxed" is CUDA's own default for atomicAdd. bench/dsa.py times both.
@@ -50,10 +57,15 @@ ATOMIC_SEM = "relaxed"
 FUSED_KL = "DISTILL_DSA_FUSED_KL"  # "0": the sparse phase's KL in torch, not kl_kernel.py
 # the sparse phase's fused KL reads the main heads' log-sum-exps from the sparse attention's
 # forward (the same keys, the same logits) instead of walking the main keys for them itself:
-# one walk of its forward's two. Tested under the interpreter and compiled for sm_90 on a
-# CPU (bench/dsa_compile.py); not yet run or timed on a GPU (bench/dsa.py: dsa_next), hence
-# off.
-SHARE_LSE = False
+# one walk of its forward's two. On one H100 (2026-12-06 18:55 UTC, MQA shape, 32k, one
+# run) with kl_kernel.MAIN_DOT_FP32 off, the layer took 123.3 ms against 147.5 without
+# both (bench/dsa.py: dsa_next); the GPU test checks it. False walks the keys again.
+SHARE_LSE = True
+
+
+def sparse_launch(group: int) -> dict:
+    """The sparse kernels' launch for a head group of ``group`` query heads a KV head."""
+    return SPARSE_LAUNCH_WIDE if group >= WIDE_GROUP else SPARSE_LAUNCH
 
 
 def use_triton(x: Tensor) -> bool:
@@ -439,7 +451,7 @@ if HAVE_TRITON:
             _sparse_fwd_kernel[(t, hkv)](
                 q, k, v, idx, out, lse, scale, idx.shape[1],
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), idx.stride(0), lse.stride(0),
-                **_blocks(h // hkv, d), **SPARSE_LAUNCH,
+                **_blocks(h // hkv, d), **sparse_launch(h // hkv),
             )  # fmt: skip
             ctx.save_for_backward(q, k, v, idx, out, lse)
             ctx.scale = scale
@@ -459,6 +471,6 @@ if HAVE_TRITON:
             _sparse_bwd_kernel[(t, hkv)](
                 q, k, v, idx, do, lse, delta, dq, dk, dv, ctx.scale, idx.shape[1],
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), idx.stride(0), lse.stride(0),
-                **_blocks(h // hkv, d), **SPARSE_LAUNCH, SEM=ATOMIC_SEM,
+                **_blocks(h // hkv, d), **sparse_launch(h // hkv), SEM=ATOMIC_SEM,
             )  # fmt: skip
             return dq, dk.to(k.dtype), dv.to(v.dtype), None, None

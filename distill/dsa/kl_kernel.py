@@ -39,14 +39,14 @@ BLOCK_N = 64  # selected keys per step
 # both kernels' launch (Triton's defaults), read at each launch: bench/dsa.py --sweep-kl
 # times others
 KL_LAUNCH = {"num_warps": 4, "num_stages": 3}
-# the main attention's logits from fp32 copies of q and each key block (True, measured) or
-# from the inputs' own dtype (False: bf16 on a GPU, exact products and fp32 sums, as the
-# sparse attention's kernel computes them, with half the registers). At 32k for the MQA
-# shape on one H100 (2026-12-06) the forward took 90 ms against 9 ms for the attention's
-# forward over the same keys; False is tested under the interpreter (fp16) and compiled for
-# sm_90 on a CPU (bench/dsa_compile.py), not yet run or timed on a GPU: bench/dsa.py times
-# it beside the default (kl_fused_native).
-MAIN_DOT_FP32 = True
+# the main attention's logits from fp32 copies of q and each key block (True) or from the
+# inputs' own dtype (False: bf16 on a GPU, exact products and fp32 sums, as the sparse
+# attention's kernel computes them, with half the registers; so the log-sum-exps it reads
+# from that kernel, kernels.SHARE_LSE, are of the same logits). On one H100 (2026-12-06
+# 18:55 UTC, MQA shape, 32k, one run) the fused KL took 52.2 ms forward + backward from
+# bf16 against 64.7 from fp32 copies (bench/dsa.py: kl_fused_native); the GPU test checks
+# both settings against the torch path.
+MAIN_DOT_FP32 = False
 
 
 def sparse_kl_triton(q, k, qi, ki, w, idx: Tensor, scale: float, lse=None) -> Tensor:
