@@ -120,3 +120,108 @@ def test_static_decoder_greedy_matches_generate(model):
             )[0, ids.shape[1] :].tolist()  # fmt: skip
             assert r.tokens == want
     assert sum(len(r.tokens) for r in rows) > STEPS  # not all cut short by the eos
+
+
+def _random_dsa(top_k: int = 3):
+    """A DSA student (distill.dsa) of the same tiny shape, every parameter random (the
+    indexer's too); prompts of up to 7 tokens and 10 steps read more keys than ``top_k``."""
+    from distill.dsa import register
+    from distill.dsa.config import DSAConfig
+    from distill.dsa.model import DSAForCausalLM
+
+    register()
+    torch.manual_seed(0)
+    cfg = DSAConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None,
+        index_n_heads=2, index_head_dim=8, index_top_k=top_k,
+    )  # fmt: skip
+    m = DSAForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.normal_(1.0 if "norm" in name and "weight" in name else 0.0, 0.3)
+    return m
+
+
+def _greedy(model, length: int = 256) -> list[list[int]]:
+    dec = StaticDecoder(model, pad_id=PAD, eos_ids=[EOS], compile=False, graphs=False)
+    rows = [_Row(conv=i, sample=0, prompt=p, seed=0, limit=STEPS) for i, p in enumerate(PROMPTS)]
+    with torch.inference_mode():
+        dec.decode(rows, Sampling(temperature=0, max_new_tokens=STEPS), batch=4)
+    return [r.tokens for r in rows]
+
+
+def test_static_decoder_runs_a_dsa_student_as_generate_does():
+    """A DSA student decodes through the static path (its index keys cached, each step's
+    top-k keys gathered) to the tokens of transformers' greedy generate on each prompt
+    alone; and its selection matters here: with every key read (its layers marked dense)
+    the tokens change."""
+    model = _random_dsa(top_k=3)
+    assert L.supported(model) and all(lw.top_k == 3 for lw in L.layers(model))
+    got = _greedy(model)
+    for p, tokens in zip(PROMPTS, got, strict=True):
+        ids = torch.tensor([p])
+        with torch.inference_mode():
+            want = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=STEPS,
+                do_sample=False, eos_token_id=EOS, pad_token_id=PAD,
+            )[0, ids.shape[1] :].tolist()  # fmt: skip
+        assert tokens == want
+    assert sum(map(len, got)) > STEPS
+    for a in model.attention_layers():
+        a.dense = True
+    assert all(lw.top_k == 0 for lw in L.layers(model))
+    assert _greedy(model) != got
+
+
+@torch.no_grad()
+def test_dsa_step_reads_the_reference_selection():
+    """One step's selection and attention (select_step, then attn_out over the gathered
+    rows) equal the reference's attention over the top-k mask, with padding columns and
+    ties (an index query of zeros scores every key 0: the later keys win)."""
+    from distill.dsa import attention as A
+
+    g = torch.Generator().manual_seed(3)
+    b, hkv, s, d, hi, di = 2, 2, 9, 8, 2, 4
+    q, k, v = (torch.randn(b, n, t, d, generator=g, dtype=torch.float64)
+               for n, t in ((4, 1), (hkv, s), (hkv, s)))  # fmt: skip
+    ki = torch.randn(b, s, di, generator=g, dtype=torch.float64)
+    w = torch.randn(b, 1, hi, generator=g, dtype=torch.float64)
+    valid = torch.ones(b, s, dtype=torch.bool)
+    valid[0, :3] = False  # row 0 left-padded
+    for qi in (torch.randn(b, 1, hi, di, generator=g, dtype=torch.float64),
+               torch.zeros(b, 1, hi, di, dtype=torch.float64)):  # fmt: skip
+        kg, vg, m = L.select_step(qi, ki, w, valid, k, v, 4)
+        rep = 2
+        got = F.scaled_dot_product_attention(
+            q.reshape(b, hkv, rep, d), kg, vg, attn_mask=m, scale=0.3
+        ).reshape(b, 4, 1, d)
+        mask = A.select(A.index_scores(qi, ki, w), valid[:, None], 4)
+        assert int(mask.sum()) == 2 * 4
+        want = A.attend(q, k, v, mask, 0.3)
+        torch.testing.assert_close(got, want)
+    assert mask[:, 0, -4:].all()  # the ties: the four latest keys
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_dsa_student_decodes_compiled_and_graphed_on_gpu():
+    """On the GPU a DSA student's step (indexer, top-k, gathered keys) is compiled and
+    captured as a CUDA graph: its greedy tokens equal the uncompiled, ungraphed decode's
+    and transformers' generate."""
+    model = _random_dsa(top_k=3).cuda()
+    dec = StaticDecoder(model, pad_id=PAD, eos_ids=[EOS])
+    rows = [_Row(conv=i, sample=0, prompt=p, seed=0, limit=STEPS) for i, p in enumerate(PROMPTS)]
+    with torch.inference_mode():
+        dec.decode(rows, Sampling(temperature=0, max_new_tokens=STEPS), batch=4)
+    assert any(buf.graphs for buf in dec.shapes.values())
+    got = [r.tokens for r in rows]
+    assert got == _greedy(model)
+    for p, tokens in zip(PROMPTS, got, strict=True):
+        ids = torch.tensor([p], device="cuda")
+        with torch.inference_mode():
+            want = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=STEPS,
+                do_sample=False, eos_token_id=EOS, pad_token_id=PAD,
+            )[0, ids.shape[1] :].tolist()  # fmt: skip
+        assert tokens == want

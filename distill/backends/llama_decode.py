@@ -23,19 +23,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-FAMILY = ("llama", "qwen2", "qwen3")
+from distill.dsa import attention as A
+from distill.dsa.config import INDEXED_LAYER_NAMES
+from distill.dsa.config import MODEL_TYPE as DSA_TYPE
+
+FAMILY = ("llama", "qwen2", "qwen3", DSA_TYPE)
 
 
 def supported(model) -> bool:
     """Whether this forward can run ``model``: a Llama-family model with SiLU MLPs, full
-    attention in every layer, and a K projection of the config's full shape (a
-    tensor-parallel shard fails that; an FSDP2 DTensor, which reports its global shape,
-    does not)."""
+    attention in every layer (or a DSA student's indexed attention), and a K projection of
+    the config's full shape (a tensor-parallel shard fails that; an FSDP2 DTensor, which
+    reports its global shape, does not)."""
     c = model.config
     if getattr(c, "model_type", None) not in FAMILY or getattr(c, "hidden_act", None) != "silu":
         return False
+    full = INDEXED_LAYER_NAMES if c.model_type == DSA_TYPE else ("full_attention",)
     if getattr(c, "use_sliding_window", False) or any(
-        t != "full_attention" for t in getattr(c, "layer_types", None) or []
+        t not in full for t in getattr(c, "layer_types", None) or []
     ):
         return False
     base = getattr(model, "model", None)
@@ -52,6 +57,10 @@ class Layer(NamedTuple):
 
     attn_in: tuple  # arguments of attn_in after (x, cos, sin)
     attn_out: tuple  # arguments of attn_out after (x, q, k, v, mask)
+    # a DSA layer's: arguments of index_in after (x, cos, sin), and how many keys each
+    # query reads (0: every key, a dense layer's or a DSA layer in its dense warm-up)
+    index: tuple | None = None
+    top_k: int = 0
 
 
 class Dims(NamedTuple):
@@ -99,9 +108,26 @@ def layers(model) -> list[Layer]:
                     _t(m.up_proj.weight), _t(m.up_proj.bias),
                     _t(m.down_proj.weight), _t(m.down_proj.bias),
                 ),
+                **_index(a, ln1),
             )
         )  # fmt: skip
     return out
+
+
+def _index(a, ln) -> dict:
+    """A DSA layer's indexer parameters (``Indexer``'s) and top-k; nothing for a dense one."""
+    ix = getattr(a, "indexer", None)
+    if ix is None:
+        return {}
+    kn = ix.k_norm
+    return dict(
+        index=(
+            _t(ln.weight), ln.variance_epsilon, _t(ix.wq.weight), _t(ix.wk.weight),
+            _t(kn.weight), _t(kn.bias), kn.eps, _t(ix.weights_proj.weight), ix.scale,
+            ix.n_heads, ix.head_dim, ix.rope_dim, ix.step,
+        ),
+        top_k=0 if a.dense else a.top_k,
+    )  # fmt: skip
 
 
 def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
@@ -130,6 +156,59 @@ def attn_in(
     if qn_w is not None:
         q, k = rms_norm(q, qn_w, qk_eps), rms_norm(k, kn_w, qk_eps)
     return _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin), v
+
+
+def index_in(
+    x, cos, sin, ln_w, eps, q_w, k_w, kn_w, kn_b, kn_eps, w_w, scale, heads, hd, rope, step
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The lightning indexer (``distill.dsa.model.Indexer``, op for op) on the layer's
+    normed input: ``qi`` [B, T, Hi, Di], ``ki`` [B, T, Di], ``w`` [B, T, Hi]."""
+    b, t, _ = x.shape
+    h = rms_norm(x, ln_w, eps)
+    q = F.linear(h, q_w).view(b, t, heads, hd)
+    k = F.layer_norm(F.linear(h, k_w), (hd,), kn_w, kn_b, kn_eps)
+    if rope:
+        half = cos.shape[-1] // 2
+        c = cos[..., :half:step][..., : rope // 2]
+        s = sin[..., :half:step][..., : rope // 2]
+        c, s = torch.cat([c, c], -1), torch.cat([s, s], -1)
+        qr, kr = q[..., :rope], k[..., :rope]
+        qr = qr * c[:, :, None] + _rotate_half(qr) * s[:, :, None]
+        kr = kr * c + _rotate_half(kr) * s
+        q = torch.cat([qr.to(q.dtype), q[..., rope:]], -1)
+        k = torch.cat([kr.to(k.dtype), k[..., rope:]], -1)
+    return q, k, F.linear(h, w_w) * scale
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def select_step(qi, ki, w, valid, k, v, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One new token per row: its ``top_k`` valid keys by index score (``ki`` [B, S, Di]
+    the cached index keys, ``valid`` [B, S]), as the model's attention picks them
+    (``attention.topk_indices``: ties to the later key), then those keys' K and V rows
+    gathered, [B, Hkv, K, D], and the mask [B, 1, 1, K] for :func:`attn_out`. Only the
+    selected K and V rows are read: what makes a step cheaper than dense attention's."""
+    scores = A.index_scores(qi, ki, w)  # [B, 1, S]
+    idx, ok = A.topk_indices(scores, valid[:, None], top_k)  # [B, 1, K]
+    b, hkv, _, d = k.shape
+    at = idx.reshape(b, 1, -1, 1).expand(b, hkv, idx.shape[-1], d)
+    return k.gather(2, at), v.gather(2, at), ok[:, None]
+
+
+def select_prefill(qi, ki, w, mask, top_k: int, budget: int = 1 << 24) -> Tensor:
+    """A prompt's queries: ``mask`` [B, 1, T, S] (what each may read) narrowed to its
+    ``top_k`` keys by index score, scored in query chunks of about ``budget`` entries."""
+    allowed = mask[:, 0]
+    step = max(1, budget // max(1, allowed.shape[0] * allowed.shape[-1]))
+    out = [
+        A.select(A.index_scores(qi[:, a : a + step], ki, w[:, a : a + step]),
+                 allowed[:, a : a + step], top_k)
+        for a in range(0, allowed.shape[1], step)
+    ]  # fmt: skip
+    return torch.cat(out, 1)[:, None]
 
 
 def attn_out(

@@ -10,6 +10,10 @@ per-layer halves and the sampler compiled by ``torch.compile`` (one compiled fun
 serves every layer); the sampler's counter-based noise over the vocabulary then costs one
 fused pass instead of a dozen [rows, vocab] int64 tensors.
 
+A DSA student (``distill.dsa``) decodes here too: its layers also cache the indexer's keys,
+score every cached key for the new token, and gather the top-k keys' K and V rows, so a
+step reads those rows and the index keys instead of the whole KV cache.
+
 The graph holds the parameters' addresses: an in-place optimizer step is decoded by the
 next replay; parameters replaced by new tensors are noticed and the graphs recaptured.
 """
@@ -51,6 +55,14 @@ class _Buffers:
 
         self.k = [z(batch, d.kv_heads, length, d.head_dim, dtype=dt) for _ in range(d.layers)]
         self.v = [z(batch, d.kv_heads, length, d.head_dim, dtype=dt) for _ in range(d.layers)]
+        # a DSA layer's cached index keys, where the buffer holds more keys than it reads
+        # (at most top_k keys: every one is read, and the indexer has nothing to choose)
+        self.ki = [
+            z(batch, length, a.indexer.head_dim, dtype=dt)
+            if hasattr(a, "indexer") and length > a.top_k
+            else None
+            for a in (layer.self_attn for layer in model.model.layers)
+        ]
         self.cos, self.sin = L.rope_tables(model, length, dev, dt)
         self.valid = z(batch, length, dtype=torch.bool)  # KV columns a row attends to
         self.tok = z(batch)  # the last sampled token: the next step's input
@@ -119,6 +131,7 @@ class StaticDecoder:
             else (lambda f: f)
         )
         self.attn_in, self.attn_out, self.head = wrap(L.attn_in), wrap(L.attn_out), wrap(head)
+        self.index_in, self.select = wrap(L.index_in), wrap(L.select_step)  # DSA layers'
         self.shapes: dict[tuple[int, int], _Buffers] = {}
         self._addresses: tuple = ()
 
@@ -129,11 +142,9 @@ class StaticDecoder:
         rest = (m.model.embed_tokens.weight.detach(), m.model.norm.weight.detach(),
                 m.model.norm.variance_epsilon, m.lm_head.weight.detach(),
                 None if m.lm_head.bias is None else m.lm_head.bias.detach())  # fmt: skip
-        addresses = tuple(
-            t.data_ptr()
-            for t in (*rest, *(a for lw in layers for a in (*lw.attn_in, *lw.attn_out)))
-            if isinstance(t, torch.Tensor)
-        )
+        every = (a for lw in layers for a in (*lw.attn_in, *lw.attn_out, *(lw.index or ())))
+        addresses = tuple(t.data_ptr() for t in (*rest, *every) if isinstance(t, torch.Tensor))
+        addresses += tuple(lw.top_k for lw in layers)  # a DSA warm-up's dense flag captured
         if addresses != self._addresses:
             for buf in self.shapes.values():
                 buf.graphs.clear()
@@ -188,6 +199,7 @@ class StaticDecoder:
                 raise
             log.warning("torch.compile failed, decoding uncompiled: %s", str(e)[:500])
             self.attn_in, self.attn_out, self.head = L.attn_in, L.attn_out, head
+            self.index_in, self.select = L.index_in, L.select_step
             fn(*args)
 
     def _capture(self, buf, layers, rest, key, rec):
@@ -243,7 +255,13 @@ class StaticDecoder:
                 q, k, v = L.attn_in(x, cos, sin, *lw.attn_in)
                 buf.k[i][rs, :, :width] = k
                 buf.v[i][rs, :, :width] = v
-                x = L.attn_out(x, q, k, v, mask, *lw.attn_out)
+                m = mask
+                if lw.top_k and buf.ki[i] is not None:  # DSA: each query's top-k keys
+                    qi, ki, w = L.index_in(x, cos, sin, *lw.index)
+                    buf.ki[i][rs, :width] = ki
+                    if width > lw.top_k:
+                        m = L.select_prefill(qi, ki, w, mask, lw.top_k)
+                x = L.attn_out(x, q, k, v, m, *lw.attn_out)
             last.append(x[:, -1])
         return torch.cat(last)  # [batch, H], contiguous: one compiled head serves both
 
@@ -259,6 +277,12 @@ class StaticDecoder:
             q, k, v = self.attn_in(x, cos, sin, *lw.attn_in)
             buf.k[i].index_copy_(2, col, k)
             buf.v[i].index_copy_(2, col, v)
+            if lw.top_k and buf.ki[i] is not None:  # DSA: read the top-k keys' rows only
+                qi, ki, w = self.index_in(x, cos, sin, *lw.index)
+                buf.ki[i].index_copy_(1, col, ki)
+                kg, vg, m = self.select(qi, buf.ki[i], w, buf.valid, buf.k[i], buf.v[i], lw.top_k)
+                x = self.attn_out(x, q, kg, vg, m, *lw.attn_out)
+                continue
             x = self.attn_out(x, q, buf.k[i], buf.v[i], mask, *lw.attn_out)
         self._sample(buf, x[:, -1], rest, key, rec)
 
