@@ -356,6 +356,22 @@ def test_kl_kernel_multiplies_each_key_head_by_its_own_query_heads():
     assert _slots(32, 8) == dict(R=4, NS=2, BR=16)  # 128 dot rows per key, was 256
 
 
+def _sparse_attention_matches(q, k, v, idx: torch.Tensor) -> torch.Tensor:
+    """The Triton sparse attention in bf16 against the torch path in fp32 on the keys
+    ``idx``, forward and backward; its log-sum-exps."""
+    half = [x.bfloat16().requires_grad_() for x in (q, k, v)]
+    full = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = K._SparseAttention.apply(*half, idx, 0.3)
+    ref = K._gathered(*full, idx, 0.3)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    grad = torch.randn_like(ref)
+    out.backward(grad.bfloat16())
+    ref.backward(grad)
+    for a, b in zip(half, full, strict=True):
+        torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
+    return lse
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not K.HAVE_TRITON, reason="needs CUDA")
 def test_triton_kernels_match_torch_on_gpu():
     """bf16 on the GPU, each kernel on the same selection as torch in fp32 (a whole-path
@@ -372,16 +388,7 @@ def test_triton_kernels_match_torch_on_gpu():
     keys = K._triton_scores(qi.bfloat16(), ki.bfloat16(), w.bfloat16(), starts, 20, 161, 0, True)
     assert torch.equal(keys, A.rank_key(got))  # the selection's keys, written by the kernel
     idx = K.index_topk(qi, ki, w, starts, 16, 62)
-    half = [x.bfloat16().requires_grad_() for x in (q, k, v)]
-    full = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, lse = K._SparseAttention.apply(*half, idx, 0.3)
-    ref = K._gathered(*full, idx, 0.3)
-    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
-    grad = torch.randn_like(ref)
-    out.backward(grad.bfloat16())
-    ref.backward(grad)
-    for a, b in zip(half, full, strict=True):
-        torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
+    lse = _sparse_attention_matches(q, k, v, idx)
     from distill.dsa import kl_kernel
     from distill.dsa.kl_kernel import sparse_kl_triton
 
@@ -423,16 +430,7 @@ def test_triton_kernels_match_torch_on_gpu():
         # the sparse attention at that shape: its own launch (kernels.SPARSE_LAUNCH_WIDE)
         assert K.sparse_launch(64) is K.SPARSE_LAUNCH_WIDE
         vm = torch.randn(161, 1, 16, generator=gen).cuda().bfloat16()
-        half = [x.clone().requires_grad_() for x in (qm, km, vm)]
-        full = [x.float().requires_grad_() for x in (qm, km, vm)]
-        out, _ = K._SparseAttention.apply(*half, idx, 0.3)
-        ref = K._gathered(*full, idx, 0.3)
-        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
-        grad = torch.randn_like(ref)
-        out.backward(grad.bfloat16())
-        ref.backward(grad)
-        for a, b in zip(half, full, strict=True):
-            torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
+        _sparse_attention_matches(qm.float(), km.float(), vm.float(), idx)
     finally:
         kl_kernel.MAIN_DOT_FP32 = default
     # the whole path in bf16, the KL walking the keys itself or reading the attention's

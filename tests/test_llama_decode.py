@@ -105,6 +105,17 @@ def test_prefill_and_steps_match_transformers(model, dtype, atol):
         torch.testing.assert_close(got[b], want, atol=atol, rtol=0)
 
 
+@torch.inference_mode()
+def _generate(model, prompt: list[int]) -> list[int]:
+    """transformers' greedy ``generate`` on ``prompt`` alone: the new tokens."""
+    ids = torch.tensor([prompt], device=model.device)
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=STEPS,
+        do_sample=False, eos_token_id=EOS, pad_token_id=PAD,
+    )  # fmt: skip
+    return out[0, ids.shape[1] :].tolist()
+
+
 def test_static_decoder_greedy_matches_generate(model):
     """The whole StaticDecoder (uncompiled, no graphs; a filler row in the batch) decodes
     the tokens of transformers' greedy generate on each prompt alone."""
@@ -113,12 +124,7 @@ def test_static_decoder_greedy_matches_generate(model):
     with torch.inference_mode():
         dec.decode(rows, Sampling(temperature=0, max_new_tokens=STEPS), batch=4)
         for r in rows:
-            ids = torch.tensor([r.prompt])
-            want = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=STEPS,
-                do_sample=False, eos_token_id=EOS, pad_token_id=PAD,
-            )[0, ids.shape[1] :].tolist()  # fmt: skip
-            assert r.tokens == want
+            assert r.tokens == _generate(model, r.prompt)
     assert sum(len(r.tokens) for r in rows) > STEPS  # not all cut short by the eos
 
 
@@ -160,14 +166,7 @@ def test_static_decoder_runs_a_dsa_student_as_generate_does():
     model = _random_dsa(top_k=3)
     assert L.supported(model) and all(lw.top_k == 3 for lw in L.layers(model))
     got = _greedy(model)
-    for p, tokens in zip(PROMPTS, got, strict=True):
-        ids = torch.tensor([p])
-        with torch.inference_mode():
-            want = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=STEPS,
-                do_sample=False, eos_token_id=EOS, pad_token_id=PAD,
-            )[0, ids.shape[1] :].tolist()  # fmt: skip
-        assert tokens == want
+    assert got == [_generate(model, p) for p in PROMPTS]
     assert sum(map(len, got)) > STEPS
     for a in model.attention_layers():
         a.dense = True
@@ -217,11 +216,4 @@ def test_dsa_student_decodes_compiled_and_graphed_on_gpu():
     assert any(buf.graphs for buf in dec.shapes.values())
     got = [r.tokens for r in rows]
     assert got == _greedy(model)
-    for p, tokens in zip(PROMPTS, got, strict=True):
-        ids = torch.tensor([p], device="cuda")
-        with torch.inference_mode():
-            want = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=STEPS,
-                do_sample=False, eos_token_id=EOS, pad_token_id=PAD,
-            )[0, ids.shape[1] :].tolist()  # fmt: skip
-        assert tokens == want
+    assert got == [_generate(model, p) for p in PROMPTS]
