@@ -274,16 +274,33 @@ for fp32 in (False, True):
     torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-4)
     for a, b in zip(torch.autograd.grad((got * c).sum(), (qs, ki, w)), want_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+# 64 heads over one KV head: the sparse attention's own launch (kernels.SPARSE_LAUNCH_WIDE,
+# 32 keys a step), forward and backward against torch on the same keys: one trace of 70,
+# 40 keys a query (two steps of 32, the second part padding; early queries have fewer)
+assert K.sparse_launch(64) is K.SPARSE_LAUNCH_WIDE and K.SPARSE_LAUNCH_WIDE["BN"] == 32
+one = torch.tensor([0, 70], dtype=torch.int32)
+idx40 = K.index_topk(qs.detach(), ki.detach(), w.detach(), K.segment_starts(one, 70), 40, 70)
+assert idx40.shape == (70, 40) and (idx40 < 0).any() and (idx40[-1] >= 0).all()
+gen = torch.Generator().manual_seed(64)
+mqa = [torch.randn(70, n, 16, generator=gen, requires_grad=True) for n in (64, 1, 1)]
+ref_in = [x.detach().clone().requires_grad_() for x in mqa]
+out, _ = K._SparseAttention.apply(*mqa, idx40, 0.3)
+ref = K._gathered(*ref_in, idx40, 0.3)
+torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+g = torch.randn_like(ref)
+for a, b in zip(torch.autograd.grad(out, mqa, g), torch.autograd.grad(ref, ref_in, g)):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 print("ok")
 """
 
 
 @pytest.mark.skipif(not K.HAVE_TRITON, reason="triton is not installed")
 def test_triton_kernels_match_the_reference_interpreted(tmp_path):
-    """The Triton kernels (index scores; sparse attention forward and backward with
-    atomic dK/dV; the fused sparse KL and its gradient, for three groupings of the main
-    heads) on CPU under TRITON_INTERPRET=1, in a fresh process (the interpreter is chosen
-    when the kernels are defined)."""
+    """The Triton kernels (index scores and rank keys; sparse attention forward and
+    backward with atomic dK/dV, at a GQA shape and at 64 heads over one KV head with its
+    own launch; the fused sparse KL and its gradient, for four groupings of the main heads
+    and with the attention's log-sum-exps) on CPU under TRITON_INTERPRET=1, in a fresh
+    process (the interpreter is chosen when the kernels are defined)."""
     script = tmp_path / "tri.py"
     script.write_text(TRITON_SCRIPT.format(tests=os.path.dirname(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", DISTILL_DSA_FUSED_KL="1")
