@@ -207,3 +207,44 @@ def test_compiled_sampler_matches_eager_on_gpu(temperature, top_p, top_k):
     assert torch.allclose(want[1], got[1], atol=1e-4)
     if want[2] is not None:  # the kept set, where the settings truncate
         assert torch.equal(want[2], got[2])
+
+
+@pytest.fixture(scope="module")
+def dsa_student(model_dir):
+    """The tiny model converted to a DSA student reading 4 keys a query (its indexer
+    seeded, not trained: a selection that differs from reading every key)."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.dsa.model import from_dense
+
+    dense = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = from_dense(dense, index_n_heads=2, index_head_dim=8, index_top_k=4, warmup=False)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["nucleus", "greedy"])
+def test_dsa_student_static_path_records_what_rl_scores(backend, dsa_student, name):
+    """A DSA student through the static path (its index keys cached, each step's top-k
+    keys gathered) records the dynamic-cache path's tokens, kept sets and log-probs, and
+    those log-probs are what a teacher-forced forward of the student gives (what the RL
+    trainer scores)."""
+    tok = backend.tokenizer
+    dynamic = HFBackend.from_model(dsa_student, tok, batch_size=2, static=False)
+    static = HFBackend.from_model(dsa_student, tok, batch_size=4, static=True)
+    assert static.static is not None and dynamic.static is None
+    s = _sampling(name)
+    tools = [TOOLS, None, None]
+    a = [c for row in dynamic.complete(CONVS, tools, s, n=2) for c in row]
+    b = [c for row in static.complete(CONVS, tools, s, n=2) for c in row]
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert [c.kept for c in a] == [c.kept for c in b]
+    truncated = s.temperature > 0 and s.top_p < 1
+    for x, y in zip(a, b, strict=True):
+        assert len(y.prompt_ids) > 4  # more keys than a query reads: selection matters
+        assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5)
+        ids = torch.tensor([y.prompt_ids + y.token_ids])
+        with torch.no_grad():
+            logits = dsa_student(input_ids=ids).logits[0, len(y.prompt_ids) - 1 : -1].float()
+        kept = _padded(y.kept) if truncated else None
+        want, _ = token_logprobs(logits, torch.tensor(y.token_ids), s.temperature or 1.0, kept)
+        assert torch.allclose(torch.tensor(y.logprobs), want, atol=1e-5, rtol=0)
