@@ -22,7 +22,9 @@ its main logits from fp32 copies (``kl_fused_fp32``; the default since 2026-12-0
 takes them from bf16, ``kl_kernel.MAIN_DOT_FP32``), and the whole layer as it was before
 that day's changes (``dsa_before``, ``speedup_before``: fp32 logits, the KL walking the
 keys for its own log-sum-exps rather than reading the attention's, ``kernels.SHARE_LSE``,
-and one sparse launch for every head group, ``kernels.SPARSE_LAUNCH_WIDE``).
+and one sparse launch for every head group, ``kernels.SPARSE_LAUNCH_WIDE``), and the
+selection's top-k over fp32 scores with its ties repaired (``select_fp32``,
+``kernels.SELECT_FP32``: off until timed).
 ``--profile-layer`` prints the DSA layer's ops (forward + backward) at the first length.
 
     python bench/dsa.py --preset h100          # the figures: one H100/H200
@@ -228,6 +230,8 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         before = [(KL, "MAIN_DOT_FP32", True), (K, "SHARE_LSE", False)]
         before += [(K, "SPARSE_LAUNCH_WIDE", K.SPARSE_LAUNCH)]
         parts += [("dsa_before", _with(dsa, *before))]
+        # written, off until timed: the top-k over fp32 scores, ties repaired (the same keys)
+        parts += [("select_fp32", _with(select, (K, "SELECT_FP32", True)))]
     for name, fn in parts:
         if name in p.get("skip_parts", ()):
             continue

@@ -167,6 +167,38 @@ def test_selection_is_causal_and_stays_in_its_trace():
     assert not sel.triu(1).any() and (sel.sum(1) == torch.clamp(pos[:, 0] + 1, max=top_k)).all()
 
 
+@pytest.mark.parametrize("case", ["random", "untrained", "ties", "signs"])
+def test_fp32_selection_picks_the_rank_keys_choice(case, monkeypatch):
+    """kernels.SELECT_FP32 (a top-k of the fp32 scores, ties repaired) selects the keys
+    the rank keys select: a random indexer (whose scores still tie at 0 where every
+    head's ReLU is 0), an untrained one (every score 0), scores on a coarse grid (ties at
+    the k-th score: without the repair this and the others fail) and both signs with zeros
+    of either sign."""
+    t, top_k = 161, 6
+    g = torch.Generator().manual_seed(11)
+    qi = torch.randn(t, 2, 4, generator=g)
+    ki = torch.randn(t, 4, generator=g)
+    w = torch.rand(t, 2, generator=g)
+    if case == "untrained":
+        qi = torch.zeros_like(qi)
+    elif case == "ties":
+        qi, ki = qi.round().abs(), ki.round().abs()  # integer scores: many equal
+        w = torch.ones_like(w)
+    elif case == "signs":
+        w = w - 0.5  # negative weights: negative scores and -0.0 where a ReLU is 0
+    starts = K.segment_starts(CU, t)
+    monkeypatch.setattr(K, "SELECT_FP32", False)
+    want = K.index_topk(qi, ki, w, starts, top_k, 62)
+    monkeypatch.setattr(K, "SELECT_FP32", True)
+    got = K.index_topk(qi, ki, w, starts, top_k, 62)
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    if case == "ties":  # the repair ran: a plain top-k of the scores picks other keys
+        s = K._chunk_scores(qi, ki, w, starts, 0, t, 0)
+        plain = s.topk(top_k, dim=-1, sorted=False).indices
+        ranked = A.rank_key(s).topk(top_k, dim=-1, sorted=False).indices
+        assert not torch.equal(plain.sort(-1).values, ranked.sort(-1).values)
+
+
 @pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("top_k", [5, 200])
 def test_gpu_path_in_torch_matches_the_reference(dense, top_k):
@@ -227,10 +259,14 @@ for sign in (1.0, -1.0):
     want = A.rank_key(K._triton_scores(qx, ki.detach(), w.detach(), starts, 20, 70, 0))
     assert torch.equal(keys, want), (sign, (keys != want).sum())
     got = K.index_topk(qx, ki.detach(), w.detach(), starts, 6, 30)
+    K.SELECT_FP32 = True  # the kernel's fp32 scores, a top-k of them, ties repaired
+    got32 = K.index_topk(qx, ki.detach(), w.detach(), starts, 6, 30)
+    K.SELECT_FP32 = False
     os.environ["DISTILL_DSA_TRITON"] = "0"
     ref = K.index_topk(qx, ki.detach(), w.detach(), starts, 6, 30)
     del os.environ["DISTILL_DSA_TRITON"]
     assert torch.equal(got.sort(-1).values, ref.sort(-1).values), sign
+    assert torch.equal(got32.sort(-1).values, ref.sort(-1).values), sign
 # the fused KL token by token against torch's, indexer queries of both signs (ReLUs off)
 from distill.dsa.kl_kernel import sparse_kl_triton
 qs = torch.randn(70, 3, 8, generator=torch.Generator().manual_seed(5), requires_grad=True)
