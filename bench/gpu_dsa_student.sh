@@ -19,9 +19,10 @@
 # errors: the better average, not a settled choice),
 # WITH_RL (default 0: the DSA run skips mixed RL and its eval scores the distilled DSA
 # student, compared with the dense run's distilled one: the conversion is what is
-# measured, and on the GPU the DSA student decodes without the dense student's CUDA-graph
-# decoder, so scoring two DSA students (distilled and + RL) and RL's rollouts would not fit
-# the 10-minute call after two 110 s phases; 1: mixed RL as the recipe has it),
+# measured; when this was written a DSA student decoded on the GPU without the CUDA-graph
+# decoder, and scoring two DSA students and RL's rollouts did not fit the 10-minute call
+# after two 110 s phases. It now takes the static decoder too, not yet tried here; 1:
+# mixed RL as the recipe has it),
 # CONTROL (default 0; 1: a copy of the run, $DATA-ctl, continues the dense student for as
 # many steps as the DSA run's sparse phase took, at the same learning rate, and is scored:
 # the DSA student trains that much more than the dense one, so this separates what the
