@@ -21,7 +21,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
 python3 -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)" | tee -a "$LOG"
 # 100 s was too few with a cold compile cache (H100, 2026-12-06: cut after 23 of 24 tests;
 # 57 s warm)
-want tests && step tests-dsa 150 python3 -m pytest -q -rs tests/test_dsa.py -m "not slow"
+# (+ the static decoder's tests: a DSA student's step compiled and graphed on the GPU)
+want tests && step tests-dsa 180 python3 -m pytest -q -rs tests/test_dsa.py tests/test_llama_decode.py -m "not slow"
 # the 16k retrieval: the quality figure the issue still lacks (h100 preset: copy at 16k,
 # dense 150 s with its curriculum, then 30 warm-up and 50 sparse steps)
 # RETRIEVAL_SET="key=value ...": the preset's keys to change (bench/dsa_retrieval.py --set)
