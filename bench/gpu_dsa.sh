@@ -8,7 +8,7 @@
 # decoding, measured 2026-12-06): python3 bench/dsa.py --preset h100
 # Run on the GPU host from the repository root: OUT=dir bash bench/gpu_dsa.sh
 # STEPS picks the boxes, run in this order: tests retrieval mqa mqa-kl mqa-sweep full decode
-# layer (150 + 300 + 70 + 110 + 150 + 180 + 110 + 120 s: not all fit one call; the default
+# layer (180 + 300 + 70 + 110 + 150 + 180 + 110 + 120 s: not all fit one call; the default
 # runs three).
 set -u
 STEPS=" ${STEPS:-tests retrieval layer} "
