@@ -59,7 +59,9 @@ FUSED_KL = "DISTILL_DSA_FUSED_KL"  # "0": the sparse phase's KL in torch, not kl
 # forward (the same keys, the same logits) instead of walking the main keys for them itself:
 # one walk of its forward's two. On one H100 (2026-12-06 18:55 UTC, MQA shape, 32k, one
 # run) with kl_kernel.MAIN_DOT_FP32 off, the layer took 123.3 ms against 147.5 without
-# both (bench/dsa.py: dsa_next); the GPU test checks it. False walks the keys again.
+# both (timed as dsa_next then; bench/dsa.py now times the old defaults as dsa_before).
+# The GPU test checked it on a GPU with fp32 logits; with bf16 ones, and the whole bf16
+# path, it is written, not yet run there. False walks the keys again.
 SHARE_LSE = True
 
 

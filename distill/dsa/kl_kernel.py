@@ -44,8 +44,9 @@ KL_LAUNCH = {"num_warps": 4, "num_stages": 3}
 # attention's kernel computes them, with half the registers; so the log-sum-exps it reads
 # from that kernel, kernels.SHARE_LSE, are of the same logits). On one H100 (2026-12-06
 # 18:55 UTC, MQA shape, 32k, one run) the fused KL took 52.2 ms forward + backward from
-# bf16 against 64.7 from fp32 copies (bench/dsa.py: kl_fused_native); the GPU test checks
-# both settings against the torch path.
+# bf16 against 64.7 from fp32 copies (timed as kl_fused_native then; bench/dsa.py now
+# times fp32 as kl_fused_fp32); the GPU test checked both settings against the torch path
+# on that GPU.
 MAIN_DOT_FP32 = False
 
 
