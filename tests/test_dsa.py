@@ -192,11 +192,10 @@ def test_fp32_selection_picks_the_rank_keys_choice(case, monkeypatch):
     monkeypatch.setattr(K, "SELECT_FP32", True)
     got = K.index_topk(qi, ki, w, starts, top_k, 62)
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
-    if case == "ties":  # the repair ran: a plain top-k of the scores picks other keys
+    if case == "ties":  # rows whose k-th score ties keys beyond the k: the repair's case
         s = K._chunk_scores(qi, ki, w, starts, 0, t, 0)
-        plain = s.topk(top_k, dim=-1, sorted=False).indices
-        ranked = A.rank_key(s).topk(top_k, dim=-1, sorted=False).indices
-        assert not torch.equal(plain.sort(-1).values, ranked.sort(-1).values)
+        kth = s.topk(top_k, dim=-1).values[:, -1:]
+        assert ((s >= kth) & (kth > float("-inf"))).sum(-1).gt(top_k).any()
 
 
 @pytest.mark.parametrize("dense", [False, True])

@@ -13,6 +13,10 @@ compares it with transformers (CPU; float64 to rounding, float32 to 5e-5) on ran
 two-query-heads-per-KV-head Qwen2 (q/k/v biases), Qwen3 (q/k norms) and Llama (attention
 and MLP biases): a padded prefill and one-token steps (the packed-GQA branch), and
 StaticDecoder's greedy tokens against ``generate``; bf16 and the compiled path are not.
+A DSA student (``distill.dsa``) adds its indexer (``index_in``: the model's own
+``index_projections``) and each query's top-k keys (``select_step``, ``select_prefill``),
+tested against ``generate`` and the reference selection on the CPU; the compiled, graphed
+step has a GPU test (not yet run on a GPU).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import Tensor
 from distill.dsa import attention as A
 from distill.dsa.config import INDEXED_LAYER_NAMES
 from distill.dsa.config import MODEL_TYPE as DSA_TYPE
+from distill.dsa.model import index_projections
 
 FAMILY = ("llama", "qwen2", "qwen3", DSA_TYPE)
 
@@ -119,15 +124,8 @@ def _index(a, ln) -> dict:
     ix = getattr(a, "indexer", None)
     if ix is None:
         return {}
-    kn = ix.k_norm
-    return dict(
-        index=(
-            _t(ln.weight), ln.variance_epsilon, _t(ix.wq.weight), _t(ix.wk.weight),
-            _t(kn.weight), _t(kn.bias), kn.eps, _t(ix.weights_proj.weight), ix.scale,
-            ix.n_heads, ix.head_dim, ix.rope_dim, ix.step,
-        ),
-        top_k=0 if a.dense else a.top_k,
-    )  # fmt: skip
+    own = tuple(_t(x) if isinstance(x, Tensor) else x for x in ix.arguments())
+    return dict(index=(_t(ln.weight), ln.variance_epsilon, *own), top_k=0 if a.dense else a.top_k)
 
 
 def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
@@ -158,31 +156,11 @@ def attn_in(
     return _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin), v
 
 
-def index_in(
-    x, cos, sin, ln_w, eps, q_w, k_w, kn_w, kn_b, kn_eps, w_w, scale, heads, hd, rope, step
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The lightning indexer (``distill.dsa.model.Indexer``, op for op) on the layer's
-    normed input: ``qi`` [B, T, Hi, Di], ``ki`` [B, T, Di], ``w`` [B, T, Hi]."""
-    b, t, _ = x.shape
-    h = rms_norm(x, ln_w, eps)
-    q = F.linear(h, q_w).view(b, t, heads, hd)
-    k = F.layer_norm(F.linear(h, k_w), (hd,), kn_w, kn_b, kn_eps)
-    if rope:
-        half = cos.shape[-1] // 2
-        c = cos[..., :half:step][..., : rope // 2]
-        s = sin[..., :half:step][..., : rope // 2]
-        c, s = torch.cat([c, c], -1), torch.cat([s, s], -1)
-        qr, kr = q[..., :rope], k[..., :rope]
-        qr = qr * c[:, :, None] + _rotate_half(qr) * s[:, :, None]
-        kr = kr * c + _rotate_half(kr) * s
-        q = torch.cat([qr.to(q.dtype), q[..., rope:]], -1)
-        k = torch.cat([kr.to(k.dtype), k[..., rope:]], -1)
-    return q, k, F.linear(h, w_w) * scale
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def index_in(x, cos, sin, ln_w, eps, *index) -> tuple[Tensor, Tensor, Tensor]:
+    """The lightning indexer on the layer's input: its input norm, then
+    ``distill.dsa.model.index_projections`` (the model's own), ``index`` being
+    ``Indexer.arguments()``: ``qi`` [B, T, Hi, Di], ``ki`` [B, T, Di], ``w`` [B, T, Hi]."""
+    return index_projections(rms_norm(x, ln_w, eps), cos, sin, *index)
 
 
 def select_step(qi, ki, w, valid, k, v, top_k: int) -> tuple[Tensor, Tensor, Tensor]:

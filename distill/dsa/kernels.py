@@ -100,7 +100,7 @@ def index_topk(
             b, lo = min(t, a + chunk), firsts[n]
             kk = min(k_out, b - lo)
             if SELECT_FP32:
-                scores = _chunk_scores_any(qi, ki, w, starts, a, b, lo)
+                scores = _chunk_keys(qi, ki, w, starts, a, b, lo, ranked=False)
                 j = _topk_tied(scores, kk)
                 ok = scores.gather(-1, j) > float("-inf")
             else:
@@ -116,12 +116,6 @@ def index_topk(
 # decide the k-th key: the same keys either way (tests/test_dsa.py). Not yet timed on a
 # GPU (bench/dsa.py: select_fp32), hence off.
 SELECT_FP32 = False
-
-
-def _chunk_scores_any(qi, ki, w, starts, a: int, b: int, lo: int) -> Tensor:
-    if use_triton(qi):
-        return _triton_scores(qi, ki, w, starts, a, b, lo)
-    return _chunk_scores(qi, ki, w, starts, a, b, lo)
 
 
 def _topk_tied(scores: Tensor, kk: int) -> Tensor:
@@ -142,14 +136,16 @@ def _topk_tied(scores: Tensor, kk: int) -> Tensor:
 NO_KEY = int(A.rank_key(torch.tensor([float("-inf")]))[0]) >> 32
 
 
-def _chunk_keys(qi, ki, w, starts, a: int, b: int, lo: int) -> Tensor:
+def _chunk_keys(qi, ki, w, starts, a: int, b: int, lo: int, ranked: bool = True) -> Tensor:
     """:func:`~distill.dsa.attention.rank_key` of the scores of queries [a, b) against keys
     [lo, b), -inf outside each query's causal span of its own trace: [b - a, b - lo]
-    int64. The Triton kernel writes the keys itself: the torch ops that turn scores into
-    keys were ~13 ms of the 47 ms selection at 32k (MQA shape, H100 profile)."""
+    int64; not ``ranked``, the fp32 scores. The Triton kernel writes the keys itself: the
+    torch ops that turn scores into keys were ~13 ms of the 47 ms selection at 32k (MQA
+    shape, H100 profile)."""
     if use_triton(qi):
-        return _triton_scores(qi, ki, w, starts, a, b, lo, ranked=True)
-    return A.rank_key(_chunk_scores(qi, ki, w, starts, a, b, lo))
+        return _triton_scores(qi, ki, w, starts, a, b, lo, ranked=ranked)
+    scores = _chunk_scores(qi, ki, w, starts, a, b, lo)
+    return A.rank_key(scores) if ranked else scores
 
 
 def _chunk_scores(qi, ki, w, starts, a: int, b: int, lo: int) -> Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
@@ -72,20 +73,38 @@ class Indexer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``qi`` [B, T, Hi, Di], ``ki`` [B, T, Di], ``w`` [B, T, Hi]."""
-        b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_norm(self.wk(x))
-        r = self.rope_dim
-        if r:
-            half = cos.shape[-1] // 2
-            c = cos[..., : half : self.step][..., : r // 2]
-            s = sin[..., : half : self.step][..., : r // 2]
-            c, s = torch.cat([c, c], -1), torch.cat([s, s], -1)
-            qr = q[..., :r] * c[:, :, None] + rotate_half(q[..., :r]) * s[:, :, None]
-            kr = k[..., :r] * c + rotate_half(k[..., :r]) * s
-            q = torch.cat([qr.to(q.dtype), q[..., r:]], -1)
-            k = torch.cat([kr.to(k.dtype), k[..., r:]], -1)
-        return q, k, self.weights_proj(x) * self.scale
+        return index_projections(x, cos, sin, *self.arguments())
+
+    def arguments(self) -> tuple:
+        """:func:`index_projections`' arguments after ``(x, cos, sin)``: the parameters
+        and the shape."""
+        kn = self.k_norm
+        return (
+            self.wq.weight, self.wk.weight, kn.weight, kn.bias, kn.eps,
+            self.weights_proj.weight, self.scale, self.n_heads, self.head_dim, self.rope_dim,
+            self.step,
+        )  # fmt: skip
+
+
+def index_projections(
+    x, cos, sin, q_w, k_w, kn_w, kn_b, kn_eps, w_w, scale, heads, hd, rope, step
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The indexer on the layer's normed input ``x`` [B, T, hidden], its parameters given:
+    one definition for :class:`Indexer` and the static decoder's step
+    (``distill.backends.llama_decode.index_in``), which passes the live parameters."""
+    b, t, _ = x.shape
+    q = F.linear(x, q_w).view(b, t, heads, hd)
+    k = F.layer_norm(F.linear(x, k_w), (hd,), kn_w, kn_b, kn_eps)
+    if rope:
+        half = cos.shape[-1] // 2
+        c = cos[..., :half:step][..., : rope // 2]
+        s = sin[..., :half:step][..., : rope // 2]
+        c, s = torch.cat([c, c], -1), torch.cat([s, s], -1)
+        qr = q[..., :rope] * c[:, :, None] + rotate_half(q[..., :rope]) * s[:, :, None]
+        kr = k[..., :rope] * c + rotate_half(k[..., :rope]) * s
+        q = torch.cat([qr.to(q.dtype), q[..., rope:]], -1)
+        k = torch.cat([kr.to(k.dtype), k[..., rope:]], -1)
+    return q, k, F.linear(x, w_w) * scale
 
 
 class DSAAttention(LlamaAttention):
