@@ -24,7 +24,10 @@ that day's changes (``dsa_before``, ``speedup_before``: fp32 logits, the KL walk
 keys for its own log-sum-exps rather than reading the attention's, ``kernels.SHARE_LSE``,
 and one sparse launch for every head group, ``kernels.SPARSE_LAUNCH_WIDE``), and the
 selection's top-k over fp32 scores with its ties repaired (``select_fp32``,
-``kernels.SELECT_FP32``: off until timed).
+``kernels.SELECT_FP32``: off until timed). ``kl_fused`` is the per-token KL with its
+backward kernel, ``kl_fused_sum`` the layer's sum with its gradient taken in the forward
+walk (``kl_kernel.GRAD_IN_FORWARD``), and ``dsa_kl_bwd`` (``speedup_kl_bwd``) the layer
+with the backward kernel instead.
 ``--profile-layer`` prints the DSA layer's ops (forward + backward) at the first length.
 
     python bench/dsa.py --preset h100          # the figures: one H100/H200
@@ -198,6 +201,11 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
 
         sparse_kl_triton(q, k, qi, ki, w, idx, scale).sum().backward()
 
+    def kl_fused_sum():  # the layer's: the sum, its gradient taken in the forward walk
+        from distill.dsa.kl_kernel import sparse_kl_sum_triton
+
+        sparse_kl_sum_triton(q, k, qi, ki, w, idx, scale).backward()
+
     def kl_fwd():  # the fused KL's forward alone (its sweep's output check)
         from distill.dsa.kl_kernel import sparse_kl_triton
 
@@ -230,6 +238,11 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         before = [(KL, "MAIN_DOT_FP32", True), (K, "SHARE_LSE", False)]
         before += [(K, "SPARSE_LAUNCH_WIDE", K.SPARSE_LAUNCH)]
         parts += [("dsa_before", _with(dsa, *before))]
+        # the KL's gradient from its forward walk (kl_kernel.GRAD_IN_FORWARD, on since
+        # 2026-12-06 22:00 UTC, not timed then) against its backward kernel, alone and in
+        # the layer
+        parts += [("kl_fused_sum", kl_fused_sum)]
+        parts += [("dsa_kl_bwd", _with(dsa, (KL, "GRAD_IN_FORWARD", False)))]
         # written, off until timed: the top-k over fp32 scores, ties repaired (the same keys)
         parts += [("select_fp32", _with(select, (K, "SELECT_FP32", True)))]
     for name, fn in parts:
@@ -248,8 +261,9 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
             row[f"{name}_gbs"] = round(nbytes / s / 1e9, 1)
     if "dense_ms" in row and "dsa_ms" in row:
         row["speedup"] = round(row["dense_ms"] / row["dsa_ms"], 2)
-    if "dense_ms" in row and "dsa_before_ms" in row:
-        row["speedup_before"] = round(row["dense_ms"] / row["dsa_before_ms"], 2)
+    for was in ("before", "kl_bwd"):
+        if "dense_ms" in row and f"dsa_{was}_ms" in row:
+            row[f"speedup_{was}"] = round(row["dense_ms"] / row[f"dsa_{was}_ms"], 2)
     return row, dict(parts, kl_fwd=kl_fwd)
 
 

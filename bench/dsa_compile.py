@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
 import os
 import re
@@ -113,9 +114,11 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
          dict(sparse_c, SEM=K.ATOMIC_SEM), launch),
     ]  # fmt: skip
     for fp32 in (True, False):
-        for has_lse in (False, True):
-            out.append((f"KL forward, fp32 logits {fp32}, lse given {has_lse}", KL._kl_fwd_kernel,
-                        kl_t, dict(kl_c, FP32=fp32, HAS_LSE=has_lse), KL.KL_LAUNCH))  # fmt: skip
+        for has_lse, grad in itertools.product((False, True), (False, True)):
+            out.append((f"KL forward, fp32 logits {fp32}, lse given {has_lse}, grad {grad}",
+                        KL._kl_fwd_kernel, kl_t,
+                        dict(kl_c, FP32=fp32, HAS_LSE=has_lse, GRAD=grad, SEM=K.ATOMIC_SEM),
+                        KL.KL_LAUNCH))  # fmt: skip
         out.append((f"KL backward, fp32 logits {fp32}", KL._kl_bwd_kernel, kl_t,
                     dict(kl_c, FP32=fp32, SEM=K.ATOMIC_SEM), KL.KL_LAUNCH))  # fmt: skip
     return out

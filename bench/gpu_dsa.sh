@@ -39,7 +39,7 @@ want mqa-kl && step mqa-kl 110 python3 bench/dsa.py --preset h100-mqa --lengths 
 # bench/dsa_compile.py: its sparse kernels spill registers at 4 warps, 272 and 680 bytes,
 # and not or barely at 8; 2026-12-06)
 want mqa-sweep && step mqa-sweep 150 python3 bench/dsa.py --preset h100-mqa --lengths 32768 \
-    --skip-parts kl,dsa,select,gather,sparse_acq_rel,kl_fused_acq_rel,kl_fused_fp32,dsa_before,select_fp32 \
+    --skip-parts kl,dsa,select,gather,sparse_acq_rel,kl_fused_acq_rel,kl_fused_fp32,dsa_before,select_fp32,kl_fused_sum,dsa_kl_bwd \
     --sweep --sweep-kl --out "$OUT/dsa-mqa-sweep.json"
 # the table: 16k, 32k, 64k and decoding at 32k (batch 32)
 want full && step full 180 python3 bench/dsa.py --preset h100 --skip-parts kl --out "$OUT/dsa-full.json"

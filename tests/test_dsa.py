@@ -277,8 +277,18 @@ want = torch.stack([K._sparse_kl_chunk(q[i : i + 1].detach(), k.detach(), qs[i :
 torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-4)
 c = torch.rand(70)
 for a, b in zip(torch.autograd.grad((got * c).sum(), (qs, ki, w)),
-                torch.autograd.grad((want * c).sum(), (qs, ki, w))):
+                torch.autograd.grad((want * c).sum(), (qs, ki, w), retain_graph=True)):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+# the sum with its gradient from the forward walk (the layer's default), scaled by the
+# incoming gradient; without grad mode it keeps none
+from distill.dsa.kl_kernel import sparse_kl_sum_triton
+total = sparse_kl_sum_triton(q, k, qs, ki, w, idx, 0.3)
+torch.testing.assert_close(total, want.sum().float(), atol=1e-5, rtol=1e-4)
+for a, b in zip(torch.autograd.grad(total * 1.7, (qs, ki, w)),
+                torch.autograd.grad(want.sum() * 1.7, (qs, ki, w))):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+with torch.no_grad():
+    assert not sparse_kl_sum_triton(q, k, qs, ki, w, idx, 0.3).requires_grad
 # other layouts of the main heads (kl_kernel._slots): 3 KV heads in one slot, 4 in two
 # slots of 2, 3 in slots of one (a fourth slot padding), and 64 heads over one KV head
 # (one slot of 64 rows: the 2D dot)
@@ -294,7 +304,11 @@ for h, hkv in ((6, 3), (32, 4), (48, 3), (64, 1)):
                                            idx[i : i + 1], 0.3) for i in range(70)])
     torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-4)
     for a, b in zip(torch.autograd.grad((got * c).sum(), (qs, ki, w)),
-                    torch.autograd.grad((want * c).sum(), (qs, ki, w))):
+                    torch.autograd.grad((want * c).sum(), (qs, ki, w), retain_graph=True)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    total = sparse_kl_sum_triton(qh, kh, qs, ki, w, idx, 0.3)
+    for a, b in zip(torch.autograd.grad(total, (qs, ki, w)),
+                    torch.autograd.grad(want.sum(), (qs, ki, w))):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 # half-precision main heads (bf16 on a GPU; the interpreter computes fp16 dots right, bf16
 # ones not): their logits from the inputs' dtype and from fp32 copies (the default)
@@ -442,7 +456,7 @@ def test_triton_kernels_match_torch_on_gpu():
     idx = K.index_topk(qi, ki, w, starts, 16, 62)
     lse = _sparse_attention_matches(q, k, v, idx)
     from distill.dsa import kl_kernel
-    from distill.dsa.kl_kernel import sparse_kl_triton
+    from distill.dsa.kl_kernel import sparse_kl_sum_triton, sparse_kl_triton
 
     # seeded, several draws: on an H100 (2026-12-06) one of three runs with an unseeded
     # draw failed this test (which assertion was not captured) and two passed; the main
@@ -460,7 +474,8 @@ def test_triton_kernels_match_torch_on_gpu():
             torch.testing.assert_close(
                 got, want, atol=5e-2, rtol=2e-2, msg=lambda m, c=case: f"{m}\n(KL, {c})"
             )
-            grads = zip(torch.autograd.grad(got, ins), torch.autograd.grad(want, ins), strict=True)
+            mine = torch.autograd.grad(got, ins, retain_graph=True)  # again below
+            grads = zip(mine, torch.autograd.grad(want, ins), strict=True)
             for name, (a, b) in zip(("qs", "ki", "w"), grads, strict=True):
                 torch.testing.assert_close(
                     a, b, atol=5e-2, rtol=5e-2, msg=lambda m, n=name, c=case: f"{m}\n(d{n}, {c})"
@@ -468,6 +483,19 @@ def test_triton_kernels_match_torch_on_gpu():
             # the heads' log-sum-exps read from the attention's forward (kernels.SHARE_LSE)
             shared = sparse_kl_triton(q.bfloat16(), k.bfloat16(), *ins, idx, 0.3, lse=lse)
             torch.testing.assert_close(shared.sum(), got, atol=5e-3, rtol=5e-3)
+            # the sum with its gradient from the forward walk (kl_kernel.GRAD_IN_FORWARD)
+            total = sparse_kl_sum_triton(q.bfloat16(), k.bfloat16(), *ins, idx, 0.3, lse=lse)
+            torch.testing.assert_close(total, got, atol=5e-3, rtol=5e-3)
+            sums = torch.autograd.grad(total * 2.0, ins), torch.autograd.grad(got * 2.0, ins)
+            grads = zip(*sums, strict=True)
+            for name, (a, b) in zip(("qs", "ki", "w"), grads, strict=True):
+                torch.testing.assert_close(
+                    a,
+                    b,
+                    atol=5e-3,
+                    rtol=5e-3,
+                    msg=lambda m, n=name, c=case: f"{m}\n(sum d{n}, {c})",
+                )
         # 64 heads over one KV head: one slot of 64 rows, the 2D dot (Hopper's warpgroup MMA)
         gen = torch.Generator().manual_seed(7)
         qm = torch.randn(161, 64, 16, generator=gen).cuda().bfloat16()

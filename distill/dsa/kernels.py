@@ -211,9 +211,11 @@ def sparse_kl(q, k, qi, ki, w, idx: Tensor, scale: float, lse=None) -> Tensor:
     the indexer's ``qi``, ``ki``, ``w`` only. ``lse``: the main heads' log-sum-exps over
     the same keys, which the fused kernel then reads instead of computing."""
     if fused_kl(q):
-        from distill.dsa.kl_kernel import sparse_kl_triton
+        from distill.dsa import kl_kernel
 
-        return sparse_kl_triton(q, k, qi, ki, w, idx, scale, lse=lse).sum()
+        if kl_kernel.GRAD_IN_FORWARD:
+            return kl_kernel.sparse_kl_sum_triton(q, k, qi, ki, w, idx, scale, lse=lse)
+        return kl_kernel.sparse_kl_triton(q, k, qi, ki, w, idx, scale, lse=lse).sum()
     return sparse_kl_torch(q, k, qi, ki, w, idx, scale)
 
 
