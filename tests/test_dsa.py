@@ -791,6 +791,7 @@ def test_train_stage_converts_and_eval_serve_rl_run_unchanged(tmp_path, monkeypa
     (one chat completion) and the RL policy's forward and backward."""
     from fastapi.testclient import TestClient
 
+    import distill.dsa.train as T
     import distill.train.loop as loop
     from distill.backends import Sampling
     from distill.backends.hf import HFBackend
@@ -813,13 +814,17 @@ def test_train_stage_converts_and_eval_serve_rl_run_unchanged(tmp_path, monkeypa
             "train": {
                 "max_steps": 4, "batch_tokens": 512, "micro_batch_tokens": 256,
                 "max_length": 128, "precision": "fp32", "warmup_steps": 1,
-                "dsa": {"warmup_steps": 3, "sparse_steps": 3},
+                # a plateau test of one step a side that any second step passes (a KL
+                # not 99% under the first): the warm-up ends there, short of its 3 steps
+                "dsa": {"warmup_steps": 3, "sparse_steps": 3, "warmup_plateau": 0.99},
             },
         }
     )  # fmt: skip
     monkeypatch.setattr(loop, "DEFER", False)
+    monkeypatch.setattr(T, "PLATEAU_WINDOW", 1)
     out = loop.run(recipe)
     assert out["complete"] and set(out["dsa"]) == {"dense", "warmup", "sparse"}
+    assert out["dsa"]["warmup"]["steps"] == 2 and out["dsa"]["sparse"]["steps"] == 3
     student = tmp_path / "student"
     phases = tmp_path / "runs" / "student" / "dsa"
     assert (phases / "dense" / "model" / "model.safetensors").exists()
@@ -904,3 +909,17 @@ def test_compiled_layers_compile_no_graph_per_packing():
         with torch.no_grad():
             torch.testing.assert_close(out.detach(), eager(**kw).logits, rtol=1e-4, atol=1e-5)
     assert graphs[1] > 0 and graphs[-1] == graphs[1], graphs
+
+
+def test_warmup_plateau_waits_for_two_windows_then_ends_when_the_kl_stops_falling():
+    from types import SimpleNamespace
+
+    from distill.dsa.train import plateau
+
+    until = plateau(0.02, window=3)
+    falling = [2.0, 1.9, 1.8, 1.5, 1.4, 1.3]  # the last 3 are 20% under the 3 before
+    assert until(SimpleNamespace(losses=falling[:5])) is None  # fewer than two windows
+    assert until(SimpleNamespace(losses=falling)) is None
+    flat = [1.0, 1.01, 0.99, 0.995, 0.99, 0.985]  # 1% under
+    assert until(SimpleNamespace(losses=flat)) == "plateau"
+    assert until(SimpleNamespace(losses=[1.0, 1.0, 1.0, 1.2, 1.2, 1.2])) == "plateau"  # rising

@@ -236,3 +236,30 @@ def test_deferred_bookkeeping_changes_no_loss_checkpoint_or_resume(data, tmp_pat
     assert rest["finished"] and rest["losses"] == sync["losses"]  # the whole run's steps
     timed = run_train(data, tmp_path / "t", cfg=small_cfg(max_steps=6, max_time_s=1e-6))
     assert timed["stopped_by"] == "max_time_s" and timed["steps"] == 1
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_until_ends_a_finished_run_and_its_resume_takes_no_step(data, tmp_path, defer, monkeypatch):
+    """``until`` (the DSA warm-up's plateau test) ends the run at the step it names, with a
+    model and a checkpoint, booked the same deferred or not (deferred: one step later, as
+    a time limit); rerunning it resumes there and trains no further."""
+    import distill.train.loop
+
+    monkeypatch.setattr(distill.train.loop, "DEFER", defer)
+    seen = []
+
+    def until(stats):
+        seen.append(len(stats.losses))
+        return "enough" if len(stats.losses) >= 2 else None
+
+    out = tmp_path / "out"
+    first = run_train(data, out, cfg=small_cfg(max_steps=6), until=until)
+    stop_at = 3 if defer else 2
+    assert first["finished"] and first["stopped_by"] == "enough" and first["steps"] == stop_at
+    assert (out / "model.safetensors").exists()
+    ckpts = [p.name for p in (run_dir(out) / "checkpoints").iterdir()]
+    assert ckpts == [f"step-{stop_at:06d}"]
+    again = run_train(data, out, cfg=small_cfg(max_steps=6), until=until)
+    assert again["finished"] and again["steps"] == stop_at and again["losses"] == first["losses"]
+    plain = run_train(data, tmp_path / "plain", cfg=small_cfg(max_steps=6))
+    assert plain["steps"] == 6 and plain["losses"][:stop_at] == first["losses"]

@@ -5,7 +5,8 @@ shards).
 1. **dense**: the student as ``student.arch`` says, dense (``student.kind: scratch``);
    with ``student.kind: hf`` the model at ``student.path`` is it.
 2. **convert**: its weights plus a new, seeded indexer per layer, marked ``index_warmup``.
-3. **warm-up** (``train.dsa.warmup_steps``): attention stays dense, every weight but the
+3. **warm-up** (``train.dsa.warmup_steps``, ending early once the KL stops falling,
+   ``train.dsa.warmup_plateau``): attention stays dense, every weight but the
    indexer's is frozen, and the loss is ``Σ_t KL(p_t ‖ softmax(I_t))`` over every
    earlier key of the trace, ``p_t`` the main attention summed over heads and
    L1-normalised.
@@ -126,11 +127,15 @@ def train_dsa(
     src = convert(source, where, arch, seed=kwargs.get("seed", 0), warmup=d.warmup_steps > 0)
     if d.warmup_steps:
         wcfg = _phase_cfg(plain, d.warmup_steps, d.warmup_learning_rate, kd=False)
-        phase = _named(where, "warmup", {"init": src.name, "cfg": wcfg.model_dump()})
+        named = {"init": src.name, "cfg": wcfg.model_dump()}
+        if d.warmup_plateau is not None:  # absent when off: the phases named before resume
+            named["plateau"] = d.warmup_plateau
+        phase = _named(where, "warmup", named)
         _share_cache(phase, run)
+        until = None if d.warmup_plateau is None else plateau(d.warmup_plateau)
         rep = train(
             init=src, out_dir=phase / "model", run_dir=phase, cfg=wcfg,
-            desc=f"{desc} dsa warm-up", **common,
+            desc=f"{desc} dsa warm-up", until=until, **common,
         )  # fmt: skip
         done["warmup"] = _summary(rep, phase / "model")
         if not rep["finished"]:
@@ -141,6 +146,29 @@ def train_dsa(
     rep = train(init=src, out_dir=out, run_dir=run, cfg=scfg, desc=f"{desc} dsa sparse", **common)
     done["sparse"] = _summary(rep, out)
     return {**rep, "dsa": done}
+
+
+PLATEAU_WINDOW = 50  # steps a side of the warm-up's plateau test
+
+
+def plateau(frac: float, window: int | None = None):
+    """:func:`distill.train.train`'s ``until`` for the warm-up: "plateau" once the mean
+    loss (the KL) of the last ``window`` steps is less than ``frac`` under the mean of the
+    ``window`` before. On the demo (2 seeds, 2026-12-06) the warm-up's KL fell from 1.9 to
+    1.4 in its first 100 steps, then to ~0.93 by step ~300 and no further in 400: a fixed
+    100 steps had stopped a third of the way down."""
+
+    window = window or PLATEAU_WINDOW
+
+    def until(stats) -> str | None:
+        losses = stats.losses
+        if len(losses) < 2 * window:
+            return None
+        last = sum(losses[-window:]) / window
+        before = sum(losses[-2 * window : -window]) / window
+        return "plateau" if last > before * (1 - frac) else None
+
+    return until
 
 
 def _dsa_only(field: str) -> bool:

@@ -91,10 +91,17 @@ class DSATrainConfig(Section):
     """The phases that turn the dense student into a DSA one (student.arch.attention: dsa)."""
 
     warmup_steps: int = Field(
-        100,
+        400,
         ge=0,
-        description="Dense warm-up steps: only the indexer trains, toward the main attention "
-        "(KL); 0 = none.",
+        description="Dense warm-up steps at most (the learning rate decays over them): only "
+        "the indexer trains, toward the main attention (KL); 0 = none.",
+    )
+    warmup_plateau: float | None = Field(
+        0.02,
+        ge=0,
+        lt=1,
+        description="End the warm-up once its KL stops falling: the mean of the last 50 steps "
+        "is less than this fraction under the mean of the 50 before; null = all warmup_steps.",
     )
     warmup_learning_rate: float = Field(
         1e-3, gt=0, description="Learning rate of the warm-up (the indexer alone)."

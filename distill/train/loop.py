@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -68,13 +69,16 @@ def train(
     stop_after_steps: int | None = None,
     run_dir: str | Path | None = None,
     short_prompt_shares: dict[str, float] | None = None,
+    until: Callable[[StepStats], str | None] | None = None,
 ) -> dict:
     """Train from ``init`` (an arch for a scratch model or an HF directory) on the clean
     shards of each domain; write an HF model directory (with its model card) to
     ``out_dir``, and ``train_report.json``, checkpoints, caches and logs to ``run_dir``
     (default :func:`distill.layout.run_dir`). Resumes from the newest matching checkpoint
     in ``run_dir/checkpoints``.
-    ``stop_after_steps`` checkpoints and returns early (a planned preemption)."""
+    ``stop_after_steps`` checkpoints and returns early (a planned preemption). ``until``
+    ends the run early, finished, when it returns a reason (read after each booked step:
+    every rank books the same summed losses, so all stop together)."""
     threads = torch.get_num_threads()
     try:
         return _train(
@@ -90,6 +94,7 @@ def train(
             desc,
             stop_after_steps,
             short_prompt_shares or {},
+            until,
         )
     finally:
         torch.set_num_threads(threads)  # the caller's setting, whatever training used
@@ -108,6 +113,7 @@ def _train(
     desc,
     stop_after_steps,
     short_prompt_shares,
+    until,
 ) -> dict:
     acc = make_accelerator(cfg, run)
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -162,7 +168,7 @@ def _train(
                 }
             )
         acc.init_trackers(desc.replace("/", "-"), config=flat)
-    stats = loop.run(start, desc, run / "checkpoints", fp, stop_after_steps, prior)
+    stats = loop.run(start, desc, run / "checkpoints", fp, stop_after_steps, prior, until)
     report = build_report(acc, model, domains, stats, plan, out)
     for d, r in report["domains"].items():
         loss = "n/a" if r["mean_loss"] is None else f"{r['mean_loss']:.4f}"
@@ -383,6 +389,7 @@ class _Loop:
         fp: str,
         stop_after: int | None,
         prior: dict | None = None,
+        until: Callable[[StepStats], str | None] | None = None,
     ) -> StepStats:
         """The steps from ``start + 1``. On a GPU the loop runs one step ahead of its
         bookkeeping: step k's losses are read (a device sync) only after step k+1 has been
@@ -393,10 +400,13 @@ class _Loop:
         stats = StepStats(self.names, start)
         if prior:  # resumed: the report covers the steps before too
             stats.load_state_dict(prior)
+            if until is not None and (why := until(stats)):  # it ended there: no step more
+                stats.finished, stats.stopped_by = True, why
+                return stats
         last = self.plan["max_steps"]
         t0 = time.perf_counter()
         with progress(acc, desc, last, start) as bar:
-            pending, stop = None, False
+            pending, stop, ended = None, False, None
             for step in range(start + 1, last + 1):
                 elapsed = time.perf_counter() - t0
                 timed_out = cfg.max_time_s is not None and elapsed > cfg.max_time_s
@@ -405,12 +415,16 @@ class _Loop:
                 row = acc.reduce(torch.cat([row, flags]), "sum")
                 if pending is not None:
                     stop = self._record(*pending, stats, bar, t0)
+                    ended = ended or (until(stats) if until is not None else None)
+                    stop = stop or bool(ended)
                 pending = (step, row)
                 saves = bool(cfg.save_steps) and (step % cfg.save_steps == 0 or step == last)
                 alone = timed_out and acc.num_processes == 1  # its own clock decides
                 if self.defer and not (stop or alone or saves or step in (stop_after, last)):
                     continue
                 stop = self._record(step, row, stats, bar, t0) or stop or step == stop_after
+                ended = ended or (until(stats) if until is not None else None)
+                stop = stop or bool(ended)
                 pending = None
                 if saves or stop:
                     state = {
@@ -421,9 +435,12 @@ class _Loop:
                     }
                     checkpoint.save(acc, ckpt_dir, step, state, cfg.save_total_limit)
                 if stop:
-                    # out of time: a finished (shorter) run; stop_after: a preemption
+                    # out of time or ended by `until`: a finished (shorter) run; stop_after:
+                    # a preemption
                     stats.finished = step != stop_after
-                    stats.stopped_by = "stop_after_steps" if step == stop_after else "max_time_s"
+                    stats.stopped_by = (
+                        "stop_after_steps" if step == stop_after else ended or "max_time_s"
+                    )
                     return stats
         stats.finished = True
         return stats
