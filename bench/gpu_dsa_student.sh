@@ -11,7 +11,9 @@
 # 280 s): DSA - dense +2.5 / +0.5 / +1.5 / +2.5 points on math / code / logic / agents
 # (± 1.1-2.0 s.e., 200 tasks each; BENCHMARKS.md).
 # Run from the repository root: OUT=dir bash bench/gpu_dsa_student.sh [SEED]
-# TOP_K (default 64: traces are 100-400 tokens, so a larger top-k would read every key),
+# TOP_K (default 64: traces are 100-400 tokens, so top-k 64 is sparse on most of them; on
+# the demo it lost 6 points on agents on one seed of two, and TOP_K=128 met the 1-point
+# target on all four seeds tried: BENCHMARKS.md, 2026-12-06 23:10 UTC),
 # SPARSE_STEPS (default 800: the demo's DSA student needed 800 to match the dense one),
 # SPARSE_LR (default 5e-4; empty: the recipe's learning rate. Converting the demo's
 # finished student on 2 seeds, 2-core CPU at load 0.4-2.3, 2026-12-06: DSA 0.2 points under the dense student on
