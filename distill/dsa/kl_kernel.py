@@ -55,9 +55,10 @@ MAIN_DOT_FP32 = False
 # the layer's KL (a sum over tokens, so every token's gradient is the same scalar) takes its
 # gradient from the forward kernel's second walk over the keys (sparse_kl_sum_triton), as
 # fused linear cross-entropy kernels do: no backward kernel walking the keys a third time
-# with the main logits recomputed; the gradients wait in memory instead (the indexer's
-# fp32 queries, keys and weights: [T, 4, 64] twice and [T, 4] at the demo and Qwen2
-# presets). False: the per-token KL and its backward kernel.
+# with the main logits recomputed; the gradients wait in memory instead, fp32: dqi
+# [T, Hi, Di], dki [T, Di], dw [T, Hi] (1.3 KB a token with bench/dsa.py's 4 index heads
+# of 64). Compiled for sm_90 and tested in the interpreter, not yet timed on a GPU.
+# False: the per-token KL and its backward kernel.
 GRAD_IN_FORWARD = True
 
 
