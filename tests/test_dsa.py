@@ -287,8 +287,18 @@ torch.testing.assert_close(total, want.sum().float(), atol=1e-5, rtol=1e-4)
 for a, b in zip(torch.autograd.grad(total * 1.7, (qs, ki, w)),
                 torch.autograd.grad(want.sum() * 1.7, (qs, ki, w))):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+from distill.dsa import kl_kernel
+launched, launch = [], kl_kernel._launch_forward
+def spy(*args, grad):
+    launched.append(grad)
+    return launch(*args, grad=grad)
+kl_kernel._launch_forward = spy
 with torch.no_grad():
-    assert not sparse_kl_sum_triton(q, k, qs, ki, w, idx, 0.3).requires_grad
+    sparse_kl_sum_triton(q, k, qs, ki, w, idx, 0.3)
+sparse_kl_sum_triton(q, k, qs.detach(), ki.detach(), w.detach(), idx, 0.3)
+sparse_kl_sum_triton(q, k, qs, ki, w, idx, 0.3)
+kl_kernel._launch_forward = launch
+assert launched == [False, False, True], launched  # no gradient computed unless asked for
 # other layouts of the main heads (kl_kernel._slots): 3 KV heads in one slot, 4 in two
 # slots of 2, 3 in slots of one (a fourth slot padding), and 64 heads over one KV head
 # (one slot of 64 rows: the 2D dot)
@@ -312,7 +322,6 @@ for h, hkv in ((6, 3), (32, 4), (48, 3), (64, 1)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 # half-precision main heads (bf16 on a GPU; the interpreter computes fp16 dots right, bf16
 # ones not): their logits from the inputs' dtype and from fp32 copies (the default)
-from distill.dsa import kl_kernel
 qh, kh = q.detach().half(), k.detach().half()
 want = torch.stack([K._sparse_kl_chunk(qh[i : i + 1].float(), kh.float(), qs[i : i + 1], ki,
                                        w[i : i + 1], idx[i : i + 1], 0.3) for i in range(70)])

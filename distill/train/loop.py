@@ -321,6 +321,7 @@ class _Loop:
         model = acc.unwrap_model(objective).model
         self.flat = model.config._attn_implementation == VARLEN
         self.defer = DEFER if DEFER is not None else acc.device.type == "cuda"
+        self.until: Callable[[StepStats], str | None] | None = None  # run()'s
 
     def batches(self) -> tuple[list[dict[str, torch.Tensor]], int, float]:
         """This rank's micro-batches of the next step, its real tokens and Σ attention
@@ -403,10 +404,11 @@ class _Loop:
             if until is not None and (why := until(stats)):  # it ended there: no step more
                 stats.finished, stats.stopped_by = True, why
                 return stats
+        self.until = until
         last = self.plan["max_steps"]
         t0 = time.perf_counter()
         with progress(acc, desc, last, start) as bar:
-            pending, stop, ended = None, False, None
+            pending, why = None, None
             for step in range(start + 1, last + 1):
                 elapsed = time.perf_counter() - t0
                 timed_out = cfg.max_time_s is not None and elapsed > cfg.max_time_s
@@ -414,17 +416,14 @@ class _Loop:
                 flags = _to_device(np.array([float(timed_out), elapsed], np.float32), acc.device)
                 row = acc.reduce(torch.cat([row, flags]), "sum")
                 if pending is not None:
-                    stop = self._record(*pending, stats, bar, t0)
-                    ended = ended or (until(stats) if until is not None else None)
-                    stop = stop or bool(ended)
+                    why = self._record(*pending, stats, bar, t0)
                 pending = (step, row)
                 saves = bool(cfg.save_steps) and (step % cfg.save_steps == 0 or step == last)
                 alone = timed_out and acc.num_processes == 1  # its own clock decides
-                if self.defer and not (stop or alone or saves or step in (stop_after, last)):
+                if self.defer and not (why or alone or saves or step in (stop_after, last)):
                     continue
-                stop = self._record(step, row, stats, bar, t0) or stop or step == stop_after
-                ended = ended or (until(stats) if until is not None else None)
-                stop = stop or bool(ended)
+                why = self._record(step, row, stats, bar, t0) or why
+                stop = bool(why) or step == stop_after
                 pending = None
                 if saves or stop:
                     state = {
@@ -438,15 +437,14 @@ class _Loop:
                     # out of time or ended by `until`: a finished (shorter) run; stop_after:
                     # a preemption
                     stats.finished = step != stop_after
-                    stats.stopped_by = (
-                        "stop_after_steps" if step == stop_after else ended or "max_time_s"
-                    )
+                    stats.stopped_by = "stop_after_steps" if step == stop_after else why
                     return stats
         stats.finished = True
         return stats
 
-    def _record(self, step: int, row: torch.Tensor, stats: StepStats, bar, t0: float) -> bool:
-        """Book one finished step (waits for it on a GPU); True when the ranks ran out of time."""
+    def _record(self, step: int, row: torch.Tensor, stats: StepStats, bar, t0: float) -> str | None:
+        """Book one finished step (waits for it on a GPU); why the run ends there, if it
+        does: "max_time_s" when the ranks ran out of time, else what ``until`` says."""
         cfg = self.cfg
         row = row.cpu()
         if cfg.max_time_s is not None:  # the mean over ranks: every rank sets the same lr
@@ -457,7 +455,9 @@ class _Loop:
         bar(step, stats)
         if step % cfg.logging_steps == 0 and cfg.report_to:
             self.acc.log(stats.log_row(), step=step)
-        return float(row[-2]) > 0
+        if float(row[-2]) > 0:
+            return "max_time_s"
+        return self.until(stats) if self.until is not None else None
 
 
 def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
