@@ -27,7 +27,10 @@ selection's top-k over fp32 scores with its ties repaired (``select_fp32``,
 ``kernels.SELECT_FP32``: off until timed). ``kl_fused`` is the per-token KL with its
 backward kernel, ``kl_fused_sum`` the layer's sum with its gradient taken in the forward
 walk (``kl_kernel.GRAD_IN_FORWARD``), and ``dsa_kl_bwd`` (``speedup_kl_bwd``) the layer
-with the backward kernel instead.
+with the backward kernel instead. ``select_fused`` is the selection scored and selected
+in one kernel (``kernels.SELECT_FUSED``, off until timed; ``dsa_select_fused``,
+``speedup_select_fused``: the layer with it), ``select_fused_rows_differ`` the rows
+where it picked other keys than the default selection.
 ``--profile-layer`` prints the DSA layer's ops (forward + backward) at the first length.
 
     python bench/dsa.py --preset h100          # the figures: one H100/H200
@@ -245,6 +248,18 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         parts += [("dsa_kl_bwd", _with(dsa, (KL, "GRAD_IN_FORWARD", False)))]
         # written, off until timed: the top-k over fp32 scores, ties repaired (the same keys)
         parts += [("select_fp32", _with(select, (K, "SELECT_FP32", True)))]
+        # written, off until timed: scores and selection in one kernel (select_kernel.py),
+        # alone and in the layer; the rows whose keys differ from the default selection's
+        # are counted (the same scores, so none expected)
+        parts += [("select_fused", _with(select, (K, "SELECT_FUSED", True)))]
+        parts += [("dsa_select_fused", _with(dsa, (K, "SELECT_FUSED", True)))]
+        if "select_fused" not in p.get("skip_parts", ()):
+            from distill.dsa.select_kernel import fused_topk
+
+            fused = fused_topk(qi.detach(), ki.detach(), w.detach(), starts, idx.shape[1])
+            row["select_fused_rows_differ"] = int(
+                (fused.sort(-1).values != idx.sort(-1).values).any(-1).sum()
+            )
     for name, fn in parts:
         if name in p.get("skip_parts", ()):
             continue
@@ -261,7 +276,7 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
             row[f"{name}_gbs"] = round(nbytes / s / 1e9, 1)
     if "dense_ms" in row and "dsa_ms" in row:
         row["speedup"] = round(row["dense_ms"] / row["dsa_ms"], 2)
-    for was in ("before", "kl_bwd"):
+    for was in ("before", "kl_bwd", "select_fused"):
         if "dense_ms" in row and f"dsa_{was}_ms" in row:
             row[f"speedup_{was}"] = round(row["dense_ms"] / row[f"dsa_{was}_ms"], 2)
     return row, dict(parts, kl_fwd=kl_fwd)

@@ -87,6 +87,7 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
 
     from distill.dsa import kernels as K
     from distill.dsa import kl_kernel as KL
+    from distill.dsa import select_kernel as S
 
     p = SHAPES[shape]
     h, hkv, d, hi, di = p["heads"], p["kv"], p["head_dim"], p["index_heads"], p["index_head_dim"]
@@ -105,7 +106,11 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
     kl_c = dict(H=h, G=h // hkv, HKV=hkv, **KL._slots(h, hkv), D=d, BD=bd, **index,
                 BN=KL.BLOCK_N)  # fmt: skip
     score_c = dict(HI=hi, DI=di, BD=index["BDI"], BM=64, BN=64)
+    select_c = dict(HI=hi, DI=di, BD=index["BDI"], BM=S.SELECT_LAUNCH["BM"],
+                    BN=S.SELECT_LAUNCH["BN"])  # fmt: skip
+    select_launch = {k: v for k, v in S.SELECT_LAUNCH.items() if k not in ("BM", "BN")}
     out = [
+        ("fused selection", S._select_kernel, dict(score_t, IDX="*i64"), select_c, select_launch),
         ("index scores", K._index_score_kernel, score_t, dict(score_c, RANKED=False), {}),
         ("index rank keys", K._index_score_kernel, dict(score_t, OUT="*i64"),
          dict(score_c, RANKED=True), {}),

@@ -8,7 +8,7 @@
 # decoding, measured 2026-12-06): python3 bench/dsa.py --preset h100
 # Run on the GPU host from the repository root: OUT=dir bash bench/gpu_dsa.sh
 # STEPS picks the boxes, run in this order: tests retrieval mqa mqa-kl mqa-sweep full decode
-# layer (180 + 300 + 70 + 110 + 150 + 180 + 110 + 120 s: not all fit one call; the default
+# layer (180 + 300 + 90 + 110 + 150 + 180 + 110 + 120 s: not all fit one call; the default
 # runs three).
 set -u
 STEPS=" ${STEPS:-tests retrieval layer} "
@@ -29,17 +29,17 @@ want tests && step tests-dsa 180 python3 -m pytest -q -rs tests/test_dsa.py test
 want retrieval && step retrieval 300 python3 bench/dsa_retrieval.py --preset h100 ${RETRIEVAL_SET:+--set $RETRIEVAL_SET} \
     --out "$OUT/dsa-retrieval.json"
 # kl: the torch KL (1.8 s a call at 16k), replaced by the fused one on CUDA
-want mqa && step mqa 70 python3 bench/dsa.py --preset h100-mqa --lengths 32768 --skip-parts kl --out "$OUT/dsa-mqa.json"
+want mqa && step mqa 90 python3 bench/dsa.py --preset h100-mqa --lengths 32768 --skip-parts kl --out "$OUT/dsa-mqa.json"
 # the MQA shape's fused KL (136 ms of its 233 ms DSA layer at 32k, H100 2026-12-06): its
 # whole layer's ops (profile), then its launch sweep: where that time goes
 want mqa-kl && step mqa-kl 110 python3 bench/dsa.py --preset h100-mqa --lengths 32768 \
-    --skip-parts kl,dsa,select,sparse,sparse_fwd,gather,sparse_acq_rel,kl_fused_acq_rel \
+    --skip-parts kl,dsa,select,sparse,sparse_fwd,gather,sparse_acq_rel,kl_fused_acq_rel,select_fused,dsa_select_fused \
     --sweep-kl --profile-layer --out "$OUT/dsa-mqa-kl.json"
 # the MQA shape's launch sweeps, the attention's and the KL's (compiled for sm_90 on a CPU,
 # bench/dsa_compile.py: its sparse kernels spill registers at 4 warps, 272 and 680 bytes,
 # and not or barely at 8; 2026-12-06)
 want mqa-sweep && step mqa-sweep 150 python3 bench/dsa.py --preset h100-mqa --lengths 32768 \
-    --skip-parts kl,dsa,select,gather,sparse_acq_rel,kl_fused_acq_rel,kl_fused_fp32,dsa_before,select_fp32,kl_fused_sum,dsa_kl_bwd \
+    --skip-parts kl,dsa,select,gather,sparse_acq_rel,kl_fused_acq_rel,kl_fused_fp32,dsa_before,select_fp32,kl_fused_sum,dsa_kl_bwd,select_fused,dsa_select_fused \
     --sweep --sweep-kl --out "$OUT/dsa-mqa-sweep.json"
 # the table: 16k, 32k, 64k and decoding at 32k (batch 32)
 want full && step full 180 python3 bench/dsa.py --preset h100 --skip-parts kl --out "$OUT/dsa-full.json"

@@ -266,6 +266,18 @@ for sign in (1.0, -1.0):
     del os.environ["DISTILL_DSA_TRITON"]
     assert torch.equal(got.sort(-1).values, ref.sort(-1).values), sign
     assert torch.equal(got32.sort(-1).values, ref.sort(-1).values), sign
+    # scores and selection in one kernel (kernels.SELECT_FUSED): the same keys, ties at 0
+    # (the ReLUs of the negative queries) to the later key, blocks that span traces, rows
+    # with fewer keys than top-k
+    from distill.dsa import select_kernel as S
+    S.SELECT_LAUNCH = {{"BM": 16, "BN": 16}}
+    for top_k, max_len in ((6, 30), (40, 70)):
+        plain = K.index_topk(qx, ki.detach(), w.detach(), starts, top_k, max_len)
+        K.SELECT_FUSED = True
+        fused = K.index_topk(qx, ki.detach(), w.detach(), starts, top_k, max_len)
+        K.SELECT_FUSED = False
+        assert fused.shape == plain.shape and (fused < 0).any() == (plain < 0).any()
+        assert torch.equal(fused.sort(-1).values, plain.sort(-1).values), (sign, top_k)
 # the fused KL token by token against torch's, indexer queries of both signs (ReLUs off)
 from distill.dsa.kl_kernel import sparse_kl_triton
 qs = torch.randn(70, 3, 8, generator=torch.Generator().manual_seed(5), requires_grad=True)
@@ -462,6 +474,19 @@ def test_triton_kernels_match_torch_on_gpu():
     torch.testing.assert_close(got[want], ref[want], atol=5e-2, rtol=5e-2)
     keys = K._triton_scores(qi.bfloat16(), ki.bfloat16(), w.bfloat16(), starts, 20, 161, 0, True)
     assert torch.equal(keys, A.rank_key(got))  # the selection's keys, written by the kernel
+    # the selection scored and selected in one kernel (kernels.SELECT_FUSED) picks the
+    # keys of the score kernel's rank keys: the same tile sums; on integer scores (many
+    # ties at the k-th key) too
+    half = [x.bfloat16() for x in (qi, ki, w)]
+    for case, ins in (("random", half), ("ties", [x.round().abs() for x in half])):
+        for top_k in (16, 64):
+            plain = K.index_topk(*ins, starts, top_k, 62)
+            K.SELECT_FUSED = True
+            try:
+                fused = K.index_topk(*ins, starts, top_k, 62)
+            finally:
+                K.SELECT_FUSED = False
+            assert torch.equal(fused.sort(-1).values, plain.sort(-1).values), (case, top_k)
     idx = K.index_topk(qi, ki, w, starts, 16, 62)
     lse = _sparse_attention_matches(q, k, v, idx)
     from distill.dsa import kl_kernel

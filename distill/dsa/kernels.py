@@ -5,7 +5,8 @@ Per layer, for a row of T tokens with trace boundaries ``cu``:
 1. indexer scores, query chunk by query chunk, against the keys of the chunk's traces
    (a Triton kernel fuses the ReLU and the head weighting, so the [C, Hi, Tk] logits never
    exist; without Triton, torch computes them per chunk), then ``torch.topk``: ``idx``
-   [T, K] with -1 where a query has fewer than K earlier keys in its trace;
+   [T, K] with -1 where a query has fewer than K earlier keys in its trace (or, with
+   ``SELECT_FUSED``, one kernel scoring and selecting: :mod:`distill.dsa.select_kernel`);
 2. attention over ``idx``: a Triton kernel, forward (online softmax over the gathered
    keys, one program per token and KV head, the heads of a GQA group together) and
    backward (dQ per program; dK and dV scattered with fp32 atomic adds, relaxed:
@@ -29,10 +30,13 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from distill.dsa import attention as A
+from distill.dsa import select_kernel
 
 try:
     import triton
     import triton.language as tl
+
+    from distill.dsa.select_kernel import _tile_scores
 
     HAVE_TRITON = True
 except ImportError:  # CPU-only machines: the torch paths below
@@ -92,6 +96,8 @@ def index_topk(
     score, [T, K] int64, -1 where it has fewer. No gradient."""
     t, hi = qi.shape[0], qi.shape[1]
     k_out = min(top_k, max_len)
+    if SELECT_FUSED and use_triton(qi):
+        return select_kernel.fused_topk(qi, ki, w, starts, k_out)
     chunk = max(16, min(4096, BUDGET // (hi * (max_len + 4096))))
     idx = torch.full((t, k_out), -1, dtype=torch.long, device=qi.device)
     firsts = starts[::chunk].tolist()  # one host sync for every chunk's first key
@@ -131,6 +137,12 @@ def _topk_tied(scores: Tensor, kk: int) -> Tensor:
         j[rows] = A.rank_key(scores[rows]).topk(kk, dim=-1, sorted=False).indices
     return j
 
+
+# the selection in one Triton kernel (select_kernel.py: a radix select over the scores,
+# recomputed, never stored) rather than the score kernel's [chunk, T] rank keys and
+# torch.topk: the same keys (tests/test_dsa.py). Compiled for sm_90 on a CPU, not yet
+# timed on a GPU (bench/dsa.py: select_fused), hence off.
+SELECT_FUSED = False
 
 # a -inf score's rank (the high half of its rank key): a key outside the query's span
 NO_KEY = int(A.rank_key(torch.tensor([float("-inf")]))[0]) >> 32
@@ -333,18 +345,7 @@ if HAVE_TRITON:
         rd = tl.arange(0, BD)
         mq, mk, md = rm < n_q, rn < n_k, rd < DI
         t, s = q0 + rm, k0 + rn
-        kb = tl.load(
-            KI + s[:, None] * s_kt + rd[None, :], mask=mk[:, None] & md[None, :], other=0.0
-        )
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for h in range(HI):
-            qh = tl.load(
-                QI + t[:, None] * s_qt + h * s_qh + rd[None, :],
-                mask=mq[:, None] & md[None, :],
-                other=0.0,
-            )
-            wh = tl.load(W + t * s_wt + h, mask=mq, other=0.0).to(tl.float32)
-            acc += tl.maximum(tl.dot(qh, tl.trans(kb)), 0.0) * wh[:, None]
+        acc = _tile_scores(QI, KI, W, t, s, mq, mk, rd, md, s_qt, s_qh, s_kt, s_wt, HI, BM, BN)
         seg = tl.load(SEG + t, mask=mq, other=0)
         ok = (s[None, :] <= t[:, None]) & (s[None, :] >= seg[:, None])
         acc = tl.where(ok, acc, float("-inf"))

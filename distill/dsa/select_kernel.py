@@ -1,0 +1,158 @@
+"""The selection fused with the index scores: each query's top-k keys without a score matrix.
+
+:func:`distill.dsa.kernels.index_topk` writes every query's scores against every key of its
+trace ([chunk, T] int64 rank keys) and runs ``torch.topk`` over them: at 32k tokens that is
+4.3 GB of fp32 scores as int64 keys, written and read by a top-k's radix passes, 35.9 ms
+(MQA shape) to 50.9 ms (Qwen2 shape) of a layer on one H100 (BENCHMARKS.md). Here one
+program per block of ``BM`` queries finds each query's k-th best key by a radix select
+over the scores, recomputed tile by tile and never stored: eight passes of four bits
+over the scores' 32-bit order (a 16-bin histogram of the next digit among the keys that
+share the decided prefix), then a ninth that writes the selected positions. Scoring is
+cheap (``Hi`` index heads of ``Di``: 256 multiply-adds a key at 4 x 64), so recomputing it
+nine times costs less than moving the matrix once; what is left is the histograms' work.
+
+The same keys as the rank keys' top-k (:func:`distill.dsa.attention.rank_key`): scores in
+IEEE order, equal scores to the later key. The ninth pass walks the keys from the latest
+back, so the ties at the k-th score it takes are the latest ones. The order of the
+selected keys within a row is not the top-k's (attention does not care). All passes run
+one loop body, so each computes the same scores bit for bit: the threshold found by the
+first eight is the one the ninth compares against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+# queries a program, keys a step; read at each launch (bench/dsa.py times the selection).
+# Compiled for sm_90 on a CPU (Triton 3.9, bench/dsa_compile.py, 4 index heads of 64): 8
+# warps spill nothing at 64 x 64, 4 warps spill 488 bytes; all take the warpgroup MMA.
+SELECT_LAUNCH = {"BM": 64, "BN": 64, "num_warps": 8, "num_stages": 2}
+DIGIT_BITS = 4  # 16 bins a pass, 8 passes over the 32-bit order of an fp32 score
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _tile_scores(
+        QI, KI, W, t, s, mq, mk, rd, md, s_qt, s_qh, s_kt, s_wt,
+        HI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    ):  # fmt: skip
+        """Index scores of queries ``t`` [BM] against keys ``s`` [BN], fp32 [BM, BN]:
+        Σ_h w(t,h)·ReLU(qi(t,h)·ki(s)). Shared by the score kernel and the fused selection,
+        so the rank keys of one and the threshold of the other come from the same sums."""
+        kb = tl.load(
+            KI + s[:, None] * s_kt + rd[None, :], mask=mk[:, None] & md[None, :], other=0.0
+        )
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for h in range(HI):
+            qh = tl.load(
+                QI + t[:, None] * s_qt + h * s_qh + rd[None, :],
+                mask=mq[:, None] & md[None, :],
+                other=0.0,
+            )
+            wh = tl.load(W + t * s_wt + h, mask=mq, other=0.0).to(tl.float32)
+            acc += tl.maximum(tl.dot(qh, tl.trans(kb)), 0.0) * wh[:, None]
+        return acc
+
+    @triton.jit
+    def _score_order(acc):
+        """fp32 scores as uint32 in the same order (the high half of a rank key, offset):
+        negative scores with every bit flipped, the others with the sign bit set; -0.0 is
+        +0.0 first (one zero, as ``rank_key``)."""
+        acc = tl.where(acc == 0.0, 0.0, acc)
+        bits = acc.to(tl.int32, bitcast=True)
+        flipped = tl.where(bits < 0, ~bits, bits | -2147483648)
+        return flipped.to(tl.uint32, bitcast=True)
+
+    @triton.jit
+    def _select_kernel(
+        QI, KI, W, SEG, IDX, n_q, k_out,
+        s_qt, s_qh, s_kt, s_wt, s_it,
+        HI: tl.constexpr, DI: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+        BN: tl.constexpr,
+    ):  # fmt: skip
+        """Queries [pid·BM, pid·BM + BM): each writes its ``min(k_out, keys in its span)``
+        best keys' positions into its row of IDX (left as -1 beyond them)."""
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        mq = rm < n_q
+        rd = tl.arange(0, BD)
+        md = rd < DI
+        rn = tl.arange(0, BN)
+        bins = tl.arange(0, 16)
+        seg = tl.load(SEG + rm, mask=mq, other=0)
+        lo = tl.min(tl.where(mq, seg, n_q))  # the block's first key: its earliest trace start
+        hi = tl.minimum(tl.program_id(0) * BM + BM, n_q)  # one past its last query
+        n_tiles = tl.cdiv(hi - lo, BN)
+        # the keys each query takes, and of them those still to place below the decided prefix
+        left = tl.where(mq, tl.minimum(rm - seg + 1, k_out), 0).to(tl.int32)
+        prefix = tl.zeros((BM,), tl.uint32)  # the k-th key's order, decided digits so far
+        taken = tl.zeros((BM,), tl.int32)  # emit pass: ties at the k-th order taken
+        n_out = tl.zeros((BM,), tl.int32)  # emit pass: positions written
+        for p in range(0, 32 // 4 + 1):
+            shift = 28 - 4 * p  # the digit this pass counts (p < 8)
+            hist = tl.zeros((BM, 16), tl.int32)
+            for j in range(0, n_tiles):  # the latest keys first: the emit pass's tie order
+                s = hi - 1 - j * BN - rn
+                mk = s >= lo
+                u = _score_order(
+                    _tile_scores(
+                        QI, KI, W, rm, s, mq, mk, rd, md, s_qt, s_qh, s_kt, s_wt, HI, BM, BN
+                    )
+                )
+                ok = mk[None, :] & (s[None, :] <= rm[:, None]) & (s[None, :] >= seg[:, None])
+                ok = ok & mq[:, None]
+                if p < 8:
+                    top = (u >> shift) >> 4  # the decided digits (two shifts: never by 32)
+                    d = ((u >> shift) & 15).to(tl.int32)
+                    match = ok & (top == prefix[:, None])
+                    if tl.sum(match.to(tl.int32)) > 0:  # late passes: most tiles hold none
+                        for b in tl.static_range(16):
+                            c = tl.sum((match & (d == b)).to(tl.int32), 1)
+                            hist += tl.where(bins[None, :] == b, c[:, None], 0)
+                else:
+                    tie = ok & (u == prefix[:, None])
+                    tie_rank = tl.cumsum(tie.to(tl.int32), 1) + taken[:, None]
+                    sel = (ok & (u > prefix[:, None])) | (tie & (tie_rank <= left[:, None]))
+                    slot = tl.cumsum(sel.to(tl.int32), 1) - 1 + n_out[:, None]
+                    sel = sel & (slot < k_out)  # never past the row, whatever the scores
+                    tl.store(IDX + rm[:, None] * s_it + slot, s[None, :].to(tl.int64), mask=sel)
+                    n_out += tl.sum(sel.to(tl.int32), 1)
+                    taken += tl.sum(tie.to(tl.int32), 1)
+            if p < 8:
+                # at_least[b]: keys of the prefix whose digit is b or more
+                at_least = tl.sum(
+                    tl.where(bins[None, None, :] >= bins[None, :, None], hist[:, None, :], 0), 2
+                )
+                pick = tl.max(tl.where(at_least >= left[:, None], bins[None, :], 0), 1)
+                left -= tl.sum(tl.where(bins[None, :] == pick[:, None] + 1, at_least, 0), 1)
+                prefix = (prefix << 4) | pick.to(tl.uint32)
+
+
+def fused_topk(qi: Tensor, ki: Tensor, w: Tensor, starts: Tensor, k_out: int) -> Tensor:
+    """:func:`distill.dsa.kernels.index_topk`'s selection in one kernel: [T, k_out] int64
+    positions, -1 where a query has fewer keys in its trace; rows in no particular order.
+    ``qi`` [T, Hi, Di], ``ki`` [T, Di], ``w`` [T, Hi] (fp16/bf16 on a GPU; fp32 as is),
+    ``starts`` each token's trace start [T]."""
+    dtype = qi.dtype if qi.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    qi, ki, w = (x.to(dtype).contiguous() for x in (qi, ki, w))
+    t, hi, di = qi.shape
+    idx = torch.full((t, k_out), -1, dtype=torch.long, device=qi.device)
+    if t == 0 or k_out == 0:
+        return idx
+    launch = dict(SELECT_LAUNCH)
+    bm, bn = launch.pop("BM"), launch.pop("BN")
+    _select_kernel[(triton.cdiv(t, bm),)](
+        qi, ki, w, starts.contiguous(), idx, t, k_out,
+        qi.stride(0), qi.stride(1), ki.stride(0), w.stride(0), idx.stride(0),
+        HI=hi, DI=di, BD=max(16, triton.next_power_of_2(di)), BM=bm, BN=bn, **launch,
+    )  # fmt: skip
+    return idx
