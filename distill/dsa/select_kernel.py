@@ -82,7 +82,10 @@ if HAVE_TRITON:
     ):  # fmt: skip
         """Queries [pid·BM, pid·BM + BM): each writes its ``min(k_out, keys in its span)``
         best keys' positions into its row of IDX (left as -1 beyond them)."""
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        # the last block first: causal blocks walk more keys the later they are, and the
+        # longest programs should not be the ones left running alone at the end
+        blk = tl.num_programs(0) - 1 - tl.program_id(0)
+        rm = blk * BM + tl.arange(0, BM)
         mq = rm < n_q
         rd = tl.arange(0, BD)
         md = rd < DI
@@ -90,7 +93,7 @@ if HAVE_TRITON:
         bins = tl.arange(0, 16)
         seg = tl.load(SEG + rm, mask=mq, other=0)
         lo = tl.min(tl.where(mq, seg, n_q))  # the block's first key: its earliest trace start
-        hi = tl.minimum(tl.program_id(0) * BM + BM, n_q)  # one past its last query
+        hi = tl.minimum(blk * BM + BM, n_q)  # one past its last query
         n_tiles = tl.cdiv(hi - lo, BN)
         # the keys each query takes, and of them those still to place below the decided prefix
         left = tl.where(mq, tl.minimum(rm - seg + 1, k_out), 0).to(tl.int32)
