@@ -15,6 +15,7 @@ and the index keys) and the peak during the timed steps (the model included).
 
     python bench/dsa_decode.py --preset h100 --out decode.json
     python bench/dsa_decode.py --preset cpu          # eager, no graphs: the code runs
+    python bench/dsa_decode.py --preset h100 --profile   # and where a step's time goes
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dsa import PRESETS, _override, _sync, _timed  # noqa: E402 - bench/dsa.py's presets
+from dsa import PRESETS, _override, _profile, _sync, _timed  # noqa: E402 - bench/dsa.py's
 
 
 def _model(name: str, p: dict):
@@ -56,8 +57,9 @@ def _model(name: str, p: dict):
     )
 
 
-def run(name: str, p: dict, dev, dtype, graphs: bool) -> dict:
-    """One model's decode figures: tokens/s, the buffers' GB, the peak GB."""
+def run(name: str, p: dict, dev, dtype, graphs: bool, profile: bool = False) -> dict:
+    """One model's decode figures: tokens/s, the buffers' GB, the peak GB; ``profile``,
+    its ops over two compiled steps run without the graph (the kernels the graph replays)."""
     from distill.backends.static_decode import StaticDecoder, _bucket
 
     b, ctx, steps = p["decode_batch"], p["decode_ctx"], p["decode_steps"]
@@ -87,6 +89,8 @@ def run(name: str, p: dict, dev, dtype, graphs: bool) -> dict:
     with torch.inference_mode():
         for _ in range(2):  # compiles, then warm
             dec._eager(dec._step, buf, layers, rest, key, rec)
+        if profile:
+            _profile(lambda: dec._step(buf, layers, rest, key, rec), dev, f"{name}, 2 steps")
         graph = dec._capture(buf, layers, rest, key, rec) if dec.use_graphs else None
         step = graph.replay if graph is not None else (
             lambda: dec._step(buf, layers, rest, key, rec)
@@ -108,6 +112,7 @@ def main() -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="print each model's ops, 2 steps")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     p = dict(PRESETS[args.preset or ("h100" if dev.type == "cuda" else "cpu")])
@@ -118,7 +123,7 @@ def main() -> None:
     row = {"device": name, "context": p["decode_ctx"], "batch": p["decode_batch"],
            "top_k": p["top_k"]}  # fmt: skip
     for model in ("dense", "dsa"):
-        row.update(run(model, p, dev, dtype, graphs=dev.type == "cuda"))
+        row.update(run(model, p, dev, dtype, graphs=dev.type == "cuda", profile=args.profile))
         print(json.dumps(row), flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
