@@ -109,8 +109,12 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
     select_c = dict(HI=hi, DI=di, BD=index["BDI"], BM=S.SELECT_LAUNCH["BM"],
                     BN=S.SELECT_LAUNCH["BN"])  # fmt: skip
     select_launch = {k: v for k, v in S.SELECT_LAUNCH.items() if k not in ("BM", "BN")}
+    decode_launch = {k: v for k, v in S.DECODE_LAUNCH.items() if k != "BS"}
     out = [
         ("fused selection", S._select_kernel, dict(score_t, IDX="*i64"), select_c, select_launch),
+        ("decode selection", S._decode_select_kernel,
+         dict(SC="*fp32", VALID="*i8", IDX="*i64", OK="*i8"), dict(BS=S.DECODE_LAUNCH["BS"]),
+         decode_launch),
         ("index scores", K._index_score_kernel, score_t, dict(score_c, RANKED=False), {}),
         ("index rank keys", K._index_score_kernel, dict(score_t, OUT="*i64"),
          dict(score_c, RANKED=True), {}),

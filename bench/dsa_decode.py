@@ -10,7 +10,10 @@ packed-GQA attention (no copies), each step's layers and sampler compiled by
 model also caches its index keys and reads only each new token's top-k keys' K and V
 rows. The KV buffers are filled with a random context of ``decode_ctx`` tokens (their
 index keys too); tokens/s is batch / median step time (one token per row per step,
-greedy), over ``decode_steps`` replays after a warm-up. Memory: the buffers' bytes (K, V
+greedy), over ``decode_steps`` replays after a warm-up. With Triton on a GPU,
+``dsa_fused`` is the DSA model again with its step's selection in one kernel
+(``select_kernel.DECODE_FUSED``: a radix select over each row's scores, not ``torch.topk``
+over int64 rank keys; ``speedup_fused``). Memory: the buffers' bytes (K, V
 and the index keys) and the peak during the timed steps (the model included).
 
     python bench/dsa_decode.py --preset h100 --out decode.json
@@ -30,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dsa import PRESETS, _override, _profile, _sync, _timed  # noqa: E402 - bench/dsa.py's
+from dsa import HAVE_TRITON, PRESETS, _override, _profile, _sync, _timed  # noqa: E402
 
 
 def _model(name: str, p: dict):
@@ -46,7 +49,7 @@ def _model(name: str, p: dict):
         max_position_embeddings=p["decode_ctx"] + 1024,
     )  # fmt: skip
     if name == "dense":
-        return LlamaForCausalLM(LlamaConfig(**shape))
+        return LlamaForCausalLM(LlamaConfig(**shape))  # dsa, dsa_fused: the same DSA model
     return DSAForCausalLM(
         DSAConfig(
             **shape,
@@ -122,12 +125,22 @@ def main() -> None:
     print(f"device {name}, torch {torch.__version__}, preset {p}", flush=True)
     row = {"device": name, "context": p["decode_ctx"], "batch": p["decode_batch"],
            "top_k": p["top_k"]}  # fmt: skip
-    for model in ("dense", "dsa"):
-        row.update(run(model, p, dev, dtype, graphs=dev.type == "cuda", profile=args.profile))
+    from distill.dsa import select_kernel
+
+    models = ["dense", "dsa"] + (["dsa_fused"] if dev.type == "cuda" and HAVE_TRITON else [])
+    for model in models:
+        # dsa_fused: the DSA model with its step's selection in one Triton kernel
+        select_kernel.DECODE_FUSED = model == "dsa_fused"
+        try:
+            row.update(run(model, p, dev, dtype, graphs=dev.type == "cuda", profile=args.profile))
+        finally:
+            select_kernel.DECODE_FUSED = False
         print(json.dumps(row), flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     row["speedup"] = round(row["dsa_tok_s"] / row["dense_tok_s"], 2)
+    if "dsa_fused_tok_s" in row:
+        row["speedup_fused"] = round(row["dsa_fused_tok_s"] / row["dense_tok_s"], 2)
     print(json.dumps(row), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(row, indent=1))

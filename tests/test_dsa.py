@@ -278,6 +278,25 @@ for sign in (1.0, -1.0):
         K.SELECT_FUSED = False
         assert fused.shape == plain.shape and (fused < 0).any() == (plain < 0).any()
         assert torch.equal(fused.sort(-1).values, plain.sort(-1).values), (sign, top_k)
+# the decode step's selection in one kernel (select_kernel.decode_topk) against
+# topk_indices: ties (rounded scores: the later key), rows with fewer valid keys than k
+S.DECODE_LAUNCH = {{"BS": 64}}
+gd = torch.Generator().manual_seed(2)
+for case in ("random", "ties", "few"):
+    sc = torch.randn(3, 1, 150, generator=gd)
+    valid = torch.rand(3, 150, generator=gd) > 0.2
+    if case == "ties":
+        sc = sc.round()
+    if case == "few":
+        valid[:, 12:] = False
+    for top in (1, 16, 100):
+        got_i, got_ok = S.decode_topk(sc, valid, top)
+        ref_i, ref_ok = A.topk_indices(sc.masked_fill(~valid[:, None], float("-inf")),
+                                       valid[:, None], top)
+        assert got_i.shape == ref_i.shape and got_ok.dtype == torch.bool
+        assert torch.equal(got_ok.sum(-1), ref_ok.sum(-1)), (case, top)
+        for r in range(3):
+            assert set(got_i[r, 0][got_ok[r, 0]].tolist()) == set(ref_i[r, 0][ref_ok[r, 0]].tolist())
 # the fused KL token by token against torch's, indexer queries of both signs (ReLUs off)
 from distill.dsa.kl_kernel import sparse_kl_triton
 qs = torch.randn(70, 3, 8, generator=torch.Generator().manual_seed(5), requires_grad=True)

@@ -204,10 +204,17 @@ def test_dsa_step_reads_the_reference_selection():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_dsa_student_decodes_compiled_and_graphed_on_gpu():
+@pytest.mark.parametrize("fused", [False, True])
+def test_dsa_student_decodes_compiled_and_graphed_on_gpu(fused, monkeypatch):
     """On the GPU a DSA student's step (indexer, top-k, gathered keys) is compiled and
     captured as a CUDA graph: its greedy tokens equal the uncompiled, ungraphed decode's
-    and transformers' generate."""
+    and transformers' generate; with the selection in one Triton kernel
+    (``select_kernel.DECODE_FUSED``, a registered op inside the compiled step) too."""
+    from distill.dsa import select_kernel
+
+    if fused and not select_kernel.HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(select_kernel, "DECODE_FUSED", fused)
     model = _random_dsa(top_k=3).cuda()
     dec = StaticDecoder(model, pad_id=PAD, eos_ids=[EOS])
     rows = [_Row(conv=i, sample=0, prompt=p, seed=0, limit=STEPS) for i, p in enumerate(PROMPTS)]

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.dsa import attention as A
+from distill.dsa import select_kernel
 from distill.dsa.config import INDEXED_LAYER_NAMES
 from distill.dsa.config import MODEL_TYPE as DSA_TYPE
 from distill.dsa.model import index_projections
@@ -170,7 +171,10 @@ def select_step(qi, ki, w, valid, k, v, top_k: int) -> tuple[Tensor, Tensor, Ten
     gathered, [B, Hkv, K, D], and the mask [B, 1, 1, K] for :func:`attn_out`. Only the
     selected K and V rows are read: what makes a step cheaper than dense attention's."""
     scores = A.index_scores(qi, ki, w)  # [B, 1, S]
-    idx, ok = A.topk_indices(scores, valid[:, None], top_k)  # [B, 1, K]
+    if select_kernel.use_decode_kernel(scores):  # one kernel, the same keys
+        idx, ok = select_kernel.decode_topk(scores, valid, top_k)
+    else:
+        idx, ok = A.topk_indices(scores, valid[:, None], top_k)  # [B, 1, K]
     b, hkv, _, d = k.shape
     at = idx.reshape(b, 1, -1, 1).expand(b, hkv, idx.shape[-1], d)
     return k.gather(2, at), v.gather(2, at), ok[:, None]
