@@ -29,8 +29,9 @@ backward kernel, ``kl_fused_sum`` the layer's sum with its gradient taken in the
 walk (``kl_kernel.GRAD_IN_FORWARD``), and ``dsa_kl_bwd`` (``speedup_kl_bwd``) the layer
 with the backward kernel instead. ``select_fused`` is the selection scored and selected
 in one kernel (``kernels.SELECT_FUSED``, off until timed; ``dsa_select_fused``,
-``speedup_select_fused``: the layer with it), ``select_fused_rows_differ`` the rows
-where it picked other keys than the default selection.
+``speedup_select_fused``: the layer with it; ``select_fused_hist`` with its histograms
+as one ``tl.histogram``, ``select_kernel.SELECT_HIST``), ``select_fused_rows_differ``
+the rows where it picked other keys than the default selection.
 ``--profile-layer`` prints the DSA layer's ops (forward + backward) at the first length.
 
     python bench/dsa.py --preset h100          # the figures: one H100/H200
@@ -253,6 +254,11 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         # are counted (the same scores, so none expected)
         parts += [("select_fused", _with(select, (K, "SELECT_FUSED", True)))]
         parts += [("dsa_select_fused", _with(dsa, (K, "SELECT_FUSED", True)))]
+        from distill.dsa import select_kernel as S
+
+        # its per-row histograms as one tl.histogram rather than 16 row reductions
+        hist = [(K, "SELECT_FUSED", True), (S, "SELECT_HIST", True)]
+        parts += [("select_fused_hist", _with(select, *hist))]
         if "select_fused" not in p.get("skip_parts", ()):
             from distill.dsa.select_kernel import fused_topk
 

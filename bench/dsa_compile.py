@@ -111,7 +111,10 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
     select_launch = {k: v for k, v in S.SELECT_LAUNCH.items() if k not in ("BM", "BN")}
     decode_launch = {k: v for k, v in S.DECODE_LAUNCH.items() if k != "BS"}
     out = [
-        ("fused selection", S._select_kernel, dict(score_t, IDX="*i64"), select_c, select_launch),
+        ("fused selection", S._select_kernel, dict(score_t, IDX="*i64"),
+         dict(select_c, HIST=False), select_launch),
+        ("fused selection, one histogram", S._select_kernel, dict(score_t, IDX="*i64"),
+         dict(select_c, HIST=True), select_launch),
         ("decode selection", S._decode_select_kernel,
          dict(SC="*fp32", VALID="*i8", IDX="*i64", OK="*i8"), dict(BS=S.DECODE_LAUNCH["BS"]),
          decode_launch),

@@ -228,7 +228,7 @@ def test_decode_path_gathers_the_same_keys():
 
 
 TRITON_SCRIPT = """
-import os, sys, torch
+import itertools, os, sys, torch
 sys.path.insert(0, {tests!r})
 from test_dsa import _qkv, CU
 from distill.dsa import attention as A, kernels as K
@@ -271,7 +271,7 @@ for sign in (1.0, -1.0):
     # with fewer keys than top-k
     from distill.dsa import select_kernel as S
     S.SELECT_LAUNCH = {{"BM": 16, "BN": 16}}
-    for top_k, max_len in ((6, 30), (40, 70)):
+    for (top_k, max_len), S.SELECT_HIST in itertools.product(((6, 30), (40, 70)), (False, True)):
         plain = K.index_topk(qx, ki.detach(), w.detach(), starts, top_k, max_len)
         K.SELECT_FUSED = True
         fused = K.index_topk(qx, ki.detach(), w.detach(), starts, top_k, max_len)
@@ -496,16 +496,18 @@ def test_triton_kernels_match_torch_on_gpu():
     # the selection scored and selected in one kernel (kernels.SELECT_FUSED) picks the
     # keys of the score kernel's rank keys: the same tile sums; on integer scores (many
     # ties at the k-th key) too
+    from distill.dsa import select_kernel
+
     half = [x.bfloat16() for x in (qi, ki, w)]
-    for case, ins in (("random", half), ("ties", [x.round().abs() for x in half])):
-        for top_k in (16, 64):
-            plain = K.index_topk(*ins, starts, top_k, 62)
-            K.SELECT_FUSED = True
-            try:
-                fused = K.index_topk(*ins, starts, top_k, 62)
-            finally:
-                K.SELECT_FUSED = False
-            assert torch.equal(fused.sort(-1).values, plain.sort(-1).values), (case, top_k)
+    cases = (("random", half), ("ties", [x.round().abs() for x in half]))
+    for (case, ins), top_k, hist in itertools.product(cases, (16, 64), (False, True)):
+        plain = K.index_topk(*ins, starts, top_k, 62)
+        K.SELECT_FUSED, select_kernel.SELECT_HIST = True, hist
+        try:
+            fused = K.index_topk(*ins, starts, top_k, 62)
+        finally:
+            K.SELECT_FUSED, select_kernel.SELECT_HIST = False, False
+        assert torch.equal(fused.sort(-1).values, plain.sort(-1).values), (case, top_k, hist)
     idx = K.index_topk(qi, ki, w, starts, 16, 62)
     lse = _sparse_attention_matches(q, k, v, idx)
     from distill.dsa import kl_kernel

@@ -36,6 +36,10 @@ except ImportError:
 # Compiled for sm_90 on a CPU (Triton 3.9, bench/dsa_compile.py, 4 index heads of 64): 8
 # warps spill nothing at 64 x 64, 4 warps spill 488 bytes; all take the warpgroup MMA.
 SELECT_LAUNCH = {"BM": 64, "BN": 64, "num_warps": 8, "num_stages": 2}
+# a pass's per-row histograms as one tl.histogram over BM x 16 bins (True) or as 16 row
+# reductions, one a bin (False); both in the interpreter test, neither yet timed on a GPU
+# (bench/dsa.py: select_fused, select_fused_hist)
+SELECT_HIST = False
 DIGIT_BITS = 4  # 16 bins a pass, 8 passes over the 32-bit order of an fp32 score
 
 
@@ -78,7 +82,7 @@ if HAVE_TRITON:
         QI, KI, W, SEG, IDX, n_q, k_out,
         s_qt, s_qh, s_kt, s_wt, s_it,
         HI: tl.constexpr, DI: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
-        BN: tl.constexpr,
+        BN: tl.constexpr, HIST: tl.constexpr,
     ):  # fmt: skip
         """Queries [pid·BM, pid·BM + BM): each writes its ``min(k_out, keys in its span)``
         best keys' positions into its row of IDX (left as -1 beyond them)."""
@@ -118,9 +122,14 @@ if HAVE_TRITON:
                     d = ((u >> shift) & 15).to(tl.int32)
                     match = ok & (top == prefix[:, None])
                     if tl.sum(match.to(tl.int32)) > 0:  # late passes: most tiles hold none
-                        for b in tl.static_range(16):
-                            c = tl.sum((match & (d == b)).to(tl.int32), 1)
-                            hist += tl.where(bins[None, :] == b, c[:, None], 0)
+                        if HIST:  # every row's 16 bins as one histogram of BM x 16 bins
+                            key = tl.reshape(tl.arange(0, BM)[:, None] * 16 + d, (BM * BN,))
+                            flat = tl.histogram(key, BM * 16, mask=tl.reshape(match, (BM * BN,)))
+                            hist += tl.reshape(flat, (BM, 16))
+                        else:  # a row reduction a bin
+                            for b in tl.static_range(16):
+                                c = tl.sum((match & (d == b)).to(tl.int32), 1)
+                                hist += tl.where(bins[None, :] == b, c[:, None], 0)
                 else:
                     tie = ok & (u == prefix[:, None])
                     tie_rank = tl.cumsum(tie.to(tl.int32), 1) + taken[:, None]
@@ -156,7 +165,8 @@ def fused_topk(qi: Tensor, ki: Tensor, w: Tensor, starts: Tensor, k_out: int) ->
     _select_kernel[(triton.cdiv(t, bm),)](
         qi, ki, w, starts.contiguous(), idx, t, k_out,
         qi.stride(0), qi.stride(1), ki.stride(0), w.stride(0), idx.stride(0),
-        HI=hi, DI=di, BD=max(16, triton.next_power_of_2(di)), BM=bm, BN=bn, **launch,
+        HI=hi, DI=di, BD=max(16, triton.next_power_of_2(di)), BM=bm, BN=bn, HIST=SELECT_HIST,
+        **launch,
     )  # fmt: skip
     return idx
 
