@@ -27,8 +27,9 @@ selection's top-k over fp32 scores with its ties repaired (``select_fp32``,
 ``kernels.SELECT_FP32``: off until timed). ``kl_fused`` is the per-token KL with its
 backward kernel, ``kl_fused_sum`` the layer's sum with its gradient taken in the forward
 walk (``kl_kernel.GRAD_IN_FORWARD``), and ``dsa_kl_bwd`` (``speedup_kl_bwd``) the layer
-with the backward kernel instead. ``select_fused`` is the selection scored and selected
-in one kernel (``kernels.SELECT_FUSED``, off until timed; ``dsa_select_fused``,
+with the backward kernel instead; ``kl_fused_sum_w8`` and ``dsa_kl_w8``
+(``speedup_kl_w8``) the same at 8 warps and 2 stages (``kl_kernel.KL_LAUNCH``).
+``select_fused`` is the selection scored and selected in one kernel (``kernels.SELECT_FUSED``, off until timed; ``dsa_select_fused``,
 ``speedup_select_fused``: the layer with it; ``select_fused_hist`` with its histograms
 as one ``tl.histogram``, ``select_kernel.SELECT_HIST``), ``select_fused_rows_differ``
 the rows where it picked other keys than the default selection.
@@ -247,6 +248,12 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         # the layer
         parts += [("kl_fused_sum", kl_fused_sum)]
         parts += [("dsa_kl_bwd", _with(dsa, (KL, "GRAD_IN_FORWARD", False)))]
+        # the sum's forward at 8 warps and 2 stages: compiled for sm_90 (2026-12-07), the
+        # default launch (4 warps, 3 stages) spills 336 bytes at the Qwen2 shape under the
+        # device image's Triton 3.6 and 72 at the MQA shape; 8 warps 64 and 0
+        wide = (KL, "KL_LAUNCH", {"num_warps": 8, "num_stages": 2})
+        parts += [("kl_fused_sum_w8", _with(kl_fused_sum, wide))]
+        parts += [("dsa_kl_w8", _with(dsa, wide))]
         # written, off until timed: the top-k over fp32 scores, ties repaired (the same keys)
         parts += [("select_fp32", _with(select, (K, "SELECT_FP32", True)))]
         # written, off until timed: scores and selection in one kernel (select_kernel.py),
@@ -282,7 +289,7 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
             row[f"{name}_gbs"] = round(nbytes / s / 1e9, 1)
     if "dense_ms" in row and "dsa_ms" in row:
         row["speedup"] = round(row["dense_ms"] / row["dsa_ms"], 2)
-    for was in ("before", "kl_bwd", "select_fused"):
+    for was in ("before", "kl_bwd", "select_fused", "kl_w8"):
         if "dense_ms" in row and f"dsa_{was}_ms" in row:
             row[f"speedup_{was}"] = round(row["dense_ms"] / row[f"dsa_{was}_ms"], 2)
     return row, dict(parts, kl_fwd=kl_fwd)
