@@ -203,6 +203,42 @@ def test_dsa_step_reads_the_reference_selection():
     assert mask[:, 0, -4:].all()  # the ties: the four latest keys
 
 
+INTERPRETED_DECODE = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_llama_decode import _greedy, _random_dsa
+from distill.dsa import select_kernel as S
+S.DECODE_LAUNCH = {{"BS": 16}}  # several blocks a row
+model = _random_dsa(top_k=3)
+plain = _greedy(model)
+S.use_decode_kernel = lambda scores: True  # the kernel on the CPU, under the interpreter
+assert _greedy(model) == plain
+print("ok")
+"""
+
+
+def test_dsa_decode_selection_kernel_decodes_the_same_tokens_interpreted(tmp_path):
+    """The static decoder's DSA step with its selection in one Triton kernel
+    (``select_kernel.DECODE_FUSED``, a registered op) decodes the tokens it decodes with
+    ``torch.topk``: on the CPU under TRITON_INTERPRET=1, in a fresh process (the
+    interpreter is chosen when the kernels are defined)."""
+    import os
+    import subprocess
+    import sys
+
+    from distill.dsa import select_kernel
+
+    if not select_kernel.HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    script = tmp_path / "decode.py"
+    script.write_text(INTERPRETED_DECODE.format(tests=os.path.dirname(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("fused", [False, True])
 def test_dsa_student_decodes_compiled_and_graphed_on_gpu(fused, monkeypatch):
