@@ -8,8 +8,10 @@ program per block of ``BM`` queries finds each query's k-th best key by a radix 
 over the scores, recomputed tile by tile and never stored: eight passes of four bits
 over the scores' 32-bit order (a 16-bin histogram of the next digit among the keys that
 share the decided prefix), then a ninth that writes the selected positions. Scoring is
-cheap (``Hi`` index heads of ``Di``: 256 multiply-adds a key at 4 x 64), so recomputing it
-nine times costs less than moving the matrix once; what is left is the histograms' work.
+cheap (``Hi`` index heads of ``Di``: 256 multiply-adds a key at 4 x 64, on the tensor
+cores), so the bet is that recomputing it nine times costs less than writing and reading
+the matrix; the histograms' work is the rest. Not yet timed on a GPU (bench/dsa.py:
+``select_fused``), hence off by default (``kernels.SELECT_FUSED``).
 
 The same keys as the rank keys' top-k (:func:`distill.dsa.attention.rank_key`): scores in
 IEEE order, equal scores to the later key. The ninth pass walks the keys from the latest
