@@ -36,7 +36,7 @@ try:
     import triton
     import triton.language as tl
 
-    from distill.dsa.select_kernel import _tile_scores
+    from distill.dsa.select_kernel import _score_order, _tile_scores
 
     HAVE_TRITON = True
 except ImportError:  # CPU-only machines: the torch paths below
@@ -350,10 +350,10 @@ if HAVE_TRITON:
         ok = (s[None, :] <= t[:, None]) & (s[None, :] >= seg[:, None])
         acc = tl.where(ok, acc, float("-inf"))
         if RANKED:
-            acc = tl.where(acc == 0.0, 0.0, acc)  # -0.0 -> +0.0: one zero
-            bits = acc.to(tl.int32, bitcast=True)
-            order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-            key = (order << 32) | rn[None, :].to(tl.int64)
+            # the fused selection's unsigned order, its sign bit flipped back: IEEE order
+            # as a signed int32, one zero (the same transform as select_kernel's)
+            order = _score_order(acc).to(tl.int32, bitcast=True) ^ -2147483648
+            key = (order.to(tl.int64) << 32) | rn[None, :].to(tl.int64)
             tl.store(OUT + rm[:, None] * s_ot + rn[None, :], key, mask=mq[:, None] & mk[None, :])
         else:
             tl.store(OUT + rm[:, None] * s_ot + rn[None, :], acc, mask=mq[:, None] & mk[None, :])

@@ -3,7 +3,7 @@
 :func:`distill.dsa.kernels.index_topk` writes every query's scores against every key of its
 trace ([chunk, T] int64 rank keys) and runs ``torch.topk`` over them: at 32k tokens that is
 4.3 GB of fp32 scores as int64 keys, written and read by a top-k's radix passes, 35.9 ms
-(MQA shape) to 50.9 ms (Qwen2 shape) of a layer on one H100 (BENCHMARKS.md). Here one
+(MQA shape) to 50.9 ms (Qwen2 shape) of a layer on one H100 (one run each, BENCHMARKS.md). Here one
 program per block of ``BM`` queries finds each query's k-th best key by a radix select
 over the scores, recomputed tile by tile and never stored: eight passes of four bits
 over the scores' 32-bit order (a 16-bin histogram of the next digit among the keys that
@@ -42,7 +42,6 @@ SELECT_LAUNCH = {"BM": 64, "BN": 64, "num_warps": 8, "num_stages": 2}
 # reductions, one a bin (False); both in the interpreter test, neither yet timed on a GPU
 # (bench/dsa.py: select_fused, select_fused_hist)
 SELECT_HIST = False
-DIGIT_BITS = 4  # 16 bins a pass, 8 passes over the 32-bit order of an fp32 score
 
 
 if HAVE_TRITON:
@@ -71,7 +70,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _score_order(acc):
-        """fp32 scores as uint32 in the same order (the high half of a rank key, offset):
+        """fp32 scores as uint32 in the same order (the score kernel's rank keys take their
+        high half from it):
         negative scores with every bit flipped, the others with the sign bit set; -0.0 is
         +0.0 first (one zero, as ``rank_key``)."""
         acc = tl.where(acc == 0.0, 0.0, acc)
@@ -245,8 +245,7 @@ def decode_topk(scores: Tensor, valid: Tensor, top_k: int) -> tuple[Tensor, Tens
     than K, its other entries are key 0, not ``ok``, where ``topk_indices`` names invalid
     keys (attention reads neither). torch.topk over the rank keys was the DSA step's
     selection: a launch per layer sorting int64 keys."""
-    b, _, n_s = scores.shape
-    k = min(top_k, n_s)
+    k = min(top_k, scores.shape[-1])
     return torch.ops.distill.decode_topk(scores[:, 0].contiguous(), valid.contiguous(), k)
 
 
