@@ -85,6 +85,7 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
     """(name, kernel, argument types, constexprs, launch) for every DSA kernel at ``shape``."""
     import triton
 
+    from distill.dsa import decode_kernel as D
     from distill.dsa import kernels as K
     from distill.dsa import kl_kernel as KL
     from distill.dsa import select_kernel as S
@@ -109,15 +110,30 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
     select_c = dict(HI=hi, DI=di, BD=index["BDI"], BM=S.SELECT_LAUNCH["BM"],
                     BN=S.SELECT_LAUNCH["BN"])  # fmt: skip
     select_launch = {k: v for k, v in S.SELECT_LAUNCH.items() if k not in ("BM", "BN")}
-    decode_launch = {k: v for k, v in S.DECODE_LAUNCH.items() if k != "BS"}
+    decode_launch = {k: v for k, v in D.DECODE_LAUNCH.items() if k != "CS"}
+    attn_launch = {k: v for k, v in D.ATTENTION_LAUNCH.items() if k not in ("BN", "programs")}
+    g = h // hkv
+    decode_c = dict(CS=D.DECODE_LAUNCH["CS"], NCP=p2(-(-32768 // D.DECODE_LAUNCH["CS"])))
+    hist_t = dict(SC="*fp32", VALID="*i8", HIST="*i32", IDX="*i64", OK="*i8")
     out = [
         ("fused selection", S._select_kernel, dict(score_t, IDX="*i64"),
          dict(select_c, HIST=False), select_launch),
         ("fused selection, one histogram", S._select_kernel, dict(score_t, IDX="*i64"),
          dict(select_c, HIST=True), select_launch),
-        ("decode selection", S._decode_select_kernel,
-         dict(SC="*fp32", VALID="*i8", IDX="*i64", OK="*i8"), dict(BS=S.DECODE_LAUNCH["BS"]),
+        ("decode scores", D._decode_score_kernel,
+         dict(QI="*bf16", KI="*bf16", W="*bf16", SC="*fp32"),
+         dict(HI=hi, BH=max(16, p2(hi)), DI=di, BD=index["BDI"], BS=D.SCORE_LAUNCH["BS"],
+              IEEE=False),
+         {"num_warps": D.SCORE_LAUNCH["num_warps"]}),
+        ("decode selection, a digit's histograms (32k keys)", D._decode_hist_kernel, hist_t,
+         dict(decode_c, PASS=3), decode_launch),
+        ("decode selection, the positions (32k keys)", D._decode_emit_kernel, hist_t, decode_c,
          decode_launch),
+        ("decode attention", D._decode_attn_kernel,
+         dict(Q="*bf16", K="*bf16", V="*bf16", IDX="*i64", OK="*i8", OUT="*fp32", LSE="*fp32",
+              scale="fp32"),
+         dict(G=g, BG=max(16, p2(g)), D=d, BD=bd, BN=D.ATTENTION_LAUNCH["BN"], IEEE=False),
+         attn_launch),
         ("index scores", K._index_score_kernel, score_t, dict(score_c, RANKED=False), {}),
         ("index rank keys", K._index_score_kernel, dict(score_t, OUT="*i64"),
          dict(score_c, RANKED=True), {}),

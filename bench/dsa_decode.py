@@ -11,9 +11,10 @@ model also caches its index keys and reads only each new token's top-k keys' K a
 rows. The KV buffers are filled with a random context of ``decode_ctx`` tokens (their
 index keys too); tokens/s is batch / median step time (one token per row per step,
 greedy), over ``decode_steps`` replays after a warm-up. With Triton on a GPU,
-``dsa_fused`` is the DSA model again with its step's selection in one kernel
-(``select_kernel.DECODE_FUSED``: a radix select over each row's scores, not ``torch.topk``
-over int64 rank keys; ``speedup_fused``). Memory: the buffers' bytes (K, V
+``dsa_fused`` is the DSA model again with its step's selection in Triton kernels
+(``decode_kernel.DECODE_FUSED``: a radix select over each row's scores, not ``torch.topk``
+over int64 rank keys; ``speedup_fused``), and ``dsa_kernels`` with its attention reading
+the selected rows in place too (``DECODE_ATTENTION``; ``speedup_kernels``). Memory: the buffers' bytes (K, V
 and the index keys) and the peak during the timed steps (the model included).
 
     python bench/dsa_decode.py --preset h100 --out decode.json
@@ -63,7 +64,7 @@ def _model(name: str, p: dict):
 def run(name: str, p: dict, dev, dtype, graphs: bool, profile: bool = False) -> dict:
     """One model's decode figures: tokens/s, the buffers' GB, the peak GB; ``profile``,
     its ops over two compiled steps run without the graph (the kernels the graph replays)."""
-    from distill.backends.static_decode import StaticDecoder, _bucket
+    from distill.backends.static_decode import StaticDecoder, _bucket, head
 
     b, ctx, steps = p["decode_batch"], p["decode_ctx"], p["decode_steps"]
     model = _model(name, p).to(dev, dtype).eval()
@@ -107,6 +108,8 @@ def run(name: str, p: dict, dev, dtype, graphs: bool, profile: bool = False) -> 
         f"{name}_buffers_gb": round(buffers / 1e9, 3),
         f"{name}_peak_gb": peak and round(peak, 2),
         f"{name}_graph": graph is not None,
+        # False where torch.compile failed and the decoder went on uncompiled
+        f"{name}_compiled": graphs and dec.head is not head,
     }
 
 
@@ -125,22 +128,25 @@ def main() -> None:
     print(f"device {name}, torch {torch.__version__}, preset {p}", flush=True)
     row = {"device": name, "context": p["decode_ctx"], "batch": p["decode_batch"],
            "top_k": p["top_k"]}  # fmt: skip
-    from distill.dsa import select_kernel
+    from distill.dsa import decode_kernel
 
-    models = ["dense", "dsa"] + (["dsa_fused"] if dev.type == "cuda" and HAVE_TRITON else [])
+    models = ["dense", "dsa"]
+    if dev.type == "cuda" and HAVE_TRITON:
+        models += ["dsa_fused", "dsa_kernels"]
     for model in models:
-        # dsa_fused: the DSA model with its step's selection in one Triton kernel
-        select_kernel.DECODE_FUSED = model == "dsa_fused"
+        # dsa_fused: the DSA model with its step's selection in Triton kernels; dsa_kernels:
+        # and its attention reading the selected rows in place
+        decode_kernel.DECODE_FUSED = model in ("dsa_fused", "dsa_kernels")
+        decode_kernel.DECODE_ATTENTION = model == "dsa_kernels"
         try:
             row.update(run(model, p, dev, dtype, graphs=dev.type == "cuda", profile=args.profile))
         finally:
-            select_kernel.DECODE_FUSED = False
+            decode_kernel.DECODE_FUSED = decode_kernel.DECODE_ATTENTION = False
         print(json.dumps(row), flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    row["speedup"] = round(row["dsa_tok_s"] / row["dense_tok_s"], 2)
-    if "dsa_fused_tok_s" in row:
-        row["speedup_fused"] = round(row["dsa_fused_tok_s"] / row["dense_tok_s"], 2)
+    for model in models[1:]:
+        row[f"speedup{model[3:]}"] = round(row[f"{model}_tok_s"] / row["dense_tok_s"], 2)
     print(json.dumps(row), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(row, indent=1))

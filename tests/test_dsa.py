@@ -278,10 +278,21 @@ for sign in (1.0, -1.0):
         K.SELECT_FUSED = False
         assert fused.shape == plain.shape and (fused < 0).any() == (plain < 0).any()
         assert torch.equal(fused.sort(-1).values, plain.sort(-1).values), (sign, top_k)
-# the decode step's selection in one kernel (select_kernel.decode_topk) against
-# topk_indices: ties (rounded scores: the later key), rows with fewer valid keys than k
-S.DECODE_LAUNCH = {{"BS": 64}}
+# the decode step's selection in Triton kernels (decode_kernel.decode_topk) against
+# the decode step's selection in Triton kernels (decode_kernel.decode_topk) against
+# topk_indices: ties (rounded scores: the later key), rows with fewer valid keys than k;
+# rows in chunks of 32 keys (several chunks tie); then its attention over the selected
+# rows read in place (decode_attention, the keys in splits) against SDPA over gathered ones
+import torch.nn.functional as F
+from distill.dsa import decode_kernel as D
+D.DECODE_LAUNCH = {{"CS": 32}}
+D.ATTENTION_LAUNCH = {{"BN": 16, "programs": 24}}
 gd = torch.Generator().manual_seed(2)
+qd = torch.randn(3, 4, 1, 8, generator=gd)
+kd, vd = torch.randn(2, 3, 2, 150, 8, generator=gd)
+D.SCORE_LAUNCH = {{"BS": 64, "num_warps": 4}}
+qid, kid, wd = (torch.randn(*s, generator=gd) for s in ((3, 1, 3, 8), (3, 150, 8), (3, 1, 3)))
+torch.testing.assert_close(D.decode_scores(qid, kid, wd), A.index_scores(qid, kid, wd))
 for case in ("random", "ties", "few"):
     sc = torch.randn(3, 1, 150, generator=gd)
     valid = torch.rand(3, 150, generator=gd) > 0.2
@@ -290,13 +301,19 @@ for case in ("random", "ties", "few"):
     if case == "few":
         valid[:, 12:] = False
     for top in (1, 16, 100):
-        got_i, got_ok = S.decode_topk(sc, valid, top)
+        got_i, got_ok = D.decode_topk(sc, valid, top)
         ref_i, ref_ok = A.topk_indices(sc.masked_fill(~valid[:, None], float("-inf")),
                                        valid[:, None], top)
         assert got_i.shape == ref_i.shape and got_ok.dtype == torch.bool
         assert torch.equal(got_ok.sum(-1), ref_ok.sum(-1)), (case, top)
         for r in range(3):
             assert set(got_i[r, 0][got_ok[r, 0]].tolist()) == set(ref_i[r, 0][ref_ok[r, 0]].tolist())
+        at = got_i[:, 0, None, :, None].expand(3, 2, got_i.shape[-1], 8)
+        want_o = F.scaled_dot_product_attention(qd.reshape(3, 2, 2, 8), kd.gather(2, at),
+                                                vd.gather(2, at), attn_mask=got_ok[:, None],
+                                                scale=0.3).reshape(3, 4, 1, 8)
+        got_o = D.decode_attention(qd, kd, vd, got_i, got_ok, 0.3)
+        torch.testing.assert_close(got_o, want_o, atol=1e-5, rtol=1e-5)
 # the fused KL token by token against torch's, indexer queries of both signs (ReLUs off)
 from distill.dsa.kl_kernel import sparse_kl_triton
 qs = torch.randn(70, 3, 8, generator=torch.Generator().manual_seed(5), requires_grad=True)

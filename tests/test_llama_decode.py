@@ -207,11 +207,14 @@ INTERPRETED_DECODE = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_llama_decode import _greedy, _random_dsa
-from distill.dsa import select_kernel as S
-S.DECODE_LAUNCH = {{"BS": 16}}  # several blocks a row
+from distill.dsa import decode_kernel as D
+D.DECODE_LAUNCH = {{"CS": 64}}  # several chunks a row
+D.ATTENTION_LAUNCH = {{"BN": 16, "programs": 64}}
 model = _random_dsa(top_k=3)
 plain = _greedy(model)
-S.use_decode_kernel = lambda scores: True  # the kernel on the CPU, under the interpreter
+D.use_decode_kernel = lambda x: True  # the kernels on the CPU, under the interpreter
+assert _greedy(model) == plain
+D.use_attention_kernel = lambda q: True  # and the attention over the rows in place
 assert _greedy(model) == plain
 print("ok")
 """
@@ -219,9 +222,10 @@ print("ok")
 
 def test_dsa_decode_selection_kernel_decodes_the_same_tokens_interpreted(tmp_path):
     """The static decoder's DSA step with its selection in one Triton kernel
-    (``select_kernel.DECODE_FUSED``, a registered op) decodes the tokens it decodes with
-    ``torch.topk``: on the CPU under TRITON_INTERPRET=1, in a fresh process (the
-    interpreter is chosen when the kernels are defined)."""
+    (``decode_kernel.DECODE_FUSED``, a registered op), and then its attention too
+    (``DECODE_ATTENTION``), decodes the tokens it decodes with ``torch.topk`` and SDPA: on
+    the CPU under TRITON_INTERPRET=1, in a fresh process (the interpreter is chosen when
+    the kernels are defined)."""
     import os
     import subprocess
     import sys
@@ -240,22 +244,26 @@ def test_dsa_decode_selection_kernel_decodes_the_same_tokens_interpreted(tmp_pat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("fused", [False, True])
-def test_dsa_student_decodes_compiled_and_graphed_on_gpu(fused, monkeypatch):
+@pytest.mark.parametrize("kernels", ["", "select", "select+attention"])
+def test_dsa_student_decodes_compiled_and_graphed_on_gpu(kernels, monkeypatch):
     """On the GPU a DSA student's step (indexer, top-k, gathered keys) is compiled and
     captured as a CUDA graph: its greedy tokens equal the uncompiled, ungraphed decode's
-    and transformers' generate; with the selection in one Triton kernel
-    (``select_kernel.DECODE_FUSED``, a registered op inside the compiled step) too."""
-    from distill.dsa import select_kernel
+    and transformers' generate; with the selection in Triton kernels
+    (``decode_kernel.DECODE_FUSED``, registered ops inside the compiled step) too, and the
+    attention over the selected rows in place (``DECODE_ATTENTION``)."""
+    from distill.backends import static_decode
+    from distill.dsa import decode_kernel
 
-    if fused and not select_kernel.HAVE_TRITON:
+    if kernels and not decode_kernel.HAVE_TRITON:
         pytest.skip("triton is not installed")
-    monkeypatch.setattr(select_kernel, "DECODE_FUSED", fused)
+    monkeypatch.setattr(decode_kernel, "DECODE_FUSED", "select" in kernels)
+    monkeypatch.setattr(decode_kernel, "DECODE_ATTENTION", "attention" in kernels)
     model = _random_dsa(top_k=3).cuda()
     dec = StaticDecoder(model, pad_id=PAD, eos_ids=[EOS])
     rows = [_Row(conv=i, sample=0, prompt=p, seed=0, limit=STEPS) for i, p in enumerate(PROMPTS)]
     with torch.inference_mode():
         dec.decode(rows, Sampling(temperature=0, max_new_tokens=STEPS), batch=4)
+    assert dec.head is not static_decode.head  # compiled: no fallback to eager
     assert any(buf.graphs for buf in dec.shapes.values())
     got = [r.tokens for r in rows]
     assert got == _greedy(model)

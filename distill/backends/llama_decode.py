@@ -16,7 +16,9 @@ StaticDecoder's greedy tokens against ``generate``; bf16 and the compiled path a
 A DSA student (``distill.dsa``) adds its indexer (``index_in``: the model's own
 ``index_projections``) and each query's top-k keys (``select_step``, ``select_prefill``),
 tested against ``generate`` and the reference selection on the CPU; the compiled, graphed
-step has a GPU test (not yet run on a GPU).
+step has a GPU test (passed on one H100, 2026-12-07). With ``distill.dsa.decode_kernel``'s
+flags the step selects in Triton kernels (``select_keys``) and attends over the selected
+rows in place (``sparse_attn_out``): the same keys, no gathered copies.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.dsa import attention as A
-from distill.dsa import select_kernel
+from distill.dsa import decode_kernel
 from distill.dsa.config import INDEXED_LAYER_NAMES
 from distill.dsa.config import MODEL_TYPE as DSA_TYPE
 from distill.dsa.model import index_projections
@@ -164,17 +166,20 @@ def index_in(x, cos, sin, ln_w, eps, *index) -> tuple[Tensor, Tensor, Tensor]:
     return index_projections(rms_norm(x, ln_w, eps), cos, sin, *index)
 
 
-def select_step(qi, ki, w, valid, k, v, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+def select_keys(qi, ki, w, valid, top_k: int) -> tuple[Tensor, Tensor]:
     """One new token per row: its ``top_k`` valid keys by index score (``ki`` [B, S, Di]
-    the cached index keys, ``valid`` [B, S]), as the model's attention picks them
-    (``attention.topk_indices``: ties to the later key), then those keys' K and V rows
-    gathered, [B, Hkv, K, D], and the mask [B, 1, 1, K] for :func:`attn_out`. Only the
-    selected K and V rows are read: what makes a step cheaper than dense attention's."""
-    scores = A.index_scores(qi, ki, w)  # [B, 1, S]
-    if select_kernel.use_decode_kernel(scores):  # one kernel, the same keys
-        idx, ok = select_kernel.decode_topk(scores, valid, top_k)
-    else:
-        idx, ok = A.topk_indices(scores, valid[:, None], top_k)  # [B, 1, K]
+    the cached index keys, ``valid`` [B, S]) as the model's attention picks them
+    (``attention.topk_indices``: ties to the later key): ``idx`` and ``ok`` [B, 1, K]."""
+    if decode_kernel.use_decode_kernel(qi):  # the same scores and keys, in Triton kernels
+        return decode_kernel.decode_topk(decode_kernel.decode_scores(qi, ki, w), valid, top_k)
+    return A.topk_indices(A.index_scores(qi, ki, w), valid[:, None], top_k)  # [B, 1, K]
+
+
+def select_step(qi, ki, w, valid, k, v, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`select_keys`, then those keys' K and V rows gathered, [B, Hkv, K, D], and the
+    mask [B, 1, 1, K] for :func:`attn_out`. Only the selected K and V rows are read: what
+    makes a step cheaper than dense attention's."""
+    idx, ok = select_keys(qi, ki, w, valid, top_k)
     b, hkv, _, d = k.shape
     at = idx.reshape(b, 1, -1, 1).expand(b, hkv, idx.shape[-1], d)
     return k.gather(2, at), v.gather(2, at), ok[:, None]
@@ -210,6 +215,23 @@ def attn_out(
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
         a = a.transpose(1, 2).reshape(b, t, heads * hd)
+    return _out_mlp(x, a, o_w, o_b, ln_w, eps, gate_w, gate_b, up_w, up_b, down_w, down_b)
+
+
+def sparse_attn_out(
+    x, q, k, v, idx, ok, scaling, o_w, o_b, ln_w, eps, gate_w, gate_b, up_w, up_b, down_w,
+    down_b,
+) -> Tensor:  # fmt: skip
+    """:func:`attn_out` for one new token over its selected keys (``idx``, ``ok`` [B, 1, K]
+    of :func:`select_keys`), read in place from the caches ``k``, ``v`` [B, Hkv, S, D] by
+    ``decode_kernel.decode_attention``: no gathered copies."""
+    b, heads, _, hd = q.shape
+    a = decode_kernel.decode_attention(q, k, v, idx, ok, scaling).reshape(b, 1, heads * hd)
+    return _out_mlp(x, a, o_w, o_b, ln_w, eps, gate_w, gate_b, up_w, up_b, down_w, down_b)
+
+
+def _out_mlp(x, a, o_w, o_b, ln_w, eps, gate_w, gate_b, up_w, up_b, down_w, down_b) -> Tensor:
+    """The attention's output projection, the residual, and the MLP block."""
     x = x + F.linear(a, o_w, o_b)
     h = rms_norm(x, ln_w, eps)
     return x + F.linear(

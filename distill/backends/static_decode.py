@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from distill.backends import llama_decode as L
 from distill.backends.sample import draw, kept_width
+from distill.dsa import decode_kernel
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class StaticDecoder:
         )
         self.attn_in, self.attn_out, self.head = wrap(L.attn_in), wrap(L.attn_out), wrap(head)
         self.index_in, self.select = wrap(L.index_in), wrap(L.select_step)  # DSA layers'
+        self.select_keys, self.sparse_attn_out = wrap(L.select_keys), wrap(L.sparse_attn_out)
         self.shapes: dict[tuple[int, int], _Buffers] = {}
         self._addresses: tuple = ()
 
@@ -200,6 +202,7 @@ class StaticDecoder:
             log.warning("torch.compile failed, decoding uncompiled: %s", str(e)[:500])
             self.attn_in, self.attn_out, self.head = L.attn_in, L.attn_out, head
             self.index_in, self.select = L.index_in, L.select_step
+            self.select_keys, self.sparse_attn_out = L.select_keys, L.sparse_attn_out
             fn(*args)
 
     def _capture(self, buf, layers, rest, key, rec):
@@ -280,6 +283,10 @@ class StaticDecoder:
             if lw.top_k and buf.ki[i] is not None:  # DSA: read the top-k keys' rows only
                 qi, ki, w = self.index_in(x, cos, sin, *lw.index)
                 buf.ki[i].index_copy_(1, col, ki)
+                if decode_kernel.use_attention_kernel(q):  # the selected rows read in place
+                    idx, ok = self.select_keys(qi, buf.ki[i], w, buf.valid, lw.top_k)
+                    x = self.sparse_attn_out(x, q, buf.k[i], buf.v[i], idx, ok, *lw.attn_out)
+                    continue
                 kg, vg, m = self.select(qi, buf.ki[i], w, buf.valid, buf.k[i], buf.v[i], lw.top_k)
                 x = self.attn_out(x, q, kg, vg, m, *lw.attn_out)
                 continue

@@ -119,8 +119,9 @@ def index_topk(
 
 # the selection's top-k over fp32 scores (half the bytes of the int64 rank keys, and half
 # the radix passes of a top-k), its ties repaired to the rank keys' choice where they
-# decide the k-th key: the same keys either way (tests/test_dsa.py). Not yet timed on a
-# GPU (bench/dsa.py: select_fp32), hence off.
+# decide the k-th key: the same keys either way (tests/test_dsa.py). Off: slower on one
+# H100 at 32k (2026-12-07, one run; bench/dsa.py: select_fp32): 50.6 ms against 32.4 for
+# the rank keys (MQA shape), 49.9 against 31.9 (Qwen2).
 SELECT_FP32 = False
 
 
@@ -140,8 +141,9 @@ def _topk_tied(scores: Tensor, kk: int) -> Tensor:
 
 # the selection in one Triton kernel (select_kernel.py: a radix select over the scores,
 # recomputed, never stored) rather than the score kernel's [chunk, T] rank keys and
-# torch.topk: the same keys (tests/test_dsa.py). Compiled for sm_90 on a CPU, not yet
-# timed on a GPU (bench/dsa.py: select_fused), hence off.
+# torch.topk: the same keys (tests/test_dsa.py; on one H100 too, 0 rows differing). Off:
+# slower on one H100 at 32k (2026-12-07, one run; bench/dsa.py: select_fused): 60.8 ms
+# against 32.4 for the rank keys and topk (MQA shape), 60.9 against 31.9 (Qwen2).
 SELECT_FUSED = False
 
 # a -inf score's rank (the high half of its rank key): a key outside the query's span

@@ -10,8 +10,10 @@ over the scores' 32-bit order (a 16-bin histogram of the next digit among the ke
 share the decided prefix), then a ninth that writes the selected positions. Scoring is
 cheap (``Hi`` index heads of ``Di``: 256 multiply-adds a key at 4 x 64, on the tensor
 cores), so the bet is that recomputing it nine times costs less than writing and reading
-the matrix; the histograms' work is the rest. Not yet timed on a GPU (bench/dsa.py:
-``select_fused``), hence off by default (``kernels.SELECT_FUSED``).
+the matrix; the histograms' work is the rest. The bet lost: on one H100 at 32k
+(2026-12-07, one run; bench/dsa.py: ``select_fused``) it took 60.8 ms where the rank keys
+and ``torch.topk`` took 32.4 (MQA shape; 60.9 against 31.9 at the Qwen2 shape), hence off
+(``kernels.SELECT_FUSED``).
 
 The same keys as the rank keys' top-k (:func:`distill.dsa.attention.rank_key`): scores in
 IEEE order, equal scores to the later key. The ninth pass walks the keys from the latest
@@ -39,8 +41,8 @@ except ImportError:
 # warps spill nothing at 64 x 64, 4 warps spill 488 bytes; all take the warpgroup MMA.
 SELECT_LAUNCH = {"BM": 64, "BN": 64, "num_warps": 8, "num_stages": 2}
 # a pass's per-row histograms as one tl.histogram over BM x 16 bins (True) or as 16 row
-# reductions, one a bin (False); both in the interpreter test, neither yet timed on a GPU
-# (bench/dsa.py: select_fused, select_fused_hist)
+# reductions, one a bin (False); both in the interpreter test; one H100 at 32k (2026-12-07):
+# 100.1 ms against 60.8 (MQA shape; bench/dsa.py: select_fused_hist, select_fused)
 SELECT_HIST = False
 
 
@@ -171,97 +173,3 @@ def fused_topk(qi: Tensor, ki: Tensor, w: Tensor, starts: Tensor, k_out: int) ->
         **launch,
     )  # fmt: skip
     return idx
-
-
-# --------------------------------------------------------------------------- decoding
-
-# one program per row; the scores a step, keys of one row (read at each launch)
-DECODE_LAUNCH = {"BS": 4096, "num_warps": 16}
-# the static decoder's DSA step selects with decode_topk rather than torch.topk over int64
-# rank keys; tested in Triton's interpreter against topk_indices, not yet timed on a GPU
-# (bench/dsa_decode.py: dsa_fused), hence off
-DECODE_FUSED = False
-
-
-def use_decode_kernel(scores: Tensor) -> bool:
-    return DECODE_FUSED and HAVE_TRITON and scores.is_cuda
-
-
-if HAVE_TRITON:
-
-    @triton.jit
-    def _decode_select_kernel(
-        SC, VALID, IDX, OK, n_s, k_out, s_sb, s_vb, s_ib,
-        BS: tl.constexpr,
-    ):  # fmt: skip
-        """Row ``pid``'s ``min(k_out, valid keys)`` best valid keys by score (ties to the
-        later key): a radix select of eight bits a pass over the scores' 32-bit order with
-        a 256-bin histogram, then the positions, written with OK set; the rest of the row
-        is left as it was given (0, not OK)."""
-        b = tl.program_id(0)
-        rs = tl.arange(0, BS)
-        bins = tl.arange(0, 256)
-        n_chunks = tl.cdiv(n_s, BS)
-        left = tl.zeros((), tl.int32)
-        prefix = tl.zeros((), tl.uint32)
-        for p in range(0, 4):
-            shift = 24 - 8 * p
-            hist = tl.zeros((256,), tl.int32)
-            for c in range(0, n_chunks):
-                s = c * BS + rs
-                m = s < n_s
-                ok = m & (tl.load(VALID + b * s_vb + s, mask=m, other=0) != 0)
-                u = _score_order(tl.load(SC + b * s_sb + s, mask=m, other=0.0).to(tl.float32))
-                match = ok & (((u >> shift) >> 8) == prefix)
-                hist += tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=match)
-            if p == 0:
-                left = tl.minimum(tl.sum(hist), k_out)
-            at_least = tl.sum(hist) - (tl.cumsum(hist, 0) - hist)  # digit b or more
-            pick = tl.max(tl.where(at_least >= left, bins, 0))
-            left -= tl.sum(tl.where(bins == pick + 1, at_least, 0))
-            prefix = (prefix << 8) | pick.to(tl.uint32)
-        taken = tl.zeros((), tl.int32)
-        n_out = tl.zeros((), tl.int32)
-        for c in range(0, n_chunks):  # the latest keys first: ties to the later key
-            s = n_s - 1 - c * BS - rs
-            m = s >= 0
-            ok = m & (tl.load(VALID + b * s_vb + s, mask=m, other=0) != 0)
-            u = _score_order(tl.load(SC + b * s_sb + s, mask=m, other=0.0).to(tl.float32))
-            tie = ok & (u == prefix)
-            rank = tl.cumsum(tie.to(tl.int32), 0) + taken
-            sel = (ok & (u > prefix)) | (tie & (rank <= left))
-            slot = tl.cumsum(sel.to(tl.int32), 0) - 1 + n_out
-            sel = sel & (slot < k_out)
-            tl.store(IDX + b * s_ib + slot, s.to(tl.int64), mask=sel)
-            tl.store(OK + b * s_ib + slot, tl.full((BS,), 1, tl.int8), mask=sel)
-            n_out += tl.sum(sel.to(tl.int32))
-            taken += tl.sum(tie.to(tl.int32))
-
-
-def decode_topk(scores: Tensor, valid: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
-    """:func:`distill.dsa.attention.topk_indices` for one new token a row, in one kernel
-    over each row's scores: ``scores`` [B, 1, S] and ``valid`` [B, S] -> ``idx`` and ``ok``
-    [B, 1, K] (K = min(top_k, S)). The same valid keys (``ok``); where a row has fewer
-    than K, its other entries are key 0, not ``ok``, where ``topk_indices`` names invalid
-    keys (attention reads neither). torch.topk over the rank keys was the DSA step's
-    selection: a launch per layer sorting int64 keys."""
-    k = min(top_k, scores.shape[-1])
-    return torch.ops.distill.decode_topk(scores[:, 0].contiguous(), valid.contiguous(), k)
-
-
-if HAVE_TRITON:
-
-    @torch.library.triton_op("distill::decode_topk", mutates_args=())
-    def _decode_topk_op(scores: Tensor, valid: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        # a registered op, so the static decoder's torch.compile(fullgraph=True) step
-        # traces the launch instead of breaking the graph
-        b, n_s = scores.shape
-        idx = torch.zeros(b, 1, k, dtype=torch.long, device=scores.device)
-        ok = torch.zeros(b, 1, k, dtype=torch.int8, device=scores.device)
-        launch = dict(DECODE_LAUNCH)
-        bs = launch.pop("BS")
-        torch.library.wrap_triton(_decode_select_kernel)[(b,)](
-            scores, valid.view(torch.int8), idx, ok, n_s, k,
-            scores.stride(0), valid.stride(0), idx.stride(0), BS=bs, **launch,
-        )  # fmt: skip
-        return idx, ok.view(torch.bool)
