@@ -252,6 +252,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, ok: Tensor,
     """One new token's attention over its selected keys: ``q`` [B, H, 1, D], the caches
     ``k``, ``v`` [B, Hkv, S, D], ``idx`` and ``ok`` [B, 1, K] (:func:`decode_topk`'s or
     ``topk_indices``'); returns [B, H, 1, D] in ``q``'s dtype."""
+    # the kernel reads each row's heads and dims at unit stride
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return torch.ops.distill.decode_attention(q, k, v, idx[:, 0], ok[:, 0], scale)
 
 
