@@ -602,6 +602,44 @@ def test_triton_kernels_match_torch_on_gpu():
 # --------------------------------------------------------------------------- training
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or not K.HAVE_TRITON, reason="needs CUDA")
+def test_decode_kernels_match_torch_on_gpu():
+    """The decode step's kernels (``decode_kernel``) against the torch step in bf16 at a
+    Qwen2-like group (7 query heads a KV head of 64, index heads 4 of 64), 5,000 cached
+    keys in several chunks, some invalid: the scores to bf16 rounding, the selection the
+    same keys as ``topk_indices`` on the same scores (ties included: rounded scores), the
+    attention to bf16 tolerance against SDPA over the gathered rows."""
+    import torch.nn.functional as F
+
+    from distill.dsa import decode_kernel as D
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, hkv, rep, d, s, hi, di, top = 4, 2, 7, 64, 5000, 4, 64, 256
+    dev, bf = "cuda", torch.bfloat16
+    qi, ki, w = (torch.randn(*sh, generator=g, device=dev).to(bf)
+                 for sh in ((b, 1, hi, di), (b, s, di), (b, 1, hi)))  # fmt: skip
+    torch.testing.assert_close(D.decode_scores(qi, ki, w), A.index_scores(qi, ki, w),
+                               atol=0.05, rtol=0.02)  # fmt: skip
+    valid = torch.rand(b, s, generator=g, device=dev) > 0.1
+    valid[3, 100:] = False  # fewer valid keys than top-k
+    for sc in (A.index_scores(qi, ki, w), A.index_scores(qi, ki, w).round()):
+        got_i, got_ok = D.decode_topk(sc, valid, top)
+        ref_i, ref_ok = A.topk_indices(sc.masked_fill(~valid[:, None], float("-inf")),
+                                       valid[:, None], top)  # fmt: skip
+        for r in range(b):
+            assert set(got_i[r, 0][got_ok[r, 0]].tolist()) == set(
+                ref_i[r, 0][ref_ok[r, 0]].tolist()
+            )
+    q = torch.randn(b, hkv * rep, 1, d, generator=g, device=dev).to(bf)
+    k, v = torch.randn(2, b, hkv, s, d, generator=g, device=dev).to(bf)
+    at = got_i[:, 0, None, :, None].expand(b, hkv, got_i.shape[-1], d)
+    want = F.scaled_dot_product_attention(q.reshape(b, hkv, rep, d), k.gather(2, at),
+                                          v.gather(2, at), attn_mask=got_ok[:, None],
+                                          scale=0.125).reshape(b, hkv * rep, 1, d)  # fmt: skip
+    got = D.decode_attention(q, k, v, got_i, got_ok, 0.125)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
 def _objective(model):
     from distill.dsa.train import DSAObjective
 
