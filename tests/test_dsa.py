@@ -279,7 +279,6 @@ for sign in (1.0, -1.0):
         assert fused.shape == plain.shape and (fused < 0).any() == (plain < 0).any()
         assert torch.equal(fused.sort(-1).values, plain.sort(-1).values), (sign, top_k)
 # the decode step's selection in Triton kernels (decode_kernel.decode_topk) against
-# the decode step's selection in Triton kernels (decode_kernel.decode_topk) against
 # topk_indices: ties (rounded scores: the later key), rows with fewer valid keys than k;
 # rows in chunks of 32 keys (several chunks tie); then its attention over the selected
 # rows read in place (decode_attention, the keys in splits) against SDPA over gathered ones

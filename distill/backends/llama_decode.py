@@ -16,9 +16,10 @@ StaticDecoder's greedy tokens against ``generate``; bf16 and the compiled path a
 A DSA student (``distill.dsa``) adds its indexer (``index_in``: the model's own
 ``index_projections``) and each query's top-k keys (``select_step``, ``select_prefill``),
 tested against ``generate`` and the reference selection on the CPU; the compiled, graphed
-step has a GPU test (passed on one H100, 2026-12-07). With ``distill.dsa.decode_kernel``'s
-flags the step selects in Triton kernels (``select_keys``) and attends over the selected
-rows in place (``sparse_attn_out``): the same keys, no gathered copies.
+step has a GPU test (passed on one H100, 2026-12-07, before the decode kernels below).
+With ``distill.dsa.decode_kernel``'s flags the step scores and selects in Triton kernels
+(``select_keys``) and attends over the selected rows in place (``sparse_attn_out``): the
+same keys, no gathered copies; tested in Triton's interpreter, not yet on a GPU.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ ReLU, runs ``torch.topk`` over int64 rank keys, gathers the selected rows into
 context, batch 32, compiled and graphed; one run; by the profile of two steps) a
 layer's scores took ~68 µs (the product over its 134 MB of index keys 50 µs, near the
 memory's speed, then a matrix-vector product and a ReLU pass), its ``topk`` 93 µs (eight
-radix passes over 64-bit keys), the gather and SDPA 26 + 34 µs: ~6 ms of a 7.4 ms step.
+radix passes over 64-bit keys), the gather and SDPA 26 + 34 µs: ~5.3 ms of a 7.4 ms step.
 :func:`decode_scores` is the scores in one kernel (one read of the index keys).
 
 :func:`decode_topk`: the same keys (scores in IEEE order, ties to the later key, rows
@@ -19,7 +19,7 @@ next digit among the keys that share the decided prefix (every program first dec
 that prefix from the earlier passes' histograms of its row, so no launch sits between
 passes); a fifth writes the positions above the k-th score and the latest of those tied
 with it, each chunk at offsets it reads off the same histograms. A first version, one
-program a row, took 163 µs a layer (32 programs on 132 SMs).
+program a row, took 163 µs a layer (32 programs on 132 SMs; the same H100 run).
 
 :func:`decode_attention`: the query heads of each KV group attend over the selected rows
 read in place through the indices (no gathered copies), the keys of a row split across
