@@ -134,6 +134,12 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
               scale="fp32"),
          dict(G=g, BG=max(16, p2(g)), D=d, BD=bd, BN=D.ATTENTION_LAUNCH["BN"], IEEE=False),
          attn_launch),
+        # inside a compiled step inductor passes the Python float scale as fp64
+        ("decode attention, fp64 scale (inductor's)", D._decode_attn_kernel,
+         dict(Q="*bf16", K="*bf16", V="*bf16", IDX="*i64", OK="*i8", OUT="*fp32", LSE="*fp32",
+              scale="fp64"),
+         dict(G=g, BG=max(16, p2(g)), D=d, BD=bd, BN=D.ATTENTION_LAUNCH["BN"], IEEE=False),
+         attn_launch),
         ("index scores", K._index_score_kernel, score_t, dict(score_c, RANKED=False), {}),
         ("index rank keys", K._index_score_kernel, dict(score_t, OUT="*i64"),
          dict(score_c, RANKED=True), {}),

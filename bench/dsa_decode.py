@@ -119,6 +119,9 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="print each model's ops, 2 steps")
+    ap.add_argument("--models", default=None, help="comma list (default: all this device runs)")
+    ap.add_argument("--launch", nargs="*", default=[], metavar="TABLE.KEY=INT",
+                    help="decode_kernel launch settings, e.g. DECODE_LAUNCH.CS=1024")  # fmt: skip
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     p = dict(PRESETS[args.preset or ("h100" if dev.type == "cuda" else "cpu")])
@@ -133,6 +136,15 @@ def main() -> None:
     models = ["dense", "dsa"]
     if dev.type == "cuda" and HAVE_TRITON:
         models += ["dsa_fused", "dsa_kernels"]
+    if args.models:
+        models = args.models.split(",")
+    for item in args.launch:
+        key, value = item.split("=")
+        table, field = key.split(".")
+        getattr(decode_kernel, table)[field] = int(value)
+    row["launch"] = {t: dict(getattr(decode_kernel, t)) for t in
+                     ("DECODE_LAUNCH", "SCORE_LAUNCH", "ATTENTION_LAUNCH")}  # fmt: skip
+    defaults = decode_kernel.DECODE_FUSED, decode_kernel.DECODE_ATTENTION
     for model in models:
         # dsa_fused: the DSA model with its step's selection in Triton kernels; dsa_kernels:
         # and its attention reading the selected rows in place
@@ -141,11 +153,11 @@ def main() -> None:
         try:
             row.update(run(model, p, dev, dtype, graphs=dev.type == "cuda", profile=args.profile))
         finally:
-            decode_kernel.DECODE_FUSED = decode_kernel.DECODE_ATTENTION = False
+            decode_kernel.DECODE_FUSED, decode_kernel.DECODE_ATTENTION = defaults
         print(json.dumps(row), flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    for model in models[1:]:
+    for model in (m for m in models if m != "dense" and "dense" in models):
         row[f"speedup{model[3:]}"] = round(row[f"{model}_tok_s"] / row["dense_tok_s"], 2)
     print(json.dumps(row), flush=True)
     if args.out:

@@ -45,7 +45,7 @@ want mqa-sweep && step mqa-sweep 150 python3 bench/dsa.py --preset h100-mqa --le
 want full && step full 180 python3 bench/dsa.py --preset h100 --skip-parts kl --out "$OUT/dsa-full.json"
 # decoding at 32k, batch 32, both models through the hf backend's static decoder (compiled,
 # CUDA graphs): not bound by the host, as transformers' forward in "full" is
-want decode && step decode 150 python3 bench/dsa_decode.py --preset h100 --profile --out "$OUT/dsa-decode.json"
+want decode && step decode 200 python3 bench/dsa_decode.py --preset h100 --profile --out "$OUT/dsa-decode.json"
 # last: the sweep streams a line per launch configuration, so a cut keeps what ran
 want layer && step layer 120 python3 bench/dsa.py --preset h100 --lengths 32768 --skip-decode --skip-parts kl \
     --sweep --out "$OUT/dsa-layer.json"

@@ -199,7 +199,10 @@ class StaticDecoder:
         except Exception as e:
             if self.head is head:
                 raise
-            log.warning("torch.compile failed, decoding uncompiled: %s", str(e)[:500])
+            # a compile worker's traceback names the cause at its end
+            msg = str(e)
+            msg = msg if len(msg) < 2000 else f"{msg[:400]} [...] {msg[-1600:]}"
+            log.warning("torch.compile failed, decoding uncompiled: %s", msg)
             self.attn_in, self.attn_out, self.head = L.attn_in, L.attn_out, head
             self.index_in, self.select = L.index_in, L.select_step
             self.select_keys, self.sparse_attn_out = L.select_keys, L.sparse_attn_out
