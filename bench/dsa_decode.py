@@ -14,8 +14,10 @@ greedy), over ``decode_steps`` replays after a warm-up. With Triton on a GPU,
 ``dsa_fused`` is the DSA model again with its step's selection in Triton kernels
 (``decode_kernel.DECODE_FUSED``: a radix select over each row's scores, not ``torch.topk``
 over int64 rank keys; ``speedup_fused``), and ``dsa_kernels`` with its attention reading
-the selected rows in place too (``DECODE_ATTENTION``; ``speedup_kernels``). Memory: the buffers' bytes (K, V
-and the index keys) and the peak during the timed steps (the model included).
+the selected rows in place too (``DECODE_ATTENTION``; ``speedup_kernels``), and
+``dsa_kernels_fp8`` with its index keys cached in fp8 too (``llama_decode.INDEX_FP8``; on
+a CPU ``dsa_fp8``, the torch step's). Memory: the buffers' bytes (K, V, the index keys and
+their scales) and the peak during the timed steps (the model included).
 
     python bench/dsa_decode.py --preset h100 --out decode.json
     python bench/dsa_decode.py --preset cpu          # eager, no graphs: the code runs
@@ -64,6 +66,7 @@ def _model(name: str, p: dict):
 def run(name: str, p: dict, dev, dtype, graphs: bool, profile: bool = False) -> dict:
     """One model's decode figures: tokens/s, the buffers' GB, the peak GB; ``profile``,
     its ops over two compiled steps run without the graph (the kernels the graph replays)."""
+    from distill.backends.llama_decode import quantize_index_keys
     from distill.backends.static_decode import StaticDecoder, _bucket, head
 
     b, ctx, steps = p["decode_batch"], p["decode_ctx"], p["decode_steps"]
@@ -74,8 +77,14 @@ def run(name: str, p: dict, dev, dtype, graphs: bool, profile: bool = False) -> 
     with torch.no_grad():
         for t in (*buf.k, *buf.v):  # [B, Hkv, length, D]
             t[:, :, :ctx].normal_(generator=g)
-        for t in (x for x in buf.ki if x is not None):  # [B, length, Di]
-            t[:, :ctx].normal_(generator=g)
+        for t, ks in zip(buf.ki, buf.ks, strict=True):  # [B, length, Di]
+            if t is None:
+                continue
+            ki = torch.randn(t[:, :ctx].shape, generator=g, device=dev, dtype=dtype)
+            if ks is None:
+                t[:, :ctx] = ki
+            else:
+                t[:, :ctx], ks[:, :ctx] = quantize_index_keys(ki)
         buf.valid.zero_()
         buf.valid[:, :ctx] = True
         buf.width.fill_(ctx)
@@ -85,7 +94,7 @@ def run(name: str, p: dict, dev, dtype, graphs: bool, profile: bool = False) -> 
         buf.finished.zero_()
         buf.seeds.zero_()
         buf.tok.random_(2, p["vocab"], generator=g)
-    cached = (*buf.k, *buf.v, *(x for x in buf.ki if x is not None))
+    cached = (*buf.k, *buf.v, *(x for x in (*buf.ki, *buf.ks) if x is not None))
     buffers = sum(t.numel() * t.element_size() for t in cached)
     layers, rest = dec._params()
     key = (0.0, 1.0, 0, False, 0)  # greedy, nothing recorded: Sampling's fields, in order
@@ -131,11 +140,13 @@ def main() -> None:
     print(f"device {name}, torch {torch.__version__}, preset {p}", flush=True)
     row = {"device": name, "context": p["decode_ctx"], "batch": p["decode_batch"],
            "top_k": p["top_k"]}  # fmt: skip
+    from distill.backends import llama_decode
     from distill.dsa import decode_kernel
 
     models = ["dense", "dsa"]
     if dev.type == "cuda" and HAVE_TRITON:
         models += ["dsa_fused", "dsa_kernels"]
+    models += ["dsa_fp8"] if dev.type == "cpu" or not HAVE_TRITON else ["dsa_kernels_fp8"]
     if args.models:
         models = args.models.split(",")
     for item in args.launch:
@@ -144,16 +155,19 @@ def main() -> None:
         getattr(decode_kernel, table)[field] = int(value)
     row["launch"] = {t: dict(getattr(decode_kernel, t)) for t in
                      ("DECODE_LAUNCH", "SCORE_LAUNCH", "ATTENTION_LAUNCH")}  # fmt: skip
-    defaults = decode_kernel.DECODE_FUSED, decode_kernel.DECODE_ATTENTION
+    defaults = decode_kernel.DECODE_FUSED, decode_kernel.DECODE_ATTENTION, llama_decode.INDEX_FP8
     for model in models:
-        # dsa_fused: the DSA model with its step's selection in Triton kernels; dsa_kernels:
-        # and its attention reading the selected rows in place
-        decode_kernel.DECODE_FUSED = model in ("dsa_fused", "dsa_kernels")
-        decode_kernel.DECODE_ATTENTION = model == "dsa_kernels"
+        # dsa: the torch step; dsa_fused: its selection in Triton kernels; dsa_kernels: and
+        # its attention reading the selected rows in place; _fp8: the index keys cached in
+        # fp8 (llama_decode.INDEX_FP8)
+        decode_kernel.DECODE_FUSED = "fused" in model or "kernels" in model
+        decode_kernel.DECODE_ATTENTION = "kernels" in model
+        llama_decode.INDEX_FP8 = model.endswith("_fp8")
         try:
             row.update(run(model, p, dev, dtype, graphs=dev.type == "cuda", profile=args.profile))
         finally:
-            decode_kernel.DECODE_FUSED, decode_kernel.DECODE_ATTENTION = defaults
+            (decode_kernel.DECODE_FUSED, decode_kernel.DECODE_ATTENTION,
+             llama_decode.INDEX_FP8) = defaults  # fmt: skip
         print(json.dumps(row), flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()

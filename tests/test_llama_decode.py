@@ -203,6 +203,58 @@ def test_dsa_step_reads_the_reference_selection():
     assert mask[:, 0, -4:].all()  # the ties: the four latest keys
 
 
+def test_fp8_index_keys_round_within_e4m3_and_select_as_their_values():
+    """quantize_index_keys: each key within e4m3's rounding of its largest magnitude (a
+    zero key stays zero), a positive scale a key; the selection over fp8 keys and their
+    scales picks the keys the same selection picks over their dequantized values."""
+    g = torch.Generator().manual_seed(5)
+    ki = torch.randn(2, 40, 8, generator=g) * torch.logspace(-3, 3, 40)[None, :, None]
+    ki[0, 7] = 0.0
+    k8, scale = L.quantize_index_keys(ki)
+    assert k8.dtype == L.FP8 and scale.shape == (2, 40) and bool((scale > 0).all())
+    back = k8.float() * scale[..., None]
+    err = (back - ki).abs().amax(-1) / ki.abs().amax(-1).clamp_min(1e-30)
+    assert float(err.max()) <= 2**-4  # 3 mantissa bits: within half a step of 1/8
+    assert float(back[0, 7].abs().sum()) == 0.0
+    qi = torch.randn(2, 1, 3, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 1, 3, generator=g, dtype=torch.float64)
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, :5] = False
+    idx, ok = L.select_keys(qi, k8, w, valid, 6, scale)
+    want_idx, want_ok = L.select_keys(qi, back.double(), w, valid, 6)
+    assert torch.equal(ok, want_ok) and torch.equal(idx[ok], want_idx[want_ok])
+    # without their scales the keys' order changes (they span six decades): what is tested
+    assert not torch.equal(L.select_keys(qi, k8, w, valid, 6)[0], want_idx)
+
+
+def _decoded(model):
+    dec = StaticDecoder(model, pad_id=PAD, eos_ids=[EOS], compile=False, graphs=False)
+    rows = [_Row(conv=i, sample=0, prompt=p, seed=0, limit=STEPS) for i, p in enumerate(PROMPTS)]
+    with torch.inference_mode():
+        dec.decode(rows, Sampling(temperature=0, max_new_tokens=STEPS), batch=4)
+    (buf,) = dec.shapes.values()
+    return [r.tokens for r in rows], buf
+
+
+def test_static_decoder_caches_fp8_index_keys(monkeypatch):
+    """With ``INDEX_FP8`` the static decoder caches a DSA student's index keys in fp8 with
+    their scales, prompt and steps alike: the prompt's and the first step's keys are the
+    dtype run's within e4m3's rounding (later steps may read other keys: other tokens)."""
+    model = _random_dsa(top_k=3)
+    tokens, plain = _decoded(model)
+    monkeypatch.setattr(L, "INDEX_FP8", True)
+    tokens8, buf = _decoded(model)
+    assert [t[:1] for t in tokens8] == [t[:1] for t in tokens]  # from the prompt alone
+    assert all(len(t) > 1 for t in tokens8)
+    width = int(buf.width) + 1  # the prompt's columns and the first step's
+    for ki, k8, ks in zip(plain.ki, buf.ki, buf.ks, strict=True):
+        assert k8.dtype == L.FP8 and ks is not None and ki.dtype == torch.float32
+        back = k8[:, :width].float() * ks[:, :width, None]
+        tol = ki[:, :width].abs().amax(-1, keepdim=True) / 16
+        assert bool(((back - ki[:, :width]).abs() <= tol).all())
+        assert bool((ks[:, :width] > 0).all())
+
+
 INTERPRETED_DECODE = """
 import sys
 sys.path.insert(0, {tests!r})
@@ -216,6 +268,11 @@ D.use_decode_kernel = lambda x: True  # the kernels on the CPU, under the interp
 assert _greedy(model) == plain
 D.use_attention_kernel = lambda q: True  # and the attention over the rows in place
 assert _greedy(model) == plain
+from distill.backends import llama_decode as L
+L.INDEX_FP8 = True  # fp8 index keys: the scores kernel applies their scales as torch does
+fp8 = _greedy(model)
+D.use_decode_kernel = D.use_attention_kernel = lambda x: False
+assert _greedy(model) == fp8
 print("ok")
 """
 
@@ -223,8 +280,8 @@ print("ok")
 def test_dsa_decode_selection_kernel_decodes_the_same_tokens_interpreted(tmp_path):
     """The static decoder's DSA step with its selection in one Triton kernel
     (``decode_kernel.DECODE_FUSED``, a registered op), and then its attention too
-    (``DECODE_ATTENTION``), decodes the tokens it decodes with ``torch.topk`` and SDPA: on
-    the CPU under TRITON_INTERPRET=1, in a fresh process (the interpreter is chosen when
+    (``DECODE_ATTENTION``), decodes the tokens it decodes with ``torch.topk`` and SDPA,
+    with index keys in fp8 too: on the CPU under TRITON_INTERPRET=1, in a fresh process (the interpreter is chosen when
     the kernels are defined)."""
     import os
     import subprocess
@@ -244,13 +301,15 @@ def test_dsa_decode_selection_kernel_decodes_the_same_tokens_interpreted(tmp_pat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("kernels", ["", "select", "select+attention"])
+@pytest.mark.parametrize("kernels", ["", "select", "select+attention", "select+attention+fp8"])
 def test_dsa_student_decodes_compiled_and_graphed_on_gpu(kernels, monkeypatch):
     """On the GPU a DSA student's step (indexer, top-k, gathered keys) is compiled and
     captured as a CUDA graph: its greedy tokens equal the uncompiled, ungraphed decode's
     and transformers' generate; with the selection in Triton kernels
     (``decode_kernel.DECODE_FUSED``, registered ops inside the compiled step) too, and the
-    attention over the selected rows in place (``DECODE_ATTENTION``)."""
+    attention over the selected rows in place (``DECODE_ATTENTION``); with the index keys
+    cached in fp8 (``INDEX_FP8``), the uncompiled fp8 decode's (``generate`` keeps its
+    keys in the model's dtype)."""
     from distill.backends import static_decode
     from distill.dsa import decode_kernel
 
@@ -258,6 +317,7 @@ def test_dsa_student_decodes_compiled_and_graphed_on_gpu(kernels, monkeypatch):
         pytest.skip("triton is not installed")
     monkeypatch.setattr(decode_kernel, "DECODE_FUSED", "select" in kernels)
     monkeypatch.setattr(decode_kernel, "DECODE_ATTENTION", "attention" in kernels)
+    monkeypatch.setattr(L, "INDEX_FP8", "fp8" in kernels)
     model = _random_dsa(top_k=3).cuda()
     dec = StaticDecoder(model, pad_id=PAD, eos_ids=[EOS])
     rows = [_Row(conv=i, sample=0, prompt=p, seed=0, limit=STEPS) for i, p in enumerate(PROMPTS)]
@@ -267,4 +327,5 @@ def test_dsa_student_decodes_compiled_and_graphed_on_gpu(kernels, monkeypatch):
     assert any(buf.graphs for buf in dec.shapes.values())
     got = [r.tokens for r in rows]
     assert got == _greedy(model)
-    assert got == [_generate(model, p) for p in PROMPTS]
+    if "fp8" not in kernels:
+        assert got == [_generate(model, p) for p in PROMPTS]

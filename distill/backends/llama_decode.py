@@ -37,6 +37,12 @@ from distill.dsa.config import MODEL_TYPE as DSA_TYPE
 from distill.dsa.model import index_projections
 
 FAMILY = ("llama", "qwen2", "qwen3", DSA_TYPE)
+# a DSA step's cached index keys in fp8 with one fp32 scale a key rather than in the
+# model's dtype: 68 bytes a key of 64 dimensions against 128, and half the bytes its
+# scores read (V3.2's indexer computes in fp8); its scores round the keys to e4m3's 3-bit
+# mantissa, so the top-k may differ from the model's own near ties
+INDEX_FP8 = False
+FP8 = torch.float8_e4m3fn
 
 
 def supported(model) -> bool:
@@ -167,20 +173,37 @@ def index_in(x, cos, sin, ln_w, eps, *index) -> tuple[Tensor, Tensor, Tensor]:
     return index_projections(rms_norm(x, ln_w, eps), cos, sin, *index)
 
 
-def select_keys(qi, ki, w, valid, top_k: int) -> tuple[Tensor, Tensor]:
+def quantize_index_keys(ki: Tensor) -> tuple[Tensor, Tensor]:
+    """Index keys [..., Di] -> fp8 (e4m3) keys and one fp32 scale a key [...]: the key
+    divided by its largest magnitude over 448 (e4m3's largest), as V3.2's indexer caches
+    its keys. A key's scores are its scale times those of its fp8 key (the scale is
+    positive, so it passes the ReLU), which is how :func:`select_keys` applies it."""
+    kf = ki.float()
+    scale = kf.abs().amax(-1).clamp_min(1e-30) / torch.finfo(FP8).max
+    return (kf / scale[..., None]).to(FP8), scale
+
+
+def select_keys(qi, ki, w, valid, top_k: int, ks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One new token per row: its ``top_k`` valid keys by index score (``ki`` [B, S, Di]
     the cached index keys, ``valid`` [B, S]) as the model's attention picks them
-    (``attention.topk_indices``: ties to the later key): ``idx`` and ``ok`` [B, 1, K]."""
+    (``attention.topk_indices``: ties to the later key): ``idx`` and ``ok`` [B, 1, K].
+    ``ks`` [B, S]: the keys' scales where ``ki`` is fp8 (:func:`quantize_index_keys`)."""
     if decode_kernel.use_decode_kernel(qi):  # the same scores and keys, in Triton kernels
-        return decode_kernel.decode_topk(decode_kernel.decode_scores(qi, ki, w), valid, top_k)
-    return A.topk_indices(A.index_scores(qi, ki, w), valid[:, None], top_k)  # [B, 1, K]
+        scores = decode_kernel.decode_scores(qi, ki, w, ks)
+        return decode_kernel.decode_topk(scores, valid, top_k)
+    scores = A.index_scores(qi, ki, w)
+    if ks is not None:
+        scores = scores * ks[:, None]
+    return A.topk_indices(scores, valid[:, None], top_k)  # [B, 1, K]
 
 
-def select_step(qi, ki, w, valid, k, v, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+def select_step(
+    qi, ki, w, valid, k, v, top_k: int, ks: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`select_keys`, then those keys' K and V rows gathered, [B, Hkv, K, D], and the
     mask [B, 1, 1, K] for :func:`attn_out`. Only the selected K and V rows are read: what
     makes a step cheaper than dense attention's."""
-    idx, ok = select_keys(qi, ki, w, valid, top_k)
+    idx, ok = select_keys(qi, ki, w, valid, top_k, ks)
     b, hkv, _, d = k.shape
     at = idx.reshape(b, 1, -1, 1).expand(b, hkv, idx.shape[-1], d)
     return k.gather(2, at), v.gather(2, at), ok[:, None]

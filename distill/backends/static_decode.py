@@ -59,10 +59,15 @@ class _Buffers:
         # a DSA layer's cached index keys, where the buffer holds more keys than it reads
         # (at most top_k keys: every one is read, and the indexer has nothing to choose)
         self.ki = [
-            z(batch, length, a.indexer.head_dim, dtype=dt)
+            z(batch, length, a.indexer.head_dim, dtype=L.FP8 if L.INDEX_FP8 else dt)
             if hasattr(a, "indexer") and length > a.top_k
             else None
             for a in (layer.self_attn for layer in model.model.layers)
+        ]
+        # their scales, where they are fp8 (llama_decode.quantize_index_keys)
+        self.ks = [
+            z(batch, length, dtype=torch.float32) if ki is not None and L.INDEX_FP8 else None
+            for ki in self.ki
         ]
         self.cos, self.sin = L.rope_tables(model, length, dev, dt)
         self.valid = z(batch, length, dtype=torch.bool)  # KV columns a row attends to
@@ -264,7 +269,10 @@ class StaticDecoder:
                 m = mask
                 if lw.top_k and buf.ki[i] is not None:  # DSA: each query's top-k keys
                     qi, ki, w = L.index_in(x, cos, sin, *lw.index)
-                    buf.ki[i][rs, :width] = ki
+                    if buf.ks[i] is None:
+                        buf.ki[i][rs, :width] = ki
+                    else:
+                        buf.ki[i][rs, :width], buf.ks[i][rs, :width] = L.quantize_index_keys(ki)
                     if width > lw.top_k:
                         m = L.select_prefill(qi, ki, w, mask, lw.top_k)
                 x = L.attn_out(x, q, k, v, m, *lw.attn_out)
@@ -285,12 +293,21 @@ class StaticDecoder:
             buf.v[i].index_copy_(2, col, v)
             if lw.top_k and buf.ki[i] is not None:  # DSA: read the top-k keys' rows only
                 qi, ki, w = self.index_in(x, cos, sin, *lw.index)
-                buf.ki[i].index_copy_(1, col, ki)
+                ks = buf.ks[i]
+                if ks is None:
+                    buf.ki[i].index_copy_(1, col, ki)
+                else:
+                    ki8, scale = L.quantize_index_keys(ki)
+                    # as bytes: index_copy_ has no fp8 kernel (torch 2.11-2.13)
+                    buf.ki[i].view(torch.uint8).index_copy_(1, col, ki8.view(torch.uint8))
+                    ks.index_copy_(1, col, scale)
                 if decode_kernel.use_attention_kernel(q):  # the selected rows read in place
-                    idx, ok = self.select_keys(qi, buf.ki[i], w, buf.valid, lw.top_k)
+                    idx, ok = self.select_keys(qi, buf.ki[i], w, buf.valid, lw.top_k, ks)
                     x = self.sparse_attn_out(x, q, buf.k[i], buf.v[i], idx, ok, *lw.attn_out)
                     continue
-                kg, vg, m = self.select(qi, buf.ki[i], w, buf.valid, buf.k[i], buf.v[i], lw.top_k)
+                kg, vg, m = self.select(
+                    qi, buf.ki[i], w, buf.valid, buf.k[i], buf.v[i], lw.top_k, ks
+                )
                 x = self.attn_out(x, q, kg, vg, m, *lw.attn_out)
                 continue
             x = self.attn_out(x, q, buf.k[i], buf.v[i], mask, *lw.attn_out)

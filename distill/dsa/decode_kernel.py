@@ -102,13 +102,14 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_score_kernel(
-        QI, KI, W, SC, n_s, s_qb, s_qh, s_kb, s_kt, s_wb, s_sb,
+        QI, KI, W, SC, KS, n_s, s_qb, s_qh, s_kb, s_kt, s_wb, s_sb, s_ksb,
         HI: tl.constexpr, BH: tl.constexpr, DI: tl.constexpr, BD: tl.constexpr,
-        BS: tl.constexpr, IEEE: tl.constexpr,
+        BS: tl.constexpr, IEEE: tl.constexpr, SCALED: tl.constexpr,
     ):  # fmt: skip
         """Row ``pid(0)``'s index scores against keys ``[pid(1)·BS, +BS)``:
         Σ_h w(h)·ReLU(qi(h)·ki(s)), the dot products rounded to the inputs' dtype before
-        the ReLU, as ``attention.index_scores`` computes them."""
+        the ReLU, as ``attention.index_scores`` computes them; ``SCALED``: fp8 keys,
+        the sum times each key's scale ``KS``."""
         b = tl.program_id(0)
         rh = tl.arange(0, BH)
         mh = rh < HI
@@ -126,6 +127,8 @@ if HAVE_TRITON:
         else:
             d = tl.dot(q, tl.trans(kb)).to(q.dtype).to(tl.float32)
         sc = tl.sum(tl.maximum(d, 0.0) * wv[:, None], 0)
+        if SCALED:
+            sc = sc * tl.load(KS + b * s_ksb + s, mask=m, other=0.0)
         tl.store(SC + b * s_sb + s, sc, mask=m)
 
     @triton.jit
@@ -238,12 +241,13 @@ if HAVE_TRITON:
         tl.store(LSE + b * s_lb + heads * s_lh + sp, lse, mask=mg)
 
 
-def decode_scores(qi: Tensor, ki: Tensor, w: Tensor) -> Tensor:
+def decode_scores(qi: Tensor, ki: Tensor, w: Tensor, ks: Tensor | None = None) -> Tensor:
     """:func:`distill.dsa.attention.index_scores` for one new token a row, in one kernel:
     ``qi`` [B, 1, Hi, Di], the cached index keys ``ki`` [B, S, Di], ``w`` [B, 1, Hi] ->
-    fp32 [B, 1, S]. The torch step runs it as two batched products and a ReLU (on one
-    H100 at 32k, batch 32, ~68 µs a layer, 50 of them reading 134 MB of index keys)."""
-    return torch.ops.distill.decode_scores(qi[:, 0], ki, w[:, 0])[:, None]
+    fp32 [B, 1, S]; ``ks`` [B, S]: fp8 keys' scales (``llama_decode.quantize_index_keys``).
+    The torch step runs it as two batched products and a ReLU (on one H100 at 32k, batch
+    32, ~68 µs a layer, 50 of them reading 134 MB of index keys)."""
+    return torch.ops.distill.decode_scores(qi[:, 0], ki, w[:, 0], ks)[:, None]
 
 
 def decode_topk(scores: Tensor, valid: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
@@ -268,16 +272,19 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, ok: Tensor,
 if HAVE_TRITON:
 
     @torch.library.triton_op("distill::decode_scores", mutates_args=())
-    def _decode_scores_op(qi: Tensor, ki: Tensor, w: Tensor) -> Tensor:
+    def _decode_scores_op(qi: Tensor, ki: Tensor, w: Tensor, ks: Tensor | None) -> Tensor:
         b, hi, di = qi.shape
         n_s = ki.shape[1]
         bs = SCORE_LAUNCH["BS"]
         scores = torch.empty(b, n_s, dtype=torch.float32, device=qi.device)
+        scaled = ks is not None
+        ks = ks if scaled else scores  # (read only where SCALED)
         torch.library.wrap_triton(_decode_score_kernel)[(b, triton.cdiv(n_s, bs))](
-            qi, ki, w, scores, n_s, qi.stride(0), qi.stride(1), ki.stride(0), ki.stride(1),
-            w.stride(0), scores.stride(0), HI=hi, BH=max(16, triton.next_power_of_2(hi)),
-            DI=di, BD=max(16, triton.next_power_of_2(di)), BS=bs,
-            IEEE=qi.dtype == torch.float32, num_warps=SCORE_LAUNCH["num_warps"],
+            qi, ki, w, scores, ks, n_s, qi.stride(0), qi.stride(1), ki.stride(0),
+            ki.stride(1), w.stride(0), scores.stride(0), ks.stride(0), HI=hi,
+            BH=max(16, triton.next_power_of_2(hi)), DI=di,
+            BD=max(16, triton.next_power_of_2(di)), BS=bs, IEEE=qi.dtype == torch.float32,
+            SCALED=scaled, num_warps=SCORE_LAUNCH["num_warps"],
         )  # fmt: skip
         return scores
 
