@@ -26,12 +26,13 @@ read in place through the indices (no gathered copies), the keys of a row split 
 programs (flash-decoding); the splits' partial outputs are merged by their log-sum-exps.
 
 Both are registered ops (``torch.library.triton_op``), so the compiled, graphed step traces
-them. Timed on one H100 (2026-12-07 04:46 UTC, the same shape; two runs, by the profile of
-two steps): a layer's scores 50 µs, its selection 67 (four histogram passes 13 + 11 + 9 +
-8, the emit 25), against 68 and 93 in torch; the step 6.2 ms against 7.4, so
-``DECODE_FUSED`` is on. The attention kernel took 21 µs a layer against the gather and
-SDPA's 22 + 34, but only uncompiled: inductor failed to compile it inside the step, and
-the uncompiled step took 9.5 ms; ``DECODE_ATTENTION`` stays off.
+them. Timed on one H100 (2026-12-07 05:22 UTC, the same shape, batch and context; three
+runs, profiles of two steps): a layer's scores 49 µs, its selection 67 (four histogram
+passes 13 + 11 + 9 + 8, the emit 25), its attention 21, against torch's 68, 93 and
+26 + 34 (gather, SDPA). The step took 5.30, 5.30 and 5.99 ms with both against 6.12-6.17
+with the selection's alone, 7.36 with neither and 12.5-12.7 dense: 2.12-2.37x dense. Both
+are on (``DECODE_FUSED``, ``DECODE_ATTENTION``). The attention had failed to compile inside
+the step at first: inductor passes a Python float as fp64 (below).
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ if HAVE_TRITON:
 DECODE_LAUNCH = {"CS": 2048, "num_warps": 4}
 SCORE_LAUNCH = {"BS": 256, "num_warps": 8}
 # the step's index scores and selection by decode_scores and decode_topk rather than
-# torch's products and torch.topk over int64 rank keys (6.2 against 7.4 ms a step above)
+# torch's products and torch.topk over int64 rank keys (6.1-6.2 against 7.4 ms a step)
 DECODE_FUSED = True
-# the step's attention by decode_attention rather than SDPA over gathered copies
-DECODE_ATTENTION = False
+# the step's attention by decode_attention rather than SDPA over gathered copies (5.3
+# against 6.1 ms a step; 528 programs: 5.27, one run)
+DECODE_ATTENTION = True
 # keys a step of the attention, and the programs to aim for (a row's keys split to fill
 # the GPU: 132 SMs on an H100)
 ATTENTION_LAUNCH = {"BN": 64, "num_warps": 4, "num_stages": 2, "programs": 264}
