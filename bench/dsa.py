@@ -32,7 +32,10 @@ with the backward kernel instead; ``kl_fused_sum_w8`` and ``dsa_kl_w8``
 ``select_fused`` is the selection scored and selected in one kernel (``kernels.SELECT_FUSED``, off, slower; ``dsa_select_fused``,
 ``speedup_select_fused``: the layer with it; ``select_fused_hist`` with its histograms
 as one ``tl.histogram``, ``select_kernel.SELECT_HIST``), ``select_fused_rows_differ``
-the rows where it picked other keys than the default selection.
+the rows where it picked other keys than the default selection. ``select_radix`` is the
+selection's top-k by the decode step's radix select over the score kernel's fp32 chunks
+(``kernels.SELECT_RADIX``; ``dsa_select_radix``, ``speedup_select_radix``,
+``select_radix_rows_differ`` likewise).
 ``--profile-layer`` prints the DSA layer's ops (forward + backward) at the first length.
 
     python bench/dsa.py --preset h100          # the figures: one H100/H200
@@ -266,6 +269,22 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         # its per-row histograms as one tl.histogram rather than 16 row reductions
         hist = [(K, "SELECT_FUSED", True), (S, "SELECT_HIST", True)]
         parts += [("select_fused_hist", _with(select, *hist))]
+        # the decode step's radix select over the score kernel's fp32 chunks
+        # (kernels.SELECT_RADIX, decode_kernel.rows_topk), alone and in the layer
+        parts += [("select_radix", _with(select, (K, "SELECT_RADIX", True)))]
+        parts += [("dsa_select_radix", _with(dsa, (K, "SELECT_RADIX", True)))]
+        if "select_radix" not in p.get("skip_parts", ()):
+            try:
+                K.SELECT_RADIX = True
+                radix = K.index_topk(qi.detach(), ki.detach(), w.detach(), starts,
+                                     p["top_k"], t)  # fmt: skip
+                row["select_radix_rows_differ"] = int(
+                    (radix.sort(-1).values != idx.sort(-1).values).any(-1).sum()
+                )
+            except Exception as e:  # noqa: BLE001 - recorded by the part's own run below
+                print(f"select_radix_rows_differ: {type(e).__name__}: {e}", flush=True)
+            finally:
+                K.SELECT_RADIX = False
         if "select_fused" not in p.get("skip_parts", ()):
             from distill.dsa.select_kernel import fused_topk
 
@@ -292,7 +311,7 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
             row[f"{name}_gbs"] = round(nbytes / s / 1e9, 1)
     if "dense_ms" in row and "dsa_ms" in row:
         row["speedup"] = round(row["dense_ms"] / row["dsa_ms"], 2)
-    for was in ("before", "kl_bwd", "select_fused", "kl_w8"):
+    for was in ("before", "kl_bwd", "select_fused", "kl_w8", "select_radix"):
         if "dense_ms" in row and f"dsa_{was}_ms" in row:
             row[f"speedup_{was}"] = round(row["dense_ms"] / row[f"dsa_{was}_ms"], 2)
     return row, dict(parts, kl_fwd=kl_fwd)

@@ -113,7 +113,11 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
     decode_launch = {k: v for k, v in D.DECODE_LAUNCH.items() if k != "CS"}
     attn_launch = {k: v for k, v in D.ATTENTION_LAUNCH.items() if k not in ("BN", "programs")}
     g = h // hkv
-    decode_c = dict(CS=D.DECODE_LAUNCH["CS"], NCP=p2(-(-32768 // D.DECODE_LAUNCH["CS"])))
+    decode_c = dict(CS=D.DECODE_LAUNCH["CS"], NCP=p2(-(-32768 // D.DECODE_LAUNCH["CS"])),
+                    FROM_SCORES=False)  # fmt: skip
+    rows_launch = {k: v for k, v in D.ROWS_LAUNCH.items() if k != "CS"}
+    rows_c = dict(CS=D.ROWS_LAUNCH["CS"], NCP=max(2, p2(-(-32768 // D.ROWS_LAUNCH["CS"]))),
+                  FROM_SCORES=True)  # fmt: skip
     hist_t = dict(SC="*fp32", VALID="*i8", HIST="*i32", IDX="*i64", OK="*i8")
     out = [
         ("fused selection", S._select_kernel, dict(score_t, IDX="*i64"),
@@ -134,6 +138,10 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
          dict(decode_c, PASS=3), decode_launch),
         ("decode selection, the positions (32k keys)", D._decode_emit_kernel, hist_t, decode_c,
          decode_launch),
+        ("training selection (SELECT_RADIX), a digit's histograms (32k keys)",
+         D._decode_hist_kernel, hist_t, dict(rows_c, PASS=3), rows_launch),
+        ("training selection (SELECT_RADIX), the positions (32k keys)", D._decode_emit_kernel,
+         hist_t, rows_c, rows_launch),
         ("decode attention", D._decode_attn_kernel,
          dict(Q="*bf16", K="*bf16", V="*bf16", IDX="*i64", OK="*i8", OUT="*fp32", LSE="*fp32",
               scale="fp32"),

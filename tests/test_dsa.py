@@ -278,6 +278,17 @@ for sign in (1.0, -1.0):
         K.SELECT_FUSED = False
         assert fused.shape == plain.shape and (fused < 0).any() == (plain < 0).any()
         assert torch.equal(fused.sort(-1).values, plain.sort(-1).values), (sign, top_k)
+    # the decode step's radix select over the score kernel's fp32 chunks
+    # (kernels.SELECT_RADIX, decode_kernel.rows_topk): the same keys, rows in chunks of 16
+    from distill.dsa import decode_kernel as D0
+    D0.ROWS_LAUNCH = {{"CS": 16}}
+    for top_k, max_len in ((6, 30), (40, 70)):
+        plain = K.index_topk(qx, ki.detach(), w.detach(), starts, top_k, max_len)
+        K.SELECT_RADIX = True
+        radix = K.index_topk(qx, ki.detach(), w.detach(), starts, top_k, max_len)
+        K.SELECT_RADIX = False
+        assert radix.shape == plain.shape and (radix < 0).any() == (plain < 0).any()
+        assert torch.equal(radix.sort(-1).values, plain.sort(-1).values), (sign, top_k)
 # the decode step's selection in Triton kernels (decode_kernel.decode_topk) against
 # topk_indices: ties (rounded scores: the later key), rows with fewer valid keys than k;
 # rows in chunks of 32 keys (several chunks tie); then its attention over the selected
@@ -524,6 +535,19 @@ def test_triton_kernels_match_torch_on_gpu():
         finally:
             K.SELECT_FUSED, select_kernel.SELECT_HIST = False, False
         assert torch.equal(fused.sort(-1).values, plain.sort(-1).values), (case, top_k, hist)
+    # and the radix select over the fp32 chunks (kernels.SELECT_RADIX), rows in chunks of
+    # 32 keys and of the default's length
+    from distill.dsa import decode_kernel
+
+    launch = decode_kernel.ROWS_LAUNCH
+    for (case, ins), top_k, cs in itertools.product(cases, (16, 64), (32, launch["CS"])):
+        plain = K.index_topk(*ins, starts, top_k, 62)
+        K.SELECT_RADIX, decode_kernel.ROWS_LAUNCH = True, dict(launch, CS=cs)
+        try:
+            radix = K.index_topk(*ins, starts, top_k, 62)
+        finally:
+            K.SELECT_RADIX, decode_kernel.ROWS_LAUNCH = False, launch
+        assert torch.equal(radix.sort(-1).values, plain.sort(-1).values), (case, top_k, cs)
     idx = K.index_topk(qi, ki, w, starts, 16, 62)
     lse = _sparse_attention_matches(q, k, v, idx)
     from distill.dsa import kl_kernel

@@ -50,6 +50,9 @@ if HAVE_TRITON:
 
 # keys a program (the selection's chunk; the scores'), read at each launch
 DECODE_LAUNCH = {"CS": 2048, "num_warps": 4}
+# the same selection over the trainer's query chunks (rows_topk: thousands of rows, so
+# fewer, longer chunks: each program reads its row's histograms of every chunk)
+ROWS_LAUNCH = {"CS": 8192, "num_warps": 8}
 SCORE_LAUNCH = {"BS": 256, "num_warps": 8}
 # the step's index scores and selection by decode_scores and decode_topk rather than
 # torch's products and torch.topk over int64 rank keys (6.1-6.2 against 7.4 ms a step)
@@ -134,25 +137,30 @@ if HAVE_TRITON:
         tl.store(SC + b * s_sb + s, sc, mask=m)
 
     @triton.jit
-    def _chunk(SC, VALID, b, c, n_s, s_sb, s_vb, CS: tl.constexpr):
-        """Chunk ``c`` of row ``b``: its positions, which are valid keys, their order."""
+    def _chunk(SC, VALID, b, c, n_s, s_sb, s_vb, CS: tl.constexpr,
+               FROM_SCORES: tl.constexpr):  # fmt: skip
+        """Chunk ``c`` of row ``b``: its positions, which are valid keys (``FROM_SCORES``:
+        those scored above -inf, no mask read), their order."""
         s = c * CS + tl.arange(0, CS)
         m = s < n_s
-        ok = m & (tl.load(VALID + b * s_vb + s, mask=m, other=0) != 0)
-        u = _score_order(tl.load(SC + b * s_sb + s, mask=m, other=0.0).to(tl.float32))
-        return s, ok, u
+        sc = tl.load(SC + b * s_sb + s, mask=m, other=float("-inf")).to(tl.float32)
+        if FROM_SCORES:
+            ok = m & (sc > float("-inf"))
+        else:
+            ok = m & (tl.load(VALID + b * s_vb + s, mask=m, other=0) != 0)
+        return s, ok, _score_order(sc)
 
     @triton.jit
     def _decode_hist_kernel(
         SC, VALID, HIST, n_s, k_out, n_c, s_sb, s_vb, s_hp, s_hb, s_hc,
-        PASS: tl.constexpr, CS: tl.constexpr, NCP: tl.constexpr,
+        PASS: tl.constexpr, CS: tl.constexpr, NCP: tl.constexpr, FROM_SCORES: tl.constexpr,
     ):  # fmt: skip
         """Pass ``PASS``: chunk ``pid(1)`` of row ``pid(0)`` counts the next digit (bits
         ``24 - 8·PASS`` up) of its valid keys that share the decided prefix."""
         b = tl.program_id(0)
         c = tl.program_id(1)
         prefix, _, _, _ = _decided(HIST, b, k_out, n_c, s_hp, s_hb, s_hc, PASS, NCP)
-        _, ok, u = _chunk(SC, VALID, b, c, n_s, s_sb, s_vb, CS)
+        _, ok, u = _chunk(SC, VALID, b, c, n_s, s_sb, s_vb, CS, FROM_SCORES)
         shift = 24 - 8 * PASS
         match = ok & (((u >> shift) >> 8) == prefix)  # two shifts: u >> 32 is undefined
         hist = tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=match)
@@ -161,7 +169,7 @@ if HAVE_TRITON:
     @triton.jit
     def _decode_emit_kernel(
         SC, VALID, HIST, IDX, OK, n_s, k_out, n_c, s_sb, s_vb, s_hp, s_hb, s_hc, s_ib,
-        CS: tl.constexpr, NCP: tl.constexpr,
+        CS: tl.constexpr, NCP: tl.constexpr, FROM_SCORES: tl.constexpr,
     ):  # fmt: skip
         """Chunk ``pid(1)`` of row ``pid(0)`` writes its keys above the k-th score (after
         those of the earlier chunks) and its keys tied with it that are among the latest
@@ -173,7 +181,7 @@ if HAVE_TRITON:
         n_above = tl.sum(above)
         above_before = tl.sum(tl.where(rc < c, above, 0))
         ties_after = tl.sum(tl.where(rc > c, equal, 0))
-        s, ok, u = _chunk(SC, VALID, b, c, n_s, s_sb, s_vb, CS)
+        s, ok, u = _chunk(SC, VALID, b, c, n_s, s_sb, s_vb, CS, FROM_SCORES)
         up = ok & (u > prefix)
         tie = ok & (u == prefix)
         # the ties at later positions than each key: in later chunks, then in this one
@@ -258,7 +266,21 @@ def decode_topk(scores: Tensor, valid: Tensor, top_k: int) -> tuple[Tensor, Tens
     The same valid keys (``ok``); where a row has fewer than K, its other entries are key
     0, not ``ok``, where ``topk_indices`` names invalid keys (attention reads neither)."""
     k = min(top_k, scores.shape[-1])
-    return torch.ops.distill.decode_topk(scores[:, 0].contiguous(), valid.contiguous(), k)
+    cs, warps = DECODE_LAUNCH["CS"], DECODE_LAUNCH.get("num_warps", 4)
+    idx, ok = torch.ops.distill.decode_topk(
+        scores[:, 0].contiguous(), valid.contiguous(), k, cs, warps
+    )
+    return idx[:, None], ok[:, None]
+
+
+def rows_topk(scores: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """:func:`decode_topk` for the trainer's query chunks (``kernels.SELECT_RADIX``):
+    ``scores`` [R, S] fp32, -inf where a key is not the row's to read -> ``idx`` and
+    ``ok`` [R, K]: each row's ``top_k`` keys scored above -inf (ties to the later key),
+    all of them where it has fewer, in chunks of ``ROWS_LAUNCH["CS"]`` keys."""
+    k = min(top_k, scores.shape[-1])
+    cs, warps = ROWS_LAUNCH["CS"], ROWS_LAUNCH.get("num_warps", 4)
+    return torch.ops.distill.decode_topk(scores.contiguous(), None, k, cs, warps)
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, ok: Tensor,
@@ -291,24 +313,26 @@ if HAVE_TRITON:
         return scores
 
     @torch.library.triton_op("distill::decode_topk", mutates_args=())
-    def _decode_topk_op(scores: Tensor, valid: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def _decode_topk_op(scores: Tensor, valid: Tensor | None, k: int, cs: int,
+                        num_warps: int) -> tuple[Tensor, Tensor]:  # fmt: skip
         b, n_s = scores.shape
-        launch = dict(DECODE_LAUNCH)
-        cs = launch.pop("CS")
         n_c = triton.cdiv(n_s, cs)
         ncp = max(2, triton.next_power_of_2(n_c))
-        idx = torch.zeros(b, 1, k, dtype=torch.long, device=scores.device)
-        ok = torch.zeros(b, 1, k, dtype=torch.int8, device=scores.device)
+        idx = torch.zeros(b, k, dtype=torch.long, device=scores.device)
+        ok = torch.zeros(b, k, dtype=torch.int8, device=scores.device)
         hist = torch.empty(4, b, n_c, 256, dtype=torch.int32, device=scores.device)
-        valid8 = valid.to(torch.int8)  # (a bool view does not lower in the compiled step)
+        from_scores = valid is None
+        # (a bool view does not lower in the compiled step: a cast)
+        valid8 = scores if from_scores else valid.to(torch.int8)
         strides = (scores.stride(0), valid8.stride(0), *hist.stride()[:3])
         for p in range(4):
             torch.library.wrap_triton(_decode_hist_kernel)[(b, n_c)](
-                scores, valid8, hist, n_s, k, n_c, *strides, PASS=p, CS=cs, NCP=ncp, **launch
-            )
+                scores, valid8, hist, n_s, k, n_c, *strides, PASS=p, CS=cs, NCP=ncp,
+                FROM_SCORES=from_scores, num_warps=num_warps,
+            )  # fmt: skip
         torch.library.wrap_triton(_decode_emit_kernel)[(b, n_c)](
             scores, valid8, hist, idx, ok, n_s, k, n_c, *strides, idx.stride(0),
-            CS=cs, NCP=ncp, **launch,
+            CS=cs, NCP=ncp, FROM_SCORES=from_scores, num_warps=num_warps,
         )  # fmt: skip
         return idx, ok != 0
 

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from distill.dsa import attention as A
-from distill.dsa import select_kernel
+from distill.dsa import decode_kernel, select_kernel
 
 try:
     import triton
@@ -105,7 +105,10 @@ def index_topk(
         for n, a in enumerate(range(0, t, chunk)):
             b, lo = min(t, a + chunk), firsts[n]
             kk = min(k_out, b - lo)
-            if SELECT_FP32:
+            if SELECT_RADIX and use_triton(qi):
+                scores = _chunk_keys(qi, ki, w, starts, a, b, lo, ranked=False)
+                j, ok = decode_kernel.rows_topk(scores, kk)
+            elif SELECT_FP32:
                 scores = _chunk_keys(qi, ki, w, starts, a, b, lo, ranked=False)
                 j = _topk_tied(scores, kk)
                 ok = scores.gather(-1, j) > float("-inf")
@@ -145,6 +148,12 @@ def _topk_tied(scores: Tensor, kk: int) -> Tensor:
 # slower on one H100 at 32k (2026-12-07, one run; bench/dsa.py: select_fused): 60.8 ms
 # against 32.4 for the rank keys and topk (MQA shape), 60.9 against 31.9 (Qwen2).
 SELECT_FUSED = False
+
+# the selection's top-k by the decode step's radix select (decode_kernel.rows_topk: four
+# 8-bit histogram passes over each row's fp32 scores in chunks, then one pass writing the
+# positions; ties to the later key, as the rank keys) rather than torch.topk over the
+# score kernel's int64 rank keys (eight radix passes over 8-byte keys). Off until timed.
+SELECT_RADIX = False
 
 # a -inf score's rank (the high half of its rank key): a key outside the query's span
 NO_KEY = int(A.rank_key(torch.tensor([float("-inf")]))[0]) >> 32
