@@ -152,7 +152,10 @@ SELECT_FUSED = False
 # the selection's top-k by the decode step's radix select (decode_kernel.rows_topk: four
 # 8-bit histogram passes over each row's fp32 scores in chunks, then one pass writing the
 # positions; ties to the later key, as the rank keys) rather than torch.topk over the
-# score kernel's int64 rank keys (eight radix passes over 8-byte keys). Off until timed.
+# score kernel's int64 rank keys (eight radix passes over 8-byte keys): the same keys (0
+# rows differ on one H100). Off: on that H100 at 32k (2026-12-07 05:56 UTC, one run;
+# bench/dsa.py: select_radix) 48.8 ms against 37.0 (MQA shape; the layer 114.2 against
+# 107.2), 30.6 against 32.9 at the Qwen2 shape (the layer 94.1).
 SELECT_RADIX = False
 
 # a -inf score's rank (the high half of its rank key): a key outside the query's span
