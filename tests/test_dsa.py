@@ -266,29 +266,22 @@ for sign in (1.0, -1.0):
     del os.environ["DISTILL_DSA_TRITON"]
     assert torch.equal(got.sort(-1).values, ref.sort(-1).values), sign
     assert torch.equal(got32.sort(-1).values, ref.sort(-1).values), sign
-    # scores and selection in one kernel (kernels.SELECT_FUSED): the same keys, ties at 0
-    # (the ReLUs of the negative queries) to the later key, blocks that span traces, rows
-    # with fewer keys than top-k
-    from distill.dsa import select_kernel as S
+    # scores and selection in one kernel (kernels.SELECT_FUSED, its histograms by row
+    # reductions or tl.histogram), and the decode step's radix select over the score
+    # kernel's fp32 chunks (kernels.SELECT_RADIX, decode_kernel.rows_topk, rows in chunks
+    # of 16 keys): the same keys, ties at 0 (the ReLUs of the negative queries) to the
+    # later key, blocks that span traces, rows with fewer keys than top-k
+    from distill.dsa import decode_kernel as D0, select_kernel as S
     S.SELECT_LAUNCH = {{"BM": 16, "BN": 16}}
-    for (top_k, max_len), S.SELECT_HIST in itertools.product(((6, 30), (40, 70)), (False, True)):
-        plain = K.index_topk(qx, ki.detach(), w.detach(), starts, top_k, max_len)
-        K.SELECT_FUSED = True
-        fused = K.index_topk(qx, ki.detach(), w.detach(), starts, top_k, max_len)
-        K.SELECT_FUSED = False
-        assert fused.shape == plain.shape and (fused < 0).any() == (plain < 0).any()
-        assert torch.equal(fused.sort(-1).values, plain.sort(-1).values), (sign, top_k)
-    # the decode step's radix select over the score kernel's fp32 chunks
-    # (kernels.SELECT_RADIX, decode_kernel.rows_topk): the same keys, rows in chunks of 16
-    from distill.dsa import decode_kernel as D0
     D0.ROWS_LAUNCH = {{"CS": 16}}
-    for top_k, max_len in ((6, 30), (40, 70)):
+    ways = (("SELECT_FUSED", False), ("SELECT_FUSED", True), ("SELECT_RADIX", False))
+    for (top_k, max_len), (flag, S.SELECT_HIST) in itertools.product(((6, 30), (40, 70)), ways):
         plain = K.index_topk(qx, ki.detach(), w.detach(), starts, top_k, max_len)
-        K.SELECT_RADIX = True
-        radix = K.index_topk(qx, ki.detach(), w.detach(), starts, top_k, max_len)
-        K.SELECT_RADIX = False
-        assert radix.shape == plain.shape and (radix < 0).any() == (plain < 0).any()
-        assert torch.equal(radix.sort(-1).values, plain.sort(-1).values), (sign, top_k)
+        setattr(K, flag, True)
+        other = K.index_topk(qx, ki.detach(), w.detach(), starts, top_k, max_len)
+        setattr(K, flag, False)
+        assert other.shape == plain.shape and (other < 0).any() == (plain < 0).any()
+        assert torch.equal(other.sort(-1).values, plain.sort(-1).values), (sign, top_k, flag)
 # the decode step's selection in Triton kernels (decode_kernel.decode_topk) against
 # topk_indices: ties (rounded scores: the later key), rows with fewer valid keys than k;
 # rows in chunks of 32 keys (several chunks tie); then its attention over the selected

@@ -266,21 +266,18 @@ def decode_topk(scores: Tensor, valid: Tensor, top_k: int) -> tuple[Tensor, Tens
     The same valid keys (``ok``); where a row has fewer than K, its other entries are key
     0, not ``ok``, where ``topk_indices`` names invalid keys (attention reads neither)."""
     k = min(top_k, scores.shape[-1])
-    cs, warps = DECODE_LAUNCH["CS"], DECODE_LAUNCH.get("num_warps", 4)
-    idx, ok = torch.ops.distill.decode_topk(
-        scores[:, 0].contiguous(), valid.contiguous(), k, cs, warps
-    )
-    return idx[:, None], ok[:, None]
+    return torch.ops.distill.decode_topk(scores[:, 0].contiguous(), valid.contiguous(), k)
 
 
 def rows_topk(scores: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     """:func:`decode_topk` for the trainer's query chunks (``kernels.SELECT_RADIX``):
     ``scores`` [R, S] fp32, -inf where a key is not the row's to read -> ``idx`` and
     ``ok`` [R, K]: each row's ``top_k`` keys scored above -inf (ties to the later key),
-    all of them where it has fewer, in chunks of ``ROWS_LAUNCH["CS"]`` keys."""
+    all of them where it has fewer, in chunks of ``ROWS_LAUNCH["CS"]`` keys. Eager (the
+    trainer's selection runs outside any compiled graph): the kernels, no registered op."""
     k = min(top_k, scores.shape[-1])
-    cs, warps = ROWS_LAUNCH["CS"], ROWS_LAUNCH.get("num_warps", 4)
-    return torch.ops.distill.decode_topk(scores.contiguous(), None, k, cs, warps)
+    idx, ok = _radix_topk(scores.contiguous(), None, k, ROWS_LAUNCH)
+    return idx[:, 0], ok[:, 0]
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, ok: Tensor,
@@ -313,13 +310,20 @@ if HAVE_TRITON:
         return scores
 
     @torch.library.triton_op("distill::decode_topk", mutates_args=())
-    def _decode_topk_op(scores: Tensor, valid: Tensor | None, k: int, cs: int,
-                        num_warps: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+    def _decode_topk_op(scores: Tensor, valid: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        return _radix_topk(scores, valid, k, DECODE_LAUNCH)
+
+    def _radix_topk(scores: Tensor, valid: Tensor | None, k: int,
+                    launch: dict) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """The radix select's launches: ``idx``, ``ok`` [B, 1, k]; ``valid`` None: the
+        keys scored above -inf."""
         b, n_s = scores.shape
+        launch = dict(launch)
+        cs = launch.pop("CS")
         n_c = triton.cdiv(n_s, cs)
         ncp = max(2, triton.next_power_of_2(n_c))
-        idx = torch.zeros(b, k, dtype=torch.long, device=scores.device)
-        ok = torch.zeros(b, k, dtype=torch.int8, device=scores.device)
+        idx = torch.zeros(b, 1, k, dtype=torch.long, device=scores.device)
+        ok = torch.zeros(b, 1, k, dtype=torch.int8, device=scores.device)
         hist = torch.empty(4, b, n_c, 256, dtype=torch.int32, device=scores.device)
         from_scores = valid is None
         # (a bool view does not lower in the compiled step: a cast)
@@ -328,11 +332,11 @@ if HAVE_TRITON:
         for p in range(4):
             torch.library.wrap_triton(_decode_hist_kernel)[(b, n_c)](
                 scores, valid8, hist, n_s, k, n_c, *strides, PASS=p, CS=cs, NCP=ncp,
-                FROM_SCORES=from_scores, num_warps=num_warps,
+                FROM_SCORES=from_scores, **launch,
             )  # fmt: skip
         torch.library.wrap_triton(_decode_emit_kernel)[(b, n_c)](
             scores, valid8, hist, idx, ok, n_s, k, n_c, *strides, idx.stride(0),
-            CS=cs, NCP=ncp, FROM_SCORES=from_scores, num_warps=num_warps,
+            CS=cs, NCP=ncp, FROM_SCORES=from_scores, **launch,
         )  # fmt: skip
         return idx, ok != 0
 
