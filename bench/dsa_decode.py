@@ -163,8 +163,14 @@ def main() -> None:
         decode_kernel.DECODE_FUSED = "fused" in model or "kernels" in model
         decode_kernel.DECODE_ATTENTION = "kernels" in model
         llama_decode.INDEX_FP8 = model.endswith("_fp8")
+        wanted = decode_kernel.DECODE_FUSED, decode_kernel.DECODE_ATTENTION
         try:
             row.update(run(model, p, dev, dtype, graphs=dev.type == "cuda", profile=args.profile))
+            # the decoder turns failing decode kernels off and goes on with the torch step
+            row[f"{model}_kernels_failed"] = wanted != (
+                decode_kernel.DECODE_FUSED,
+                decode_kernel.DECODE_ATTENTION,
+            )
         finally:
             (decode_kernel.DECODE_FUSED, decode_kernel.DECODE_ATTENTION,
              llama_decode.INDEX_FP8) = defaults  # fmt: skip

@@ -227,6 +227,23 @@ def test_fp8_index_keys_round_within_e4m3_and_select_as_their_values():
     assert not torch.equal(L.select_keys(qi, k8, w, valid, 6)[0], want_idx)
 
 
+def test_static_decoder_goes_on_without_failing_decode_kernels(monkeypatch, caplog):
+    """Where the DSA decode kernels fail (here: on the CPU, where they cannot launch),
+    the static decoder says so, turns them off and decodes with the torch step: the
+    tokens of the decoder without them."""
+    from distill.dsa import decode_kernel
+
+    model = _random_dsa(top_k=3)
+    want = _greedy(model)
+    monkeypatch.setattr(decode_kernel, "DECODE_FUSED", True)
+    monkeypatch.setattr(decode_kernel, "DECODE_ATTENTION", True)
+    monkeypatch.setattr(decode_kernel, "use_decode_kernel", lambda x: decode_kernel.DECODE_FUSED)
+    with caplog.at_level("WARNING"):
+        assert _greedy(model) == want
+    assert "decode kernels failed" in caplog.text
+    assert not decode_kernel.DECODE_FUSED and not decode_kernel.DECODE_ATTENTION
+
+
 def _decoded(model):
     dec = StaticDecoder(model, pad_id=PAD, eos_ids=[EOS], compile=False, graphs=False)
     rows = [_Row(conv=i, sample=0, prompt=p, seed=0, limit=STEPS) for i, p in enumerate(PROMPTS)]

@@ -40,6 +40,13 @@ PREFILL_TOKENS = 16384  # prompt tokens per prefill chunk: bounds its activation
 # [rows, width, 4.9k] of a 0.5B model at 512 rows x 256 columns would be 1.3 GB each)
 
 
+def _tail(error: Exception) -> str:
+    """An error's message for a warning: a compile worker's traceback names the cause at
+    its end."""
+    msg = str(error)
+    return msg if len(msg) < 2000 else f"{msg[:400]} [...] {msg[-1600:]}"
+
+
 def _bucket(n: int, size: int) -> int:
     return -(-n // size) * size
 
@@ -197,21 +204,32 @@ class StaticDecoder:
         self._unpack(rows, buf, rec, steps)
 
     def _eager(self, fn, *args) -> None:
-        """Run a step eagerly; if compiling it fails, say why and go on uncompiled (a
-        failed step is safe to redo: what it wrote before failing, it writes again)."""
+        """Run a step eagerly; if compiling it fails, say why and go on uncompiled, and if
+        the DSA decode kernels fail (a GPU or shape their launch does not fit), say why and
+        go on with the torch step (a failed step is safe to redo: what it wrote before
+        failing, it writes again)."""
         try:
             fn(*args)
+            return
         except Exception as e:
-            if self.head is head:
-                raise
-            # a compile worker's traceback names the cause at its end
-            msg = str(e)
-            msg = msg if len(msg) < 2000 else f"{msg[:400]} [...] {msg[-1600:]}"
-            log.warning("torch.compile failed, decoding uncompiled: %s", msg)
+            error = e
+        if self.head is not head:
+            log.warning("torch.compile failed, decoding uncompiled: %s", _tail(error))
             self.attn_in, self.attn_out, self.head = L.attn_in, L.attn_out, head
             self.index_in, self.select = L.index_in, L.select_step
             self.select_keys, self.sparse_attn_out = L.select_keys, L.sparse_attn_out
-            fn(*args)
+            try:
+                fn(*args)
+                return
+            except Exception as e:
+                error = e
+        kernels = decode_kernel.DECODE_FUSED or decode_kernel.DECODE_ATTENTION
+        if not (kernels and fn == self._step and any(ki is not None for ki in args[0].ki)):
+            raise error
+        log.warning("the DSA decode kernels failed, decoding with the torch step: %s",
+                    _tail(error))  # fmt: skip
+        decode_kernel.DECODE_FUSED = decode_kernel.DECODE_ATTENTION = False  # this process
+        fn(*args)
 
     def _capture(self, buf, layers, rest, key, rec):
         """Capture one step as a CUDA graph (capturing runs nothing: replay it once)."""
