@@ -227,10 +227,13 @@ def test_fp8_index_keys_round_within_e4m3_and_select_as_their_values():
     assert not torch.equal(L.select_keys(qi, k8, w, valid, 6)[0], want_idx)
 
 
-def test_static_decoder_goes_on_without_failing_decode_kernels(monkeypatch, caplog):
-    """Where the DSA decode kernels fail (here: on the CPU, where they cannot launch),
-    the static decoder says so, turns them off and decodes with the torch step: the
-    tokens of the decoder without them."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_static_decoder_goes_on_without_failing_decode_kernels(compiled, monkeypatch, caplog):
+    """Where the DSA decode kernels fail (here: on the CPU, where they cannot launch, and
+    compiled, where the step cannot trace them), the static decoder says so, turns them
+    off and decodes with the torch step, still compiled where it was: the tokens of the
+    decoder without them."""
+    from distill.backends import static_decode
     from distill.dsa import decode_kernel
 
     model = _random_dsa(top_k=3)
@@ -238,10 +241,17 @@ def test_static_decoder_goes_on_without_failing_decode_kernels(monkeypatch, capl
     monkeypatch.setattr(decode_kernel, "DECODE_FUSED", True)
     monkeypatch.setattr(decode_kernel, "DECODE_ATTENTION", True)
     monkeypatch.setattr(decode_kernel, "use_decode_kernel", lambda x: decode_kernel.DECODE_FUSED)
-    with caplog.at_level("WARNING"):
-        assert _greedy(model) == want
+    monkeypatch.setattr(
+        decode_kernel, "use_attention_kernel", lambda q: decode_kernel.DECODE_ATTENTION
+    )
+    dec = StaticDecoder(model, pad_id=PAD, eos_ids=[EOS], compile=compiled, graphs=False)
+    rows = [_Row(conv=i, sample=0, prompt=p, seed=0, limit=STEPS) for i, p in enumerate(PROMPTS)]
+    with caplog.at_level("WARNING"), torch.inference_mode():
+        dec.decode(rows, Sampling(temperature=0, max_new_tokens=STEPS), batch=4)
+    assert [r.tokens for r in rows] == want
     assert "decode kernels failed" in caplog.text
     assert not decode_kernel.DECODE_FUSED and not decode_kernel.DECODE_ATTENTION
+    assert (dec.head is not static_decode.head) == compiled  # compiled: not dropped
 
 
 def _decoded(model):

@@ -204,31 +204,33 @@ class StaticDecoder:
         self._unpack(rows, buf, rec, steps)
 
     def _eager(self, fn, *args) -> None:
-        """Run a step eagerly; if compiling it fails, say why and go on uncompiled, and if
-        the DSA decode kernels fail (a GPU or shape their launch does not fit), say why and
-        go on with the torch step (a failed step is safe to redo: what it wrote before
-        failing, it writes again)."""
+        """Run a step eagerly. If it fails with the DSA decode kernels on (a GPU or shape
+        their launch or their compile does not fit), say why and go on with the torch
+        step, compiled (the compiled torch step beat the kernels run uncompiled: 1.73x
+        against 1.33x dense on one H100, 2026-12-07); if compiling fails, say why and go on
+        uncompiled. A failed step is safe to redo: what it wrote before failing, it writes
+        again."""
         try:
             fn(*args)
             return
         except Exception as e:
             error = e
-        if self.head is not head:
-            log.warning("torch.compile failed, decoding uncompiled: %s", _tail(error))
-            self.attn_in, self.attn_out, self.head = L.attn_in, L.attn_out, head
-            self.index_in, self.select = L.index_in, L.select_step
-            self.select_keys, self.sparse_attn_out = L.select_keys, L.sparse_attn_out
+        kernels = decode_kernel.DECODE_FUSED or decode_kernel.DECODE_ATTENTION
+        if kernels and fn == self._step and any(ki is not None for ki in args[0].ki):
+            log.warning("the DSA decode kernels failed, decoding with the torch step: %s",
+                        _tail(error))  # fmt: skip
+            decode_kernel.DECODE_FUSED = decode_kernel.DECODE_ATTENTION = False  # process
             try:
-                fn(*args)
+                fn(*args)  # compiled anew without them, or failing, uncompiled below
                 return
             except Exception as e:
                 error = e
-        kernels = decode_kernel.DECODE_FUSED or decode_kernel.DECODE_ATTENTION
-        if not (kernels and fn == self._step and any(ki is not None for ki in args[0].ki)):
+        if self.head is head:
             raise error
-        log.warning("the DSA decode kernels failed, decoding with the torch step: %s",
-                    _tail(error))  # fmt: skip
-        decode_kernel.DECODE_FUSED = decode_kernel.DECODE_ATTENTION = False  # this process
+        log.warning("torch.compile failed, decoding uncompiled: %s", _tail(error))
+        self.attn_in, self.attn_out, self.head = L.attn_in, L.attn_out, head
+        self.index_in, self.select = L.index_in, L.select_step
+        self.select_keys, self.sparse_attn_out = L.select_keys, L.sparse_attn_out
         fn(*args)
 
     def _capture(self, buf, layers, rest, key, rec):
