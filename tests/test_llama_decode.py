@@ -351,6 +351,9 @@ def test_dsa_student_decodes_compiled_and_graphed_on_gpu(kernels, monkeypatch):
     with torch.inference_mode():
         dec.decode(rows, Sampling(temperature=0, max_new_tokens=STEPS), batch=4)
     assert dec.head is not static_decode.head  # compiled: no fallback to eager
+    # the kernels kept: no fallback to the torch step either
+    assert decode_kernel.DECODE_FUSED == ("select" in kernels)
+    assert decode_kernel.DECODE_ATTENTION == ("attention" in kernels)
     assert any(buf.graphs for buf in dec.shapes.values())
     got = [r.tokens for r in rows]
     assert got == _greedy(model)
