@@ -119,21 +119,22 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
     rows_c = dict(CS=D.ROWS_LAUNCH["CS"], NCP=max(2, p2(-(-32768 // D.ROWS_LAUNCH["CS"]))),
                   FROM_SCORES=True)  # fmt: skip
     hist_t = dict(SC="*fp32", VALID="*i8", HIST="*i32", IDX="*i64", OK="*i8")
+    dscore_t = dict(QI="*bf16", KI="*bf16", W="*bf16", SC="*fp32", KS="*fp32")
+    dscore_c = dict(HI=hi, BH=max(16, p2(hi)), DI=di, BD=index["BDI"],
+                    BS=D.SCORE_LAUNCH["BS"], IEEE=False)  # fmt: skip
+    dscore_launch = {"num_warps": D.SCORE_LAUNCH["num_warps"]}
+    attn_t = dict(Q="*bf16", K="*bf16", V="*bf16", IDX="*i64", OK="*i8", OUT="*fp32",
+                  LSE="*fp32", scale="fp32")  # fmt: skip
+    attn_c = dict(G=g, BG=max(16, p2(g)), D=d, BD=bd, BN=D.ATTENTION_LAUNCH["BN"], IEEE=False)
     out = [
         ("fused selection", S._select_kernel, dict(score_t, IDX="*i64"),
          dict(select_c, HIST=False), select_launch),
         ("fused selection, one histogram", S._select_kernel, dict(score_t, IDX="*i64"),
          dict(select_c, HIST=True), select_launch),
-        ("decode scores", D._decode_score_kernel,
-         dict(QI="*bf16", KI="*bf16", W="*bf16", SC="*fp32", KS="*fp32"),
-         dict(HI=hi, BH=max(16, p2(hi)), DI=di, BD=index["BDI"], BS=D.SCORE_LAUNCH["BS"],
-              IEEE=False, SCALED=False),
-         {"num_warps": D.SCORE_LAUNCH["num_warps"]}),
+        ("decode scores", D._decode_score_kernel, dscore_t, dict(dscore_c, SCALED=False),
+         dscore_launch),
         ("decode scores, fp8 index keys", D._decode_score_kernel,
-         dict(QI="*bf16", KI="*fp8e4nv", W="*bf16", SC="*fp32", KS="*fp32"),
-         dict(HI=hi, BH=max(16, p2(hi)), DI=di, BD=index["BDI"], BS=D.SCORE_LAUNCH["BS"],
-              IEEE=False, SCALED=True),
-         {"num_warps": D.SCORE_LAUNCH["num_warps"]}),
+         dict(dscore_t, KI="*fp8e4nv"), dict(dscore_c, SCALED=True), dscore_launch),
         ("decode selection, a digit's histograms (32k keys)", D._decode_hist_kernel, hist_t,
          dict(decode_c, PASS=3), decode_launch),
         ("decode selection, the positions (32k keys)", D._decode_emit_kernel, hist_t, decode_c,
@@ -142,17 +143,10 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
          D._decode_hist_kernel, hist_t, dict(rows_c, PASS=3), rows_launch),
         ("training selection (SELECT_RADIX), the positions (32k keys)", D._decode_emit_kernel,
          hist_t, rows_c, rows_launch),
-        ("decode attention", D._decode_attn_kernel,
-         dict(Q="*bf16", K="*bf16", V="*bf16", IDX="*i64", OK="*i8", OUT="*fp32", LSE="*fp32",
-              scale="fp32"),
-         dict(G=g, BG=max(16, p2(g)), D=d, BD=bd, BN=D.ATTENTION_LAUNCH["BN"], IEEE=False),
-         attn_launch),
+        ("decode attention", D._decode_attn_kernel, attn_t, attn_c, attn_launch),
         # inside a compiled step inductor passes the Python float scale as fp64
         ("decode attention, fp64 scale (inductor's)", D._decode_attn_kernel,
-         dict(Q="*bf16", K="*bf16", V="*bf16", IDX="*i64", OK="*i8", OUT="*fp32", LSE="*fp32",
-              scale="fp64"),
-         dict(G=g, BG=max(16, p2(g)), D=d, BD=bd, BN=D.ATTENTION_LAUNCH["BN"], IEEE=False),
-         attn_launch),
+         dict(attn_t, scale="fp64"), attn_c, attn_launch),
         ("index scores", K._index_score_kernel, score_t, dict(score_c, RANKED=False), {}),
         ("index rank keys", K._index_score_kernel, dict(score_t, OUT="*i64"),
          dict(score_c, RANKED=True), {}),
