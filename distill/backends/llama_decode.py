@@ -40,7 +40,8 @@ FAMILY = ("llama", "qwen2", "qwen3", DSA_TYPE)
 # a DSA step's cached index keys in fp8 with one fp32 scale a key rather than in the
 # model's dtype: 68 bytes a key of 64 dimensions against 128 (V3.2's indexer computes in
 # fp8); its scores round the keys to e4m3's 3-bit mantissa, so the top-k may differ from
-# the model's own near ties. Off: on one H100 (2026-12-07, Qwen2 shape, 32k, batch 32,
+# the model's own near ties (the prompt's own selection, at prefill, still reads the
+# unrounded keys). Off: on one H100 (2026-12-07, Qwen2 shape, 32k, batch 32,
 # three runs) it cut the cache from 16.2 to 14.7 GB (dense 13.0) and its scores kernel
 # from 49 to 32 µs a layer, but the step took 5.58-5.86 ms against 5.30-5.99 (its keys'
 # quantization ops each step)
