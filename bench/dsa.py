@@ -273,28 +273,30 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         # (kernels.SELECT_RADIX, decode_kernel.rows_topk), alone and in the layer
         parts += [("select_radix", _with(select, (K, "SELECT_RADIX", True)))]
         parts += [("dsa_select_radix", _with(dsa, (K, "SELECT_RADIX", True)))]
-        if "select_radix" not in p.get("skip_parts", ()):
-            try:
-                K.SELECT_RADIX = True
-                radix = K.index_topk(qi.detach(), ki.detach(), w.detach(), starts,
-                                     p["top_k"], t)  # fmt: skip
-                row["select_radix_rows_differ"] = int(
-                    (radix.sort(-1).values != idx.sort(-1).values).any(-1).sum()
+
+        def rows_differ(name: str, pick) -> None:
+            """The rows where selection ``name`` (``pick()``) chose other keys than the
+            default's: the same scores, so none expected."""
+            if name in p.get("skip_parts", ()):
+                return
+            try:  # a kernel that does not compile here is the part's error, not the row's
+                got = pick()
+                row[f"{name}_rows_differ"] = int(
+                    (got.sort(-1).values != idx.sort(-1).values).any(-1).sum()
                 )
             except Exception as e:  # noqa: BLE001 - recorded by the part's own run below
-                print(f"select_radix_rows_differ: {type(e).__name__}: {e}", flush=True)
+                print(f"{name}_rows_differ: {type(e).__name__}: {e}", flush=True)
+
+        def radix_topk():
+            K.SELECT_RADIX = True
+            try:
+                return K.index_topk(qi.detach(), ki.detach(), w.detach(), starts, p["top_k"], t)
             finally:
                 K.SELECT_RADIX = False
-        if "select_fused" not in p.get("skip_parts", ()):
-            from distill.dsa.select_kernel import fused_topk
 
-            try:  # a kernel that does not compile here is the parts' error, not the row's
-                fused = fused_topk(qi.detach(), ki.detach(), w.detach(), starts, idx.shape[1])
-                row["select_fused_rows_differ"] = int(
-                    (fused.sort(-1).values != idx.sort(-1).values).any(-1).sum()
-                )
-            except Exception as e:  # noqa: BLE001 - recorded by the part's own run below
-                print(f"select_fused_rows_differ: {type(e).__name__}: {e}", flush=True)
+        rows_differ("select_radix", radix_topk)
+        rows_differ("select_fused", lambda: S.fused_topk(qi.detach(), ki.detach(), w.detach(),
+                                                         starts, idx.shape[1]))  # fmt: skip
     for name, fn in parts:
         if name in p.get("skip_parts", ()):
             continue
