@@ -36,6 +36,15 @@ the rows where it picked other keys than the default selection. ``select_radix``
 selection's top-k by the decode step's radix select over the score kernel's fp32 chunks
 (``kernels.SELECT_RADIX``; ``dsa_select_radix``, ``speedup_select_radix``,
 ``select_radix_rows_differ`` likewise).
+``dsa_kl_fused`` (``speedup_kl_fused``) is the layer with the fused KL kernel
+(``kernels.P_IN_FORWARD`` off), ``dsa_p_fwd`` (``speedup_p_fwd``) the layer whose
+attention's forward writes the KL's target p (``sparse_p``, ``sparse_fwd_p``: the attention
+with that second walk) and takes the KL from p and the index keys alone (``kl_index``).
+``select_rows`` is the selection one program a row over the score kernel's fp32 scores
+(``kernels.SELECT_ROWS``; ``dsa_select_rows``, ``speedup_select_rows``,
+``select_rows_rows_differ``), ``select_chunked`` the default selection in chunks of as
+many rows (``select_rows_chunk``). ``--sweep-new`` times the index KL's and the row
+selection's launches (``kl_kernel.INDEX_KL_LAUNCH``, ``select_kernel.ROWS_SELECT_LAUNCH``).
 ``--profile-layer`` prints the DSA layer's ops (forward + backward) at the first length.
 
     python bench/dsa.py --preset h100          # the figures: one H100/H200
@@ -92,6 +101,10 @@ PRESETS["h100-mqa"] = dict(
 # measured the likelier configurations (each prints its own line as it finishes)
 SWEEP = dict(BN=(64, 32, 128), num_warps=(4, 8, 2), num_stages=(3, 2, 1))
 KL_SWEEP = dict(num_warps=(4, 8, 2), num_stages=(3, 2))  # the fused KL's (kl_kernel.KL_LAUNCH)
+# the index KL's (kl_kernel.INDEX_KL_LAUNCH) and the row selection's
+# (select_kernel.ROWS_SELECT_LAUNCH), the default first
+INDEX_KL_SWEEP = dict(BN=(64, 32, 128), num_warps=(4, 2, 8), num_stages=(3, 2))
+ROWS_SWEEP = dict(BS=(2048, 1024, 4096), num_warps=(8, 4, 16))
 
 
 def _sync(dev):
@@ -214,6 +227,30 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
 
         sparse_kl_sum_triton(q, k, qi, ki, w, idx, scale).backward()
 
+    def sparse_p():  # the attention writing the KL's target p too (P_IN_FORWARD)
+        out, _, _ = K._SparseAttention.apply(q, k, v, idx, scale, True)
+        torch.autograd.backward(out, grad)
+
+    def sparse_fwd_p():
+        with torch.no_grad():
+            return K._SparseAttention.apply(q, k, v, idx, scale, True)
+
+    p_kl = None
+
+    def kl_index():  # the KL from p and the index keys alone, its gradient in its forward
+        nonlocal p_kl
+        from distill.dsa.kl_kernel import index_kl_sum_triton
+
+        if p_kl is None:
+            p_kl = sparse_fwd_p()[2]
+        index_kl_sum_triton(qi, ki, w, idx, p_kl).backward()
+
+    def kl_index_fwd():  # its forward alone, no gradient (its sweep's output check)
+        from distill.dsa.kl_kernel import _launch_index_kl
+
+        kl_index()  # p
+        return _launch_index_kl(qi, ki, w, idx, p_kl, grad=False)[0]
+
     def kl_fwd():  # the fused KL's forward alone (its sweep's output check)
         from distill.dsa.kl_kernel import sparse_kl_triton
 
@@ -243,20 +280,29 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         # KL's main logits from fp32 copies, then also walking the keys for its own
         # log-sum-exps and one launch for every head group (the whole layer)
         parts += [("kl_fused_fp32", _with(kl_fused, (KL, "MAIN_DOT_FP32", True)))]
-        before = [(KL, "MAIN_DOT_FP32", True), (K, "SHARE_LSE", False)]
+        fused = (K, "P_IN_FORWARD", False)  # the fused KL kernel, the default until 12-07
+        before = [fused, (KL, "MAIN_DOT_FP32", True), (K, "SHARE_LSE", False)]
         before += [(K, "SPARSE_LAUNCH_WIDE", K.SPARSE_LAUNCH)]
         parts += [("dsa_before", _with(dsa, *before))]
         # the KL's gradient from its forward walk (kl_kernel.GRAD_IN_FORWARD, on since
         # 2026-12-06 22:00 UTC; 12 ms a layer faster on one H100 at 32k, 2026-12-07)
         # against its backward kernel, alone and in the layer
         parts += [("kl_fused_sum", kl_fused_sum)]
-        parts += [("dsa_kl_bwd", _with(dsa, (KL, "GRAD_IN_FORWARD", False)))]
+        parts += [("dsa_kl_bwd", _with(dsa, fused, (KL, "GRAD_IN_FORWARD", False)))]
         # the sum's forward at 8 warps and 2 stages: compiled for sm_90 (2026-12-07), the
         # default launch (4 warps, 3 stages) spills 336 bytes at the Qwen2 shape under the
         # device image's Triton 3.6 and 72 at the MQA shape; 8 warps 64 and 0
         wide = (KL, "KL_LAUNCH", {"num_warps": 8, "num_stages": 2})
         parts += [("kl_fused_sum_w8", _with(kl_fused_sum, wide))]
-        parts += [("dsa_kl_w8", _with(dsa, wide))]
+        parts += [("dsa_kl_w8", _with(dsa, fused, wide))]
+        # the KL's target p written by the attention's forward and the KL from the index
+        # keys alone (kernels.P_IN_FORWARD, the default) against the fused KL kernel (the
+        # layer with SHARE_LSE and GRAD_IN_FORWARD): the layer, the attention with p (its
+        # forward's second walk), and the index KL alone
+        parts += [("dsa_kl_fused", _with(dsa, fused))]
+        parts += [("dsa_p_fwd", _with(dsa, (K, "P_IN_FORWARD", True)))]
+        parts += [("sparse_p", sparse_p), ("sparse_fwd_p", sparse_fwd_p)]
+        parts += [("kl_index", kl_index)]
         # off (slower, 2026-12-07): the top-k over fp32 scores, ties repaired (the same keys)
         parts += [("select_fp32", _with(select, (K, "SELECT_FP32", True)))]
         # off (slower, 2026-12-07): scores and selection in one kernel (select_kernel.py),
@@ -294,6 +340,23 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
             finally:
                 K.SELECT_RADIX = False
 
+        # one program a row over the score kernel's fp32 scores (kernels.SELECT_ROWS),
+        # alone and in the layer; and the default selection in chunks of as many rows
+        rows_sel = (K, "SELECT_ROWS", True)
+        parts += [("select_rows", _with(select, rows_sel))]
+        parts += [("dsa_select_rows", _with(dsa, rows_sel))]
+        n_rows = max(16, min(4096, K.BUDGET // (t + 4096)))
+        parts += [("select_chunked", _with(select, (K, "SELECT_CHUNK", n_rows)))]
+        row["select_rows_chunk"] = n_rows
+
+        def rows_topk():
+            K.SELECT_ROWS = True
+            try:
+                return K.index_topk(qi.detach(), ki.detach(), w.detach(), starts, p["top_k"], t)
+            finally:
+                K.SELECT_ROWS = False
+
+        rows_differ("select_rows", rows_topk)
         rows_differ("select_radix", radix_topk)
         rows_differ("select_fused", lambda: S.fused_topk(qi.detach(), ki.detach(), w.detach(),
                                                          starts, idx.shape[1]))  # fmt: skip
@@ -313,10 +376,22 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
             row[f"{name}_gbs"] = round(nbytes / s / 1e9, 1)
     if "dense_ms" in row and "dsa_ms" in row:
         row["speedup"] = round(row["dense_ms"] / row["dsa_ms"], 2)
-    for was in ("before", "kl_bwd", "select_fused", "kl_w8", "select_radix"):
+    for was in (
+        "before",
+        "kl_bwd",
+        "select_fused",
+        "kl_w8",
+        "select_radix",
+        "kl_fused",
+        "p_fwd",
+        "select_rows",
+    ):
         if "dense_ms" in row and f"dsa_{was}_ms" in row:
             row[f"speedup_{was}"] = round(row["dense_ms"] / row[f"dsa_{was}_ms"], 2)
-    return row, dict(parts, kl_fwd=kl_fwd)
+    extra = dict(kl_fwd=kl_fwd)
+    if K.use_triton(q):
+        extra.update(kl_index_fwd=kl_index_fwd, rows_topk=lambda: rows_topk().sort(-1).values)
+    return row, dict(parts, **extra)
 
 
 def _with(fn, *changes):
@@ -476,6 +551,10 @@ def main() -> None:
         help="time the fused KL under each launch configuration (KL_SWEEP), first length",
     )  # fmt: skip
     ap.add_argument(
+        "--sweep-new", action="store_true",
+        help="time the index KL and the row selection under each launch, first length",
+    )  # fmt: skip
+    ap.add_argument(
         "--skip-parts", default="", help="comma-separated attention parts not to time, e.g. kl"
     )
     ap.add_argument(
@@ -511,6 +590,7 @@ def main() -> None:
         if n == 0 and args.profile_layer:  # before the sweeps, which a time box may end
             _profile(fns["dsa"], dev, f"DSA layer forward + backward, {t} tokens, 2 runs")
         sweeps = {"sweep": args.sweep, "sweep_kl": args.sweep_kl}
+        sweeps.update(sweep_index_kl=args.sweep_new, sweep_rows=args.sweep_new)
         for key in [key for key, on in sweeps.items() if on and n == 0]:
             if not row["triton"]:
                 print(f"--{key.replace('_', '-')}: no Triton here, nothing to sweep", flush=True)
@@ -527,8 +607,16 @@ def main() -> None:
                     fns["sparse_fwd"],
                     fns["sparse"],
                 )
-            else:
+            elif key == "sweep_kl":
                 where = ("kl", kl_kernel, "KL_LAUNCH", KL_SWEEP, fns["kl_fwd"], fns["kl_fused"])
+            elif key == "sweep_index_kl":
+                where = ("index_kl", kl_kernel, "INDEX_KL_LAUNCH", INDEX_KL_SWEEP,
+                         fns["kl_index_fwd"], fns["kl_index"])  # fmt: skip
+            else:
+                from distill.dsa import select_kernel
+
+                where = ("rows", select_kernel, "ROWS_SELECT_LAUNCH", ROWS_SWEEP,
+                         fns["rows_topk"], fns["select_rows"])  # fmt: skip
             results[key] = _sweep(*where, dev, p["reps"], t)
             save()
         del fns

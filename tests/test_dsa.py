@@ -236,9 +236,12 @@ assert K.use_triton(torch.zeros(1))
 cu = torch.tensor([0, 20, 21, 50, 70], dtype=torch.int32)
 q, k, v, qi, ki, w = _qkv(70, dtype=torch.float32, grad=True)
 ins = (q, k, v, qi, ki, w)
-# the KL walking the main keys for their log-sum-exps, then reading the attention's
-for share, top_k in [(False, 5), (False, 70), (True, 5), (True, 70)]:
-    K.SHARE_LSE = share
+# the fused KL kernel walking the main keys for their log-sum-exps, then reading the
+# attention's, then the KL from the p the attention's forward writes (the default; 2 KV
+# heads: each adds its heads' share)
+modes = [(False, False), (True, False), (True, True)]
+for (share, p_fwd), top_k in itertools.product(modes, (5, 70)):
+    K.SHARE_LSE, K.P_IN_FORWARD = share, p_fwd
     ref, kl_ref = A.dsa_varlen_reference(q, k, v, qi, ki, w, cu, top_k, 0.3, loss=True)
     got, kl_got = K.dsa_varlen(q, k, v, qi, ki, w, cu, top_k, 0.3, loss=True)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
@@ -247,7 +250,21 @@ for share, top_k in [(False, 5), (False, 70), (True, 5), (True, 70)]:
     g_got = torch.autograd.grad((got * got.detach().cos()).sum() + kl_got, ins)
     for a, b in zip(g_got, g_ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-K.SHARE_LSE = False
+assert K.P_IN_FORWARD
+# and over one KV head (8 heads: p stored, not added), its gradient scaled; no grad mode
+gm = torch.Generator().manual_seed(3)
+qm = torch.randn(70, 8, 16, generator=gm, requires_grad=True)
+km, vm = (torch.randn(70, 1, 16, generator=gm, requires_grad=True) for _ in range(2))
+mins = (qm, km, vm, qi, ki, w)
+ref, kl_ref = A.dsa_varlen_reference(*mins, cu, 5, 0.3, loss=True)
+got, kl_got = K.dsa_varlen(*mins, cu, 5, 0.3, loss=True)
+torch.testing.assert_close(kl_got, kl_ref, atol=1e-4, rtol=1e-4)
+for a, b in zip(torch.autograd.grad(kl_got * 0.5 + got.sum(), mins),
+                torch.autograd.grad(kl_ref * 0.5 + ref.sum(), mins)):
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+with torch.no_grad():
+    torch.testing.assert_close(K.dsa_varlen(*mins, cu, 5, 0.3, loss=True)[1], kl_ref.detach(),
+                               atol=1e-4, rtol=1e-4)
 # the score kernel's rank keys are rank_key of its scores, bit for bit, ties included (an
 # untrained indexer: every ReLU at 0), and the selection equals the torch path's
 starts = K.segment_starts(cu, 70)
@@ -274,14 +291,21 @@ for sign in (1.0, -1.0):
     from distill.dsa import decode_kernel as D0, select_kernel as S
     S.SELECT_LAUNCH = {{"BM": 16, "BN": 16}}
     D0.ROWS_LAUNCH = {{"CS": 16}}
-    ways = (("SELECT_FUSED", False), ("SELECT_FUSED", True), ("SELECT_RADIX", False))
-    for (top_k, max_len), (flag, S.SELECT_HIST) in itertools.product(((6, 30), (40, 70)), ways):
+    S.ROWS_SELECT_LAUNCH = {{"BS": 16}}
+    # and one program a row over the fp32 scores (kernels.SELECT_ROWS, rows of 16 keys a
+    # step; chunks of 7 rows too, so rows start mid-trace)
+    ways = (("SELECT_FUSED", False, None), ("SELECT_FUSED", True, None),
+            ("SELECT_RADIX", False, None), ("SELECT_ROWS", False, None),
+            ("SELECT_ROWS", False, 7))
+    for (top_k, max_len), (flag, S.SELECT_HIST, K.SELECT_CHUNK) in itertools.product(
+            ((6, 30), (40, 70), (1, 30)), ways):
         plain = K.index_topk(qx, ki.detach(), w.detach(), starts, top_k, max_len)
         setattr(K, flag, True)
         other = K.index_topk(qx, ki.detach(), w.detach(), starts, top_k, max_len)
         setattr(K, flag, False)
         assert other.shape == plain.shape and (other < 0).any() == (plain < 0).any()
         assert torch.equal(other.sort(-1).values, plain.sort(-1).values), (sign, top_k, flag)
+    K.SELECT_CHUNK = None
 # the decode step's selection in Triton kernels (decode_kernel.decode_topk) against
 # topk_indices: ties (rounded scores: the later key), rows with fewer valid keys than k;
 # rows in chunks of 32 keys (several chunks tie); then its attention over the selected
@@ -393,7 +417,7 @@ assert idx40.shape == (70, 40) and (idx40 < 0).any() and (idx40[-1] >= 0).all()
 gen = torch.Generator().manual_seed(64)
 mqa = [torch.randn(70, n, 16, generator=gen, requires_grad=True) for n in (64, 1, 1)]
 ref_in = [x.detach().clone().requires_grad_() for x in mqa]
-out, _ = K._SparseAttention.apply(*mqa, idx40, 0.3)
+out, _, _ = K._SparseAttention.apply(*mqa, idx40, 0.3)
 ref = K._gathered(*ref_in, idx40, 0.3)
 torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 g = torch.randn_like(ref)
@@ -414,7 +438,7 @@ def test_triton_kernels_match_the_reference_interpreted(tmp_path):
     script.write_text(TRITON_SCRIPT.format(tests=os.path.dirname(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", DISTILL_DSA_FUSED_KL="1")
     proc = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900
     )
     if OLD_INTERPRETER in proc.stderr:  # the GPU test runs the compiled kernels there
         import triton
@@ -487,7 +511,7 @@ def _sparse_attention_matches(q, k, v, idx: torch.Tensor) -> torch.Tensor:
     ``idx``, forward and backward; its log-sum-exps."""
     half = [x.bfloat16().requires_grad_() for x in (q, k, v)]
     full = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, lse = K._SparseAttention.apply(*half, idx, 0.3)
+    out, lse, _ = K._SparseAttention.apply(*half, idx, 0.3)
     ref = K._gathered(*full, idx, 0.3)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     grad = torch.randn_like(ref)
@@ -541,6 +565,21 @@ def test_triton_kernels_match_torch_on_gpu():
         finally:
             K.SELECT_RADIX, decode_kernel.ROWS_LAUNCH = False, launch
         assert torch.equal(radix.sort(-1).values, plain.sort(-1).values), (case, top_k, cs)
+    # and one program a row over the fp32 scores (kernels.SELECT_ROWS), rows of 32 keys a
+    # step and of the default's, chunks of the default's rows and of 7
+    launch = select_kernel.ROWS_SELECT_LAUNCH
+    for (case, ins), top_k, bs, chunk in itertools.product(
+        cases, (16, 64), (32, launch["BS"]), (None, 7)
+    ):
+        plain = K.index_topk(*ins, starts, top_k, 62)
+        K.SELECT_ROWS, K.SELECT_CHUNK = True, chunk
+        select_kernel.ROWS_SELECT_LAUNCH = dict(launch, BS=bs)
+        try:
+            rows = K.index_topk(*ins, starts, top_k, 62)
+        finally:
+            K.SELECT_ROWS, K.SELECT_CHUNK = False, None
+            select_kernel.ROWS_SELECT_LAUNCH = launch
+        assert torch.equal(rows.sort(-1).values, plain.sort(-1).values), (case, top_k, bs, chunk)
     idx = K.index_topk(qi, ki, w, starts, 16, 62)
     lse = _sparse_attention_matches(q, k, v, idx)
     from distill.dsa import kl_kernel
@@ -584,6 +623,19 @@ def test_triton_kernels_match_torch_on_gpu():
                     rtol=5e-3,
                     msg=lambda m, n=name, c=case: f"{m}\n(sum d{n}, {c})",
                 )
+            # the KL from the p the attention's forward writes (kernels.P_IN_FORWARD) and
+            # the index keys in bf16, against torch's in fp32
+            _, _, p_fwd = K._SparseAttention.apply(q.bfloat16(), k.bfloat16(),
+                                                   v.bfloat16(), idx, 0.3, True)  # fmt: skip
+            from_p = kl_kernel.index_kl_sum_triton(qs, ki.bfloat16(), w, idx, p_fwd)
+            torch.testing.assert_close(from_p, want, atol=5e-2, rtol=2e-2)
+            grads = zip(torch.autograd.grad(from_p * 2.0, ins),
+                        torch.autograd.grad(want * 2.0, ins), strict=True)  # fmt: skip
+            for name, (a, b) in zip(("qs", "ki", "w"), grads, strict=True):
+                torch.testing.assert_close(
+                    a, b, atol=5e-2, rtol=5e-2,
+                    msg=lambda m, n=name, c=case: f"{m}\n(from p: d{n}, {c})",
+                )  # fmt: skip
         # 64 heads over one KV head: one slot of 64 rows, the 2D dot (Hopper's warpgroup MMA)
         gen = torch.Generator().manual_seed(7)
         qm = torch.randn(161, 64, 16, generator=gen).cuda().bfloat16()
@@ -601,18 +653,26 @@ def test_triton_kernels_match_torch_on_gpu():
         _sparse_attention_matches(qm.float(), km.float(), vm.float(), idx)
     finally:
         kl_kernel.MAIN_DOT_FP32 = default
-    # the whole path in bf16, the KL walking the keys itself or reading the attention's
-    # log-sum-exps, every key selected (no near-tie for bf16 to flip) against fp32 torch
-    share = K.SHARE_LSE
+    # the whole path in bf16, the fused KL walking the keys itself or reading the
+    # attention's log-sum-exps, and the KL from the attention's p (the default), every
+    # key selected (no near-tie for bf16 to flip) against fp32 torch; at 64 heads over
+    # one KV head too (p stored, not added)
+    share, p_fwd = K.SHARE_LSE, K.P_IN_FORWARD
+    wide = (qm.float(), km.float(), vm.float())
     try:
-        for K.SHARE_LSE in (False, True):
-            ref, kl_ref = A.dsa_varlen_reference(q, k, v, qi, ki, w, cu, 161, 0.3, loss=True)
-            half = [x.bfloat16() for x in (q, k, v, qi, ki, w)]
+        for (K.SHARE_LSE, K.P_IN_FORWARD), main in itertools.product(
+            ((False, False), (True, False), (True, True)), ((q, k, v), wide)
+        ):
+            ref, kl_ref = A.dsa_varlen_reference(*main, qi, ki, w, cu, 161, 0.3, loss=True)
+            half = [x.bfloat16() for x in (*main, qi, ki, w)]
             got, kl_got = K.dsa_varlen(*half, cu, 161, 0.3, loss=True)
-            torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
-            torch.testing.assert_close(kl_got.float(), kl_ref, atol=5e-2, rtol=2e-2)
+            case = f"share {K.SHARE_LSE}, p in forward {K.P_IN_FORWARD}, {main[0].shape[1]} heads"
+            torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2,
+                                       msg=lambda m, c=case: f"{m}\n({c})")  # fmt: skip
+            torch.testing.assert_close(kl_got.float(), kl_ref, atol=5e-2, rtol=2e-2,
+                                       msg=lambda m, c=case: f"{m}\n(KL, {c})")  # fmt: skip
     finally:
-        K.SHARE_LSE = share
+        K.SHARE_LSE, K.P_IN_FORWARD = share, p_fwd
 
 
 # --------------------------------------------------------------------------- training

@@ -67,6 +67,14 @@ FUSED_KL = "DISTILL_DSA_FUSED_KL"  # "0": the sparse phase's KL in torch, not kl
 # The GPU test checked it on a GPU with fp32 logits; with bf16 ones, and the whole bf16
 # path, it is written, not yet run there. False walks the keys again.
 SHARE_LSE = True
+# the sparse phase's KL target p (the main attention over the selected keys, the mean over
+# heads) written by the sparse attention's forward, in a second walk over the keys once
+# its log-sum-exps are known, and the KL and its gradient from p and the index keys alone
+# (kl_kernel.index_kl_sum_triton): the fused KL kernel's main logits (a walk over the
+# main keys per token with every head) are not computed again. Costs a [T, K] fp32 buffer
+# for the layer's forward (268 MB at 32k, top-k 2,048). Off until timed on a GPU (the
+# interpreter's test and the GPU test check it against torch): the fused KL kernel.
+P_IN_FORWARD = False
 
 
 def sparse_launch(group: int) -> dict:
@@ -98,13 +106,21 @@ def index_topk(
     k_out = min(top_k, max_len)
     if SELECT_FUSED and use_triton(qi):
         return select_kernel.fused_topk(qi, ki, w, starts, k_out)
-    chunk = max(16, min(4096, BUDGET // (hi * (max_len + 4096))))
+    rows = SELECT_ROWS and use_triton(qi)
+    # the Triton score kernel's only temporary is the [chunk, T] scores (no [chunk, Hi, T]
+    # logits, torch's): rows_select takes BUDGET of them in fp32
+    chunk = max(16, min(4096, BUDGET // ((1 if rows else hi) * (max_len + 4096))))
+    chunk = SELECT_CHUNK or chunk
     idx = torch.full((t, k_out), -1, dtype=torch.long, device=qi.device)
     firsts = starts[::chunk].tolist()  # one host sync for every chunk's first key
     with torch.no_grad():
         for n, a in enumerate(range(0, t, chunk)):
             b, lo = min(t, a + chunk), firsts[n]
             kk = min(k_out, b - lo)
+            if rows:
+                scores = _chunk_keys(qi, ki, w, starts, a, b, lo, ranked=False)
+                select_kernel.rows_select(scores, idx[a:b], kk, a - lo, lo)
+                continue
             if SELECT_RADIX and use_triton(qi):
                 scores = _chunk_keys(qi, ki, w, starts, a, b, lo, ranked=False)
                 j, ok = decode_kernel.rows_topk(scores, kk)
@@ -157,6 +173,14 @@ SELECT_FUSED = False
 # bench/dsa.py: select_radix) 48.8 ms against 37.0 (MQA shape; the layer 114.2 against
 # 107.2), 30.6 against 32.9 at the Qwen2 shape (the layer 94.1).
 SELECT_RADIX = False
+
+# the selection's top-k by select_kernel.rows_select: the score kernel's fp32 scores, one
+# program a row walking its scores five times (four 8-bit histogram passes, then the
+# writes from the latest key back: ties to the later key, as the rank keys), chunks of
+# BUDGET scores (1,820 rows at 32k), two launches a chunk
+SELECT_ROWS = False
+# rows a chunk of the selection (None: from BUDGET); bench/dsa.py sets it
+SELECT_CHUNK = None
 
 # a -inf score's rank (the high half of its rank key): a key outside the query's span
 NO_KEY = int(A.rank_key(torch.tensor([float("-inf")]))[0]) >> 32
@@ -333,8 +357,13 @@ def dsa_varlen(
         kl = dense_kl(q, k, qi, ki, w, starts, scale, max_len) if loss else None
         return out, kl
     idx = index_topk(qi.detach(), ki.detach(), w.detach(), starts, top_k, max_len)
+    if loss and P_IN_FORWARD and fused_kl(q):
+        from distill.dsa import kl_kernel
+
+        out, _, p = _SparseAttention.apply(q, k, v, idx, scale, True)
+        return out, kl_kernel.index_kl_sum_triton(qi, ki, w, idx, p)
     if loss and SHARE_LSE and fused_kl(q):
-        out, lse = _SparseAttention.apply(q, k, v, idx, scale)
+        out, lse, _ = _SparseAttention.apply(q, k, v, idx, scale)
         return out, sparse_kl(q, k, qi, ki, w, idx, scale, lse=lse)
     out = sparse_attention(q, k, v, idx, scale)
     return out, (sparse_kl(q, k, qi, ki, w, idx, scale) if loss else None)
@@ -373,27 +402,37 @@ if HAVE_TRITON:
             tl.store(OUT + rm[:, None] * s_ot + rn[None, :], acc, mask=mq[:, None] & mk[None, :])
 
     @triton.jit
-    def _selected_kv(K, V, IDX, t, hk, start, n_sel, s_kt, s_kh, s_it, rd, rn, md):
+    def _selected_k(K, IDX, t, hk, start, n_sel, s_kt, s_kh, s_it, rd, rn, md):
         """Token ``t``'s selected keys ``start`` to ``start + BN`` of key head ``hk``: which
-        are real (``ok``; -1 pads), their [BN, BD] offsets and mask, and their K and V rows.
-        One loop body for the forward, the backward (which adds dK, dV back at ``off``) and
-        bench/dsa.py's gather floor, so the floor reads exactly what the forward reads."""
+        are real (``ok``; -1 pads), their [BN, BD] offsets and mask, and their K rows."""
         cols = start + rn
         ids = tl.load(IDX + t * s_it + cols, mask=cols < n_sel, other=-1)
         ok = ids >= 0
         off = tl.where(ok, ids, 0)[:, None] * s_kt + hk * s_kh + rd[None, :]
         kmask = ok[:, None] & md[None, :]
         kb = tl.load(K + off, mask=kmask, other=0.0)
+        return ok, off, kmask, kb
+
+    @triton.jit
+    def _selected_kv(K, V, IDX, t, hk, start, n_sel, s_kt, s_kh, s_it, rd, rn, md):
+        """:func:`_selected_k` and the keys' V rows. One loop body for the forward, the
+        backward (which adds dK, dV back at ``off``) and bench/dsa.py's gather floor, so
+        the floor reads exactly what the forward reads."""
+        ok, off, kmask, kb = _selected_k(K, IDX, t, hk, start, n_sel, s_kt, s_kh, s_it, rd, rn, md)
         vb = tl.load(V + off, mask=kmask, other=0.0)
         return ok, off, kmask, kb, vb
 
     @triton.jit
     def _sparse_fwd_kernel(
-        Q, K, V, IDX, OUT, LSE, scale, n_sel,
-        s_qt, s_qh, s_kt, s_kh, s_it, s_lt,
+        Q, K, V, IDX, OUT, LSE, P, scale, n_sel,
+        s_qt, s_qh, s_kt, s_kh, s_it, s_lt, s_pt,
         G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-        BN: tl.constexpr,
+        BN: tl.constexpr, H: tl.constexpr, WRITE_P: tl.constexpr, ADD_P: tl.constexpr,
     ):  # fmt: skip
+        """With ``WRITE_P``, a second walk over the selected keys once the log-sum-exps are
+        known writes ``P`` [T, K]: each key's attention probability summed over the
+        group's heads, divided by ``H`` (all the heads); ``ADD_P``: added (atomically,
+        into zeros) to the other KV heads' sums, the mean over every head."""
         t, hk = tl.program_id(0), tl.program_id(1)
         rg, rd, rn = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BN)
         mg, md = rg < G, rd < D
@@ -421,6 +460,19 @@ if HAVE_TRITON:
         lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("inf"))  # no key: p = 0 in backward
         tl.store(OUT + t * s_qt + heads[:, None] * s_qh + rd[None, :], out, mask=qmask)
         tl.store(LSE + t * s_lt + heads, lse, mask=mg)
+        if WRITE_P:  # the indexer's KL target, from the same logits: no second kernel
+            for start in range(0, n_sel, BN):
+                ok, _, _, kb = _selected_k(
+                    K, IDX, t, hk, start, n_sel, s_kt, s_kh, s_it, rd, rn, md
+                )
+                s = tl.dot(q, tl.trans(kb)) * scale
+                p = tl.where(ok[None, :] & mg[:, None], tl.exp(s - lse[:, None]), 0.0)
+                cols = start + rn
+                if ADD_P:
+                    tl.atomic_add(P + t * s_pt + cols, tl.sum(p, 0) / H, mask=cols < n_sel,
+                                  sem="relaxed")  # fmt: skip
+                else:
+                    tl.store(P + t * s_pt + cols, tl.sum(p, 0) / H, mask=cols < n_sel)
 
     @triton.jit
     def _sparse_bwd_kernel(
@@ -483,11 +535,12 @@ if HAVE_TRITON:
 
     class _SparseAttention(torch.autograd.Function):
         """Triton attention over selected keys; q [T, H, D], k and v [T, Hkv, D] -> the
-        output [T, H, D] and each head's log-sum-exp over its keys [T, H] (fp32, +inf
-        where none; no gradient)."""
+        output [T, H, D], each head's log-sum-exp over its keys [T, H] (fp32, +inf
+        where none) and, ``want_p``, the mean over heads of each selected key's attention
+        probability [T, K] (fp32; else empty): the last two carry no gradient."""
 
         @staticmethod
-        def forward(ctx, q, k, v, idx, scale):
+        def forward(ctx, q, k, v, idx, scale, want_p=False):
             q, k, v = (x.contiguous() for x in (q, k, v))
             k, v = k.to(q.dtype), v.to(q.dtype)
             idx = idx.to(torch.int32).contiguous()
@@ -495,18 +548,25 @@ if HAVE_TRITON:
             hkv = k.shape[1]
             out = torch.empty_like(q)
             lse = torch.empty(t, h, dtype=torch.float32, device=q.device)
+            if want_p:  # KV heads past the first add their heads' share
+                p = (torch.zeros if hkv > 1 else torch.empty)(
+                    idx.shape, dtype=torch.float32, device=q.device
+                )
+            else:
+                p = lse.new_empty(0)
             _sparse_fwd_kernel[(t, hkv)](
-                q, k, v, idx, out, lse, scale, idx.shape[1],
+                q, k, v, idx, out, lse, p if want_p else lse, scale, idx.shape[1],
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), idx.stride(0), lse.stride(0),
-                **_blocks(h // hkv, d), **sparse_launch(h // hkv),
+                idx.stride(0), **_blocks(h // hkv, d), **sparse_launch(h // hkv), H=h,
+                WRITE_P=want_p, ADD_P=hkv > 1,
             )  # fmt: skip
             ctx.save_for_backward(q, k, v, idx, out, lse)
             ctx.scale = scale
-            ctx.mark_non_differentiable(lse)
-            return out, lse
+            ctx.mark_non_differentiable(lse, p)
+            return out, lse, p
 
         @staticmethod
-        def backward(ctx, grad, _grad_lse):
+        def backward(ctx, grad, _grad_lse, _grad_p):
             q, k, v, idx, out, lse = ctx.saved_tensors
             do = grad.to(q.dtype).contiguous()
             delta = (do.float() * out.float()).sum(-1)
@@ -520,4 +580,4 @@ if HAVE_TRITON:
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), idx.stride(0), lse.stride(0),
                 **_blocks(h // hkv, d), **sparse_launch(h // hkv), SEM=ATOMIC_SEM,
             )  # fmt: skip
-            return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
+            return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None

@@ -55,6 +55,10 @@ KL_LAUNCH = {"num_warps": 4, "num_stages": 3}
 MAIN_DOT_FP32 = False
 
 
+# the index KL kernel's launch (index_kl_sum_triton), read at each launch: keys a step,
+# warps, stages
+INDEX_KL_LAUNCH = {"BN": 64, "num_warps": 4, "num_stages": 3}
+
 # the layer's KL (a sum over tokens, so every token's gradient is the same scalar) takes its
 # gradient from the forward kernel's second walk over the keys (sparse_kl_sum_triton), as
 # fused linear cross-entropy kernels do: no backward kernel walking the keys a third time
@@ -71,6 +75,15 @@ def sparse_kl_sum_triton(q, k, qi, ki, w, idx: Tensor, scale: float, lse=None) -
     (only when one will be asked for: grad mode on and an indexer tensor requiring it)."""
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (qi, ki, w))
     return _SparseKLSum.apply(q.detach(), k.detach(), qi, ki, w, idx, scale, lse, grad)
+
+
+def index_kl_sum_triton(qi, ki, w, idx: Tensor, p: Tensor) -> Tensor:
+    """:func:`sparse_kl_sum_triton` with ``p`` [T, K] given: the mean over the main heads
+    of each selected key's attention probability, which the sparse attention's forward
+    writes from its own logits (``kernels._SparseAttention`` with ``want_p``). The main
+    heads are not read again: the kernel walks the index keys alone."""
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (qi, ki, w))
+    return _IndexKLSum.apply(qi, ki, w, idx, p.detach(), grad)
 
 
 def sparse_kl_triton(q, k, qi, ki, w, idx: Tensor, scale: float, lse=None) -> Tensor:
@@ -298,6 +311,57 @@ if HAVE_TRITON:
         )
         tl.store(DW + t * s_wt + rj, dw, mask=mj)
 
+    @triton.jit
+    def _index_kl_kernel(
+        QI, KI, W, IDX, P, KL, DQI, DKI, DW, n_sel,
+        s_qit, s_qih, s_kit, s_wt, s_it, s_pt,
+        HI: tl.constexpr, BHI: tl.constexpr, DI: tl.constexpr, BDI: tl.constexpr,
+        BN: tl.constexpr, GRAD: tl.constexpr, SEM: tl.constexpr,
+    ):  # fmt: skip
+        """:func:`_kl_fwd_kernel` with ``p`` given (``P`` [T, K], the sparse attention's
+        forward wrote it): two walks over the index keys alone, no main logits; with
+        ``GRAD`` the second also writes the gradient of ``Σ_t KL_t``."""
+        t = tl.program_id(0)
+        rn, rj, re = tl.arange(0, BN), tl.arange(0, BHI), tl.arange(0, BDI)
+        mj, me = rj < HI, re < DI
+        qi = tl.load(
+            QI + t * s_qit + rj[:, None] * s_qih + re[None, :],
+            mask=mj[:, None] & me[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        w = tl.load(W + t * s_wt + rj, mask=mj, other=0.0).to(tl.float32)
+        mi = tl.max(tl.full((BN,), float("-inf"), tl.float32), 0)
+        li = tl.sum(tl.zeros((BN,), tl.float32), 0)
+        for start in range(0, n_sel, BN):  # walk 1: the index softmax's log-sum-exp
+            _, _, _, _, idx_s = _index_block(qi, w, KI, IDX, t, start, n_sel, rn, re, me,
+                                             s_it, s_kit)  # fmt: skip
+            mi_new = tl.maximum(mi, tl.max(idx_s, 0))
+            mi_safe = tl.where(mi_new == float("-inf"), 0.0, mi_new)
+            li = li * tl.exp(mi - mi_safe) + tl.sum(tl.exp(idx_s - mi_safe), 0)
+            mi = mi_new
+        lsei = tl.where(li > 0, mi + tl.log(tl.where(li > 0, li, 1.0)), float("inf"))
+        kl = tl.sum(tl.zeros((BN,), tl.float32), 0)
+        dqi = tl.zeros((BHI, BDI), tl.float32)
+        dw = tl.zeros((BHI,), tl.float32)
+        for start in range(0, n_sel, BN):  # walk 2: the KL (and with GRAD its gradient)
+            ok, safe, z, kib, idx_s = _index_block(qi, w, KI, IDX, t, start, n_sel, rn, re,
+                                                   me, s_it, s_kit)  # fmt: skip
+            cols = start + rn
+            p = tl.load(P + t * s_pt + cols, mask=ok, other=0.0)
+            term = tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0) - p * (idx_s - lsei)
+            kl += tl.sum(tl.where(ok & (p > 0), term, 0.0), 0)
+            if GRAD:
+                di = tl.where(ok, tl.exp(idx_s - lsei) - p, 0.0)
+                dw, dqi = _index_grads(di, z, w, qi, kib, safe, ok, re, me, DKI, s_kit, dw, dqi,
+                                       SEM)  # fmt: skip
+        tl.store(KL + t, kl)
+        if GRAD:
+            tl.store(
+                DQI + t * s_qit + rj[:, None] * s_qih + re[None, :], dqi,
+                mask=mj[:, None] & me[None, :],
+            )  # fmt: skip
+            tl.store(DW + t * s_wt + rj, dw, mask=mj)
+
     def _slots(h: int, hkv: int) -> dict:
         """How the kernels lay out the main query heads: ``NS`` slots of ``BR`` rows, slot
         s holding the heads of ``R`` KV heads (R · G rows, padded). Each KV head's keys are
@@ -375,6 +439,49 @@ if HAVE_TRITON:
             )  # fmt: skip
             dq_i, dk_i, d_w = ctx.dtypes
             return None, None, dqi.to(dq_i), dki.to(dk_i), dw.to(d_w), None, None, None
+
+    def _launch_index_kl(qi, ki, w, idx, p, grad: bool):
+        """The index KL kernel: per-token KL [T] and, with ``grad``, the gradient of its
+        sum (fp32: ``dqi``, ``dki``, ``dw``)."""
+        # the query side in fp32 copies (read once a token); the index keys, read twice a
+        # selected key, in their own dtype (half the bytes in bf16), widened in registers
+        qi, w = qi.float().contiguous(), w.float().contiguous()
+        ki = ki.contiguous()
+        idx, p = idx.to(torch.int32).contiguous(), p.contiguous()
+        t = qi.shape[0]
+        kl = torch.empty(t, dtype=torch.float32, device=qi.device)
+        grads = None
+        if grad:
+            grads = (torch.empty_like(qi), torch.zeros(ki.shape, dtype=torch.float32,
+                     device=ki.device), torch.empty_like(w))  # fmt: skip
+        dqi, dki, dw = grads or (kl, kl, kl)  # not written without GRAD
+        hi, di = qi.shape[1], qi.shape[2]
+        p2 = triton.next_power_of_2
+        launch = dict(INDEX_KL_LAUNCH)
+        _index_kl_kernel[(t,)](
+            qi, ki, w, idx, p, kl, dqi, dki, dw, idx.shape[1],
+            qi.stride(0), qi.stride(1), ki.stride(0), w.stride(0), idx.stride(0), p.stride(0),
+            HI=hi, BHI=max(16, p2(hi)), DI=di, BDI=max(16, p2(di)), BN=launch.pop("BN"),
+            GRAD=grad, SEM=kernels.ATOMIC_SEM, **launch,
+        )  # fmt: skip
+        return kl, grads
+
+    class _IndexKLSum(torch.autograd.Function):
+        """``Σ_t KL_t`` from ``p`` given, its gradient computed in the forward and scaled
+        by the incoming one in backward (as :class:`_SparseKLSum`)."""
+
+        @staticmethod
+        def forward(ctx, qi, ki, w, idx, p, grad):
+            kl, grads = _launch_index_kl(qi, ki, w, idx, p, grad)
+            if grads is not None:
+                ctx.save_for_backward(*grads)
+            ctx.dtypes = (qi.dtype, ki.dtype, w.dtype)
+            return kl.sum()
+
+        @staticmethod
+        def backward(ctx, g):
+            out = [(x * g).to(dt) for x, dt in zip(ctx.saved_tensors, ctx.dtypes, strict=True)]
+            return *out, None, None, None
 
     class _SparseKLSum(torch.autograd.Function):
         """``Σ_t KL_t``, its gradient computed in the forward (see :data:`GRAD_IN_FORWARD`)

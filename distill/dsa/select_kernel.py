@@ -173,3 +173,82 @@ def fused_topk(qi: Tensor, ki: Tensor, w: Tensor, starts: Tensor, k_out: int) ->
         **launch,
     )  # fmt: skip
     return idx
+
+
+# the training selection's radix select over stored fp32 scores (rows_select: one program
+# a row, every pass inside it), read at each launch: keys a step, warps
+ROWS_SELECT_LAUNCH = {"BS": 2048, "num_warps": 8}
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rows_select_kernel(
+        SC, IDX, n_s, q0, k_out, lo, s_sb, s_ib, BS: tl.constexpr,
+    ):  # fmt: skip
+        """Row ``pid``'s best ``k_out`` keys of its scores above -inf (all of them where it
+        has fewer), ties to the later key, written as positions + ``lo`` into its row of
+        ``IDX`` (the rest untouched). Row r is query ``q0 + r`` of the score columns, so
+        no key after column ``q0 + r`` is read. Four passes of a 256-bin histogram of the
+        next 8 bits of the scores' order among the keys that share the decided prefix,
+        then a pass from the latest key back that writes the keys above the k-th score
+        and the latest of those tied with it."""
+        b = tl.program_id(0)
+        n_row = tl.minimum(n_s, q0 + b + 1)
+        bins = tl.arange(0, 256)
+        rs = tl.arange(0, BS)
+        row = SC + b.to(tl.int64) * s_sb
+        prefix = tl.zeros((), tl.uint32)
+        left = tl.zeros((), tl.int32)
+        kk = tl.zeros((), tl.int32)
+        for p in tl.static_range(4):
+            shift = 24 - 8 * p
+            hist = tl.zeros((256,), tl.int32)
+            for start in range(0, n_row, BS):
+                s = start + rs
+                sc = tl.load(row + s, mask=s < n_row, other=float("-inf"))
+                u = _score_order(sc)
+                # two shifts: u >> 32 is undefined
+                match = (sc > float("-inf")) & (((u >> shift) >> 8) == prefix)
+                hist += tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=match)
+            total = tl.sum(hist)
+            if p == 0:
+                kk = tl.minimum(total, k_out)
+                left = kk
+            at_least = total - (tl.cumsum(hist, 0) - hist)  # digit d or more
+            pick = tl.max(tl.where(at_least >= left, bins, 0))
+            left -= tl.sum(tl.where(bins == pick + 1, at_least, 0))
+            prefix = (prefix << 8) | pick.to(tl.uint32)
+        n_up = kk - left  # keys above the k-th score; `left` of those tied with it to take
+        up_seen = tl.zeros((), tl.int32)
+        tie_seen = tl.zeros((), tl.int32)
+        n_blocks = tl.cdiv(n_row, BS)
+        for i in range(0, n_blocks):
+            s = (n_blocks - 1 - i) * BS + rs
+            sc = tl.load(row + s, mask=s < n_row, other=float("-inf"))
+            u = _score_order(sc)
+            valid = sc > float("-inf")
+            up = (valid & (u > prefix)).to(tl.int32)
+            tie = (valid & (u == prefix)).to(tl.int32)
+            later = tie_seen + tl.sum(tie) - tl.cumsum(tie, 0)  # ties after each key
+            take = (tie != 0) & (later < left)
+            slot = tl.where(up != 0, up_seen + tl.cumsum(up, 0) - 1, n_up + later)
+            sel = (up != 0) | take
+            tl.store(IDX + b.to(tl.int64) * s_ib + slot, (s + lo).to(tl.int64), mask=sel)
+            up_seen += tl.sum(up)
+            tie_seen += tl.sum(tie)
+
+
+def rows_select(scores: Tensor, idx: Tensor, k_out: int, q0: int, lo: int) -> None:
+    """The trainer's selection for one chunk of queries (``kernels.SELECT_ROWS``):
+    ``scores`` [R, S] fp32 (-inf where a key is not the row's), row r being query
+    ``q0 + r`` of the columns; each row's ``k_out`` best keys (ties to the later key; all
+    of them where it has fewer) written into ``idx`` [R, >= k_out] int64 as column +
+    ``lo``, the rest of each row left as it was. One program a row walks its own scores
+    five times (four histogram passes and the writes), so a pass never waits on another
+    program and a chunk of rows is one launch."""
+    scores = scores.contiguous()
+    launch = dict(ROWS_SELECT_LAUNCH)
+    _rows_select_kernel[(scores.shape[0],)](
+        scores, idx, scores.shape[1], q0, k_out, lo, scores.stride(0), idx.stride(0),
+        BS=launch.pop("BS"), **launch,
+    )  # fmt: skip
