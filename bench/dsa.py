@@ -32,19 +32,18 @@ with the backward kernel instead; ``kl_fused_sum_w8`` and ``dsa_kl_w8``
 ``select_fused`` is the selection scored and selected in one kernel (``kernels.SELECT_FUSED``, off, slower; ``dsa_select_fused``,
 ``speedup_select_fused``: the layer with it; ``select_fused_hist`` with its histograms
 as one ``tl.histogram``, ``select_kernel.SELECT_HIST``), ``select_fused_rows_differ``
-the rows where it picked other keys than the default selection. ``select_radix`` is the
-selection's top-k by the decode step's radix select over the score kernel's fp32 chunks
-(``kernels.SELECT_RADIX``; ``dsa_select_radix``, ``speedup_select_radix``,
-``select_radix_rows_differ`` likewise).
+the rows where it picked other keys than the default selection.
 ``dsa_kl_fused`` (``speedup_kl_fused``) is the layer with the fused KL kernel
-(``kernels.P_IN_FORWARD`` off), ``dsa_p_fwd`` (``speedup_p_fwd``) the layer whose
-attention's forward writes the KL's target p (``sparse_p``, ``sparse_fwd_p``: the attention
-with that second walk) and takes the KL from p and the index keys alone (``kl_index``).
-``select_rows`` is the selection one program a row over the score kernel's fp32 scores
-(``kernels.SELECT_ROWS``; ``dsa_select_rows``, ``speedup_select_rows``,
-``select_rows_rows_differ``), ``select_chunked`` the default selection in chunks of as
-many rows (``select_rows_chunk``). ``--sweep-new`` times the index KL's and the row
-selection's launches (``kl_kernel.INDEX_KL_LAUNCH``, ``select_kernel.ROWS_SELECT_LAUNCH``).
+(``kernels.P_IN_FORWARD`` off), the default until 2026-12-07; the default has the
+attention's forward write the KL's target p (``sparse_p``, ``sparse_fwd_p``: the attention
+with that second walk; ``sparse_fwd_p_heads`` with the walk's logits a head a row, as
+first timed) and takes the KL from p and the index keys alone (``kl_index``). ``select``
+is the default selection, one program a row over the score kernel's fp32 scores
+(``kernels.SELECT_ROWS``), ``select_topk`` the one before it (int64 rank keys and
+``torch.topk``; ``dsa_select_topk``, ``speedup_select_topk``; ``select_topk_rows_differ``:
+rows where the two differ). ``--sweep-new`` times the index KL's, the row selection's and
+the walk for p's launches (``kl_kernel.INDEX_KL_LAUNCH``,
+``select_kernel.ROWS_SELECT_LAUNCH``, ``kernels.P_WALK``).
 ``--profile-layer`` prints the DSA layer's ops (forward + backward) at the first length.
 
     python bench/dsa.py --preset h100          # the issue's figures: one H100/H200
@@ -104,7 +103,9 @@ KL_SWEEP = dict(num_warps=(4, 8, 2), num_stages=(3, 2))  # the fused KL's (kl_ke
 # the index KL's (kl_kernel.INDEX_KL_LAUNCH) and the row selection's
 # (select_kernel.ROWS_SELECT_LAUNCH), the default first
 INDEX_KL_SWEEP = dict(BN=(64, 32, 128), num_warps=(4, 2, 8), num_stages=(3, 2))
-ROWS_SWEEP = dict(BS=(2048, 1024, 4096), num_warps=(8, 4, 16))
+ROWS_SWEEP = dict(BS=(2048, 1024, 4096), num_warps=(4, 8))
+# the forward's walk for p (kernels.P_WALK)
+P_WALK_SWEEP = dict(BNP=(64, 32, 128), KEY_ROWS=(True, False))
 
 
 def _sync(dev):
@@ -197,8 +198,11 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
     starts = K.segment_starts(cu, t)
     idx = K.index_topk(qi.detach(), ki.detach(), w.detach(), starts, p["top_k"], t)
 
+    def idx_now():  # the selection as the layer makes it now
+        return K.index_topk(qi.detach(), ki.detach(), w.detach(), starts, p["top_k"], t)
+
     def select():
-        K.index_topk(qi.detach(), ki.detach(), w.detach(), starts, p["top_k"], t)
+        idx_now()
 
     def sparse():
         torch.autograd.backward(K.sparse_attention(q, k, v, idx, scale), grad)
@@ -300,7 +304,8 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         # layer with SHARE_LSE and GRAD_IN_FORWARD): the layer, the attention with p (its
         # forward's second walk), and the index KL alone
         parts += [("dsa_kl_fused", _with(dsa, fused))]
-        parts += [("dsa_p_fwd", _with(dsa, (K, "P_IN_FORWARD", True)))]
+        heads = (K, "P_WALK", {"BNP": 32, "KEY_ROWS": False})
+        parts += [("sparse_fwd_p_heads", _with(sparse_fwd_p, heads))]
         parts += [("sparse_p", sparse_p), ("sparse_fwd_p", sparse_fwd_p)]
         parts += [("kl_index", kl_index)]
         # off (slower, 2026-12-07): the top-k over fp32 scores, ties repaired (the same keys)
@@ -315,10 +320,6 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         # its per-row histograms as one tl.histogram rather than 16 row reductions
         hist = [(K, "SELECT_FUSED", True), (S, "SELECT_HIST", True)]
         parts += [("select_fused_hist", _with(select, *hist))]
-        # the decode step's radix select over the score kernel's fp32 chunks
-        # (kernels.SELECT_RADIX, decode_kernel.rows_topk), alone and in the layer
-        parts += [("select_radix", _with(select, (K, "SELECT_RADIX", True)))]
-        parts += [("dsa_select_radix", _with(dsa, (K, "SELECT_RADIX", True)))]
 
         def rows_differ(name: str, pick) -> None:
             """The rows where selection ``name`` (``pick()``) chose other keys than the
@@ -333,31 +334,20 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
             except Exception as e:  # noqa: BLE001 - recorded by the part's own run below
                 print(f"{name}_rows_differ: {type(e).__name__}: {e}", flush=True)
 
-        def radix_topk():
-            K.SELECT_RADIX = True
+        # the selection before SELECT_ROWS (the default since 2026-12-07): int64 rank keys
+        # and torch.topk, alone and in the layer, and the rows where it picks other keys
+        topk_sel = (K, "SELECT_ROWS", False)
+        parts += [("select_topk", _with(select, topk_sel))]
+        parts += [("dsa_select_topk", _with(dsa, topk_sel))]
+
+        def topk_idx():
+            K.SELECT_ROWS = False
             try:
                 return K.index_topk(qi.detach(), ki.detach(), w.detach(), starts, p["top_k"], t)
             finally:
-                K.SELECT_RADIX = False
+                K.SELECT_ROWS = True
 
-        # one program a row over the score kernel's fp32 scores (kernels.SELECT_ROWS),
-        # alone and in the layer; and the default selection in chunks of as many rows
-        rows_sel = (K, "SELECT_ROWS", True)
-        parts += [("select_rows", _with(select, rows_sel))]
-        parts += [("dsa_select_rows", _with(dsa, rows_sel))]
-        n_rows = max(16, min(4096, K.BUDGET // (t + 4096)))
-        parts += [("select_chunked", _with(select, (K, "SELECT_CHUNK", n_rows)))]
-        row["select_rows_chunk"] = n_rows
-
-        def rows_topk():
-            K.SELECT_ROWS = True
-            try:
-                return K.index_topk(qi.detach(), ki.detach(), w.detach(), starts, p["top_k"], t)
-            finally:
-                K.SELECT_ROWS = False
-
-        rows_differ("select_rows", rows_topk)
-        rows_differ("select_radix", radix_topk)
+        rows_differ("select_topk", topk_idx)
         rows_differ("select_fused", lambda: S.fused_topk(qi.detach(), ki.detach(), w.detach(),
                                                          starts, idx.shape[1]))  # fmt: skip
     for name, fn in parts:
@@ -381,16 +371,15 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         "kl_bwd",
         "select_fused",
         "kl_w8",
-        "select_radix",
         "kl_fused",
-        "p_fwd",
-        "select_rows",
+        "select_topk",
     ):
         if "dense_ms" in row and f"dsa_{was}_ms" in row:
             row[f"speedup_{was}"] = round(row["dense_ms"] / row[f"dsa_{was}_ms"], 2)
     extra = dict(kl_fwd=kl_fwd)
     if K.use_triton(q):
-        extra.update(kl_index_fwd=kl_index_fwd, rows_topk=lambda: rows_topk().sort(-1).values)
+        extra.update(kl_index_fwd=kl_index_fwd, rows_idx=lambda: idx_now().sort(-1).values)
+        extra.update(p_only=lambda: sparse_fwd_p()[2])
     return row, dict(parts, **extra)
 
 
@@ -591,6 +580,7 @@ def main() -> None:
             _profile(fns["dsa"], dev, f"DSA layer forward + backward, {t} tokens, 2 runs")
         sweeps = {"sweep": args.sweep, "sweep_kl": args.sweep_kl}
         sweeps.update(sweep_index_kl=args.sweep_new, sweep_rows=args.sweep_new)
+        sweeps.update(sweep_p_walk=args.sweep_new)
         for key in [key for key, on in sweeps.items() if on and n == 0]:
             if not row["triton"]:
                 print(f"--{key.replace('_', '-')}: no Triton here, nothing to sweep", flush=True)
@@ -612,11 +602,13 @@ def main() -> None:
             elif key == "sweep_index_kl":
                 where = ("index_kl", kl_kernel, "INDEX_KL_LAUNCH", INDEX_KL_SWEEP,
                          fns["kl_index_fwd"], fns["kl_index"])  # fmt: skip
+            elif key == "sweep_p_walk":
+                where = ("p_walk", kernels, "P_WALK", P_WALK_SWEEP, fns["p_only"], fns["sparse_p"])
             else:
                 from distill.dsa import select_kernel
 
                 where = ("rows", select_kernel, "ROWS_SELECT_LAUNCH", ROWS_SWEEP,
-                         fns["rows_topk"], fns["select_rows"])  # fmt: skip
+                         fns["rows_idx"], fns["select"])  # fmt: skip
             results[key] = _sweep(*where, dev, p["reps"], t)
             save()
         del fns

@@ -120,11 +120,7 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
     decode_launch = {k: v for k, v in D.DECODE_LAUNCH.items() if k != "CS"}
     attn_launch = {k: v for k, v in D.ATTENTION_LAUNCH.items() if k not in ("BN", "programs")}
     g = h // hkv
-    decode_c = dict(CS=D.DECODE_LAUNCH["CS"], NCP=p2(-(-32768 // D.DECODE_LAUNCH["CS"])),
-                    FROM_SCORES=False)  # fmt: skip
-    rows_launch = {k: v for k, v in D.ROWS_LAUNCH.items() if k != "CS"}
-    rows_c = dict(CS=D.ROWS_LAUNCH["CS"], NCP=max(2, p2(-(-32768 // D.ROWS_LAUNCH["CS"]))),
-                  FROM_SCORES=True)  # fmt: skip
+    decode_c = dict(CS=D.DECODE_LAUNCH["CS"], NCP=p2(-(-32768 // D.DECODE_LAUNCH["CS"])))
     hist_t = dict(SC="*fp32", VALID="*i8", HIST="*i32", IDX="*i64", OK="*i8")
     dscore_t = dict(QI="*bf16", KI="*bf16", W="*bf16", SC="*fp32", KS="*fp32")
     dscore_c = dict(HI=hi, BH=max(16, p2(hi)), DI=di, BD=index["BDI"],
@@ -146,10 +142,6 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
          dict(decode_c, PASS=3), decode_launch),
         ("decode selection, the positions (32k keys)", D._decode_emit_kernel, hist_t, decode_c,
          decode_launch),
-        ("training selection (SELECT_RADIX), a digit's histograms (32k keys)",
-         D._decode_hist_kernel, hist_t, dict(rows_c, PASS=3), rows_launch),
-        ("training selection (SELECT_RADIX), the positions (32k keys)", D._decode_emit_kernel,
-         hist_t, rows_c, rows_launch),
         ("decode attention", D._decode_attn_kernel, attn_t, attn_c, attn_launch),
         # inside a compiled step inductor passes the Python float scale as fp64
         ("decode attention, fp64 scale (inductor's)", D._decode_attn_kernel,
@@ -158,9 +150,9 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
         ("index rank keys", K._index_score_kernel, dict(score_t, OUT="*i64"),
          dict(score_c, RANKED=True), {}),
         ("sparse forward", K._sparse_fwd_kernel, sparse_t,
-         dict(sparse_c, H=h, WRITE_P=False, ADD_P=False), launch),
+         dict(sparse_c, H=h, WRITE_P=False, ADD_P=False, **K.P_WALK), launch),
         ("sparse forward writing p", K._sparse_fwd_kernel, sparse_t,
-         dict(sparse_c, H=h, WRITE_P=True, ADD_P=hkv > 1), launch),
+         dict(sparse_c, H=h, WRITE_P=True, ADD_P=hkv > 1, **K.P_WALK), launch),
         ("index KL with its gradient", KL._index_kl_kernel, index_kl_t,
          dict(index_kl_c, GRAD=True), ikl),
         ("training selection (SELECT_ROWS), one program a row", S._rows_select_kernel,

@@ -8,7 +8,7 @@
 # decoding, measured 2026-12-06): python3 bench/dsa.py --preset h100
 # Run on the GPU host from the repository root: OUT=dir bash bench/gpu_dsa.sh
 # STEPS picks the boxes, run in this order: tests retrieval mqa mqa-kl mqa-sweep full decode
-# new layer (180 + 300 + 90 + 110 + 150 + 180 + 150 + 470 + 120 s: not all fit one call; the default
+# new layer (180 + 300 + 90 + 110 + 150 + 180 + 150 + 490 + 120 s: not all fit one call; the default
 # runs three).
 set -u
 STEPS=" ${STEPS:-tests retrieval layer} "
@@ -47,17 +47,17 @@ want full && step full 180 python3 bench/dsa.py --preset h100 --skip-parts kl --
 # CUDA graphs): not bound by the host, as transformers' forward in "full" is
 want decode && step decode 200 python3 bench/dsa_decode.py --preset h100 --profile --out "$OUT/dsa-decode.json"
 # the KL from the attention's p (kernels.P_IN_FORWARD) and the selection one program a row
-# (kernels.SELECT_ROWS), 2026-12-07: their GPU tests, then the MQA and Qwen2 layers at 32k
-# beside the fused KL's layer and the default selection, the new kernels' launch sweeps and
-# the MQA layer's ops (the parts timed and settled before left out)
-OLD=kl,kl_fused,sparse_acq_rel,kl_fused_acq_rel,kl_fused_fp32,gather,dsa_before,select_fp32
-OLD=$OLD,select_fused,select_fused_hist,dsa_select_fused,kl_fused_sum_w8,dsa_kl_w8
-OLD=$OLD,select_radix,dsa_select_radix,dsa_kl_bwd
+# (kernels.SELECT_ROWS), 2026-12-07: their GPU tests, then the MQA layer at 32k (the new
+# kernels' launch sweeps and the layer's ops there), 16k and 64k, and the Qwen2 layer at
+# 32k, beside the fused KL's layer and the rank keys' selection (the parts timed and
+# settled before left out)
+OLD=kl,kl_fused,kl_fused_sum,sparse_acq_rel,kl_fused_acq_rel,kl_fused_fp32,gather,dsa_before
+OLD=$OLD,select_fp32,select_fused,select_fused_hist,dsa_select_fused,kl_fused_sum_w8,dsa_kl_w8,dsa_kl_bwd
 want new && step new-tests 150 python3 -m pytest -q -rs tests/test_dsa.py::test_triton_kernels_match_torch_on_gpu \
     tests/test_dsa.py::test_decode_kernels_match_torch_on_gpu
-want new && step new-mqa 200 python3 bench/dsa.py --preset h100-mqa --lengths 32768 --skip-parts "$OLD" \
-    --sweep-new --profile-layer --out "$OUT/dsa-new-mqa.json"
-want new && step new-qwen2 120 python3 bench/dsa.py --preset h100 --lengths 32768 --skip-decode \
+want new && step new-mqa 240 python3 bench/dsa.py --preset h100-mqa --lengths 32768,16384,65536 \
+    --skip-parts "$OLD" --sweep-new --profile-layer --out "$OUT/dsa-new-mqa.json"
+want new && step new-qwen2 100 python3 bench/dsa.py --preset h100 --lengths 32768 --skip-decode \
     --skip-parts "$OLD" --out "$OUT/dsa-new-qwen2.json"
 # last: the sweep streams a line per launch configuration, so a cut keeps what ran
 want layer && step layer 120 python3 bench/dsa.py --preset h100 --lengths 32768 --skip-decode --skip-parts kl \

@@ -238,9 +238,12 @@ q, k, v, qi, ki, w = _qkv(70, dtype=torch.float32, grad=True)
 ins = (q, k, v, qi, ki, w)
 # the fused KL kernel walking the main keys for their log-sum-exps, then reading the
 # attention's, then the KL from the p the attention's forward writes (the default; 2 KV
-# heads: each adds its heads' share)
-modes = [(False, False), (True, False), (True, True)]
-for (share, p_fwd), top_k in itertools.product(modes, (5, 70)):
+# heads: each adds its heads' share), its walk's logits a key a row (the default) and a
+# head a row
+walk = K.P_WALK
+modes = [(False, False, walk), (True, False, walk), (True, True, dict(BNP=16, KEY_ROWS=False)),
+         (True, True, walk)]
+for (share, p_fwd, K.P_WALK), top_k in itertools.product(modes, (5, 70)):
     K.SHARE_LSE, K.P_IN_FORWARD = share, p_fwd
     ref, kl_ref = A.dsa_varlen_reference(q, k, v, qi, ki, w, cu, top_k, 0.3, loss=True)
     got, kl_got = K.dsa_varlen(q, k, v, qi, ki, w, cu, top_k, 0.3, loss=True)
@@ -275,37 +278,37 @@ for sign in (1.0, -1.0):
     want = A.rank_key(K._triton_scores(qx, ki.detach(), w.detach(), starts, 20, 70, 0))
     assert torch.equal(keys, want), (sign, (keys != want).sum())
     got = K.index_topk(qx, ki.detach(), w.detach(), starts, 6, 30)
-    K.SELECT_FP32 = True  # the kernel's fp32 scores, a top-k of them, ties repaired
+    # the kernel's fp32 scores, a top-k of them, ties repaired
+    K.SELECT_FP32, K.SELECT_ROWS = True, False
     got32 = K.index_topk(qx, ki.detach(), w.detach(), starts, 6, 30)
-    K.SELECT_FP32 = False
+    K.SELECT_FP32, K.SELECT_ROWS = False, True
     os.environ["DISTILL_DSA_TRITON"] = "0"
     ref = K.index_topk(qx, ki.detach(), w.detach(), starts, 6, 30)
     del os.environ["DISTILL_DSA_TRITON"]
     assert torch.equal(got.sort(-1).values, ref.sort(-1).values), sign
     assert torch.equal(got32.sort(-1).values, ref.sort(-1).values), sign
-    # scores and selection in one kernel (kernels.SELECT_FUSED, its histograms by row
-    # reductions or tl.histogram), and the decode step's radix select over the score
-    # kernel's fp32 chunks (kernels.SELECT_RADIX, decode_kernel.rows_topk, rows in chunks
-    # of 16 keys): the same keys, ties at 0 (the ReLUs of the negative queries) to the
-    # later key, blocks that span traces, rows with fewer keys than top-k
-    from distill.dsa import decode_kernel as D0, select_kernel as S
+    # the int64 rank keys and torch.topk against scores and selection in one kernel
+    # (kernels.SELECT_FUSED, its histograms by row reductions or tl.histogram) and one
+    # program a row over the fp32 scores (kernels.SELECT_ROWS, the default; rows of 16
+    # keys a step, chunks of 7 rows too, so rows start mid-trace): the same keys, ties at
+    # 0 (the ReLUs of the negative queries) to the later key, blocks that span traces,
+    # rows with fewer keys than top-k
+    from distill.dsa import select_kernel as S
     S.SELECT_LAUNCH = {{"BM": 16, "BN": 16}}
-    D0.ROWS_LAUNCH = {{"CS": 16}}
     S.ROWS_SELECT_LAUNCH = {{"BS": 16}}
-    # and one program a row over the fp32 scores (kernels.SELECT_ROWS, rows of 16 keys a
-    # step; chunks of 7 rows too, so rows start mid-trace)
-    ways = (("SELECT_FUSED", False, None), ("SELECT_FUSED", True, None),
-            ("SELECT_RADIX", False, None), ("SELECT_ROWS", False, None),
-            ("SELECT_ROWS", False, 7))
-    for (top_k, max_len), (flag, S.SELECT_HIST, K.SELECT_CHUNK) in itertools.product(
-            ((6, 30), (40, 70), (1, 30)), ways):
+    ways = (dict(SELECT_FUSED=True), dict(SELECT_FUSED=True, hist=True),
+            dict(SELECT_ROWS=True), dict(SELECT_ROWS=True, SELECT_CHUNK=7))
+    for (top_k, max_len), way in itertools.product(((6, 30), (40, 70), (1, 30)), ways):
+        K.SELECT_ROWS = False
         plain = K.index_topk(qx, ki.detach(), w.detach(), starts, top_k, max_len)
-        setattr(K, flag, True)
+        S.SELECT_HIST = way.get("hist", False)
+        for name, value in way.items():
+            if name != "hist":
+                setattr(K, name, value)
         other = K.index_topk(qx, ki.detach(), w.detach(), starts, top_k, max_len)
-        setattr(K, flag, False)
+        K.SELECT_FUSED, K.SELECT_ROWS, K.SELECT_CHUNK = False, True, None
         assert other.shape == plain.shape and (other < 0).any() == (plain < 0).any()
-        assert torch.equal(other.sort(-1).values, plain.sort(-1).values), (sign, top_k, flag)
-    K.SELECT_CHUNK = None
+        assert torch.equal(other.sort(-1).values, plain.sort(-1).values), (sign, top_k, way)
 # the decode step's selection in Triton kernels (decode_kernel.decode_topk) against
 # topk_indices: ties (rounded scores: the later key), rows with fewer valid keys than k;
 # rows in chunks of 32 keys (several chunks tie); then its attention over the selected
@@ -552,32 +555,20 @@ def test_triton_kernels_match_torch_on_gpu():
         finally:
             K.SELECT_FUSED, select_kernel.SELECT_HIST = False, False
         assert torch.equal(fused.sort(-1).values, plain.sort(-1).values), (case, top_k, hist)
-    # and the radix select over the fp32 chunks (kernels.SELECT_RADIX), rows in chunks of
-    # 32 keys and of the default's length
-    from distill.dsa import decode_kernel
-
-    launch = decode_kernel.ROWS_LAUNCH
-    for (case, ins), top_k, cs in itertools.product(cases, (16, 64), (32, launch["CS"])):
-        plain = K.index_topk(*ins, starts, top_k, 62)
-        K.SELECT_RADIX, decode_kernel.ROWS_LAUNCH = True, dict(launch, CS=cs)
-        try:
-            radix = K.index_topk(*ins, starts, top_k, 62)
-        finally:
-            K.SELECT_RADIX, decode_kernel.ROWS_LAUNCH = False, launch
-        assert torch.equal(radix.sort(-1).values, plain.sort(-1).values), (case, top_k, cs)
     # and one program a row over the fp32 scores (kernels.SELECT_ROWS), rows of 32 keys a
     # step and of the default's, chunks of the default's rows and of 7
     launch = select_kernel.ROWS_SELECT_LAUNCH
     for (case, ins), top_k, bs, chunk in itertools.product(
         cases, (16, 64), (32, launch["BS"]), (None, 7)
     ):
+        K.SELECT_ROWS = False
         plain = K.index_topk(*ins, starts, top_k, 62)
         K.SELECT_ROWS, K.SELECT_CHUNK = True, chunk
         select_kernel.ROWS_SELECT_LAUNCH = dict(launch, BS=bs)
         try:
             rows = K.index_topk(*ins, starts, top_k, 62)
         finally:
-            K.SELECT_ROWS, K.SELECT_CHUNK = False, None
+            K.SELECT_ROWS, K.SELECT_CHUNK = True, None
             select_kernel.ROWS_SELECT_LAUNCH = launch
         assert torch.equal(rows.sort(-1).values, plain.sort(-1).values), (case, top_k, bs, chunk)
     idx = K.index_topk(qi, ki, w, starts, 16, 62)
@@ -629,6 +620,7 @@ def test_triton_kernels_match_torch_on_gpu():
                                                    v.bfloat16(), idx, 0.3, True)  # fmt: skip
             from_p = kl_kernel.index_kl_sum_triton(qs, ki.bfloat16(), w, idx, p_fwd)
             torch.testing.assert_close(from_p, want, atol=5e-2, rtol=2e-2)
+            want = K._sparse_kl_chunk(q, k, *ins, idx, 0.3)  # (its graph was freed above)
             grads = zip(torch.autograd.grad(from_p * 2.0, ins),
                         torch.autograd.grad(want * 2.0, ins), strict=True)  # fmt: skip
             for name, (a, b) in zip(("qs", "ki", "w"), grads, strict=True):
@@ -657,22 +649,24 @@ def test_triton_kernels_match_torch_on_gpu():
     # attention's log-sum-exps, and the KL from the attention's p (the default), every
     # key selected (no near-tie for bf16 to flip) against fp32 torch; at 64 heads over
     # one KV head too (p stored, not added)
-    share, p_fwd = K.SHARE_LSE, K.P_IN_FORWARD
+    share, p_fwd, walk = K.SHARE_LSE, K.P_IN_FORWARD, K.P_WALK
     wide = (qm.float(), km.float(), vm.float())
+    heads = {"BNP": 32, "KEY_ROWS": False}  # p's walk with the attention's layout
+    modes = ((False, False, walk), (True, False, walk), (True, True, heads), (True, True, walk))
     try:
-        for (K.SHARE_LSE, K.P_IN_FORWARD), main in itertools.product(
-            ((False, False), (True, False), (True, True)), ((q, k, v), wide)
+        for (K.SHARE_LSE, K.P_IN_FORWARD, K.P_WALK), main in itertools.product(
+            modes, ((q, k, v), wide)
         ):
             ref, kl_ref = A.dsa_varlen_reference(*main, qi, ki, w, cu, 161, 0.3, loss=True)
             half = [x.bfloat16() for x in (*main, qi, ki, w)]
             got, kl_got = K.dsa_varlen(*half, cu, 161, 0.3, loss=True)
-            case = f"share {K.SHARE_LSE}, p in forward {K.P_IN_FORWARD}, {main[0].shape[1]} heads"
+            case = f"{K.SHARE_LSE}, {K.P_IN_FORWARD}, {K.P_WALK}, {main[0].shape[1]} heads"
             torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2,
                                        msg=lambda m, c=case: f"{m}\n({c})")  # fmt: skip
             torch.testing.assert_close(kl_got.float(), kl_ref, atol=5e-2, rtol=2e-2,
                                        msg=lambda m, c=case: f"{m}\n(KL, {c})")  # fmt: skip
     finally:
-        K.SHARE_LSE, K.P_IN_FORWARD = share, p_fwd
+        K.SHARE_LSE, K.P_IN_FORWARD, K.P_WALK = share, p_fwd, walk
 
 
 # --------------------------------------------------------------------------- training

@@ -50,9 +50,6 @@ if HAVE_TRITON:
 
 # keys a program (the selection's chunk; the scores'), read at each launch
 DECODE_LAUNCH = {"CS": 2048, "num_warps": 4}
-# the same selection over the trainer's query chunks (rows_topk: thousands of rows, so
-# fewer, longer chunks: each program reads its row's histograms of every chunk)
-ROWS_LAUNCH = {"CS": 8192, "num_warps": 8}
 SCORE_LAUNCH = {"BS": 256, "num_warps": 8}
 # the step's index scores and selection by decode_scores and decode_topk rather than
 # torch's products and torch.topk over int64 rank keys (6.1-6.2 against 7.4 ms a step)
@@ -137,30 +134,25 @@ if HAVE_TRITON:
         tl.store(SC + b * s_sb + s, sc, mask=m)
 
     @triton.jit
-    def _chunk(SC, VALID, b, c, n_s, s_sb, s_vb, CS: tl.constexpr,
-               FROM_SCORES: tl.constexpr):  # fmt: skip
-        """Chunk ``c`` of row ``b``: its positions, which are valid keys (``FROM_SCORES``:
-        those scored above -inf, no mask read), their order."""
+    def _chunk(SC, VALID, b, c, n_s, s_sb, s_vb, CS: tl.constexpr):
+        """Chunk ``c`` of row ``b``: its positions, which are valid keys, their order."""
         s = c * CS + tl.arange(0, CS)
         m = s < n_s
-        sc = tl.load(SC + b * s_sb + s, mask=m, other=float("-inf")).to(tl.float32)
-        if FROM_SCORES:
-            ok = m & (sc > float("-inf"))
-        else:
-            ok = m & (tl.load(VALID + b * s_vb + s, mask=m, other=0) != 0)
-        return s, ok, _score_order(sc)
+        ok = m & (tl.load(VALID + b * s_vb + s, mask=m, other=0) != 0)
+        u = _score_order(tl.load(SC + b * s_sb + s, mask=m, other=0.0).to(tl.float32))
+        return s, ok, u
 
     @triton.jit
     def _decode_hist_kernel(
         SC, VALID, HIST, n_s, k_out, n_c, s_sb, s_vb, s_hp, s_hb, s_hc,
-        PASS: tl.constexpr, CS: tl.constexpr, NCP: tl.constexpr, FROM_SCORES: tl.constexpr,
+        PASS: tl.constexpr, CS: tl.constexpr, NCP: tl.constexpr,
     ):  # fmt: skip
         """Pass ``PASS``: chunk ``pid(1)`` of row ``pid(0)`` counts the next digit (bits
         ``24 - 8·PASS`` up) of its valid keys that share the decided prefix."""
         b = tl.program_id(0)
         c = tl.program_id(1)
         prefix, _, _, _ = _decided(HIST, b, k_out, n_c, s_hp, s_hb, s_hc, PASS, NCP)
-        _, ok, u = _chunk(SC, VALID, b, c, n_s, s_sb, s_vb, CS, FROM_SCORES)
+        _, ok, u = _chunk(SC, VALID, b, c, n_s, s_sb, s_vb, CS)
         shift = 24 - 8 * PASS
         match = ok & (((u >> shift) >> 8) == prefix)  # two shifts: u >> 32 is undefined
         hist = tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=match)
@@ -169,7 +161,7 @@ if HAVE_TRITON:
     @triton.jit
     def _decode_emit_kernel(
         SC, VALID, HIST, IDX, OK, n_s, k_out, n_c, s_sb, s_vb, s_hp, s_hb, s_hc, s_ib,
-        CS: tl.constexpr, NCP: tl.constexpr, FROM_SCORES: tl.constexpr,
+        CS: tl.constexpr, NCP: tl.constexpr,
     ):  # fmt: skip
         """Chunk ``pid(1)`` of row ``pid(0)`` writes its keys above the k-th score (after
         those of the earlier chunks) and its keys tied with it that are among the latest
@@ -181,7 +173,7 @@ if HAVE_TRITON:
         n_above = tl.sum(above)
         above_before = tl.sum(tl.where(rc < c, above, 0))
         ties_after = tl.sum(tl.where(rc > c, equal, 0))
-        s, ok, u = _chunk(SC, VALID, b, c, n_s, s_sb, s_vb, CS, FROM_SCORES)
+        s, ok, u = _chunk(SC, VALID, b, c, n_s, s_sb, s_vb, CS)
         up = ok & (u > prefix)
         tie = ok & (u == prefix)
         # the ties at later positions than each key: in later chunks, then in this one
@@ -269,17 +261,6 @@ def decode_topk(scores: Tensor, valid: Tensor, top_k: int) -> tuple[Tensor, Tens
     return torch.ops.distill.decode_topk(scores[:, 0].contiguous(), valid.contiguous(), k)
 
 
-def rows_topk(scores: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
-    """:func:`decode_topk` for the trainer's query chunks (``kernels.SELECT_RADIX``):
-    ``scores`` [R, S] fp32, -inf where a key is not the row's to read -> ``idx`` and
-    ``ok`` [R, K]: each row's ``top_k`` keys scored above -inf (ties to the later key),
-    all of them where it has fewer, in chunks of ``ROWS_LAUNCH["CS"]`` keys. Eager (the
-    trainer's selection runs outside any compiled graph): the kernels, no registered op."""
-    k = min(top_k, scores.shape[-1])
-    idx, ok = _radix_topk(scores.contiguous(), None, k, ROWS_LAUNCH)
-    return idx[:, 0], ok[:, 0]
-
-
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, ok: Tensor,
                      scale: float) -> Tensor:  # fmt: skip
     """One new token's attention over its selected keys: ``q`` [B, H, 1, D], the caches
@@ -311,32 +292,23 @@ if HAVE_TRITON:
 
     @torch.library.triton_op("distill::decode_topk", mutates_args=())
     def _decode_topk_op(scores: Tensor, valid: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        return _radix_topk(scores, valid, k, DECODE_LAUNCH)
-
-    def _radix_topk(scores: Tensor, valid: Tensor | None, k: int,
-                    launch: dict) -> tuple[Tensor, Tensor]:  # fmt: skip
-        """The radix select's launches: ``idx``, ``ok`` [B, 1, k]; ``valid`` None: the
-        keys scored above -inf."""
         b, n_s = scores.shape
-        launch = dict(launch)
+        launch = dict(DECODE_LAUNCH)
         cs = launch.pop("CS")
         n_c = triton.cdiv(n_s, cs)
         ncp = max(2, triton.next_power_of_2(n_c))
         idx = torch.zeros(b, 1, k, dtype=torch.long, device=scores.device)
         ok = torch.zeros(b, 1, k, dtype=torch.int8, device=scores.device)
         hist = torch.empty(4, b, n_c, 256, dtype=torch.int32, device=scores.device)
-        from_scores = valid is None
-        # (a bool view does not lower in the compiled step: a cast)
-        valid8 = scores if from_scores else valid.to(torch.int8)
+        valid8 = valid.to(torch.int8)  # (a bool view does not lower in the compiled step)
         strides = (scores.stride(0), valid8.stride(0), *hist.stride()[:3])
         for p in range(4):
             torch.library.wrap_triton(_decode_hist_kernel)[(b, n_c)](
-                scores, valid8, hist, n_s, k, n_c, *strides, PASS=p, CS=cs, NCP=ncp,
-                FROM_SCORES=from_scores, **launch,
-            )  # fmt: skip
+                scores, valid8, hist, n_s, k, n_c, *strides, PASS=p, CS=cs, NCP=ncp, **launch
+            )
         torch.library.wrap_triton(_decode_emit_kernel)[(b, n_c)](
             scores, valid8, hist, idx, ok, n_s, k, n_c, *strides, idx.stride(0),
-            CS=cs, NCP=ncp, FROM_SCORES=from_scores, **launch,
+            CS=cs, NCP=ncp, **launch,
         )  # fmt: skip
         return idx, ok != 0
 

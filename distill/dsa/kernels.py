@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from distill.dsa import attention as A
-from distill.dsa import decode_kernel, select_kernel
+from distill.dsa import select_kernel
 
 try:
     import triton
@@ -72,9 +72,16 @@ SHARE_LSE = True
 # its log-sum-exps are known, and the KL and its gradient from p and the index keys alone
 # (kl_kernel.index_kl_sum_triton): the fused KL kernel's main logits (a walk over the
 # main keys per token with every head) are not computed again. Costs a [T, K] fp32 buffer
-# for the layer's forward (268 MB at 32k, top-k 2,048). Off until timed on a GPU (the
-# interpreter's test and the GPU test check it against torch): the fused KL kernel.
-P_IN_FORWARD = False
+# for the layer's forward (268 MB at 32k, top-k 2,048). One H100 at 32k (2026-12-07 07:30
+# UTC, one run; bench/dsa.py: dsa_p_fwd then): the layer 103.4 ms against 106.0 with the
+# fused KL (MQA shape), 84.7 against 95.8 (Qwen2). False: the fused KL kernel.
+P_IN_FORWARD = True
+# the forward's walk for p: keys a step, and whether its logits are laid out a key a row
+# ([BNP, heads]: the sum over heads stays within a row's threads) or a head a row (the
+# attention's layout: the sum over heads crosses warps). One H100 (2026-12-07 07:30 UTC,
+# MQA shape, 32k, one run), head rows at 32 keys: the forward 15.3 ms against 6.4 without
+# the walk
+P_WALK = {"BNP": 64, "KEY_ROWS": True}
 
 
 def sparse_launch(group: int) -> dict:
@@ -121,10 +128,7 @@ def index_topk(
                 scores = _chunk_keys(qi, ki, w, starts, a, b, lo, ranked=False)
                 select_kernel.rows_select(scores, idx[a:b], kk, a - lo, lo)
                 continue
-            if SELECT_RADIX and use_triton(qi):
-                scores = _chunk_keys(qi, ki, w, starts, a, b, lo, ranked=False)
-                j, ok = decode_kernel.rows_topk(scores, kk)
-            elif SELECT_FP32:
+            if SELECT_FP32:
                 scores = _chunk_keys(qi, ki, w, starts, a, b, lo, ranked=False)
                 j = _topk_tied(scores, kk)
                 ok = scores.gather(-1, j) > float("-inf")
@@ -165,20 +169,19 @@ def _topk_tied(scores: Tensor, kk: int) -> Tensor:
 # against 32.4 for the rank keys and topk (MQA shape), 60.9 against 31.9 (Qwen2).
 SELECT_FUSED = False
 
-# the selection's top-k by the decode step's radix select (decode_kernel.rows_topk: four
-# 8-bit histogram passes over each row's fp32 scores in chunks, then one pass writing the
-# positions; ties to the later key, as the rank keys) rather than torch.topk over the
-# score kernel's int64 rank keys (eight radix passes over 8-byte keys): the same keys (0
-# rows differ on one H100). Off: on that H100 at 32k (2026-12-07 05:56 UTC, one run;
-# bench/dsa.py: select_radix) 48.8 ms against 37.0 (MQA shape; the layer 114.2 against
-# 107.2), 30.6 against 32.9 at the Qwen2 shape (the layer 94.1).
-SELECT_RADIX = False
+# (the decode step's radix select over fp32 chunks of the rows, SELECT_RADIX until
+# 2026-12-07, picked the same keys on one H100 but took 48.8 ms against 37.0 at the MQA
+# shape and 30.6 against 32.9 at the Qwen2 shape: removed for SELECT_ROWS below)
 
 # the selection's top-k by select_kernel.rows_select: the score kernel's fp32 scores, one
 # program a row walking its scores five times (four 8-bit histogram passes, then the
 # writes from the latest key back: ties to the later key, as the rank keys), chunks of
-# BUDGET scores (1,820 rows at 32k), two launches a chunk
-SELECT_ROWS = False
+# BUDGET scores (1,820 rows at 32k), two launches a chunk. One H100 at 32k (2026-12-07
+# 07:30 UTC, one run; bench/dsa.py): 16.1 ms against 33.1 for the int64 rank keys and
+# torch.topk (MQA shape; the layer 85.0 against 106.0), 15.9 against 31.6 (Qwen2; the
+# layer 80.0 against 95.8); the same keys (0 rows differ, and the GPU test). False: the
+# rank keys and torch.topk.
+SELECT_ROWS = True
 # rows a chunk of the selection (None: from BUDGET); bench/dsa.py sets it
 SELECT_CHUNK = None
 
@@ -428,6 +431,7 @@ if HAVE_TRITON:
         s_qt, s_qh, s_kt, s_kh, s_it, s_lt, s_pt,
         G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
         BN: tl.constexpr, H: tl.constexpr, WRITE_P: tl.constexpr, ADD_P: tl.constexpr,
+        BNP: tl.constexpr, KEY_ROWS: tl.constexpr,
     ):  # fmt: skip
         """With ``WRITE_P``, a second walk over the selected keys once the log-sum-exps are
         known writes ``P`` [T, K]: each key's attention probability summed over the
@@ -461,18 +465,24 @@ if HAVE_TRITON:
         tl.store(OUT + t * s_qt + heads[:, None] * s_qh + rd[None, :], out, mask=qmask)
         tl.store(LSE + t * s_lt + heads, lse, mask=mg)
         if WRITE_P:  # the indexer's KL target, from the same logits: no second kernel
-            for start in range(0, n_sel, BN):
+            rp = tl.arange(0, BNP)
+            for start in range(0, n_sel, BNP):
                 ok, _, _, kb = _selected_k(
-                    K, IDX, t, hk, start, n_sel, s_kt, s_kh, s_it, rd, rn, md
+                    K, IDX, t, hk, start, n_sel, s_kt, s_kh, s_it, rd, rp, md
                 )
-                s = tl.dot(q, tl.trans(kb)) * scale
-                p = tl.where(ok[None, :] & mg[:, None], tl.exp(s - lse[:, None]), 0.0)
-                cols = start + rn
-                if ADD_P:
-                    tl.atomic_add(P + t * s_pt + cols, tl.sum(p, 0) / H, mask=cols < n_sel,
-                                  sem="relaxed")  # fmt: skip
+                if KEY_ROWS:  # [BNP, BG]: the sum over heads within a row, no cross-warp sum
+                    st = tl.dot(kb, tl.trans(q)) * scale
+                    pt = tl.where(ok[:, None] & mg[None, :], tl.exp(st - lse[None, :]), 0.0)
+                    pk = tl.sum(pt, 1) / H
                 else:
-                    tl.store(P + t * s_pt + cols, tl.sum(p, 0) / H, mask=cols < n_sel)
+                    s = tl.dot(q, tl.trans(kb)) * scale
+                    p = tl.where(ok[None, :] & mg[:, None], tl.exp(s - lse[:, None]), 0.0)
+                    pk = tl.sum(p, 0) / H
+                cols = start + rp
+                if ADD_P:
+                    tl.atomic_add(P + t * s_pt + cols, pk, mask=cols < n_sel, sem="relaxed")
+                else:
+                    tl.store(P + t * s_pt + cols, pk, mask=cols < n_sel)
 
     @triton.jit
     def _sparse_bwd_kernel(
@@ -558,7 +568,7 @@ if HAVE_TRITON:
                 q, k, v, idx, out, lse, p if want_p else lse, scale, idx.shape[1],
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), idx.stride(0), lse.stride(0),
                 idx.stride(0), **_blocks(h // hkv, d), **sparse_launch(h // hkv), H=h,
-                WRITE_P=want_p, ADD_P=hkv > 1,
+                WRITE_P=want_p, ADD_P=hkv > 1, **P_WALK,
             )  # fmt: skip
             ctx.save_for_backward(q, k, v, idx, out, lse)
             ctx.scale = scale

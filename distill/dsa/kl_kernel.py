@@ -56,8 +56,10 @@ MAIN_DOT_FP32 = False
 
 
 # the index KL kernel's launch (index_kl_sum_triton), read at each launch: keys a step,
-# warps, stages
-INDEX_KL_LAUNCH = {"BN": 64, "num_warps": 4, "num_stages": 3}
+# warps, stages. One H100 at 32k (2026-12-07 07:30 UTC, MQA shape, one sweep of 18,
+# bench/dsa.py --sweep-new): 11.6 ms forward + backward against 17.5 at 64 keys and 3
+# stages; 11.8 at 64 keys, 2 warps, 2 stages
+INDEX_KL_LAUNCH = {"BN": 128, "num_warps": 4, "num_stages": 2}
 
 # the layer's KL (a sum over tokens, so every token's gradient is the same scalar) takes its
 # gradient from the forward kernel's second walk over the keys (sparse_kl_sum_triton), as
