@@ -103,7 +103,7 @@ KL_SWEEP = dict(num_warps=(4, 8, 2), num_stages=(3, 2))  # the fused KL's (kl_ke
 # the index KL's (kl_kernel.INDEX_KL_LAUNCH) and the row selection's
 # (select_kernel.ROWS_SELECT_LAUNCH), the default first
 INDEX_KL_SWEEP = dict(BN=(64, 32, 128), num_warps=(4, 2, 8), num_stages=(3, 2))
-ROWS_SWEEP = dict(BS=(2048, 1024, 4096), num_warps=(4, 8))
+ROWS_SWEEP = dict(BS=(2048, 4096), BITS=(8, 11), num_warps=(4, 8))
 # the forward's walk for p (kernels.P_WALK)
 P_WALK_SWEEP = dict(BNP=(64, 32, 128), KEY_ROWS=(True, False))
 

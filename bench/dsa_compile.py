@@ -104,7 +104,7 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
     index_kl_c = dict(HI=hi, BHI=index["BHI"], DI=di, BDI=index["BDI"], BN=ikl.pop("BN"),
                       SEM=K.ATOMIC_SEM)  # fmt: skip
     rows_sel = dict(S.ROWS_SELECT_LAUNCH)
-    rows_sel_c = dict(BS=rows_sel.pop("BS"))
+    rows_sel_c = dict(BS=rows_sel.pop("BS"), BITS=rows_sel.pop("BITS"))
     kl_t = dict(Q="*bf16", K="*bf16", QI="*fp32", KI="*fp32", W="*fp32", IDX="*i32",
                 KL="*fp32", LSE="*fp32", LSEI="*fp32", GOUT="*fp32", DQI="*fp32",
                 DKI="*fp32", DW="*fp32", scale="fp32")  # fmt: skip
@@ -156,7 +156,7 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
         ("index KL with its gradient", KL._index_kl_kernel, index_kl_t,
          dict(index_kl_c, GRAD=True), ikl),
         ("training selection (SELECT_ROWS), one program a row", S._rows_select_kernel,
-         dict(SC="*fp32", IDX="*i64"), rows_sel_c, rows_sel),
+         dict(SC="*fp32", IDX="*i32"), rows_sel_c, rows_sel),
         ("sparse backward", K._sparse_bwd_kernel, sparse_t,
          dict(sparse_c, SEM=K.ATOMIC_SEM), launch),
     ]  # fmt: skip

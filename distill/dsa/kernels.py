@@ -108,7 +108,8 @@ def index_topk(
     qi: Tensor, ki: Tensor, w: Tensor, starts: Tensor, top_k: int, max_len: int
 ) -> Tensor:
     """Each token's ``min(top_k, max_len)`` best earlier keys of its own trace by index
-    score, [T, K] int64, -1 where it has fewer. No gradient."""
+    score, [T, K] (int32 from the row selection, else int64), -1 where it has fewer. No
+    gradient."""
     t, hi = qi.shape[0], qi.shape[1]
     k_out = min(top_k, max_len)
     if SELECT_FUSED and use_triton(qi):
@@ -118,7 +119,10 @@ def index_topk(
     # logits, torch's): rows_select takes BUDGET of them in fp32
     chunk = max(16, min(4096, BUDGET // ((1 if rows else hi) * (max_len + 4096))))
     chunk = SELECT_CHUNK or chunk
-    idx = torch.full((t, k_out), -1, dtype=torch.long, device=qi.device)
+    # the row selection writes int32, what the attention and KL kernels read (int64 [T, K]
+    # at 32k and top-k 2,048 is 537 MB, converted by each)
+    kind = torch.int32 if rows else torch.long
+    idx = torch.full((t, k_out), -1, dtype=kind, device=qi.device)
     firsts = starts[::chunk].tolist()  # one host sync for every chunk's first key
     with torch.no_grad():
         for n, a in enumerate(range(0, t, chunk)):

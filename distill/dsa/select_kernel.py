@@ -176,42 +176,47 @@ def fused_topk(qi: Tensor, ki: Tensor, w: Tensor, starts: Tensor, k_out: int) ->
 
 
 # the training selection's radix select over stored fp32 scores (rows_select: one program
-# a row, every pass inside it), read at each launch: keys a step, warps. One H100 at 32k
-# (2026-12-07 07:30 UTC, one sweep of 9): 15.2 ms against 16.6 at 8 warps; 1,024 or 4,096
-# keys a step 15.5-17.5, 16 warps 21-22
-ROWS_SELECT_LAUNCH = {"BS": 2048, "num_warps": 4}
+# a row, every pass inside it), read at each launch: keys a step, warps, and the bits a
+# pass decides (8: four histogram passes of 256 bins; 11: three of 2,048). One H100 at
+# 32k (2026-12-07 07:30 UTC, one sweep of 9 at 8 bits): 15.2 ms against 16.6 at 8 warps;
+# 1,024 or 4,096 keys a step 15.5-17.5, 16 warps 21-22
+ROWS_SELECT_LAUNCH = {"BS": 2048, "BITS": 8, "num_warps": 4}
 
 if HAVE_TRITON:
 
     @triton.jit
     def _rows_select_kernel(
-        SC, IDX, n_s, q0, k_out, lo, s_sb, s_ib, BS: tl.constexpr,
+        SC, IDX, n_s, q0, k_out, lo, s_sb, s_ib, BS: tl.constexpr, BITS: tl.constexpr,
     ):  # fmt: skip
         """Row ``pid``'s best ``k_out`` keys of its scores above -inf (all of them where it
         has fewer), ties to the later key, written as positions + ``lo`` into its row of
         ``IDX`` (the rest untouched). Row r is query ``q0 + r`` of the score columns, so
-        no key after column ``q0 + r`` is read. Four passes of a 256-bin histogram of the
-        next 8 bits of the scores' order among the keys that share the decided prefix,
-        then a pass from the latest key back that writes the keys above the k-th score
-        and the latest of those tied with it."""
+        no key after column ``q0 + r`` is read. Passes of a histogram of the next
+        ``BITS`` bits of the scores' order among the keys that share the decided prefix,
+        until all 32 are decided, then a pass from the latest key back that writes the
+        keys above the k-th score and the latest of those tied with it."""
         b = tl.program_id(0)
         n_row = tl.minimum(n_s, q0 + b + 1)
-        bins = tl.arange(0, 256)
+        bins = tl.arange(0, 1 << BITS)
         rs = tl.arange(0, BS)
         row = SC + b.to(tl.int64) * s_sb
         prefix = tl.zeros((), tl.uint32)
         left = tl.zeros((), tl.int32)
         kk = tl.zeros((), tl.int32)
-        for p in tl.static_range(4):
-            shift = 24 - 8 * p
-            hist = tl.zeros((256,), tl.int32)
+        for p in tl.static_range((32 + BITS - 1) // BITS):
+            shift = 32 - BITS * (p + 1)
+            if shift < 0:
+                shift = 0
+            width = 32 - BITS * p - shift  # BITS, or what the last pass has left
+            hist = tl.zeros((1 << BITS,), tl.int32)
             for start in range(0, n_row, BS):
                 s = start + rs
                 sc = tl.load(row + s, mask=s < n_row, other=float("-inf"))
                 u = _score_order(sc)
                 # two shifts: u >> 32 is undefined
-                match = (sc > float("-inf")) & (((u >> shift) >> 8) == prefix)
-                hist += tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=match)
+                match = (sc > float("-inf")) & (((u >> shift) >> width) == prefix)
+                digit = ((u >> shift) & ((1 << width) - 1)).to(tl.int32)
+                hist += tl.histogram(digit, 1 << BITS, mask=match)
             total = tl.sum(hist)
             if p == 0:
                 kk = tl.minimum(total, k_out)
@@ -219,7 +224,7 @@ if HAVE_TRITON:
             at_least = total - (tl.cumsum(hist, 0) - hist)  # digit d or more
             pick = tl.max(tl.where(at_least >= left, bins, 0))
             left -= tl.sum(tl.where(bins == pick + 1, at_least, 0))
-            prefix = (prefix << 8) | pick.to(tl.uint32)
+            prefix = (prefix << width) | pick.to(tl.uint32)
         n_up = kk - left  # keys above the k-th score; `left` of those tied with it to take
         up_seen = tl.zeros((), tl.int32)
         tie_seen = tl.zeros((), tl.int32)
@@ -235,7 +240,8 @@ if HAVE_TRITON:
             take = (tie != 0) & (later < left)
             slot = tl.where(up != 0, up_seen + tl.cumsum(up, 0) - 1, n_up + later)
             sel = (up != 0) | take
-            tl.store(IDX + b.to(tl.int64) * s_ib + slot, (s + lo).to(tl.int64), mask=sel)
+            tl.store(IDX + b.to(tl.int64) * s_ib + slot, (s + lo).to(IDX.dtype.element_ty),
+                     mask=sel)  # fmt: skip
             up_seen += tl.sum(up)
             tie_seen += tl.sum(tie)
 
@@ -244,13 +250,13 @@ def rows_select(scores: Tensor, idx: Tensor, k_out: int, q0: int, lo: int) -> No
     """The trainer's selection for one chunk of queries (``kernels.SELECT_ROWS``):
     ``scores`` [R, S] fp32 (-inf where a key is not the row's), row r being query
     ``q0 + r`` of the columns; each row's ``k_out`` best keys (ties to the later key; all
-    of them where it has fewer) written into ``idx`` [R, >= k_out] int64 as column +
-    ``lo``, the rest of each row left as it was. One program a row walks its own scores
-    five times (four histogram passes and the writes), so a pass never waits on another
-    program and a chunk of rows is one launch."""
+    of them where it has fewer) written into ``idx`` [R, >= k_out] (int32 or int64) as
+    column + ``lo``, the rest of each row left as it was. One program a row walks its own
+    scores once a pass and once to write, so a pass never waits on another program and a
+    chunk of rows is one launch."""
     scores = scores.contiguous()
     launch = dict(ROWS_SELECT_LAUNCH)
     _rows_select_kernel[(scores.shape[0],)](
         scores, idx, scores.shape[1], q0, k_out, lo, scores.stride(0), idx.stride(0),
-        BS=launch.pop("BS"), **launch,
+        BS=launch.pop("BS"), BITS=launch.pop("BITS"), **launch,
     )  # fmt: skip
