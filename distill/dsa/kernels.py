@@ -4,16 +4,19 @@ Per layer, for a row of T tokens with trace boundaries ``cu``:
 
 1. indexer scores, query chunk by query chunk, against the keys of the chunk's traces
    (a Triton kernel fuses the ReLU and the head weighting, so the [C, Hi, Tk] logits never
-   exist; without Triton, torch computes them per chunk), then ``torch.topk``: ``idx``
-   [T, K] with -1 where a query has fewer than K earlier keys in its trace (or, with
-   ``SELECT_FUSED``, one kernel scoring and selecting: :mod:`distill.dsa.select_kernel`);
+   exist; without Triton, torch computes them per chunk), then the selection: ``idx``
+   [T, K] with -1 where a query has fewer than K earlier keys in its trace; on CUDA one
+   program a row over the fp32 scores (``SELECT_ROWS``: ``select_kernel.rows_select``),
+   else ``torch.topk`` over rank keys (or, with ``SELECT_FUSED``, one kernel scoring and
+   selecting: :mod:`distill.dsa.select_kernel`);
 2. attention over ``idx``: a Triton kernel, forward (online softmax over the gathered
    keys, one program per token and KV head, the heads of a GQA group together) and
    backward (dQ per program; dK and dV scattered with fp32 atomic adds, relaxed:
    ``ATOMIC_SEM``); without Triton,
    torch gathers the selected keys chunk by chunk (checkpointed);
-3. the indexer's KL: over the selected keys (sparse phase) a fused Triton kernel
-   (:mod:`distill.dsa.kl_kernel`), without Triton torch chunk by chunk, checkpointed; over
+3. the indexer's KL: over the selected keys (sparse phase) from the p the attention's
+   forward writes and the index keys (``P_IN_FORWARD``; or a fused Triton kernel,
+   :mod:`distill.dsa.kl_kernel`), without Triton torch chunk by chunk, checkpointed; over
    every key of the trace with dense attention (warm-up), torch chunk by chunk.
 
 The torch code here is device-agnostic, so the tests check it against the reference on
