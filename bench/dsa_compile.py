@@ -96,7 +96,7 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
     index = dict(HI=hi, BHI=max(16, p2(hi)), DI=di, BDI=max(16, p2(di)))
     bd = max(16, triton.next_power_of_2(d))
     sparse_t = dict(Q="*bf16", K="*bf16", V="*bf16", IDX="*i32", OUT="*bf16", LSE="*fp32",
-                    P="*fp32", DO="*bf16", DELTA="*fp32", DQ="*bf16", DK="*fp32", DV="*fp32",
+                    P="*fp32", DO="*bf16", DQ="*bf16", DK="*fp32", DV="*fp32",
                     scale="fp32")  # fmt: skip
     index_kl_t = dict(QI="*fp32", KI="*bf16", W="*fp32", IDX="*i32", P="*fp32", KL="*fp32",
                       DQI="*fp32", DKI="*fp32", DW="*fp32")  # fmt: skip
