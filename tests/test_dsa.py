@@ -617,8 +617,11 @@ def test_triton_kernels_match_torch_on_gpu():
                     msg=lambda m, n=name, c=case: f"{m}\n(sum d{n}, {c})",
                 )
             # the KL from the p the attention's forward writes (kernels.P_IN_FORWARD) and
-            # the index keys in bf16, against torch's in fp32 on the same rounded keys (on
-            # the H100 the fp32 keys' reference flipped a ReLU for 4 of 3,864 dqs entries)
+            # the index keys in bf16, against torch's in fp32 on the same rounded keys. The
+            # kernel's index logits are a tf32 dot: where one sits at 0 its ReLU can flip
+            # against fp32, which moves that dqs entry by w·di·ki (on the H100 at 08:02 UTC,
+            # 1 of 3,864 entries off by 0.067; with the reference on fp32 keys, 4 by up to
+            # 0.33), so up to 0.2% of dqs may miss; dki, dw and the KL must all match
             _, _, p_fwd = K._SparseAttention.apply(q.bfloat16(), k.bfloat16(),
                                                    v.bfloat16(), idx, 0.3, True)  # fmt: skip
             kib = ki.bfloat16()
@@ -628,6 +631,10 @@ def test_triton_kernels_match_torch_on_gpu():
             grads = zip(torch.autograd.grad(from_p * 2.0, ins),
                         torch.autograd.grad(want * 2.0, ins), strict=True)  # fmt: skip
             for name, (a, b) in zip(("qs", "ki", "w"), grads, strict=True):
+                if name == "qs":
+                    off = ~torch.isclose(a, b, atol=5e-2, rtol=5e-2)
+                    assert off.sum() <= 0.002 * off.numel(), (case, int(off.sum()))
+                    a, b = a[~off], b[~off]
                 torch.testing.assert_close(
                     a, b, atol=5e-2, rtol=5e-2,
                     msg=lambda m, n=name, c=case: f"{m}\n(from p: d{n}, {c})",

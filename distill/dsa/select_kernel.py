@@ -179,7 +179,8 @@ def fused_topk(qi: Tensor, ki: Tensor, w: Tensor, starts: Tensor, k_out: int) ->
 # a row, every pass inside it), read at each launch: keys a step, warps, and the bits a
 # pass decides (8: four histogram passes of 256 bins; 11: three of 2,048). One H100 at
 # 32k (2026-12-07 07:30 UTC, one sweep of 9 at 8 bits): 15.2 ms against 16.6 at 8 warps;
-# 1,024 or 4,096 keys a step 15.5-17.5, 16 warps 21-22
+# 1,024 or 4,096 keys a step 15.5-17.5, 16 warps 21-22; at 08:02 11 bits took 61-92 ms
+# (its 2,048-bin histograms) against 15.0-17.1 for 8
 ROWS_SELECT_LAUNCH = {"BS": 2048, "BITS": 8, "num_warps": 4}
 
 if HAVE_TRITON:
