@@ -197,6 +197,33 @@ if HAVE_TRITON:
         return dw, dqi
 
     @triton.jit
+    def _online_lse(mi, li, x):
+        """One block's step of a running log-sum-exp of ``x`` [BN] (max ``mi``, sum ``li``)."""
+        mi_new = tl.maximum(mi, tl.max(x, 0))
+        mi_safe = tl.where(mi_new == float("-inf"), 0.0, mi_new)
+        return mi_new, li * tl.exp(mi - mi_safe) + tl.sum(tl.exp(x - mi_safe), 0)
+
+    @triton.jit
+    def _kl_block(p, idx_s, lsei, ok, kl, z, w, qi, kib, safe, re, me, DKI, s_kit, dw, dqi,
+                  GRAD: tl.constexpr, SEM: tl.constexpr):  # fmt: skip
+        """One key block's KL terms from ``p`` and the index scores, added to ``kl``; with
+        ``GRAD`` its share of the indexer's gradient too (``dKL/dI = softmax(I) - p``)."""
+        term = tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0) - p * (idx_s - lsei)
+        kl += tl.sum(tl.where(ok & (p > 0), term, 0.0), 0)
+        if GRAD:
+            di = tl.where(ok, tl.exp(idx_s - lsei) - p, 0.0)
+            dw, dqi = _index_grads(di, z, w, qi, kib, safe, ok, re, me, DKI, s_kit, dw, dqi,
+                                   SEM)  # fmt: skip
+        return kl, dw, dqi
+
+    @triton.jit
+    def _store_index_grads(DQI, DW, dqi, dw, t, rj, re, mj, me, s_qit, s_qih, s_wt):
+        tl.store(
+            DQI + t * s_qit + rj[:, None] * s_qih + re[None, :], dqi, mask=mj[:, None] & me[None, :]
+        )
+        tl.store(DW + t * s_wt + rj, dw, mask=mj)
+
+    @triton.jit
     def _kl_fwd_kernel(
         Q, K, QI, KI, W, IDX, KL, LSE, LSEI, DQI, DKI, DW, scale, n_sel,
         s_qt, s_qh, s_kt, s_kh, s_qit, s_qih, s_kit, s_wt, s_it, s_lt,
@@ -239,10 +266,7 @@ if HAVE_TRITON:
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 l_h = l_h * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, :, None]), 2)
                 m = m_new
-            mi_new = tl.maximum(mi, tl.max(idx_s, 0))
-            mi_safe = tl.where(mi_new == float("-inf"), 0.0, mi_new)
-            li = li * tl.exp(mi - mi_safe) + tl.sum(tl.exp(idx_s - mi_safe), 0)
-            mi = mi_new
+            mi, li = _online_lse(mi, li, idx_s)
         # no key (or a padded head): +inf, so that exp(x - lse) = 0 everywhere below
         if HAS_LSE:
             lse = tl.load(LSE + t * s_lt + heads, mask=mhead, other=float("inf"))
@@ -258,19 +282,11 @@ if HAVE_TRITON:
                 s_it, s_kt, s_kh, s_kit, scale, HKV, R, NS, BR, BN, BD,
             )  # fmt: skip
             p = tl.sum(tl.sum(tl.exp(s - lse[:, :, None]), 1), 0) / H
-            term = tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0) - p * (idx_s - lsei)
-            kl += tl.sum(tl.where(ok & (p > 0), term, 0.0), 0)
-            if GRAD:
-                di = tl.where(ok, tl.exp(idx_s - lsei) - p, 0.0)
-                dw, dqi = _index_grads(di, z, w, qi, kib, safe, ok, re, me, DKI, s_kit, dw, dqi,
-                                       SEM)  # fmt: skip
+            kl, dw, dqi = _kl_block(p, idx_s, lsei, ok, kl, z, w, qi, kib, safe, re, me, DKI,
+                                    s_kit, dw, dqi, GRAD, SEM)  # fmt: skip
         tl.store(KL + t, kl)
         if GRAD:
-            tl.store(
-                DQI + t * s_qit + rj[:, None] * s_qih + re[None, :], dqi,
-                mask=mj[:, None] & me[None, :],
-            )  # fmt: skip
-            tl.store(DW + t * s_wt + rj, dw, mask=mj)
+            _store_index_grads(DQI, DW, dqi, dw, t, rj, re, mj, me, s_qit, s_qih, s_wt)
         if not HAS_LSE:
             tl.store(LSE + t * s_lt + heads, lse, mask=mhead)
         tl.store(LSEI + t, lsei)
@@ -308,10 +324,7 @@ if HAVE_TRITON:
             di = tl.where(ok, g * (tl.exp(idx_s - lsei) - p), 0.0)  # dKL/dI [BN]
             dw, dqi = _index_grads(di, z, w, qi, kib, safe, ok, re, me, DKI, s_kit, dw, dqi,
                                    SEM)  # fmt: skip
-        tl.store(
-            DQI + t * s_qit + rj[:, None] * s_qih + re[None, :], dqi, mask=mj[:, None] & me[None, :]
-        )
-        tl.store(DW + t * s_wt + rj, dw, mask=mj)
+        _store_index_grads(DQI, DW, dqi, dw, t, rj, re, mj, me, s_qit, s_qih, s_wt)
 
     @triton.jit
     def _index_kl_kernel(
@@ -337,10 +350,7 @@ if HAVE_TRITON:
         for start in range(0, n_sel, BN):  # walk 1: the index softmax's log-sum-exp
             _, _, _, _, idx_s = _index_block(qi, w, KI, IDX, t, start, n_sel, rn, re, me,
                                              s_it, s_kit)  # fmt: skip
-            mi_new = tl.maximum(mi, tl.max(idx_s, 0))
-            mi_safe = tl.where(mi_new == float("-inf"), 0.0, mi_new)
-            li = li * tl.exp(mi - mi_safe) + tl.sum(tl.exp(idx_s - mi_safe), 0)
-            mi = mi_new
+            mi, li = _online_lse(mi, li, idx_s)
         lsei = tl.where(li > 0, mi + tl.log(tl.where(li > 0, li, 1.0)), float("inf"))
         kl = tl.sum(tl.zeros((BN,), tl.float32), 0)
         dqi = tl.zeros((BHI, BDI), tl.float32)
@@ -350,19 +360,11 @@ if HAVE_TRITON:
                                                    me, s_it, s_kit)  # fmt: skip
             cols = start + rn
             p = tl.load(P + t * s_pt + cols, mask=ok, other=0.0)
-            term = tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0) - p * (idx_s - lsei)
-            kl += tl.sum(tl.where(ok & (p > 0), term, 0.0), 0)
-            if GRAD:
-                di = tl.where(ok, tl.exp(idx_s - lsei) - p, 0.0)
-                dw, dqi = _index_grads(di, z, w, qi, kib, safe, ok, re, me, DKI, s_kit, dw, dqi,
-                                       SEM)  # fmt: skip
+            kl, dw, dqi = _kl_block(p, idx_s, lsei, ok, kl, z, w, qi, kib, safe, re, me, DKI,
+                                    s_kit, dw, dqi, GRAD, SEM)  # fmt: skip
         tl.store(KL + t, kl)
         if GRAD:
-            tl.store(
-                DQI + t * s_qit + rj[:, None] * s_qih + re[None, :], dqi,
-                mask=mj[:, None] & me[None, :],
-            )  # fmt: skip
-            tl.store(DW + t * s_wt + rj, dw, mask=mj)
+            _store_index_grads(DQI, DW, dqi, dw, t, rj, re, mj, me, s_qit, s_qih, s_wt)
 
     def _slots(h: int, hkv: int) -> dict:
         """How the kernels lay out the main query heads: ``NS`` slots of ``BR`` rows, slot
