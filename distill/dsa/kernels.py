@@ -83,7 +83,8 @@ P_IN_FORWARD = True
 # ([BNP, heads]: the sum over heads stays within a row's threads) or a head a row (the
 # attention's layout: the sum over heads crosses warps). One H100 (2026-12-07 07:30 UTC,
 # MQA shape, 32k, one run), head rows at 32 keys: the forward 15.3 ms against 6.4 without
-# the walk
+# the walk; at 07:41 (a sweep of 6) key rows at 64 keys 11.35, head rows 12.9, 32 or 128
+# keys 13.3-15.4
 P_WALK = {"BNP": 64, "KEY_ROWS": True}
 
 
@@ -508,7 +509,8 @@ if HAVE_TRITON:
         do = tl.load(DO + qoff, mask=qmask, other=0.0)
         lse = tl.load(LSE + t * s_lt + heads, mask=mg, other=float("inf"))
         # rowsum(dO * O) here, from the saved output: no fp32 copies of both in torch
-        # (2 GB at 32k, 64 heads of 128: ~3.5 ms of small ops a layer on one H100)
+        # (2 GB at 32k, 64 heads of 128: ~3.5 ms of small ops a layer in the 07:41 H100
+        # profile; the MQA layer 72.3 ms then, 68.0-68.1 in three runs at 08:02)
         o = tl.load(OUT + qoff, mask=qmask, other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         dq = tl.zeros((BG, BD), tl.float32)

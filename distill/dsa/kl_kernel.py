@@ -144,13 +144,18 @@ if HAVE_TRITON:
         )
         if FP32:
             q = q.to(tl.float32)
+        qi, w = _index_query(QI, W, t, rj, re, mj, me, s_qit, s_qih, s_wt)
+        return q, qi, w
+
+    @triton.jit
+    def _index_query(QI, W, t, rj, re, mj, me, s_qit, s_qih, s_wt):
+        """The query's index heads [BHI, BDI] and weights [BHI], fp32."""
         qi = tl.load(
             QI + t * s_qit + rj[:, None] * s_qih + re[None, :],
             mask=mj[:, None] & me[None, :],
             other=0.0,
         ).to(tl.float32)
-        w = tl.load(W + t * s_wt + rj, mask=mj, other=0.0).to(tl.float32)
-        return q, qi, w
+        return qi, tl.load(W + t * s_wt + rj, mask=mj, other=0.0).to(tl.float32)
 
     @triton.jit
     def _block(q, qi, w, K, KI, IDX, t, start, n_sel, rs, sub, mhead, rn, rd, md, re, me,
@@ -339,12 +344,7 @@ if HAVE_TRITON:
         t = tl.program_id(0)
         rn, rj, re = tl.arange(0, BN), tl.arange(0, BHI), tl.arange(0, BDI)
         mj, me = rj < HI, re < DI
-        qi = tl.load(
-            QI + t * s_qit + rj[:, None] * s_qih + re[None, :],
-            mask=mj[:, None] & me[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        w = tl.load(W + t * s_wt + rj, mask=mj, other=0.0).to(tl.float32)
+        qi, w = _index_query(QI, W, t, rj, re, mj, me, s_qit, s_qih, s_wt)
         mi = tl.max(tl.full((BN,), float("-inf"), tl.float32), 0)
         li = tl.sum(tl.zeros((BN,), tl.float32), 0)
         for start in range(0, n_sel, BN):  # walk 1: the index softmax's log-sum-exp
@@ -477,15 +477,22 @@ if HAVE_TRITON:
         @staticmethod
         def forward(ctx, qi, ki, w, idx, p, grad):
             kl, grads = _launch_index_kl(qi, ki, w, idx, p, grad)
-            if grads is not None:
-                ctx.save_for_backward(*grads)
-            ctx.dtypes = (qi.dtype, ki.dtype, w.dtype)
-            return kl.sum()
+            return _keep_sum(ctx, kl, grads, (qi, ki, w))
 
         @staticmethod
         def backward(ctx, g):
-            out = [(x * g).to(dt) for x, dt in zip(ctx.saved_tensors, ctx.dtypes, strict=True)]
-            return *out, None, None, None
+            return *_scaled(ctx, g), None, None, None
+
+    def _keep_sum(ctx, kl: Tensor, grads, inputs) -> Tensor:
+        """The KL's sum; its gradient in fp32 saved (when computed) for ``_scaled``."""
+        if grads is not None:
+            ctx.save_for_backward(*grads)
+        ctx.dtypes = tuple(x.dtype for x in inputs)
+        return kl.sum()
+
+    def _scaled(ctx, g: Tensor) -> list[Tensor]:
+        """The saved gradient of the sum times the incoming one, in the inputs' dtypes."""
+        return [(x * g).to(dt) for x, dt in zip(ctx.saved_tensors, ctx.dtypes, strict=True)]
 
     class _SparseKLSum(torch.autograd.Function):
         """``Σ_t KL_t``, its gradient computed in the forward (see :data:`GRAD_IN_FORWARD`)
@@ -494,12 +501,8 @@ if HAVE_TRITON:
         @staticmethod
         def forward(ctx, q, k, qi, ki, w, idx, scale, lse, grad):
             kl, _, grads = _launch_forward(q, k, qi, ki, w, idx, scale, lse, grad=grad)
-            if grads is not None:
-                ctx.save_for_backward(*grads)
-            ctx.dtypes = (qi.dtype, ki.dtype, w.dtype)
-            return kl.sum()
+            return _keep_sum(ctx, kl, grads, (qi, ki, w))
 
         @staticmethod
         def backward(ctx, g):
-            out = [(x * g).to(dt) for x, dt in zip(ctx.saved_tensors, ctx.dtypes, strict=True)]
-            return None, None, *out, None, None, None, None
+            return None, None, *_scaled(ctx, g), None, None, None, None
