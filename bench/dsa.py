@@ -36,8 +36,7 @@ the rows where it picked other keys than the default selection.
 ``dsa_kl_fused`` (``speedup_kl_fused``) is the layer with the fused KL kernel
 (``kernels.P_IN_FORWARD`` off), the default until 2026-12-07; the default has the
 attention's forward write the KL's target p (``sparse_p``, ``sparse_fwd_p``: the attention
-with that second walk; ``sparse_fwd_p_heads`` with the walk's logits a head a row, as
-first timed) and takes the KL from p and the index keys alone (``kl_index``). ``select``
+with that second walk) and takes the KL from p and the index keys alone (``kl_index``). ``select``
 is the default selection, one program a row over the score kernel's fp32 scores
 (``kernels.SELECT_ROWS``), ``select_topk`` the one before it (int64 rank keys and
 ``torch.topk``; ``dsa_select_topk``, ``speedup_select_topk``; ``select_topk_rows_differ``:
@@ -103,9 +102,9 @@ KL_SWEEP = dict(num_warps=(4, 8, 2), num_stages=(3, 2))  # the fused KL's (kl_ke
 # the index KL's (kl_kernel.INDEX_KL_LAUNCH) and the row selection's
 # (select_kernel.ROWS_SELECT_LAUNCH), the default first
 INDEX_KL_SWEEP = dict(BN=(64, 32, 128), num_warps=(4, 2, 8), num_stages=(3, 2))
-ROWS_SWEEP = dict(BS=(2048, 4096), BITS=(8, 11), num_warps=(4, 8))
+ROWS_SWEEP = dict(BS=(2048, 4096), num_warps=(4, 8))
 # the forward's walk for p (kernels.P_WALK)
-P_WALK_SWEEP = dict(BNP=(64, 32, 128), KEY_ROWS=(True, False))
+P_WALK_SWEEP = dict(BNP=(64, 32, 128))
 
 
 def _sync(dev):
@@ -304,8 +303,6 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         # layer with SHARE_LSE and GRAD_IN_FORWARD): the layer, the attention with p (its
         # forward's second walk), and the index KL alone
         parts += [("dsa_kl_fused", _with(dsa, fused))]
-        heads = (K, "P_WALK", {"BNP": 32, "KEY_ROWS": False})
-        parts += [("sparse_fwd_p_heads", _with(sparse_fwd_p, heads))]
         parts += [("sparse_p", sparse_p), ("sparse_fwd_p", sparse_fwd_p)]
         parts += [("kl_index", kl_index)]
         # off (slower, 2026-12-07): the top-k over fp32 scores, ties repaired (the same keys)

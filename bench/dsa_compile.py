@@ -104,7 +104,7 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
     index_kl_c = dict(HI=hi, BHI=index["BHI"], DI=di, BDI=index["BDI"], BN=ikl.pop("BN"),
                       SEM=K.ATOMIC_SEM)  # fmt: skip
     rows_sel = dict(S.ROWS_SELECT_LAUNCH)
-    rows_sel_c = dict(BS=rows_sel.pop("BS"), BITS=rows_sel.pop("BITS"))
+    rows_sel_c = dict(BS=rows_sel.pop("BS"))
     kl_t = dict(Q="*bf16", K="*bf16", QI="*fp32", KI="*fp32", W="*fp32", IDX="*i32",
                 KL="*fp32", LSE="*fp32", LSEI="*fp32", GOUT="*fp32", DQI="*fp32",
                 DKI="*fp32", DW="*fp32", scale="fp32")  # fmt: skip

@@ -58,7 +58,7 @@ want new && step new-tests 150 python3 -m pytest -q -rs tests/test_dsa.py::test_
 want new && step new-mqa 150 python3 bench/dsa.py --preset h100-mqa --lengths 32768 \
     --skip-parts "$OLD" --sweep-new --profile-layer --out "$OUT/dsa-new-mqa.json"
 # the MQA layer and dense again, twice (run-to-run spread near the 3x target)
-ONLY=$OLD,select,sparse,sparse_fwd,dsa_kl_fused,sparse_fwd_p_heads,sparse_p,sparse_fwd_p,kl_index
+ONLY=$OLD,select,sparse,sparse_fwd,dsa_kl_fused,sparse_p,sparse_fwd_p,kl_index
 ONLY=$ONLY,select_topk,dsa_select_topk
 for i in 2 3; do
     want new && step new-mqa-$i 40 python3 bench/dsa.py --preset h100-mqa --lengths 32768 \

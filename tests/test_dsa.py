@@ -238,11 +238,9 @@ q, k, v, qi, ki, w = _qkv(70, dtype=torch.float32, grad=True)
 ins = (q, k, v, qi, ki, w)
 # the fused KL kernel walking the main keys for their log-sum-exps, then reading the
 # attention's, then the KL from the p the attention's forward writes (the default; 2 KV
-# heads: each adds its heads' share), its walk's logits a key a row (the default) and a
-# head a row
+# heads: each adds its heads' share), its walk at 16 keys a step and at the default's
 walk = K.P_WALK
-modes = [(False, False, walk), (True, False, walk), (True, True, dict(BNP=16, KEY_ROWS=False)),
-         (True, True, walk)]
+modes = [(False, False, walk), (True, False, walk), (True, True, dict(BNP=16)), (True, True, walk)]
 for (share, p_fwd, K.P_WALK), top_k in itertools.product(modes, (5, 70)):
     K.SHARE_LSE, K.P_IN_FORWARD = share, p_fwd
     ref, kl_ref = A.dsa_varlen_reference(q, k, v, qi, ki, w, cu, top_k, 0.3, loss=True)
@@ -295,17 +293,15 @@ for sign in (1.0, -1.0):
     # rows with fewer keys than top-k
     from distill.dsa import select_kernel as S
     S.SELECT_LAUNCH = {{"BM": 16, "BN": 16}}
+    S.ROWS_SELECT_LAUNCH = {{"BS": 16}}
     ways = (dict(SELECT_FUSED=True), dict(SELECT_FUSED=True, hist=True),
-            dict(SELECT_ROWS=True), dict(SELECT_ROWS=True, SELECT_CHUNK=7),
-            dict(SELECT_ROWS=True, bits=11))
+            dict(SELECT_ROWS=True), dict(SELECT_ROWS=True, SELECT_CHUNK=7))
     for (top_k, max_len), way in itertools.product(((6, 30), (40, 70), (1, 30)), ways):
         K.SELECT_ROWS = False
         plain = K.index_topk(qx, ki.detach(), w.detach(), starts, top_k, max_len)
         S.SELECT_HIST = way.get("hist", False)
-        # three passes of 11 bits, or four of 8
-        S.ROWS_SELECT_LAUNCH = {{"BS": 16, "BITS": way.get("bits", 8)}}
         for name, value in way.items():
-            if name not in ("hist", "bits"):
+            if name != "hist":
                 setattr(K, name, value)
         other = K.index_topk(qx, ki.detach(), w.detach(), starts, top_k, max_len)
         K.SELECT_FUSED, K.SELECT_ROWS, K.SELECT_CHUNK = False, True, None
@@ -560,19 +556,19 @@ def test_triton_kernels_match_torch_on_gpu():
     # and one program a row over the fp32 scores (kernels.SELECT_ROWS), rows of 32 keys a
     # step and of the default's, chunks of the default's rows and of 7
     launch = select_kernel.ROWS_SELECT_LAUNCH
-    for (case, ins), top_k, (bs, bits), chunk in itertools.product(
-        cases, (16, 64), ((32, 8), (launch["BS"], 8), (launch["BS"], 11)), (None, 7)
+    for (case, ins), top_k, bs, chunk in itertools.product(
+        cases, (16, 64), (32, launch["BS"]), (None, 7)
     ):
         K.SELECT_ROWS = False
         plain = K.index_topk(*ins, starts, top_k, 62)
         K.SELECT_ROWS, K.SELECT_CHUNK = True, chunk
-        select_kernel.ROWS_SELECT_LAUNCH = dict(launch, BS=bs, BITS=bits)
+        select_kernel.ROWS_SELECT_LAUNCH = dict(launch, BS=bs)
         try:
             rows = K.index_topk(*ins, starts, top_k, 62)
         finally:
             K.SELECT_ROWS, K.SELECT_CHUNK = True, None
             select_kernel.ROWS_SELECT_LAUNCH = launch
-        assert torch.equal(rows.sort(-1).values, plain.sort(-1).values), (case, top_k, bs, bits)
+        assert torch.equal(rows.sort(-1).values, plain.sort(-1).values), (case, top_k, bs, chunk)
     idx = K.index_topk(qi, ki, w, starts, 16, 62)
     lse = _sparse_attention_matches(q, k, v, idx)
     from distill.dsa import kl_kernel
@@ -662,8 +658,12 @@ def test_triton_kernels_match_torch_on_gpu():
     # one KV head too (p stored, not added)
     share, p_fwd, walk = K.SHARE_LSE, K.P_IN_FORWARD, K.P_WALK
     wide = (qm.float(), km.float(), vm.float())
-    heads = {"BNP": 32, "KEY_ROWS": False}  # p's walk with the attention's layout
-    modes = ((False, False, walk), (True, False, walk), (True, True, heads), (True, True, walk))
+    modes = (
+        (False, False, walk),
+        (True, False, walk),
+        (True, True, {"BNP": 32}),
+        (True, True, walk),
+    )
     try:
         for (K.SHARE_LSE, K.P_IN_FORWARD, K.P_WALK), main in itertools.product(
             modes, ((q, k, v), wide)

@@ -67,8 +67,8 @@ FUSED_KL = "DISTILL_DSA_FUSED_KL"  # "0": the sparse phase's KL in torch, not kl
 # one walk of its forward's two. On one H100 (2026-12-06 18:55 UTC, MQA shape, 32k, one
 # run) with kl_kernel.MAIN_DOT_FP32 off, the layer took 123.3 ms against 147.5 without
 # both (timed as dsa_next then; bench/dsa.py now times the old defaults as dsa_before).
-# The GPU test checked it on a GPU with fp32 logits; with bf16 ones, and the whole bf16
-# path, it is written, not yet run there. False walks the keys again.
+# The GPU test checked it on a GPU with fp32 logits, and the whole bf16 path with it on
+# one H100 (2026-12-07 02:43 UTC). False walks the keys again.
 SHARE_LSE = True
 # the sparse phase's KL target p (the main attention over the selected keys, the mean over
 # heads) written by the sparse attention's forward, in a second walk over the keys once
@@ -79,13 +79,13 @@ SHARE_LSE = True
 # UTC, one run; bench/dsa.py: dsa_p_fwd then): the layer 103.4 ms against 106.0 with the
 # fused KL (MQA shape), 84.7 against 95.8 (Qwen2). False: the fused KL kernel.
 P_IN_FORWARD = True
-# the forward's walk for p: keys a step, and whether its logits are laid out a key a row
-# ([BNP, heads]: the sum over heads stays within a row's threads) or a head a row (the
-# attention's layout: the sum over heads crosses warps). One H100 (2026-12-07 07:30 UTC,
-# MQA shape, 32k, one run), head rows at 32 keys: the forward 15.3 ms against 6.4 without
-# the walk; at 07:41 (a sweep of 6) key rows at 64 keys 11.35, head rows 12.9, 32 or 128
-# keys 13.3-15.4
-P_WALK = {"BNP": 64, "KEY_ROWS": True}
+# the forward's walk for p: keys a step. Its logits are laid out a key a row ([BNP,
+# heads]: the sum over a key's heads stays within a row's threads). One H100 (2026-12-07,
+# MQA shape, 32k, one run each): laid out a head a row as the attention's (the sum
+# crossing warps) at 32 keys the forward took 15.3 ms against 6.4 without the walk (07:30);
+# at 07:41 (a sweep of 6) a key a row at 64 keys 11.35, a head a row 12.9, 32 or 128 keys
+# 13.3-15.4: the head-row layout is gone
+P_WALK = {"BNP": 64}
 
 
 def sparse_launch(group: int) -> dict:
@@ -439,7 +439,7 @@ if HAVE_TRITON:
         s_qt, s_qh, s_kt, s_kh, s_it, s_lt, s_pt,
         G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
         BN: tl.constexpr, H: tl.constexpr, WRITE_P: tl.constexpr, ADD_P: tl.constexpr,
-        BNP: tl.constexpr, KEY_ROWS: tl.constexpr,
+        BNP: tl.constexpr,
     ):  # fmt: skip
         """With ``WRITE_P``, a second walk over the selected keys once the log-sum-exps are
         known writes ``P`` [T, K]: each key's attention probability summed over the
@@ -478,14 +478,10 @@ if HAVE_TRITON:
                 ok, _, _, kb = _selected_k(
                     K, IDX, t, hk, start, n_sel, s_kt, s_kh, s_it, rd, rp, md
                 )
-                if KEY_ROWS:  # [BNP, BG]: the sum over heads within a row, no cross-warp sum
-                    st = tl.dot(kb, tl.trans(q)) * scale
-                    pt = tl.where(ok[:, None] & mg[None, :], tl.exp(st - lse[None, :]), 0.0)
-                    pk = tl.sum(pt, 1) / H
-                else:
-                    s = tl.dot(q, tl.trans(kb)) * scale
-                    p = tl.where(ok[None, :] & mg[:, None], tl.exp(s - lse[:, None]), 0.0)
-                    pk = tl.sum(p, 0) / H
+                # [BNP, BG]: a key a row, so the sum over its heads stays within the row
+                st = tl.dot(kb, tl.trans(q)) * scale
+                pt = tl.where(ok[:, None] & mg[None, :], tl.exp(st - lse[None, :]), 0.0)
+                pk = tl.sum(pt, 1) / H
                 cols = start + rp
                 if ADD_P:
                     tl.atomic_add(P + t * s_pt + cols, pk, mask=cols < n_sel, sem="relaxed")

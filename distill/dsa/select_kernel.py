@@ -1,7 +1,12 @@
-"""The selection fused with the index scores: each query's top-k keys without a score matrix.
+"""The training selection's Triton kernels: each query's top-k keys by index score.
 
-:func:`distill.dsa.kernels.index_topk` writes every query's scores against every key of its
-trace ([chunk, T] int64 rank keys) and runs ``torch.topk`` over them: at 32k tokens that is
+:func:`rows_select` (the default, ``kernels.SELECT_ROWS``; see it and
+``ROWS_SELECT_LAUNCH``): one program a row over the score kernel's stored fp32 scores.
+
+The rest of this module is the selection fused with the index scores, without a score
+matrix (``kernels.SELECT_FUSED``, off). When it was written,
+:func:`distill.dsa.kernels.index_topk` wrote every query's scores against every key of its
+trace ([chunk, T] int64 rank keys) and ran ``torch.topk`` over them: at 32k tokens that is
 4.3 GB of fp32 scores as int64 keys, written and read by a top-k's radix passes, 35.9 ms
 (MQA shape) to 50.9 ms (Qwen2 shape) of a layer on one H100 (one run each, BENCHMARKS.md). Here one
 program per block of ``BM`` queries finds each query's k-th best key by a radix select
@@ -176,48 +181,43 @@ def fused_topk(qi: Tensor, ki: Tensor, w: Tensor, starts: Tensor, k_out: int) ->
 
 
 # the training selection's radix select over stored fp32 scores (rows_select: one program
-# a row, every pass inside it), read at each launch: keys a step, warps, and the bits a
-# pass decides (8: four histogram passes of 256 bins; 11: three of 2,048). One H100 at
-# 32k (2026-12-07 07:30 UTC, one sweep of 9 at 8 bits): 15.2 ms against 16.6 at 8 warps;
-# 1,024 or 4,096 keys a step 15.5-17.5, 16 warps 21-22; at 08:02 11 bits took 61-92 ms
-# (its 2,048-bin histograms) against 15.0-17.1 for 8
-ROWS_SELECT_LAUNCH = {"BS": 2048, "BITS": 8, "num_warps": 4}
+# a row, every pass inside it), read at each launch: keys a step, warps. One H100 at 32k
+# (2026-12-07 07:30 UTC, one sweep of 9): 15.2 ms against 16.6 at 8 warps; 1,024 or 4,096
+# keys a step 15.5-17.5, 16 warps 21-22. Deciding 11 bits a pass (three passes of 2,048
+# bins) took 61-92 ms against 15.0-17.1 for 8 (08:02 UTC): removed
+ROWS_SELECT_LAUNCH = {"BS": 2048, "num_warps": 4}
 
 if HAVE_TRITON:
 
     @triton.jit
     def _rows_select_kernel(
-        SC, IDX, n_s, q0, k_out, lo, s_sb, s_ib, BS: tl.constexpr, BITS: tl.constexpr,
+        SC, IDX, n_s, q0, k_out, lo, s_sb, s_ib, BS: tl.constexpr,
     ):  # fmt: skip
         """Row ``pid``'s best ``k_out`` keys of its scores above -inf (all of them where it
         has fewer), ties to the later key, written as positions + ``lo`` into its row of
         ``IDX`` (the rest untouched). Row r is query ``q0 + r`` of the score columns, so
-        no key after column ``q0 + r`` is read. Passes of a histogram of the next
-        ``BITS`` bits of the scores' order among the keys that share the decided prefix,
-        until all 32 are decided, then a pass from the latest key back that writes the
-        keys above the k-th score and the latest of those tied with it."""
+        no key after column ``q0 + r`` is read. Four passes of a 256-bin histogram of the
+        next 8 bits of the scores' order among the keys that share the decided prefix,
+        then a pass from the latest key back that writes the keys above the k-th score
+        and the latest of those tied with it."""
         b = tl.program_id(0)
         n_row = tl.minimum(n_s, q0 + b + 1)
-        bins = tl.arange(0, 1 << BITS)
+        bins = tl.arange(0, 256)
         rs = tl.arange(0, BS)
         row = SC + b.to(tl.int64) * s_sb
         prefix = tl.zeros((), tl.uint32)
         left = tl.zeros((), tl.int32)
         kk = tl.zeros((), tl.int32)
-        for p in tl.static_range((32 + BITS - 1) // BITS):
-            shift = 32 - BITS * (p + 1)
-            if shift < 0:
-                shift = 0
-            width = 32 - BITS * p - shift  # BITS, or what the last pass has left
-            hist = tl.zeros((1 << BITS,), tl.int32)
+        for p in tl.static_range(4):
+            shift = 24 - 8 * p
+            hist = tl.zeros((256,), tl.int32)
             for start in range(0, n_row, BS):
                 s = start + rs
                 sc = tl.load(row + s, mask=s < n_row, other=float("-inf"))
                 u = _score_order(sc)
                 # two shifts: u >> 32 is undefined
-                match = (sc > float("-inf")) & (((u >> shift) >> width) == prefix)
-                digit = ((u >> shift) & ((1 << width) - 1)).to(tl.int32)
-                hist += tl.histogram(digit, 1 << BITS, mask=match)
+                match = (sc > float("-inf")) & (((u >> shift) >> 8) == prefix)
+                hist += tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=match)
             total = tl.sum(hist)
             if p == 0:
                 kk = tl.minimum(total, k_out)
@@ -225,7 +225,7 @@ if HAVE_TRITON:
             at_least = total - (tl.cumsum(hist, 0) - hist)  # digit d or more
             pick = tl.max(tl.where(at_least >= left, bins, 0))
             left -= tl.sum(tl.where(bins == pick + 1, at_least, 0))
-            prefix = (prefix << width) | pick.to(tl.uint32)
+            prefix = (prefix << 8) | pick.to(tl.uint32)
         n_up = kk - left  # keys above the k-th score; `left` of those tied with it to take
         up_seen = tl.zeros((), tl.int32)
         tie_seen = tl.zeros((), tl.int32)
@@ -259,5 +259,5 @@ def rows_select(scores: Tensor, idx: Tensor, k_out: int, q0: int, lo: int) -> No
     launch = dict(ROWS_SELECT_LAUNCH)
     _rows_select_kernel[(scores.shape[0],)](
         scores, idx, scores.shape[1], q0, k_out, lo, scores.stride(0), idx.stride(0),
-        BS=launch.pop("BS"), BITS=launch.pop("BITS"), **launch,
+        BS=launch.pop("BS"), **launch,
     )  # fmt: skip
