@@ -102,7 +102,8 @@ KL_SWEEP = dict(num_warps=(4, 8, 2), num_stages=(3, 2))  # the fused KL's (kl_ke
 # the index KL's (kl_kernel.INDEX_KL_LAUNCH) and the row selection's
 # (select_kernel.ROWS_SELECT_LAUNCH), the default first
 INDEX_KL_SWEEP = dict(BN=(64, 32, 128), num_warps=(4, 2, 8), num_stages=(3, 2))
-ROWS_SWEEP = dict(BS=(2048, 4096), num_warps=(4, 8))
+# (CAP 0: every pass reads the whole row, as before the scratch, plus the fp16 bin's pass)
+ROWS_SWEEP = dict(BS=(2048, 1024, 4096), CAP=(4096, 0, 16384), num_warps=(4, 8))
 # the forward's walk for p (kernels.P_WALK)
 P_WALK_SWEEP = dict(BNP=(64, 32, 128))
 
@@ -541,6 +542,10 @@ def main() -> None:
         help="time the index KL and the row selection under each launch, first length",
     )  # fmt: skip
     ap.add_argument(
+        "--sweep-rows", action="store_true",
+        help="time the row selection alone under each launch (ROWS_SWEEP), first length",
+    )  # fmt: skip
+    ap.add_argument(
         "--skip-parts", default="", help="comma-separated attention parts not to time, e.g. kl"
     )
     ap.add_argument(
@@ -576,7 +581,7 @@ def main() -> None:
         if n == 0 and args.profile_layer:  # before the sweeps, which a time box may end
             _profile(fns["dsa"], dev, f"DSA layer forward + backward, {t} tokens, 2 runs")
         sweeps = {"sweep": args.sweep, "sweep_kl": args.sweep_kl}
-        sweeps.update(sweep_index_kl=args.sweep_new, sweep_rows=args.sweep_new)
+        sweeps.update(sweep_index_kl=args.sweep_new, sweep_rows=args.sweep_new or args.sweep_rows)
         sweeps.update(sweep_p_walk=args.sweep_new)
         for key in [key for key, on in sweeps.items() if on and n == 0]:
             if not row["triton"]:

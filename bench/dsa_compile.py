@@ -98,13 +98,14 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
     sparse_t = dict(Q="*bf16", K="*bf16", V="*bf16", IDX="*i32", OUT="*bf16", LSE="*fp32",
                     P="*fp32", DO="*bf16", DQ="*bf16", DK="*fp32", DV="*fp32",
                     scale="fp32")  # fmt: skip
-    index_kl_t = dict(QI="*fp32", KI="*bf16", W="*fp32", IDX="*i32", P="*fp32", KL="*fp32",
+    index_kl_t = dict(QI="*fp32", KI="*bf16", W="*fp32", IDX="*i32", P="*fp32", LSEI="*fp32", KL="*fp32",
                       DQI="*fp32", DKI="*fp32", DW="*fp32")  # fmt: skip
     ikl = dict(KL.INDEX_KL_LAUNCH)
     index_kl_c = dict(HI=hi, BHI=index["BHI"], DI=di, BDI=index["BDI"], BN=ikl.pop("BN"),
                       SEM=K.ATOMIC_SEM)  # fmt: skip
     rows_sel = dict(S.ROWS_SELECT_LAUNCH)
-    rows_sel_c = dict(BS=rows_sel.pop("BS"))
+    rows_sel.pop("CAP")  # an argument: each launch passes it
+    rows_sel_c = dict(BS=rows_sel.pop("BS"), HAS_LSE=True)
     kl_t = dict(Q="*bf16", K="*bf16", QI="*fp32", KI="*fp32", W="*fp32", IDX="*i32",
                 KL="*fp32", LSE="*fp32", LSEI="*fp32", GOUT="*fp32", DQI="*fp32",
                 DKI="*fp32", DW="*fp32", scale="fp32")  # fmt: skip
@@ -154,9 +155,12 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
         ("sparse forward writing p", K._sparse_fwd_kernel, sparse_t,
          dict(sparse_c, H=h, WRITE_P=True, ADD_P=hkv > 1, **K.P_WALK), launch),
         ("index KL with its gradient", KL._index_kl_kernel, index_kl_t,
-         dict(index_kl_c, GRAD=True), ikl),
+         dict(index_kl_c, GRAD=True, HAS_LSEI=False), ikl),
+        ("index KL with its gradient, the selection's log-sum-exps", KL._index_kl_kernel,
+         index_kl_t, dict(index_kl_c, GRAD=True, HAS_LSEI=True), ikl),
         ("training selection (SELECT_ROWS), one program a row", S._rows_select_kernel,
-         dict(SC="*fp32", IDX="*i32"), rows_sel_c, rows_sel),
+         dict(SC="*fp32", IDX="*i32", CV="*fp32", CS="*i32", LSE="*fp32"), rows_sel_c,
+         rows_sel),
         ("sparse backward", K._sparse_bwd_kernel, sparse_t,
          dict(sparse_c, SEM=K.ATOMIC_SEM), launch),
     ]  # fmt: skip

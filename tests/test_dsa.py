@@ -288,20 +288,23 @@ for sign in (1.0, -1.0):
     # the int64 rank keys and torch.topk against scores and selection in one kernel
     # (kernels.SELECT_FUSED, its histograms by row reductions or tl.histogram) and one
     # program a row over the fp32 scores (kernels.SELECT_ROWS, the default; rows of 16
-    # keys a step, chunks of 7 rows too, so rows start mid-trace): the same keys, ties at
-    # 0 (the ReLUs of the negative queries) to the later key, blocks that span traces,
-    # rows with fewer keys than top-k
+    # keys a step, chunks of 7 rows too, so rows start mid-trace; a scratch of 8 keys, so
+    # rows are read whole or copied at some pass, and of 64, every row copied): the same
+    # keys, ties at 0 (the ReLUs of the negative queries) to the later key, blocks that
+    # span traces, rows with fewer keys than top-k
     from distill.dsa import select_kernel as S
     S.SELECT_LAUNCH = {{"BM": 16, "BN": 16}}
-    S.ROWS_SELECT_LAUNCH = {{"BS": 16}}
+    S.ROWS_SELECT_LAUNCH = {{"BS": 16, "CAP": 8}}
     ways = (dict(SELECT_FUSED=True), dict(SELECT_FUSED=True, hist=True),
-            dict(SELECT_ROWS=True), dict(SELECT_ROWS=True, SELECT_CHUNK=7))
+            dict(SELECT_ROWS=True), dict(SELECT_ROWS=True, SELECT_CHUNK=7),
+            dict(SELECT_ROWS=True, cap=64))
     for (top_k, max_len), way in itertools.product(((6, 30), (40, 70), (1, 30)), ways):
         K.SELECT_ROWS = False
         plain = K.index_topk(qx, ki.detach(), w.detach(), starts, top_k, max_len)
         S.SELECT_HIST = way.get("hist", False)
+        S.ROWS_SELECT_LAUNCH = {{"BS": 16, "CAP": way.get("cap", 8)}}
         for name, value in way.items():
-            if name != "hist":
+            if name not in ("hist", "cap"):
                 setattr(K, name, value)
         other = K.index_topk(qx, ki.detach(), w.detach(), starts, top_k, max_len)
         K.SELECT_FUSED, K.SELECT_ROWS, K.SELECT_CHUNK = False, True, None
@@ -554,21 +557,22 @@ def test_triton_kernels_match_torch_on_gpu():
             K.SELECT_FUSED, select_kernel.SELECT_HIST = False, False
         assert torch.equal(fused.sort(-1).values, plain.sort(-1).values), (case, top_k, hist)
     # and one program a row over the fp32 scores (kernels.SELECT_ROWS), rows of 32 keys a
-    # step and of the default's, chunks of the default's rows and of 7
+    # step and of the default's, chunks of the default's rows and of 7, a scratch of the
+    # default's keys (every row here copied after its first pass) and of 16
     launch = select_kernel.ROWS_SELECT_LAUNCH
-    for (case, ins), top_k, bs, chunk in itertools.product(
-        cases, (16, 64), (32, launch["BS"]), (None, 7)
+    for (case, ins), top_k, bs, chunk, cap in itertools.product(
+        cases, (16, 64), (32, launch["BS"]), (None, 7), (launch["CAP"], 16)
     ):
         K.SELECT_ROWS = False
         plain = K.index_topk(*ins, starts, top_k, 62)
         K.SELECT_ROWS, K.SELECT_CHUNK = True, chunk
-        select_kernel.ROWS_SELECT_LAUNCH = dict(launch, BS=bs)
+        select_kernel.ROWS_SELECT_LAUNCH = dict(launch, BS=bs, CAP=cap)
         try:
             rows = K.index_topk(*ins, starts, top_k, 62)
         finally:
             K.SELECT_ROWS, K.SELECT_CHUNK = True, None
             select_kernel.ROWS_SELECT_LAUNCH = launch
-        assert torch.equal(rows.sort(-1).values, plain.sort(-1).values), (case, top_k, bs, chunk)
+        assert torch.equal(rows.sort(-1).values, plain.sort(-1).values), (case, top_k, bs, cap)
     idx = K.index_topk(qi, ki, w, starts, 16, 62)
     lse = _sparse_attention_matches(q, k, v, idx)
     from distill.dsa import kl_kernel
@@ -635,6 +639,25 @@ def test_triton_kernels_match_torch_on_gpu():
                     a, b, atol=5e-2, rtol=5e-2,
                     msg=lambda m, n=name, c=case: f"{m}\n(from p: d{n}, {c})",
                 )  # fmt: skip
+        # the row selection's log-sum-exps of the scores it selected
+        # (kernels.LSE_FROM_SELECTION): torch's over the same keys, and the index KL
+        # divided by them equals the one that walks the index keys for its own
+        sel, lsei = K.index_topk(*half, starts, 16, 62, with_lse=True)
+        assert torch.equal(sel.sort(-1).values, K.index_topk(*half, starts, 16, 62).sort(-1).values)
+        full = A.index_scores(*(x.float()[None] for x in half))[0]
+        picked = full.gather(1, sel.long().clamp(min=0)).masked_fill(sel < 0, float("-inf"))
+        torch.testing.assert_close(lsei, picked.logsumexp(1), atol=1e-4, rtol=1e-5)
+        ins = (half[0].float().requires_grad_(), half[1].clone().requires_grad_(),
+               half[2].float().requires_grad_())  # fmt: skip
+        _, _, p_sel = K._SparseAttention.apply(q.bfloat16(), k.bfloat16(), v.bfloat16(), sel,
+                                               0.3, True)  # fmt: skip
+        given = kl_kernel.index_kl_sum_triton(*ins, sel, p_sel, lsei)
+        walked = kl_kernel.index_kl_sum_triton(*ins, sel, p_sel)
+        torch.testing.assert_close(given, walked, atol=1e-4, rtol=1e-4)
+        grads = zip(torch.autograd.grad(given, ins), torch.autograd.grad(walked, ins), strict=True)
+        for name, (a, b) in zip(("qi", "ki", "w"), grads, strict=True):
+            torch.testing.assert_close(a.float(), b.float(), atol=1e-3, rtol=1e-3,
+                                       msg=lambda m, n=name: f"{m}\n(lse given: d{n})")  # fmt: skip
         # 64 heads over one KV head: one slot of 64 rows, the 2D dot (Hopper's warpgroup MMA)
         gen = torch.Generator().manual_seed(7)
         qm = torch.randn(161, 64, 16, generator=gen).cuda().bfloat16()

@@ -86,6 +86,12 @@ P_IN_FORWARD = True
 # at 07:41 (a sweep of 6) a key a row at 64 keys 11.35, a head a row 12.9, 32 or 128 keys
 # 13.3-15.4: the head-row layout is gone
 P_WALK = {"BNP": 64}
+# the index KL's softmax over the selected keys divided by the log-sum-exp of their scores
+# as the row selection had them (select_kernel.rows_select: the score kernel's sums), not
+# by the KL kernel's first walk over the index keys recomputing them (kl_kernel.py); the
+# same sums up to their order (the KL kernel's dot over fp32 copies of the same values).
+# False (or a selection other than the row one): the KL kernel's walk.
+LSE_FROM_SELECTION = True
 
 
 def sparse_launch(group: int) -> dict:
@@ -109,33 +115,53 @@ def segment_starts(cu: Tensor, t: int) -> Tensor:
 
 
 def index_topk(
-    qi: Tensor, ki: Tensor, w: Tensor, starts: Tensor, top_k: int, max_len: int
-) -> Tensor:
+    qi: Tensor, ki: Tensor, w: Tensor, starts: Tensor, top_k: int, max_len: int,
+    with_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor | None]:  # fmt: skip
     """Each token's ``min(top_k, max_len)`` best earlier keys of its own trace by index
     score, [T, K] (int32 from the row selection, else int64), -1 where it has fewer. No
-    gradient."""
+    gradient. ``with_lse``: also the log-sum-exp of each token's selected scores [T]
+    (fp32; what the index KL's softmax divides by), from the row selection, which has
+    them in hand; None from the other selections."""
+    t, k_out = qi.shape[0], min(top_k, max_len)
+    rows = SELECT_ROWS and use_triton(qi) and not SELECT_FUSED
+    if not rows:
+        idx = _index_topk(qi, ki, w, starts, top_k, max_len)
+        return (idx, None) if with_lse else idx
+    lse = torch.empty(t, dtype=torch.float32, device=qi.device) if with_lse else None
+    # a chunk: BUDGET of the score kernel's fp32 scores, beside the selection's scratch
+    # (two 4-byte values a key it copies out, CAP keys a row)
+    cap = select_kernel.ROWS_SELECT_LAUNCH["CAP"]
+    chunk = SELECT_CHUNK or max(16, min(4096, BUDGET // (max_len + 4096 + 2 * cap)))
+    # int32: what the attention and KL kernels read (int64 [T, K] at 32k and top-k 2,048 is
+    # 537 MB, converted by each)
+    idx = torch.full((t, k_out), -1, dtype=torch.int32, device=qi.device)
+    firsts = starts[::chunk].tolist()  # one host sync for every chunk's first key
+    with torch.no_grad():
+        for n, a in enumerate(range(0, t, chunk)):
+            b, lo = min(t, a + chunk), firsts[n]
+            scores = _chunk_keys(qi, ki, w, starts, a, b, lo, ranked=False)
+            out = None if lse is None else lse[a:b]
+            select_kernel.rows_select(scores, idx[a:b], min(k_out, b - lo), a - lo, lo, out)
+    return (idx, lse) if with_lse else idx
+
+
+def _index_topk(
+    qi: Tensor, ki: Tensor, w: Tensor, starts: Tensor, top_k: int, max_len: int
+) -> Tensor:
+    """:func:`index_topk` by the other selections: scores and selection in one kernel
+    (``SELECT_FUSED``), the rank keys' top-k, or the fp32 scores' top-k repaired."""
     t, hi = qi.shape[0], qi.shape[1]
     k_out = min(top_k, max_len)
     if SELECT_FUSED and use_triton(qi):
         return select_kernel.fused_topk(qi, ki, w, starts, k_out)
-    rows = SELECT_ROWS and use_triton(qi)
-    # the Triton score kernel's only temporary is the [chunk, T] scores (no [chunk, Hi, T]
-    # logits, torch's): rows_select takes BUDGET of them in fp32
-    chunk = max(16, min(4096, BUDGET // ((1 if rows else hi) * (max_len + 4096))))
-    chunk = SELECT_CHUNK or chunk
-    # the row selection writes int32, what the attention and KL kernels read (int64 [T, K]
-    # at 32k and top-k 2,048 is 537 MB, converted by each)
-    kind = torch.int32 if rows else torch.long
-    idx = torch.full((t, k_out), -1, dtype=kind, device=qi.device)
+    chunk = SELECT_CHUNK or max(16, min(4096, BUDGET // (hi * (max_len + 4096))))
+    idx = torch.full((t, k_out), -1, dtype=torch.long, device=qi.device)
     firsts = starts[::chunk].tolist()  # one host sync for every chunk's first key
     with torch.no_grad():
         for n, a in enumerate(range(0, t, chunk)):
             b, lo = min(t, a + chunk), firsts[n]
             kk = min(k_out, b - lo)
-            if rows:
-                scores = _chunk_keys(qi, ki, w, starts, a, b, lo, ranked=False)
-                select_kernel.rows_select(scores, idx[a:b], kk, a - lo, lo)
-                continue
             if SELECT_FP32:
                 scores = _chunk_keys(qi, ki, w, starts, a, b, lo, ranked=False)
                 j = _topk_tied(scores, kk)
@@ -182,13 +208,14 @@ SELECT_FUSED = False
 # shape and 30.6 against 32.9 at the Qwen2 shape: removed for SELECT_ROWS below)
 
 # the selection's top-k by select_kernel.rows_select: the score kernel's fp32 scores, one
-# program a row walking its scores five times (four 8-bit histogram passes, then the
-# writes from the latest key back: ties to the later key, as the rank keys), chunks of
-# BUDGET scores (1,820 rows at 32k), two launches a chunk. One H100 at 32k (2026-12-07
-# 07:30 UTC, one run; bench/dsa.py): 16.1 ms against 33.1 for the int64 rank keys and
-# torch.topk (MQA shape; the layer 85.0 against 106.0), 15.9 against 31.6 (Qwen2; the
-# layer 80.0 against 95.8); the same keys (0 rows differ, and the GPU test). False: the
-# rank keys and torch.topk.
+# program a row (a histogram of the scores' fp16 top byte, then the keys of the k-th's bin
+# copied out and narrowed to the k-th score over the copy; ties to the later key, as the
+# rank keys), chunks of BUDGET scores and the scratch (1,489 rows at 32k), two launches a chunk. One H100
+# at 32k (2026-12-07 07:30 UTC, one run; bench/dsa.py), when each row was read five
+# times: 16.1 ms against 33.1 for the int64 rank keys and torch.topk (MQA shape), 15.9
+# against 31.6 (Qwen2); read twice (09:20 UTC): 9.6-10.1 against 32.3-32.9 (MQA shape,
+# four runs), 10.0 against 35.3 (Qwen2); the same keys (0 rows differ in every run, and
+# the GPU test). False: the rank keys and torch.topk.
 SELECT_ROWS = True
 # rows a chunk of the selection (None: from BUDGET); bench/dsa.py sets it
 SELECT_CHUNK = None
@@ -367,12 +394,15 @@ def dsa_varlen(
             out, _ = A.dsa_varlen_reference(q, k, v, qi, ki, w, cu, top_k, scale, dense=True)
         kl = dense_kl(q, k, qi, ki, w, starts, scale, max_len) if loss else None
         return out, kl
-    idx = index_topk(qi.detach(), ki.detach(), w.detach(), starts, top_k, max_len)
     if loss and P_IN_FORWARD and fused_kl(q):
         from distill.dsa import kl_kernel
 
+        # the selection's log-sum-exps of its scores: the index KL's first walk, spared
+        idx, lsei = index_topk(qi.detach(), ki.detach(), w.detach(), starts, top_k, max_len,
+                               with_lse=LSE_FROM_SELECTION)  # fmt: skip
         out, _, p = _SparseAttention.apply(q, k, v, idx, scale, True)
-        return out, kl_kernel.index_kl_sum_triton(qi, ki, w, idx, p)
+        return out, kl_kernel.index_kl_sum_triton(qi, ki, w, idx, p, lsei)
+    idx = index_topk(qi.detach(), ki.detach(), w.detach(), starts, top_k, max_len)
     if loss and SHARE_LSE and fused_kl(q):
         out, lse, _ = _SparseAttention.apply(q, k, v, idx, scale)
         return out, sparse_kl(q, k, qi, ki, w, idx, scale, lse=lse)

@@ -36,6 +36,8 @@ try:
     import triton
     import triton.language as tl
 
+    from distill.dsa.select_kernel import _online_lse
+
     HAVE_TRITON = True
 except ImportError:
     HAVE_TRITON = False
@@ -79,13 +81,15 @@ def sparse_kl_sum_triton(q, k, qi, ki, w, idx: Tensor, scale: float, lse=None) -
     return _SparseKLSum.apply(q.detach(), k.detach(), qi, ki, w, idx, scale, lse, grad)
 
 
-def index_kl_sum_triton(qi, ki, w, idx: Tensor, p: Tensor) -> Tensor:
+def index_kl_sum_triton(qi, ki, w, idx: Tensor, p: Tensor, lsei: Tensor | None = None) -> Tensor:
     """:func:`sparse_kl_sum_triton` with ``p`` [T, K] given: the mean over the main heads
     of each selected key's attention probability, which the sparse attention's forward
     writes from its own logits (``kernels._SparseAttention`` with ``want_p``). The main
-    heads are not read again: the kernel walks the index keys alone."""
+    heads are not read again: the kernel walks the index keys alone, once where ``lsei``
+    [T] (the log-sum-exp of each token's selected index scores, the row selection's) is
+    given, twice where it computes them."""
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (qi, ki, w))
-    return _IndexKLSum.apply(qi, ki, w, idx, p.detach(), grad)
+    return _IndexKLSum.apply(qi, ki, w, idx, p.detach(), grad, lsei)
 
 
 def sparse_kl_triton(q, k, qi, ki, w, idx: Tensor, scale: float, lse=None) -> Tensor:
@@ -200,13 +204,6 @@ if HAVE_TRITON:
             sem=SEM,
         )  # fmt: skip
         return dw, dqi
-
-    @triton.jit
-    def _online_lse(mi, li, x):
-        """One block's step of a running log-sum-exp of ``x`` [BN] (max ``mi``, sum ``li``)."""
-        mi_new = tl.maximum(mi, tl.max(x, 0))
-        mi_safe = tl.where(mi_new == float("-inf"), 0.0, mi_new)
-        return mi_new, li * tl.exp(mi - mi_safe) + tl.sum(tl.exp(x - mi_safe), 0)
 
     @triton.jit
     def _kl_block(p, idx_s, lsei, ok, kl, z, w, qi, kib, safe, re, me, DKI, s_kit, dw, dqi,
@@ -333,25 +330,29 @@ if HAVE_TRITON:
 
     @triton.jit
     def _index_kl_kernel(
-        QI, KI, W, IDX, P, KL, DQI, DKI, DW, n_sel,
+        QI, KI, W, IDX, P, LSEI, KL, DQI, DKI, DW, n_sel,
         s_qit, s_qih, s_kit, s_wt, s_it, s_pt,
         HI: tl.constexpr, BHI: tl.constexpr, DI: tl.constexpr, BDI: tl.constexpr,
-        BN: tl.constexpr, GRAD: tl.constexpr, SEM: tl.constexpr,
+        BN: tl.constexpr, GRAD: tl.constexpr, SEM: tl.constexpr, HAS_LSEI: tl.constexpr,
     ):  # fmt: skip
         """:func:`_kl_fwd_kernel` with ``p`` given (``P`` [T, K], the sparse attention's
-        forward wrote it): two walks over the index keys alone, no main logits; with
-        ``GRAD`` the second also writes the gradient of ``Σ_t KL_t``."""
+        forward wrote it): two walks over the index keys alone, no main logits (one with
+        ``HAS_LSEI``: the index softmax's log-sum-exps given in ``LSEI``); with ``GRAD``
+        the last also writes the gradient of ``Σ_t KL_t``."""
         t = tl.program_id(0)
         rn, rj, re = tl.arange(0, BN), tl.arange(0, BHI), tl.arange(0, BDI)
         mj, me = rj < HI, re < DI
         qi, w = _index_query(QI, W, t, rj, re, mj, me, s_qit, s_qih, s_wt)
-        mi = tl.max(tl.full((BN,), float("-inf"), tl.float32), 0)
-        li = tl.sum(tl.zeros((BN,), tl.float32), 0)
-        for start in range(0, n_sel, BN):  # walk 1: the index softmax's log-sum-exp
-            _, _, _, _, idx_s = _index_block(qi, w, KI, IDX, t, start, n_sel, rn, re, me,
-                                             s_it, s_kit)  # fmt: skip
-            mi, li = _online_lse(mi, li, idx_s)
-        lsei = tl.where(li > 0, mi + tl.log(tl.where(li > 0, li, 1.0)), float("inf"))
+        if HAS_LSEI:
+            lsei = tl.load(LSEI + t)
+        else:
+            mi = tl.max(tl.full((BN,), float("-inf"), tl.float32), 0)
+            li = tl.sum(tl.zeros((BN,), tl.float32), 0)
+            for start in range(0, n_sel, BN):  # walk 1: the index softmax's log-sum-exp
+                _, _, _, _, idx_s = _index_block(qi, w, KI, IDX, t, start, n_sel, rn, re, me,
+                                                 s_it, s_kit)  # fmt: skip
+                mi, li = _online_lse(mi, li, idx_s)
+            lsei = tl.where(li > 0, mi + tl.log(tl.where(li > 0, li, 1.0)), float("inf"))
         kl = tl.sum(tl.zeros((BN,), tl.float32), 0)
         dqi = tl.zeros((BHI, BDI), tl.float32)
         dw = tl.zeros((BHI,), tl.float32)
@@ -444,9 +445,10 @@ if HAVE_TRITON:
             dq_i, dk_i, d_w = ctx.dtypes
             return None, None, dqi.to(dq_i), dki.to(dk_i), dw.to(d_w), None, None, None
 
-    def _launch_index_kl(qi, ki, w, idx, p, grad: bool):
+    def _launch_index_kl(qi, ki, w, idx, p, grad: bool, lsei=None):
         """The index KL kernel: per-token KL [T] and, with ``grad``, the gradient of its
-        sum (fp32: ``dqi``, ``dki``, ``dw``)."""
+        sum (fp32: ``dqi``, ``dki``, ``dw``); ``lsei`` [T]: the index softmax's
+        log-sum-exps, given."""
         # the query side in fp32 copies (read once a token); the index keys, read twice a
         # selected key, in their own dtype (half the bytes in bf16), widened in registers
         qi, w = qi.float().contiguous(), w.float().contiguous()
@@ -462,11 +464,13 @@ if HAVE_TRITON:
         hi, di = qi.shape[1], qi.shape[2]
         p2 = triton.next_power_of_2
         launch = dict(INDEX_KL_LAUNCH)
+        has_lsei = lsei is not None
+        lsei = lsei.float().contiguous() if has_lsei else kl  # not read without HAS_LSEI
         _index_kl_kernel[(t,)](
-            qi, ki, w, idx, p, kl, dqi, dki, dw, idx.shape[1],
+            qi, ki, w, idx, p, lsei, kl, dqi, dki, dw, idx.shape[1],
             qi.stride(0), qi.stride(1), ki.stride(0), w.stride(0), idx.stride(0), p.stride(0),
             HI=hi, BHI=max(16, p2(hi)), DI=di, BDI=max(16, p2(di)), BN=launch.pop("BN"),
-            GRAD=grad, SEM=kernels.ATOMIC_SEM, **launch,
+            GRAD=grad, SEM=kernels.ATOMIC_SEM, HAS_LSEI=has_lsei, **launch,
         )  # fmt: skip
         return kl, grads
 
@@ -475,13 +479,13 @@ if HAVE_TRITON:
         by the incoming one in backward (as :class:`_SparseKLSum`)."""
 
         @staticmethod
-        def forward(ctx, qi, ki, w, idx, p, grad):
-            kl, grads = _launch_index_kl(qi, ki, w, idx, p, grad)
+        def forward(ctx, qi, ki, w, idx, p, grad, lsei=None):
+            kl, grads = _launch_index_kl(qi, ki, w, idx, p, grad, lsei)
             return _keep_sum(ctx, kl, grads, (qi, ki, w))
 
         @staticmethod
         def backward(ctx, g):
-            return *_scaled(ctx, g), None, None, None
+            return *_scaled(ctx, g), None, None, None, None
 
     def _keep_sum(ctx, kl: Tensor, grads, inputs) -> Tensor:
         """The KL's sum; its gradient in fp32 saved (when computed) for ``_scaled``."""

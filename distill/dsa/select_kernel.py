@@ -181,83 +181,198 @@ def fused_topk(qi: Tensor, ki: Tensor, w: Tensor, starts: Tensor, k_out: int) ->
 
 
 # the training selection's radix select over stored fp32 scores (rows_select: one program
-# a row, every pass inside it), read at each launch: keys a step, warps. One H100 at 32k
-# (2026-12-07 07:30 UTC, one sweep of 9): 15.2 ms against 16.6 at 8 warps; 1,024 or 4,096
-# keys a step 15.5-17.5, 16 warps 21-22. Deciding 11 bits a pass (three passes of 2,048
-# bins) took 61-92 ms against 15.0-17.1 for 8 (08:02 UTC): removed
-ROWS_SELECT_LAUNCH = {"BS": 2048, "num_warps": 4}
+# a row, every pass inside it), read at each launch: keys a step, warps, and CAP, the most
+# keys a row copies out to finish its passes on (below). One H100 at 32k (2026-12-07
+# 07:30 UTC, one sweep of 9, before the copy): 15.2 ms against 16.6 at 8 warps; 1,024 or
+# 4,096 keys a step 15.5-17.5, 16 warps 21-22. Deciding 11 bits a pass (three passes of
+# 2,048 bins) took 61-92 ms against 15.0-17.1 for 8 (08:02 UTC): removed. With the copy
+# (09:30 UTC, bench/dsa.py --sweep-rows, one sweep of 18, the same keys in all): the
+# selection with its scores 10.2 ms at these settings, 18.0 at CAP 0 (never copied: six
+# reads of the row), 10.7 at CAP 16,384; 8 warps 0.1-1.0 ms slower; 4,096 keys a step
+# 15.1; **1,024 keys a step 8.8**: the likely next default, not set because the layer's
+# figures (BENCHMARKS.md, 09:20-09:30 UTC) were taken at 2,048 and the layer was not
+# rerun at 1,024 (no device time left that session)
+ROWS_SELECT_LAUNCH = {"BS": 2048, "CAP": 4096, "num_warps": 4}
 
 if HAVE_TRITON:
 
     @triton.jit
+    def _half_digit(sc):
+        """The top 8 bits of the scores' order as fp16 (the sign, 5 exponent bits and 2 of
+        the mantissa): a quarter of a binade a bin where fp32's top 8 bits give two
+        binades. Rounding to fp16 keeps the order (never reverses it), so a key in a
+        higher bin scores higher; ±0 are one zero, as in :func:`_score_order`."""
+        b = sc.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        b = tl.where((b & 0x7FFF) == 0, 0, b)
+        return tl.where(b >= 0x8000, b ^ 0xFFFF, b | 0x8000) >> 8
+
+    @triton.jit
+    def _online_lse(mi, li, x):
+        """One block's step of a running log-sum-exp of ``x`` [BN] (max ``mi``, sum ``li``;
+        -inf: not counted). The row selection's and the KL kernels' (kl_kernel.py)."""
+        mi_new = tl.maximum(mi, tl.max(x, 0))
+        mi_safe = tl.where(mi_new == float("-inf"), 0.0, mi_new)
+        return mi_new, li * tl.exp(mi - mi_safe) + tl.sum(tl.exp(x - mi_safe), 0)
+
+    @triton.jit
     def _rows_select_kernel(
-        SC, IDX, n_s, q0, k_out, lo, s_sb, s_ib, BS: tl.constexpr,
+        SC, IDX, CV, CS, LSE, n_s, q0, k_out, lo, s_sb, s_ib, s_cb, cap,
+        BS: tl.constexpr, HAS_LSE: tl.constexpr,
     ):  # fmt: skip
         """Row ``pid``'s best ``k_out`` keys of its scores above -inf (all of them where it
         has fewer), ties to the later key, written as positions + ``lo`` into its row of
-        ``IDX`` (the rest untouched). Row r is query ``q0 + r`` of the score columns, so
-        no key after column ``q0 + r`` is read. Four passes of a 256-bin histogram of the
-        next 8 bits of the scores' order among the keys that share the decided prefix,
-        then a pass from the latest key back that writes the keys above the k-th score
-        and the latest of those tied with it."""
+        ``IDX`` (the rest untouched); with ``HAS_LSE``, the log-sum-exp of their scores
+        into ``LSE`` (+inf where none). Row r is query ``q0 + r`` of the score columns, so
+        no key after column ``q0 + r`` is read.
+
+        A radix select: a 256-bin histogram of the scores' fp16 top byte
+        (:func:`_half_digit`) finds the bin of the k-th score; four more of the next 8
+        bits of the full fp32 order (:func:`_score_order`) among the keys of that bin and
+        the decided prefix find the k-th score itself; then the writes: the keys above it
+        and the latest of those tied with it. A pass reads the whole row only while the
+        keys still in the running are more than ``cap``; once they are fewer, one read
+        of the row writes the keys already above (selected whatever the later digits)
+        straight into the row of ``IDX`` and copies those in the running (score and
+        position, the latest key first) into the row's scratch ``CV``/``CS``, and the
+        passes left and the writes read the copy alone. On scores spread over a few
+        binades the fp16 bin leaves a few hundred keys of a 16k row: the row is read
+        twice, once with a histogram, instead of five times with four. Scores piled
+        into one bin (ties, all zero) read it up to six times; the keys are the same
+        either way."""
         b = tl.program_id(0)
         n_row = tl.minimum(n_s, q0 + b + 1)
         bins = tl.arange(0, 256)
         rs = tl.arange(0, BS)
         row = SC + b.to(tl.int64) * s_sb
-        prefix = tl.zeros((), tl.uint32)
-        left = tl.zeros((), tl.int32)
-        kk = tl.zeros((), tl.int32)
-        for p in tl.static_range(4):
+        out = IDX + b.to(tl.int64) * s_ib
+        cv = CV + b.to(tl.int64) * s_cb
+        cs = CS + b.to(tl.int64) * s_cb
+        n_blocks = tl.cdiv(n_row, BS)
+        hist = tl.zeros((256,), tl.int32)
+        for start in range(0, n_row, BS):
+            s = start + rs
+            sc = tl.load(row + s, mask=s < n_row, other=float("-inf"))
+            hist += tl.histogram(_half_digit(sc), 256, mask=sc > float("-inf"))
+        total = tl.sum(hist)
+        kk = tl.minimum(total, k_out)
+        at_least = total - (tl.cumsum(hist, 0) - hist)  # keys in bin d or above
+        bin16 = tl.max(tl.where(at_least >= kk, bins, 0))  # the k-th key's fp16 bin
+        left = kk - tl.sum(tl.where(bins == bin16 + 1, at_least, 0))  # to take from it
+        n_run = tl.sum(tl.where(bins == bin16, hist, 0))  # keys still in the running
+        prefix = tl.zeros((), tl.uint32)  # the k-th key's fp32 order, digits decided so far
+        copied = tl.zeros((), tl.int1)
+        n_c = tl.zeros((), tl.int32)  # keys copied to the scratch
+        n_above = tl.zeros((), tl.int32)  # keys above the running ones, written by the copy
+        mi = tl.max(tl.full((BS,), float("-inf"), tl.float32), 0)  # the selected scores'
+        li = tl.sum(tl.zeros((BS,), tl.float32), 0)  # running log-sum-exp
+        # a loop, not unrolled: four copies of its body took ptxas ~30 s a compile
+        for p in range(0, 4):
             shift = 24 - 8 * p
+            if (n_run <= cap) & (copied == 0):
+                # the copy: the latest keys first, so the scratch runs from late to early
+                for i in range(0, n_blocks):
+                    s = (n_blocks - 1 - i) * BS + rs
+                    sc = tl.load(row + s, mask=s < n_row, other=float("-inf"))
+                    u = _score_order(sc)
+                    h = _half_digit(sc)
+                    top = (u >> shift) >> 8  # two shifts: u >> 32 is undefined
+                    run = (sc > float("-inf")) & (h == bin16)
+                    match = run & (top == prefix)
+                    above = (sc > float("-inf")) & ((h > bin16) | (run & (top > prefix)))
+                    a = above.to(tl.int32)
+                    slot = n_above + tl.cumsum(a, 0) - 1
+                    tl.store(out + slot, (s + lo).to(IDX.dtype.element_ty), mask=above)
+                    if HAS_LSE:
+                        mi, li = _online_lse(mi, li, tl.where(above, sc, float("-inf")))
+                    c = match.to(tl.int32)
+                    slot = n_c + tl.sum(c) - tl.cumsum(c, 0)  # the later key first
+                    tl.store(cv + slot, sc, mask=match)
+                    tl.store(cs + slot, s, mask=match)
+                    n_above += tl.sum(a)
+                    n_c += tl.sum(c)
+                copied = True
             hist = tl.zeros((256,), tl.int32)
-            for start in range(0, n_row, BS):
-                s = start + rs
-                sc = tl.load(row + s, mask=s < n_row, other=float("-inf"))
-                u = _score_order(sc)
-                # two shifts: u >> 32 is undefined
-                match = (sc > float("-inf")) & (((u >> shift) >> 8) == prefix)
-                hist += tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=match)
+            if copied:
+                for start in range(0, n_c, BS):
+                    c = start + rs
+                    u = _score_order(tl.load(cv + c, mask=c < n_c, other=0.0))
+                    match = (c < n_c) & (((u >> shift) >> 8) == prefix)
+                    hist += tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=match)
+            else:
+                for start in range(0, n_row, BS):
+                    s = start + rs
+                    sc = tl.load(row + s, mask=s < n_row, other=float("-inf"))
+                    u = _score_order(sc)
+                    run = (sc > float("-inf")) & (_half_digit(sc) == bin16)
+                    match = run & (((u >> shift) >> 8) == prefix)
+                    hist += tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=match)
             total = tl.sum(hist)
-            if p == 0:
-                kk = tl.minimum(total, k_out)
-                left = kk
             at_least = total - (tl.cumsum(hist, 0) - hist)  # digit d or more
             pick = tl.max(tl.where(at_least >= left, bins, 0))
             left -= tl.sum(tl.where(bins == pick + 1, at_least, 0))
+            n_run = tl.sum(tl.where(bins == pick, hist, 0))
             prefix = (prefix << 8) | pick.to(tl.uint32)
-        n_up = kk - left  # keys above the k-th score; `left` of those tied with it to take
-        up_seen = tl.zeros((), tl.int32)
+        # keys above the k-th score: every one with a higher fp32 order (those of higher
+        # fp16 bins among them); `left` of those tied with it to take, the latest
+        n_up = kk - left
+        up_seen = n_above
         tie_seen = tl.zeros((), tl.int32)
-        n_blocks = tl.cdiv(n_row, BS)
-        for i in range(0, n_blocks):
-            s = (n_blocks - 1 - i) * BS + rs
-            sc = tl.load(row + s, mask=s < n_row, other=float("-inf"))
-            u = _score_order(sc)
-            valid = sc > float("-inf")
-            up = (valid & (u > prefix)).to(tl.int32)
-            tie = (valid & (u == prefix)).to(tl.int32)
-            later = tie_seen + tl.sum(tie) - tl.cumsum(tie, 0)  # ties after each key
-            take = (tie != 0) & (later < left)
-            slot = tl.where(up != 0, up_seen + tl.cumsum(up, 0) - 1, n_up + later)
-            sel = (up != 0) | take
-            tl.store(IDX + b.to(tl.int64) * s_ib + slot, (s + lo).to(IDX.dtype.element_ty),
-                     mask=sel)  # fmt: skip
-            up_seen += tl.sum(up)
-            tie_seen += tl.sum(tie)
+        if copied:  # the scratch: the running keys, the latest first
+            for start in range(0, n_c, BS):
+                c = start + rs
+                sc = tl.load(cv + c, mask=c < n_c, other=float("-inf"))
+                s = tl.load(cs + c, mask=c < n_c, other=0)
+                u = _score_order(sc)
+                up = ((c < n_c) & (u > prefix)).to(tl.int32)
+                tie = ((c < n_c) & (u == prefix)).to(tl.int32)
+                ahead = tie_seen + tl.cumsum(tie, 0) - 1  # later ties before each key
+                sel = (up != 0) | ((tie != 0) & (ahead < left))
+                slot = tl.where(up != 0, up_seen + tl.cumsum(up, 0) - 1, n_up + ahead)
+                tl.store(out + slot, (s + lo).to(IDX.dtype.element_ty), mask=sel)
+                if HAS_LSE:
+                    mi, li = _online_lse(mi, li, tl.where(sel, sc, float("-inf")))
+                up_seen += tl.sum(up)
+                tie_seen += tl.sum(tie)
+        else:
+            for i in range(0, n_blocks):
+                s = (n_blocks - 1 - i) * BS + rs
+                sc = tl.load(row + s, mask=s < n_row, other=float("-inf"))
+                u = _score_order(sc)
+                valid = sc > float("-inf")
+                up = (valid & (u > prefix)).to(tl.int32)
+                tie = (valid & (u == prefix)).to(tl.int32)
+                later = tie_seen + tl.sum(tie) - tl.cumsum(tie, 0)  # ties after each key
+                sel = (up != 0) | ((tie != 0) & (later < left))
+                slot = tl.where(up != 0, up_seen + tl.cumsum(up, 0) - 1, n_up + later)
+                tl.store(out + slot, (s + lo).to(IDX.dtype.element_ty), mask=sel)
+                if HAS_LSE:
+                    mi, li = _online_lse(mi, li, tl.where(sel, sc, float("-inf")))
+                up_seen += tl.sum(up)
+                tie_seen += tl.sum(tie)
+        if HAS_LSE:
+            lse = tl.where(li > 0, mi + tl.log(tl.where(li > 0, li, 1.0)), float("inf"))
+            tl.store(LSE + b, lse)
 
 
-def rows_select(scores: Tensor, idx: Tensor, k_out: int, q0: int, lo: int) -> None:
+def rows_select(
+    scores: Tensor, idx: Tensor, k_out: int, q0: int, lo: int, lse: Tensor | None = None
+) -> None:
     """The trainer's selection for one chunk of queries (``kernels.SELECT_ROWS``):
     ``scores`` [R, S] fp32 (-inf where a key is not the row's), row r being query
     ``q0 + r`` of the columns; each row's ``k_out`` best keys (ties to the later key; all
     of them where it has fewer) written into ``idx`` [R, >= k_out] (int32 or int64) as
-    column + ``lo``, the rest of each row left as it was. One program a row walks its own
-    scores once a pass and once to write, so a pass never waits on another program and a
-    chunk of rows is one launch."""
+    column + ``lo``, the rest of each row left as it was; with ``lse`` [R] (fp32), the
+    log-sum-exp of each row's selected scores written into it (+inf where none). One
+    program a row walks its own scores, so a pass never waits on another program and a
+    chunk of rows is one launch; its scratch is [R, CAP] fp32 and int32."""
     scores = scores.contiguous()
     launch = dict(ROWS_SELECT_LAUNCH)
-    _rows_select_kernel[(scores.shape[0],)](
-        scores, idx, scores.shape[1], q0, k_out, lo, scores.stride(0), idx.stride(0),
-        BS=launch.pop("BS"), **launch,
+    bs, cap = launch.pop("BS"), launch.pop("CAP")
+    r = scores.shape[0]
+    values = torch.empty((r, cap), dtype=torch.float32, device=scores.device)
+    cols = torch.empty((r, cap), dtype=torch.int32, device=scores.device)
+    _rows_select_kernel[(r,)](
+        scores, idx, values, cols, scores if lse is None else lse, scores.shape[1], q0, k_out,
+        lo, scores.stride(0), idx.stride(0), cap, cap, BS=bs, HAS_LSE=lse is not None,
+        **launch,
     )  # fmt: skip
