@@ -215,6 +215,33 @@ if HAVE_TRITON:
         return mi_new, li * tl.exp(mi - mi_safe) + tl.sum(tl.exp(x - mi_safe), 0)
 
     @triton.jit
+    def _write_selected(
+        out, pos, sc, prefix, left, n_up, up_seen, tie_seen, mi, li,
+        LATEST_FIRST: tl.constexpr, HAS_LSE: tl.constexpr,
+    ):  # fmt: skip
+        """One block's writes of :func:`_rows_select_kernel`: of the keys at ``pos`` with
+        scores ``sc`` (-inf: none), those above the k-th score (order ``prefix``) into
+        ``out`` after the ``up_seen`` written, and those tied with it while fewer than
+        ``left`` later ties are taken, after the ``n_up`` above (``tie_seen`` ties seen,
+        all later than this block's); the selected scores into the running log-sum-exp.
+        ``LATEST_FIRST``: the block runs from late keys to early (the scratch), else from
+        early to late (a block of the row)."""
+        u = _score_order(sc)
+        ok = sc > float("-inf")
+        up = (ok & (u > prefix)).to(tl.int32)
+        tie = (ok & (u == prefix)).to(tl.int32)
+        if LATEST_FIRST:
+            later = tie_seen + tl.cumsum(tie, 0) - 1  # ties taken before each key
+        else:
+            later = tie_seen + tl.sum(tie) - tl.cumsum(tie, 0)
+        sel = (up != 0) | ((tie != 0) & (later < left))
+        slot = tl.where(up != 0, up_seen + tl.cumsum(up, 0) - 1, n_up + later)
+        tl.store(out + slot, pos.to(out.dtype.element_ty), mask=sel)
+        if HAS_LSE:
+            mi, li = _online_lse(mi, li, tl.where(sel, sc, float("-inf")))
+        return up_seen + tl.sum(up), tie_seen + tl.sum(tie), mi, li
+
+    @triton.jit
     def _rows_select_kernel(
         SC, IDX, CV, CS, LSE, n_s, q0, k_out, lo, s_sb, s_ib, s_cb, cap,
         BS: tl.constexpr, HAS_LSE: tl.constexpr,
@@ -322,33 +349,16 @@ if HAVE_TRITON:
                 c = start + rs
                 sc = tl.load(cv + c, mask=c < n_c, other=float("-inf"))
                 s = tl.load(cs + c, mask=c < n_c, other=0)
-                u = _score_order(sc)
-                up = ((c < n_c) & (u > prefix)).to(tl.int32)
-                tie = ((c < n_c) & (u == prefix)).to(tl.int32)
-                ahead = tie_seen + tl.cumsum(tie, 0) - 1  # later ties before each key
-                sel = (up != 0) | ((tie != 0) & (ahead < left))
-                slot = tl.where(up != 0, up_seen + tl.cumsum(up, 0) - 1, n_up + ahead)
-                tl.store(out + slot, (s + lo).to(IDX.dtype.element_ty), mask=sel)
-                if HAS_LSE:
-                    mi, li = _online_lse(mi, li, tl.where(sel, sc, float("-inf")))
-                up_seen += tl.sum(up)
-                tie_seen += tl.sum(tie)
+                up_seen, tie_seen, mi, li = _write_selected(
+                    out, s + lo, sc, prefix, left, n_up, up_seen, tie_seen, mi, li, True, HAS_LSE
+                )
         else:
             for i in range(0, n_blocks):
                 s = (n_blocks - 1 - i) * BS + rs
                 sc = tl.load(row + s, mask=s < n_row, other=float("-inf"))
-                u = _score_order(sc)
-                valid = sc > float("-inf")
-                up = (valid & (u > prefix)).to(tl.int32)
-                tie = (valid & (u == prefix)).to(tl.int32)
-                later = tie_seen + tl.sum(tie) - tl.cumsum(tie, 0)  # ties after each key
-                sel = (up != 0) | ((tie != 0) & (later < left))
-                slot = tl.where(up != 0, up_seen + tl.cumsum(up, 0) - 1, n_up + later)
-                tl.store(out + slot, (s + lo).to(IDX.dtype.element_ty), mask=sel)
-                if HAS_LSE:
-                    mi, li = _online_lse(mi, li, tl.where(sel, sc, float("-inf")))
-                up_seen += tl.sum(up)
-                tie_seen += tl.sum(tie)
+                up_seen, tie_seen, mi, li = _write_selected(
+                    out, s + lo, sc, prefix, left, n_up, up_seen, tie_seen, mi, li, False, HAS_LSE
+                )
         if HAS_LSE:
             lse = tl.where(li > 0, mi + tl.log(tl.where(li > 0, li, 1.0)), float("inf"))
             tl.store(LSE + b, lse)
