@@ -98,8 +98,8 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
     sparse_t = dict(Q="*bf16", K="*bf16", V="*bf16", IDX="*i32", OUT="*bf16", LSE="*fp32",
                     P="*fp32", DO="*bf16", DQ="*bf16", DK="*fp32", DV="*fp32",
                     scale="fp32")  # fmt: skip
-    index_kl_t = dict(QI="*fp32", KI="*bf16", W="*fp32", IDX="*i32", P="*fp32", LSEI="*fp32", KL="*fp32",
-                      DQI="*fp32", DKI="*fp32", DW="*fp32")  # fmt: skip
+    index_kl_t = dict(QI="*fp32", KI="*bf16", W="*fp32", IDX="*i32", P="*fp32", LSEI="*fp32",
+                      KL="*fp32", DQI="*fp32", DKI="*fp32", DW="*fp32")  # fmt: skip
     ikl = dict(KL.INDEX_KL_LAUNCH)
     index_kl_c = dict(HI=hi, BHI=index["BHI"], DI=di, BDI=index["BDI"], BN=ikl.pop("BN"),
                       SEM=K.ATOMIC_SEM)  # fmt: skip

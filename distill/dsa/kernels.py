@@ -208,14 +208,14 @@ SELECT_FUSED = False
 # shape and 30.6 against 32.9 at the Qwen2 shape: removed for SELECT_ROWS below)
 
 # the selection's top-k by select_kernel.rows_select: the score kernel's fp32 scores, one
-# program a row (a histogram of the scores' fp16 top byte, then the keys of the k-th's bin
-# copied out and narrowed to the k-th score over the copy; ties to the later key, as the
-# rank keys), chunks of BUDGET scores and the scratch (1,489 rows at 32k), two launches a chunk. One H100
-# at 32k (2026-12-07 07:30 UTC, one run; bench/dsa.py), when each row was read five
-# times: 16.1 ms against 33.1 for the int64 rank keys and torch.topk (MQA shape), 15.9
-# against 31.6 (Qwen2); read twice (09:20 UTC): 9.6-10.1 against 32.3-32.9 (MQA shape,
-# four runs), 10.0 against 35.3 (Qwen2); the same keys (0 rows differ in every run, and
-# the GPU test). False: the rank keys and torch.topk.
+# program a row (a histogram of the scores' fp16 top byte, then the keys of the k-th's
+# bin copied out and narrowed to the k-th score over the copy; ties to the later key, as
+# the rank keys), chunks of BUDGET scores and the scratch (1,489 rows at 32k), two
+# launches a chunk. One H100 at 32k (2026-12-07 07:30 UTC, one run; bench/dsa.py), when
+# each row was read five times: 16.1 ms against 33.1 for the int64 rank keys and
+# torch.topk (MQA shape), 15.9 against 31.6 (Qwen2); read twice (09:14 and 09:22 UTC):
+# 9.6-10.1 against 32.3-32.9 (MQA shape, three runs), 10.0 against 35.3 (Qwen2); the same
+# keys (0 rows differ in every run, and the GPU test). False: the rank keys and torch.topk.
 SELECT_ROWS = True
 # rows a chunk of the selection (None: from BUDGET); bench/dsa.py sets it
 SELECT_CHUNK = None
