@@ -454,6 +454,58 @@ def test_triton_kernels_match_the_reference_interpreted(tmp_path):
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
+ROWS_SCRIPT = """
+import itertools, sys
+import torch
+sys.path.insert(0, {tests!r} + "/..")
+from distill.dsa import attention as A
+from distill.dsa import select_kernel as S
+
+g = torch.Generator().manual_seed(0)
+r, n, q0, lo = 5, 120, 100, 3  # rows of 101-105 keys
+cases = dict(
+    spread=torch.randn(r, n, generator=g) * torch.exp(torch.randn(r, n, generator=g) * 3),
+    ties=torch.randint(0, 4, (r, n), generator=g).float(),  # one fp16 bin: whole-row passes
+    huge=torch.randn(r, n, generator=g) * 1e6,  # past fp16's range: one bin, +-inf
+)
+cases["huge"][:, 1::4] = 0.0
+cases["huge"][:, 2::4] = -0.0
+for (name, sc), k_out, cap in itertools.product(cases.items(), (1, 17, 60), (0, 8, 4096)):
+    sc = sc.clone()
+    sc[:, ::7] = float("-inf")  # keys not the row's
+    idx = torch.full((r, k_out + 2), -1, dtype=torch.int32)
+    lse = torch.empty(r)
+    S.ROWS_SELECT_LAUNCH = dict(BS=32, CAP=cap)
+    S.rows_select(sc, idx, k_out, q0, lo, lse)
+    for b in range(r):
+        row = sc[b, : q0 + b + 1]
+        kk = min(k_out, int((row > float("-inf")).sum()))
+        want = A.rank_key(row).topk(kk).indices  # ties to the later key
+        got = idx[b][idx[b] >= 0].long() - lo
+        assert sorted(got.tolist()) == sorted(want.tolist()), (name, k_out, cap, b)
+        torch.testing.assert_close(lse[b], row[want].double().logsumexp(0).float())
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not K.HAVE_TRITON, reason="triton is not installed")
+def test_row_selection_matches_the_rank_keys_interpreted(tmp_path):
+    """The trainer's selection kernel (``select_kernel.rows_select``) under
+    TRITON_INTERPRET=1: the keys of the rank keys' top-k (ties to the later key, -inf
+    keys never) and the log-sum-exp of their scores, on scores spread over many binades
+    (the fp16 bin narrows them, the rest copied), tied in one bin and past fp16's range
+    (whole-row passes), with scratch sizes 0, 8 and 4,096: every path of its passes."""
+    script = tmp_path / "rows.py"
+    script.write_text(ROWS_SCRIPT.format(tests=os.path.dirname(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+    )
+    if OLD_INTERPRETER in proc.stderr:
+        pytest.skip("this Triton's interpreter cannot loop to a bound given at launch")
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
 def _has_cuda_compiler() -> bool:
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
