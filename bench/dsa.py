@@ -36,13 +36,15 @@ the rows where it picked other keys than the default selection.
 ``dsa_kl_fused`` (``speedup_kl_fused``) is the layer with the fused KL kernel
 (``kernels.P_IN_FORWARD`` off), the default until 2026-12-07; the default has the
 attention's forward write the KL's target p (``sparse_p``, ``sparse_fwd_p``: the attention
-with that second walk) and takes the KL from p and the index keys alone (``kl_index``). ``select``
+with that second walk) and takes the KL from p and the index keys alone (``kl_index``:
+one walk over them, the selection's log-sum-exps given, as the layer does). ``select``
 is the default selection, one program a row over the score kernel's fp32 scores
 (``kernels.SELECT_ROWS``), ``select_topk`` the one before it (int64 rank keys and
 ``torch.topk``; ``dsa_select_topk``, ``speedup_select_topk``; ``select_topk_rows_differ``:
 rows where the two differ). ``--sweep-new`` times the index KL's, the row selection's and
 the walk for p's launches (``kl_kernel.INDEX_KL_LAUNCH``,
-``select_kernel.ROWS_SELECT_LAUNCH``, ``kernels.P_WALK``).
+``select_kernel.ROWS_SELECT_LAUNCH``, ``kernels.P_WALK``); ``--sweep-rows`` the row
+selection's alone.
 ``--profile-layer`` prints the DSA layer's ops (forward + backward) at the first length.
 
     python bench/dsa.py --preset h100          # the issue's figures: one H100/H200
@@ -196,10 +198,14 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         torch.autograd.backward([out, kl], [grad, torch.ones_like(kl)])
 
     starts = K.segment_starts(cu, t)
-    idx = K.index_topk(qi.detach(), ki.detach(), w.detach(), starts, p["top_k"], t)
 
     def idx_now():  # the selection as the layer makes it now
         return K.index_topk(qi.detach(), ki.detach(), w.detach(), starts, p["top_k"], t)
+
+    # and its log-sum-exps, which the layer's index KL reads (kernels.LSE_FROM_SELECTION)
+    idx, lsei = K.index_topk(qi.detach(), ki.detach(), w.detach(), starts, p["top_k"], t,
+                             with_lse=True)  # fmt: skip
+    lsei = lsei if K.LSE_FROM_SELECTION else None
 
     def select():
         idx_now()
@@ -247,13 +253,13 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
 
         if p_kl is None:
             p_kl = sparse_fwd_p()[2]
-        index_kl_sum_triton(qi, ki, w, idx, p_kl).backward()
+        index_kl_sum_triton(qi, ki, w, idx, p_kl, lsei).backward()
 
     def kl_index_fwd():  # its forward alone, no gradient (its sweep's output check)
         from distill.dsa.kl_kernel import _launch_index_kl
 
         kl_index()  # p
-        return _launch_index_kl(qi, ki, w, idx, p_kl, grad=False)[0]
+        return _launch_index_kl(qi, ki, w, idx, p_kl, False, lsei)[0]
 
     def kl_fwd():  # the fused KL's forward alone (its sweep's output check)
         from distill.dsa.kl_kernel import sparse_kl_triton
@@ -337,15 +343,7 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         topk_sel = (K, "SELECT_ROWS", False)
         parts += [("select_topk", _with(select, topk_sel))]
         parts += [("dsa_select_topk", _with(dsa, topk_sel))]
-
-        def topk_idx():
-            K.SELECT_ROWS = False
-            try:
-                return K.index_topk(qi.detach(), ki.detach(), w.detach(), starts, p["top_k"], t)
-            finally:
-                K.SELECT_ROWS = True
-
-        rows_differ("select_topk", topk_idx)
+        rows_differ("select_topk", _with(idx_now, topk_sel))
         rows_differ("select_fused", lambda: S.fused_topk(qi.detach(), ki.detach(), w.detach(),
                                                          starts, idx.shape[1]))  # fmt: skip
     for name, fn in parts:
@@ -382,14 +380,15 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
 
 
 def _with(fn, *changes):
-    """``fn`` with each ``(module, attribute, value)`` of ``changes`` set while it runs."""
+    """``fn`` with each ``(module, attribute, value)`` of ``changes`` set while it runs;
+    its result returned."""
 
     def run():
         old = [getattr(m, a) for m, a, _ in changes]
         for m, a, v in changes:
             setattr(m, a, v)
         try:
-            fn()
+            return fn()
         finally:
             for (m, a, _), o in zip(changes, old, strict=True):
                 setattr(m, a, o)
@@ -529,22 +528,16 @@ def main() -> None:
     ap.add_argument(
         "--profile-layer", action="store_true", help="print the DSA layer's ops, first length"
     )
-    ap.add_argument(
-        "--sweep", action="store_true",
-        help="time the sparse attention under each launch configuration, first length",
-    )  # fmt: skip
-    ap.add_argument(
-        "--sweep-kl", action="store_true",
-        help="time the fused KL under each launch configuration (KL_SWEEP), first length",
-    )  # fmt: skip
-    ap.add_argument(
-        "--sweep-new", action="store_true",
-        help="time the index KL and the row selection under each launch, first length",
-    )  # fmt: skip
-    ap.add_argument(
-        "--sweep-rows", action="store_true",
-        help="time the row selection alone under each launch (ROWS_SWEEP), first length",
-    )  # fmt: skip
+    for flag, what in (
+        ("sweep", "the sparse attention (SWEEP)"),
+        ("sweep-kl", "the fused KL (KL_SWEEP)"),
+        ("sweep-new", "the index KL, the row selection and the walk for p"),
+        ("sweep-rows", "the row selection alone (ROWS_SWEEP)"),
+    ):
+        ap.add_argument(
+            f"--{flag}", action="store_true",
+            help=f"time {what} under each launch configuration, first length",
+        )  # fmt: skip
     ap.add_argument(
         "--skip-parts", default="", help="comma-separated attention parts not to time, e.g. kl"
     )

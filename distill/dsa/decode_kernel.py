@@ -29,10 +29,11 @@ Both are registered ops (``torch.library.triton_op``), so the compiled, graphed 
 them. Timed on one H100 (2026-12-07 05:22 UTC, the same shape, batch and context; three
 runs, profiles of two steps): a layer's scores 49 µs, its selection 67 (four histogram
 passes 13 + 11 + 9 + 8, the emit 25), its attention 21, against torch's ``topk`` 92
-and gather and SDPA 26 + 34 (its scores ~68, by the 02:43 UTC profile above). The step took 5.30, 5.30 and 5.99 ms with both against 6.12-6.17
-with the selection's alone, 7.36 with neither (one run) and 12.5-12.7 dense: 2.12-2.37x
-dense. Both are on (``DECODE_FUSED``, ``DECODE_ATTENTION``). The attention had failed to
-compile inside the step at first: inductor passes a Python float as fp64 (below).
+and gather and SDPA 26 + 34 (its scores ~68, by the profile above). The step took 5.30,
+5.30 and 5.99 ms with both against 6.12-6.17 with the selection's alone, 7.36 with
+neither (one run) and 12.5-12.7 dense: 2.12-2.37x dense. Both are on (``DECODE_FUSED``,
+``DECODE_ATTENTION``). The attention had failed to compile inside the step at first:
+inductor passes a Python float as fp64 (below).
 """
 
 from __future__ import annotations
