@@ -127,9 +127,10 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
     dscore_c = dict(HI=hi, BH=max(16, p2(hi)), DI=di, BD=index["BDI"],
                     BS=D.SCORE_LAUNCH["BS"], IEEE=False)  # fmt: skip
     dscore_launch = {"num_warps": D.SCORE_LAUNCH["num_warps"]}
-    attn_t = dict(Q="*bf16", K="*bf16", V="*bf16", IDX="*i64", OK="*i8", OUT="*fp32",
-                  LSE="*fp32", scale="fp32")  # fmt: skip
-    attn_c = dict(G=g, BG=max(16, p2(g)), D=d, BD=bd, BN=D.ATTENTION_LAUNCH["BN"], IEEE=False)
+    attn_t = dict(Q="*bf16", K="*bf16", V="*bf16", KVS="*fp32", IDX="*i64", OK="*i8",
+                  OUT="*fp32", LSE="*fp32", scale="fp32")  # fmt: skip
+    attn_c = dict(G=g, BG=max(16, p2(g)), D=d, BD=bd, BN=D.ATTENTION_LAUNCH["BN"], IEEE=False,
+                  SCALED=False)  # fmt: skip
     out = [
         ("fused selection", S._select_kernel, dict(score_t, IDX="*i64"),
          dict(select_c, HIST=False), select_launch),
@@ -144,6 +145,8 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
         ("decode selection, the positions (32k keys)", D._decode_emit_kernel, hist_t, decode_c,
          decode_launch),
         ("decode attention", D._decode_attn_kernel, attn_t, attn_c, attn_launch),
+        ("decode attention, fp8 K and V", D._decode_attn_kernel,
+         dict(attn_t, K="*fp8e4nv", V="*fp8e4nv"), dict(attn_c, SCALED=True), attn_launch),
         # inside a compiled step inductor passes the Python float scale as fp64
         ("decode attention, fp64 scale (inductor's)", D._decode_attn_kernel,
          dict(attn_t, scale="fp64"), attn_c, attn_launch),

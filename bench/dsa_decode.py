@@ -16,8 +16,10 @@ greedy), over ``decode_steps`` replays after a warm-up. With Triton on a GPU,
 over int64 rank keys; ``speedup_fused``), and ``dsa_kernels`` with its attention reading
 the selected rows in place too (``DECODE_ATTENTION``; ``speedup_kernels``), and
 ``dsa_kernels_fp8`` with its index keys cached in fp8 too (``llama_decode.INDEX_FP8``; on
-a CPU ``dsa_fp8``, the torch step's). Memory: the buffers' bytes (K, V, the index keys and
-their scales) and the peak during the timed steps (the model included).
+a CPU ``dsa_fp8``, the torch step's), and ``dsa_kernels_fp8_kv8`` with its K and V in
+fp8 as well (``KV_FP8``: a scale a row, applied to the selected rows only). Memory: the
+buffers' bytes (K, V, the index keys and their scales) and the peak during the timed
+steps (the model included).
 
     python bench/dsa_decode.py --preset h100 --out decode.json
     python bench/dsa_decode.py --preset cpu          # eager, no graphs: the code runs
@@ -66,7 +68,7 @@ def _model(name: str, p: dict):
 def run(name: str, p: dict, dev, dtype, graphs: bool, profile: bool = False) -> dict:
     """One model's decode figures: tokens/s, the buffers' GB, the peak GB; ``profile``,
     its ops over two compiled steps run without the graph (the kernels the graph replays)."""
-    from distill.backends.llama_decode import quantize_index_keys
+    from distill.backends.llama_decode import quantize_fp8
     from distill.backends.static_decode import StaticDecoder, _bucket, head
 
     b, ctx, steps = p["decode_batch"], p["decode_ctx"], p["decode_steps"]
@@ -75,8 +77,13 @@ def run(name: str, p: dict, dev, dtype, graphs: bool, profile: bool = False) -> 
     buf = dec._buffers(b, _bucket(ctx + steps + 16, 256))
     g = torch.Generator(device=dev).manual_seed(0)
     with torch.no_grad():
-        for t in (*buf.k, *buf.v):  # [B, Hkv, length, D]
-            t[:, :, :ctx].normal_(generator=g)
+        for j, caches in enumerate((buf.k, buf.v)):
+            for t, sc in zip(caches, buf.kv_scale, strict=True):
+                x = torch.randn(t[:, :, :ctx].shape, generator=g, device=dev, dtype=dtype)
+                if sc is None:  # [B, Hkv, length, D]
+                    t[:, :, :ctx] = x
+                else:
+                    t[:, :, :ctx], sc[:, :, :ctx, j] = quantize_fp8(x)
         for t, ks in zip(buf.ki, buf.ks, strict=True):  # [B, length, Di]
             if t is None:
                 continue
@@ -84,7 +91,7 @@ def run(name: str, p: dict, dev, dtype, graphs: bool, profile: bool = False) -> 
             if ks is None:
                 t[:, :ctx] = ki
             else:
-                t[:, :ctx], ks[:, :ctx] = quantize_index_keys(ki)
+                t[:, :ctx], ks[:, :ctx] = quantize_fp8(ki)
         buf.valid.zero_()
         buf.valid[:, :ctx] = True
         buf.width.fill_(ctx)
@@ -94,7 +101,8 @@ def run(name: str, p: dict, dev, dtype, graphs: bool, profile: bool = False) -> 
         buf.finished.zero_()
         buf.seeds.zero_()
         buf.tok.random_(2, p["vocab"], generator=g)
-    cached = (*buf.k, *buf.v, *(x for x in (*buf.ki, *buf.ks) if x is not None))
+    scales = (*buf.ki, *buf.ks, *buf.kv_scale)
+    cached = (*buf.k, *buf.v, *(x for x in scales if x is not None))
     buffers = sum(t.numel() * t.element_size() for t in cached)
     layers, rest = dec._params()
     key = (0.0, 1.0, 0, False, 0)  # greedy, nothing recorded: Sampling's fields, in order
@@ -146,7 +154,10 @@ def main() -> None:
     models = ["dense", "dsa"]
     if dev.type == "cuda" and HAVE_TRITON:
         models += ["dsa_fused", "dsa_kernels"]
-    models += ["dsa_fp8"] if dev.type == "cpu" or not HAVE_TRITON else ["dsa_kernels_fp8"]
+    if dev.type == "cpu" or not HAVE_TRITON:
+        models += ["dsa_fp8", "dsa_fp8_kv8"]
+    else:
+        models += ["dsa_kernels_fp8", "dsa_kernels_fp8_kv8"]
     if args.models:
         models = args.models.split(",")
     for item in args.launch:
@@ -155,14 +166,16 @@ def main() -> None:
         getattr(decode_kernel, table)[field] = int(value)
     row["launch"] = {t: dict(getattr(decode_kernel, t)) for t in
                      ("DECODE_LAUNCH", "SCORE_LAUNCH", "ATTENTION_LAUNCH")}  # fmt: skip
-    defaults = decode_kernel.DECODE_FUSED, decode_kernel.DECODE_ATTENTION, llama_decode.INDEX_FP8
+    defaults = (decode_kernel.DECODE_FUSED, decode_kernel.DECODE_ATTENTION,
+                llama_decode.INDEX_FP8, llama_decode.KV_FP8)  # fmt: skip
     for model in models:
         # dsa: the torch step; dsa_fused: its selection in Triton kernels; dsa_kernels: and
         # its attention reading the selected rows in place; _fp8: the index keys cached in
-        # fp8 (llama_decode.INDEX_FP8)
+        # fp8 (llama_decode.INDEX_FP8); _kv8: K and V too (KV_FP8)
         decode_kernel.DECODE_FUSED = "fused" in model or "kernels" in model
         decode_kernel.DECODE_ATTENTION = "kernels" in model
-        llama_decode.INDEX_FP8 = model.endswith("_fp8")
+        llama_decode.INDEX_FP8 = "_fp8" in model
+        llama_decode.KV_FP8 = "_kv8" in model
         wanted = decode_kernel.DECODE_FUSED, decode_kernel.DECODE_ATTENTION
         try:
             row.update(run(model, p, dev, dtype, graphs=dev.type == "cuda", profile=args.profile))
@@ -173,7 +186,7 @@ def main() -> None:
             )
         finally:
             (decode_kernel.DECODE_FUSED, decode_kernel.DECODE_ATTENTION,
-             llama_decode.INDEX_FP8) = defaults  # fmt: skip
+             llama_decode.INDEX_FP8, llama_decode.KV_FP8) = defaults  # fmt: skip
         print(json.dumps(row), flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -204,13 +204,13 @@ def test_dsa_step_reads_the_reference_selection():
 
 
 def test_fp8_index_keys_round_within_e4m3_and_select_as_their_values():
-    """quantize_index_keys: each key within e4m3's rounding of its largest magnitude (a
+    """quantize_fp8 of index keys: each key within e4m3's rounding of its largest magnitude (a
     zero key stays zero), a positive scale a key; the selection over fp8 keys and their
     scales picks the keys the same selection picks over their dequantized values."""
     g = torch.Generator().manual_seed(5)
     ki = torch.randn(2, 40, 8, generator=g) * torch.logspace(-3, 3, 40)[None, :, None]
     ki[0, 7] = 0.0
-    k8, scale = L.quantize_index_keys(ki)
+    k8, scale = L.quantize_fp8(ki)
     assert k8.dtype == L.FP8 and scale.shape == (2, 40) and bool((scale > 0).all())
     back = k8.float() * scale[..., None]
     err = (back - ki).abs().amax(-1) / ki.abs().amax(-1).clamp_min(1e-30)
@@ -282,6 +282,72 @@ def test_static_decoder_caches_fp8_index_keys(monkeypatch):
         assert bool((ks[:, :width] > 0).all())
 
 
+@torch.no_grad()
+def test_dsa_step_reads_fp8_kv_as_their_dequantized_rows():
+    """With fp8 caches and their scales (``quantize_fp8`` of K and V rows), one step's
+    gathered rows are the dequantized caches' rows, and each row is within e4m3's
+    rounding of the unrounded one."""
+    g = torch.Generator().manual_seed(4)
+    b, hkv, s, d, hi, di = 2, 2, 30, 8, 2, 4
+    k, v = (torch.randn(b, hkv, s, d, generator=g) * torch.logspace(-2, 2, s)[:, None]
+            for _ in range(2))  # fmt: skip
+    qi = torch.randn(b, 1, hi, di, generator=g)
+    ki = torch.randn(b, s, di, generator=g)
+    w = torch.randn(b, 1, hi, generator=g)
+    valid = torch.ones(b, s, dtype=torch.bool)
+    valid[0, :4] = False
+    (k8, ks), (v8, vs) = L.quantize_fp8(k), L.quantize_fp8(v)
+    assert k8.dtype == L.FP8 and ks.shape == (b, hkv, s)
+    kb, vb = L.dequantize_rows(k8, ks, torch.float32), L.dequantize_rows(v8, vs, torch.float32)
+    for x, back in ((k, kb), (v, vb)):
+        assert bool(((back - x).abs() <= x.abs().amax(-1, keepdim=True) / 16).all())
+    kg, vg, m = L.select_step(qi, ki, w, valid, k8, v8, 5, None, torch.stack((ks, vs), -1))
+    want_k, want_v, want_m = L.select_step(qi, ki, w, valid, kb, vb, 5)
+    assert kg.dtype == torch.float32 and torch.equal(m, want_m)
+    assert torch.equal(kg, want_k) and torch.equal(vg, want_v)
+
+
+def test_static_decoder_caches_fp8_kv(monkeypatch):
+    """With ``KV_FP8`` a DSA layer's K and V buffers are fp8 with a scale a row (a dense
+    layer's, no longer than top-k, stay in the model's dtype), prompt and steps alike:
+    within e4m3's rounding of the plain run's; the first token, from the prompt's
+    unrounded attention, is the plain run's."""
+    model = _random_dsa(top_k=3)
+    tokens, plain = _decoded(model)
+    monkeypatch.setattr(L, "KV_FP8", True)
+    tokens8, buf = _decoded(model)
+    assert [t[:1] for t in tokens8] == [t[:1] for t in tokens]
+    assert all(len(t) > 1 for t in tokens8)
+    width = int(buf.width) + 1  # the prompt's columns and the first step's
+    for j, (want, got) in enumerate(((plain.k, buf.k), (plain.v, buf.v))):
+        for x, x8, kvs in zip(want, got, buf.kv_scale, strict=True):
+            assert x8.dtype == L.FP8 and x.dtype == torch.float32
+            sc = kvs[..., j]
+            back = L.dequantize_rows(x8[:, :, :width], sc[:, :, :width], torch.float32)
+            tol = x[:, :, :width].abs().amax(-1, keepdim=True) / 16
+            assert bool(((back - x[:, :, :width]).abs() <= tol).all())
+    short = StaticDecoder(model, pad_id=PAD, eos_ids=[EOS], compile=False, graphs=False)
+    dense = short._buffers(4, 3)  # no longer than top-k: every key read, none fp8
+    for k, s in zip(dense.k, dense.kv_scale, strict=True):
+        assert k.dtype == torch.float32 and s is None
+
+
+def test_dsa_config_cache_fp8_turns_both_fp8_caches_on(monkeypatch):
+    """A DSA student whose config says ``cache_fp8`` decodes from fp8 index keys, K and V
+    (the module flags off): the tokens of the decode with both flags on."""
+    model = _random_dsa(top_k=3)
+    monkeypatch.setattr(L, "INDEX_FP8", True)
+    monkeypatch.setattr(L, "KV_FP8", True)
+    want, _ = _decoded(model)
+    monkeypatch.setattr(L, "INDEX_FP8", False)
+    monkeypatch.setattr(L, "KV_FP8", False)
+    model.config.cache_fp8 = True
+    got, buf = _decoded(model)
+    assert got == want
+    assert all(t.dtype == L.FP8 for t in (*buf.ki, *buf.k, *buf.v))
+    assert all(t is not None for t in (*buf.ks, *buf.kv_scale))
+
+
 INTERPRETED_DECODE = """
 import sys
 sys.path.insert(0, {tests!r})
@@ -300,6 +366,10 @@ L.INDEX_FP8 = True  # fp8 index keys: the scores kernel applies their scales as 
 fp8 = _greedy(model)
 D.use_decode_kernel = D.use_attention_kernel = lambda x: False
 assert _greedy(model) == fp8
+L.KV_FP8 = True  # and fp8 K and V: the attention kernel applies their scales
+kv8 = _greedy(model)
+D.use_decode_kernel = D.use_attention_kernel = lambda x: True
+assert _greedy(model) == kv8
 print("ok")
 """
 
@@ -308,8 +378,9 @@ def test_dsa_decode_selection_kernel_decodes_the_same_tokens_interpreted(tmp_pat
     """The static decoder's DSA step with its selection in one Triton kernel
     (``decode_kernel.DECODE_FUSED``, a registered op), and then its attention too
     (``DECODE_ATTENTION``), decodes the tokens it decodes with ``torch.topk`` and SDPA,
-    with index keys in fp8 too: on the CPU under TRITON_INTERPRET=1, in a fresh process (the interpreter is chosen when
-    the kernels are defined)."""
+    with index keys in fp8 too, and K and V as well (``KV_FP8``): on the CPU under
+    TRITON_INTERPRET=1, in a fresh process (the interpreter is chosen when the kernels
+    are defined)."""
     import os
     import subprocess
     import sys
@@ -328,15 +399,18 @@ def test_dsa_decode_selection_kernel_decodes_the_same_tokens_interpreted(tmp_pat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("kernels", ["", "select", "select+attention", "select+attention+fp8"])
+@pytest.mark.parametrize(
+    "kernels",
+    ["", "select", "select+attention", "select+attention+fp8", "kv8", "select+attention+fp8+kv8"],
+)
 def test_dsa_student_decodes_compiled_and_graphed_on_gpu(kernels, monkeypatch):
     """On the GPU a DSA student's step (indexer, top-k, gathered keys) is compiled and
     captured as a CUDA graph: its greedy tokens equal the uncompiled, ungraphed decode's
     and transformers' generate; with the selection in Triton kernels
     (``decode_kernel.DECODE_FUSED``, registered ops inside the compiled step) too, and the
     attention over the selected rows in place (``DECODE_ATTENTION``); with the index keys
-    cached in fp8 (``INDEX_FP8``), the uncompiled fp8 decode's (``generate`` keeps its
-    keys in the model's dtype)."""
+    cached in fp8 (``INDEX_FP8``) and K and V too (``KV_FP8``), the uncompiled fp8
+    decode's (``generate`` keeps its caches in the model's dtype)."""
     from distill.backends import static_decode
     from distill.dsa import decode_kernel
 
@@ -345,6 +419,7 @@ def test_dsa_student_decodes_compiled_and_graphed_on_gpu(kernels, monkeypatch):
     monkeypatch.setattr(decode_kernel, "DECODE_FUSED", "select" in kernels)
     monkeypatch.setattr(decode_kernel, "DECODE_ATTENTION", "attention" in kernels)
     monkeypatch.setattr(L, "INDEX_FP8", "fp8" in kernels)
+    monkeypatch.setattr(L, "KV_FP8", "kv8" in kernels)
     model = _random_dsa(top_k=3).cuda()
     dec = StaticDecoder(model, pad_id=PAD, eos_ids=[EOS])
     rows = [_Row(conv=i, sample=0, prompt=p, seed=0, limit=STEPS) for i, p in enumerate(PROMPTS)]
@@ -357,5 +432,5 @@ def test_dsa_student_decodes_compiled_and_graphed_on_gpu(kernels, monkeypatch):
     assert any(buf.graphs for buf in dec.shapes.values())
     got = [r.tokens for r in rows]
     assert got == _greedy(model)
-    if "fp8" not in kernels:
+    if "fp8" not in kernels and "kv8" not in kernels:
         assert got == [_generate(model, p) for p in PROMPTS]

@@ -46,6 +46,14 @@ FAMILY = ("llama", "qwen2", "qwen3", DSA_TYPE)
 # from 49 to 32 µs a layer, but the step took 5.58-5.86 ms against 5.30-5.99 (its keys'
 # quantization ops each step)
 INDEX_FP8 = False
+# a DSA step's cached K and V in fp8 too, with one fp32 scale a row a KV head (V3.2 decodes
+# from an fp8 cache; FlashMLA's sparse kernel dequantizes only the selected rows): with
+# INDEX_FP8, 340 bytes a token a layer at the Qwen2 shape against the bf16 cache's 640
+# (dense: 512). The prompt's own attention reads the unrounded K and V; every step reads
+# the rounded ones (decode_kernel.decode_attention applies the scales, or the torch step
+# dequantizes the gathered rows). Dense layers (a buffer no longer than top_k) keep the
+# model's dtype: their attention reads every row.
+KV_FP8 = False
 FP8 = torch.float8_e4m3fn
 
 
@@ -170,6 +178,24 @@ def attn_in(
     return _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin), v
 
 
+def attn_in_fp8(x, cos, sin, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`attn_in` for fp8 caches: q, fp8 K and V (:func:`quantize_fp8`) and their
+    scales stacked [B, Hkv, T, 2] (K's, V's), what the cache holds. One compiled function
+    with the projections, so the quantization can fuse into their kernels (the first
+    version quantized outside the compiled functions, a few small kernels a tensor and
+    layer: its step took 6.40-6.48 ms against 5.22-5.23 with bf16 K and V, one H100,
+    2026-12-07 10:26-10:31 UTC, three runs)."""
+    q, k, v = attn_in(x, cos, sin, *args)
+    (k8, ks), (v8, vs) = quantize_fp8(k), quantize_fp8(v)
+    return q, k8, v8, torch.stack((ks, vs), -1)
+
+
+def index_in_fp8(x, cos, sin, ln_w, eps, *index) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`index_in` with its keys quantized: ``qi``, fp8 ``ki``, their scales, ``w``."""
+    qi, ki, w = index_in(x, cos, sin, ln_w, eps, *index)
+    return qi, *quantize_fp8(ki), w
+
+
 def index_in(x, cos, sin, ln_w, eps, *index) -> tuple[Tensor, Tensor, Tensor]:
     """The lightning indexer on the layer's input: its input norm, then
     ``distill.dsa.model.index_projections`` (the model's own), ``index`` being
@@ -177,12 +203,13 @@ def index_in(x, cos, sin, ln_w, eps, *index) -> tuple[Tensor, Tensor, Tensor]:
     return index_projections(rms_norm(x, ln_w, eps), cos, sin, *index)
 
 
-def quantize_index_keys(ki: Tensor) -> tuple[Tensor, Tensor]:
-    """Index keys [..., Di] -> fp8 (e4m3) keys and one fp32 scale a key [...]: the key
-    divided by its largest magnitude over 448 (e4m3's largest), as V3.2's indexer caches
-    its keys. A key's scores are its scale times those of its fp8 key (the scale is
-    positive, so it passes the ReLU), which is how :func:`select_keys` applies it."""
-    kf = ki.float()
+def quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows [..., D] -> fp8 (e4m3) rows and one fp32 scale a row [...]: the row divided by
+    its largest magnitude over 448 (e4m3's largest), as V3.2's indexer caches its keys.
+    An index key's scores are its scale times those of its fp8 key (the scale is
+    positive, so it passes the ReLU), which is how :func:`select_keys` applies it; a K
+    row's attention scores and a V row's weights likewise (:func:`dequantize_rows`)."""
+    kf = x.float()
     scale = kf.abs().amax(-1).clamp_min(1e-30) / torch.finfo(FP8).max
     return (kf / scale[..., None]).to(FP8), scale
 
@@ -191,7 +218,7 @@ def select_keys(qi, ki, w, valid, top_k: int, ks: Tensor | None = None) -> tuple
     """One new token per row: its ``top_k`` valid keys by index score (``ki`` [B, S, Di]
     the cached index keys, ``valid`` [B, S]) as the model's attention picks them
     (``attention.topk_indices``: ties to the later key): ``idx`` and ``ok`` [B, 1, K].
-    ``ks`` [B, S]: the keys' scales where ``ki`` is fp8 (:func:`quantize_index_keys`)."""
+    ``ks`` [B, S]: the keys' scales where ``ki`` is fp8 (:func:`quantize_fp8`)."""
     if decode_kernel.use_decode_kernel(qi):  # the same scores and keys, in Triton kernels
         scores = decode_kernel.decode_scores(qi, ki, w, ks)
         return decode_kernel.decode_topk(scores, valid, top_k)
@@ -202,15 +229,31 @@ def select_keys(qi, ki, w, valid, top_k: int, ks: Tensor | None = None) -> tuple
 
 
 def select_step(
-    qi, ki, w, valid, k, v, top_k: int, ks: Tensor | None = None
+    qi, ki, w, valid, k, v, top_k: int, ks=None, kv_scale=None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`select_keys`, then those keys' K and V rows gathered, [B, Hkv, K, D], and the
-    mask [B, 1, 1, K] for :func:`attn_out`. Only the selected K and V rows are read: what
-    makes a step cheaper than dense attention's."""
+    """:func:`select_keys`, then those keys' K and V rows gathered, [B, Hkv, K, D] (in
+    ``qi``'s dtype where the caches are fp8 with scales ``kv_scale`` [B, Hkv, S, 2], K's
+    and V's), and the mask [B, 1, 1, K] for :func:`attn_out`. Only the selected K and V
+    rows are read: what makes a step cheaper than dense attention's."""
     idx, ok = select_keys(qi, ki, w, valid, top_k, ks)
     b, hkv, _, d = k.shape
     at = idx.reshape(b, 1, -1, 1).expand(b, hkv, idx.shape[-1], d)
-    return k.gather(2, at), v.gather(2, at), ok[:, None]
+    if kv_scale is None:
+        return k.gather(2, at), v.gather(2, at), ok[:, None]
+    sc = kv_scale.gather(2, at[..., :2])  # [B, Hkv, K, 2]
+    kg = dequantize_rows(_gather8(k, at), sc[..., 0], qi.dtype)
+    vg = dequantize_rows(_gather8(v, at), sc[..., 1], qi.dtype)
+    return kg, vg, ok[:, None]
+
+
+def _gather8(t: Tensor, at: Tensor) -> Tensor:
+    """``t.gather(2, at)`` of an fp8 tensor, as bytes (gather has no fp8 kernel on the CPU)."""
+    return t.view(torch.uint8).gather(2, at).view(t.dtype)
+
+
+def dequantize_rows(x8: Tensor, scale: Tensor, dtype) -> Tensor:
+    """fp8 rows [..., D] and their scales [...] (:func:`quantize_fp8`) -> ``dtype``."""
+    return (x8.float() * scale[..., None]).to(dtype)
 
 
 def select_prefill(qi, ki, w, mask, top_k: int, budget: int = 1 << 24) -> Tensor:
@@ -247,14 +290,16 @@ def attn_out(
 
 
 def sparse_attn_out(
-    x, q, k, v, idx, ok, scaling, o_w, o_b, ln_w, eps, gate_w, gate_b, up_w, up_b, down_w,
-    down_b,
+    x, q, k, v, idx, ok, kv_scale, scaling, o_w, o_b, ln_w, eps, gate_w, gate_b, up_w, up_b,
+    down_w, down_b,
 ) -> Tensor:  # fmt: skip
     """:func:`attn_out` for one new token over its selected keys (``idx``, ``ok`` [B, 1, K]
     of :func:`select_keys`), read in place from the caches ``k``, ``v`` [B, Hkv, S, D] by
-    ``decode_kernel.decode_attention``: no gathered copies."""
+    ``decode_kernel.decode_attention``: no gathered copies (fp8 caches: their scales
+    ``kv_scale`` [B, Hkv, S, 2]; else None)."""
     b, heads, _, hd = q.shape
-    a = decode_kernel.decode_attention(q, k, v, idx, ok, scaling).reshape(b, 1, heads * hd)
+    a = decode_kernel.decode_attention(q, k, v, idx, ok, scaling, kv_scale)
+    a = a.reshape(b, 1, heads * hd)
     return _out_mlp(x, a, o_w, o_b, ln_w, eps, gate_w, gate_b, up_w, up_b, down_w, down_b)
 
 

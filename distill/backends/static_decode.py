@@ -51,31 +51,49 @@ def _bucket(n: int, size: int) -> int:
     return -(-n // size) * size
 
 
+def _copy(cache, dim: int, col, x) -> None:
+    """``cache.index_copy_(dim, col, x)``, fp8 caches as bytes (index_copy_ has no fp8
+    kernel, torch 2.11-2.13)."""
+    if cache.dtype == L.FP8:
+        cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+    cache.index_copy_(dim, col, x)
+
+
 class _Buffers:
     """The state of one (batch, length) shape, at fixed addresses."""
 
     def __init__(self, model, batch: int, length: int):
         dev, dt = model.device, model.model.embed_tokens.weight.dtype
         d = L.dims(model)
+        # fp8 caches where the module says so or the model's config does (a DSA student's
+        # cache_fp8, distill.dsa.config)
+        fp8_cfg = bool(getattr(model.config, "cache_fp8", False))
+        index_fp8, kv_fp8 = L.INDEX_FP8 or fp8_cfg, L.KV_FP8 or fp8_cfg
 
         def z(*shape, dtype=torch.long):
             return torch.zeros(shape, dtype=dtype, device=dev)
 
-        self.k = [z(batch, d.kv_heads, length, d.head_dim, dtype=dt) for _ in range(d.layers)]
-        self.v = [z(batch, d.kv_heads, length, d.head_dim, dtype=dt) for _ in range(d.layers)]
         # a DSA layer's cached index keys, where the buffer holds more keys than it reads
         # (at most top_k keys: every one is read, and the indexer has nothing to choose)
         self.ki = [
-            z(batch, length, a.indexer.head_dim, dtype=L.FP8 if L.INDEX_FP8 else dt)
+            z(batch, length, a.indexer.head_dim, dtype=L.FP8 if index_fp8 else dt)
             if hasattr(a, "indexer") and length > a.top_k
             else None
             for a in (layer.self_attn for layer in model.model.layers)
         ]
-        # their scales, where they are fp8 (llama_decode.quantize_index_keys)
+        # their scales, where they are fp8 (llama_decode.quantize_fp8)
         self.ks = [
-            z(batch, length, dtype=torch.float32) if ki is not None and L.INDEX_FP8 else None
+            z(batch, length, dtype=torch.float32) if ki is not None and index_fp8 else None
             for ki in self.ki
         ]
+        # K and V, in fp8 with a scale a row where a DSA layer reads only its top-k rows
+        # (llama_decode.KV_FP8)
+        fp8 = [ki is not None and kv_fp8 for ki in self.ki]
+        kv = (batch, d.kv_heads, length, d.head_dim)
+        self.k = [z(*kv, dtype=L.FP8 if f else dt) for f in fp8]
+        self.v = [z(*kv, dtype=L.FP8 if f else dt) for f in fp8]
+        # their scales, K's and V's side by side (one sector for the attention kernel)
+        self.kv_scale = [z(*kv[:3], 2, dtype=torch.float32) if f else None for f in fp8]
         self.cos, self.sin = L.rope_tables(model, length, dev, dt)
         self.valid = z(batch, length, dtype=torch.bool)  # KV columns a row attends to
         self.tok = z(batch)  # the last sampled token: the next step's input
@@ -145,6 +163,7 @@ class StaticDecoder:
         )
         self.attn_in, self.attn_out, self.head = wrap(L.attn_in), wrap(L.attn_out), wrap(head)
         self.index_in, self.select = wrap(L.index_in), wrap(L.select_step)  # DSA layers'
+        self.attn_in_fp8, self.index_in_fp8 = wrap(L.attn_in_fp8), wrap(L.index_in_fp8)
         self.select_keys, self.sparse_attn_out = wrap(L.select_keys), wrap(L.sparse_attn_out)
         self.shapes: dict[tuple[int, int], _Buffers] = {}
         self._addresses: tuple = ()
@@ -231,6 +250,7 @@ class StaticDecoder:
         self.attn_in, self.attn_out, self.head = L.attn_in, L.attn_out, head
         self.index_in, self.select = L.index_in, L.select_step
         self.select_keys, self.sparse_attn_out = L.select_keys, L.sparse_attn_out
+        self.attn_in_fp8, self.index_in_fp8 = L.attn_in_fp8, L.index_in_fp8
         fn(*args)
 
     def _capture(self, buf, layers, rest, key, rec):
@@ -284,15 +304,20 @@ class StaticDecoder:
             mask = ((causal & valid[:, None, :]) | eye)[:, None]
             for i, lw in enumerate(layers):
                 q, k, v = L.attn_in(x, cos, sin, *lw.attn_in)
-                buf.k[i][rs, :, :width] = k
-                buf.v[i][rs, :, :width] = v
+                if buf.kv_scale[i] is None:
+                    buf.k[i][rs, :, :width] = k
+                    buf.v[i][rs, :, :width] = v
+                else:  # the prompt's own attention below reads them unrounded
+                    sc = buf.kv_scale[i][rs, :, :width]
+                    buf.k[i][rs, :, :width], sc[..., 0] = L.quantize_fp8(k)
+                    buf.v[i][rs, :, :width], sc[..., 1] = L.quantize_fp8(v)
                 m = mask
                 if lw.top_k and buf.ki[i] is not None:  # DSA: each query's top-k keys
                     qi, ki, w = L.index_in(x, cos, sin, *lw.index)
                     if buf.ks[i] is None:
                         buf.ki[i][rs, :width] = ki
                     else:
-                        buf.ki[i][rs, :width], buf.ks[i][rs, :width] = L.quantize_index_keys(ki)
+                        buf.ki[i][rs, :width], buf.ks[i][rs, :width] = L.quantize_fp8(ki)
                     if width > lw.top_k:
                         m = L.select_prefill(qi, ki, w, mask, lw.top_k)
                 x = L.attn_out(x, q, k, v, m, *lw.attn_out)
@@ -308,25 +333,27 @@ class StaticDecoder:
         buf.valid.index_fill_(1, col, True)
         mask = buf.valid[:, None, None, :]
         for i, lw in enumerate(layers):
-            q, k, v = self.attn_in(x, cos, sin, *lw.attn_in)
-            buf.k[i].index_copy_(2, col, k)
-            buf.v[i].index_copy_(2, col, v)
+            kvs, ks = buf.kv_scale[i], buf.ks[i]
+            if kvs is None:
+                q, k, v = self.attn_in(x, cos, sin, *lw.attn_in)
+            else:  # fp8 K and V and their scales, quantized inside the compiled projections
+                q, k, v, sc = self.attn_in_fp8(x, cos, sin, *lw.attn_in)
+                kvs.index_copy_(2, col, sc)
+            _copy(buf.k[i], 2, col, k)
+            _copy(buf.v[i], 2, col, v)
             if lw.top_k and buf.ki[i] is not None:  # DSA: read the top-k keys' rows only
-                qi, ki, w = self.index_in(x, cos, sin, *lw.index)
-                ks = buf.ks[i]
                 if ks is None:
-                    buf.ki[i].index_copy_(1, col, ki)
+                    qi, ki, w = self.index_in(x, cos, sin, *lw.index)
                 else:
-                    ki8, scale = L.quantize_index_keys(ki)
-                    # as bytes: index_copy_ has no fp8 kernel (torch 2.11-2.13)
-                    buf.ki[i].view(torch.uint8).index_copy_(1, col, ki8.view(torch.uint8))
-                    ks.index_copy_(1, col, scale)
+                    qi, ki, sc, w = self.index_in_fp8(x, cos, sin, *lw.index)
+                    ks.index_copy_(1, col, sc)
+                _copy(buf.ki[i], 1, col, ki)
                 if decode_kernel.use_attention_kernel(q):  # the selected rows read in place
                     idx, ok = self.select_keys(qi, buf.ki[i], w, buf.valid, lw.top_k, ks)
-                    x = self.sparse_attn_out(x, q, buf.k[i], buf.v[i], idx, ok, *lw.attn_out)
+                    x = self.sparse_attn_out(x, q, buf.k[i], buf.v[i], idx, ok, kvs, *lw.attn_out)
                     continue
                 kg, vg, m = self.select(
-                    qi, buf.ki[i], w, buf.valid, buf.k[i], buf.v[i], lw.top_k, ks
+                    qi, buf.ki[i], w, buf.valid, buf.k[i], buf.v[i], lw.top_k, ks, kvs
                 )
                 x = self.attn_out(x, q, kg, vg, m, *lw.attn_out)
                 continue

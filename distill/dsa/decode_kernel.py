@@ -187,14 +187,18 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_attn_kernel(
-        Q, K, V, IDX, OK, OUT, LSE, n_k, per_split, scale,
-        s_qb, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ib, s_ob, s_oh, s_os, s_lb, s_lh,
+        Q, K, V, KVS, IDX, OK, OUT, LSE, n_k, per_split, scale,
+        s_qb, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_sb, s_sh, s_st, s_ib, s_ob, s_oh,
+        s_os, s_lb, s_lh,
         G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-        BN: tl.constexpr, IEEE: tl.constexpr,
+        BN: tl.constexpr, IEEE: tl.constexpr, SCALED: tl.constexpr,
     ):  # fmt: skip
         """KV head ``pid(1)`` of row ``pid(0)``: its ``G`` query heads over the selected
         keys ``[pid(2)·per_split, +per_split)``; writes their normalised output and
-        log-sum-exp for that split (-inf where the split has no valid key)."""
+        log-sum-exp for that split (-inf where the split has no valid key). ``SCALED``:
+        fp8 K and V with a scale a row (``KVS`` [B, Hkv, S, 2]: K's, then V's, in one
+        sector): a key's scores are its scale times its fp8 row's, a value row's weight
+        its attention weight times its scale, so only the selected rows are dequantized."""
         b = tl.program_id(0)
         hk = tl.program_id(1)
         sp = tl.program_id(2)
@@ -219,11 +223,14 @@ if HAVE_TRITON:
             ix = tl.load(IDX + b * s_ib + rn, mask=mn, other=0)
             ok = mn & (tl.load(OK + b * s_ib + rn, mask=mn, other=0) != 0)
             kb = tl.load(K + b * s_kb + hk * s_kh + ix[:, None] * s_kt + rd[None, :],
-                         mask=ok[:, None] & md[None, :], other=0.0)  # fmt: skip
+                         mask=ok[:, None] & md[None, :], other=0.0).to(q.dtype)  # fmt: skip
             if IEEE:
                 s = tl.dot(q, tl.trans(kb), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(kb))
+            if SCALED:
+                at_s = KVS + b * s_sb + hk * s_sh + ix * s_st
+                s = s * tl.load(at_s, mask=ok, other=0.0)[None, :]
             s = tl.where(ok[None, :], s * scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -231,7 +238,9 @@ if HAVE_TRITON:
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             vb = tl.load(V + b * s_vb + hk * s_vh + ix[:, None] * s_vt + rd[None, :],
-                         mask=ok[:, None] & md[None, :], other=0.0)  # fmt: skip
+                         mask=ok[:, None] & md[None, :], other=0.0).to(q.dtype)  # fmt: skip
+            if SCALED:  # (after l_i: the weights' sum is the unscaled one)
+                p = p * tl.load(at_s + 1, mask=ok, other=0.0)[None, :]
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p, vb, input_precision="ieee")
             else:
@@ -262,14 +271,15 @@ def decode_topk(scores: Tensor, valid: Tensor, top_k: int) -> tuple[Tensor, Tens
     return torch.ops.distill.decode_topk(scores[:, 0].contiguous(), valid.contiguous(), k)
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, ok: Tensor,
-                     scale: float) -> Tensor:  # fmt: skip
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, ok: Tensor, scale: float,
+                     kv_scale: Tensor | None = None) -> Tensor:  # fmt: skip
     """One new token's attention over its selected keys: ``q`` [B, H, 1, D], the caches
     ``k``, ``v`` [B, Hkv, S, D], ``idx`` and ``ok`` [B, 1, K] (:func:`decode_topk`'s or
-    ``topk_indices``'); returns [B, H, 1, D] in ``q``'s dtype."""
+    ``topk_indices``'); returns [B, H, 1, D] in ``q``'s dtype. fp8 caches come with their
+    rows' scales ``kv_scale`` [B, Hkv, S, 2], K's and V's (``llama_decode.quantize_fp8``)."""
     # the kernel reads each row's heads and dims at unit stride
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return torch.ops.distill.decode_attention(q, k, v, idx[:, 0], ok[:, 0], scale)
+    return torch.ops.distill.decode_attention(q, k, v, idx[:, 0], ok[:, 0], scale, kv_scale)
 
 
 if HAVE_TRITON:
@@ -315,7 +325,7 @@ if HAVE_TRITON:
 
     @torch.library.triton_op("distill::decode_attention", mutates_args=())
     def _decode_attention_op(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, ok: Tensor,
-                             scale: float) -> Tensor:  # fmt: skip
+                             scale: float, kv_scale: Tensor | None) -> Tensor:  # fmt: skip
         b, h, _, d = q.shape
         hkv, n_k = k.shape[1], idx.shape[-1]
         g = h // hkv
@@ -329,14 +339,17 @@ if HAVE_TRITON:
         out = torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
         lse = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
         ok8 = ok.to(torch.int8)
+        scaled = kv_scale is not None
+        kvs = kv_scale if scaled else out  # (read only where SCALED)
         torch.library.wrap_triton(_decode_attn_kernel)[(b, hkv, splits)](
-            q, k, v, idx, ok8, out, lse, n_k, per_split, scale,
+            q, k, v, kvs, idx, ok8, out, lse, n_k, per_split, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), idx.stride(0),
+            v.stride(0), v.stride(1), v.stride(2), kvs.stride(0), kvs.stride(1),
+            kvs.stride(2), idx.stride(0),
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
             G=g, BG=max(16, triton.next_power_of_2(g)), D=d,
             BD=max(16, triton.next_power_of_2(d)), BN=bn, IEEE=q.dtype == torch.float32,
-            **launch,
+            SCALED=scaled, **launch,
         )  # fmt: skip
         # the splits merged by their log-sum-exps (a split without keys weighs 0)
         top = lse.amax(-1, keepdim=True)
