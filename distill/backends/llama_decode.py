@@ -19,7 +19,9 @@ tested against ``generate`` and the reference selection on the CPU. On a GPU the
 scores and selects in Triton kernels (``select_keys``) and attends over the selected rows
 in place (``sparse_attn_out``), ``distill.dsa.decode_kernel``'s flags: the same keys, no
 gathered copies. The compiled, graphed step has a GPU test with and without them, and
-with fp8 index keys (``INDEX_FP8``): all passed on one H100, 2026-12-07 05:22 UTC.
+with fp8 index keys (``INDEX_FP8``): all passed on one H100, 2026-12-07 05:22 UTC; and
+with fp8 K and V (``KV_FP8``) at 10:26 UTC, in a first version that quantized them
+outside the compiled functions (``attn_in_fp8`` has not run on a GPU).
 """
 
 from __future__ import annotations
@@ -52,7 +54,10 @@ INDEX_FP8 = False
 # (dense: 512). The prompt's own attention reads the unrounded K and V; every step reads
 # the rounded ones (decode_kernel.decode_attention applies the scales, or the torch step
 # dequantizes the gathered rows). Dense layers (a buffer no longer than top_k) keep the
-# model's dtype: their attention reads every row.
+# model's dtype: their attention reads every row. Off: it cost the demo's DSA student
+# 2-2.5 points of math (one H100 and the CPU, 200 tasks, BENCHMARKS.md); on one H100
+# (Qwen2 shape, 32k, batch 32, three runs, quantizing outside the compiled step) the
+# cache took 8.6 against dense's 13.0 GB, at 1.92-1.96x dense.
 KV_FP8 = False
 FP8 = torch.float8_e4m3fn
 

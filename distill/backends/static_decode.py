@@ -12,7 +12,8 @@ fused pass instead of a dozen [rows, vocab] int64 tensors.
 
 A DSA student (``distill.dsa``) decodes here too: its layers also cache the indexer's keys,
 score every cached key for the new token, and gather the top-k keys' K and V rows, so a
-step reads those rows and the index keys instead of the whole KV cache.
+step reads those rows and the index keys instead of the whole KV cache. Its caches can be
+fp8 (``llama_decode.INDEX_FP8``, ``KV_FP8``, or the model config's ``cache_fp8``).
 
 The graph holds the parameters' addresses: an in-place optimizer step is decoded by the
 next replay; parameters replaced by new tensors are noticed and the graphs recaptured.

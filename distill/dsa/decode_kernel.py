@@ -24,6 +24,8 @@ program a row, took 163 µs a layer (32 programs on 132 SMs; the same H100 run).
 :func:`decode_attention`: the query heads of each KV group attend over the selected rows
 read in place through the indices (no gathered copies), the keys of a row split across
 programs (flash-decoding); the splits' partial outputs are merged by their log-sum-exps.
+From fp8 K and V (``llama_decode.KV_FP8``) it multiplies a key's scores and a value row's
+weight by the row's scale: only the selected rows are dequantized, in registers.
 
 Both are registered ops (``torch.library.triton_op``), so the compiled, graphed step traces
 them. Timed on one H100 (2026-12-07 05:22 UTC, the same shape, batch and context; three
