@@ -145,8 +145,8 @@ def kernels_at(shape: str) -> list[tuple[str, object, dict, dict, dict]]:
         ("decode selection, the positions (32k keys)", D._decode_emit_kernel, hist_t, decode_c,
          decode_launch),
         ("decode attention", D._decode_attn_kernel, attn_t, attn_c, attn_launch),
-        ("decode attention, fp8 K and V", D._decode_attn_kernel,
-         dict(attn_t, K="*fp8e4nv", V="*fp8e4nv"), dict(attn_c, SCALED=True), attn_launch),
+        ("decode attention, int8 K and V", D._decode_attn_kernel,
+         dict(attn_t, K="*i8", V="*i8"), dict(attn_c, SCALED=True), attn_launch),
         # inside a compiled step inductor passes the Python float scale as fp64
         ("decode attention, fp64 scale (inductor's)", D._decode_attn_kernel,
          dict(attn_t, scale="fp64"), attn_c, attn_launch),

@@ -17,7 +17,7 @@ over int64 rank keys; ``speedup_fused``), and ``dsa_kernels`` with its attention
 the selected rows in place too (``DECODE_ATTENTION``; ``speedup_kernels``), and
 ``dsa_kernels_fp8`` with its index keys cached in fp8 too (``llama_decode.INDEX_FP8``; on
 a CPU ``dsa_fp8``, the torch step's), and ``dsa_kernels_fp8_kv8`` with its K and V in
-fp8 as well (``KV_FP8``: a scale a row, applied to the selected rows only). Memory: the
+int8 as well (``KV_INT8``: a scale a row, applied to the selected rows only). Memory: the
 buffers' bytes (K, V, the index keys and their scales) and the peak during the timed
 steps (the model included).
 
@@ -68,7 +68,7 @@ def _model(name: str, p: dict):
 def run(name: str, p: dict, dev, dtype, graphs: bool, profile: bool = False) -> dict:
     """One model's decode figures: tokens/s, the buffers' GB, the peak GB; ``profile``,
     its ops over two compiled steps run without the graph (the kernels the graph replays)."""
-    from distill.backends.llama_decode import quantize_fp8
+    from distill.backends.llama_decode import quantize_fp8, quantize_int8
     from distill.backends.static_decode import StaticDecoder, _bucket, head
 
     b, ctx, steps = p["decode_batch"], p["decode_ctx"], p["decode_steps"]
@@ -83,7 +83,7 @@ def run(name: str, p: dict, dev, dtype, graphs: bool, profile: bool = False) -> 
                 if sc is None:  # [B, Hkv, length, D]
                     t[:, :, :ctx] = x
                 else:
-                    t[:, :, :ctx], sc[:, :, :ctx, j] = quantize_fp8(x)
+                    t[:, :, :ctx], sc[:, :, :ctx, j] = quantize_int8(x)
         for t, ks in zip(buf.ki, buf.ks, strict=True):  # [B, length, Di]
             if t is None:
                 continue
@@ -167,15 +167,15 @@ def main() -> None:
     row["launch"] = {t: dict(getattr(decode_kernel, t)) for t in
                      ("DECODE_LAUNCH", "SCORE_LAUNCH", "ATTENTION_LAUNCH")}  # fmt: skip
     defaults = (decode_kernel.DECODE_FUSED, decode_kernel.DECODE_ATTENTION,
-                llama_decode.INDEX_FP8, llama_decode.KV_FP8)  # fmt: skip
+                llama_decode.INDEX_FP8, llama_decode.KV_INT8)  # fmt: skip
     for model in models:
         # dsa: the torch step; dsa_fused: its selection in Triton kernels; dsa_kernels: and
         # its attention reading the selected rows in place; _fp8: the index keys cached in
-        # fp8 (llama_decode.INDEX_FP8); _kv8: K and V too (KV_FP8)
+        # fp8 (llama_decode.INDEX_FP8); _kv8: K and V in int8 too (KV_INT8)
         decode_kernel.DECODE_FUSED = "fused" in model or "kernels" in model
         decode_kernel.DECODE_ATTENTION = "kernels" in model
         llama_decode.INDEX_FP8 = "_fp8" in model
-        llama_decode.KV_FP8 = "_kv8" in model
+        llama_decode.KV_INT8 = "_kv8" in model
         wanted = decode_kernel.DECODE_FUSED, decode_kernel.DECODE_ATTENTION
         try:
             row.update(run(model, p, dev, dtype, graphs=dev.type == "cuda", profile=args.profile))
@@ -186,7 +186,7 @@ def main() -> None:
             )
         finally:
             (decode_kernel.DECODE_FUSED, decode_kernel.DECODE_ATTENTION,
-             llama_decode.INDEX_FP8, llama_decode.KV_FP8) = defaults  # fmt: skip
+             llama_decode.INDEX_FP8, llama_decode.KV_INT8) = defaults  # fmt: skip
         print(json.dumps(row), flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()

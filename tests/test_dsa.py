@@ -315,7 +315,7 @@ for sign in (1.0, -1.0):
 # rows in chunks of 32 keys (several chunks tie); then its attention over the selected
 # rows read in place (decode_attention, the keys in splits) against SDPA over gathered ones
 import torch.nn.functional as F
-from distill.backends.llama_decode import dequantize_rows, quantize_fp8
+from distill.backends.llama_decode import dequantize_rows, quantize_int8
 from distill.dsa import decode_kernel as D
 D.DECODE_LAUNCH = {{"CS": 32}}
 D.ATTENTION_LAUNCH = {{"BN": 16, "programs": 24}}
@@ -346,8 +346,8 @@ for case in ("random", "ties", "few"):
                                                 scale=0.3).reshape(3, 4, 1, 8)
         got_o = D.decode_attention(qd, kd, vd, got_i, got_ok, 0.3)
         torch.testing.assert_close(got_o, want_o, atol=1e-5, rtol=1e-5)
-        # fp8 caches with a scale a row: the attention over their dequantized rows
-        (k8, ks), (v8, vs) = (quantize_fp8(t * 10.0 ** torch.randn(3, 2, 150, 1, generator=gd))
+        # int8 caches with a scale a row: the attention over their dequantized rows
+        (k8, ks), (v8, vs) = (quantize_int8(t * 10.0 ** torch.randn(3, 2, 150, 1, generator=gd))
                               for t in (kd, vd))
         kb, vb = (dequantize_rows(x, sc, torch.float32) for x, sc in ((k8, ks), (v8, vs)))
         want_o = F.scaled_dot_product_attention(qd.reshape(3, 2, 2, 8), kb.gather(2, at),
@@ -775,7 +775,7 @@ def test_decode_kernels_match_torch_on_gpu():
     keys in several chunks, some invalid: the scores to bf16 rounding, the selection the
     same keys as ``topk_indices`` on the same scores (ties included: rounded scores), the
     attention to bf16 tolerance against SDPA over the gathered rows, from bf16 caches and
-    from fp8 ones with their scales (over the dequantized rows)."""
+    from int8 ones with their scales (over the dequantized rows)."""
     import torch.nn.functional as F
 
     from distill.dsa import decode_kernel as D
@@ -805,10 +805,10 @@ def test_decode_kernels_match_torch_on_gpu():
                                           scale=0.125).reshape(b, hkv * rep, 1, d)  # fmt: skip
     got = D.decode_attention(q, k, v, got_i, got_ok, 0.125)
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
-    # fp8 caches (llama_decode.KV_FP8): against SDPA over the dequantized gathered rows
-    from distill.backends.llama_decode import dequantize_rows, quantize_fp8
+    # int8 caches (llama_decode.KV_INT8): against SDPA over the dequantized gathered rows
+    from distill.backends.llama_decode import dequantize_rows, quantize_int8
 
-    (k8, ks), (v8, vs) = quantize_fp8(k), quantize_fp8(v)
+    (k8, ks), (v8, vs) = quantize_int8(k), quantize_int8(v)
     kb, vb = dequantize_rows(k8, ks, bf), dequantize_rows(v8, vs, bf)
     want = F.scaled_dot_product_attention(q.reshape(b, hkv, rep, d), kb.gather(2, at),
                                           vb.gather(2, at), attn_mask=got_ok[:, None],

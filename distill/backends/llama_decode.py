@@ -20,8 +20,8 @@ scores and selects in Triton kernels (``select_keys``) and attends over the sele
 in place (``sparse_attn_out``), ``distill.dsa.decode_kernel``'s flags: the same keys, no
 gathered copies. The compiled, graphed step has a GPU test with and without them, and
 with fp8 index keys (``INDEX_FP8``): all passed on one H100, 2026-12-07 05:22 UTC; and
-with fp8 K and V (``KV_FP8``) at 10:26 UTC, in a first version that quantized them
-outside the compiled functions (``attn_in_fp8`` has not run on a GPU).
+with fp8 K and V at 10:26 UTC, a first version of the 8-bit K and V cache (``KV_INT8``,
+int8 since, and quantized inside the compiled ``attn_in_int8``: not run on a GPU).
 """
 
 from __future__ import annotations
@@ -48,17 +48,18 @@ FAMILY = ("llama", "qwen2", "qwen3", DSA_TYPE)
 # from 49 to 32 µs a layer, but the step took 5.58-5.86 ms against 5.30-5.99 (its keys'
 # quantization ops each step)
 INDEX_FP8 = False
-# a DSA step's cached K and V in fp8 too, with one fp32 scale a row a KV head (V3.2 decodes
-# from an fp8 cache; FlashMLA's sparse kernel dequantizes only the selected rows): with
-# INDEX_FP8, 340 bytes a token a layer at the Qwen2 shape against the bf16 cache's 640
-# (dense: 512). The prompt's own attention reads the unrounded K and V; every step reads
-# the rounded ones (decode_kernel.decode_attention applies the scales, or the torch step
-# dequantizes the gathered rows). Dense layers (a buffer no longer than top_k) keep the
-# model's dtype: their attention reads every row. Off: it cost the demo's DSA student
-# 2-2.5 points of math (one H100 and the CPU, 200 tasks, BENCHMARKS.md); on one H100
-# (Qwen2 shape, 32k, batch 32, three runs, quantizing outside the compiled step) the
-# cache took 8.6 against dense's 13.0 GB, at 1.92-1.96x dense.
-KV_FP8 = False
+# a DSA step's cached K and V in int8 too, with one fp32 scale a row a KV head (V3.2
+# decodes from an 8-bit cache; FlashMLA's sparse kernel dequantizes only the selected
+# rows): with INDEX_FP8, 340 bytes a token a layer at the Qwen2 shape against the bf16
+# cache's 640 (dense: 512). The prompt's own attention reads the unrounded K and V; every
+# step reads the rounded ones (decode_kernel.decode_attention applies the scales, or the
+# torch step dequantizes the gathered rows). Dense layers (a buffer no longer than top_k)
+# keep the model's dtype: their attention reads every row. int8, not V3.2's e4m3: a row's
+# entries sit within a decade of its largest, where int8 keeps 7 bits and e4m3 3; on the
+# demo's DSA student (CPU, 200 tasks a domain) e4m3 K and V cost 2.5 points of math and
+# int8 ones none (0 of 600 tasks changed; BENCHMARKS.md). Off by default: rounded K and V
+# are not the model the trainer trains (RL rollouts decode here).
+KV_INT8 = False
 FP8 = torch.float8_e4m3fn
 
 
@@ -183,15 +184,15 @@ def attn_in(
     return _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin), v
 
 
-def attn_in_fp8(x, cos, sin, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`attn_in` for fp8 caches: q, fp8 K and V (:func:`quantize_fp8`) and their
+def attn_in_int8(x, cos, sin, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`attn_in` for int8 caches: q, int8 K and V (:func:`quantize_int8`) and their
     scales stacked [B, Hkv, T, 2] (K's, V's), what the cache holds. One compiled function
     with the projections, so the quantization can fuse into their kernels (the first
     version quantized outside the compiled functions, a few small kernels a tensor and
     layer: its step took 6.40-6.48 ms against 5.22-5.23 with bf16 K and V, one H100,
     2026-12-07 10:26-10:31 UTC, three runs)."""
     q, k, v = attn_in(x, cos, sin, *args)
-    (k8, ks), (v8, vs) = quantize_fp8(k), quantize_fp8(v)
+    (k8, ks), (v8, vs) = quantize_int8(k), quantize_int8(v)
     return q, k8, v8, torch.stack((ks, vs), -1)
 
 
@@ -212,11 +213,20 @@ def quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
     """Rows [..., D] -> fp8 (e4m3) rows and one fp32 scale a row [...]: the row divided by
     its largest magnitude over 448 (e4m3's largest), as V3.2's indexer caches its keys.
     An index key's scores are its scale times those of its fp8 key (the scale is
-    positive, so it passes the ReLU), which is how :func:`select_keys` applies it; a K
-    row's attention scores and a V row's weights likewise (:func:`dequantize_rows`)."""
+    positive, so it passes the ReLU), which is how :func:`select_keys` applies it."""
     kf = x.float()
     scale = kf.abs().amax(-1).clamp_min(1e-30) / torch.finfo(FP8).max
     return (kf / scale[..., None]).to(FP8), scale
+
+
+def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows [..., D] -> int8 rows and one fp32 scale a row [...]: the row divided by its
+    largest magnitude over 127, rounded to the nearest integer. A K row's attention scores
+    are its scale times those of its int8 row, a V row's contribution likewise
+    (:func:`dequantize_rows`)."""
+    kf = x.float()
+    scale = kf.abs().amax(-1).clamp_min(1e-30) / 127
+    return (kf / scale[..., None]).round().to(torch.int8), scale
 
 
 def select_keys(qi, ki, w, valid, top_k: int, ks: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -237,7 +247,7 @@ def select_step(
     qi, ki, w, valid, k, v, top_k: int, ks=None, kv_scale=None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`select_keys`, then those keys' K and V rows gathered, [B, Hkv, K, D] (in
-    ``qi``'s dtype where the caches are fp8 with scales ``kv_scale`` [B, Hkv, S, 2], K's
+    ``qi``'s dtype where the caches are int8 with scales ``kv_scale`` [B, Hkv, S, 2], K's
     and V's), and the mask [B, 1, 1, K] for :func:`attn_out`. Only the selected K and V
     rows are read: what makes a step cheaper than dense attention's."""
     idx, ok = select_keys(qi, ki, w, valid, top_k, ks)
@@ -246,18 +256,14 @@ def select_step(
     if kv_scale is None:
         return k.gather(2, at), v.gather(2, at), ok[:, None]
     sc = kv_scale.gather(2, at[..., :2])  # [B, Hkv, K, 2]
-    kg = dequantize_rows(_gather8(k, at), sc[..., 0], qi.dtype)
-    vg = dequantize_rows(_gather8(v, at), sc[..., 1], qi.dtype)
+    kg = dequantize_rows(k.gather(2, at), sc[..., 0], qi.dtype)
+    vg = dequantize_rows(v.gather(2, at), sc[..., 1], qi.dtype)
     return kg, vg, ok[:, None]
 
 
-def _gather8(t: Tensor, at: Tensor) -> Tensor:
-    """``t.gather(2, at)`` of an fp8 tensor, as bytes (gather has no fp8 kernel on the CPU)."""
-    return t.view(torch.uint8).gather(2, at).view(t.dtype)
-
-
 def dequantize_rows(x8: Tensor, scale: Tensor, dtype) -> Tensor:
-    """fp8 rows [..., D] and their scales [...] (:func:`quantize_fp8`) -> ``dtype``."""
+    """8-bit rows [..., D] and their scales [...] (:func:`quantize_int8`,
+    :func:`quantize_fp8`) -> ``dtype``."""
     return (x8.float() * scale[..., None]).to(dtype)
 
 
@@ -300,7 +306,7 @@ def sparse_attn_out(
 ) -> Tensor:  # fmt: skip
     """:func:`attn_out` for one new token over its selected keys (``idx``, ``ok`` [B, 1, K]
     of :func:`select_keys`), read in place from the caches ``k``, ``v`` [B, Hkv, S, D] by
-    ``decode_kernel.decode_attention``: no gathered copies (fp8 caches: their scales
+    ``decode_kernel.decode_attention``: no gathered copies (int8 caches: their scales
     ``kv_scale`` [B, Hkv, S, 2]; else None)."""
     b, heads, _, hd = q.shape
     a = decode_kernel.decode_attention(q, k, v, idx, ok, scaling, kv_scale)

@@ -13,7 +13,7 @@ fused pass instead of a dozen [rows, vocab] int64 tensors.
 A DSA student (``distill.dsa``) decodes here too: its layers also cache the indexer's keys,
 score every cached key for the new token, and gather the top-k keys' K and V rows, so a
 step reads those rows and the index keys instead of the whole KV cache. Its caches can be
-fp8 (``llama_decode.INDEX_FP8``, ``KV_FP8``, or the model config's ``cache_fp8``).
+8-bit (``llama_decode.INDEX_FP8``, ``KV_INT8``, or the model config's ``cache_8bit``).
 
 The graph holds the parameters' addresses: an in-place optimizer step is decoded by the
 next replay; parameters replaced by new tensors are noticed and the graphs recaptured.
@@ -67,9 +67,9 @@ class _Buffers:
         dev, dt = model.device, model.model.embed_tokens.weight.dtype
         d = L.dims(model)
         # fp8 caches where the module says so or the model's config does (a DSA student's
-        # cache_fp8, distill.dsa.config)
-        fp8_cfg = bool(getattr(model.config, "cache_fp8", False))
-        index_fp8, kv_fp8 = L.INDEX_FP8 or fp8_cfg, L.KV_FP8 or fp8_cfg
+        # cache_8bit, distill.dsa.config)
+        cfg8 = bool(getattr(model.config, "cache_8bit", False))
+        index_fp8, kv_int8 = L.INDEX_FP8 or cfg8, L.KV_INT8 or cfg8
 
         def z(*shape, dtype=torch.long):
             return torch.zeros(shape, dtype=dtype, device=dev)
@@ -87,14 +87,14 @@ class _Buffers:
             z(batch, length, dtype=torch.float32) if ki is not None and index_fp8 else None
             for ki in self.ki
         ]
-        # K and V, in fp8 with a scale a row where a DSA layer reads only its top-k rows
-        # (llama_decode.KV_FP8)
-        fp8 = [ki is not None and kv_fp8 for ki in self.ki]
+        # K and V, in int8 with a scale a row where a DSA layer reads only its top-k rows
+        # (llama_decode.KV_INT8)
+        int8 = [ki is not None and kv_int8 for ki in self.ki]
         kv = (batch, d.kv_heads, length, d.head_dim)
-        self.k = [z(*kv, dtype=L.FP8 if f else dt) for f in fp8]
-        self.v = [z(*kv, dtype=L.FP8 if f else dt) for f in fp8]
+        self.k = [z(*kv, dtype=torch.int8 if f else dt) for f in int8]
+        self.v = [z(*kv, dtype=torch.int8 if f else dt) for f in int8]
         # their scales, K's and V's side by side (one sector for the attention kernel)
-        self.kv_scale = [z(*kv[:3], 2, dtype=torch.float32) if f else None for f in fp8]
+        self.kv_scale = [z(*kv[:3], 2, dtype=torch.float32) if f else None for f in int8]
         self.cos, self.sin = L.rope_tables(model, length, dev, dt)
         self.valid = z(batch, length, dtype=torch.bool)  # KV columns a row attends to
         self.tok = z(batch)  # the last sampled token: the next step's input
@@ -164,7 +164,7 @@ class StaticDecoder:
         )
         self.attn_in, self.attn_out, self.head = wrap(L.attn_in), wrap(L.attn_out), wrap(head)
         self.index_in, self.select = wrap(L.index_in), wrap(L.select_step)  # DSA layers'
-        self.attn_in_fp8, self.index_in_fp8 = wrap(L.attn_in_fp8), wrap(L.index_in_fp8)
+        self.attn_in_int8, self.index_in_fp8 = wrap(L.attn_in_int8), wrap(L.index_in_fp8)
         self.select_keys, self.sparse_attn_out = wrap(L.select_keys), wrap(L.sparse_attn_out)
         self.shapes: dict[tuple[int, int], _Buffers] = {}
         self._addresses: tuple = ()
@@ -251,7 +251,7 @@ class StaticDecoder:
         self.attn_in, self.attn_out, self.head = L.attn_in, L.attn_out, head
         self.index_in, self.select = L.index_in, L.select_step
         self.select_keys, self.sparse_attn_out = L.select_keys, L.sparse_attn_out
-        self.attn_in_fp8, self.index_in_fp8 = L.attn_in_fp8, L.index_in_fp8
+        self.attn_in_int8, self.index_in_fp8 = L.attn_in_int8, L.index_in_fp8
         fn(*args)
 
     def _capture(self, buf, layers, rest, key, rec):
@@ -310,8 +310,8 @@ class StaticDecoder:
                     buf.v[i][rs, :, :width] = v
                 else:  # the prompt's own attention below reads them unrounded
                     sc = buf.kv_scale[i][rs, :, :width]
-                    buf.k[i][rs, :, :width], sc[..., 0] = L.quantize_fp8(k)
-                    buf.v[i][rs, :, :width], sc[..., 1] = L.quantize_fp8(v)
+                    buf.k[i][rs, :, :width], sc[..., 0] = L.quantize_int8(k)
+                    buf.v[i][rs, :, :width], sc[..., 1] = L.quantize_int8(v)
                 m = mask
                 if lw.top_k and buf.ki[i] is not None:  # DSA: each query's top-k keys
                     qi, ki, w = L.index_in(x, cos, sin, *lw.index)
@@ -337,8 +337,8 @@ class StaticDecoder:
             kvs, ks = buf.kv_scale[i], buf.ks[i]
             if kvs is None:
                 q, k, v = self.attn_in(x, cos, sin, *lw.attn_in)
-            else:  # fp8 K and V and their scales, quantized inside the compiled projections
-                q, k, v, sc = self.attn_in_fp8(x, cos, sin, *lw.attn_in)
+            else:  # int8 K and V and their scales, quantized inside the compiled projections
+                q, k, v, sc = self.attn_in_int8(x, cos, sin, *lw.attn_in)
                 kvs.index_copy_(2, col, sc)
             _copy(buf.k[i], 2, col, k)
             _copy(buf.v[i], 2, col, v)

@@ -43,11 +43,12 @@ class DSAConfig(LlamaConfig):
     the dense warm-up (indexer only, main model frozen). The warm-up's saved output says
     false, so training it again is the sparse phase (distill/dsa/train.py).
 
-    ``cache_fp8``: the hf backend's static decoder (GPU eval, serve, RL rollouts) caches
-    the index keys, K and V of the layers that select in fp8 with a scale a row, as
-    V3.2 decodes (``llama_decode.INDEX_FP8``, ``KV_FP8``): 340 bytes a token a layer at
-    the Qwen2-0.5B shape against 640 in bf16 (a dense model's: 512). Training and
-    transformers' ``generate`` never read it. Set it in the saved ``config.json``."""
+    ``cache_8bit``: the hf backend's static decoder (GPU eval, serve, RL rollouts) caches
+    the index keys of the layers that select in fp8 and their K and V in int8, each
+    with a scale a row, as V3.2 decodes from an 8-bit cache (``llama_decode.INDEX_FP8``,
+    ``KV_INT8``): 340 bytes a token a layer at the Qwen2-0.5B shape against 640 in bf16
+    (a dense model's: 512). Training and transformers' ``generate`` never read it. Set
+    it in the saved ``config.json``."""
 
     model_type = MODEL_TYPE
 
@@ -56,7 +57,7 @@ class DSAConfig(LlamaConfig):
     index_top_k: int = 2048
     index_rope_dim: int | None = None
     index_warmup: bool = False
-    cache_fp8: bool = False
+    cache_8bit: bool = False
     layer_types: list[str] | None = None
 
     def __post_init__(self, **kwargs):

@@ -24,8 +24,8 @@ program a row, took 163 µs a layer (32 programs on 132 SMs; the same H100 run).
 :func:`decode_attention`: the query heads of each KV group attend over the selected rows
 read in place through the indices (no gathered copies), the keys of a row split across
 programs (flash-decoding); the splits' partial outputs are merged by their log-sum-exps.
-From fp8 K and V (``llama_decode.KV_FP8``) it multiplies a key's scores and a value row's
-weight by the row's scale: only the selected rows are dequantized, in registers.
+From int8 K and V (``llama_decode.KV_INT8``) it multiplies a key's scores and a value
+row's weight by the row's scale: only the selected rows are dequantized, in registers.
 
 Both are registered ops (``torch.library.triton_op``), so the compiled, graphed step traces
 them. Timed on one H100 (2026-12-07 05:22 UTC, the same shape, batch and context; three
@@ -198,8 +198,8 @@ if HAVE_TRITON:
         """KV head ``pid(1)`` of row ``pid(0)``: its ``G`` query heads over the selected
         keys ``[pid(2)·per_split, +per_split)``; writes their normalised output and
         log-sum-exp for that split (-inf where the split has no valid key). ``SCALED``:
-        fp8 K and V with a scale a row (``KVS`` [B, Hkv, S, 2]: K's, then V's, in one
-        sector): a key's scores are its scale times its fp8 row's, a value row's weight
+        8-bit K and V with a scale a row (``KVS`` [B, Hkv, S, 2]: K's, then V's, in one
+        sector): a key's scores are its scale times its 8-bit row's, a value row's weight
         its attention weight times its scale, so only the selected rows are dequantized."""
         b = tl.program_id(0)
         hk = tl.program_id(1)
@@ -258,7 +258,7 @@ if HAVE_TRITON:
 def decode_scores(qi: Tensor, ki: Tensor, w: Tensor, ks: Tensor | None = None) -> Tensor:
     """:func:`distill.dsa.attention.index_scores` for one new token a row, in one kernel:
     ``qi`` [B, 1, Hi, Di], the cached index keys ``ki`` [B, S, Di], ``w`` [B, 1, Hi] ->
-    fp32 [B, 1, S]; ``ks`` [B, S]: fp8 keys' scales (``llama_decode.quantize_index_keys``).
+    fp32 [B, 1, S]; ``ks`` [B, S]: fp8 keys' scales (``llama_decode.quantize_fp8``).
     The torch step runs it as two batched products and a ReLU (on one H100 at 32k, batch
     32, ~68 µs a layer, 50 of them reading 134 MB of index keys)."""
     return torch.ops.distill.decode_scores(qi[:, 0], ki, w[:, 0], ks)[:, None]
@@ -277,8 +277,9 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, ok: Tensor, s
                      kv_scale: Tensor | None = None) -> Tensor:  # fmt: skip
     """One new token's attention over its selected keys: ``q`` [B, H, 1, D], the caches
     ``k``, ``v`` [B, Hkv, S, D], ``idx`` and ``ok`` [B, 1, K] (:func:`decode_topk`'s or
-    ``topk_indices``'); returns [B, H, 1, D] in ``q``'s dtype. fp8 caches come with their
-    rows' scales ``kv_scale`` [B, Hkv, S, 2], K's and V's (``llama_decode.quantize_fp8``)."""
+    ``topk_indices``'); returns [B, H, 1, D] in ``q``'s dtype. 8-bit caches come with
+    their rows' scales ``kv_scale`` [B, Hkv, S, 2], K's and V's
+    (``llama_decode.quantize_int8``)."""
     # the kernel reads each row's heads and dims at unit stride
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return torch.ops.distill.decode_attention(q, k, v, idx[:, 0], ok[:, 0], scale, kv_scale)

@@ -192,7 +192,7 @@ def fused_topk(qi: Tensor, ki: Tensor, w: Tensor, starts: Tensor, k_out: int) ->
 # 15.1; **1,024 keys a step 8.8**: the likely next default, not set because the layer's
 # figures (BENCHMARKS.md, 09:14-09:27 UTC) were taken at 2,048 and the layer was not
 # rerun at 1,024 (no device time left that session)
-ROWS_SELECT_LAUNCH = {"BS": 2048, "CAP": 4096, "num_warps": 4}
+ROWS_SELECT_LAUNCH = {"BS": 1024, "CAP": 4096, "num_warps": 4}
 
 if HAVE_TRITON:
 

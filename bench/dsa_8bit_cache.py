@@ -1,18 +1,18 @@
-"""What fp8 decode caches cost a DSA student in quality: the same held-out tasks decoded
+"""What 8-bit decode caches cost a DSA student in quality: the same held-out tasks decoded
 greedily through the static decoder (``distill.backends.static_decode``) from caches in
-the model's dtype and from fp8 index keys, K and V (the config's ``cache_fp8``), per
-domain: pass@1 of each, their paired difference with its standard error, and how many
+the model's dtype and from fp8 index keys and int8 K and V (the config's ``cache_8bit``),
+per domain: pass@1 of each, their paired difference with its standard error, and how many
 greedy completions are identical token for token.
 
 The paired standard error is sqrt(discordant tasks) / n (a difference of two pass rates
 on the same tasks is carried by the tasks that pass under one cache and fail under the
 other), so it is much smaller than two independent runs' when the caches agree.
 
-    python bench/dsa_fp8_cache.py recipes/demo.yaml data/demo/student [--set k=v ...]
-        [--tasks 200] [--out fp8.json]
+    python bench/dsa_8bit_cache.py recipes/demo.yaml data/demo/student [--set k=v ...]
+        [--tasks 200] [--out 8bit.json]
 
-On a CPU the static decoder runs uncompiled (fp32 model and caches against fp8 ones); on
-a GPU compiled and graphed, bf16 against fp8, with the Triton decode kernels.
+On a CPU the static decoder runs uncompiled (fp32 model and caches against 8-bit ones);
+on a GPU compiled and graphed, bf16 against 8-bit, with the Triton decode kernels.
 """
 
 from __future__ import annotations
@@ -27,16 +27,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def decode_all(model, tokenizer, recipe, domains: dict, tasks: dict, fp8: bool) -> dict:
+def decode_all(model, tokenizer, recipe, domains: dict, tasks: dict, small: bool) -> dict:
     """Per domain: each task's greedy verdict and completion, decoded with the caches
-    in fp8 or not."""
+    in 8 bits or not."""
     from distill.backends import Sampling
     from distill.backends.hf import HFBackend
     from distill.eval.stage import _verify
     from distill.rollout import rollout
     from teachers.base import get_domain
 
-    model.config.cache_fp8 = fp8
+    model.config.cache_8bit = small
     backend = HFBackend.from_model(
         model, tokenizer, batch_size=recipe.eval.batch_size, static=True, name="student"
     )
@@ -60,16 +60,16 @@ def decode_all(model, tokenizer, recipe, domains: dict, tasks: dict, fp8: bool) 
     return out
 
 
-def compare(plain: dict, fp8: dict) -> list[dict]:
+def compare(plain: dict, small: dict) -> list[dict]:
     rows = []
     for d in plain:
-        a, b = plain[d], fp8[d]
+        a, b = plain[d], small[d]
         n = len(a)
         pa, pb = sum(x for x, _ in a) / n, sum(x for x, _ in b) / n
         discordant = sum(x != y for (x, _), (y, _) in zip(a, b, strict=True))
         same = sum(s == t for (_, s), (_, t) in zip(a, b, strict=True))
         rows.append(dict(
-            domain=d, tasks=n, plain=round(100 * pa, 2), fp8=round(100 * pb, 2),
+            domain=d, tasks=n, plain=round(100 * pa, 2), small=round(100 * pb, 2),
             gap=round(100 * (pb - pa), 2), paired_se=round(100 * math.sqrt(discordant) / n, 2),
             discordant=discordant, identical=same,
         ))  # fmt: skip
@@ -107,14 +107,14 @@ def main() -> None:
     print(f"device {name}, torch {torch.__version__}, top_k {model.config.index_top_k}, "
           f"tasks {[len(t) for t in tasks.values()]}", flush=True)  # fmt: skip
     t0 = time.time()
-    plain = decode_all(model, tokenizer, recipe, domains, tasks, fp8=False)
+    plain = decode_all(model, tokenizer, recipe, domains, tasks, small=False)
     t1 = time.time()
-    fp8 = decode_all(model, tokenizer, recipe, domains, tasks, fp8=True)
-    rows = compare(plain, fp8)
+    small = decode_all(model, tokenizer, recipe, domains, tasks, small=True)
+    rows = compare(plain, small)
     for r in rows:
         print(json.dumps(r), flush=True)
     summary = dict(device=name, student=args.student, top_k=model.config.index_top_k,
-                   plain_s=round(t1 - t0, 1), fp8_s=round(time.time() - t1, 1),
+                   plain_s=round(t1 - t0, 1), small_s=round(time.time() - t1, 1),
                    rows=rows)  # fmt: skip
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}), flush=True)
     if args.out:
