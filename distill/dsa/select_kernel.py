@@ -187,11 +187,11 @@ def fused_topk(qi: Tensor, ki: Tensor, w: Tensor, starts: Tensor, k_out: int) ->
 # 4,096 keys a step 15.5-17.5, 16 warps 21-22. Deciding 11 bits a pass (three passes of
 # 2,048 bins) took 61-92 ms against 15.0-17.1 for 8 (08:02 UTC): removed. With the copy
 # (09:27 UTC, bench/dsa.py --sweep-rows, one sweep of 18, the same keys in all): the
-# selection with its scores 10.2 ms at these settings, 18.0 at CAP 0 (never copied: six
+# selection with its scores 10.2 ms at 2,048 keys a step, 18.0 at CAP 0 (never copied: six
 # reads of the row), 10.7 at CAP 16,384; 8 warps 0.1-1.0 ms slower; 4,096 keys a step
-# 15.1; **1,024 keys a step 8.8**: the likely next default, not set because the layer's
-# figures (BENCHMARKS.md, 09:14-09:27 UTC) were taken at 2,048 and the layer was not
-# rerun at 1,024 (no device time left that session)
+# 15.1; 1,024 keys a step 8.8. At 1,024 (11:17-11:19 UTC, bench/gpu_ab.sh, two runs each,
+# interleaved with 2,048): the selection 8.2-8.5 against 9.7-10.1 ms, the MQA layer 60.4-
+# 60.6 against 61.8-61.9 ms (3.08x and 3.16x dense)
 ROWS_SELECT_LAUNCH = {"BS": 1024, "CAP": 4096, "num_warps": 4}
 
 if HAVE_TRITON:
