@@ -66,7 +66,7 @@ class _Buffers:
     def __init__(self, model, batch: int, length: int):
         dev, dt = model.device, model.model.embed_tokens.weight.dtype
         d = L.dims(model)
-        # fp8 caches where the module says so or the model's config does (a DSA student's
+        # 8-bit caches where the module says so or the model's config does (a DSA student's
         # cache_8bit, distill.dsa.config)
         cfg8 = bool(getattr(model.config, "cache_8bit", False))
         index_fp8, kv_int8 = L.INDEX_FP8 or cfg8, L.KV_INT8 or cfg8
