@@ -334,9 +334,10 @@ def test_static_decoder_caches_int8_kv(monkeypatch):
         assert k.dtype == torch.float32 and s is None
 
 
-def test_dsa_config_cache_8bit_turns_both_8bit_caches_on(monkeypatch):
-    """A DSA student whose config says ``cache_8bit`` decodes from fp8 index keys and int8
-    K and V (the module flags off): the tokens of the decode with both flags on."""
+def test_dsa_config_cache_8bit_turns_both_8bit_caches_on(monkeypatch, tmp_path):
+    """A DSA student whose config says ``cache_8bit`` (saved and loaded back) decodes from
+    fp8 index keys and int8 K and V (the module flags off): the tokens of the decode with
+    both flags on."""
     model = _random_dsa(top_k=3)
     monkeypatch.setattr(L, "INDEX_FP8", True)
     monkeypatch.setattr(L, "KV_INT8", True)
@@ -344,6 +345,9 @@ def test_dsa_config_cache_8bit_turns_both_8bit_caches_on(monkeypatch):
     monkeypatch.setattr(L, "INDEX_FP8", False)
     monkeypatch.setattr(L, "KV_INT8", False)
     model.config.cache_8bit = True
+    model.save_pretrained(tmp_path)  # the key a served model's config.json carries
+    model = type(model).from_pretrained(tmp_path)
+    assert model.config.cache_8bit is True
     got, buf = _decoded(model)
     assert got == want
     assert all(t.dtype == L.FP8 for t in buf.ki)
