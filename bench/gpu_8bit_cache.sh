@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# A DSA student's 8-bit decode caches on one device call (~6 min): the decode kernels' GPU
-# tests (int8 K and V among them), the static decoder at 32k context and batch 32 with the
-# caches in bf16, fp8 index keys, and fp8 index keys with int8 K and V (RUNS runs,
-# default 3, interleaved by model; MODELS picks them), and, where a trained DSA student sits in
-# $STUDENT (carry it), what the 8-bit caches cost its held-out pass@1
-# (bench/dsa_8bit_cache.py; RECIPE, default recipes/demo.yaml); PROFILE=1: then the ops of
-# two 8-bit steps.
+# A DSA student's 8-bit decode caches on one device call (~5 min: 286 s with three runs
+# of four models, 2026-12-07): the decode kernels' GPU tests (int8 K and V among them),
+# the static decoder at 32k context and batch 32 with the caches in bf16, fp8 index keys,
+# and fp8 index keys with int8 K and V (RUNS runs, default 3, interleaved by model;
+# MODELS picks them), and, where a trained DSA student sits in $STUDENT (carry it), what
+# the 8-bit caches cost its held-out pass@1 (bench/dsa_8bit_cache.py; RECIPE, default
+# recipes/demo.yaml); PROFILE=1: then the ops of two 8-bit steps.
 # Run on the GPU host from the repository root: OUT=dir bash bench/gpu_8bit_cache.sh
 set -u
 OUT=${OUT:-bench/results/gpu-8bit-cache}

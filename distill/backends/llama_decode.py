@@ -42,10 +42,12 @@ FAMILY = ("llama", "qwen2", "qwen3", DSA_TYPE)
 # model's dtype: 68 bytes a key of 64 dimensions against 128 (V3.2's indexer computes in
 # fp8); its scores round the keys to e4m3's 3-bit mantissa, so the top-k may differ from
 # the model's own near ties (the prompt's own selection, at prefill, still reads the
-# unrounded keys). Off: on one H100 (2026-12-07, Qwen2 shape, 32k, batch 32,
-# three runs) it cut the cache from 16.2 to 14.7 GB (dense 13.0) and its scores kernel
-# from 49 to 32 µs a layer, but the step took 5.58-5.86 ms against 5.30-5.99 (its keys'
-# quantization ops each step)
+# unrounded keys). On one H100 (2026-12-07, Qwen2 shape, 32k, batch 32) it cuts the cache
+# from 16.2 to 14.7 GB (dense 13.0) and its scores kernel from 49 to 32 µs a layer; the
+# step took 5.58-5.86 ms against 5.30-5.99 at 05:22 (three runs), 5.22-5.23 against
+# 5.33-5.37 at 10:26 (three runs, interleaved). Off: a near tie can select other keys
+# than the training forward does, and RL rollouts decode here (the config's cache_8bit
+# turns it on for a served model)
 INDEX_FP8 = False
 # a DSA step's cached K and V in int8 too, with one fp32 scale a row a KV head (V3.2
 # decodes from an 8-bit cache; FlashMLA's sparse kernel dequantizes only the selected
@@ -55,9 +57,10 @@ INDEX_FP8 = False
 # torch step dequantizes the gathered rows). Dense layers (a buffer no longer than top_k)
 # keep the model's dtype: their attention reads every row. int8, not V3.2's e4m3: a row's
 # entries sit within a decade of its largest, where int8 keeps 7 bits and e4m3 3; on the
-# demo's DSA student (CPU, 200 tasks a domain) e4m3 K and V cost 2.5 points of math and
-# int8 ones none (0 of 600 tasks changed; BENCHMARKS.md). On one H100 (2026-12-07, Qwen2
-# shape, 32k, batch 32, four runs) 2.39-2.43x dense with 8.6 against 13.0 GB of cache.
+# demo's DSA student (CPU, 200 tasks a domain, one run each) e4m3 K and V cost 2.5 points
+# of math and int8 ones none (no task's outcome changed in 600; BENCHMARKS.md). On one
+# H100 (2026-12-07, Qwen2 shape, 32k, batch 32, four runs) 2.39-2.43x dense with 8.6
+# against 13.0 GB of cache.
 # Off by default: rounded K and V are not the model the trainer trains (RL rollouts
 # decode here).
 KV_INT8 = False
