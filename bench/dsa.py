@@ -153,6 +153,42 @@ if HAVE_TRITON:
             acc += tl.sum(kb.to(tl.float32) + vb.to(tl.float32), 0)
         tl.store(OUT + t * s_ot + hk * s_oh + rd, acc, mask=md)
 
+    @triton.jit
+    def _scatter_floor_kernel(
+        DK, DV, IDX, n_sel, s_kt, s_kh, s_it,
+        D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, SEM: tl.constexpr,
+    ):  # fmt: skip
+        """The dK and dV atomic adds of ``kernels._sparse_bwd_kernel`` alone (same program
+        grid, block loop, row offsets and memory order), of a [BN, BD] fp32 tile made from
+        the token's position: no K, V, Q or dO read, no product computed."""
+        t, hk = tl.program_id(0), tl.program_id(1)
+        rd, rn = tl.arange(0, BD), tl.arange(0, BN)
+        md = rd < D
+        val = tl.zeros((BN, BD), tl.float32) + (t + 1).to(tl.float32)
+        for start in range(0, n_sel, BN):
+            cols = start + rn
+            ids = tl.load(IDX + t * s_it + cols, mask=cols < n_sel, other=-1)
+            ok = ids >= 0
+            off = tl.where(ok, ids, 0)[:, None] * s_kt + hk * s_kh + rd[None, :]
+            kmask = ok[:, None] & md[None, :]
+            tl.atomic_add(DK + off, val, mask=kmask, sem=SEM)
+            tl.atomic_add(DV + off, val, mask=kmask, sem=SEM)
+
+
+def scatter_floor(dk, dv, idx, group: int):
+    """Add into ``dk`` and ``dv`` [T, Hkv, D] fp32 (contiguous) a row per (token, selected
+    key, KV head): the atomic adds an exact sparse backward that scatters dK and dV per
+    pair, as ``kernels._sparse_bwd_kernel`` does, cannot avoid; launched as that kernel is
+    for ``group`` query heads a KV head. ``idx`` [T, K] int32."""
+    from distill.dsa import kernels as K
+
+    t, hkv, d = dk.shape
+    _scatter_floor_kernel[(t, hkv)](
+        dk, dv, idx, idx.shape[1], dk.stride(0), dk.stride(1), idx.stride(0), D=d,
+        BD=max(16, triton.next_power_of_2(d)), SEM=K.ATOMIC_SEM,
+        **K.sparse_launch(group),
+    )  # fmt: skip
+
 
 def gather_floor(k, v, idx, out=None):
     """Σ over each token's selected keys of its K and V rows, [T, Hkv, D] fp32: the bytes an
@@ -224,6 +260,11 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
     def gather():
         gather_floor(kc, vc, idx32, floor_out)
 
+    dk_floor, dv_floor = (torch.zeros(t, kv, d, dtype=torch.float32, device=dev) for _ in "kv")
+
+    def scatter():
+        scatter_floor(dk_floor, dv_floor, idx32, h // kv)
+
     def kl():  # the torch path, whatever the layer's default
         K.sparse_kl_torch(q, k, qi, ki, w, idx, scale).backward()
 
@@ -279,7 +320,7 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
     parts = [("dense", dense), ("dsa", dsa), ("select", select), ("sparse", sparse)]
     parts += [("sparse_fwd", sparse_fwd), ("kl", kl)]
     if K.use_triton(q):  # the fused KL alone (the layer's default on CUDA; "kl" follows the env)
-        parts += [("kl_fused", kl_fused), ("gather", gather)]
+        parts += [("kl_fused", kl_fused), ("gather", gather), ("scatter", scatter)]
         from distill.dsa import kl_kernel as KL
 
         # the backward kernels' atomic adds under Triton's default memory order, side by
@@ -328,7 +369,7 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         def rows_differ(name: str, pick) -> None:
             """The rows where selection ``name`` (``pick()``) chose other keys than the
             default's: the same scores, so none expected."""
-            if name in p.get("skip_parts", ()):
+            if _skipped(p, name):
                 return
             try:  # a kernel that does not compile here is the part's error, not the row's
                 got = pick()
@@ -347,7 +388,7 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         rows_differ("select_fused", lambda: S.fused_topk(qi.detach(), ki.detach(), w.detach(),
                                                          starts, idx.shape[1]))  # fmt: skip
     for name, fn in parts:
-        if name in p.get("skip_parts", ()):
+        if _skipped(p, name):
             continue
         try:  # one part failing (a kernel that does not compile at a shape) keeps the others
             s, gb = _timed(fn, dev, p["reps"])
@@ -377,6 +418,11 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         extra.update(kl_index_fwd=kl_index_fwd, rows_idx=lambda: idx_now().sort(-1).values)
         extra.update(p_only=lambda: sparse_fwd_p()[2])
     return row, dict(parts, **extra)
+
+
+def _skipped(p: dict, name: str) -> bool:
+    """Whether part ``name`` is left out: named by --skip-parts, or not by --parts."""
+    return name in p.get("skip_parts", ()) or bool(p.get("parts")) and name not in p["parts"]
 
 
 def _with(fn, *changes):
@@ -542,6 +588,9 @@ def main() -> None:
         "--skip-parts", default="", help="comma-separated attention parts not to time, e.g. kl"
     )
     ap.add_argument(
+        "--parts", default="", help="comma-separated attention parts to time, no others"
+    )
+    ap.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE",
         help="override preset keys, typed like the preset's value (lists comma-separated)",
     )  # fmt: skip
@@ -556,6 +605,8 @@ def main() -> None:
     _override(p, args.set)
     if args.skip_parts:
         p["skip_parts"] = args.skip_parts.split(",")
+    if args.parts:
+        p["parts"] = args.parts.split(",")
     dtype = torch.bfloat16 if p["dtype"] == "bf16" else torch.float32
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     tv = triton.__version__ if HAVE_TRITON else None
