@@ -13,7 +13,9 @@
 With Triton, the attention rows also time the sparse attention's forward alone
 (``sparse_fwd``) and a floor for it (``gather``): a kernel that only reads each token's
 selected K and V rows, as any exact gather-based sparse forward must, with its effective
-GB/s. ``--sweep`` times the sparse attention under every launch configuration
+GB/s, and a floor for its backward (``scatter``): a kernel that only makes the backward's
+atomic adds of each pair's dK and dV rows. ``--parts`` times only the parts it names.
+``--sweep`` times the sparse attention under every launch configuration
 (``kernels.sparse_launch``: keys a step, warps, stages) at the first length, and
 ``--sweep-kl`` the fused KL (``kl_kernel.KL_LAUNCH``: warps, stages). The backward kernels'
 atomic adds are timed in Triton's default memory order too (``sparse_acq_rel``,
