@@ -108,6 +108,8 @@ KL_SWEEP = dict(num_warps=(4, 8, 2), num_stages=(3, 2))  # the fused KL's (kl_ke
 INDEX_KL_SWEEP = dict(BN=(64, 32, 128), num_warps=(4, 2, 8), num_stages=(3, 2))
 # (CAP 0: every pass reads the whole row, as before the scratch, plus the fp16 bin's pass)
 ROWS_SWEEP = dict(BS=(2048, 1024, 4096), CAP=(4096, 0, 16384), num_warps=(4, 8))
+# rows a chunk of the selection (kernels.SELECT_CHUNK) timed beside the default's
+SELECT_ROWS = (1024, 2048)
 # the forward's walk for p (kernels.P_WALK)
 P_WALK_SWEEP = dict(BNP=(64, 32, 128))
 
@@ -387,6 +389,11 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         parts += [("select_topk", _with(select, topk_sel))]
         parts += [("dsa_select_topk", _with(dsa, topk_sel))]
         rows_differ("select_topk", _with(idx_now, topk_sel))
+        # more rows a chunk than kernels.BUDGET allows at long rows (468 at 128k, 1,489 at
+        # 32k): more row programs a launch, at more memory for the chunk's scores
+        for rows in SELECT_ROWS:
+            parts += [(f"select_rows_{rows}", _with(select, (K, "SELECT_CHUNK", rows)))]
+            parts += [(f"dsa_rows_{rows}", _with(dsa, (K, "SELECT_CHUNK", rows)))]
         rows_differ("select_fused", lambda: S.fused_topk(qi.detach(), ki.detach(), w.detach(),
                                                          starts, idx.shape[1]))  # fmt: skip
     for name, fn in parts:
@@ -412,6 +419,7 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         "kl_w8",
         "kl_fused",
         "select_topk",
+        *(f"rows_{rows}" for rows in SELECT_ROWS),
     ):
         if "dense_ms" in row and f"dsa_{was}_ms" in row:
             row[f"speedup_{was}"] = round(row["dense_ms"] / row[f"dsa_{was}_ms"], 2)
