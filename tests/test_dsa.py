@@ -167,6 +167,24 @@ def test_selection_is_causal_and_stays_in_its_trace():
     assert not sel.triu(1).any() and (sel.sum(1) == torch.clamp(pos[:, 0] + 1, max=top_k)).all()
 
 
+def test_selection_chunks_keep_enough_rows_at_long_rows_within_their_memory():
+    """The row selection's chunk: BUDGET's rows where they are many, at least
+    SELECT_MIN_ROWS at long rows (where BUDGET alone left few programs a launch), but
+    never a chunk of scores over SELECT_MAX elements, nor under 16 rows."""
+    from distill.dsa import select_kernel
+
+    cap = select_kernel.ROWS_SELECT_LAUNCH["CAP"]
+    for max_len in (64, 16_384, 32_768, 131_072, 1 << 20, 1 << 26):
+        rows, per_row = K.select_chunk_rows(max_len), max_len + 4096 + 2 * cap
+        budget_rows = K.BUDGET // per_row
+        assert 16 <= rows <= 4096 and rows >= min(budget_rows, 4096)
+        assert rows * per_row <= max(K.SELECT_MAX, K.BUDGET) or rows == 16
+        if per_row * K.SELECT_MIN_ROWS <= K.SELECT_MAX:  # up to ~250k keys a row
+            assert rows >= K.SELECT_MIN_ROWS
+    assert K.select_chunk_rows(131_072) == K.SELECT_MIN_ROWS > K.BUDGET // (131_072 + 4096)
+    assert K.select_chunk_rows(1 << 20) < K.SELECT_MIN_ROWS  # held by SELECT_MAX
+
+
 @pytest.mark.parametrize("case", ["random", "untrained", "ties", "signs"])
 def test_fp32_selection_picks_the_rank_keys_choice(case, monkeypatch):
     """kernels.SELECT_FP32 (a top-k of the fp32 scores, ties repaired) selects the keys

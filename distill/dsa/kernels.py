@@ -129,10 +129,7 @@ def index_topk(
         idx = _index_topk(qi, ki, w, starts, top_k, max_len)
         return (idx, None) if with_lse else idx
     lse = torch.empty(t, dtype=torch.float32, device=qi.device) if with_lse else None
-    # a chunk: BUDGET of the score kernel's fp32 scores, beside the selection's scratch
-    # (two 4-byte values a key it copies out, CAP keys a row)
-    cap = select_kernel.ROWS_SELECT_LAUNCH["CAP"]
-    chunk = SELECT_CHUNK or max(16, min(4096, BUDGET // (max_len + 4096 + 2 * cap)))
+    chunk = SELECT_CHUNK or select_chunk_rows(max_len)
     # int32: what the attention and KL kernels read (int64 [T, K] at 32k and top-k 2,048 is
     # 537 MB, converted by each)
     idx = torch.full((t, k_out), -1, dtype=torch.int32, device=qi.device)
@@ -144,6 +141,15 @@ def index_topk(
             out = None if lse is None else lse[a:b]
             select_kernel.rows_select(scores, idx[a:b], min(k_out, b - lo), a - lo, lo, out)
     return (idx, lse) if with_lse else idx
+
+
+def select_chunk_rows(max_len: int) -> int:
+    """Rows a chunk of the row selection at rows of up to ``max_len`` keys: BUDGET of the
+    score kernel's fp32 scores beside the selection's scratch (two 4-byte values a key it
+    copies out, CAP keys a row), or more, up to SELECT_MIN_ROWS while under SELECT_MAX."""
+    per_row = max_len + 4096 + 2 * select_kernel.ROWS_SELECT_LAUNCH["CAP"]
+    rows = max(BUDGET // per_row, min(SELECT_MIN_ROWS, SELECT_MAX // per_row))
+    return max(16, min(4096, rows))
 
 
 def _index_topk(
@@ -217,8 +223,18 @@ SELECT_FUSED = False
 # 9.6-10.1 against 32.3-32.9 (MQA shape, three runs), 10.0 against 35.3 (Qwen2); the same
 # keys (0 rows differ in every run, and the GPU test). False: the rank keys and torch.topk.
 SELECT_ROWS = True
-# rows a chunk of the selection (None: from BUDGET); bench/dsa.py sets it
+# rows a chunk of the selection (None: from BUDGET, SELECT_MIN_ROWS and SELECT_MAX);
+# bench/dsa.py sets it
 SELECT_CHUNK = None
+# The row selection runs one program a row, so BUDGET's scores alone left few programs a
+# launch at long rows (1,489 rows at 32k, 468 at 128k) and the selection grew faster than
+# T^2: at 2,048 rows a chunk it took 7.8 / 31.9 / 135.5 ms at 32k / 64k / 128k against
+# 8.9 / 39.3 / 229.3 (Qwen2 shape, one H100, 2026-12-07 13:10 UTC, one run each; the
+# layer 0.49x / 0.78x / 1.05x dense against 0.48x / 0.73x / 0.82x, at 0.08 / 0.18 / 0.37
+# GB more peak; the MQA layer at 64k 4.94x against 4.68x, the same peak). So a chunk has at
+# least SELECT_MIN_ROWS rows while its scores stay under SELECT_MAX elements (2 GB fp32).
+SELECT_MIN_ROWS = 2048
+SELECT_MAX = 1 << 29
 
 # a -inf score's rank (the high half of its rank key): a key outside the query's span
 NO_KEY = int(A.rank_key(torch.tensor([float("-inf")]))[0]) >> 32
