@@ -15,6 +15,9 @@ With Triton, the attention rows also time the sparse attention's forward alone
 selected K and V rows, as any exact gather-based sparse forward must, with its effective
 GB/s, and a floor for its backward (``scatter``): a kernel that only makes the backward's
 atomic adds of each pair's dK and dV rows. ``--parts`` times only the parts it names.
+``select_budget`` and ``dsa_budget`` are the selection and the layer with the selection's
+chunks at ``kernels.BUDGET``'s rows alone (the rule before 2026-12-07 13:10 UTC),
+``select_rows_N`` and ``dsa_rows_N`` at N rows (``kernels.SELECT_CHUNK``).
 ``--sweep`` times the sparse attention under every launch configuration
 (``kernels.sparse_launch``: keys a step, warps, stages) at the first length, and
 ``--sweep-kl`` the fused KL (``kl_kernel.KL_LAUNCH``: warps, stages). The backward kernels'
@@ -109,7 +112,7 @@ INDEX_KL_SWEEP = dict(BN=(64, 32, 128), num_warps=(4, 2, 8), num_stages=(3, 2))
 # (CAP 0: every pass reads the whole row, as before the scratch, plus the fp16 bin's pass)
 ROWS_SWEEP = dict(BS=(2048, 1024, 4096), CAP=(4096, 0, 16384), num_warps=(4, 8))
 # rows a chunk of the selection (kernels.SELECT_CHUNK) timed beside the default's
-SELECT_ROWS = (1024, 2048)
+CHUNK_ROWS = (1024, 2048)
 # the forward's walk for p (kernels.P_WALK)
 P_WALK_SWEEP = dict(BNP=(64, 32, 128))
 
@@ -259,15 +262,15 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
 
     kc, vc = k.detach().contiguous(), v.detach().contiguous()
     idx32 = idx.to(torch.int32).contiguous()
-    floor_out = torch.empty(t, kv, d, dtype=torch.float32, device=dev)
 
+    # the floors' outputs allocated in their calls: held across parts, they would count in
+    # every other part's peak memory (0.03 GB at 32k, dense and DSA alike, 12:51-13:10 UTC)
     def gather():
-        gather_floor(kc, vc, idx32, floor_out)
-
-    dk_floor, dv_floor = (torch.zeros(t, kv, d, dtype=torch.float32, device=dev) for _ in "kv")
+        gather_floor(kc, vc, idx32)
 
     def scatter():
-        scatter_floor(dk_floor, dv_floor, idx32, h // kv)
+        dk, dv = (torch.zeros(t, kv, d, dtype=torch.float32, device=dev) for _ in "kv")
+        scatter_floor(dk, dv, idx32, h // kv)
 
     def kl():  # the torch path, whatever the layer's default
         K.sparse_kl_torch(q, k, qi, ki, w, idx, scale).backward()
@@ -389,9 +392,12 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         parts += [("select_topk", _with(select, topk_sel))]
         parts += [("dsa_select_topk", _with(dsa, topk_sel))]
         rows_differ("select_topk", _with(idx_now, topk_sel))
-        # more rows a chunk than kernels.BUDGET allows at long rows (468 at 128k, 1,489 at
-        # 32k): more row programs a launch, at more memory for the chunk's scores
-        for rows in SELECT_ROWS:
+        # the selection's chunks at given rows (kernels.SELECT_CHUNK), and at BUDGET's
+        # alone (SELECT_MIN_ROWS 0: the rule before 2026-12-07 13:10 UTC, 468 rows at 128k
+        # and 1,489 at 32k against the default's 2,048)
+        budget = (K, "SELECT_MIN_ROWS", 0)
+        parts += [("select_budget", _with(select, budget)), ("dsa_budget", _with(dsa, budget))]
+        for rows in CHUNK_ROWS:
             parts += [(f"select_rows_{rows}", _with(select, (K, "SELECT_CHUNK", rows)))]
             parts += [(f"dsa_rows_{rows}", _with(dsa, (K, "SELECT_CHUNK", rows)))]
         rows_differ("select_fused", lambda: S.fused_topk(qi.detach(), ki.detach(), w.detach(),
@@ -419,7 +425,8 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         "kl_w8",
         "kl_fused",
         "select_topk",
-        *(f"rows_{rows}" for rows in SELECT_ROWS),
+        "budget",
+        *(f"rows_{rows}" for rows in CHUNK_ROWS),
     ):
         if "dense_ms" in row and f"dsa_{was}_ms" in row:
             row[f"speedup_{was}"] = round(row["dense_ms"] / row[f"dsa_{was}_ms"], 2)

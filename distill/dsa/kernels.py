@@ -216,7 +216,7 @@ SELECT_FUSED = False
 # the selection's top-k by select_kernel.rows_select: the score kernel's fp32 scores, one
 # program a row (a histogram of the scores' fp16 top byte, then the keys of the k-th's
 # bin copied out and narrowed to the k-th score over the copy; ties to the later key, as
-# the rank keys), chunks of BUDGET scores and the scratch (1,489 rows at 32k), two
+# the rank keys), chunks of select_chunk_rows (2,048 rows from 32k to 128k), two
 # launches a chunk. One H100 at 32k (2026-12-07 07:30 UTC, one run; bench/dsa.py), when
 # each row was read five times: 16.1 ms against 33.1 for the int64 rank keys and
 # torch.topk (MQA shape), 15.9 against 31.6 (Qwen2); read twice (09:14 and 09:22 UTC):
