@@ -347,9 +347,11 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         # against its backward kernel, alone and in the layer
         parts += [("kl_fused_sum", kl_fused_sum)]
         parts += [("dsa_kl_bwd", _with(dsa, fused, (KL, "GRAD_IN_FORWARD", False)))]
-        # the sum's forward at 8 warps and 2 stages: compiled for sm_90 (2026-12-07), the
-        # default launch (4 warps, 3 stages) spills 336 bytes at the Qwen2 shape under the
-        # device image's Triton 3.6 and 72 at the MQA shape; 8 warps 64 and 0
+        # the sum's forward at 8 warps and 2 stages: compiled for sm_90 (2026-12-07) without
+        # the launch's specialization, the default launch (4 warps, 3 stages) spilled 336
+        # bytes at the Qwen2 shape under the device image's Triton 3.6 and 72 at the MQA
+        # shape, 8 warps 64 and 0; specialized as launched (bench/dsa_compile.py since
+        # 14:00 UTC), 0 and 16 bytes, 8 warps none
         wide = (KL, "KL_LAUNCH", {"num_warps": 8, "num_stages": 2})
         parts += [("kl_fused_sum_w8", _with(kl_fused_sum, wide))]
         parts += [("dsa_kl_w8", _with(dsa, fused, wide))]

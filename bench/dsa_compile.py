@@ -1,6 +1,7 @@
 """Compile the DSA Triton kernels for a GPU target on a machine without one, and report
 what the compiler made of each: the matrix-multiply instructions (Hopper's warpgroup MMA,
-"wgmma", or the older "mma"), registers per thread and spilled bytes.
+"wgmma", or the older "mma"), registers per thread, spilled bytes, and the atomic adds
+(global reductions) by width.
 
 Triton compiles to PTX and a cubin with its bundled ``ptxas`` and needs no GPU for that,
 so a kernel change can be checked for compile errors, register spills and the MMA it
@@ -8,12 +9,16 @@ lowers to before device time is spent on it. Timing still needs the device
 (``bench/dsa.py``). Each kernel at the shapes of ``bench/dsa.py``'s presets (Qwen2-0.5B:
 14 heads of 64 over 2 KV heads; MQA: 64 heads of 128 over 1), bf16, with every setting
 the kernels take (``kl_kernel.MAIN_DOT_FP32``, the KL reading the attention's
-log-sum-exps), at the launch the layer uses.
+log-sum-exps), at the launch the layer uses, specialized as the launch specializes it
+(``divisible``).
 
 On this 2-core CPU, Triton 3.9, sm_90 (2026-12-06): the fused KL's forward at the MQA
 shape lowered its main logits to the old MMA (a batched 3D dot) while the sparse
 attention's forward took wgmma; the KL now takes a 2D dot where one slot holds 64 rows
-or more, and lowers to wgmma there.
+or more, and lowers to wgmma there. Without the launch's specialization (before
+2026-12-07 14:00 UTC) the registers and spills it reported were not the launched
+kernels', and the backward's atomic adds showed one float an instruction where the launch
+makes four (``REDG.E.ADD.F32x4``).
 
     pip install triton==3.9.0   # CPU machines: Triton is a CUDA torch's dependency
     python bench/dsa_compile.py [--arch 90] [--shapes qwen2,mqa] [--json out.json]
@@ -45,17 +50,44 @@ SHAPES = {
 }
 
 
-def compile_kernel(fn, types: dict, consts: dict, launch: dict, arch: int):
+def compile_kernel(fn, types: dict, consts: dict, launch: dict, arch: int, divisible=()):
     """``fn`` (a ``triton.jit`` function) compiled for ``cuda:arch``: pointer and scalar
-    arguments typed by ``types`` (the rest int32), ``consts`` as its constexprs."""
+    arguments typed by ``types`` (the rest int32), ``consts`` as its constexprs. As
+    Triton's launch specializes them: every pointer 16-byte aligned (torch's allocations)
+    and the integers named in ``divisible`` multiples of 16, which is what lets it
+    vectorize loads, stores and atomic adds along a contiguous row."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = list(inspect.signature(fn.fn).parameters)
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in names}
-    src = ASTSource(fn, sig, constexprs=dict(consts))
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, n in enumerate(names)
+        if sig[n].startswith("*") or (n in divisible and sig[n] == "i32")
+    }
+    src = ASTSource(fn, sig, constexprs=dict(consts), attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch)
+
+
+def divisible(shape: str, kernel: str) -> set[str]:
+    """The integer arguments of the training kernels that are multiples of 16 at
+    ``shape`` (row strides of Q, K, the index tensors and the selection, and the keys a
+    row), each name's value across those kernels; none for the decode kernels, whose
+    strides follow the cache's layout. Without them the compiled kernel is not the one
+    the launch runs: on Triton 3.6, sm_90, the backward's dK and dV adds came out one
+    element each instead of four (2026-12-07)."""
+    if kernel.startswith("decode"):
+        return set()
+    p = SHAPES[shape]
+    h, hkv, d, hi, di, k = (p[n] for n in ("heads", "kv", "head_dim", "index_heads",
+                                            "index_head_dim", "top_k"))  # fmt: skip
+    # s_qt: Q's (or the index queries') token stride; s_kt: K's (or the index keys')
+    values = dict(s_qt=(h * d, hi * di), s_qh=(d, di), s_kt=(hkv * d, di), s_kh=(d,),
+                  s_it=(k,), s_ib=(k,), s_pt=(k,), n_sel=(k,), s_qit=(hi * di,),
+                  s_qih=(di,), s_kit=(di,), s_lt=(h,), s_wt=(hi,))  # fmt: skip
+    return {n for n, vs in values.items() if all(v % 16 == 0 for v in vs)}
 
 
 def describe(kernel) -> dict:
@@ -74,6 +106,12 @@ def describe(kernel) -> dict:
         m = re.search(r"REG:(\d+) STACK:(\d+)", out.stdout)
         if m:
             row.update(registers=int(m.group(1)), spill_stack_bytes=int(m.group(2)))
+        # the fp32 atomic adds whose result is unread (global reductions) by width: F32
+        # one element an instruction, F32x4 four
+        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True)
+        reds = re.findall(r"\bREDG\.E\.ADD\.(F32x\d|F32)\b", sass.stdout)
+        if reds:
+            row["reductions"] = {w: reds.count(w) for w in sorted(set(reds))}
     except OSError as e:  # no cuobjdump in this Triton: the MMA kinds alone
         row["cuobjdump"] = str(e)
     finally:
@@ -196,7 +234,9 @@ def main() -> int:
         for name, fn, types, consts, launch in kernels_at(shape):
             row = {"shape": shape, "kernel": name}
             try:
-                row.update(describe(compile_kernel(fn, types, consts, launch, a.arch)))
+                kernel = compile_kernel(fn, types, consts, launch, a.arch,
+                                        divisible(shape, name))  # fmt: skip
+                row.update(describe(kernel))
             except Exception as e:  # noqa: BLE001 - a compile error is the finding
                 failed += 1
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
