@@ -418,6 +418,9 @@ def attention(p: dict, t: int, dev, dtype) -> tuple[dict, dict]:
         row[f"{name}_ms"], row[f"{name}_peak_gb"] = round(s * 1e3, 2), gb and round(gb, 2)
         if name in ("gather", "sparse_fwd"):
             row[f"{name}_gbs"] = round(nbytes / s / 1e9, 1)
+        # the index KL's p [T, K] fp32 (0.27 GB at 32k), made once for its reps: held past
+        # its part it counted in every later part's peak (2026-12-07 13:58 UTC)
+        p_kl = None
     if "dense_ms" in row and "dsa_ms" in row:
         row["speedup"] = round(row["dense_ms"] / row["dsa_ms"], 2)
     for was in (
