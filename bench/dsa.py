@@ -139,7 +139,7 @@ def _timed(fn, dev, reps: int) -> tuple[float, float | None]:
 
 
 if HAVE_TRITON:
-    from distill.dsa.kernels import _selected_kv
+    from distill.dsa.kernels import _selected_kv, _selected_rows
 
     @triton.jit
     def _gather_floor_kernel(
@@ -173,11 +173,7 @@ if HAVE_TRITON:
         md = rd < D
         val = tl.zeros((BN, BD), tl.float32) + (t + 1).to(tl.float32)
         for start in range(0, n_sel, BN):
-            cols = start + rn
-            ids = tl.load(IDX + t * s_it + cols, mask=cols < n_sel, other=-1)
-            ok = ids >= 0
-            off = tl.where(ok, ids, 0)[:, None] * s_kt + hk * s_kh + rd[None, :]
-            kmask = ok[:, None] & md[None, :]
+            _, off, kmask = _selected_rows(IDX, t, hk, start, n_sel, s_kt, s_kh, s_it, rd, rn, md)
             tl.atomic_add(DK + off, val, mask=kmask, sem=SEM)
             tl.atomic_add(DV + off, val, mask=kmask, sem=SEM)
 

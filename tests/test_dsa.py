@@ -549,7 +549,7 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
     and MQA shapes (Triton compiles with its own ptxas; no GPU), specialized as the launch
     specializes it; the fused KL's main logits take Hopper's warpgroup MMA at the MQA
     shape, as the attention's do, and the backward's dK and dV (and the KL's dki) atomic
-    adds go four elements an instruction, as the 20 ms of them at 32k were timed."""
+    adds go four elements an instruction."""
     import importlib.util
 
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")

@@ -459,14 +459,21 @@ if HAVE_TRITON:
             tl.store(OUT + rm[:, None] * s_ot + rn[None, :], acc, mask=mq[:, None] & mk[None, :])
 
     @triton.jit
-    def _selected_k(K, IDX, t, hk, start, n_sel, s_kt, s_kh, s_it, rd, rn, md):
+    def _selected_rows(IDX, t, hk, start, n_sel, s_kt, s_kh, s_it, rd, rn, md):
         """Token ``t``'s selected keys ``start`` to ``start + BN`` of key head ``hk``: which
-        are real (``ok``; -1 pads), their [BN, BD] offsets and mask, and their K rows."""
+        are real (``ok``; -1 pads), and their [BN, BD] row offsets and mask, where the
+        forward reads K and V and the backward adds dK and dV (bench/dsa.py's floors
+        too)."""
         cols = start + rn
         ids = tl.load(IDX + t * s_it + cols, mask=cols < n_sel, other=-1)
         ok = ids >= 0
         off = tl.where(ok, ids, 0)[:, None] * s_kt + hk * s_kh + rd[None, :]
-        kmask = ok[:, None] & md[None, :]
+        return ok, off, ok[:, None] & md[None, :]
+
+    @triton.jit
+    def _selected_k(K, IDX, t, hk, start, n_sel, s_kt, s_kh, s_it, rd, rn, md):
+        """:func:`_selected_rows` and the keys' K rows."""
+        ok, off, kmask = _selected_rows(IDX, t, hk, start, n_sel, s_kt, s_kh, s_it, rd, rn, md)
         kb = tl.load(K + off, mask=kmask, other=0.0)
         return ok, off, kmask, kb
 
