@@ -112,6 +112,18 @@ def load_model(
         raise UserError(f"{p}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
 
 
+def enable_checkpointing(model) -> None:
+    """transformers' activation checkpointing on every decoder layer, non-reentrant (the
+    reentrant kind needs an input that requires grad, which a frozen embedding's is not).
+    transformers 5.x renamed it ``activation_checkpointing_enable`` and warns on the old
+    name on every call; 4.x has the old name only."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 VARLEN = "distill_varlen"
 
 

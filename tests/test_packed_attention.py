@@ -24,7 +24,7 @@ from tiny_artifacts import (
 
 import distill.models
 import distill.train.loss
-from distill.models import VARLEN, use_varlen_attention
+from distill.models import VARLEN, enable_checkpointing, use_varlen_attention
 from distill.train.data import collate
 from distill.train.loss import LinearCE, Objective, ce_and_grad
 
@@ -229,9 +229,7 @@ def test_compiled_layers_and_head_match_eager(setup, checkpointing):
         use_varlen_attention(model)
         if checkpointing:
             model.train()  # transformers checkpoints in training mode only
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            enable_checkpointing(model)
         obj = Objective(model, max_seqlen=128)
         if name == "compiled":
             torch._dynamo.reset()

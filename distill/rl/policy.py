@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from distill.dsa.config import is_dsa
+from distill.models import enable_checkpointing
 from distill.rl.head import head_logprobs
 from distill.rl.loss import token_logprobs
 from distill.rl.rollout import Sample
@@ -104,9 +105,7 @@ class PolicyLogprobs(nn.Module):
         # sharded weight in the head module's own hooks, takes the autograd path (False)
         self.fused_head = fused_head
         if checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            enable_checkpointing(model)
         compiled = compile_layers and compile_decoder_layers(model)
         # transformers' checkpointing runs in training mode only (forward switches to it);
         # compiled layers checkpoint themselves in any mode (compile_decoder_layers)

@@ -25,6 +25,7 @@ from distill.files import short_hash
 from distill.models import (
     VARLEN,
     build_model,
+    enable_checkpointing,
     load_model,
     load_tokenizer,
     pad_token_id,
@@ -224,7 +225,7 @@ def _init_model(init, tokenizer, seed: int, cfg: TrainConfig, device: torch.devi
     if attn == VARLEN:
         use_varlen_attention(model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
