@@ -1242,3 +1242,15 @@ def test_warmup_plateau_waits_for_two_windows_then_ends_when_the_kl_stops_fallin
     flat = [1.0, 1.01, 0.99, 0.995, 0.99, 0.985]  # 1% under
     assert until(SimpleNamespace(losses=flat)) == "plateau"
     assert until(SimpleNamespace(losses=[1.0, 1.0, 1.0, 1.2, 1.2, 1.2])) == "plateau"  # rising
+
+
+def test_all_keys_note_only_where_top_k_covers_every_trace():
+    from distill.dsa.train import all_keys_note
+    from distill.recipe.schema import ModelArch, TrainConfig
+
+    cfg = TrainConfig(max_length=128)
+    arch = ModelArch(**ARCH.model_dump() | {"attention": "dsa", "index_top_k": 127})
+    assert all_keys_note(arch, cfg) is None  # a 128-token trace's last query skips a key
+    for top_k in (128, 2048):
+        note = all_keys_note(arch.model_copy(update={"index_top_k": top_k}), cfg)
+        assert f"index_top_k {top_k} >= train.max_length 128" in note

@@ -101,8 +101,12 @@ def train_dsa(
     final loss and directory. A phase that stops early (``max_time_s``, a planned
     preemption) returns its report unfinished; rerunning resumes it."""
     from distill import layout
+    from distill.progress import console
     from distill.train import train
 
+    note = all_keys_note(arch, cfg)
+    if note:
+        console.print(f"[yellow]note[/]: {note}")
     out = Path(out_dir)
     run = Path(run_dir) if run_dir is not None else layout.run_dir(out)
     where = run / "dsa"
@@ -146,6 +150,21 @@ def train_dsa(
     rep = train(init=src, out_dir=out, run_dir=run, cfg=scfg, desc=f"{desc} dsa sparse", **common)
     done["sparse"] = _summary(rep, out)
     return {**rep, "dsa": done}
+
+
+def all_keys_note(arch: ModelArch, cfg: TrainConfig) -> str | None:
+    """Why the sparse phase will read every key, when it will: no trace is longer than
+    ``train.max_length``, so at ``index_top_k`` >= it each query's top-k is every earlier
+    key of its trace, and the phase trains dense attention plus the indexer's KL (no
+    faster, no sparser). Said once, at the stage's start, not an error: a recipe may
+    mean it (a small trial, an indexer trained for decoding longer contexts)."""
+    if arch.index_top_k < cfg.max_length:
+        return None
+    return (
+        f"student.arch.index_top_k {arch.index_top_k} >= train.max_length {cfg.max_length}: "
+        "every query selects every earlier key of its trace, so the sparse phase trains "
+        "dense attention plus the indexer (see docs/dsa.md, When DSA pays)"
+    )
 
 
 PLATEAU_WINDOW = 50  # steps a side of the warm-up's plateau test
