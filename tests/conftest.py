@@ -15,6 +15,20 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DISTILL_CPU_PROCS", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test marked ``cpu_ranks`` has a stage start gloo ranks on the CPU, which a host
+    with a GPU never does (``distill.launch.cpu_procs``: one process a GPU there): it
+    runs on CPU-only hosts (CI's) and is skipped where CUDA is available."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="CPU ranks: a host with a GPU runs a stage on the GPU")
+    for item in items:
+        if "cpu_ranks" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models are fastest on one thread; a module asks for this with

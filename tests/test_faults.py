@@ -552,6 +552,7 @@ def _watch(p: subprocess.Popen, text: str):
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_ranks
 def test_kills_in_every_stage_then_resume_give_the_uninterrupted_result(tmp_path):
     """distill run on 2 CPU ranks, killed once inside every stage (SIGKILL of the process
     group, SIGKILL of the main process alone, SIGTERM of the main process alone, in

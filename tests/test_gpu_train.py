@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from tiny_artifacts import segment_sdpa
 
+from distill.layout import run_dir
 from distill.models import _varlen_kernel, use_varlen_attention, varlen_supported
 from distill.train.loss import LinearCE, Objective
 
@@ -129,7 +130,7 @@ def test_deferred_bookkeeping_on_the_gpu_trains_like_booking_every_step(tmp_path
     sync, late = run(tmp_path / "sync", False), run(tmp_path / "late", None)
     assert late["finished"] and late["steps"] == sync["steps"] == 6
     assert late["losses"] == pytest.approx(sync["losses"], rel=1e-3)
-    assert sorted(p.name for p in (tmp_path / "late" / "checkpoints").iterdir()) == [
+    assert sorted(p.name for p in (run_dir(tmp_path / "late") / "checkpoints").iterdir()) == [
         "step-000003",
         "step-000006",
     ]

@@ -55,6 +55,9 @@ def test_a_dead_rank_is_reported():
 
 
 def test_cpu_procs_reads_the_environment(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU host
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv(launch.ENV, "3")
     assert launch.cpu_procs() == 3

@@ -34,7 +34,9 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backend(model_dir):
-    b = HFBackend(model_dir, batch_size=2)
+    # fp32 on the CPU wherever the tests run: the contracts below are exact to 1e-5 (the
+    # GPU's bf16 path has its own tests at the end)
+    b = HFBackend(model_dir, batch_size=2, device="cpu")
     yield b
     b.close()
 
@@ -131,7 +133,7 @@ def test_from_model_decodes_the_live_weights(model_dir, tmp_path):
     assert after != before
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    fresh = HFBackend(tmp_path, batch_size=2)
+    fresh = HFBackend(tmp_path, batch_size=2, device="cpu")  # where `model` is
     assert ids(fresh) == after
 
 

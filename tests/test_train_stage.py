@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from tiny_artifacts import ARCH, make_tokenizer, math_trace, small_cfg, tool_trace, write_shards
 from typer.testing import CliRunner
@@ -161,6 +162,7 @@ def test_a_domain_with_no_clean_traces_is_left_out(tmp_path):
     ] == ["agents"]
 
 
+@pytest.mark.cpu_ranks
 def test_train_stage_spawns_cpu_ranks_with_the_same_result(tmp_path, monkeypatch):
     """DISTILL_CPU_PROCS=2: the stage starts its own 2 gloo ranks (no launcher), and the
     losses equal those of the same stage in one process."""
