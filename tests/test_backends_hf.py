@@ -22,7 +22,10 @@ CONVS = [
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
-    b = make_backend(path=tiny_model_dir(tmp_path_factory.mktemp("random")), batch_size=2)
+    # on the CPU wherever the tests run: they hold the CPU paths to exact equality (the GPU
+    # path, bf16 under CUDA graphs, has its own tests)
+    path = tiny_model_dir(tmp_path_factory.mktemp("random"))
+    b = make_backend(path=path, batch_size=2, device="cpu")
     yield b
     b.close()
 
@@ -96,7 +99,7 @@ def test_static_cache_path_gives_the_same_rows(backend):
     must produce exactly what the dynamic-cache path produces."""
     from distill.backends.hf import HFBackend
 
-    static = HFBackend(backend.name, batch_size=4, static=True)
+    static = HFBackend(backend.name, batch_size=4, static=True, device="cpu")
     s = Sampling(temperature=1.0, top_p=0.9, max_new_tokens=16, seed=3, topk_logprobs=2)
     convs, tools = CONVS * 2, [TOOLS, None, None] * 2
     a = backend.complete(convs, tools, s, n=2)
@@ -112,7 +115,7 @@ def test_static_prefill_in_row_chunks_and_release_change_nothing(backend, monkey
     from distill.backends import static_decode
     from distill.backends.hf import HFBackend
 
-    static = HFBackend(backend.name, batch_size=4, static=True)
+    static = HFBackend(backend.name, batch_size=4, static=True, device="cpu")
     s = Sampling(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=5, sampler_logprobs=True)
     convs, tools = CONVS * 2, [TOOLS, None, None] * 2
     whole = static.complete(convs, tools, s, n=2)

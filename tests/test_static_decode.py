@@ -41,7 +41,8 @@ def _same(a: list, b: list) -> None:
 
 
 def test_record_buffers_are_bounded_and_eviction_changes_no_row(tmp_path):
-    backend = HFBackend(tiny_model_dir(tmp_path), batch_size=4, static=True)
+    # on the CPU wherever it runs: _EagerGraph stands in for the GPU's graphs
+    backend = HFBackend(tiny_model_dir(tmp_path), batch_size=4, static=True, device="cpu")
     dec = backend.static
 
     def capture(buf, layers, rest, key, rec):
@@ -67,7 +68,7 @@ def test_record_buffers_are_bounded_and_eviction_changes_no_row(tmp_path):
     _same(first[5], first[1])
     # and every setting as a decoder that never evicted gives it
     for s, rows in zip(SETTINGS, first, strict=False):
-        fresh = HFBackend(backend.name, batch_size=4, static=True)
+        fresh = HFBackend(backend.name, batch_size=4, static=True, device="cpu")
         _same(_rows(fresh, s), rows)
         fresh.close()
     backend.close()
