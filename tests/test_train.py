@@ -263,3 +263,24 @@ def test_until_ends_a_finished_run_and_its_resume_takes_no_step(data, tmp_path, 
     assert again["finished"] and again["steps"] == stop_at and again["losses"] == first["losses"]
     plain = run_train(data, tmp_path / "plain", cfg=small_cfg(max_steps=6))
     assert plain["steps"] == 6 and plain["losses"][:stop_at] == first["losses"]
+
+
+def test_runs_at_other_precisions_train_in_one_process(data, tmp_path, monkeypatch):
+    """One `distill run` trains its stages in one process (every stage, on a GPU host),
+    each at its own precision: a bf16 run, then an fp32 one, then bf16 again each get
+    theirs, not Accelerate's refusal to change a process's initialized state."""
+    import distill.train.loop as loop
+
+    seen = []
+
+    def recording(cfg, out):
+        acc = make(cfg, out)
+        seen.append(acc.mixed_precision)
+        return acc
+
+    make = loop.make_accelerator
+    monkeypatch.setattr(loop, "make_accelerator", recording)
+    for i, precision in enumerate(("bf16", "fp32", "bf16")):
+        cfg = small_cfg(max_steps=1, precision=precision)
+        assert run_train(data, tmp_path / f"run{i}", cfg=cfg)["finished"]
+    assert seen == ["bf16", "no", "bf16"]

@@ -21,6 +21,7 @@ def make_accelerator(cfg: TrainConfig, out: Path):
 
     cuda = torch.cuda.is_available()
     mp = "bf16" if cfg.precision == "bf16" or (cfg.precision == "auto" and cuda) else "no"
+    _allow_precision(mp)
     acc = Accelerator(
         cpu=not cuda,  # without it, torchrun-launched ranks on a GPU-less host stay unconnected
         mixed_precision=mp,
@@ -28,6 +29,20 @@ def make_accelerator(cfg: TrainConfig, out: Path):
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     return acc
+
+
+def _allow_precision(mp: str) -> None:
+    """Accelerate keeps one ``AcceleratorState`` a process and refuses an Accelerator of
+    another mixed precision ("AcceleratorState has already been initialized"). One
+    ``distill run`` on a GPU trains its stages in this process, each at its own
+    precision (``train.precision: bf16`` then ``rl.precision: fp32``, say): drop the
+    precision part of the state, as Accelerate's own tests do between runs, and keep
+    ``PartialState`` (the process group and the device)."""
+    from accelerate.state import AcceleratorState
+
+    held = AcceleratorState._shared_state.get("_mixed_precision")
+    if held is not None and held != mp:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def end_training(acc) -> None:
