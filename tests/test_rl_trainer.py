@@ -360,3 +360,28 @@ def test_decode_rows_caps_the_gpu_decode_batch():
     assert _decode_batch(cfg.model_copy(update={"decode_rows": 256}), gpu=True) == 256
     assert _decode_batch(cfg.model_copy(update={"decode_rows": 4096}), gpu=True) == 512
     assert _decode_batch(cfg.model_copy(update={"decode_rows": 256}), gpu=False) == 64
+
+
+def test_trainers_hand_the_callers_threads_back(tmp_path, policy_dir, monkeypatch):
+    """One `distill run` runs stage after stage in its process: the RL and SFT trainers
+    set a tiny model's one thread for themselves and restore the caller's setting."""
+    import random
+
+    from tiny_artifacts import ARCH, make_tokenizer, math_trace, small_cfg, write_shards
+
+    from distill.train.loop import train
+
+    make_tokenizer(tmp_path / "tok")
+    rng = random.Random(0)
+    shards = {"math": write_shards(tmp_path / "m", "math", [math_trace(i, rng) for i in range(8)])}
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # else the trainers keep any setting
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert run(tmp_path / "rl", policy_dir, steps=1)["steps"] == 1
+        assert torch.get_num_threads() == 3
+        train(init=ARCH, tokenizer_dir=tmp_path / "tok", shards=shards, out_dir=tmp_path / "sft",
+              cfg=small_cfg(max_steps=1))  # fmt: skip
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

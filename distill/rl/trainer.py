@@ -28,12 +28,14 @@ from distill.rl.policy import MicroBatch, PolicyLogprobs, make_micro_batch
 from distill.rl.rewards import REWARD_VERSION
 from distill.rl.rollout import Outcome, Sample, rollout_step, step_prompts
 from distill.train.save import rl_card
+from distill.train.setup import keeps_threads
 from teachers.base import Task
 
 LOG = "rl_log.jsonl"
 REPORT = "rl_report.json"
 
 
+@keeps_threads
 def train_rl(
     *,
     init: str | Path,

@@ -43,6 +43,7 @@ from distill.train.save import save_model, train_card
 from distill.train.setup import (
     compile_model,
     end_training,
+    keeps_threads,
     make_accelerator,
     make_optimizer,
     set_cpu_threads,
@@ -56,6 +57,7 @@ DEFER: bool | None = None
 _RESUMABLE = ("max_time_s",)
 
 
+@keeps_threads
 def train(
     *,
     init: str | Path | ModelArch,
@@ -80,25 +82,21 @@ def train(
     ``stop_after_steps`` checkpoints and returns early (a planned preemption). ``until``
     ends the run early, finished, when it returns a reason (read after each booked step:
     every rank books the same summed losses, so all stop together)."""
-    threads = torch.get_num_threads()
-    try:
-        return _train(
-            init,
-            tokenizer_dir,
-            shards,
-            Path(out_dir),
-            layout.run_dir(out_dir) if run_dir is None else Path(run_dir),
-            cfg,
-            seed,
-            sampling_weights,
-            loss_weights,
-            desc,
-            stop_after_steps,
-            short_prompt_shares or {},
-            until,
-        )
-    finally:
-        torch.set_num_threads(threads)  # the caller's setting, whatever training used
+    return _train(
+        init,
+        tokenizer_dir,
+        shards,
+        Path(out_dir),
+        layout.run_dir(out_dir) if run_dir is None else Path(run_dir),
+        cfg,
+        seed,
+        sampling_weights,
+        loss_weights,
+        desc,
+        stop_after_steps,
+        short_prompt_shares or {},
+        until,
+    )
 
 
 def _train(

@@ -61,6 +61,23 @@ def _end_group_at_exit() -> None:
     atexit.register(end_process_group)
 
 
+def keeps_threads(fn):
+    """A training entry point sets this process's intra-op threads for its model
+    (:func:`set_cpu_threads`); the caller gets its own setting back however it ends: one
+    ``distill run`` runs stage after stage in its process, and a stage after RL (eval,
+    say) would otherwise inherit the trainer's one thread."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        threads = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapped
+
+
 def set_cpu_threads(acc, n_params: int) -> None:
     """Intra-op threads on CPU unless OMP_NUM_THREADS says otherwise. The local ranks
     share the cores; a model under 20M parameters gets one thread: its matmuls are too
