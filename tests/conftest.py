@@ -17,8 +17,9 @@ os.environ.setdefault("DISTILL_CPU_PROCS", "1")
 
 def pytest_collection_modifyitems(config, items):
     """A test marked ``cpu_ranks`` has a stage start gloo ranks on the CPU, which a host
-    with a GPU never does (``distill.launch.cpu_procs``: one process a GPU there): it
-    runs on CPU-only hosts (CI's) and is skipped where CUDA is available."""
+    with a GPU never does (``distill.launch.cpu_procs`` is 1 there; several GPUs go
+    through ``accelerate launch``): it runs on CPU-only hosts (CI's) and is skipped where
+    CUDA is available."""
     import torch
 
     if not torch.cuda.is_available():
