@@ -362,6 +362,7 @@ def test_decode_rows_caps_the_gpu_decode_batch():
     assert _decode_batch(cfg.model_copy(update={"decode_rows": 256}), gpu=False) == 64
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the trainers set threads on a CPU only")
 def test_trainers_hand_the_callers_threads_back(tmp_path, policy_dir, monkeypatch):
     """One `distill run` runs stage after stage in its process: the RL and SFT trainers
     set a tiny model's one thread for themselves and restore the caller's setting."""

@@ -105,7 +105,7 @@ def train_dsa(
     from distill.train import train
 
     note = all_keys_note(arch, cfg)
-    if note:
+    if note and os.environ.get("RANK", "0") == "0":  # once, not once per rank
         console.print(f"[yellow]note[/]: {note}")
     out = Path(out_dir)
     run = Path(run_dir) if run_dir is not None else layout.run_dir(out)

@@ -34,8 +34,9 @@ def make_accelerator(cfg: TrainConfig, out: Path):
 def _allow_precision(mp: str) -> None:
     """Accelerate keeps one ``AcceleratorState`` a process and refuses an Accelerator of
     another mixed precision ("AcceleratorState has already been initialized"). One
-    ``distill run`` on a GPU trains its stages in this process, each at its own
-    precision (``train.precision: bf16`` then ``rl.precision: fp32``, say): drop the
+    ``distill run`` on a GPU host trains its train and rl stages in this process
+    (``launch.cpu_procs`` is 1 there), each at its own precision
+    (``train.precision: bf16`` then ``rl.precision: fp32``, say): drop the
     precision part of the state, as Accelerate's own tests do between runs, and keep
     ``PartialState`` (the process group and the device)."""
     from accelerate.state import AcceleratorState
