@@ -6,7 +6,7 @@ DISTILL := $(VENV)/bin/distill
 SET    ?=
 SETARGS := $(foreach s,$(SET),--set $(s))
 
-.PHONY: setup demo test test-all lint format bench clean teachers generate filter train eval run
+.PHONY: setup demo test test-all test-floors lint format bench clean teachers generate filter train eval run
 
 # Idempotent: the stamp is newer than pyproject.toml once everything is installed.
 setup: $(VENV)/.installed
@@ -33,6 +33,16 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q
+
+# The suite at the dependency floors (README, "Versions"): every direct dependency at the
+# lowest release pyproject.toml allows (uv's lowest-direct resolution), in .venv-floors,
+# beside the same torch as .venv (torch's own floor is not tested: see README).
+test-floors: setup
+	$(PY) -m pip install -q uv
+	test -x .venv-floors/bin/python || $(VENV)/bin/uv venv -q --seed -p $(PY) .venv-floors
+	.venv-floors/bin/python -m pip install -q torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')
+	$(VENV)/bin/uv pip install -q -p .venv-floors/bin/python --resolution lowest-direct -e '.[dev]'
+	.venv-floors/bin/python -m pytest -m "not slow" -q
 
 lint: setup
 	$(VENV)/bin/ruff check distill teachers tests bench

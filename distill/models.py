@@ -115,8 +115,8 @@ def load_model(
 def enable_checkpointing(model) -> None:
     """transformers' activation checkpointing on every decoder layer, non-reentrant (the
     reentrant kind needs an input that requires grad, which a frozen embedding's is not).
-    transformers 5.x renamed it ``activation_checkpointing_enable`` and warns on the old
-    name on every call; 4.x has the old name only."""
+    transformers 5.23 renamed it ``activation_checkpointing_enable`` and warns on the old
+    name on every call; earlier versions have the old name only."""
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -9,8 +9,9 @@ from distill.errors import UserError
 
 MODEL_TYPE = "distill_dsa"
 
-# What transformers calls a layer whose cache keeps indexer keys beside K/V: 5.17 knows
-# "deepseek_sparse_attention" (and "qwen_sparse_attention"), later versions "indexed_attention".
+# What transformers calls a layer whose cache keeps indexer keys beside K/V: 5.14-5.17 know
+# "deepseek_sparse_attention" (5.16-5.17 "qwen_sparse_attention" too), later versions
+# "indexed_attention"; 5.12 has the layer but no table of names to look it up by.
 # A saved config may carry any of them; the installed version's own name is used.
 INDEXED_LAYER_NAMES = ("indexed_attention", "deepseek_sparse_attention", "qwen_sparse_attention")
 
@@ -27,7 +28,7 @@ def indexed_layer_type() -> str:
 
     raise UserError(
         f"transformers {transformers.__version__} has no cache layer for indexer keys: a DSA "
-        "student needs transformers >= 5.17"
+        "student needs transformers >= 5.14.1"
     )
 
 

@@ -230,7 +230,7 @@ def _update_indexer(cache, ki: Tensor, layer_idx: int) -> Tensor:
     if not hasattr(cache, "update_indexer"):
         raise RuntimeError(
             f"{type(cache).__name__} keeps no indexer keys: DSA decoding needs transformers' "
-            "DynamicCache/StaticCache with DynamicIndexedLayer (transformers >= 5)"
+            "DynamicCache/StaticCache with DynamicIndexedLayer (transformers >= 5.14.1)"
         )
     return cache.update_indexer(ki, layer_idx)
 

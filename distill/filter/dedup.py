@@ -111,6 +111,9 @@ def minhash(
 # one comparison while a false negative is a missed duplicate: weigh misses 19:1.
 FP_WEIGHT, FN_WEIGHT = 0.05, 0.95
 
+# numpy 2 renamed trapz (deprecated there); 1.26, pyproject's floor, has only the old name
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz
+
 
 @lru_cache(maxsize=64)
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
@@ -122,8 +125,8 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     for bands in range(1, num_perm + 1):
         for rows in range(1, num_perm // bands + 1):
             p = 1.0 - (1.0 - grid**rows) ** bands
-            fp = np.trapezoid(np.where(grid < threshold, p, 0.0), grid)
-            fn = np.trapezoid(np.where(grid >= threshold, 1.0 - p, 0.0), grid)
+            fp = _trapezoid(np.where(grid < threshold, p, 0.0), grid)
+            fn = _trapezoid(np.where(grid >= threshold, 1.0 - p, 0.0), grid)
             err = FP_WEIGHT * fp + FN_WEIGHT * fn
             if err < best_err:
                 best, best_err = (bands, rows), err
