@@ -8,7 +8,7 @@
 # (/work/.library/device/KINDS.md); fastapi, starlette and uvicorn let the serve test run.
 set -eu
 names="datasets dill multiprocess xxhash pydantic pydantic_core annotated-types
-typing-inspection jsonlines ruamel.yaml math-verify latex2sympy2_extended
+typing-inspection jsonlines ruamel.yaml math-verify latex2sympy2_extended httpx2 httpcore2 truststore
 antlr4-python3-runtime fastapi starlette uvicorn annotated-doc h11 opentelemetry-api openai distro
 jiter sniffio"
 # WITH_TRL=1: the TRL anchors of bench/train_throughput.py and bench/rl.py too (liger-kernel

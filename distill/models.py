@@ -175,7 +175,9 @@ def _varlen_attention(
 
 def _varlen_kernel(q, k, v, cu, max_len: int, scale: float | None) -> torch.Tensor:
     """Causal attention within each segment of ``cu``; q [T, H, D], k and v [T, Hkv, D]."""
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" or q.dtype not in (torch.float16, torch.bfloat16):
+        # the flash kernel takes fp16/bf16 only: an fp32 run on the GPU that asks for this
+        # path (DISTILL_ATTN; the trainer's own choice avoids it) gets the exact SDPA one
         return _segment_sdpa(q, k, v, cu, scale)
     from torch.nn.attention.varlen import varlen_attn
 

@@ -141,6 +141,7 @@ def _train_twice(root: str) -> list[bool]:
     return done
 
 
+@pytest.mark.cpu_ranks
 def test_two_trainings_in_one_group_of_ranks(tmp_path):
     """accelerate's end_training destroys the process group that every Accelerator of the
     process shares: a second training on two ranks then failed ('Default process group

@@ -31,12 +31,15 @@ def _judge_module():
 
 
 def _sandbox_processes() -> list[int]:
-    """Host pids of processes running as a sandbox uid."""
+    """Host pids of processes running as one of this process's sandbox uids (the uids
+    carry the pid, sandbox._uids: another process's sandboxes, such as a parallel test
+    worker's, are not this run's survivors)."""
+    lo = sandbox.UID_BASE + (os.getpid() % 32768) * sandbox.SLOTS * 2
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.stat(f"/proc/{entry}").st_uid >= sandbox.UID_BASE:
+                if lo <= os.stat(f"/proc/{entry}").st_uid < lo + sandbox.SLOTS * 2:
                     pids.append(int(entry))
             except FileNotFoundError:
                 pass

@@ -194,8 +194,9 @@ def test_bounds_body_size_and_context(server):
 @pytest.fixture(scope="module")
 def endless(model_dir):
     """A server whose model never ends a turn (no eos) and takes 5 ms a step: every row
-    decodes to its limit, slowly."""
-    app = create_app(model_dir, batch_size=8, name="tiny")
+    decodes to its limit, slowly. On the CPU also where a GPU is: the GPU decodes through a
+    compiled, graphed step that never calls ``model.forward``, so nothing would slow it."""
+    app = create_app(model_dir, batch_size=8, name="tiny", device="cpu")
     backend = app.state.backend
     backend.eos_ids = [10**9]
     forward = backend.model.forward

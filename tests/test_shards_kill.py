@@ -49,12 +49,18 @@ print("done", flush=True)
 )
 
 
+ROOT = str(Path(__file__).parents[1])  # ahead of any PYTHONPATH the caller has
+
+
 def spawn(out: Path, mode: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", CHILD, str(out), str(N), mode],
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+        },
     )
 
 

@@ -49,6 +49,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.cpu_ranks
 def test_two_cpu_processes_equal_one(tmp_path):
     make_run(tmp_path)
     script = tmp_path / "ddp_train.py"
