@@ -192,10 +192,10 @@ def _varlen_kernel(q, k, v, cu, max_len: int, scale: float | None) -> torch.Tens
 
 
 def _segment_sdpa(q, k, v, cu, scale: float | None) -> torch.Tensor:
-    """The CPU kernel: causal SDPA on each segment alone, segments of similar length
-    batched. A packed row under SDPA with a block-diagonal mask computes every query
-    against every key of the row (a 512-token row of 60-token traces: 8x the work);
-    segments alone need no mask at all, SDPA's fast path.
+    """The CPU kernel (and fp32 on a GPU): causal SDPA on each segment alone, segments of
+    similar length batched. A packed row under SDPA with a block-diagonal mask computes
+    every query against every key of the row (a 512-token row of 60-token traces: 8x the
+    work); segments alone need no mask at all, SDPA's fast path.
 
     Segments are grouped by length (within a factor of two) and right-padded into one
     contiguous [segments, heads, length, dim] batch per group: with ``is_causal`` a real
@@ -211,10 +211,12 @@ def _segment_sdpa(q, k, v, cu, scale: float | None) -> torch.Tensor:
             groups.setdefault((n - 1).bit_length(), []).append(i)
     qp, kp, vp = (torch.cat([x, x.new_zeros(1, *x.shape[1:])]) for x in (q, k, v))  # row t: pad
     outs, where = [], []
+    dev = q.device  # the GPU's fp32 fallback too: indices where the rows are
     for ids in groups.values():
-        width = torch.arange(max(lens[i] for i in ids))[None, :]
-        valid = width < torch.tensor([lens[i] for i in ids])[:, None]
-        idx = torch.where(valid, torch.tensor([starts[i] for i in ids])[:, None] + width, t)
+        width = torch.arange(max(lens[i] for i in ids), device=dev)[None, :]
+        valid = width < torch.tensor([lens[i] for i in ids], device=dev)[:, None]
+        start = torch.tensor([starts[i] for i in ids], device=dev)[:, None]
+        idx = torch.where(valid, start + width, t)
         o = torch.nn.functional.scaled_dot_product_attention(
             *(x[idx].transpose(1, 2) for x in (qp, kp, vp)),
             is_causal=True,
@@ -225,7 +227,7 @@ def _segment_sdpa(q, k, v, cu, scale: float | None) -> torch.Tensor:
         where.append(idx[valid])
     pos = torch.cat(where)
     order = torch.empty_like(pos)
-    order[pos] = torch.arange(len(pos))
+    order[pos] = torch.arange(len(pos), device=dev)
     return torch.cat(outs)[order]
 
 
