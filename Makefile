@@ -36,7 +36,7 @@ test-all: setup
 
 # The suite at the dependency floors (README, "Versions"): every direct dependency at the
 # lowest release pyproject.toml allows (uv's lowest-direct resolution), in .venv-floors,
-# beside the same torch as .venv (torch's own floor is not tested: see README).
+# beside the same torch as .venv (torch's own floor is not tested: docs/versions.md).
 test-floors: setup
 	$(PY) -m pip install -q uv
 	test -x .venv-floors/bin/python || $(VENV)/bin/uv venv -q --seed -p $(PY) .venv-floors

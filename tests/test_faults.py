@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_artifacts import child_env
 
 from distill.errors import UserError
 from distill.messages import Trace
@@ -274,12 +275,8 @@ def disk(tmp_path):
 
 def distill(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """The real command line, in a process of its own."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
     return subprocess.run([sys.executable, "-m", "distill", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=300)  # fmt: skip
+                          text=True, cwd=cwd, env=child_env(), timeout=300)  # fmt: skip
 
 
 def write_recipe(path: Path, r) -> Path:
@@ -509,11 +506,7 @@ def _micro(out: Path, path: Path) -> Path:
 
 
 def _run(recipe_path: Path, **kw) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "DISTILL_CPU_PROCS": "2",
-    }
+    env = child_env(DISTILL_CPU_PROCS="2")
     return subprocess.Popen([sys.executable, "-m", "distill", "run", str(recipe_path)],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, **kw)  # fmt: skip

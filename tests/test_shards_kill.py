@@ -4,13 +4,14 @@ uninterrupted run: no row lost, none duplicated."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from tiny_artifacts import child_env
 
 from distill.shards import ShardWriter, read_table
 
@@ -49,18 +50,12 @@ print("done", flush=True)
 )
 
 
-ROOT = str(Path(__file__).parents[1])  # ahead of any PYTHONPATH the caller has
-
-
 def spawn(out: Path, mode: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", CHILD, str(out), str(N), mode],
         stdout=subprocess.PIPE,
         text=True,
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
-        },
+        env=child_env(),
     )
 
 

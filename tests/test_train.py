@@ -267,8 +267,9 @@ def test_until_ends_a_finished_run_and_its_resume_takes_no_step(data, tmp_path, 
 
 def test_runs_at_other_precisions_train_in_one_process(data, tmp_path, monkeypatch):
     """One `distill run` trains its train and rl stages in one process (on a GPU host, or
-    with DISTILL_CPU_PROCS=1), each at its own precision: a bf16 run, then an fp32 one, then bf16 again each get
-    theirs, not Accelerate's refusal to change a process's initialized state."""
+    with DISTILL_CPU_PROCS=1), each at its own precision: a bf16 run, then an fp32 one,
+    then bf16 again each get theirs, not Accelerate's refusal to change a process's
+    initialized state."""
     import distill.train.loop as loop
 
     seen = []

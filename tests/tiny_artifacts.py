@@ -4,6 +4,7 @@ on them, shards written with distill.shards, a 2-layer Llama config."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -163,3 +164,12 @@ def segment_sdpa(q, k, v, cu, max_len, scale):
             qs, ks, vs, is_causal=True, scale=scale
         ).transpose(0, 1)
     return out
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child Python that imports this checkout: the repository first
+    on PYTHONPATH, ahead of what the caller has there (wheels a host carries that way), not
+    in its place."""
+    root = str(Path(__file__).parents[1])
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
