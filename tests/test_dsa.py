@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from old_releases import skip_where_old
 from tiny_artifacts import ARCH, make_tokenizer, math_trace, write_shards
 
 from distill.dsa import attention as A
@@ -472,13 +473,7 @@ def test_triton_kernels_match_the_reference_interpreted(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900
     )
-    if OLD_INTERPRETER in proc.stderr:  # the GPU test runs the compiled kernels there
-        import triton
-
-        pytest.skip(
-            f"triton {triton.__version__}'s interpreter cannot loop to a bound given at launch "
-            "(3.9's can); the GPU test runs the compiled kernels"
-        )
+    skip_where_old(proc.stderr)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -529,8 +524,7 @@ def test_row_selection_matches_the_rank_keys_interpreted(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
     )
-    if OLD_INTERPRETER in proc.stderr:
-        pytest.skip("this Triton's interpreter cannot loop to a bound given at launch")
+    skip_where_old(proc.stderr)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -569,11 +563,6 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
                 assert "reductions" in row, (shape, name, row)
             if "reductions" in row and not name.startswith("sparse forward"):  # p: one a row
                 assert set(row["reductions"]) == {"F32x4"}, (shape, name, row)
-
-
-# what an older Triton interpreter raises at `range(0, n, BN)` with `n` a launch argument (it
-# hands scalars to the kernel as 1-element arrays): seen on the device image, 2026-12-06
-OLD_INTERPRETER = "only 0-dimensional arrays can be converted to Python scalars"
 
 
 @pytest.mark.skipif(not K.HAVE_TRITON, reason="triton is not installed")

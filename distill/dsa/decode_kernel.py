@@ -40,6 +40,8 @@ inductor passes a Python float as fp64 (below).
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -71,6 +73,18 @@ def use_decode_kernel(x: Tensor) -> bool:
 
 def use_attention_kernel(q: Tensor) -> bool:
     return DECODE_ATTENTION and HAVE_TRITON and q.is_cuda
+
+
+def _on_gpu(op: str, *tensors: Tensor | None) -> None:
+    """Refuse tensors off the GPU (but under Triton's interpreter, the tests' CPU path):
+    compiled, torch 2.8 lowered these ops on CPU tensors to a step that never launched
+    them and decoded from their unwritten outputs (the static decoder's fallback test);
+    raising while tracing sends such a step to the torch one."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    bad = [t.device.type for t in tensors if t is not None and t.device.type != "cuda"]
+    if bad:
+        raise RuntimeError(f"{op}: the DSA decode kernels run on CUDA tensors, got {bad[0]}")
 
 
 if HAVE_TRITON:
@@ -289,6 +303,7 @@ if HAVE_TRITON:
 
     @torch.library.triton_op("distill::decode_scores", mutates_args=())
     def _decode_scores_op(qi: Tensor, ki: Tensor, w: Tensor, ks: Tensor | None) -> Tensor:
+        _on_gpu("decode_scores", qi, ki, w, ks)
         b, hi, di = qi.shape
         n_s = ki.shape[1]
         bs = SCORE_LAUNCH["BS"]
@@ -306,6 +321,7 @@ if HAVE_TRITON:
 
     @torch.library.triton_op("distill::decode_topk", mutates_args=())
     def _decode_topk_op(scores: Tensor, valid: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        _on_gpu("decode_topk", scores, valid)
         b, n_s = scores.shape
         launch = dict(DECODE_LAUNCH)
         cs = launch.pop("CS")
@@ -329,6 +345,7 @@ if HAVE_TRITON:
     @torch.library.triton_op("distill::decode_attention", mutates_args=())
     def _decode_attention_op(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, ok: Tensor,
                              scale: float, kv_scale: Tensor | None) -> Tensor:  # fmt: skip
+        _on_gpu("decode_attention", q, k, v, idx, ok, kv_scale)
         b, h, _, d = q.shape
         hkv, n_k = k.shape[1], idx.shape[-1]
         g = h // hkv
