@@ -36,11 +36,13 @@ test-all: setup
 
 # The suite at the dependency floors (README, "Versions"): every direct dependency at the
 # lowest release pyproject.toml allows (uv's lowest-direct resolution), in .venv-floors,
-# beside the same torch as .venv (torch's own floor is not tested: docs/versions.md).
+# beside the same torch as .venv; TORCH=2.8.0 puts torch's floor there instead (PyPI's
+# build of it, with its CUDA libraries: ~5 GB; docs/versions.md).
+TORCH ?= $$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')
 test-floors: setup
 	$(PY) -m pip install -q uv
 	test -x .venv-floors/bin/python || $(VENV)/bin/uv venv -q --seed -p $(PY) .venv-floors
-	.venv-floors/bin/python -m pip install -q torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')
+	.venv-floors/bin/python -m pip install -q torch==$(TORCH)
 	$(VENV)/bin/uv pip install -q -p .venv-floors/bin/python --resolution lowest-direct -e '.[dev]'
 	.venv-floors/bin/python -m pytest -m "not slow" -q
 
