@@ -77,9 +77,9 @@ def use_attention_kernel(q: Tensor) -> bool:
 
 def _on_gpu(op: str, *tensors: Tensor | None) -> None:
     """Refuse tensors off the GPU (but under Triton's interpreter, the tests' CPU path):
-    compiled, torch 2.8 lowered these ops on CPU tensors to a step that never launched
-    them and decoded from their unwritten outputs (the static decoder's fallback test);
-    raising while tracing sends such a step to the torch one."""
+    compiled by torch 2.8 with CPU tensors, these ops raised nothing and the step decoded
+    zeros (the static decoder's fallback test); raising while tracing sends such a step
+    to the torch one."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return
     bad = [t.device.type for t in tensors if t is not None and t.device.type != "cuda"]
