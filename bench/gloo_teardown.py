@@ -10,19 +10,22 @@ alive 20 s after the round began; its ranks are killed and the next round starts
 
     python bench/gloo_teardown.py [--rounds 40]
 
-On the 2-core CPU (2026-12-07): torch 2.7.1 hung 4 rounds of 12; 2.8.0 and 2.13.0 none of
-40 (this script's first draft: 2.6.0 13 of 40, 2.7.1 12 of 40, 2.8.0 none of 40).
+On the 2-core CPU (2026-12-07, load 0.5-1.9): torch 2.7.1 hung 4 rounds of 12; 2.8.0 and
+2.13.0 none of 40 (this script's first draft: 2.6.0 13 of 40, 2.7.1 12 of 40, 2.8.0 none
+of 40). Those ranks called ``dist.destroy_process_group`` themselves; they now call
+``end_process_group``, which makes that call (2.13.0: none of 5 since).
 """
 
 from __future__ import annotations
 
 import argparse
-import socket
 import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from distill.launch import _free_port, end_process_group
 
 ROUND_S = 20.0
 
@@ -32,13 +35,7 @@ def _rank(rank: int, port: int) -> None:
     for _ in range(20):
         dist.broadcast(torch.tensor([rank], dtype=torch.float64), 0)  # freed at once
     dist.broadcast_object_list([rank], 0)
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    end_process_group()  # as every rank's stage ends
 
 
 def main() -> None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-# Triton's interpreter (3.4 and 3.6 here, and the device image's) at `range(0, n, BN)` with
-# `n` a launch argument hands the kernel scalars as 1-element arrays: numpy 2.4 refuses to
-# convert them (1.26 only warns); Triton 3.9's interpreter hands scalars
+# Triton 3.4's and 3.6's interpreter (and the device image's) under numpy 2.4, at
+# `range(0, n, BN)` with `n` a launch argument: it hands the kernel scalars as 1-element
+# arrays, which numpy 2.4 will not convert. Under numpy 1.26 Triton 3.4's ran the kernels;
+# 3.7 (numpy 2.2) and 3.9 (numpy 2.4) run them
 OLD_INTERPRETER = "only 0-dimensional arrays can be converted to Python scalars"
 
 # torch 2.8 when a registered op wraps a kernel the interpreter defined (2.11 and 2.13

@@ -34,12 +34,12 @@ def _sandbox_processes() -> list[int]:
     """Host pids of processes running as one of this process's sandbox uids (the uids
     carry the pid, sandbox._uids: another process's sandboxes, such as a parallel test
     worker's, are not this run's survivors)."""
-    lo = sandbox.UID_BASE + (os.getpid() % 32768) * sandbox.SLOTS * 2
+    uids = {u for slot in range(sandbox.SLOTS) for u in sandbox._uids(slot)}
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if lo <= os.stat(f"/proc/{entry}").st_uid < lo + sandbox.SLOTS * 2:
+                if os.stat(f"/proc/{entry}").st_uid in uids:
                     pids.append(int(entry))
             except FileNotFoundError:
                 pass
