@@ -199,6 +199,10 @@ def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed
             s["pass1"] * s["tasks"]
         )
         assert all(r["reason"] and r["messages"][-1]["role"] in ("assistant", "tool") for r in rows)
+        # and each task's sampled verdicts, whose mean is the report's sampled pass@1
+        assert all(len(r["sampled_passed"]) == s["k"] == 2 for r in rows)
+        rates = [sum(r["sampled_passed"]) / s["k"] for r in rows]
+        assert sum(rates) / len(rows) == pytest.approx(s["sampled_pass1"])
         assert sum(n for _, n in s["by_kind"].values()) == s["tasks"]
     md = (out / "eval" / "report.md").read_text()
     assert all(f"| {d} |" in md for d in DOMAINS) and "Targets:" in md

@@ -1,22 +1,48 @@
-"""RL learns (slow): a tiny model that copies words imperfectly, sharpened by GRPO on its
-own rollouts, repeats more held-out words right; judged paired, task by task.
+"""RL learns (slow): a tiny model that imitated noisy demonstrations of "repeat the word",
+sharpened by GRPO on its own rollouts, repeats more held-out words right; judged paired,
+task by task, on the sampled pass@1 (the mean verdict of 8 samples at temperature 1).
 
-The policy: a 2-layer model trained on the "repeat the word" domain of
-docs/adding-a-domain.md just long enough to copy most 3-letter words (77.5% greedy on
-200 held-out words, calibrated 2026-12-05; its errors are single letters miscopied).
-120 GRPO steps (64 prompts x 8, temperature 0.5, lr 3e-4, a pool of 400 prompts) then
-reach 87.5% on the same words (2026-12-06; a first version of the hand-written LM-head
-gradient, rounding its fp32 sums otherwise, gave 86.0%: 30 fixed, 13 broken). Seeds are fixed, so the run is the same each time on a
-CPU. The gain is real but not robust to every setting: with a pool of 2,000 prompts the
-same run gave 77.5 -> 80.5% (23 fixed, 17 broken); see BENCHMARKS.md on RL at this size.
+The policy: a 2-layer model trained on the word-copying domain of docs/adding-a-domain.md,
+its oracle changed so that 30% of the demonstrations miscopy one letter: its room to learn
+is set by that share, not by how far training got. With the domain's clean oracle, 450
+steps gave 77.5% greedy on 200 held-out words where this test was calibrated (2026-12-05)
+and passed (last on 2026-12-07), but 92.5-97.5% over seeds 0-3 on a later machine with the
+same code and releases (0.5-97% at 300 steps: copying is learned at a step that moves
+with the seed and the machine), which left GRPO nothing to fix. With the noisy oracle, on
+that later machine, seeds 0-2: sampled pass@1 15.5 -> 44.3%, 51.2 -> 81.8%, 57.8 -> 90.1%
+(greedy 69.5 -> 77.5%, 93.5 -> 94.0%, 95.0 -> 95.5%) after 120 GRPO steps (64 prompts x 8
+at temperature 1, lr 3e-4, a pool of 400 prompts). Seeds are fixed, so the run is the
+same each time on one machine.
 """
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
-from test_domains import ECHO, echo  # noqa: F401  (the fixture registers the toy domain)
+from test_domains import ECHO
+
+from teachers.base import ENV, REGISTRY, register
 
 pytestmark = pytest.mark.slow
+
+# The toy domain's oracle with one letter miscopied in NOISE of its demonstrations (a
+# task's own hash decides whether and where, so the oracle stays deterministic).
+NOISY_ORACLE = """    def oracle(self, task):
+        import hashlib
+
+        word = task.reference["answer"]
+        h = hashlib.sha256(task.id.encode()).digest()
+        if h[0] < 256 * NOISE:
+            i, shift = h[1] % len(word), 1 + h[2] % 25
+            wrong = chr(97 + (ord(word[i]) - 97 + shift) % 26)
+            word = word[:i] + wrong + word[i + 1 :]
+"""
+CLEAN_ORACLE = """    def oracle(self, task):
+        word = task.reference["answer"]
+"""
+NOISE = 0.3
 
 RECIPE = """name: learn
 output_dir: {out}
@@ -29,13 +55,30 @@ teachers:
     arch: {{hidden_size: 64, num_layers: 2, num_heads: 2, intermediate_size: 128, max_position_embeddings: 256}}
     train: {{learning_rate: 0.004, warmup_steps: 10, max_steps: 450, batch_tokens: 1024,
             micro_batch_tokens: 1024, max_length: 256, logging_steps: 50}}
-    rl: {{enabled: true, steps: 120, prompts_per_step: 64, num_generations: 8, temperature: 0.5,
+    rl: {{enabled: true, steps: 120, prompts_per_step: 64, num_generations: 8, temperature: 1.0,
          learning_rate: 3.0e-4, max_new_tokens: 24, domains: {{echo: {{tasks: 400}}}}}}
-eval: {{pass_k: 1, teachers_on_all_domains: false}}
+eval: {{pass_k: 8, temperature: 1.0, teachers_on_all_domains: false}}
 """
 
 
-def test_grpo_raises_held_out_pass_at_1_paired(echo, tmp_path, monkeypatch):  # noqa: F811
+@pytest.fixture
+def noisy_echo(tmp_path, monkeypatch):
+    """The toy domain with its noisy oracle, in its own module on sys.path, registered."""
+    assert CLEAN_ORACLE in ECHO  # the docs' example still has the oracle replaced here
+    source = ECHO.replace(CLEAN_ORACLE, NOISY_ORACLE).replace(
+        "class EchoDomain:", f"NOISE = {NOISE}\n\n\nclass EchoDomain:"
+    )
+    (tmp_path / "noisy_echo.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv(ENV, raising=False)
+    saved = dict(REGISTRY)
+    yield register("echo", "noisy_echo:DOMAIN")
+    REGISTRY.clear()
+    REGISTRY.update(saved)
+    sys.modules.pop("noisy_echo", None)
+
+
+def test_grpo_raises_held_out_pass_at_1_paired(noisy_echo, tmp_path, monkeypatch):
     from distill.eval.stage import ModelSpec, eval_tasks, evaluate_model
     from distill.recipe import load_recipe
     from distill.rl.specialist import base_dir, teacher_dir
@@ -46,31 +89,27 @@ def test_grpo_raises_held_out_pass_at_1_paired(echo, tmp_path, monkeypatch):  # 
     r = load_recipe(tmp_path / "r.yaml")
     run_stage(r, "teachers")  # the supervised teacher, then its RL on its own domain
     tasks = {"echo": eval_tasks("echo", r.domains["echo"], r.seed)}
-    outcomes = {}
+    scores, rates = {}, {}
     for name, path in (("before", base_dir(r, "echo")), ("after", teacher_dir(r, "echo"))):
-        (score,) = evaluate_model(ModelSpec(name, path=path), {"echo": r.domains["echo"]},
-                                  gen=r.generate, ev=r.eval, seed=r.seed, tasks=tasks,
-                                  samples_dir=tmp_path / "samples")  # fmt: skip
-        outcomes[name] = score
-    before, after = outcomes["before"].pass1, outcomes["after"].pass1
-    import json
-
-    passed = {
-        name: {
-            json.loads(line)["task_id"]: json.loads(line)["passed"]
-            for line in (tmp_path / "samples" / f"{name}.echo.jsonl").read_text().splitlines()
+        (scores[name],) = evaluate_model(ModelSpec(name, path=path), {"echo": r.domains["echo"]},
+                                         gen=r.generate, ev=r.eval, seed=r.seed, tasks=tasks,
+                                         samples_dir=tmp_path / "samples")  # fmt: skip
+        rows = (tmp_path / "samples" / f"{name}.echo.jsonl").read_text().splitlines()
+        rates[name] = {
+            row["task_id"]: sum(row["sampled_passed"]) / len(row["sampled_passed"])
+            for row in map(json.loads, rows)
         }
-        for name in ("before", "after")
-    }
-    fixed = sum(passed["after"][t] and not passed["before"][t] for t in passed["before"])
-    broken = sum(passed["before"][t] and not passed["after"][t] for t in passed["before"])
-    assert 0.5 < before < 0.95, before  # a partly working policy: room to learn
-    # one standard error of a pass rate near 0.8 on 200 tasks is 2.8 points; paired, the
-    # tasks the run changed must split fixed-to-broken with a two-sided sign-test p < 0.02
-    # (12 to 2: p = 0.013; 30 to 13: p = 0.014; the 23 to 17 of a weaker setting: p = 0.43)
-    assert after - before >= 0.05 and fixed - broken >= 10 and _sign_test(fixed, broken) < 0.02, (
-        before, after, fixed, broken,
-    )  # fmt: skip
+    before, after = scores["before"].sampled_pass1, scores["after"].sampled_pass1
+    rose = sum(rates["after"][t] > rates["before"][t] for t in rates["before"])
+    fell = sum(rates["after"][t] < rates["before"][t] for t in rates["before"])
+    greedy = (scores["before"].pass1, scores["after"].pass1)
+    assert 0.05 < before < 0.8, before  # a partly working policy: room to learn
+    # Calibrated gains were 29-32 points (seeds 0-2). One standard error of a sampled rate
+    # near 0.5 over 200 tasks is at most 3.5 points (each task's 8 samples as one); paired,
+    # the tasks whose rate changed must split rose-to-fell with a two-sided sign-test
+    # p < 0.001. Greedy pass@1 may not fall more than 3 points.
+    assert after - before >= 0.1 and _sign_test(rose, fell) < 0.001, (before, after, rose, fell)
+    assert greedy[1] >= greedy[0] - 0.03, greedy
 
 
 def _sign_test(a: int, b: int) -> float:

@@ -89,9 +89,13 @@ def task_kind(task: Task) -> str | None:
     return None
 
 
-def sample_records(tasks: list[Task], traces: list, verdicts: list) -> list[dict[str, Any]]:
+def sample_records(
+    tasks: list[Task], traces: list, verdicts: list, sampled: dict[str, list[bool]] | None = None
+) -> list[dict[str, Any]]:
     """One JSON-able record per greedy eval rollout: what was asked, what the model did,
-    and the verifier's reason (``eval/samples/*.jsonl``, for reading failures)."""
+    and the verifier's reason (``eval/samples/*.jsonl``, for reading failures); with
+    ``eval.pass_k`` > 1 also the task's sampled verdicts, so that two models' sampled
+    pass rates can be compared task by task."""
     by_id = {t.id: t for t in tasks}
     return [
         {
@@ -102,6 +106,7 @@ def sample_records(tasks: list[Task], traces: list, verdicts: list) -> list[dict
             "finish_reason": tr.finish_reason,
             "completion_tokens": tr.completion_tokens,
             "messages": tr.messages,
+            **({"sampled_passed": sampled[tr.task_id]} if sampled else {}),
         }
         for tr, v in zip(traces, verdicts, strict=True)
     ]
@@ -151,7 +156,7 @@ def score_domain(
         rep.Outcome(tr.task_id, ok, int(tr.completion_tokens or 0), samples.get(tr.task_id, []))
         for tr, ok in zip(greedy, g_pass, strict=True)
     ]
-    records = sample_records(tasks, greedy, g_verdicts)
+    records = sample_records(tasks, greedy, g_verdicts, samples if ev.pass_k > 1 else None)
     out = rep.score(spec.name, domain, outcomes, ev.pass_k)
     out.by_kind = rep.by_kind([r["kind"] for r in records], g_pass)
     return out, records
