@@ -3,6 +3,7 @@ interrupted checkpoints, KD, LoRA, and the `distill train` stage."""
 
 import json
 import random
+import time
 
 import pytest
 import torch
@@ -52,7 +53,12 @@ def test_report_to_wandb_logs_offline(data, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_train(data, tmp_path / "out", cfg=small_cfg(max_steps=2, report_to=["wandb"]))
     (records,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")  # for `wandb sync`
-    data = records.read_bytes()  # protobuf records: the keys stand in them as text
+    # wandb's service process writes this file: once (2026-12-08, CI on a 2-core CPU under
+    # load) it held only its 7-byte header when read just after finish() returned, so it
+    # gets 30 s to reach the step metrics
+    deadline = time.monotonic() + 30
+    while b"tokens_per_s" not in (data := records.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.2)  # protobuf records: the keys stand in them as text
     assert b"loss/math" in data and b"tokens_per_s" in data  # the step metrics
     assert b"learning_rate" in data  # the recipe section, as the run's config
 
