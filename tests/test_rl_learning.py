@@ -64,7 +64,7 @@ eval: {{pass_k: 8, temperature: 1.0, teachers_on_all_domains: false}}
 @pytest.fixture
 def noisy_echo(tmp_path, monkeypatch):
     """The toy domain with its noisy oracle, in its own module on sys.path, registered."""
-    assert CLEAN_ORACLE in ECHO  # the docs' example still has the oracle replaced here
+    assert CLEAN_ORACLE in ECHO  # else the replacement below would leave the oracle clean
     source = ECHO.replace(CLEAN_ORACLE, NOISY_ORACLE).replace(
         "class EchoDomain:", f"NOISE = {NOISE}\n\n\nclass EchoDomain:"
     )
