@@ -11,8 +11,11 @@ same code and releases (0.5-97% at 300 steps: copying is learned at a step that 
 with the seed and the machine), which left GRPO nothing to fix. With the noisy oracle, on
 that later machine, seeds 0-2: sampled pass@1 15.5 -> 44.3%, 51.2 -> 81.8%, 57.8 -> 90.1%
 (greedy 69.5 -> 77.5%, 93.5 -> 94.0%, 95.0 -> 95.5%) after 120 GRPO steps (64 prompts x 8
-at temperature 1, lr 3e-4, a pool of 400 prompts). Seeds are fixed, so the run is the
-same each time on one machine.
+at temperature 1, lr 3e-4, a pool of 400 prompts). Seeds 3 and 4 gave supervised policies
+whose samples nearly all failed (sampled 0.6% and 3.7%; greedy 11.5% and 85.5%), and GRPO
+from them lowered greedy pass@1 (to 4.5% and 38.5%): the test takes the first of seeds 0-2
+whose policy is partly working. Seeds are fixed, so the run is the same each time on one
+machine.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ CLEAN_ORACLE = """    def oracle(self, task):
 NOISE = 0.3
 
 RECIPE = """name: learn
+seed: {seed}
 output_dir: {out}
 tokenizer: {{kind: train, vocab_size: 300, corpus_tasks: 200}}
 domains: {{echo: {{train_tasks: 400, eval_tasks: 200, max_new_tokens: 24}}}}
@@ -55,7 +59,7 @@ teachers:
     arch: {{hidden_size: 64, num_layers: 2, num_heads: 2, intermediate_size: 128, max_position_embeddings: 256}}
     train: {{learning_rate: 0.004, warmup_steps: 10, max_steps: 450, batch_tokens: 1024,
             micro_batch_tokens: 1024, max_length: 256, logging_steps: 50}}
-    rl: {{enabled: true, steps: 120, prompts_per_step: 64, num_generations: 8, temperature: 1.0,
+    rl: {{enabled: {rl}, steps: 120, prompts_per_step: 64, num_generations: 8, temperature: 1.0,
          learning_rate: 3.0e-4, max_new_tokens: 24, domains: {{echo: {{tasks: 400}}}}}}
 eval: {{pass_k: 8, temperature: 1.0, teachers_on_all_domains: false}}
 """
@@ -85,30 +89,50 @@ def test_grpo_raises_held_out_pass_at_1_paired(noisy_echo, tmp_path, monkeypatch
     from distill.stages import run_stage
 
     monkeypatch.setenv("DISTILL_CPU_PROCS", "1")
-    (tmp_path / "r.yaml").write_text(RECIPE.format(out=tmp_path / "out"))
-    r = load_recipe(tmp_path / "r.yaml")
-    run_stage(r, "teachers")  # the supervised teacher, then its RL on its own domain
-    tasks = {"echo": eval_tasks("echo", r.domains["echo"], r.seed)}
-    scores, rates = {}, {}
-    for name, path in (("before", base_dir(r, "echo")), ("after", teacher_dir(r, "echo"))):
-        (scores[name],) = evaluate_model(ModelSpec(name, path=path), {"echo": r.domains["echo"]},
-                                         gen=r.generate, ev=r.eval, seed=r.seed, tasks=tasks,
-                                         samples_dir=tmp_path / "samples")  # fmt: skip
+    rates = {}
+
+    def evaluate(name, r, path):
+        tasks = {"echo": eval_tasks("echo", r.domains["echo"], r.seed)}
+        (score,) = evaluate_model(ModelSpec(name, path=path), {"echo": r.domains["echo"]},
+                                  gen=r.generate, ev=r.eval, seed=r.seed, tasks=tasks,
+                                  samples_dir=tmp_path / "samples")  # fmt: skip
         rows = (tmp_path / "samples" / f"{name}.echo.jsonl").read_text().splitlines()
         rates[name] = {
             row["task_id"]: sum(row["sampled_passed"]) / len(row["sampled_passed"])
             for row in map(json.loads, rows)
         }
-    before, after = scores["before"].sampled_pass1, scores["after"].sampled_pass1
+        return score
+
+    def recipe(seed, rl):
+        (tmp_path / "r.yaml").write_text(
+            RECIPE.format(out=tmp_path / f"out{seed}", seed=seed, rl=str(rl).lower())
+        )
+        return load_recipe(tmp_path / "r.yaml")
+
+    # A partly working policy, room to learn, is established, not assumed: the seed at which
+    # copying is learned moves with the machine (seeds 3 and 4 of the calibration gave
+    # sampled pass@1 of 0.6% and 3.7%), so the first of three seeds that gives one is taken.
+    tried = []
+    for seed in range(3):
+        r = recipe(seed, rl=False)
+        run_stage(r, "teachers")  # the supervised teacher alone
+        before = evaluate("before", r, base_dir(r, "echo"))
+        tried.append(before.sampled_pass1)
+        if 0.05 < before.sampled_pass1 < 0.8:
+            break
+    else:
+        pytest.fail(f"no partly working policy at seeds 0-2 (sampled pass@1 {tried})")
+    r = recipe(seed, rl=True)
+    run_stage(r, "teachers")  # the same supervised teacher (RL is not in its fingerprint), RL
+    after = evaluate("after", r, teacher_dir(r, "echo"))
     rose = sum(rates["after"][t] > rates["before"][t] for t in rates["before"])
     fell = sum(rates["after"][t] < rates["before"][t] for t in rates["before"])
-    greedy = (scores["before"].pass1, scores["after"].pass1)
-    assert 0.05 < before < 0.8, before  # a partly working policy: room to learn
+    gain, greedy = after.sampled_pass1 - before.sampled_pass1, (before.pass1, after.pass1)
     # Calibrated gains were 29-32 points (seeds 0-2). One standard error of a sampled rate
     # near 0.5 over 200 tasks is at most 3.5 points (each task's 8 samples as one); paired,
     # the tasks whose rate changed must split rose-to-fell with a two-sided sign-test
     # p < 0.001. Greedy pass@1 may not fall more than 3 points.
-    assert after - before >= 0.1 and _sign_test(rose, fell) < 0.001, (before, after, rose, fell)
+    assert gain >= 0.1 and _sign_test(rose, fell) < 0.001, (seed, gain, rose, fell)
     assert greedy[1] >= greedy[0] - 0.03, greedy
 
 
