@@ -109,9 +109,8 @@ def test_grpo_raises_held_out_pass_at_1_paired(noisy_echo, tmp_path, monkeypatch
         )
         return load_recipe(tmp_path / "r.yaml")
 
-    # A partly working policy, room to learn, is established, not assumed: the seed at which
-    # copying is learned moves with the machine (seeds 3 and 4 of the calibration gave
-    # sampled pass@1 of 0.6% and 3.7%), so the first of three seeds that gives one is taken.
+    # A partly working policy, room to learn, is established, not assumed (the docstring's
+    # seeds 3 and 4): the first of three seeds that gives one is taken.
     tried = []
     for seed in range(3):
         r = recipe(seed, rl=False)
