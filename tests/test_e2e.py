@@ -251,6 +251,16 @@ def test_micro_pipeline_runs_every_stage_then_skips_and_reruns_only_what_changed
     assert logic_w.stat().st_mtime_ns == before[logic_w]
     assert math_rl.stat().st_mtime_ns != before[math_rl]
 
+    # a run-only field of it (held-out scoring) changes no weight: that teacher's RL is
+    # not rerun for it, even where the teachers stage runs for another reason
+    from distill.recipe.schema import load_recipe
+    from distill.rl.specialist import sharpen
+
+    cli("recipe", "set", str(recipe), "teachers.math.rl.eval_steps=1")
+    stamp = math_rl.stat().st_mtime_ns
+    assert sharpen(load_recipe(recipe), "math")["steps"] > 0
+    assert math_rl.stat().st_mtime_ns == stamp
+
 
 def test_eval_one_off_on_any_model_directory(tmp_path):
     """`distill eval --model DIR` on a directory we did not train (no recipe)."""

@@ -60,7 +60,8 @@ teachers:
     train: {{learning_rate: 0.004, warmup_steps: 10, max_steps: 450, batch_tokens: 1024,
             micro_batch_tokens: 1024, max_length: 256, logging_steps: 50}}
     rl: {{enabled: {rl}, steps: 120, prompts_per_step: 64, num_generations: 8, temperature: 1.0,
-         learning_rate: 3.0e-4, max_new_tokens: 24, domains: {{echo: {{tasks: 400}}}}}}
+         learning_rate: 3.0e-4, max_new_tokens: 24, eval_steps: 40, eval_tasks: 200,
+         domains: {{echo: {{tasks: 400}}}}}}
 eval: {{pass_k: 8, temperature: 1.0, teachers_on_all_domains: false}}
 """
 
@@ -83,6 +84,7 @@ def noisy_echo(tmp_path, monkeypatch):
 
 
 def test_grpo_raises_held_out_pass_at_1_paired(noisy_echo, tmp_path, monkeypatch):
+    from distill import layout
     from distill.eval.stage import ModelSpec, eval_tasks, evaluate_model
     from distill.recipe import load_recipe
     from distill.rl.specialist import base_dir, teacher_dir
@@ -133,6 +135,13 @@ def test_grpo_raises_held_out_pass_at_1_paired(noisy_echo, tmp_path, monkeypatch
     # p < 0.001. Greedy pass@1 may not fall more than 3 points.
     assert gain >= 0.1 and _sign_test(rose, fell) < 0.001, (seed, gain, rose, fell)
     assert greedy[1] >= greedy[0] - 0.03, greedy
+    # rl.eval_steps scored the same 200 held-out tasks greedily during the run: its first
+    # and last figures are the eval's (equal at seeds 0 and 4; one task of slack for a
+    # tie that another decode batch could break the other way)
+    run = json.loads((layout.run_dir(teacher_dir(r, "echo"), r.out) / "rl_report.json").read_text())
+    curve = [(c["step"], c["eval/pass1"]) for c in run["heldout"]]
+    assert [s for s, _ in curve] == [0, 40, 80, 120], curve
+    assert abs(curve[0][1] - greedy[0]) <= 0.005 and abs(curve[-1][1] - greedy[1]) <= 0.005, curve
 
 
 def _sign_test(a: int, b: int) -> float:

@@ -99,6 +99,69 @@ def test_resume_from_a_checkpoint_gives_the_same_weights(tmp_path, policy_dir):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def test_heldout_scores_are_logged_and_change_no_weight(tmp_path, policy_dir):
+    """rl.eval_steps: greedy pass@1 on held-out tasks before the first update, every N
+    steps and after the last, decoded as the eval stage decodes (its limits, not the
+    rollouts'); the weights are those of the same run without it."""
+    from safetensors.torch import load_file
+
+    from distill.eval.stage import ModelSpec, evaluate_model
+    from distill.recipe import DomainConfig, EvalConfig, GenerateConfig
+
+    held = {"math": list(get_domain("math").tasks("eval", 5, 0, 1))}
+    gen = GenerateConfig(max_new_tokens=16)  # the rollouts stop at 10: these must not
+    heldout = (held, {"math": (16, gen.max_turns, gen.max_episode_tokens)})
+    cfg = RLConfig.model_validate({**CFG, "steps": 3, "eval_steps": 2})
+    report = train_rl(init=policy_dir, tasks=tasks(), cfg=cfg, limits=LIMITS,
+                      out_dir=tmp_path / "on", seed=0, heldout=heldout)  # fmt: skip
+    run(tmp_path / "off", policy_dir, steps=3)
+    on, off = (load_file(tmp_path / k / "model.safetensors") for k in ("on", "off"))
+    assert all(torch.equal(on[k], off[k]) for k in off)
+    rows = log_rows(tmp_path / "on")
+    scored = [(r["step"], "eval/pass1" in r) for r in rows]
+    assert scored == [(0, True), (1, False), (2, True), (3, True)]
+    assert rows[0].keys() == {"step", "eval/pass1", "eval/pass1/math", "eval/tokens/math"}
+    assert [c["step"] for c in report["heldout"]] == [0, 2, 3]
+
+    # the rollouts too are the same draws (greedy decoding between them takes no random
+    # numbers): every step's statistics but its timings
+    def stats(r, *drop):
+        return {k: v for k, v in r.items() if not any(w in k for w in ("time", "_per_s", *drop))}
+
+    assert [stats(r, "eval") for r in rows[1:]] == list(map(stats, log_rows(tmp_path / "off")))
+    (start,) = evaluate_model(ModelSpec("m", path=policy_dir), {"math": DomainConfig()},
+                              gen=gen, ev=EvalConfig(pass_k=1), tasks=held)  # fmt: skip
+    assert rows[0]["eval/pass1/math"] == start.pass1
+    assert rows[0]["eval/tokens/math"] == start.mean_tokens
+    assert "Held-out greedy pass@1" in (tmp_path / "on" / "README.md").read_text()
+
+
+def test_time_guard_ends_the_run_after_a_step_scored_and_saved(tmp_path, policy_dir):
+    """max_time_s: the step that runs out of time is the last; with eval_steps it is
+    scored, and the model is saved as a finished, shorter run."""
+    held = {"math": list(get_domain("math").tasks("eval", 2, 0, 1))}
+    cfg = RLConfig.model_validate({**CFG, "steps": 5, "max_time_s": 1e-6, "eval_steps": 3})
+    report = train_rl(init=policy_dir, tasks=tasks(), cfg=cfg, limits=LIMITS,
+                      out_dir=tmp_path / "rl", seed=0, heldout=(held, LIMITS))  # fmt: skip
+    assert report["steps"] == 1 and report["stopped_by"] == "max_time_s"
+    assert [c["step"] for c in report["heldout"]] == [0, 1]
+    assert (tmp_path / "rl" / "model.safetensors").exists()
+
+
+def test_heldout_summary_and_schedule():
+    from distill.rl.monitor import due, summarize
+
+    rows = [("math", True, 10), ("math", False, 30), ("logic", True, 5)]
+    assert summarize(rows) == {
+        "eval/pass1/logic": 1.0, "eval/tokens/logic": 5.0,
+        "eval/pass1/math": 0.5, "eval/tokens/math": 20.0,
+        "eval/pass1": 0.75,  # each domain counts once, however many tasks it has
+    }  # fmt: skip
+    assert summarize([]) == {}
+    assert [s for s in range(8) if due(s, 3, last=s == 7)] == [0, 3, 6, 7]
+    assert not any(due(s, 0, last=True) for s in range(4))
+
+
 def test_step_prompts_follow_weights_and_are_deterministic():
     pools = {"math": list(range(10)), "logic": list(range(5))}
     p = step_prompts(pools, {"math": 3.0, "logic": 1.0}, 8, step=0, seed=0)
@@ -160,16 +223,17 @@ def test_rl_stage_on_two_cpu_ranks_equals_one(tmp_path, monkeypatch):
     from distill.recipe import load_recipe
     from distill.stages import run_stage
 
-    weights = {}
+    weights, heldout = {}, {}
     for procs in ("1", "2"):
         out = tmp_path / f"run{procs}"
         tiny_model_dir(out / "student")
         recipe = tmp_path / f"r{procs}.yaml"
         recipe.write_text(
-            f"name: r\noutput_dir: '{out}'\ndomains: {{math: {{}}}}\n"
+            f"name: r\noutput_dir: '{out}'\ndomains: {{math: {{max_new_tokens: 12}}}}\n"
             "teachers: {math: {kind: bootstrap}}\n"
-            "rl: {enabled: true, steps: 2, prompts_per_step: 4, num_generations: 3, learning_rate: 0.01,\n"
-            "     max_new_tokens: 10, micro_batch_seqs: 5,\n"
+            "rl: {enabled: true, steps: 2, prompts_per_step: 4, num_generations: 3,\n"
+            "     learning_rate: 0.01, max_new_tokens: 10, micro_batch_seqs: 5,\n"
+            "     eval_steps: 1, eval_tasks: 3, max_time_s: 3600,\n"
             "     domains: {math: {tasks: 8, reward: {overlong_buffer: 10}}}}\n"
         )
         monkeypatch.setenv("DISTILL_CPU_PROCS", procs)
@@ -177,6 +241,10 @@ def test_rl_stage_on_two_cpu_ranks_equals_one(tmp_path, monkeypatch):
         assert report["world_size"] == int(procs) and report["steps"] == 2
         weights[procs] = load_file(out / "rl" / "model.safetensors")
         assert json.loads((out / "runs" / "rl" / "_stage.json").read_text())["steps"] == 2
+        # the held-out tasks (3: split 2 + 1 over two ranks), at the eval stage's limit
+        heldout[procs] = report["heldout"]
+    assert heldout["1"] == heldout["2"] and [c["step"] for c in heldout["1"]] == [0, 1, 2]
+    assert heldout["1"][0]["eval/tokens/math"] == 12  # a random model runs to the limit
     changed = False
     for k, w in weights["1"].items():
         torch.testing.assert_close(weights["2"][k], w, rtol=1e-4, atol=1e-5)

@@ -175,6 +175,18 @@ class RLConfig(Section):
         "captures its graph again).",
         json_schema_extra=RUN_ONLY,
     )
+    eval_steps: int = Field(
+        0,
+        ge=0,
+        description="Score greedy pass@1 on held-out (eval-split) tasks every N steps, "
+        "before the first and after the last (rl_log.jsonl's eval/* keys); 0 = off. GRPO "
+        "raises the sampled reward, which greedy pass@1 need not follow (docs/rl.md).",
+        json_schema_extra=RUN_ONLY,
+    )
+    eval_tasks: int = Field(
+        100, ge=1, description="Held-out tasks per domain for eval_steps.",
+        json_schema_extra=RUN_ONLY,
+    )  # fmt: skip
     save_steps: int = Field(
         0, ge=0, description="Checkpoint every N steps; 0 = only at the end.",
         json_schema_extra=RUN_ONLY,

@@ -18,7 +18,8 @@ from typing import Any
 from distill import layout
 from distill.files import atomic_write_json, json_hash
 from distill.recipe import Recipe
-from distill.rl.stage import limits_for, prompt_pools
+from distill.recipe.base import fingerprint_data
+from distill.rl.stage import heldout_for, limits_for, prompt_pools
 
 RECORD = "_teacher_rl.json"
 
@@ -63,9 +64,11 @@ def sharpen(recipe: Recipe, d: str, force: bool = False) -> dict[str, Any] | Non
             shutil.rmtree(out)
         return None
     base = base_dir(recipe, d)
+    # run-only fields (logs, checkpoints, eval_steps) change nothing the RL writes
     fp = json_hash(
-        {"base": _weights_id(base), "rl": t.rl.model_dump(mode="json"), "seed": recipe.seed,
-         "domain": recipe.domains[d].model_dump(mode="json"), "generate": recipe.generate.model_dump(mode="json")}
+        {"base": _weights_id(base), "rl": fingerprint_data(t.rl), "seed": recipe.seed,
+         "domain": fingerprint_data(recipe.domains[d]),
+         "generate": fingerprint_data(recipe.generate)}
     )  # fmt: skip
     try:
         rec = json.loads((run / RECORD).read_text())
@@ -101,4 +104,5 @@ def _train(recipe: Recipe, d: str, base: Path, out: Path) -> dict[str, Any]:
         run_dir=layout.run_dir(out, recipe.out),
         seed=recipe.seed,
         desc=f"teacher {d} rl",
+        heldout=heldout_for(recipe, cfg, [d]),
     )

@@ -38,6 +38,20 @@ def prompt_pools(recipe: Recipe, cfg: RLConfig, domains: list[str]) -> dict[str,
     return pools
 
 
+def heldout_for(recipe: Recipe, cfg: RLConfig, domains: list[str]):
+    """The held-out tasks and limits ``rl.eval_steps`` scores (None when off): each
+    domain's first ``eval_tasks`` of the eval split, decoded as the eval stage decodes."""
+    if not cfg.eval_steps:
+        return None
+    gen = recipe.generate
+    tasks, limits = {}, {}
+    for d in domains:
+        dc = recipe.domains[d]
+        tasks[d] = tasks_for(d, dc, recipe.seed, "eval", n=cfg.eval_tasks)
+        limits[d] = (dc.max_new_tokens or gen.max_new_tokens, gen.max_turns, gen.max_episode_tokens)
+    return tasks, limits
+
+
 def run(recipe: Recipe) -> dict[str, Any]:
     """Mixed RL on ``<out>/student`` → ``<out>/rl``. On a multi-core CPU it runs in one
     process per core (distill/launch.py), each rolling out its share of the prompts."""
@@ -55,15 +69,17 @@ def run(recipe: Recipe) -> dict[str, Any]:
     if not (student / "config.json").exists():
         raise UserError(f"{student}: no student to train (run `distill train` first)")
     domains = recipe.active_domains()
+    pools = prompt_pools(recipe, recipe.rl, domains)
     report = train_rl(
         init=student,
-        tasks=prompt_pools(recipe, recipe.rl, domains),
+        tasks=pools,
         cfg=recipe.rl,
         limits={d: limits_for(recipe, d, recipe.rl) for d in domains},
         out_dir=out,
         run_dir=layout.run_dir(out, recipe.out),
         seed=recipe.seed,
         desc="student rl",
+        heldout=heldout_for(recipe, recipe.rl, list(pools)),
     )
     record = {"enabled": True, "steps": report["steps"], "last": report["last"]}
     return {**report, "record": record}
@@ -88,4 +104,9 @@ def one_off(
     gen = GenerateConfig()  # what generate would use: the recipe defaults
     new = cfg.max_new_tokens or gen.max_new_tokens
     limits = {d: (new, cfg.max_turns or gen.max_turns, gen.max_episode_tokens) for d in domains}
-    return train_rl(init=model, tasks=pools, cfg=cfg, limits=limits, out_dir=out, seed=seed)
+    heldout = None
+    if cfg.eval_steps:  # the generated eval split, with the rollouts' limits
+        heldout = ({d: tasks_for(d, dcfg, seed, "eval", n=cfg.eval_tasks) for d in domains}, limits)
+    return train_rl(
+        init=model, tasks=pools, cfg=cfg, limits=limits, out_dir=out, seed=seed, heldout=heldout
+    )

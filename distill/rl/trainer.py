@@ -24,6 +24,7 @@ from distill.files import atomic_write_json, atomic_write_text, json_hash
 from distill.recipe.base import fingerprint_data
 from distill.recipe.rl import RLConfig
 from distill.rl.loss import RL_LOSS_VERSION, global_denominator, group_advantages, grpo_loss
+from distill.rl.monitor import due, heldout_scores
 from distill.rl.policy import MicroBatch, PolicyLogprobs, make_micro_batch
 from distill.rl.rewards import REWARD_VERSION
 from distill.rl.rollout import Outcome, Sample, rollout_step, step_prompts
@@ -46,13 +47,18 @@ def train_rl(
     seed: int = 0,
     desc: str = "rl",
     run_dir: str | Path | None = None,
+    heldout: tuple[dict[str, list[Task]], dict[str, tuple[int, int, int]]] | None = None,
 ) -> dict[str, Any]:
     """GRPO on the policy in ``init`` (an HF causal LM directory with a chat template)
     over ``tasks`` (training prompts per domain); writes the trained model (with its
     model card) to ``out_dir``, and ``rl_log.jsonl`` (one line per step),
     ``rl_report.json``, checkpoints and logs to ``run_dir`` (default
     :func:`distill.layout.run_dir`). ``limits[domain]`` is
-    (max_new_tokens, max_turns, max_episode_tokens). Resumes from its checkpoints."""
+    (max_new_tokens, max_turns, max_episode_tokens). Resumes from its checkpoints.
+
+    ``heldout``: (tasks, limits) that ``cfg.eval_steps`` scores greedily before the first
+    update, every ``eval_steps`` steps and after the last (:mod:`distill.rl.monitor`);
+    their keys join that step's log line (a line of its own, step 0, before the first)."""
     from accelerate.utils import set_seed
 
     from distill.backends.hf import HFBackend
@@ -121,22 +127,46 @@ def train_rl(
 
     weights = {d: c.weight for d, c in doms.items()}
     t_start, step, rows = time.time(), start, []
+    every = cfg.eval_steps if heldout else 0
+    t_eval = 0.0  # the held-out scoring's seconds: kept off the max_time_s guard
+
+    def elapsed() -> float:
+        return time.time() - t_start - t_eval
+
     from distill.progress import progress
+
+    def log(row: dict[str, Any]) -> None:
+        if acc.is_main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if cfg.report_to:
+            acc.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=row["step"])
 
     with progress(disable=not acc.is_main_process) as bar:
         task = bar.add_task(desc, total=cfg.steps, completed=start, unit="steps", info="")
+        if every and start == 0:  # the starting policy, the baseline of every later score
+            t = time.time()
+            log({"step": 0, **heldout_scores(acc, backend, *heldout)})
+            t_eval += time.time() - t
+        out_of_time = False
         for step in range(start, cfg.steps):
-            if cfg.max_time_s and time.time() - t_start > cfg.max_time_s:
+            if out_of_time:
                 break
             row = _step(acc, policy, ref, opt, sched, backend, tasks, weights, doms, cfg,
                         limits, seed, step, pad)  # fmt: skip
+            # one verdict for every rank (any rank out of time stops them all): ranks that
+            # disagreed would wait forever in each other's next all-reduce
+            if cfg.max_time_s:
+                out_of_time = _all_sum(acc, float(elapsed() > cfg.max_time_s)) > 0
+            if due(step + 1, every, last=step + 1 == cfg.steps or out_of_time):
+                t = time.time()
+                row.update(heldout_scores(acc, backend, *heldout))
+                t_eval += time.time() - t
+                row["time_eval_s"] = round(time.time() - t, 3)
             rows.append(row)
+            log(row)
             if acc.is_main_process:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
                 bar.update(task, completed=step + 1, info=_bar_info(row))
-            if cfg.report_to:
-                acc.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
             if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.steps:
                 checkpoint.save(acc, ckpt_dir, step + 1, {"fingerprint": fp, "step": step + 1},
                                 cfg.save_total_limit)  # fmt: skip
@@ -153,6 +183,7 @@ def train_rl(
         "seconds": round(time.time() - t_start, 2),
         "fingerprint": fp,
         "last": rows[-1] if rows else None,
+        "heldout": _heldout_curve(log_path) if every and acc.is_main_process else None,
     }
     if acc.is_main_process:
         from distill.models import set_generation_config
@@ -165,6 +196,16 @@ def train_rl(
     end_training(acc)
     acc.wait_for_everyone()
     return report
+
+
+def _heldout_curve(path: Path) -> list[dict[str, Any]]:
+    """The held-out scores of the whole run (a resumed one's earlier lines too), by step."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [
+        {"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval/")}}
+        for r in rows
+        if "eval/pass1" in r
+    ]
 
 
 def _truncate_log(path: Path, steps: int) -> None:
@@ -358,7 +399,11 @@ def _global_std(acc, rewards: torch.Tensor) -> float:
 
 
 def _bar_info(row: dict[str, Any]) -> str:
-    return f"reward {row['reward']:.3f}  pass {row['pass']:.2f}  {row['completion_tokens_per_s']:,} tok/s"
+    held = f"  held-out {row['eval/pass1']:.2f}" if "eval/pass1" in row else ""
+    return (
+        f"reward {row['reward']:.3f}  pass {row['pass']:.2f}{held}  "
+        f"{row['completion_tokens_per_s']:,} tok/s"
+    )
 
 
 def _decode_batch(cfg: RLConfig, gpu: bool) -> int:

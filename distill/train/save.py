@@ -117,6 +117,13 @@ def rl_card(out: Path, run: Path, desc: str, init, cfg, tasks: dict, report: dic
         if {"reward", "pass"} <= last.keys()
         else "."
     )
+    if curve := report.get("heldout"):
+        first, end = curve[0], curve[-1]
+        trained += (
+            f" Held-out greedy pass@1 (`rl.eval_steps`, {cfg.eval_tasks} eval-split tasks a "
+            f"domain): {first['eval/pass1']:.1%} at step {first['step']}, "
+            f"{end['eval/pass1']:.1%} at step {end['step']}."
+        )
     sections = [("Prompts", "\n".join(rows)), ("Training", trained)]
     write_card(out, desc, intro, sections, cfg, str(init))
 
