@@ -161,8 +161,8 @@ def train_rl(
             if due(step + 1, every, last=step + 1 == cfg.steps or out_of_time):
                 t = time.time()
                 row.update(heldout_scores(acc, backend, *heldout))
-                t_eval += time.time() - t
-                row["time_eval_s"] = round(time.time() - t, 3)
+                row["time_eval_s"] = round(dt := time.time() - t, 3)
+                t_eval += dt
             rows.append(row)
             log(row)
             if acc.is_main_process:
