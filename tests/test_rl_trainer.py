@@ -162,6 +162,69 @@ def test_heldout_summary_and_schedule():
     assert not any(due(s, 0, last=True) for s in range(4))
 
 
+def test_lora_trains_only_its_adapters_and_saves_merged_and_apart(tmp_path, policy_dir):
+    """rl.lora: the update moves only the adapted projections; the reference (beta > 0)
+    is the policy with its adapters off, which is where it started, so the first update's
+    KL is exactly 0 and a later one is not; the model directory holds the merged model
+    and merge: false also writes the adapter, which on its base gives the same logits."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    lora = {"enabled": True, "r": 4, "merge": False, "target_modules": ["q_proj", "v_proj"]}
+    # every group trains, truncated or not: the second step has loss tokens for its KL
+    math = {"beta": 0.1, "reward": {"overlong_buffer": 10, "truncated": "zero"}}
+    run(tmp_path / "rl", policy_dir, steps=2, learning_rate=0.05, precision="fp32", lora=lora,
+        skip_zero_variance=False, domains={"math": math})  # fmt: skip
+    rows = log_rows(tmp_path / "rl")
+    assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0, [r["kl"] for r in rows]
+    start, end = (load_file(d / "model.safetensors") for d in (policy_dir, tmp_path / "rl"))
+    assert start.keys() == end.keys()  # plain weights, no adapter keys
+    moved = {k for k in start if not torch.equal(start[k], end[k])}
+    assert moved and all(".q_proj." in k or ".v_proj." in k for k in moved), moved
+    adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(policy_dir), tmp_path / "rl-adapter"
+    )
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "rl")
+    ids = torch.tensor([[5, 9, 14, 3, 27, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(ids).logits, merged(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_off_is_the_starting_model_and_no_static_decode_of_adapters(policy_dir):
+    from distill.backends.llama_decode import supported
+    from distill.models import load_model
+    from distill.recipe.lora import LoraConfig
+    from distill.rl.policy import AdapterOff, PolicyLogprobs, make_micro_batch
+    from distill.rl.rollout import Sample
+    from distill.train.setup import apply_lora
+
+    base = load_model(policy_dir, dtype=torch.float32)
+    assert supported(base)
+    model = load_model(policy_dir, dtype=torch.float32)
+    peft = apply_lora(model, LoraConfig(enabled=True, r=4))
+    assert not supported(model)  # the static decoder reads weights: it would skip them
+    with torch.no_grad():  # trained adapters: B away from its zero start
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(0)
+    samples = [
+        Sample(torch.randint(3, 60, (5 + i,), generator=g).tolist(),
+               torch.randint(3, 60, (4,), generator=g).tolist(), [0.0] * 4, None, "math", i)
+        for i in range(2)
+    ]  # fmt: skip
+    mb = make_micro_batch(samples, 0, torch.device("cpu"))
+    policy = PolicyLogprobs(model)
+    with torch.no_grad():
+        on, off = policy(mb, 0.7)[0], AdapterOff(peft, policy)(mb, 0.7)[0]
+        start = PolicyLogprobs(base)(mb, 0.7)[0]
+    m = mb.mask
+    torch.testing.assert_close(off[m], start[m], rtol=1e-5, atol=1e-5)
+    assert (on[m] - start[m]).abs().max() > 1e-3
+    torch.testing.assert_close(policy(mb, 0.7)[0][m], on[m])  # switched back on after
+
+
 def test_step_prompts_follow_weights_and_are_deterministic():
     pools = {"math": list(range(10)), "logic": list(range(5))}
     p = step_prompts(pools, {"math": 3.0, "logic": 1.0}, 8, step=0, seed=0)

@@ -69,9 +69,10 @@ FP8 = torch.float8_e4m3fn
 
 def supported(model) -> bool:
     """Whether this forward can run ``model``: a Llama-family model with SiLU MLPs, full
-    attention in every layer (or a DSA student's indexed attention), and a K projection of
-    the config's full shape (a tensor-parallel shard fails that; an FSDP2 DTensor, which
-    reports its global shape, does not)."""
+    attention in every layer (or a DSA student's indexed attention), no unmerged LoRA
+    adapters (they add to a projection's output; this forward reads the weights), and a K
+    projection of the config's full shape (a tensor-parallel shard fails that; an FSDP2
+    DTensor, which reports its global shape, does not)."""
     c = model.config
     if getattr(c, "model_type", None) not in FAMILY or getattr(c, "hidden_act", None) != "silu":
         return False
@@ -80,6 +81,8 @@ def supported(model) -> bool:
         t not in full for t in getattr(c, "layer_types", None) or []
     ):
         return False
+    if any(hasattr(m, "lora_A") for m in model.modules()):
+        return False  # peft adapters: the forward here reads the weights without them
     base = getattr(model, "model", None)
     if base is None or not all(
         hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from distill.recipe.base import RUN_ONLY, DomainName, Section, Trackers
+from distill.recipe.lora import LoraConfig
 
 
 class RewardConfig(Section):
@@ -174,6 +175,11 @@ class RLConfig(Section):
         "the update reuses their memory (peak memory falls by the cache's size; each rollout "
         "captures its graph again).",
         json_schema_extra=RUN_ONLY,
+    )
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig,
+        description="LoRA adapters on the policy instead of all its weights; the reference "
+        "(beta > 0) is then the policy with its adapters off, not a second model.",
     )
     eval_steps: int = Field(
         0,

@@ -20,6 +20,7 @@ from distill.errors import UserError
 from distill.files import json_hash
 from distill.recipe.base import RUN_ONLY, DomainName, Section, Share, Trackers
 from distill.recipe.errors import format_error as _format_error
+from distill.recipe.lora import LoraConfig
 from distill.recipe.rl import RLConfig
 
 
@@ -114,24 +115,6 @@ class DSATrainConfig(Section):
     )
     sparse_learning_rate: float | None = Field(
         None, gt=0, description="Learning rate of sparse training; null = learning_rate."
-    )
-
-
-class LoraConfig(Section):
-    """LoRA adapters; the keys are peft's ``LoraConfig`` names."""
-
-    renamed = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
-
-    enabled: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights.")
-    r: int = Field(16, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator.")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="Module names that receive adapters.",
-    )
-    merge: bool = Field(
-        True, description="Merge adapters into the base weights when saving the final model."
     )
 
 

@@ -166,3 +166,17 @@ class _HeadChunk:
 
     def __call__(self, h: Tensor, targets: Tensor, kept: Tensor | None):
         return token_logprobs(self.head(h), targets, self.temperature, kept)
+
+
+class AdapterOff:
+    """The reference policy of a LoRA run: the policy's own modules with its adapters
+    switched off, i.e. the model it started from (the adapters' B starts at 0), so the KL
+    term needs no second copy of the model. Called like :class:`PolicyLogprobs`, under
+    ``torch.no_grad``."""
+
+    def __init__(self, peft_model, policy: PolicyLogprobs):
+        self.peft_model, self.policy = peft_model, policy
+
+    def __call__(self, mb: MicroBatch, temperature: float) -> tuple[Tensor, Tensor]:
+        with self.peft_model.disable_adapter():
+            return self.policy(mb, temperature)

@@ -25,10 +25,10 @@ from distill.recipe.base import fingerprint_data
 from distill.recipe.rl import RLConfig
 from distill.rl.loss import RL_LOSS_VERSION, global_denominator, group_advantages, grpo_loss
 from distill.rl.monitor import due, heldout_scores
-from distill.rl.policy import MicroBatch, PolicyLogprobs, make_micro_batch
+from distill.rl.policy import AdapterOff, MicroBatch, PolicyLogprobs, make_micro_batch
 from distill.rl.rewards import REWARD_VERSION
 from distill.rl.rollout import Outcome, Sample, rollout_step, step_prompts
-from distill.train.save import rl_card
+from distill.train.save import rl_card, save_adapter
 from distill.train.setup import keeps_threads
 from teachers.base import Task
 
@@ -65,7 +65,13 @@ def train_rl(
     from distill.dsa.config import is_dsa
     from distill.models import load_model, load_tokenizer
     from distill.train import checkpoint
-    from distill.train.setup import end_training, make_accelerator, make_optimizer, set_cpu_threads
+    from distill.train.setup import (
+        apply_lora,
+        end_training,
+        make_accelerator,
+        make_optimizer,
+        set_cpu_threads,
+    )
 
     out = Path(out_dir)
     run = layout.run_dir(out) if run_dir is None else Path(run_dir)
@@ -85,22 +91,33 @@ def train_rl(
         for p in model.indexer_parameters():
             p.requires_grad_(False)
     doms = {d: cfg.domain(d) for d in tasks}
+    kl = any(c.beta > 0 for c in doms.values())  # β = 0 everywhere: no reference at all
+    # LoRA: peft puts the adapters into the model's own modules, so everything below (the
+    # update, the decoder, the held-out scores) runs `model` with them; `lora` keeps the
+    # switch that turns them off (the reference) and the merge for saving
+    lora = apply_lora(model, cfg.lora) if cfg.lora.enabled else None
     ref = None
-    if any(c.beta > 0 for c in doms.values()):  # β = 0 everywhere: no reference model
+    if kl and lora is None:
         ref = PolicyLogprobs(load_model(init, dtype=dtype).to(acc.device).eval())
         ref.requires_grad_(False)
     policy = PolicyLogprobs(
         model,
         checkpointing=cfg.gradient_checkpointing,
-        fused_head=not _is_fsdp(acc),
-        # where transformers' generate decodes through these layers (CPU, a DSA model on a
-        # GPU), compiled ones would recompile at every new cache length: only the static
-        # decoder's models, which decode with their own compiled code, get them
-        compile_layers=cfg.torch_compile and gpu and not is_dsa(model),
+        # the hand-written head reads the head's weight, not an adapter on it
+        fused_head=not _is_fsdp(acc) and not _has_adapter(model.get_output_embeddings()),
+        # where transformers' generate decodes through these layers (CPU, a DSA model or
+        # adapters on a GPU), compiled ones would recompile at every new cache length: only
+        # the static decoder's models, which decode with their own compiled code, get them
+        compile_layers=cfg.torch_compile and gpu and not is_dsa(model) and lora is None,
     )
     opt, sched = make_optimizer(model, tcfg, cfg.steps * cfg.steps_per_generation, fused=gpu)
     policy, opt, sched = acc.prepare(policy, opt, sched)
     live = acc.unwrap_model(policy).model
+    if kl and lora is not None:
+        ref = AdapterOff(lora, acc.unwrap_model(policy))
+    # the static GPU decoder reads the weights themselves and would decode without the
+    # adapters (llama_decode.supported refuses them): a LoRA policy decodes through its
+    # modules' forward
     backend = HFBackend.from_model(live, tokenizer, batch_size=_decode_batch(cfg, gpu))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -188,6 +205,10 @@ def train_rl(
     if acc.is_main_process:
         from distill.models import set_generation_config
 
+        if lora is not None:  # the model directory holds the merged model, as train's
+            if not cfg.lora.merge:
+                save_adapter(lora, tokenizer, out, init)
+            live = lora.merge_and_unload()
         set_generation_config(live, tokenizer)
         live.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
@@ -373,6 +394,10 @@ def _outcome_stats(acc, outcomes: list[Outcome], zero_var, cfg: RLConfig) -> dic
     out["completion_tokens"] = sum(r[3] for r in rows)
     out["episodes"] = len(rows)
     return out
+
+
+def _has_adapter(module) -> bool:
+    return module is not None and hasattr(module, "lora_A")
 
 
 def _is_fsdp(acc) -> bool:

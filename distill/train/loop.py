@@ -41,6 +41,7 @@ from distill.train.data import RowStream, cache_key, collate, tokenize_domain
 from distill.train.metrics import StepStats, build_report, progress
 from distill.train.save import save_model, train_card
 from distill.train.setup import (
+    apply_lora,
     compile_model,
     end_training,
     keeps_threads,
@@ -225,19 +226,7 @@ def _init_model(init, tokenizer, seed: int, cfg: TrainConfig, device: torch.devi
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     if cfg.lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        lc = cfg.lora
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lc.r,
-                lora_alpha=lc.lora_alpha,
-                lora_dropout=lc.lora_dropout,
-                target_modules=lc.target_modules,
-                task_type="CAUSAL_LM",
-            ),
-        )
+        model = apply_lora(model, cfg.lora)
     model.train()
     return model
 

@@ -35,7 +35,7 @@ def save_model(acc, objective, tokenizer, cfg: TrainConfig, out: Path, init=None
     base_state = None
     if cfg.lora.enabled:
         if acc.is_main_process and not cfg.lora.merge:
-            base_state = _save_adapter(model, tokenizer, out, init)
+            base_state = save_adapter(model, tokenizer, out, init)
         model = model.merge_and_unload()
         state = model.state_dict()
     else:
@@ -52,9 +52,10 @@ def save_model(acc, objective, tokenizer, cfg: TrainConfig, out: Path, init=None
     acc.wait_for_everyone()
 
 
-def _save_adapter(model, tokenizer, out: Path, init) -> dict[str, Any] | None:
-    """Save the adapter repo; return the base weights to save when the base is a scratch
-    model that exists nowhere else (None when it is an HF directory)."""
+def save_adapter(model, tokenizer, out: Path, init) -> dict[str, Any] | None:
+    """Save ``model``'s adapter (a ``PeftModel``) as its own repo beside ``out``; return the
+    base weights to save when the base is a scratch model that exists nowhere else (None
+    when it is an HF directory)."""
     adapter, base_dir = adapter_dirs(out)
     scratch = init is None or isinstance(init, ModelArch)
     base = base_dir if scratch else Path(init)

@@ -1,4 +1,5 @@
-"""Trainer setup: the accelerator, CPU threads, the optimizer and lr schedule, compiling."""
+"""Trainer setup: the accelerator, CPU threads, LoRA, the optimizer and lr schedule,
+compiling."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from distill.recipe.schema import TrainConfig
+from distill.recipe.schema import LoraConfig, TrainConfig
 
 
 def make_accelerator(cfg: TrainConfig, out: Path):
@@ -89,6 +90,25 @@ def set_cpu_threads(acc, n_params: int) -> None:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
     cores = max(1, (os.cpu_count() or 1) // local)
     torch.set_num_threads(1 if n_params < 20_000_000 else cores)
+
+
+def apply_lora(model: torch.nn.Module, lc: LoraConfig):
+    """``model`` with peft LoRA adapters on ``lc.target_modules`` (its other weights frozen),
+    as a ``PeftModel``. peft puts the adapters into ``model``'s own modules, so ``model``
+    itself now computes with them; the wrapper switches them off and merges them."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    return get_peft_model(
+        model,
+        PeftLoraConfig(
+            r=lc.r,
+            lora_alpha=lc.lora_alpha,
+            lora_dropout=lc.lora_dropout,
+            target_modules=lc.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
 
 
 def make_optimizer(module: torch.nn.Module, cfg: TrainConfig, max_steps: int, fused: bool = False):
