@@ -84,13 +84,15 @@ def test_later_updates_are_off_policy_and_kl_needs_a_reference(tmp_path, policy_
     assert row["kl"] >= 0 and row["time_logprobs_s"] > 0  # the reference model ran
 
 
-def test_resume_from_a_checkpoint_gives_the_same_weights(tmp_path, policy_dir):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_from_a_checkpoint_gives_the_same_weights(tmp_path, policy_dir, lora):
     from safetensors.torch import load_file
 
-    run(tmp_path / "a", policy_dir, steps=3)
-    run(tmp_path / "b", policy_dir, steps=2, save_steps=1)  # checkpoint after step 1
+    kw = {"lora": {"enabled": lora, "r": 4}}
+    run(tmp_path / "a", policy_dir, steps=3, **kw)
+    run(tmp_path / "b", policy_dir, steps=2, save_steps=1, **kw)  # checkpoint after step 1
     assert (run_dir(tmp_path / "b") / "checkpoints" / "step-000001").is_dir()
-    report = run(tmp_path / "b", policy_dir, steps=3, save_steps=1)  # resumes at step 1
+    report = run(tmp_path / "b", policy_dir, steps=3, save_steps=1, **kw)  # resumes at step 1
     assert report["steps"] == 3
     assert [r["step"] for r in log_rows(tmp_path / "b")] == [1, 2, 3]  # step 2 once
     a = load_file(tmp_path / "a" / "model.safetensors")
@@ -277,10 +279,11 @@ def test_length_rewards_are_added_per_group_and_spare_zeroed_truncations():
 
 
 @pytest.mark.cpu_ranks
-def test_rl_stage_on_two_cpu_ranks_equals_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_rl_stage_on_two_cpu_ranks_equals_one(tmp_path, monkeypatch, lora):
     """DISTILL_CPU_PROCS=2: the stage starts 2 gloo ranks, each rolls out its share of the
     prompts, and the gradients (global denominators, summed over ranks) give the weights
-    one process gives."""
+    one process gives; with LoRA adapters too."""
     from safetensors.torch import load_file
 
     from distill.recipe import load_recipe
@@ -297,6 +300,7 @@ def test_rl_stage_on_two_cpu_ranks_equals_one(tmp_path, monkeypatch):
             "rl: {enabled: true, steps: 2, prompts_per_step: 4, num_generations: 3,\n"
             "     learning_rate: 0.01, max_new_tokens: 10, micro_batch_seqs: 5,\n"
             "     eval_steps: 1, eval_tasks: 3, max_time_s: 3600,\n"
+            f"     lora: {{enabled: {str(lora).lower()}, r: 4}},\n"
             "     domains: {math: {tasks: 8, reward: {overlong_buffer: 10}}}}\n"
         )
         monkeypatch.setenv("DISTILL_CPU_PROCS", procs)
