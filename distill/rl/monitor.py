@@ -9,8 +9,8 @@ cut greedy pass@1 to 38.5% (docs/rl.md, "Watching held-out accuracy"). The train
 
 The tasks are the eval split's, decoded greedily on the live weights with the eval
 stage's limits, so that the last figure is what the eval stage measures on those tasks
-(equal at both seeds tried, on a CPU: tests/test_rl_learning.py checks it). It monitors
-and selects nothing: no checkpoint is chosen by it, and it draws no random
+(equal at both seeds tried on a CPU; tests/test_rl_learning.py checks it to one task).
+It monitors and selects nothing: no checkpoint is chosen by it, and it draws no random
 numbers, so a run's weights are the same with it or without it.
 """
 
