@@ -66,6 +66,12 @@ def eval_tasks(domain: str, cfg: DomainConfig, seed: int, n: int | None = None) 
     return tasks_for(domain, cfg, seed, "eval", n)
 
 
+def decode_limits(cfg: DomainConfig, gen: GenerateConfig) -> tuple[int, int, int]:
+    """(max_new_tokens, max_turns, max_episode_tokens) of a domain's eval rollouts: the
+    domain's token limit, else generate's (RL's held-out scores use the same)."""
+    return cfg.max_new_tokens or gen.max_new_tokens, gen.max_turns, gen.max_episode_tokens
+
+
 def _verify(domain: str, tasks: list[Task], traces: list) -> list:
     """Verdict of every trace against its task (the domain's own verifier)."""
     from distill.verify import verify_many
@@ -128,10 +134,10 @@ def score_domain(
     from distill.rollout import rollout
 
     dom = get_domain(domain)
-    max_new = cfg.max_new_tokens or gen.max_new_tokens
+    max_new, max_turns, max_episode_tokens = decode_limits(cfg, gen)
     common = dict(
-        max_turns=gen.max_turns,
-        max_episode_tokens=gen.max_episode_tokens,
+        max_turns=max_turns,
+        max_episode_tokens=max_episode_tokens,
         teacher=spec.name,
         split="eval",
     )

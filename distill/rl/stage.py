@@ -38,18 +38,16 @@ def prompt_pools(recipe: Recipe, cfg: RLConfig, domains: list[str]) -> dict[str,
     return pools
 
 
-def heldout_for(recipe: Recipe, cfg: RLConfig, domains: list[str]):
+def heldout_for(recipe: Recipe, cfg: RLConfig, domains: list[str]) -> tuple | None:
     """The held-out tasks and limits ``rl.eval_steps`` scores (None when off): each
-    domain's first ``eval_tasks`` of the eval split, decoded as the eval stage decodes."""
+    domain's first ``eval_tasks`` eval tasks, decoded as the eval stage decodes them."""
+    from distill.eval.stage import decode_limits, eval_tasks
+
     if not cfg.eval_steps:
         return None
-    gen = recipe.generate
-    tasks, limits = {}, {}
-    for d in domains:
-        dc = recipe.domains[d]
-        tasks[d] = tasks_for(d, dc, recipe.seed, "eval", n=cfg.eval_tasks)
-        limits[d] = (dc.max_new_tokens or gen.max_new_tokens, gen.max_turns, gen.max_episode_tokens)
-    return tasks, limits
+    dcs = {d: recipe.domains[d] for d in domains}
+    tasks = {d: eval_tasks(d, dc, recipe.seed, n=cfg.eval_tasks) for d, dc in dcs.items()}
+    return tasks, {d: decode_limits(dc, recipe.generate) for d, dc in dcs.items()}
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
@@ -105,8 +103,13 @@ def one_off(
     new = cfg.max_new_tokens or gen.max_new_tokens
     limits = {d: (new, cfg.max_turns or gen.max_turns, gen.max_episode_tokens) for d in domains}
     heldout = None
-    if cfg.eval_steps:  # the generated eval split, with the rollouts' limits
-        heldout = ({d: tasks_for(d, dcfg, seed, "eval", n=cfg.eval_tasks) for d in domains}, limits)
+    if cfg.eval_steps:  # decoded as `distill eval --model` would (default domain settings)
+        from distill.eval.stage import decode_limits, eval_tasks
+
+        heldout = (
+            {d: eval_tasks(d, dcfg, seed, n=cfg.eval_tasks) for d in domains},
+            {d: decode_limits(dcfg, gen) for d in domains},
+        )
     return train_rl(
         init=model, tasks=pools, cfg=cfg, limits=limits, out_dir=out, seed=seed, heldout=heldout
     )
